@@ -1,0 +1,19 @@
+"""Attention strategies, chosen by name (`attention=` in the configs)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from attention.strategy import AttentionStrategy, GlobalAttention
+
+REGISTRY: dict[str, type[AttentionStrategy]] = {cls.name: cls for cls in (GlobalAttention,)}
+
+
+def build(name: str, **params: Any) -> AttentionStrategy:
+    """The strategy registered as `name`, constructed with its parameters."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown attention {name!r}; available: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name](**params)
+
+
+__all__ = ["REGISTRY", "AttentionStrategy", "GlobalAttention", "build"]

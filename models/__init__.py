@@ -1,0 +1,45 @@
+"""Models: one parametrized decoder-only Transformer, its loading, tokenizers and generation.
+
+    model, tokenizer = models.load("path/to/hf-checkpoint", dtype=torch.bfloat16, device="cuda")
+    logits = model(tokens, positions)
+    print(models.generate(model, tokenizer, [{"role": "user", "content": "Hi"}]).text)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from attention import AttentionStrategy
+from models.config import SUPPORTED_ARCHITECTURES, ModelArgs
+from models.generate import Generation, Sampling, generate, generate_tokens
+from models.loading import load_model, random_model
+from models.tokenizer import Tokenizer
+from models.transformer import Transformer
+
+
+def load(
+    path: str | Path,
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str = "cpu",
+    attention: AttentionStrategy | None = None,
+) -> tuple[Transformer, Tokenizer]:
+    """The model and tokenizer of a Hugging Face-layout checkpoint directory."""
+    model = load_model(path, dtype=dtype, device=device, attention=attention)
+    return model, Tokenizer.from_dir(path)
+
+
+__all__ = [
+    "SUPPORTED_ARCHITECTURES",
+    "Generation",
+    "ModelArgs",
+    "Sampling",
+    "Tokenizer",
+    "Transformer",
+    "generate",
+    "generate_tokens",
+    "load",
+    "load_model",
+    "random_model",
+]

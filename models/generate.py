@@ -1,0 +1,133 @@
+"""Prefill + decode over a preallocated KV cache, with greedy, temperature, top-k and top-p sampling."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+from torch import Tensor
+
+from models.tokenizer import Tokenizer
+from models.transformer import Transformer
+
+
+@dataclass
+class Sampling:
+    temperature: float = 0.0  # 0 means greedy
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 is greedy); got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1 or None; got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] or None; got {self.top_p}")
+
+
+def sample(logits: Tensor, s: Sampling, generator: torch.Generator | None = None) -> int:
+    """One token id from the logits [vocab] of the last position."""
+    if s.temperature == 0:
+        return int(logits.argmax())
+    logits = logits.float() / s.temperature
+    if s.top_k is not None:
+        kth = torch.topk(logits, min(s.top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if s.top_p is not None:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= s.top_p  # tokens after the nucleus is already full
+        logits = logits.index_fill(0, order[drop], float("-inf"))
+    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+
+
+def generate_tokens(
+    model: Transformer,
+    prompt: list[int],
+    max_new_tokens: int,
+    sampling: Sampling | None = None,
+    stop_ids: set[int] | frozenset[int] = frozenset(),
+    max_seq_len: int | None = None,
+) -> Iterator[int]:
+    """Yield new token ids one by one (a stop id is yielded, then generation ends)."""
+    sampling = sampling or Sampling()
+    limit = max_seq_len or model.args.max_seq_len
+    if not prompt:
+        raise ValueError("the prompt is empty")
+    if len(prompt) + max_new_tokens > limit:
+        raise ValueError(
+            f"prompt of {len(prompt)} tokens plus {max_new_tokens} new tokens exceeds the maximum context of "
+            f"{limit} tokens; shorten the prompt, lower max_new_tokens, or raise max_seq_len if the model supports it"
+        )
+    device = model.tok_embeddings.weight.device
+    generator = None
+    if sampling.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(sampling.seed)
+    slots = len(prompt) + max_new_tokens
+    if not model.has_cache or model.kv_pos.numel() < slots:
+        model.setup_cache(1, slots)
+    model.reset_cache()
+    with torch.inference_mode():
+        tokens = torch.tensor([prompt], device=device)
+        logits = model(tokens, torch.arange(len(prompt), device=device), last_only=True)
+        for pos in range(len(prompt), len(prompt) + max_new_tokens):
+            tok = sample(logits[0, -1], sampling, generator)
+            yield tok
+            if tok in stop_ids:
+                return
+            logits = model(torch.tensor([[tok]], device=device), torch.tensor([pos], device=device))
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    prompt_tokens: int = 0
+    stop_reason: str = "length"  # "length", "eos" or "stop_string"
+
+
+def generate(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    prompt: str | list[dict] | list[int],
+    max_new_tokens: int = 128,
+    sampling: Sampling | None = None,
+    stop_strings: tuple[str, ...] = (),
+    on_text: Callable[[str], None] | None = None,
+    max_seq_len: int | None = None,
+) -> Generation:
+    """Generate from a text prompt, chat messages (rendered with the chat template) or token ids.
+
+    Text is passed to `on_text` as it becomes final: held back while it could still be the start of a stop
+    string or an incomplete UTF-8 character.
+    """
+    if isinstance(prompt, str):
+        ids = tokenizer.encode(prompt)
+    elif prompt and isinstance(prompt[0], dict):
+        ids = tokenizer.encode_chat(prompt)
+    else:
+        ids = list(prompt)
+    stop_ids = set(model.args.eos_token_ids) | {i for i in (tokenizer.eos_id,) if i is not None}
+    out: list[int] = []
+    text, emitted, reason = "", 0, "length"
+    hold = max((len(s) for s in stop_strings), default=1) - 1
+    for tok in generate_tokens(model, ids, max_new_tokens, sampling, stop_ids, max_seq_len):
+        if tok in stop_ids:
+            reason = "eos"
+            break
+        out.append(tok)
+        text = tokenizer.decode(out, skip_special_tokens=True)
+        hit = min((i for i in (text.find(s) for s in stop_strings) if i >= 0), default=-1)
+        if hit >= 0:
+            text, reason = text[:hit], "stop_string"
+            break
+        ready = len(text) - hold if not text.endswith("\ufffd") else len(text.rstrip("\ufffd")) - hold
+        if on_text and ready > emitted:
+            on_text(text[emitted:ready])
+            emitted = ready
+    if on_text and len(text) > emitted:
+        on_text(text[emitted:])
+    return Generation(text, out, len(ids), reason)

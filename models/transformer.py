@@ -1,0 +1,176 @@
+"""One decoder-only Transformer for Llama 2/3, Mistral, Qwen2/2.5 and Qwen3.
+
+RMSNorm, rotary embeddings, grouped-query attention and a SwiGLU MLP; which biases, norms and windows a family
+uses comes from `ModelArgs`. Attention itself is delegated to an `AttentionStrategy` held by the model, so
+parallelism (ring, star) is applied from outside by swapping the strategy, never by editing this file.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from attention import AttentionStrategy, GlobalAttention
+from attention.kernels import PositionMask
+from models.config import ModelArgs, rope_inv_freq
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values of one layer, [batch, kv_heads, slots, head_dim]."""
+
+    def __init__(self, batch: int, n_kv_heads: int, slots: int, head_dim: int, dtype: torch.dtype, device=None):
+        super().__init__()
+        shape = (batch, n_kv_heads, slots, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, slots: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        self.k_cache.index_copy_(2, slots, k.to(self.k_cache.dtype))
+        self.v_cache.index_copy_(2, slots, v.to(self.v_cache.dtype))
+        return self.k_cache, self.v_cache
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotary embedding in the half-split layout of Hugging Face checkpoints; cos/sin are [T, head_dim]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=args.qkv_bias)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=args.o_bias)
+        if args.qk_norm:
+            self.q_norm = RMSNorm(args.head_dim, args.norm_eps)
+            self.k_norm = RMSNorm(args.head_dim, args.norm_eps)
+        self.kv_cache: KVCache | None = None
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: PositionMask, strategy: AttentionStrategy, slots: Tensor | None
+    ) -> Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(slots, k, v)
+        y = strategy.attend(q, k, v, mask)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.w1 = nn.Linear(args.dim, args.intermediate_size, bias=args.mlp_bias)  # gate
+        self.w3 = nn.Linear(args.dim, args.intermediate_size, bias=args.mlp_bias)  # up
+        self.w2 = nn.Linear(args.intermediate_size, args.dim, bias=args.mlp_bias)  # down
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, cos, sin, mask, strategy, slots) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, strategy, slots)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs, attention: AttentionStrategy | None = None):
+        super().__init__()
+        self.args = args
+        self.attention = attention or GlobalAttention()
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.tie_weights()
+        self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
+        self.cache_len = 0  # slots of the KV cache in use
+
+    def tie_weights(self) -> None:
+        if self.args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def init_buffers(self, device: torch.device | str) -> None:
+        """Recompute the non-persistent buffers, e.g. after building on the meta device."""
+        self.inv_freq = rope_inv_freq(self.args, device)
+
+    @property
+    def has_cache(self) -> bool:
+        return hasattr(self, "kv_pos")
+
+    def setup_cache(self, batch: int, slots: int, dtype: torch.dtype | None = None) -> None:
+        """Allocate a KV cache of `slots` tokens per layer; positions of the slots are tracked in `kv_pos`."""
+        ref = self.tok_embeddings.weight
+        for layer in self.layers:
+            layer.attention.kv_cache = KVCache(
+                batch, self.args.n_kv_heads, slots, self.args.head_dim, dtype or ref.dtype, ref.device
+            )
+        self.register_buffer("kv_pos", torch.full((slots,), -1, dtype=torch.long, device=ref.device), persistent=False)
+        self.cache_len = 0
+
+    def reset_cache(self) -> None:
+        self.kv_pos.fill_(-1)
+        self.cache_len = 0
+
+    def forward(self, tokens: Tensor, positions: Tensor, last_only: bool = False) -> Tensor:
+        """Logits [B, T, vocab] (or [B, 1, vocab] with `last_only`) of `tokens` [B, T] at `positions` [T].
+
+        With a cache set up, the tokens' keys and values are appended to it and the queries attend to everything
+        the cache holds; without one, the tokens attend among themselves.
+        """
+        T = tokens.shape[1]
+        if positions.shape != (T,):
+            raise ValueError(f"positions must have shape ({T},), one per token; got {tuple(positions.shape)}")
+        slots = None
+        kv_pos = positions
+        if self.has_cache:
+            if self.cache_len + T > self.kv_pos.numel():
+                raise ValueError(
+                    f"KV cache holds {self.kv_pos.numel()} tokens: {self.cache_len} used, {T} more do not fit; "
+                    "call setup_cache with more slots"
+                )
+            slots = torch.arange(self.cache_len, self.cache_len + T, device=tokens.device)
+            self.kv_pos[slots] = positions
+            self.cache_len += T
+            kv_pos = self.kv_pos
+        masks = self.attention.masks(positions, kv_pos, set(self.args.layer_windows))
+        freqs = positions[:, None].float() * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        h = self.tok_embeddings(tokens)
+        cos, sin = emb.cos().to(h.dtype), emb.sin().to(h.dtype)
+        for layer, window in zip(self.layers, self.args.layer_windows):
+            h = layer(h, cos, sin, masks[window], self.attention, slots)
+        h = self.norm(h)
+        if last_only:
+            h = h[:, -1:]
+        return self.output(h)
