@@ -4,8 +4,9 @@ A key is visible to a query when it holds a real token (position >= 0), is not i
 sliding-window layers, lies within the window. Masks are defined on *positions*, not on indices, so a KV cache
 whose slots hold non-contiguous positions (a star rank's block, a ring shard) needs no special case.
 
-On CUDA the kernel is compiled FlexAttention with a `BlockMask`; elsewhere it is a dense path that evaluates the
-same `mask_mod` on a grid (compiled CPU FlexAttention does not return the log-sum-exp).
+On CUDA the kernel is compiled FlexAttention with a `BlockMask`. On CPU it is PyTorch's fused CPU attention with
+the same `mask_mod` evaluated densely, a chunk of queries at a time (compiled CPU FlexAttention does not return the
+log-sum-exp); `dense_attend` is the plain reference, also used for float64.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-# Queries per chunk on the dense path: bounds its score matrix at chunk x keys per head.
-DENSE_QUERY_CHUNK = 1024
+# Queries are processed in chunks whose [chunk, keys] mask has at most this many elements.
+MASK_CHUNK_ELEMENTS = 1 << 22
+# Below this many queries (decode steps) the dense path wins on CPU: it reads K/V once without expanding GQA heads.
+CPU_FLASH_MIN_QUERIES = 16
 
 
 @dataclass
@@ -70,6 +73,11 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
+def _cpu_flash():
+    """PyTorch's fused CPU attention that also returns the log-sum-exp, where this torch build has it."""
+    return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: PositionMask, return_lse: bool = False):
     """Softmax attention of q [B, Hq, T, D] over k, v [B, Hkv, S, D] (Hq a multiple of Hkv).
 
@@ -79,24 +87,49 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: PositionMask, return_lse: bool
     if use_flex(q):
         out, lse = _compiled_flex()(q, k, v, block_mask=mask.block_mask(), enable_gqa=True, return_lse=True)
         return (out, lse.float()) if return_lse else out
+    if _cpu_flash() is not None and q.dtype != torch.float64 and q.shape[2] >= CPU_FLASH_MIN_QUERIES:
+        return cpu_flash_attend(q, k, v, mask, return_lse)
     return dense_attend(q, k, v, mask, return_lse)
 
 
+def _query_chunks(T: int, S: int) -> list[slice]:
+    rows = max(64, MASK_CHUNK_ELEMENTS // max(S, 1))
+    return [slice(i, min(i + rows, T)) for i in range(0, T, rows)]
+
+
+def cpu_flash_attend(q: Tensor, k: Tensor, v: Tensor, mask: PositionMask, return_lse: bool = False):
+    """The fused CPU kernel with an additive mask, built for a chunk of queries at a time."""
+    g = q.shape[1] // k.shape[1]
+    if g > 1:
+        k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+    outs, lses = [], []
+    for rows in _query_chunks(q.shape[2], k.shape[2]):
+        visible = mask.dense(rows)
+        bias = torch.zeros(visible.shape, dtype=q.dtype).masked_fill_(~visible, float("-inf"))
+        out, lse = _cpu_flash()(q[:, :, rows], k, v, 0.0, False, attn_mask=bias)
+        seen = visible.any(-1)  # the kernel reports lse 0 for rows that see no key
+        outs.append(out)
+        lses.append(torch.where(seen, lse.float(), float("-inf")))
+    out = torch.cat(outs, dim=2)
+    return (out, torch.cat(lses, dim=2)) if return_lse else out
+
+
 def dense_attend(q: Tensor, k: Tensor, v: Tensor, mask: PositionMask, return_lse: bool = False):
-    """Reference path: fp32 scores, masked softmax, query chunks of DENSE_QUERY_CHUNK."""
+    """Reference path: scores in fp32 (or float64 for float64 inputs), masked softmax, chunks of queries."""
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
     g = Hq // Hkv
-    qf = q.float().view(B, Hkv, g, T, D) * D**-0.5
-    kf, vf = k.float().unsqueeze(2), v.float().unsqueeze(2)  # [B, Hkv, 1, S, D]
+    acc = torch.promote_types(q.dtype, torch.float32)
+    qf = q.to(acc).view(B, Hkv, g, T, D) * D**-0.5
+    kf, vf = k.to(acc), v.to(acc)  # each KV head serves its g query heads in one matmul, without copies
     outs, lses = [], []
-    for start in range(0, T, DENSE_QUERY_CHUNK):
-        rows = slice(start, min(start + DENSE_QUERY_CHUNK, T))
-        scores = qf[:, :, :, rows] @ kf.transpose(-1, -2)  # [B, Hkv, g, t, S]
+    for rows in _query_chunks(T, k.shape[2]):
+        t = rows.stop - rows.start
+        scores = (qf[:, :, :, rows].reshape(B, Hkv, g * t, D) @ kf.transpose(-1, -2)).view(B, Hkv, g, t, -1)
         scores = scores.masked_fill(~mask.dense(rows), float("-inf"))
         lse = torch.logsumexp(scores, dim=-1)
         probs = torch.exp(scores - lse.unsqueeze(-1).masked_fill(lse.isinf().unsqueeze(-1), 0.0))
-        outs.append(probs @ vf)
+        outs.append((probs.view(B, Hkv, g * t, -1) @ vf).view(B, Hkv, g, t, D))
         lses.append(lse)
     out = torch.cat(outs, dim=3).reshape(B, Hq, T, D).to(q.dtype)
     if not return_lse:
