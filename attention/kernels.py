@@ -31,16 +31,21 @@ class PositionMask:
     q_pos: Tensor  # [T] positions of the queries
     kv_pos: Tensor  # [S] positions held by the key slots; -1 marks an empty slot
     window: int | None = None
+    # Star phase 1: a query sees only keys of its own block (positions // block_size) or of the anchor.
+    block_size: int | None = None
+    anchor_size: int = 0
     _block_mask: object = field(default=None, repr=False)
 
     def mask_mod(self) -> Callable:
-        q_pos, kv_pos, window = self.q_pos, self.kv_pos, self.window
+        q_pos, kv_pos, window, block, anchor = self.q_pos, self.kv_pos, self.window, self.block_size, self.anchor_size
 
         def visible(b, h, q_idx, kv_idx):
             qp, kp = q_pos[q_idx], kv_pos[kv_idx]
             ok = (kp >= 0) & (kp <= qp)
             if window is not None:
                 ok = ok & (qp - kp < window)
+            if block is not None:
+                ok = ok & ((kp // block == qp // block) | (kp < anchor))
             return ok
 
         return visible

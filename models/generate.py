@@ -51,8 +51,14 @@ def generate_tokens(
     sampling: Sampling | None = None,
     stop_ids: set[int] | frozenset[int] = frozenset(),
     max_seq_len: int | None = None,
+    context_len: int | None = None,
 ) -> Iterator[int]:
-    """Yield new token ids one by one (a stop id is yielded, then generation ends)."""
+    """Yield new token ids one by one (a stop id is yielded, then generation ends).
+
+    The prompt's first `context_len` tokens (default: all but the last) are the context, encoded in phase 1 by the
+    model's attention strategy, shard by shard over ranks; the rest is the query, which with the generated tokens
+    goes through phase 2. Every rank runs this same loop and yields the same tokens.
+    """
     sampling = sampling or Sampling()
     limit = max_seq_len or model.args.max_seq_len
     if not prompt:
@@ -62,17 +68,21 @@ def generate_tokens(
             f"prompt of {len(prompt)} tokens plus {max_new_tokens} new tokens exceeds the maximum context of "
             f"{limit} tokens; shorten the prompt, lower max_new_tokens, or raise max_seq_len if the model supports it"
         )
+    n_ctx = len(prompt) - 1 if context_len is None else min(max(context_len, 0), len(prompt) - 1)
+    strategy = model.attention
     device = model.tok_embeddings.weight.device
     generator = None
     if sampling.seed is not None:
         generator = torch.Generator(device=device).manual_seed(sampling.seed)
-    slots = len(prompt) + max_new_tokens
-    if not model.has_cache or model.kv_pos.numel() < slots:
-        model.setup_cache(1, slots)
-    model.reset_cache()
+    model.setup_cache(1, strategy.cache_slots(n_ctx, len(prompt) - n_ctx + max_new_tokens))
+    tokens = torch.tensor(prompt, device=device)
     with torch.inference_mode():
-        tokens = torch.tensor([prompt], device=device)
-        logits = model(tokens, torch.arange(len(prompt), device=device), last_only=True)
+        if n_ctx:
+            strategy.set_phase("context")
+            local = strategy.context_indices(n_ctx).to(device)
+            model(tokens[local][None], local, last_only=True)
+        strategy.set_phase("query")
+        logits = model(tokens[None, n_ctx:], torch.arange(n_ctx, len(prompt), device=device), last_only=True)
         for pos in range(len(prompt), len(prompt) + max_new_tokens):
             tok = sample(logits[0, -1], sampling, generator)
             yield tok
@@ -98,8 +108,11 @@ def generate(
     stop_strings: tuple[str, ...] = (),
     on_text: Callable[[str], None] | None = None,
     max_seq_len: int | None = None,
+    context_len: int | None = None,
 ) -> Generation:
     """Generate from a text prompt, chat messages (rendered with the chat template) or token ids.
+
+    `context_len` splits the prompt's tokens into context (phase 1) and query (phase 2); see `generate_tokens`.
 
     Text is passed to `on_text` as it becomes final: held back while it could still be the start of a stop
     string or an incomplete UTF-8 character.
@@ -114,7 +127,7 @@ def generate(
     out: list[int] = []
     text, emitted, reason = "", 0, "length"
     hold = max((len(s) for s in stop_strings), default=1) - 1
-    for tok in generate_tokens(model, ids, max_new_tokens, sampling, stop_ids, max_seq_len):
+    for tok in generate_tokens(model, ids, max_new_tokens, sampling, stop_ids, max_seq_len, context_len):
         if tok in stop_ids:
             reason = "eos"
             break

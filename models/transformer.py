@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attention import AttentionStrategy, GlobalAttention
-from attention.kernels import PositionMask
 from models.config import ModelArgs, rope_inv_freq
 
 
@@ -62,9 +61,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(args.head_dim, args.norm_eps)
         self.kv_cache: KVCache | None = None
 
-    def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, mask: PositionMask, strategy: AttentionStrategy, slots: Tensor | None
-    ) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, strategy: AttentionStrategy, step, window: int | None) -> Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
@@ -73,9 +70,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if self.kv_cache is not None:
-            k, v = self.kv_cache.update(slots, k, v)
-        y = strategy.attend(q, k, v, mask)
+        y = strategy.attend(q, k, v, self.kv_cache, step, window)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -98,8 +93,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, cos, sin, mask, strategy, slots) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, mask, strategy, slots)
+    def forward(self, x, cos, sin, strategy, step, window) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, strategy, step, window)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -142,34 +137,36 @@ class Transformer(nn.Module):
         self.kv_pos.fill_(-1)
         self.cache_len = 0
 
+    def reserve(self, positions: Tensor) -> Tensor:
+        """Claim the next cache slots for tokens at `positions`; returns the slot indices."""
+        n = positions.numel()
+        if self.cache_len + n > self.kv_pos.numel():
+            raise ValueError(
+                f"KV cache holds {self.kv_pos.numel()} tokens: {self.cache_len} used, {n} more do not fit; "
+                "call setup_cache with more slots"
+            )
+        slots = torch.arange(self.cache_len, self.cache_len + n, device=positions.device)
+        self.kv_pos[slots] = positions
+        self.cache_len += n
+        return slots
+
     def forward(self, tokens: Tensor, positions: Tensor, last_only: bool = False) -> Tensor:
         """Logits [B, T, vocab] (or [B, 1, vocab] with `last_only`) of `tokens` [B, T] at `positions` [T].
 
-        With a cache set up, the tokens' keys and values are appended to it and the queries attend to everything
-        the cache holds; without one, the tokens attend among themselves.
+        What the tokens attend to, and which of them the KV cache keeps, is the attention strategy's business:
+        with `global` and a cache, they are appended and attend to everything cached; without a cache, they attend
+        among themselves.
         """
         T = tokens.shape[1]
         if positions.shape != (T,):
             raise ValueError(f"positions must have shape ({T},), one per token; got {tuple(positions.shape)}")
-        slots = None
-        kv_pos = positions
-        if self.has_cache:
-            if self.cache_len + T > self.kv_pos.numel():
-                raise ValueError(
-                    f"KV cache holds {self.kv_pos.numel()} tokens: {self.cache_len} used, {T} more do not fit; "
-                    "call setup_cache with more slots"
-                )
-            slots = torch.arange(self.cache_len, self.cache_len + T, device=tokens.device)
-            self.kv_pos[slots] = positions
-            self.cache_len += T
-            kv_pos = self.kv_pos
-        masks = self.attention.masks(positions, kv_pos, set(self.args.layer_windows))
+        step = self.attention.begin(self, positions)
         freqs = positions[:, None].float() * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         h = self.tok_embeddings(tokens)
         cos, sin = emb.cos().to(h.dtype), emb.sin().to(h.dtype)
         for layer, window in zip(self.layers, self.args.layer_windows):
-            h = layer(h, cos, sin, masks[window], self.attention, slots)
+            h = layer(h, cos, sin, self.attention, step, window)
         h = self.norm(h)
         if last_only:
             h = h[:, -1:]

@@ -1,0 +1,74 @@
+"""Ring attention: exact attention with the context sharded over ranks and KV shards passed around a ring.
+
+Layout: zig-zag. The context is cut into 2N chunks; rank r holds chunks r and 2N-1-r. Under a causal mask a
+token's work grows with its position, so contiguous shards would leave rank 0 almost idle and rank N-1 with most
+of the work; pairing an early chunk with a late one gives every rank the same amount of visible work.
+
+In each of N steps a rank attends its queries to the KV shard it holds, while sending that shard to the next rank
+and receiving the previous rank's (point-to-point, overlapped with the compute); partials are merged with the
+(output, lse) merge. Masks are by position, so every step's mask is known up front and built once per forward.
+Phase 2 is the shared sharded query phase of `AttentionStrategy`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from attention.kernels import PositionMask, attend
+from attention.merge import merge_two
+from attention.strategy import AttentionStrategy, Step
+
+
+def zigzag_shards(n_ctx: int, world: int) -> list[Tensor]:
+    """Context indices held by each rank: chunks r and 2N-1-r of 2N near-equal chunks."""
+    bounds = [i * n_ctx // (2 * world) for i in range(2 * world + 1)]
+    chunk = lambda i: torch.arange(bounds[i], bounds[i + 1])  # noqa: E731
+    return [torch.cat([chunk(r), chunk(2 * world - 1 - r)]) for r in range(world)]
+
+
+class RingAttention(AttentionStrategy):
+    name = "ring"
+
+    def __init__(self, group: dist.ProcessGroup | None = None):
+        super().__init__(group)
+        self.layout: list[Tensor] | None = None
+
+    def context_indices(self, n_ctx: int) -> Tensor:
+        if n_ctx < 2 * self.world:
+            raise ValueError(f"ring on {self.world} ranks needs a context of at least {2 * self.world} tokens; got {n_ctx}")
+        self.layout = zigzag_shards(n_ctx, self.world)
+        return self.layout[self.rank]
+
+    def begin_context(self, model, positions: Tensor, windows: set[int | None]) -> Step:
+        if self.world > 1 and self.layout is None:
+            raise ValueError("ring phase 1 needs the context layout: call context_indices(n_ctx) first")
+        if model.has_cache and model.cache_len:
+            raise ValueError("ring phase 1 starts from an empty KV cache; call model.reset_cache() first")
+        slots = model.reserve(positions) if model.has_cache else None
+        # step s holds the shard that started on rank (rank - s) mod N
+        shards = [positions] if self.world == 1 else [self.layout[(self.rank - s) % self.world].to(positions.device) for s in range(self.world)]
+        masks = {w: [PositionMask(positions, kv, w) for kv in shards] for w in windows}
+        return Step("context", masks, slots, extra={"sizes": [len(kv) for kv in shards]})
+
+    def attend_context(self, q: Tensor, k: Tensor, v: Tensor, cache, step: Step, window: int | None) -> Tensor:
+        if step.slots is not None:
+            cache.update(step.slots, k, v)
+        D = k.shape[-1]
+        held = torch.cat([k, v], dim=-1).contiguous()
+        nxt, prev = (self.rank + 1) % self.world, (self.rank - 1) % self.world
+        if self.group is not None:
+            nxt, prev = dist.get_global_rank(self.group, nxt), dist.get_global_rank(self.group, prev)
+        out = lse = None
+        for s, mask in enumerate(step.masks[window]):
+            if s + 1 < self.world:  # start passing the shard on before computing with it
+                incoming = held.new_empty(*held.shape[:2], step.extra["sizes"][s + 1], 2 * D)
+                reqs = [dist.isend(held, nxt, self.group), dist.irecv(incoming, prev, self.group)]
+            o, l = attend(q, held[..., :D], held[..., D:], mask, return_lse=True)
+            out, lse = (o.float(), l) if out is None else merge_two(out, lse, o, l)
+            if s + 1 < self.world:
+                for r in reqs:
+                    r.wait()
+                held = incoming
+        return out.to(q.dtype)
