@@ -37,8 +37,21 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def build_strategy(cfg: DictConfig, n_ctx: int) -> attention.AttentionStrategy:
+    """The configured strategy; star's block size defaults to a quarter of the context (context / ranks beyond 4)."""
+    params = dict(cfg.get("params") or {})
+    if cfg.name == "star" and params.get("block_size") is None:
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        params["block_size"] = max(1, -(-n_ctx // max(4, world)))
+    return attention.build(cfg.name, **params)
+
+
 def build_model(
-    preset: DictConfig, dtype: torch.dtype, device: torch.device, strategy: attention.AttentionStrategy, need_weights: bool
+    preset: DictConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    strategy: attention.AttentionStrategy | None,
+    need_weights: bool,
 ) -> tuple[Transformer, Tokenizer | None]:
     """The preset's checkpoint (or the built-in one); random weights of its shape only where weights are not needed."""
     path = preset.get("path")
@@ -58,8 +71,8 @@ def build_model(
     return models.random_model(args, dtype=dtype, device=device, attention=strategy), None
 
 
-def demo_prompt(tokenizer: Tokenizer, n_tokens: int, seed: int) -> tuple[str, str]:
-    """A passkey-retrieval prompt of about `n_tokens` tokens: the key hidden at a random depth of filler text."""
+def demo_prompt(tokenizer: Tokenizer, n_tokens: int, seed: int) -> tuple[str, str, str]:
+    """Pass-key retrieval: a context of about `n_tokens` tokens with the key at a random depth, the question, the key."""
     rng = random.Random(seed)
     key = str(rng.randint(10000, 99999))
     filler = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -68,22 +81,28 @@ def demo_prompt(tokenizer: Tokenizer, n_tokens: int, seed: int) -> tuple[str, st
     parts.insert(rng.randrange(reps), f"The pass key is {key}. Remember it. {key} is the pass key. ")
     doc = "".join(parts)
     intro = "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it."
-    return f"{intro}\n\n{doc}\n\nWhat is the pass key?", key
+    return f"{intro}\n\n{doc}", "\n\nWhat is the pass key?", key
 
 
 def run(cfg: DictConfig) -> dict:
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    strategy = attention.build(cfg.attention.name, **cfg.attention.get("params", {}))
-    model, tok = build_model(cfg.model, dtype, device, strategy, need_weights=True)
-    expected = None
+    model, tok = build_model(cfg.model, dtype, device, None, need_weights=True)
+    expected, context_len = None, None
     if cfg.prompt_file:
         prompt = Path(cfg.prompt_file).read_text()
     elif cfg.prompt is not None:
         prompt = cfg.prompt
     else:
-        prompt, expected = demo_prompt(tok, cfg.demo_tokens, cfg.seed)
-    request = [{"role": "user", "content": prompt}] if cfg.chat and tok.chat_template else prompt
+        context, query, expected = demo_prompt(tok, cfg.demo_tokens, cfg.seed)
+        prompt, context_len = models.chat_prompt(tok, context, query)
+    if isinstance(prompt, str) and cfg.chat and tok.chat_template:
+        prompt = tok.encode_chat([{"role": "user", "content": prompt}])
+    elif isinstance(prompt, str):
+        prompt = tok.encode(prompt)
+    if context_len is None:
+        context_len = len(prompt) - 1
+    model.attention = strategy = build_strategy(cfg.attention, context_len)
     sampling = models.Sampling(cfg.temperature, cfg.top_k, cfg.top_p, cfg.seed)
     first: list[float] = []
     start = time.perf_counter()
@@ -93,7 +112,9 @@ def run(cfg: DictConfig) -> dict:
             first.append(time.perf_counter())
         print(text, end="", flush=True)
 
-    out = models.generate(model, tok, request, cfg.max_new_tokens, sampling, tuple(cfg.stop), on_text=emit)
+    out = models.generate(
+        model, tok, prompt, cfg.max_new_tokens, sampling, tuple(cfg.stop), on_text=emit, context_len=context_len
+    )
     end = time.perf_counter()
     print()
     ttft = (first[0] if first else end) - start

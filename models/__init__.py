@@ -13,7 +13,7 @@ import torch
 
 from attention import AttentionStrategy
 from models.config import SUPPORTED_ARCHITECTURES, ModelArgs
-from models.generate import Generation, Sampling, generate, generate_tokens
+from models.generate import Generation, Sampling, chat_prompt, generate, generate_tokens
 from models.loading import load_model, random_model
 from models.tokenizer import Tokenizer
 from models.transformer import Transformer
@@ -37,6 +37,7 @@ __all__ = [
     "Sampling",
     "Tokenizer",
     "Transformer",
+    "chat_prompt",
     "generate",
     "generate_tokens",
     "load",

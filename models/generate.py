@@ -83,12 +83,26 @@ def generate_tokens(
             model(tokens[local][None], local, last_only=True)
         strategy.set_phase("query")
         logits = model(tokens[None, n_ctx:], torch.arange(n_ctx, len(prompt), device=device), last_only=True)
-        for pos in range(len(prompt), len(prompt) + max_new_tokens):
+        last = len(prompt) + max_new_tokens - 1
+        for pos in range(len(prompt), last + 1):
             tok = sample(logits[0, -1], sampling, generator)
             yield tok
-            if tok in stop_ids:
+            if tok in stop_ids or pos == last:
                 return
             logits = model(torch.tensor([[tok]], device=device), torch.tensor([pos], device=device))
+
+
+def chat_prompt(tokenizer: Tokenizer, context: str, query: str) -> tuple[list[int], int]:
+    """Token ids of a one-message chat of `context` + `query`, and how many of them are the context.
+
+    The split is where the context's text ends in the rendered chat; a tokenizer merge across that point moves it
+    to the longest prefix the two encodings share, so the split is always a valid one.
+    """
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": context + query}])
+    ids = tokenizer.encode(rendered, add_special_tokens=False)
+    head = tokenizer.encode(rendered[: rendered.index(context) + len(context)], add_special_tokens=False)
+    n = next((i for i, (a, b) in enumerate(zip(head, ids)) if a != b), min(len(head), len(ids)))
+    return ids, n
 
 
 @dataclass
