@@ -1,0 +1,92 @@
+"""Check the CUDA attention path against float64 dense attention, and the model on CUDA against the CPU.
+
+    python tools/check_cuda.py            # on a machine with a GPU; exits non-zero on any failure
+
+Prints one line per case with the largest error relative to the reference's largest magnitude.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import attention  # noqa: E402
+from attention.kernels import PositionMask, attend, dense_attend  # noqa: E402
+from models import ModelArgs, random_model  # noqa: E402
+
+TOLERANCE = {torch.bfloat16: 1e-2, torch.float32: 1e-4}
+
+
+def kernel_cases() -> list[tuple[str, PositionMask, int, int]]:
+    """(name, mask, query heads, kv heads): sizes on and off the 128-token tiles, windows, star, empty rows."""
+    ar = torch.arange
+    return [
+        ("causal 4096", PositionMask(ar(4096), ar(4096)), 32, 8),
+        ("causal 1000 (off-tile)", PositionMask(ar(1000), ar(1000)), 32, 8),
+        ("window 300 over 2500", PositionMask(ar(2500), ar(2500), 300), 28, 4),
+        ("star blocks 777, anchor 512", PositionMask(ar(3000), ar(3000), None, 777, 512), 32, 8),
+        ("decode 1 query over 5000", PositionMask(ar(4999, 5000), ar(5000)), 32, 8),
+        ("query over cache with empty slots", PositionMask(ar(900, 905), torch.cat([ar(900), torch.full((100,), -1)])), 32, 8),
+        ("queries before all keys", PositionMask(ar(0, 130), ar(200, 400)), 8, 8),
+    ]
+
+
+def check_kernels() -> bool:
+    ok = True
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float32):
+        for name, mask, hq, hkv in kernel_cases():
+            T, S = mask.q_pos.numel(), mask.kv_pos.numel()
+            q = torch.randn(1, hq, T, 128, device="cuda", generator=g).to(dtype)
+            k = torch.randn(1, hkv, S, 128, device="cuda", generator=g).to(dtype)
+            v = torch.randn(1, hkv, S, 128, device="cuda", generator=g).to(dtype)
+            cuda_mask = PositionMask(mask.q_pos.cuda(), mask.kv_pos.cuda(), mask.window, mask.block_size, mask.anchor_size)
+            out, lse = attend(q, k, v, cuda_mask, return_lse=True)
+            ref, ref_lse = dense_attend(q.double(), k.double(), v.double(), cuda_mask, return_lse=True)
+            err = ((out.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+            seen = torch.isfinite(ref_lse)
+            lse_err = (lse.double()[seen] - ref_lse[seen]).abs().max().item() if seen.any() else 0.0
+            empty_ok = bool(torch.isinf(lse[~seen]).all() and (out[~seen.unsqueeze(-1).expand_as(out)] == 0).all())
+            good = err <= TOLERANCE[dtype] and lse_err <= 1e-2 and empty_ok
+            ok &= good
+            print(f"{'ok  ' if good else 'FAIL'} {str(dtype):15} {name:36} rel err {err:.2e}  lse err {lse_err:.2e}  empty rows {empty_ok}")
+    return ok
+
+
+def check_model() -> bool:
+    """A random Llama-shaped model: CUDA fp32 logits (global, star) equal the CPU's."""
+    args = ModelArgs(vocab_size=1000, dim=256, n_layers=2, n_heads=8, n_kv_heads=2, head_dim=32,
+                     intermediate_size=512, max_seq_len=4096, layer_windows=(None, 200))  # fmt: skip
+    tokens = torch.randint(0, 1000, (1, 700))
+    ok = True
+    for name, params in (("global", {}), ("star", {"block_size": 256}), ("ring", {})):
+        outs = []
+        for device in ("cpu", "cuda"):
+            model = random_model(args, torch.float32, "cpu", attention.build(name, **params)).to(device)
+            model.init_buffers(device)
+            with torch.no_grad():
+                outs.append(model(tokens.to(device), torch.arange(700, device=device)).cpu())
+        err = (outs[0] - outs[1]).abs().max().item()
+        good = err < 1e-3
+        ok &= good
+        print(f"{'ok  ' if good else 'FAIL'} model {name:8} CUDA vs CPU fp32 logits: max abs diff {err:.2e}")
+    return ok
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("no CUDA device", file=sys.stderr)
+        return 2
+    print(f"{torch.cuda.get_device_name()} · torch {torch.__version__}")
+    ok = check_kernels()
+    ok &= check_model()
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
