@@ -372,14 +372,21 @@ class MultirunComparison(Callback):
 
     KEYS = ("ttft_s", "decode_tok_s", "prefill_tok_s", "ruler/mean", "demo_fact_found")
 
+    @staticmethod
+    def _overrides(job_dir: Path) -> list[str]:
+        path = job_dir / ".hydra" / "overrides.yaml"
+        return list(OmegaConf.load(path)) if path.is_file() else []
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep = Path(config.hydra.sweep.dir)
-        rows = []
-        for job in sorted(sweep.glob("*/results.json"), key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0):
-            overrides = (job.parent / ".hydra" / "overrides.yaml")
-            label = " ".join(OmegaConf.load(overrides)) if overrides.is_file() else job.parent.name
-            res = json.loads(job.read_text())
-            rows.append([label] + [_cell(res.get(k)) for k in self.KEYS])
+        jobs = sorted(sweep.glob("*/results.json"), key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0)
+        labels = [self._overrides(job.parent) for job in jobs]
+        shared = set.intersection(*(set(o) for o in labels)) if labels else set()
+        rows = [
+            [" ".join(o for o in overrides if o not in shared) or job.parent.name]
+            + [_cell(json.loads(job.read_text()).get(k)) for k in self.KEYS]
+            for job, overrides in zip(jobs, labels)
+        ]
         if not rows:
             return
         header = ["job", *self.KEYS]

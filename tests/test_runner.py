@@ -1,0 +1,136 @@
+"""runner.py end to end, as a user runs it: subprocesses on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from tests.conftest import REPO
+
+
+def _run(tmp_path, *overrides, timeout=300, env=None):
+    env = {**os.environ, "WANDB_DIR": str(tmp_path / "wandb-root"), **(env or {})}
+    (tmp_path / "wandb-root").mkdir(exist_ok=True)
+    return subprocess.run(
+        [sys.executable, "runner.py", *overrides, f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env,
+    )  # fmt: skip
+
+
+def test_default_run_finds_the_hidden_fact_and_logs_offline(smollm2_dir, tmp_path):
+    res = _run(tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "found in the answer" in res.stderr and "NOT found" not in res.stderr
+    assert "· star ·" in res.stderr and "time to first token" in res.stderr and "KV cache per rank" in res.stderr
+    result = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert result["demo_fact_found"] is True and result["prompt_tokens"] > 1900
+    assert (tmp_path / "run" / ".hydra" / "config.yaml").is_file()
+    runs = list((tmp_path / "wandb-root" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    log = next(runs[0].glob("*.wandb")).read_bytes()  # the offline run's record stream, for `wandb sync`
+    assert b"ttft_s" in log and b"decode_tok_s" in log and b"smollm2" in log  # metrics and the resolved config
+
+
+def _answer(stdout: str) -> str:
+    return stdout.strip().splitlines()[-1]
+
+
+def test_two_ranks_ring_and_star_answer_like_global(smollm2_dir, tmp_path):
+    common = ("task.prompt=What is the capital of France? Answer in one sentence.", "task.max_new_tokens=16", "wandb.mode=disabled")
+    ref = _run(tmp_path, "attention=global", *common)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    assert "Paris" in ref.stdout
+    for strategy in ("ring", "star"):
+        res = _run(tmp_path, "parallel.nproc=2", f"attention={strategy}", *common)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert "2 ranks" in res.stderr
+        assert _answer(res.stdout) == _answer(ref.stdout)
+
+
+def test_generate_from_jsonl(smollm2_dir, tmp_path):
+    records = [{"input_context": "Alice lives in Paris. Bob lives in Rome. ", "input_query": "Where does Bob live?", "output": "Rome"},
+               {"input_context": "The box is red. ", "input_query": "What color is the box?", "output": "red"}]  # fmt: skip
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in records))
+    res = _run(tmp_path, f"task.input_jsonl={src}", "attention=global", "task.max_new_tokens=12", "wandb.mode=disabled")
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "answers.jsonl").read_text().splitlines()]
+    assert [r["output"] for r in rows] == ["Rome", "red"]
+    assert "Rome" in rows[0]["pred"]
+
+
+def test_ruler_writes_table_results_and_heatmap(smollm2_dir, tmp_path):
+    res = _run(tmp_path, "task=ruler", "task.lengths=[300,600]", "task.tasks=[niah_single,cwe]", "task.depths=[0.5]",
+               "task.max_new_tokens=24", "wandb.mode=disabled")  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = tmp_path / "run"
+    table = (run / "ruler_table.txt").read_text()
+    assert "niah_single" in table and "cwe" in table and "300" in table and "600" in table
+    result = json.loads((run / "results.json").read_text())
+    assert 0 <= result["ruler/mean"] <= 1 and set(result) >= {"ruler/niah_single", "ruler/cwe"}
+    assert (run / "ruler_heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "wandb-root" / "wandb").exists()  # disabled: no W&B directory
+
+
+def test_bench_appends_a_record_and_multirun_compares(tmp_path):
+    results = tmp_path / "bench.jsonl"
+    res = subprocess.run(
+        [sys.executable, "runner.py", "-m", "task=bench", "model=tiny", "ctx=2k", "attention=global,star",
+         f"task.results_file={results}", "wandb.mode=disabled", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    records = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [r["attention"] for r in records] == ["global", "star"]
+    assert all(r["random_weights"] and r["ctx"] == 2048 and r["ttft_s"] > 0 and r["decode_tok_s"] > 0 for r in records)
+    assert "random weights" in res.stderr
+    table = (tmp_path / "sweep" / "comparison.txt").read_text()
+    assert "attention=global" in table and "attention=star" in table and "ttft_s" in table
+
+
+def test_a_killed_rank_ends_the_run(smollm2_dir, tmp_path):
+    env = {**os.environ, "WANDB_DIR": str(tmp_path)}
+    proc = subprocess.Popen(
+        [sys.executable, "runner.py", "parallel.nproc=2", "attention=ring", "ctx=4k", "parallel.timeout_s=60",
+         "task.max_new_tokens=400", "wandb.mode=disabled", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 120
+        workers = []
+        while time.time() < deadline and len(workers) < 2:
+            time.sleep(0.5)
+            workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "spawn" in " ".join(p.cmdline())]
+        assert len(workers) >= 2, "the two workers did not start"
+        time.sleep(8)  # let them load the model and start working
+        os.kill(workers[-1].pid, signal.SIGKILL)
+        start = time.time()
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    assert time.time() - start < 90
+    assert "failed" in err
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["model=gpt5"], "gpt5"),
+        (["ctx=16k"], "ctx=16k (16384 tokens) is longer than smollm2 supports"),
+        (["parallel.nproc=0"], "parallel.nproc must be >= 1"),
+        (["model=llama3"], "names no checkpoint"),
+    ],
+)
+def test_bad_overrides_are_clear_errors(overrides, message, tmp_path):
+    res = _run(tmp_path, *overrides, "wandb.mode=disabled", timeout=120)
+    assert res.returncode != 0
+    assert message in res.stderr, res.stderr[-2000:]
