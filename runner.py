@@ -123,6 +123,7 @@ class Context:
     def answer(self, ids: list[int], n_ctx: int, max_new: int, sampling: models.Sampling, stop=(), stream=False):
         """Generate with the configured strategy; returns (Generation, seconds to first token, decode tok/s)."""
         self.model.attention = build_strategy(self.cfg.attention, n_ctx)
+        remove_progress = phase1_progress(self.model, enabled=stream and self.lead)
         first: list[float] = []
 
         def emit(text: str) -> None:
@@ -137,6 +138,7 @@ class Context:
             max_seq_len=self.max_seq_len, context_len=n_ctx,
         )  # fmt: skip
         end = time.perf_counter()
+        remove_progress()
         if stream and self.lead:
             print(flush=True)
         ttft = (first[0] if first else end) - start
@@ -153,6 +155,28 @@ class Context:
 
     def kv_per_rank(self) -> list[int]:
         return gather(self.kv_bytes, self.world)
+
+
+def phase1_progress(model: Transformer, enabled: bool):
+    """A progress bar over the layers of phase-1 (context) passes, on rank 0; returns the function removing it."""
+    from tqdm import tqdm
+
+    if not enabled:
+        return lambda: None
+    bar = tqdm(total=len(model.layers), desc="phase 1 (context)", unit="layer", leave=False)
+
+    def step(module, args, output) -> None:
+        if model.attention.phase == "context":
+            bar.update()
+
+    handles = [layer.register_forward_hook(step) for layer in model.layers]
+
+    def remove() -> None:
+        bar.close()
+        for h in handles:
+            h.remove()
+
+    return remove
 
 
 def gather(value: Any, world: int) -> list[Any]:

