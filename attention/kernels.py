@@ -75,9 +75,13 @@ def use_flex(q: Tensor) -> bool:
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
-    # Automatic dynamic shapes: a new prompt length recompiles once with symbolic sizes, instead of once per length
-    # until the recompile limit silently falls back to the unfused kernel.
-    return torch.compile(flex_attention, dynamic=None)
+    # Static shapes: FlexAttention's lowering fails on symbolic sequence lengths (torch 2.11). Each new (queries, keys)
+    # shape compiles once; raise the recompile limit so that many shapes never drop to the unfused fallback, which
+    # materializes the whole score matrix.
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 256))
+    return torch.compile(flex_attention, dynamic=False)
 
 
 def _cpu_flash():

@@ -64,7 +64,10 @@ class RingAttention(AttentionStrategy):
         for s, mask in enumerate(step.masks[window]):
             if s + 1 < self.world:  # start passing the shard on before computing with it
                 incoming = held.new_empty(*held.shape[:2], step.extra["sizes"][s + 1], 2 * D)
-                reqs = [dist.isend(held, nxt, self.group), dist.irecv(incoming, prev, self.group)]
+                # one batch, so NCCL pairs each rank's send with its neighbour's receive instead of deadlocking
+                reqs = dist.batch_isend_irecv(
+                    [dist.P2POp(dist.isend, held, nxt, self.group), dist.P2POp(dist.irecv, incoming, prev, self.group)]
+                )
             o, l = attend(q, held[..., :D], held[..., D:], mask, return_lse=True)
             out, lse = (o.float(), l) if out is None else merge_two(out, lse, o, l)
             if s + 1 < self.world:

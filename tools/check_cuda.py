@@ -1,6 +1,7 @@
 """Check the CUDA attention path against float64 dense attention, and the model on CUDA against the CPU.
 
-    python tools/check_cuda.py            # on a machine with a GPU; exits non-zero on any failure
+    python tools/check_cuda.py                          # one GPU; exits non-zero on any failure
+    torchrun --nproc-per-node 2 tools/check_cuda.py     # also ring and star over NCCL against one GPU
 
 Prints one line per case with the largest error relative to the reference's largest magnitude.
 """
@@ -78,10 +79,70 @@ def check_model() -> bool:
     return ok
 
 
+def check_ranks() -> bool:
+    """Under torchrun: ring and star (both anchor modes) over NCCL equal the same strategy on one GPU."""
+    import torch.distributed as dist
+
+    from models.generate import generate_tokens
+    from tools.launch import init_ranks
+
+    rank, world, device = init_ranks("nccl", 120)
+    args = ModelArgs(vocab_size=1000, dim=256, n_layers=2, n_heads=8, n_kv_heads=2, head_dim=32,
+                     intermediate_size=512, max_seq_len=8192, layer_windows=(None, 300))  # fmt: skip
+    prompt = torch.randint(0, 1000, (2100,), generator=torch.Generator().manual_seed(0)).tolist()
+    n_ctx = 2000
+    ok = True
+    for name, params in (("ring", {}), ("star", {"block_size": 300, "anchor_mode": "broadcast"}),
+                         ("star", {"block_size": 300, "anchor_mode": "recompute"})):  # fmt: skip
+        model = random_model(args, torch.float32, "cpu", attention.build(name, **params)).to(device)
+        model.init_buffers(device)
+        tokens = torch.tensor(prompt, device=device)
+        with torch.no_grad():
+            idx = model.attention.context_indices(n_ctx).to(device)
+            local = model(tokens[idx][None], idx)[0]
+            skip = params.get("anchor_mode") == "recompute" and rank > 0
+            local = local[300:] if skip else local
+            own = idx[300:] if skip else idx
+        generated = list(generate_tokens(model, prompt, 8, context_len=n_ctx))
+        parts = [None] * world
+        dist.all_gather_object(parts, (own.cpu(), local.cpu(), generated))
+        if rank == 0:
+            one_params = params if name == "star" else {}
+            ref_model = random_model(args, torch.float32, "cpu", None).to(device)
+            ref_model.init_buffers(device)
+            ref_model.attention = _single_rank(name, one_params)
+            with torch.no_grad():
+                ref = ref_model(tokens[:n_ctx][None], torch.arange(n_ctx, device=device))[0].cpu()
+            got = torch.empty_like(ref)
+            for o, logits, _ in parts:
+                got[o] = logits
+            err = (got - ref).abs().max().item()
+            ref_gen = list(generate_tokens(ref_model, prompt, 8, context_len=n_ctx))
+            same = all(p[2] == ref_gen for p in parts)
+            good = err < 1e-3 and same
+            ok &= good
+            print(f"{'ok  ' if good else 'FAIL'} {name} {params} on {world} GPUs (NCCL) vs 1 GPU: max logit diff {err:.2e}, same tokens {same}")
+    flags = [ok]
+    dist.broadcast_object_list(flags, src=0)
+    dist.destroy_process_group()
+    return flags[0]
+
+
+def _single_rank(name: str, params: dict) -> attention.AttentionStrategy:
+    """The strategy as one rank runs it, while this process belongs to a larger group."""
+    strategy = attention.build(name, **params)
+    strategy.rank, strategy.world = 0, 1
+    return strategy
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("no CUDA device", file=sys.stderr)
         return 2
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return 0 if check_ranks() else 1
     print(f"{torch.cuda.get_device_name()} · torch {torch.__version__}")
     ok = check_kernels()
     ok &= check_model()
