@@ -20,6 +20,7 @@ from torch import Tensor
 
 # Queries are processed in chunks whose [chunk, keys] mask has at most this many elements.
 MASK_CHUNK_ELEMENTS = 1 << 22
+FLEX_MIN_QUERIES = 128
 # Below this many queries (decode steps) the dense path wins on CPU: it reads K/V once without expanding GQA heads.
 CPU_FLASH_MIN_QUERIES = 16
 
@@ -68,7 +69,9 @@ class PositionMask:
 
 
 def use_flex(q: Tensor) -> bool:
-    return q.is_cuda
+    # Below 128 queries FlexAttention switches to its decoding kernel, whose autotuning finds no valid config for
+    # some shapes (torch 2.11); decode and short phase-2 queries take the dense path until the split-KV decode kernel.
+    return q.is_cuda and q.shape[2] >= FLEX_MIN_QUERIES
 
 
 @cache
