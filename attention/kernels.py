@@ -101,7 +101,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: PositionMask, return_lse: bool
     if use_flex(q):
         out, lse = _compiled_flex()(q, k, v, block_mask=mask.block_mask(), enable_gqa=True, return_lse=True)
         return (out, lse.float()) if return_lse else out
-    if _cpu_flash() is not None and q.dtype != torch.float64 and q.shape[2] >= CPU_FLASH_MIN_QUERIES:
+    if q.device.type == "cpu" and _cpu_flash() is not None and q.dtype != torch.float64 and q.shape[2] >= CPU_FLASH_MIN_QUERIES:
         return cpu_flash_attend(q, k, v, mask, return_lse)
     return dense_attend(q, k, v, mask, return_lse)
 
