@@ -108,9 +108,8 @@ def check_ranks() -> bool:
         dist.all_gather_object(parts, (own.cpu(), local.cpu(), generated))
         if rank == 0:
             one_params = params if name == "star" else {}
-            ref_model = random_model(args, torch.float32, "cpu", None).to(device)
+            ref_model = random_model(args, torch.float32, "cpu", _single_rank(name, one_params)).to(device)
             ref_model.init_buffers(device)
-            ref_model.attention = _single_rank(name, one_params)
             with torch.no_grad():
                 ref = ref_model(tokens[:n_ctx][None], torch.arange(n_ctx, device=device))[0].cpu()
             got = torch.empty_like(ref)
