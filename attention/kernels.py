@@ -11,6 +11,7 @@ log-sum-exp); `dense_attend` is the plain reference, also used for float64.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Callable
@@ -62,8 +63,11 @@ class PositionMask:
         if self._block_mask is None:
             from torch.nn.attention.flex_attention import create_block_mask
 
+            # _compile: build the mask block by block instead of evaluating mask_mod on the whole
+            # [queries, keys] grid, which at 64K tokens takes tens of GB.
+            extra = {"_compile": True} if "_compile" in inspect.signature(create_block_mask).parameters else {}
             self._block_mask = create_block_mask(
-                self.mask_mod(), None, None, self.q_pos.numel(), self.kv_pos.numel(), device=self.q_pos.device
+                self.mask_mod(), None, None, self.q_pos.numel(), self.kv_pos.numel(), device=self.q_pos.device, **extra
             )
         return self._block_mask
 
