@@ -65,10 +65,6 @@ class Tokenizer:
     def eos_id(self) -> int | None:
         return self.special.get(self.eos_token) if self.eos_token else None
 
-    @property
-    def vocab_size(self) -> int:
-        raise NotImplementedError
-
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         ids: list[int] = []
         if self.special:
@@ -140,10 +136,6 @@ class HFTokenizer(Tokenizer):
         special = {t.content: i for i, t in self.tk.get_added_tokens_decoder().items() if t.special}
         super().__init__(special, config, chat_template)
 
-    @property
-    def vocab_size(self) -> int:
-        return self.tk.get_vocab_size(with_added_tokens=True)
-
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.tk.encode(text, add_special_tokens=add_special_tokens).ids
 
@@ -171,10 +163,6 @@ class SentencePieceTokenizer(Tokenizer):
         self._unk = self.sp.id_to_piece(self.sp.unk_id())
         self._unk_len = len(self.sp.encode(self._unk))
 
-    @property
-    def vocab_size(self) -> int:
-        return self.sp.get_piece_size()
-
     def _encode_plain(self, text: str, first: bool) -> list[int]:
         # As transformers does: only text at the very start gets the "▁" prefix, and only if it has no leading
         # space already. Otherwise encode behind the unknown token, which takes the prefix, and drop it.
@@ -199,10 +187,6 @@ class TiktokenTokenizer(Tokenizer):
         self.enc = tiktoken.Encoding(file.name, pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens=special)
         config = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"} | config
         super().__init__(special, config, chat_template)
-
-    @property
-    def vocab_size(self) -> int:
-        return self.enc.n_vocab
 
     def _encode_plain(self, text: str, first: bool) -> list[int]:
         return self.enc.encode_ordinary(text)
