@@ -74,7 +74,7 @@ class PositionMask:
 
 def use_flex(q: Tensor) -> bool:
     # Below 128 queries FlexAttention switches to its decoding kernel, whose autotuning finds no valid config for
-    # some shapes (torch 2.11); decode and short phase-2 queries take the dense path until the split-KV decode kernel.
+    # some shapes (torch 2.11); decode and short phase-2 queries take the Lean decode kernel or the dense path.
     return q.is_cuda and q.shape[2] >= FLEX_MIN_QUERIES
 
 
@@ -105,6 +105,12 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: PositionMask, return_lse: bool
     if use_flex(q):
         out, lse = _compiled_flex()(q, k, v, block_mask=mask.block_mask(), enable_gqa=True, return_lse=True)
         return (out, lse.float()) if return_lse else out
+    if q.is_cuda:
+        from attention import lean
+
+        if lean.supports(q, k, mask):  # decode: the KV cache split evenly over all SMs
+            out, lse = lean.lean_attend(q, k, v, mask)
+            return (out, lse) if return_lse else out
     if q.device.type == "cpu" and _cpu_flash() is not None and q.dtype != torch.float64 and q.shape[2] >= CPU_FLASH_MIN_QUERIES:
         return cpu_flash_attend(q, k, v, mask, return_lse)
     return dense_attend(q, k, v, mask, return_lse)

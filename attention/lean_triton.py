@@ -1,0 +1,92 @@
+"""The Triton kernel of Lean Attention decode (see attention/lean.py for the schedule and the reduction).
+
+Each program walks its equal share of the (batch x KV head x key tile) units. For every head it touches it keeps
+an online softmax over the tiles (running max, sum and weighted values, fp32) for all query rows of that KV head,
+and writes the head's partial output and log-sum-exp into its next slot.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _lean_decode(
+    Q, K, V, QPOS, KVPOS, PO, PL,
+    sqb, sqh, sqt, skb, skh, sks, svb, svh, svs, spo_p, spo_s, spo_r, spl_p, spl_s,
+    Hkv, S, T, total, programs, tiles, window, scale,
+    G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    unit = (pid.to(tl.int64) * total // programs).to(tl.int32)
+    end = ((pid.to(tl.int64) + 1) * total // programs).to(tl.int32)
+    rows = tl.arange(0, BLOCK_M)
+    row_ok = rows < G * T
+    j = rows // T  # query head within the group
+    t = rows % T  # query token
+    d = tl.arange(0, D)
+    qp = tl.load(QPOS + t, mask=row_ok, other=-1)
+    slot = pid * 0  # an int32 tensor, as the loop carries it
+    while unit < end:
+        head = unit // tiles
+        first = unit - head * tiles
+        stop = tl.minimum(end, (head + 1) * tiles)
+        b = (head // Hkv).to(tl.int64)
+        h = (head % Hkv).to(tl.int64)
+        q_ptr = Q + b * sqb + (h * G + j)[:, None] * sqh + t[:, None] * sqt + d[None, :]
+        q = tl.load(q_ptr, mask=row_ok[:, None], other=0.0)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        for tile in range(first, first + stop - unit):
+            n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_ok = n < S
+            n64 = n.to(tl.int64)
+            k = tl.load(K + b * skb + h * skh + n64[:, None] * sks + d[None, :], mask=n_ok[:, None], other=0.0)
+            v = tl.load(V + b * svb + h * svh + n64[:, None] * svs + d[None, :], mask=n_ok[:, None], other=0.0)
+            kp = tl.load(KVPOS + n, mask=n_ok, other=-1)
+            if IEEE:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+            else:
+                s = tl.dot(q, tl.trans(k)) * scale
+            ok = (kp[None, :] >= 0) & (kp[None, :] <= qp[:, None]) & row_ok[:, None]
+            if HAS_WINDOW:
+                ok = ok & (qp[:, None] - kp[None, :] < window)
+            s = tl.where(ok, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m_i - m_safe)
+            p = tl.exp(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        seen = l_i > 0
+        denom = tl.where(seen, l_i, 1.0)
+        out = acc / denom[:, None]
+        lse = tl.where(seen, m_i + tl.log(denom), float("-inf"))
+        tl.store(PO + pid * spo_p + slot * spo_s + rows[:, None] * spo_r + d[None, :], out, mask=row_ok[:, None])
+        tl.store(PL + pid * spl_p + slot * spl_s + rows, lse, mask=row_ok)
+        slot += 1
+        unit = stop
+
+
+def run(q, k, v, mask, parts_out, parts_lse, programs: int, block_n: int) -> None:
+    B, Hq, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    tiles = triton.cdiv(S, block_n)
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    _lean_decode[(programs,)](
+        q, k, v, mask.q_pos, mask.kv_pos, parts_out, parts_lse,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), parts_out.stride(0), parts_out.stride(1), parts_out.stride(2),
+        parts_lse.stride(0), parts_lse.stride(1),
+        Hkv, S, T, B * Hkv * tiles, programs, tiles, mask.window or 0, D**-0.5,
+        G=G, BLOCK_M=max(16, triton.next_power_of_2(G * T)), BLOCK_N=block_n, D=D,
+        HAS_WINDOW=mask.window is not None, IEEE=q.dtype.itemsize == 4,
+    )  # fmt: skip
