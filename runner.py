@@ -31,9 +31,8 @@ import attention
 import models
 from models.tokenizer import Tokenizer
 from models.transformer import Transformer
+from tools.checkpoint_writer import DTYPES
 from tools.launch import RankFailed, init_ranks, launch, under_torchrun
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # --- configuration
