@@ -122,6 +122,9 @@ def convert_meta(src: Path, out: Path, dtype: torch.dtype | None = None, **write
     params_file = src / "params.json"
     if not params_file.is_file():
         raise FileNotFoundError(f"{params_file} not found: a Meta-format checkpoint needs params.json")
+    files = {n: src / n for n in TOKENIZER_FILES if (src / n).is_file()}
+    if "tokenizer.model" not in files:
+        raise FileNotFoundError(f"{src / 'tokenizer.model'} not found: the Meta release ships one beside the weights")
     params = json.loads(params_file.read_text())
     shards = _load_meta_shards(src)
     names = list(shards[0])
@@ -157,9 +160,6 @@ def convert_meta(src: Path, out: Path, dtype: torch.dtype | None = None, **write
                     w = permute_to_hf(w, n_kv)
                 yield f"model.layers.{layer}.{_META_NAMES[module]}.{kind}", w
 
-    files = {n: src / n for n in TOKENIZER_FILES if (src / n).is_file()}
-    if "tokenizer.model" not in files:
-        raise FileNotFoundError(f"{src / 'tokenizer.model'} not found: the Meta release ships one beside the weights")
     return write_checkpoint(out, tensors(), config, files, dtype=dtype, total=len(names), **write)
 
 
