@@ -144,3 +144,15 @@ def test_prompt_from_stdin(smollm2_dir, tmp_path):
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
     assert "Paris" in res.stdout
+
+
+def test_joins_a_torchrun_group(smollm2_dir, tmp_path):
+    res = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "runner.py",
+         "attention=star", "task.prompt=What is the capital of France?", "task.max_new_tokens=12",
+         "wandb.mode=disabled", f"hydra.run.dir={tmp_path}"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "2 ranks" in res.stderr and "Paris" in res.stdout
+    assert json.loads((tmp_path / "results.json").read_text())["answer"].count("Paris") >= 1
