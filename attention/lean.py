@@ -96,10 +96,12 @@ def lean_reference(q: Tensor, k: Tensor, v: Tensor, mask: PositionMask, programs
 
 
 def supports(q: Tensor, k: Tensor, mask: PositionMask) -> bool:
-    """Shapes the Triton kernel takes: few query rows per KV head, power-of-two head dim, no star block mask."""
-    D = q.shape[-1]
-    rows = q.shape[1] // k.shape[1] * q.shape[2]
-    return q.is_cuda and mask.block_size is None and rows <= MAX_ROWS and D in (16, 32, 64, 128, 256) and _triton() is not None
+    """Shapes the Triton kernel takes: a GQA group within MAX_ROWS, power-of-two head dim, no star block mask."""
+    group = q.shape[1] // k.shape[1]
+    return (
+        q.is_cuda and mask.block_size is None and group <= MAX_ROWS and q.shape[-1] in (16, 32, 64, 128, 256)
+        and _triton() is not None
+    )  # fmt: skip
 
 
 @cache
@@ -119,7 +121,17 @@ def _programs(device: torch.device) -> int:
 
 
 def lean_attend(q: Tensor, k: Tensor, v: Tensor, mask: PositionMask, programs: int | None = None):
-    """Decode attention on CUDA with the Lean schedule; returns (output in q's dtype, lse fp32)."""
+    """Decode attention on CUDA with the Lean schedule; returns (output in q's dtype, lse fp32).
+
+    A program holds at most MAX_ROWS query rows (GQA group x query tokens): more query tokens run in chunks.
+    """
+    per_chunk = MAX_ROWS // (q.shape[1] // k.shape[1])
+    if q.shape[2] > per_chunk:
+        parts = [
+            lean_attend(q[:, :, i : i + per_chunk], k, v, PositionMask(mask.q_pos[i : i + per_chunk], mask.kv_pos, mask.window), programs)
+            for i in range(0, q.shape[2], per_chunk)
+        ]
+        return torch.cat([o for o, _ in parts], dim=2), torch.cat([l for _, l in parts], dim=2)
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     g = Hq // Hkv
