@@ -167,6 +167,8 @@ def phase1_progress(model: Transformer, enabled: bool):
     def step(module, args, output) -> None:
         if model.attention.phase == "context":
             bar.update()
+            if bar.n == bar.total:
+                bar.close()  # clear the line before the answer streams
 
     handles = [layer.register_forward_hook(step) for layer in model.layers]
 
