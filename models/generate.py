@@ -8,6 +8,7 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor
 
+from models.cuda_graph import GraphedDecoder
 from models.tokenizer import Tokenizer
 from models.transformer import Transformer
 
@@ -52,6 +53,7 @@ def generate_tokens(
     stop_ids: set[int] | frozenset[int] = frozenset(),
     max_seq_len: int | None = None,
     context_len: int | None = None,
+    cuda_graphs: bool = True,
 ) -> Iterator[int]:
     """Yield new token ids one by one (a stop id is yielded, then generation ends).
 
@@ -84,12 +86,16 @@ def generate_tokens(
         strategy.set_phase("query")
         logits = model(tokens[None, n_ctx:], torch.arange(n_ctx, len(prompt), device=device), last_only=True)
         last = len(prompt) + max_new_tokens - 1
+        graphed = GraphedDecoder(model) if cuda_graphs and device.type == "cuda" and strategy.world == 1 else None
         for pos in range(len(prompt), last + 1):
             tok = sample(logits[0, -1], sampling, generator)
             yield tok
             if tok in stop_ids or pos == last:
                 return
-            logits = model(torch.tensor([[tok]], device=device), torch.tensor([pos], device=device))
+            if graphed is not None:
+                logits = graphed.step(tok, pos)
+            else:
+                logits = model(torch.tensor([[tok]], device=device), torch.tensor([pos], device=device))
 
 
 def chat_prompt(tokenizer: Tokenizer, context: str, query: str) -> tuple[list[int], int]:

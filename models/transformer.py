@@ -131,10 +131,14 @@ class Transformer(nn.Module):
                 batch, self.args.n_kv_heads, slots, self.args.head_dim, dtype or ref.dtype, ref.device
             )
         self.register_buffer("kv_pos", torch.full((slots,), -1, dtype=torch.long, device=ref.device), persistent=False)
+        # The fill level lives on the device too, so that a captured decode step (CUDA graph) claims the next slot
+        # on every replay; `cache_len` mirrors it on the host for capacity checks.
+        self.register_buffer("cache_fill", torch.zeros((), dtype=torch.long, device=ref.device), persistent=False)
         self.cache_len = 0
 
     def reset_cache(self) -> None:
         self.kv_pos.fill_(-1)
+        self.cache_fill.zero_()
         self.cache_len = 0
 
     def reserve(self, positions: Tensor) -> Tensor:
@@ -145,8 +149,9 @@ class Transformer(nn.Module):
                 f"KV cache holds {self.kv_pos.numel()} tokens: {self.cache_len} used, {n} more do not fit; "
                 "call setup_cache with more slots"
             )
-        slots = torch.arange(self.cache_len, self.cache_len + n, device=positions.device)
-        self.kv_pos[slots] = positions
+        slots = self.cache_fill + torch.arange(n, device=positions.device)
+        self.kv_pos.index_copy_(0, slots, positions)
+        self.cache_fill += n
         self.cache_len += n
         return slots
 

@@ -1,0 +1,41 @@
+"""Decode steps captured once as a CUDA graph and replayed: one launch per token instead of hundreds.
+
+The step's inputs (token, position) live in static buffers; the KV cache claims its next slot from a counter on the
+device (`Transformer.cache_fill`), so every replay appends where the last one stopped. One rank only: a phase-2
+merge across ranks runs eagerly.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from models.transformer import Transformer
+
+
+class GraphedDecoder:
+    def __init__(self, model: Transformer):
+        self.model = model
+        device = model.tok_embeddings.weight.device
+        self.token = torch.zeros(1, 1, dtype=torch.long, device=device)
+        self.position = torch.zeros(1, dtype=torch.long, device=device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: Tensor | None = None
+        self.steps = 0
+
+    def step(self, token: int, position: int) -> Tensor:
+        """Logits [1, 1, vocab] of `token` at `position`, attending to (and appended to) the KV cache."""
+        self.token.fill_(token)
+        self.position.fill_(position)
+        self.steps += 1
+        if self.steps == 1:  # the first step runs eagerly: it compiles kernels and fills the caches they keep
+            return self.model(self.token, self.position)
+        if self.graph is None:
+            self.graph = torch.cuda.CUDAGraph()
+            filled = self.model.cache_len
+            with torch.cuda.graph(self.graph):
+                self.logits = self.model(self.token, self.position)
+            self.model.cache_len = filled  # capture recorded the step without running it
+        self.graph.replay()
+        self.model.cache_len += 1
+        return self.logits
