@@ -23,6 +23,13 @@ from models import ModelArgs, random_model  # noqa: E402
 TOLERANCE = {torch.bfloat16: 1e-2, torch.float32: 1e-4}
 
 
+def _random_on(args: ModelArgs, dtype: torch.dtype, strategy, device):
+    """Random weights drawn on the CPU (the same on every device and rank), then moved to `device`."""
+    model = random_model(args, dtype, "cpu", strategy).to(device)
+    model.init_buffers(device)
+    return model
+
+
 def kernel_cases() -> list[tuple[str, PositionMask, int, int]]:
     """(name, mask, query heads, kv heads): sizes on and off the 128-token tiles, windows, star, empty rows."""
     ar = torch.arange
@@ -99,8 +106,7 @@ def check_graphs() -> bool:
     prompt = torch.randint(0, 1000, (700,), generator=torch.Generator().manual_seed(3)).tolist()
     ok = True
     for name, params in (("global", {}), ("star", {"block_size": 200})):
-        model = random_model(args, torch.bfloat16, "cpu", attention.build(name, **params)).to("cuda")
-        model.init_buffers("cuda")
+        model = _random_on(args, torch.bfloat16, attention.build(name, **params), "cuda")
         runs = [list(generate_tokens(model, prompt, 40, context_len=650, cuda_graphs=g)) for g in (False, True)]
         good = runs[0] == runs[1] and len(runs[0]) == 40
         ok &= good
@@ -117,8 +123,7 @@ def check_model() -> bool:
     for name, params in (("global", {}), ("star", {"block_size": 256}), ("ring", {})):
         outs = []
         for device in ("cpu", "cuda"):
-            model = random_model(args, torch.float32, "cpu", attention.build(name, **params)).to(device)
-            model.init_buffers(device)
+            model = _random_on(args, torch.float32, attention.build(name, **params), device)
             with torch.no_grad():
                 outs.append(model(tokens.to(device), torch.arange(700, device=device)).cpu())
         err = (outs[0] - outs[1]).abs().max().item()
@@ -143,8 +148,7 @@ def check_ranks() -> bool:
     ok = True
     for name, params in (("ring", {}), ("star", {"block_size": 300, "anchor_mode": "broadcast"}),
                          ("star", {"block_size": 300, "anchor_mode": "recompute"})):  # fmt: skip
-        model = random_model(args, torch.float32, "cpu", attention.build(name, **params)).to(device)
-        model.init_buffers(device)
+        model = _random_on(args, torch.float32, attention.build(name, **params), device)
         tokens = torch.tensor(prompt, device=device)
         with torch.no_grad():
             idx = model.attention.context_indices(n_ctx).to(device)
@@ -157,8 +161,7 @@ def check_ranks() -> bool:
         dist.all_gather_object(parts, (own.cpu(), local.cpu(), generated))
         if rank == 0:
             one_params = params if name == "star" else {}
-            ref_model = random_model(args, torch.float32, "cpu", _single_rank(name, one_params)).to(device)
-            ref_model.init_buffers(device)
+            ref_model = _random_on(args, torch.float32, _single_rank(name, one_params), device)
             with torch.no_grad():
                 ref = ref_model(tokens[:n_ctx][None], torch.arange(n_ctx, device=device))[0].cpu()
             got = torch.empty_like(ref)
