@@ -50,7 +50,7 @@ class RingAttention(AttentionStrategy):
         # step s holds the shard that started on rank (rank - s) mod N
         shards = [positions] if self.world == 1 else [self.layout[(self.rank - s) % self.world].to(positions.device) for s in range(self.world)]
         masks = {w: [PositionMask(positions, kv, w) for kv in shards] for w in windows}
-        return Step("context", masks, slots, extra={"sizes": [len(kv) for kv in shards]})
+        return Step("context", masks, slots)
 
     def attend_context(self, q: Tensor, k: Tensor, v: Tensor, cache, step: Step, window: int | None) -> Tensor:
         if step.slots is not None:
@@ -61,9 +61,10 @@ class RingAttention(AttentionStrategy):
         if self.group is not None:
             nxt, prev = dist.get_global_rank(self.group, nxt), dist.get_global_rank(self.group, prev)
         out = lse = None
-        for s, mask in enumerate(step.masks[window]):
+        masks = step.masks[window]
+        for s, mask in enumerate(masks):
             if s + 1 < self.world:  # start passing the shard on before computing with it
-                incoming = held.new_empty(*held.shape[:2], step.extra["sizes"][s + 1], 2 * D)
+                incoming = held.new_empty(*held.shape[:2], masks[s + 1].kv_pos.numel(), 2 * D)
                 # one batch, so NCCL pairs each rank's send with its neighbour's receive instead of deadlocking
                 reqs = dist.batch_isend_irecv(
                     [dist.P2POp(dist.isend, held, nxt, self.group), dist.P2POp(dist.irecv, incoming, prev, self.group)]

@@ -59,6 +59,11 @@ class StarAttention(AttentionStrategy):
         """Ranks after the first feed the anchor in front of their blocks (rank 0's first block is the anchor)."""
         return self.rank > 0 and self.anchor_mode == "recompute"
 
+    @property
+    def receives_anchor(self) -> bool:
+        """In broadcast mode the ranks after the first get the anchor's K/V from rank 0 in every layer."""
+        return self.anchor_mode == "broadcast" and self.world > 1 and self.rank > 0
+
     def context_indices(self, n_ctx: int) -> Tensor:
         start, end = self.own_range(n_ctx)
         own = torch.arange(start, end)
@@ -72,24 +77,24 @@ class StarAttention(AttentionStrategy):
         if model.has_cache and model.cache_len:
             raise ValueError("star phase 1 starts from an empty KV cache; call model.reset_cache() first")
         skip = int((positions < self.anchor_size).sum()) if self.recomputes_anchor else 0
-        receives = self.anchor_mode == "broadcast" and self.world > 1 and self.rank > 0
-        kv_pos = torch.cat([torch.arange(self.anchor_size, device=positions.device), positions]) if receives else positions
+        anchor = torch.arange(self.anchor_size, device=positions.device)
+        kv_pos = torch.cat([anchor, positions]) if self.receives_anchor else positions
         slots = model.reserve(positions[skip:]) if model.has_cache else None
         masks = {w: PositionMask(positions, kv_pos, w, self.block_size, self.anchor_size) for w in windows}
-        return Step("context", masks, slots, skip, {"receives": receives})
+        return Step("context", masks, slots, skip)
 
     def attend_context(self, q: Tensor, k: Tensor, v: Tensor, cache, step: Step, window: int | None) -> Tensor:
         if step.slots is not None:
             cache.update(step.slots, k[:, :, step.skip :], v[:, :, step.skip :])
         if self.anchor_mode == "broadcast" and self.world > 1:
-            k, v = self._share_anchor(k, v, step.extra["receives"])
+            k, v = self._share_anchor(k, v)
         return attend(q, k, v, step.masks[window])
 
-    def _share_anchor(self, k: Tensor, v: Tensor, receives: bool) -> tuple[Tensor, Tensor]:
+    def _share_anchor(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Rank 0 sends the anchor's K/V of this layer; the others put it in front of their own."""
         B, H, _, D = k.shape
         src = dist.get_global_rank(self.group, 0) if self.group is not None else 0
-        if not receives:
+        if not self.receives_anchor:
             dist.broadcast(torch.cat([k[:, :, : self.anchor_size], v[:, :, : self.anchor_size]], -1).contiguous(), src, self.group)
             return k, v
         anchor = torch.empty(B, H, self.anchor_size, 2 * D, dtype=k.dtype, device=k.device)

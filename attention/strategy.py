@@ -13,7 +13,7 @@ On one rank with `global` both phases are plain causal attention over the cache.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -33,7 +33,6 @@ class Step:
     masks: dict  # window -> PositionMask (ring context: window -> one mask per ring step)
     slots: Tensor | None = None  # cache slots of the tokens this rank keeps
     skip: int = 0  # leading new tokens this rank computes but does not keep (a recomputed anchor)
-    extra: dict = field(default_factory=dict)
 
 
 class AttentionStrategy:
