@@ -3,13 +3,20 @@
 Decode gives each (batch, KV head) pair a long row of key tiles and almost no queries, so one program per head
 leaves most SMs idle and a fixed split per head leaves some idle at the end. Here the B*Hkv*tiles units of work
 are laid end to end and cut into one equal share per program, regardless of where heads begin and end. A program
-walks its share; each time it finishes a head's stretch it writes a partial (output, lse); the partials of each
-head are then combined with the one merge (`attention.merge.merge_partials`).
+walks its share; each time it finishes a head's stretch it has a partial (output, log-sum-exp) of that head.
 
 GQA-aware: a program loads each key/value tile once for all query heads (and query tokens) of its KV head.
 
-`lean_schedule` is the split both paths share. `lean_reference` runs it in PyTorch (CPU, tests); `lean_attend`
-runs it as a Triton kernel on CUDA.
+Where partials go is closed-form, so no per-shape plan crosses from host to device:
+* program p's share is units [p*total//P, (p+1)*total//P); the program holding unit u is ((u+1)*P - 1)//total;
+* head h's partials come from the programs holding its first and last units and all between (`head_parts`);
+  program p stores its n-th head's partial in its n-th slot, n = h - (first unit of p)//tiles.
+
+`lean_schedule` spells the split out segment by segment. `lean_reference` runs it in PyTorch (CPU, tests) and
+combines each head's partials with the one merge (`attention.merge.merge_partials`). `lean_attend` runs it as one
+Triton launch on CUDA: a head whose stretch lies in one program is written out directly; otherwise the program
+that finishes a head's stretch last (a per-head arrival counter) merges that head's partials with the same
+online-softmax rule, so no second kernel and no host work follow.
 """
 
 from __future__ import annotations
@@ -23,8 +30,21 @@ from torch import Tensor
 from attention.kernels import PositionMask, dense_attend
 from attention.merge import merge_partials
 
-BLOCK_N = 64  # keys per tile
 MAX_ROWS = 64  # query rows (query heads per KV head x query tokens) one program holds
+
+
+@dataclass(frozen=True)
+class LeanConfig:
+    """Launch settings of the Triton kernel (measured on H100/H200 by `tools/bench_decode.py --tune`)."""
+
+    block_n: int = 64  # keys per tile
+    warps: int = 4
+    stages: int = 3
+    programs_per_sm: int = 1
+    min_tiles: int = 4  # tiles a program takes at least: a small cache goes to fewer programs, with fewer partials
+
+
+CONFIG = LeanConfig()
 
 
 @dataclass(frozen=True)
@@ -49,49 +69,47 @@ def lean_schedule(heads: int, tiles: int, programs: int) -> list[Segment]:
     return segments
 
 
+def program_of(unit: int, total: int, programs: int) -> int:
+    """The program whose share holds `unit` (the kernel computes the same)."""
+    return ((unit + 1) * programs - 1) // total
+
+
+def head_parts(head: int, tiles: int, total: int, programs: int) -> list[tuple[int, int]]:
+    """(program, slot) of every partial of `head`, in key order (the kernel's last arriver reads the same)."""
+    first = program_of(head * tiles, total, programs)
+    last = program_of((head + 1) * tiles - 1, total, programs)
+    return [(p, head - (p * total // programs) // tiles) for p in range(first, last + 1)]
+
+
 @cache
-def _gather_plan(heads: int, tiles: int, programs: int, device: torch.device) -> tuple[int, Tensor, Tensor, Tensor]:
-    """For the reduction: per head, which (program, slot) partials belong to it. Cached per shape."""
-    segments = lean_schedule(heads, tiles, programs)
-    per_head: list[list[Segment]] = [[] for _ in range(heads)]
-    for s in segments:
-        per_head[s.head].append(s)
-    width = max(len(p) for p in per_head)
-    prog = torch.zeros(heads, width, dtype=torch.long)
-    slot = torch.zeros(heads, width, dtype=torch.long)
-    present = torch.zeros(heads, width, dtype=torch.bool)
-    for h, parts in enumerate(per_head):
-        for i, s in enumerate(parts):
-            prog[h, i], slot[h, i], present[h, i] = s.program, s.slot, True
-    slots = max(s.slot for s in segments) + 1
-    return slots, prog.to(device), slot.to(device), present.to(device)
+def max_slots(heads: int, tiles: int, programs: int) -> int:
+    """Partials the busiest program writes: the heads its share touches."""
+    total = heads * tiles
+    return max((((p + 1) * total // programs - 1) // tiles) - (p * total // programs) // tiles + 1 for p in range(programs))
 
 
-def _reduce(parts_out: Tensor, parts_lse: Tensor, plan) -> tuple[Tensor, Tensor]:
-    """Merge each head's partials (parts_* indexed [program, slot, ...]) with the one merge; returns [heads, ...]."""
-    _, prog, slot, present = plan
-    outs = parts_out[prog, slot]  # [heads, width, rows, D]
-    lses = parts_lse[prog, slot].masked_fill(~present[..., None], float("-inf"))
-    return merge_partials(outs.transpose(0, 1), lses.transpose(0, 1))
-
-
-def lean_reference(q: Tensor, k: Tensor, v: Tensor, mask: PositionMask, programs: int, block_n: int = BLOCK_N):
+def lean_reference(q: Tensor, k: Tensor, v: Tensor, mask: PositionMask, programs: int, block_n: int = CONFIG.block_n):
     """The Lean schedule executed in PyTorch: every segment is attention over its tiles, then the merge."""
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     g = Hq // Hkv
-    tiles = -(-S // block_n)
-    plan = _gather_plan(B * Hkv, tiles, programs, q.device)
-    parts_out = torch.zeros(programs, plan[0], g * T, D, dtype=torch.float32, device=q.device)
-    parts_lse = torch.full((programs, plan[0], g * T), float("-inf"), device=q.device)
-    for s in lean_schedule(B * Hkv, tiles, programs):
+    heads, tiles = B * Hkv, -(-S // block_n)
+    parts_out = torch.zeros(programs, max_slots(heads, tiles, programs), g * T, D, dtype=torch.float32, device=q.device)
+    parts_lse = torch.full(parts_out.shape[:3], float("-inf"), device=q.device)
+    for s in lean_schedule(heads, tiles, programs):
         b, h = divmod(s.head, Hkv)
         keys = slice(s.tiles[0] * block_n, min(s.tiles[1] * block_n, S))
         part = PositionMask(mask.q_pos, mask.kv_pos[keys], mask.window)
         o, l = dense_attend(q[b : b + 1, h * g : (h + 1) * g], k[b : b + 1, h : h + 1, keys], v[b : b + 1, h : h + 1, keys], part, return_lse=True)
         parts_out[s.program, s.slot] = o[0].reshape(g * T, D).float()
         parts_lse[s.program, s.slot] = l[0].reshape(g * T).float()
-    out, lse = _reduce(parts_out, parts_lse, plan)
+    outs, lses = [], []
+    for head in range(heads):
+        prog, slot = map(list, zip(*head_parts(head, tiles, heads * tiles, programs)))
+        o, l = merge_partials(parts_out[prog, slot], parts_lse[prog, slot])
+        outs.append(o)
+        lses.append(l)
+    out, lse = torch.stack(outs), torch.stack(lses)
     return out.view(B, Hkv, g, T, D).reshape(B, Hq, T, D).to(q.dtype), lse.view(B, Hq, T)
 
 
@@ -116,14 +134,36 @@ def _triton():
 
 
 @cache
-def _programs(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
+def default_programs(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count * CONFIG.programs_per_sm
+
+
+_ARRIVALS: dict[torch.device, Tensor] = {}
+
+
+def arrival_counters(device: torch.device, heads: int) -> Tensor:
+    """Per-head arrival counters, zero between launches: the last arriver of a head sets its counter back to 0.
+
+    One buffer per device, kept so that launches captured in a CUDA graph use it too. Launches must not run
+    concurrently on two streams (decode runs layer after layer on one).
+    """
+    counters = _ARRIVALS.get(device)
+    if counters is None or counters.numel() < heads:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                f"the Lean kernel needs {heads} arrival counters but none were allocated before CUDA-graph capture; "
+                "run one step eagerly before capturing"
+            )
+        counters = torch.zeros(max(heads, 1024), dtype=torch.int32, device=device)
+        _ARRIVALS[device] = counters
+    return counters
 
 
 def lean_attend(q: Tensor, k: Tensor, v: Tensor, mask: PositionMask, programs: int | None = None):
-    """Decode attention on CUDA with the Lean schedule; returns (output in q's dtype, lse fp32).
+    """Decode attention with the Lean schedule in one kernel launch; returns (output in q's dtype, lse fp32).
 
     A program holds at most MAX_ROWS query rows (GQA group x query tokens): more query tokens run in chunks.
+    Runs on CUDA, or anywhere under TRITON_INTERPRET=1 (tests).
     """
     per_chunk = MAX_ROWS // (q.shape[1] // k.shape[1])
     if q.shape[2] > per_chunk:
@@ -134,12 +174,13 @@ def lean_attend(q: Tensor, k: Tensor, v: Tensor, mask: PositionMask, programs: i
         return torch.cat([o for o, _ in parts], dim=2), torch.cat([l for _, l in parts], dim=2)
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
-    g = Hq // Hkv
-    tiles = -(-S // BLOCK_N)
-    programs = min(programs or _programs(q.device), B * Hkv * tiles)
-    plan = _gather_plan(B * Hkv, tiles, programs, q.device)
-    parts_out = torch.zeros(programs, plan[0], g * T, D, dtype=torch.float32, device=q.device)
-    parts_lse = torch.full((programs, plan[0], g * T), float("-inf"), device=q.device)
-    _triton().run(q, k, v, mask, parts_out, parts_lse, programs, BLOCK_N)
-    out, lse = _reduce(parts_out, parts_lse, plan)
-    return out.view(B, Hkv, g, T, D).reshape(B, Hq, T, D).to(q.dtype), lse.view(B, Hq, T)
+    heads, tiles = B * Hkv, -(-S // CONFIG.block_n)
+    if programs is None:
+        programs = min(default_programs(q.device), -(-heads * tiles // CONFIG.min_tiles))
+    programs = min(programs, heads * tiles)
+    out = torch.empty(B, Hq, T, D, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, Hq, T, dtype=torch.float32, device=q.device)
+    parts_out = torch.empty(programs, max_slots(heads, tiles, programs), Hq // Hkv * T, D, dtype=torch.float32, device=q.device)
+    parts_lse = torch.empty(parts_out.shape[:3], dtype=torch.float32, device=q.device)
+    _triton().run(q, k, v, mask, out, lse, parts_out, parts_lse, arrival_counters(q.device, heads), programs, CONFIG)
+    return out, lse

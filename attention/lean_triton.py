@@ -1,8 +1,11 @@
-"""The Triton kernel of Lean Attention decode (see attention/lean.py for the schedule and the reduction).
+"""The Triton kernel of Lean Attention decode (attention/lean.py has the schedule and the closed forms it uses).
 
 Each program walks its equal share of the (batch x KV head x key tile) units. For every head it touches it keeps
-an online softmax over the tiles (running max, sum and weighted values, fp32) for all query rows of that KV head,
-and writes the head's partial output and log-sum-exp into its next slot.
+an online softmax over the tiles (running max, sum and weighted values, fp32) for all query rows of that KV head.
+A head whose whole stretch lies in this program is written out. Otherwise the program stores a partial (output,
+lse) in its next slot and counts its arrival on the head; the program that arrives last merges the head's
+partials (the rule of `attention.merge.merge_partials`, online, a few partials per step so that their loads
+overlap) and writes the head out, then resets the counter.
 """
 
 from __future__ import annotations
@@ -13,11 +16,11 @@ import triton.language as tl
 
 @triton.jit
 def _lean_decode(
-    Q, K, V, QPOS, KVPOS, PO, PL,
-    sqb, sqh, sqt, skb, skh, sks, svb, svh, svs, spo_p, spo_s, spo_r, spl_p, spl_s,
+    Q, K, V, QPOS, KVPOS, OUT, LSE, PO, PL, ARRIVALS,
+    sqb, sqh, sqt, skb, skh, sks, svb, svh, svs, sob, soh, sot, slb, slh, spo_p, spo_s, spo_r, spl_p, spl_s,
     Hkv, S, T, total, programs, tiles, window, scale,
     G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr, CHUNK: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     unit = (pid.to(tl.int64) * total // programs).to(tl.int32)
@@ -35,8 +38,7 @@ def _lean_decode(
         stop = tl.minimum(end, (head + 1) * tiles)
         b = (head // Hkv).to(tl.int64)
         h = (head % Hkv).to(tl.int64)
-        q_ptr = Q + b * sqb + (h * G + j)[:, None] * sqh + t[:, None] * sqt + d[None, :]
-        q = tl.load(q_ptr, mask=row_ok[:, None], other=0.0)
+        q = tl.load(Q + b * sqb + (h * G + j)[:, None] * sqh + t[:, None] * sqt + d[None, :], mask=row_ok[:, None], other=0.0)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D], tl.float32)
@@ -69,24 +71,61 @@ def _lean_decode(
         denom = tl.where(seen, l_i, 1.0)
         out = acc / denom[:, None]
         lse = tl.where(seen, m_i + tl.log(denom), float("-inf"))
-        tl.store(PO + pid * spo_p + slot * spo_s + rows[:, None] * spo_r + d[None, :], out, mask=row_ok[:, None])
-        tl.store(PL + pid * spl_p + slot * spl_s + rows, lse, mask=row_ok)
+        out_ptr = OUT + b * sob + (h * G + j)[:, None] * soh + t[:, None] * sot + d[None, :]
+        lse_ptr = LSE + b * slb + (h * G + j) * slh + t
+        if (first == 0) & (stop == (head + 1) * tiles):  # the whole head in this program
+            tl.store(out_ptr, out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
+            tl.store(lse_ptr, lse, mask=row_ok)
+        else:
+            tl.store(PO + pid * spo_p + slot * spo_s + rows[:, None] * spo_r + d[None, :], out, mask=row_ok[:, None])
+            tl.store(PL + pid * spl_p + slot * spl_s + rows, lse, mask=row_ok)
+            tl.debug_barrier()  # every thread's partial is written before the arrival is counted (release)
+            p_first = (((head * tiles + 1).to(tl.int64) * programs - 1) // total).to(tl.int32)
+            p_last = ((((head + 1) * tiles).to(tl.int64) * programs - 1) // total).to(tl.int32)
+            arrived = tl.atomic_add(ARRIVALS + head, 1, sem="acq_rel", scope="gpu")
+            if arrived == p_last - p_first:  # the last of the head's programs: merge its partials
+                tl.atomic_xchg(ARRIVALS + head, 0, sem="relaxed", scope="gpu")
+                m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+                total_w = tl.zeros([BLOCK_M], tl.float32)
+                merged = tl.zeros([BLOCK_M, D], tl.float32)
+                chunk = tl.arange(0, CHUNK)
+                for c in range(p_first, p_last + 1, CHUNK):  # CHUNK partials per step, loaded independently
+                    p = c + chunk
+                    p_ok = p <= p_last
+                    ps = head - (p.to(tl.int64) * total // programs).to(tl.int32) // tiles
+                    ok2 = p_ok[:, None] & row_ok[None, :]
+                    part_lse = tl.load(PL + p[:, None] * spl_p + ps[:, None] * spl_s + rows[None, :], mask=ok2, other=float("-inf"), cache_modifier=".cg")
+                    part = tl.load(PO + (p * spo_p + ps * spo_s)[:, None, None] + rows[None, :, None] * spo_r + d[None, None, :],
+                                   mask=ok2[:, :, None], other=0.0, cache_modifier=".cg")  # fmt: skip
+                    m_new = tl.maximum(m, tl.max(part_lse, 0))
+                    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                    alpha = tl.exp(m - m_safe)
+                    w = tl.exp(part_lse - m_safe[None, :])  # [CHUNK, BLOCK_M]; 0 for empty partials
+                    total_w = total_w * alpha + tl.sum(w, 0)
+                    merged = merged * alpha[:, None] + tl.sum(w[:, :, None] * part, 0)
+                    m = m_new
+                seen = total_w > 0
+                denom = tl.where(seen, total_w, 1.0)
+                tl.store(out_ptr, (merged / denom[:, None]).to(OUT.dtype.element_ty), mask=row_ok[:, None])
+                tl.store(lse_ptr, tl.where(seen, m + tl.log(denom), float("-inf")), mask=row_ok)
         slot += 1
         unit = stop
 
 
-def run(q, k, v, mask, parts_out, parts_lse, programs: int, block_n: int) -> None:
+def run(q, k, v, mask, out, lse, parts_out, parts_lse, arrivals, programs: int, config) -> None:
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     G = Hq // Hkv
-    tiles = triton.cdiv(S, block_n)
+    tiles = triton.cdiv(S, config.block_n)
+    block_m = max(16, triton.next_power_of_2(G * T))
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     _lean_decode[(programs,)](
-        q, k, v, mask.q_pos, mask.kv_pos, parts_out, parts_lse,
+        q, k, v, mask.q_pos, mask.kv_pos, out, lse, parts_out, parts_lse, arrivals,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), parts_out.stride(0), parts_out.stride(1), parts_out.stride(2),
-        parts_lse.stride(0), parts_lse.stride(1),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
+        parts_out.stride(0), parts_out.stride(1), parts_out.stride(2), parts_lse.stride(0), parts_lse.stride(1),
         Hkv, S, T, B * Hkv * tiles, programs, tiles, mask.window or 0, D**-0.5,
-        G=G, BLOCK_M=max(16, triton.next_power_of_2(G * T)), BLOCK_N=block_n, D=D,
-        HAS_WINDOW=mask.window is not None, IEEE=q.dtype.itemsize == 4,
+        G=G, BLOCK_M=block_m, BLOCK_N=config.block_n, D=D,
+        HAS_WINDOW=mask.window is not None, IEEE=q.dtype.itemsize == 4, CHUNK=max(1, 8192 // (block_m * D)),
+        num_warps=config.warps, num_stages=config.stages,
     )  # fmt: skip

@@ -1,0 +1,442 @@
+"""The GPU benchmark matrix: prints each table and appends it, dated, to BENCHMARKS.md.
+
+    python tools/benchmarks.py decode [--tune]       # decode attention: Lean kernel vs SDPA vs a fixed split
+    python tools/benchmarks.py prefill [--tune]      # causal prefill: compiled FlexAttention vs SDPA, star mask
+    python tools/benchmarks.py model [--ctx 65536]   # Llama-3.1-8B shapes, batch-1 decode vs transformers generate
+    python tools/benchmarks.py ttft --nproc 4 --ctx 64k,128k   # star vs ring time to first token (runner.py -m)
+
+Parts combine (`decode prefill model`). `--append FILE` chooses where tables go (default BENCHMARKS.md; `-` for
+none), `--jsonl FILE` also writes every row as JSON. Timings are CUDA-event times after a warm-up; "graph" times
+replay the calls from a CUDA graph, which is how decode runs in the model, so they leave out Python launch cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+if __package__ in (None, ""):
+    sys.path.insert(0, str(ROOT))
+
+from attention import lean  # noqa: E402
+from attention.kernels import PositionMask, _compiled_flex  # noqa: E402
+
+K = 1024
+
+
+@dataclass
+class Table:
+    title: str
+    command: str
+    columns: list[str]
+    rows: list[list] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def markdown(self) -> str:
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+        head = f"## {time.strftime('%Y-%m-%d')} · {self.title} · {device} · torch {torch.__version__}\n\n"
+        lines = [f"```bash\n{self.command}\n```\n", "| " + " | ".join(self.columns) + " |", "|" + "---|" * len(self.columns)]
+        lines += ["| " + " | ".join(_fmt(x) for x in row) + " |" for row in self.rows]
+        return head + "\n".join(lines) + "\n" + "".join(f"\n{n}\n" for n in self.notes)
+
+
+def _fmt(x) -> str:
+    if isinstance(x, float):
+        return "–" if math.isnan(x) else f"{x:,.1f}" if abs(x) >= 10 else f"{x:.2f}"
+    return f"{x:,}" if isinstance(x, int) else str(x)
+
+
+# --- timing
+
+
+def timed(fn: Callable, iters: int = 10) -> float:
+    """Seconds per call, calls launched back to back (host launch cost included where it exceeds the GPU time)."""
+    fn()
+    fn()  # a second warm-up: some first calls leave lazy work (recompiles, caches) to the next
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters / 1e3
+
+
+def graph_timed(fn: Callable, iters: int = 10) -> float:
+    """Seconds per call, `iters` calls captured in one CUDA graph and replayed: GPU time without launch cost."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(iters):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    return timed(graph.replay, 3) / iters
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second of a device-to-device copy (read + write), the practical bandwidth ceiling."""
+    x = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    bw = 2 * x.numel() / timed(lambda: y.copy_(x), 20)
+    del x, y
+    return bw
+
+
+# --- decode attention
+
+
+def _decode_inputs(B: int, hkv: int, group: int, S: int):
+    q = torch.randn(B, hkv * group, 1, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(B, hkv, S, 128, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    return q, k, v, PositionMask(torch.tensor([S - 1], device="cuda"), torch.arange(S, device="cuda"))
+
+
+TUNE_SHAPES = [(1, 1, 8, 32 * K), (1, 8, 4, 32 * K), (8, 8, 4, 8 * K), (1, 8, 4, 128 * K), (1, 1, 8, 256 * K), (2, 4, 4, 1024 * K)]
+
+
+def tune_lean() -> tuple[lean.LeanConfig, Table]:
+    """Every launch setting on a few shapes; the best geometric-mean time becomes lean.CONFIG for this run."""
+    table = Table("Lean decode kernel launch settings", "python tools/benchmarks.py decode --tune",
+                  ["block_n", "warps", "stages", "programs/SM", "min tiles", *[f"B{b} kv{h} g{g} {s // K}K (µs)" for b, h, g, s in TUNE_SHAPES], "geomean (µs)"])  # fmt: skip
+    inputs = [_decode_inputs(*shape) for shape in TUNE_SHAPES]
+    results = []
+    for block_n, warps, stages, per_sm, min_tiles in itertools.product((64, 128), (4, 8), (3, 4), (1, 2), (2, 4, 8)):
+        lean.CONFIG = lean.LeanConfig(block_n, warps, stages, per_sm, min_tiles)
+        lean.default_programs.cache_clear()
+        try:
+            times = [graph_timed(lambda: lean.lean_attend(q, k, v, m)) * 1e6 for q, k, v, m in inputs]
+        except Exception as e:  # a setting that does not fit (shared memory) is reported, not fatal
+            print(f"skip {lean.CONFIG}: {type(e).__name__}: {str(e)[:100]}", flush=True)
+            continue
+        results.append((math.exp(sum(map(math.log, times)) / len(times)), lean.CONFIG, times))
+        print(f"{lean.CONFIG} {' '.join(f'{t:8.1f}' for t in times)}", flush=True)
+    results.sort(key=lambda r: r[0])
+    for mean, c, times in results[:8]:
+        table.rows.append([c.block_n, c.warps, c.stages, c.programs_per_sm, c.min_tiles, *times, mean])
+    best = results[0][1]
+    table.notes.append(f"The best {len(table.rows)} of {len(results)} settings; the sweep below runs with {best}.")
+    lean.CONFIG = best
+    lean.default_programs.cache_clear()
+    del inputs
+    return best, table
+
+
+def bench_decode(quick: bool) -> list[Table]:
+    tables = []
+    if ARGS.tune:
+        tables.append(tune_lean()[1])
+    bw = copy_bandwidth()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    table = Table(
+        "decode attention over a long KV cache: Lean kernel vs SDPA vs fixed split",
+        "python tools/benchmarks.py decode" + (" --tune" if ARGS.tune else ""),
+        ["batch", "KV heads", "group", "context", "KV MB", "Lean graph (µs)", "% of copy", "Lean eager (µs)",
+         "SDPA graph (µs)", "Lean / SDPA", "fixed split graph (µs)", "stream-K gain", "max abs diff"],
+    )  # fmt: skip
+    table.notes.append(
+        f"bf16, head dim 128, one query token; copy bandwidth {bw / 1e12:.2f} TB/s measured in the same run; {sms} SMs; "
+        f"{lean.CONFIG}. Lean returns the log-sum-exp as well (SDPA does not). \"Fixed split\" runs the same kernel with "
+        "every head cut into the same number of splits (FlashDecoding-style), not stream-K. \"Lean / SDPA\" > 1 means "
+        "Lean is faster. Graph times replay 10 calls from a CUDA graph; eager times launch them from Python."
+    )
+    batches, heads, contexts = ((1, 8), ((1, 8), (8, 4)), (8 * K, 32 * K, 128 * K, 1024 * K)) if quick else \
+        ((1, 2, 8), ((1, 8), (2, 4), (8, 4)), (8 * K, 32 * K, 128 * K, 256 * K, 1024 * K))  # fmt: skip
+    for B, (hkv, group), S in itertools.product(batches, heads, contexts):
+        q, k, v, mask = _decode_inputs(B, hkv, group, S)
+        nbytes = 2 * k.numel() * k.element_size()
+        graph = graph_timed(lambda: lean.lean_attend(q, k, v, mask))
+        eager = timed(lambda: lean.lean_attend(q, k, v, mask))
+        sdpa = graph_timed(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+        n_heads = B * hkv
+        splits = max(1, lean.default_programs(q.device) // n_heads)
+        fixed = graph_timed(lambda: lean.lean_attend(q, k, v, mask, programs=n_heads * splits))
+        diff = (lean.lean_attend(q, k, v, mask)[0].float() - F.scaled_dot_product_attention(q, k, v, enable_gqa=True).float()).abs().max().item()
+        row = [B, hkv, group, S, nbytes / 1e6, graph * 1e6, 100 * nbytes / graph / bw, eager * 1e6, sdpa * 1e6,
+               sdpa / graph, fixed * 1e6, fixed / graph, diff]  # fmt: skip
+        table.rows.append(row)
+        emit(dict(zip(["batch", "kv_heads", "group", "context", "kv_mb", "lean_graph_us", "pct_copy", "lean_eager_us", "sdpa_graph_us",
+                       "lean_over_sdpa", "fixed_graph_us", "streamk_gain", "max_abs_diff"], row)), part="decode")  # fmt: skip
+        del q, k, v
+    return tables + [table]
+
+
+# --- prefill
+
+
+FLEX_VARIANTS = {  # kernel_options tried against the default (Hopper bf16 d128 default: BLOCK_M 128, BLOCK_N 64, 3 stages, 8 warps)
+    "default": None,
+    "M128 N128 s2 w8": {"BLOCK_M": 128, "BLOCK_N": 128, "num_stages": 2, "num_warps": 8},
+    "M128 N64 s4 w8": {"BLOCK_M": 128, "BLOCK_N": 64, "num_stages": 4, "num_warps": 8},
+    "M128 N64 s3 w4": {"BLOCK_M": 128, "BLOCK_N": 64, "num_stages": 3, "num_warps": 4},
+    "M64 N128 s3 w4": {"BLOCK_M": 64, "BLOCK_N": 128, "num_stages": 3, "num_warps": 4},
+    "default + TMA": {"USE_TMA": True},
+    "M128 N128 s2 w8 + TMA": {"BLOCK_M": 128, "BLOCK_N": 128, "num_stages": 2, "num_warps": 8, "USE_TMA": True},
+    "M128 N64 s4 w8 + TMA": {"BLOCK_M": 128, "BLOCK_N": 64, "num_stages": 4, "num_warps": 8, "USE_TMA": True},
+    "default + TMA + prescale": {"USE_TMA": True, "PRESCALE_QK": True},
+}
+
+
+def bench_prefill(quick: bool) -> list[Table]:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    table = Table(
+        "causal prefill attention: compiled FlexAttention vs SDPA",
+        "python tools/benchmarks.py prefill" + (" --tune" if ARGS.tune else ""),
+        ["context", "SDPA backend", "SDPA TFLOP/s", "flex variant", "flex TFLOP/s", "flex / SDPA", "star mask (4 blocks) speed-up"],
+    )
+    table.notes.append(
+        "bf16, batch 1, 32 query / 8 KV heads, head dim 128. TFLOP/s counts the causal half: 2·Hq·D·S². SDPA gets "
+        "K/V repeated to 32 heads; the fastest of its cuDNN and flash backends is shown. Flex runs through the "
+        "project's own path (BlockMask from token positions, built once and excluded, as every layer reuses it) and "
+        "returns the log-sum-exp; the star column is the fastest variant's causal time over its star-mask time."
+    )
+    variants = FLEX_VARIANTS if ARGS.tune else {"default": None}
+    flex = _compiled_flex()
+    for S in (32 * K, 128 * K) if quick else (8 * K, 32 * K, 64 * K, 128 * K):
+        q = torch.randn(1, 32, S, 128, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(1, 8, S, 128, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        flops = 2 * 32 * 128 * S * S
+        kr, vr = k.repeat_interleave(4, 1), v.repeat_interleave(4, 1)
+        sdpa = {}
+        for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+            try:
+                with sdpa_kernel([backend]):
+                    sdpa[name] = timed(lambda: F.scaled_dot_product_attention(q, kr, vr, is_causal=True), 3)
+            except RuntimeError as e:
+                print(f"SDPA {name} unavailable: {str(e)[:80]}", flush=True)
+        backend, t_sdpa = min(sdpa.items(), key=lambda x: x[1])
+        del kr, vr
+        pos = torch.arange(S, device="cuda")
+        causal = PositionMask(pos, pos).block_mask()
+        star = PositionMask(pos, pos, block_size=S // 4, anchor_size=S // 4).block_mask()
+        times = {}
+        for name, opts in variants.items():
+            try:
+                times[name] = timed(lambda: flex(q, k, v, block_mask=causal, enable_gqa=True, return_lse=True, kernel_options=opts), 3)
+            except Exception as e:
+                print(f"flex {name} failed: {type(e).__name__}: {str(e)[:120]}", flush=True)
+        fastest = min(times, key=times.get)
+        t_star = timed(lambda: flex(q, k, v, block_mask=star, enable_gqa=True, return_lse=True, kernel_options=variants[fastest]), 3)
+        for name, t in sorted(times.items(), key=lambda x: x[1]):
+            row = [S, backend, flops / t_sdpa / 1e12, name, flops / t / 1e12, t_sdpa / t, times[fastest] / t_star if name == fastest else float("nan")]
+            table.rows.append(row)
+            emit(dict(zip(["context", "sdpa_backend", "sdpa_tflops", "flex_variant", "flex_tflops", "flex_over_sdpa", "star_speedup"], row)), part="prefill")  # fmt: skip
+        del q, k, v
+    return [table]
+
+
+# --- whole model decode
+
+
+def _llama3_args(max_seq_len: int):
+    from omegaconf import OmegaConf
+
+    from models.config import ModelArgs
+
+    preset = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/model/llama3.yaml").config)
+    args = ModelArgs.from_hf(preset)
+    return replace(args, max_seq_len=max(args.max_seq_len, max_seq_len)), preset
+
+
+def bench_model(quick: bool) -> list[Table]:
+    """Batch-1 decode of Llama-3.1-8B shapes (random weights) after a `ctx`-token prompt; transformers in the same run."""
+    import attention
+    from models.generate import generate_tokens
+    from models.loading import random_model
+
+    S, new = ARGS.ctx, 64
+    args, preset = _llama3_args(S + 4096)
+    model = random_model(args, torch.bfloat16, "cuda", attention.build("global"))
+    bw = copy_bandwidth()
+    weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if not n.startswith("tok_embeddings"))
+    kv_bytes = 2 * args.n_layers * args.n_kv_heads * args.head_dim * 2 * (S + new // 2)
+    bound = bw / (weight_bytes + kv_bytes)
+    prompt = torch.randint(0, args.vocab_size, (S,), generator=torch.Generator().manual_seed(0)).tolist()
+    table = Table(
+        f"Llama-3.1-8B shapes, batch-1 decode after a {S:,}-token prompt, vs transformers generate",
+        f"python tools/benchmarks.py model --ctx {S}",
+        ["engine", "attention", "TTFT (s)", "decode (tok/s)", "% of bound", "vs transformers"],
+    )
+    table.notes.append(
+        f"Random weights, bf16. Bound: {bound:.1f} tok/s = copy bandwidth {bw / 1e12:.2f} TB/s / ({weight_bytes / 1e9:.1f} GB "
+        f"of weights read per token, the embedding table excluded, + {kv_bytes / 1e9:.1f} GB of KV cache). "
+        f"{new} new tokens; decode tok/s excludes the first token."
+    )
+    rows = []
+    for name in ("global", "star"):
+        params = {"block_size": -(-S // 4)} if name == "star" else {}
+        for attempt in range(2):  # the first run compiles
+            model.attention = attention.build(name, **params)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            it = generate_tokens(model, prompt, new, context_len=S - 64)
+            next(it)
+            torch.cuda.synchronize()
+            t1 = time.perf_counter()
+            n = sum(1 for _ in it)
+            torch.cuda.synchronize()
+            t2 = time.perf_counter()
+        rows.append(["longctx (CUDA graphs)", name, t1 - t0, n / (t2 - t1)])
+    if ARGS.profile:
+        table.notes.append(profile_decode(model))
+    hf = _hf_copy(model, preset)
+    del model
+    torch.cuda.empty_cache()
+    ids = torch.tensor([prompt], device="cuda")
+    with torch.inference_mode():
+        for max_new in (1, 1, new):  # warm-up, TTFT, whole generation
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = hf.generate(ids, max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False, pad_token_id=0)
+            torch.cuda.synchronize()
+            elapsed = time.perf_counter() - t0
+            if max_new == 1:
+                ttft = elapsed
+        hf_rate = (out.shape[1] - S - 1) / (elapsed - ttft)
+    rows.append(["transformers generate (sdpa)", "global", ttft, hf_rate])
+    for r in rows:
+        table.rows.append([*r, 100 * r[3] / bound, r[3] / hf_rate])
+        emit(dict(zip(["engine", "attention", "ttft_s", "decode_tok_s"], r), bound_tok_s=bound), part="model")
+    return [table]
+
+
+def _hf_copy(model, preset: dict):
+    """A transformers LlamaForCausalLM with the same weights, on the GPU."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from models.loading import hf_to_ours
+
+    config = LlamaConfig(**{k: v for k, v in preset.items() if k != "architectures"})
+    config._attn_implementation = "sdpa"
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            hf = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    ours = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            p.copy_(ours[hf_to_ours(name)])
+    return hf.eval()
+
+
+def profile_decode(model) -> str:
+    """GPU time per kernel kind over eager decode steps: where a token's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    import attention
+
+    S = ARGS.ctx
+    model.attention = attention.build("global")
+    model.setup_cache(1, S + 8)  # an empty cache of the benchmark's size: decode reads every slot all the same
+    tok = torch.zeros(1, 1, dtype=torch.long, device="cuda")
+    with torch.inference_mode():
+        model(tok, torch.tensor([S], device="cuda"))  # warm-up
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for i in range(3):
+                model(tok, torch.tensor([S + 1 + i], device="cuda"))
+            torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    total = sum(e.self_device_time_total for e in events)
+    top = sorted(events, key=lambda e: -e.self_device_time_total)[:14]
+    lines = [f"{e.self_device_time_total / 3 / 1e3:7.3f} ms/token {e.count // 3:5d}x  {e.key[:90]}" for e in top]
+    kernels = sum(e.count for e in events) // 3
+    text = f"Profile of eager decode steps: {total / 3 / 1e3:.2f} ms of GPU time per token in {kernels} kernels.\n\n```\n" + "\n".join(lines) + "\n```"
+    print(text, flush=True)
+    return text
+
+
+# --- time to first token over several GPUs
+
+
+def bench_ttft(quick: bool) -> list[Table]:
+    """star vs ring through the runner (one process per GPU), block = context / 4."""
+    results = Path(tempfile.mkdtemp()) / "ttft.jsonl"
+    argv = [sys.executable, "runner.py", "-m", "task=bench", "model=llama3", f"attention={ARGS.attention}", f"ctx={ARGS.ctx_names}",
+            f"parallel.nproc={ARGS.nproc}", "task.new_tokens=8", "task.repeats=1", f"task.warmup={ARGS.warmup}",
+            "wandb.mode=disabled", f"task.results_file={results}"]  # fmt: skip
+    subprocess.run(argv, cwd=ROOT, check=True)
+    records = [json.loads(line) for line in results.read_text().splitlines()]
+    table = Table(
+        f"Llama-3.1-8B shapes, star vs ring time to first token on {ARGS.nproc} GPUs",
+        " ".join(["python"] + argv[1:-1]),
+        ["attention", "GPUs", "context", "TTFT (s)", "prefill (tok/s)", "decode (tok/s)", "peak memory per GPU (GiB)", "ring / star"],
+    )
+    table.notes.append(
+        "Random weights, bf16. TTFT covers phase 1 and phase 2 (the last 64 prompt tokens) up to the first token"
+        + (", after a warm-up run." if ARGS.warmup else "; no warm-up run: compilation is included.")
+        + " Star's block is a quarter of the context (one block per GPU on 4)."
+    )
+    ring = {r["ctx"]: r["ttft_s"] for r in records if r["attention"] == "ring"}
+    for r in records:
+        ratio = ring[r["ctx"]] / r["ttft_s"] if r["attention"] == "star" and r["ctx"] in ring else float("nan")
+        table.rows.append([r["attention"], r["ranks"], r["ctx"], r["ttft_s"], r["prefill_tok_s"], r["decode_tok_s"],
+                           ", ".join(f"{p / 2**30:.1f}" for p in r["peak_mem_bytes_per_rank"]), ratio])  # fmt: skip
+        emit(r, part="ttft")
+    return [table]
+
+
+# --- output
+
+
+def emit(row: dict, **extra) -> None:
+    if ARGS.jsonl:
+        with open(ARGS.jsonl, "a") as f:
+            f.write(json.dumps({**row, **extra, "device": torch.cuda.get_device_name(), "torch": torch.__version__}) + "\n")
+
+
+PARTS = {"decode": bench_decode, "prefill": bench_prefill, "model": bench_model, "ttft": bench_ttft}
+ARGS: argparse.Namespace
+
+
+def main(argv: list[str] | None = None) -> int:
+    global ARGS
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("parts", nargs="+", choices=sorted(PARTS))
+    parser.add_argument("--tune", action="store_true", help="decode: sweep Lean launch settings first; prefill: try flex kernel_options")
+    parser.add_argument("--quick", action="store_true", help="fewer points")
+    parser.add_argument("--profile", action="store_true", help="model: GPU time per kernel of a decode step")
+    parser.add_argument("--ctx", type=int, default=64 * K, help="model: prompt tokens")
+    parser.add_argument("--ctx-names", default="64k,128k", help="ttft: ctx presets")
+    parser.add_argument("--attention", default="ring,star", help="ttft: strategies")
+    parser.add_argument("--nproc", type=int, default=torch.cuda.device_count(), help="ttft: GPUs")
+    parser.add_argument("--warmup", type=int, default=1, help="ttft: warm-up runs")
+    parser.add_argument("--append", default="BENCHMARKS.md", help="markdown file the tables are appended to; - for none")
+    parser.add_argument("--jsonl", type=Path)
+    ARGS = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        parser.error("the benchmarks need a CUDA GPU")
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    for part in ARGS.parts:
+        for table in PARTS[part](ARGS.quick):
+            text = table.markdown()
+            print(text, flush=True)
+            if ARGS.append != "-":
+                with open(ROOT / ARGS.append if not Path(ARGS.append).is_absolute() else ARGS.append, "a") as f:
+                    f.write("\n" + text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
