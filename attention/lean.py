@@ -13,10 +13,9 @@ Where partials go is closed-form, so no per-shape plan crosses from host to devi
   program p stores its n-th head's partial in its n-th slot, n = h - (first unit of p)//tiles.
 
 `lean_schedule` spells the split out segment by segment. `lean_reference` runs it in PyTorch (CPU, tests) and
-combines each head's partials with the one merge (`attention.merge.merge_partials`). `lean_attend` runs it as one
-Triton launch on CUDA: a head whose stretch lies in one program is written out directly; otherwise the program
-that finishes a head's stretch last (a per-head arrival counter) merges that head's partials with the same
-online-softmax rule, so no second kernel and no host work follow.
+combines each head's partials with the one merge (`attention.merge.merge_partials`). `lean_attend` runs it on CUDA
+as two Triton launches and no other work: the stream-K kernel writes a head held by one program straight to the
+output and the others as partials; a combine kernel merges those with the same rule, one (head, row) per program.
 """
 
 from __future__ import annotations
@@ -138,29 +137,15 @@ def default_programs(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count * CONFIG.programs_per_sm
 
 
-_ARRIVALS: dict[torch.device, Tensor] = {}
-
-
-def arrival_counters(device: torch.device, heads: int) -> Tensor:
-    """Per-head arrival counters, zero between launches: the last arriver of a head sets its counter back to 0.
-
-    One buffer per device, kept so that launches captured in a CUDA graph use it too. Launches must not run
-    concurrently on two streams (decode runs layer after layer on one).
-    """
-    counters = _ARRIVALS.get(device)
-    if counters is None or counters.numel() < heads:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(
-                f"the Lean kernel needs {heads} arrival counters but none were allocated before CUDA-graph capture; "
-                "run one step eagerly before capturing"
-            )
-        counters = torch.zeros(max(heads, 1024), dtype=torch.int32, device=device)
-        _ARRIVALS[device] = counters
-    return counters
+@cache
+def max_parts(heads: int, tiles: int, programs: int) -> int:
+    """The most partials any head is split into."""
+    total = heads * tiles
+    return max(len(head_parts(h, tiles, total, programs)) for h in range(heads))
 
 
 def lean_attend(q: Tensor, k: Tensor, v: Tensor, mask: PositionMask, programs: int | None = None):
-    """Decode attention with the Lean schedule in one kernel launch; returns (output in q's dtype, lse fp32).
+    """Decode attention with the Lean schedule; returns (output in q's dtype, lse fp32).
 
     A program holds at most MAX_ROWS query rows (GQA group x query tokens): more query tokens run in chunks.
     Runs on CUDA, or anywhere under TRITON_INTERPRET=1 (tests).
@@ -182,5 +167,5 @@ def lean_attend(q: Tensor, k: Tensor, v: Tensor, mask: PositionMask, programs: i
     lse = torch.empty(B, Hq, T, dtype=torch.float32, device=q.device)
     parts_out = torch.empty(programs, max_slots(heads, tiles, programs), Hq // Hkv * T, D, dtype=torch.float32, device=q.device)
     parts_lse = torch.empty(parts_out.shape[:3], dtype=torch.float32, device=q.device)
-    _triton().run(q, k, v, mask, out, lse, parts_out, parts_lse, arrival_counters(q.device, heads), programs, CONFIG)
+    _triton().run(q, k, v, mask, out, lse, parts_out, parts_lse, programs, max_parts(heads, tiles, programs), CONFIG)
     return out, lse

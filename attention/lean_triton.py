@@ -2,10 +2,9 @@
 
 Each program walks its equal share of the (batch x KV head x key tile) units. For every head it touches it keeps
 an online softmax over the tiles (running max, sum and weighted values, fp32) for all query rows of that KV head.
-A head whose whole stretch lies in this program is written out. Otherwise the program stores a partial (output,
-lse) in its next slot and counts its arrival on the head; the program that arrives last merges the head's
-partials (the rule of `attention.merge.merge_partials`, online, a few partials per step so that their loads
-overlap) and writes the head out, then resets the counter.
+A head whose whole stretch lies in this program is written out; otherwise the program stores a partial (output,
+lse) in its next slot. A second, small kernel then merges the partials of every split head with the rule of
+`attention.merge.merge_partials`: one program per (head, query row), all of the head's partials loaded at once.
 """
 
 from __future__ import annotations
@@ -16,11 +15,11 @@ import triton.language as tl
 
 @triton.jit
 def _lean_decode(
-    Q, K, V, QPOS, KVPOS, OUT, LSE, PO, PL, ARRIVALS,
+    Q, K, V, QPOS, KVPOS, OUT, LSE, PO, PL,
     sqb, sqh, sqt, skb, skh, sks, svb, svh, svs, sob, soh, sot, slb, slh, spo_p, spo_s, spo_r, spl_p, spl_s,
     Hkv, S, T, total, programs, tiles, window, scale,
     G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr, CHUNK: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     unit = (pid.to(tl.int64) * total // programs).to(tl.int32)
@@ -71,61 +70,73 @@ def _lean_decode(
         denom = tl.where(seen, l_i, 1.0)
         out = acc / denom[:, None]
         lse = tl.where(seen, m_i + tl.log(denom), float("-inf"))
-        out_ptr = OUT + b * sob + (h * G + j)[:, None] * soh + t[:, None] * sot + d[None, :]
-        lse_ptr = LSE + b * slb + (h * G + j) * slh + t
         if (first == 0) & (stop == (head + 1) * tiles):  # the whole head in this program
-            tl.store(out_ptr, out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
-            tl.store(lse_ptr, lse, mask=row_ok)
+            tl.store(OUT + b * sob + (h * G + j)[:, None] * soh + t[:, None] * sot + d[None, :], out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
+            tl.store(LSE + b * slb + (h * G + j) * slh + t, lse, mask=row_ok)
         else:
             tl.store(PO + pid * spo_p + slot * spo_s + rows[:, None] * spo_r + d[None, :], out, mask=row_ok[:, None])
             tl.store(PL + pid * spl_p + slot * spl_s + rows, lse, mask=row_ok)
-            tl.debug_barrier()  # every thread's partial is written before the arrival is counted (release)
-            p_first = (((head * tiles + 1).to(tl.int64) * programs - 1) // total).to(tl.int32)
-            p_last = ((((head + 1) * tiles).to(tl.int64) * programs - 1) // total).to(tl.int32)
-            arrived = tl.atomic_add(ARRIVALS + head, 1, sem="acq_rel", scope="gpu")
-            if arrived == p_last - p_first:  # the last of the head's programs: merge its partials
-                tl.atomic_xchg(ARRIVALS + head, 0, sem="relaxed", scope="gpu")
-                m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-                total_w = tl.zeros([BLOCK_M], tl.float32)
-                merged = tl.zeros([BLOCK_M, D], tl.float32)
-                chunk = tl.arange(0, CHUNK)
-                for c in range(p_first, p_last + 1, CHUNK):  # CHUNK partials per step, loaded independently
-                    p = c + chunk
-                    p_ok = p <= p_last
-                    ps = head - (p.to(tl.int64) * total // programs).to(tl.int32) // tiles
-                    ok2 = p_ok[:, None] & row_ok[None, :]
-                    part_lse = tl.load(PL + p[:, None] * spl_p + ps[:, None] * spl_s + rows[None, :], mask=ok2, other=float("-inf"), cache_modifier=".cg")
-                    part = tl.load(PO + (p * spo_p + ps * spo_s)[:, None, None] + rows[None, :, None] * spo_r + d[None, None, :],
-                                   mask=ok2[:, :, None], other=0.0, cache_modifier=".cg")  # fmt: skip
-                    m_new = tl.maximum(m, tl.max(part_lse, 0))
-                    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                    alpha = tl.exp(m - m_safe)
-                    w = tl.exp(part_lse - m_safe[None, :])  # [CHUNK, BLOCK_M]; 0 for empty partials
-                    total_w = total_w * alpha + tl.sum(w, 0)
-                    merged = merged * alpha[:, None] + tl.sum(w[:, :, None] * part, 0)
-                    m = m_new
-                seen = total_w > 0
-                denom = tl.where(seen, total_w, 1.0)
-                tl.store(out_ptr, (merged / denom[:, None]).to(OUT.dtype.element_ty), mask=row_ok[:, None])
-                tl.store(lse_ptr, tl.where(seen, m + tl.log(denom), float("-inf")), mask=row_ok)
         slot += 1
         unit = stop
 
 
-def run(q, k, v, mask, out, lse, parts_out, parts_lse, arrivals, programs: int, config) -> None:
+@triton.jit
+def _lean_combine(
+    OUT, LSE, PO, PL, sob, soh, sot, slb, slh, spo_p, spo_s, spo_r, spl_p, spl_s, Hkv, T, total, programs, tiles,
+    G: tl.constexpr, D: tl.constexpr, PARTS: tl.constexpr, CHUNK: tl.constexpr,
+):  # fmt: skip
+    """One (head, query row) per program: merge the head's partials, or nothing if one program held the head."""
+    head = tl.program_id(0)
+    row = tl.program_id(1)
+    p_first = (((head * tiles + 1).to(tl.int64) * programs - 1) // total).to(tl.int32)
+    p_last = ((((head + 1) * tiles).to(tl.int64) * programs - 1) // total).to(tl.int32)
+    n = p_last - p_first + 1
+    if n > 1:
+        parts = tl.arange(0, PARTS)
+        p = p_first + parts
+        slot = head - (p.to(tl.int64) * total // programs).to(tl.int32) // tiles
+        lse = tl.load(PL + p * spl_p + slot * spl_s + row, mask=parts < n, other=float("-inf"))
+        m = tl.max(lse, 0)
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        total_w = tl.sum(tl.exp(lse - m_safe), 0)
+        d = tl.arange(0, D)
+        acc = tl.zeros([D], tl.float32)
+        for c in range(0, n, CHUNK):
+            i = c + tl.arange(0, CHUNK)
+            p = p_first + i
+            slot = head - (p.to(tl.int64) * total // programs).to(tl.int32) // tiles
+            lse = tl.load(PL + p * spl_p + slot * spl_s + row, mask=i < n, other=float("-inf"))
+            part = tl.load(PO + (p * spo_p + slot * spo_s + row * spo_r)[:, None] + d[None, :], mask=(i < n)[:, None], other=0.0)
+            acc += tl.sum(tl.exp(lse - m_safe)[:, None] * part, 0)
+        seen = total_w > 0
+        denom = tl.where(seen, total_w, 1.0)
+        b = (head // Hkv).to(tl.int64)
+        h = (head % Hkv).to(tl.int64)
+        j, t = row // T, row % T
+        tl.store(OUT + b * sob + (h * G + j) * soh + t * sot + d, (acc / denom).to(OUT.dtype.element_ty))
+        tl.store(LSE + b * slb + (h * G + j) * slh + t, tl.where(seen, m + tl.log(denom), float("-inf")))
+
+
+def run(q, k, v, mask, out, lse, parts_out, parts_lse, programs: int, max_parts: int, config) -> None:
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     G = Hq // Hkv
     tiles = triton.cdiv(S, config.block_n)
-    block_m = max(16, triton.next_power_of_2(G * T))
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    strides_out = (out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1))
+    strides_parts = (parts_out.stride(0), parts_out.stride(1), parts_out.stride(2), parts_lse.stride(0), parts_lse.stride(1))
+    total = B * Hkv * tiles
     _lean_decode[(programs,)](
-        q, k, v, mask.q_pos, mask.kv_pos, out, lse, parts_out, parts_lse, arrivals,
+        q, k, v, mask.q_pos, mask.kv_pos, out, lse, parts_out, parts_lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
-        parts_out.stride(0), parts_out.stride(1), parts_out.stride(2), parts_lse.stride(0), parts_lse.stride(1),
-        Hkv, S, T, B * Hkv * tiles, programs, tiles, mask.window or 0, D**-0.5,
-        G=G, BLOCK_M=block_m, BLOCK_N=config.block_n, D=D,
-        HAS_WINDOW=mask.window is not None, IEEE=q.dtype.itemsize == 4, CHUNK=max(1, 8192 // (block_m * D)),
+        v.stride(0), v.stride(1), v.stride(2), *strides_out, *strides_parts,
+        Hkv, S, T, total, programs, tiles, mask.window or 0, D**-0.5,
+        G=G, BLOCK_M=max(16, triton.next_power_of_2(G * T)), BLOCK_N=config.block_n, D=D,
+        HAS_WINDOW=mask.window is not None, IEEE=q.dtype.itemsize == 4,
         num_warps=config.warps, num_stages=config.stages,
     )  # fmt: skip
+    if max_parts > 1:
+        _lean_combine[(B * Hkv, G * T)](
+            out, lse, parts_out, parts_lse, *strides_out, *strides_parts, Hkv, T, total, programs, tiles,
+            G=G, D=D, PARTS=triton.next_power_of_2(max_parts), CHUNK=min(32, triton.next_power_of_2(max_parts)),
+        )  # fmt: skip

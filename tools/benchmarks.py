@@ -118,7 +118,7 @@ def tune_lean() -> tuple[lean.LeanConfig, Table]:
                   ["block_n", "warps", "stages", "programs/SM", "min tiles", *[f"B{b} kv{h} g{g} {s // K}K (µs)" for b, h, g, s in TUNE_SHAPES], "geomean (µs)"])  # fmt: skip
     inputs = [_decode_inputs(*shape) for shape in TUNE_SHAPES]
     results = []
-    for block_n, warps, stages, per_sm, min_tiles in itertools.product((64, 128), (4, 8), (3, 4), (1, 2), (2, 4, 8)):
+    for block_n, warps, stages, per_sm, min_tiles in itertools.product((64, 128), (4, 8), (3, 4), (1, 2), (1, 4, 8)):
         lean.CONFIG = lean.LeanConfig(block_n, warps, stages, per_sm, min_tiles)
         lean.default_programs.cache_clear()
         try:

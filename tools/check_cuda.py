@@ -69,8 +69,8 @@ def check_kernels() -> bool:
 def check_lean() -> bool:
     """The Lean decode kernel against float64 dense attention, on and off the key tiles, with GQA 4 and 8.
 
-    Many programs share each head on the larger cases, so the last-arriver merge runs concurrently; 20 launches must
-    give identical bits (the merge order is fixed) and leave every arrival counter at zero.
+    Many programs share each head on the larger cases; 20 launches must give identical bits (the split and the
+    merge order are fixed, so the result must not depend on which program finishes first).
     """
     from attention import lean
 
@@ -96,14 +96,13 @@ def check_lean() -> bool:
             out, lse = lean.lean_attend(q, k, v, mask)
             repeats = [lean.lean_attend(q, k, v, mask) for _ in range(20)]
             same = all(torch.equal(o, out) and torch.equal(l, lse) for o, l in repeats)
-            zeroed = int(lean._ARRIVALS[q.device].abs().sum()) == 0
             ref, ref_lse = dense_attend(q.double(), k.double(), v.double(), mask, return_lse=True)
             err = ((out.double() - ref).abs().max() / ref.abs().max()).item()
             lse_err = (lse.double() - ref_lse).abs().max().item()
-            good = err <= TOLERANCE[dtype] and lse_err <= 1e-2 and same and zeroed
+            good = err <= TOLERANCE[dtype] and lse_err <= 1e-2 and same
             ok &= good
             print(f"{'ok  ' if good else 'FAIL'} lean {str(dtype):15} {name:42} rel err {err:.2e}  lse err {lse_err:.2e}  "
-                  f"20 launches identical {same}  counters zero {zeroed}")  # fmt: skip
+                  f"20 launches identical {same}")  # fmt: skip
             del q, k, v, ref
     return ok
 
