@@ -103,11 +103,11 @@ def _lean_combine(
         acc = tl.zeros([D], tl.float32)
         for c in range(0, n, CHUNK):
             i = c + tl.arange(0, CHUNK)
-            p = p_first + i
-            slot = head - (p.to(tl.int64) * total // programs).to(tl.int32) // tiles
-            lse = tl.load(PL + p * spl_p + slot * spl_s + row, mask=i < n, other=float("-inf"))
-            part = tl.load(PO + (p * spo_p + slot * spo_s + row * spo_r)[:, None] + d[None, :], mask=(i < n)[:, None], other=0.0)
-            acc += tl.sum(tl.exp(lse - m_safe)[:, None] * part, 0)
+            pc = p_first + i
+            slot_c = head - (pc.to(tl.int64) * total // programs).to(tl.int32) // tiles
+            lse_c = tl.load(PL + pc * spl_p + slot_c * spl_s + row, mask=i < n, other=float("-inf"))
+            part = tl.load(PO + (pc * spo_p + slot_c * spo_s + row * spo_r)[:, None] + d[None, :], mask=(i < n)[:, None], other=0.0)
+            acc += tl.sum(tl.exp(lse_c - m_safe)[:, None] * part, 0)
         seen = total_w > 0
         denom = tl.where(seen, total_w, 1.0)
         b = (head // Hkv).to(tl.int64)

@@ -33,7 +33,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(ROOT))
 
 from attention import lean  # noqa: E402
-from attention.kernels import PositionMask, _compiled_flex  # noqa: E402
+from attention.kernels import PositionMask, _compiled_flex, flex_options  # noqa: E402
 
 K = 1024
 
@@ -208,7 +208,8 @@ def bench_prefill(quick: bool) -> list[Table]:
         "project's own path (BlockMask from token positions, built once and excluded, as every layer reuses it) and "
         "returns the log-sum-exp; the star column is the fastest variant's causal time over its star-mask time."
     )
-    variants = FLEX_VARIANTS if ARGS.tune else {"default": None}
+    project = {"project's options": flex_options(torch.empty(1, device="cuda", dtype=torch.bfloat16))}
+    variants = {**FLEX_VARIANTS, **project} if ARGS.tune else project
     flex = _compiled_flex()
     for S in (32 * K, 128 * K) if quick else (8 * K, 32 * K, 64 * K, 128 * K):
         q = torch.randn(1, 32, S, 128, device="cuda", dtype=torch.bfloat16)
