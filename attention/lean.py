@@ -36,7 +36,7 @@ MAX_ROWS = 64  # query rows (query heads per KV head x query tokens) one program
 class LeanConfig:
     """Launch settings of the Triton kernel (measured on H100/H200 by `tools/bench_decode.py --tune`)."""
 
-    block_n: int = 64  # keys per tile
+    block_n: int = 128  # keys per tile
     warps: int = 4
     stages: int = 3
     programs_per_sm: int = 1
