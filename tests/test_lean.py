@@ -92,7 +92,7 @@ cases = [  # B, Hq, Hkv, q_pos, kv_pos, window, programs
     (3, 8, 2, ar(500, 502), torch.cat([ar(0, 400, 2), torch.full((37,), -1)]), None, 5),  # phase 2 over a sparse cache
     (1, 32, 2, ar(1000, 1005), ar(1005), None, 3),                                  # GQA 16 x 5 queries: two chunks
     (1, 4, 1, ar(10, 11), torch.cat([ar(20, 90), ar(0, 10)]), None, 2),             # a head whose keys are all future
-    (1, 4, 1, ar(2999, 3000), ar(3000), None, 40),                                  # 40 partials: merged in 2 chunks
+    (1, 4, 1, ar(5999, 6000), ar(6000), None, 40),                                  # 40 partials: merged in 2 chunks
 ]
 for i, (B, hq, hkv, q_pos, kv_pos, window, programs) in enumerate(cases):
     g = torch.Generator().manual_seed(i)
