@@ -75,6 +75,10 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
+    # Tokens per pass: a 512K-token prefill would otherwise hold three [tokens, intermediate] activations at once
+    # (42 GB for Llama-3-8B), more than the KV cache of the whole block.
+    chunk: int = 32768
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.w1 = nn.Linear(args.dim, args.intermediate_size, bias=args.mlp_bias)  # gate
@@ -82,7 +86,13 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(args.intermediate_size, args.dim, bias=args.mlp_bias)  # down
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        if x.shape[1] <= self.chunk:
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        out = torch.empty_like(x)
+        for i in range(0, x.shape[1], self.chunk):
+            part = x[:, i : i + self.chunk]
+            out[:, i : i + self.chunk] = self.w2(F.silu(self.w1(part)) * self.w3(part))
+        return out
 
 
 class TransformerBlock(nn.Module):

@@ -179,3 +179,16 @@ def test_unknown_architecture(hf_checkpoint, tmp_path):
     (ckpt / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="GPT2LMHeadModel.*LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"):
         models.load_model(ckpt)
+
+
+def test_long_inputs_run_the_mlp_in_chunks_with_the_same_result(monkeypatch):
+    from models.config import ModelArgs
+    from models.transformer import FeedForward
+
+    args = ModelArgs(vocab_size=64, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=8, intermediate_size=48)
+    torch.manual_seed(0)
+    mlp = FeedForward(args)
+    x = torch.randn(2, 100, 32)
+    whole = mlp(x)
+    monkeypatch.setattr(FeedForward, "chunk", 7)  # 15 chunks, the last one short
+    torch.testing.assert_close(mlp(x), whole, rtol=1e-6, atol=1e-6)
