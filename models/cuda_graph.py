@@ -1,8 +1,9 @@
 """Decode steps captured once as a CUDA graph and replayed: one launch per token instead of hundreds.
 
 The step's inputs (token, position) live in static buffers; the KV cache claims its next slot from a counter on the
-device (`Transformer.cache_fill`), so every replay appends where the last one stopped. One rank only: a phase-2
-merge across ranks runs eagerly.
+device (`Transformer.cache_fill`), so every replay appends where the last one stopped. Across ranks (NCCL), every
+rank captures and replays its step together with the others, the phase-2 all-gather of (output, lse) included;
+only the rank that keeps new tokens advances its cache.
 """
 
 from __future__ import annotations
@@ -37,5 +38,6 @@ class GraphedDecoder:
                 self.logits = self.model(self.token, self.position)
             self.model.cache_len = filled  # capture recorded the step without running it
         self.graph.replay()
-        self.model.cache_len += 1
+        if self.model.attention.keeps_new_tokens:
+            self.model.cache_len += 1
         return self.logits

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from models.cuda_graph import GraphedDecoder
@@ -86,7 +87,7 @@ def generate_tokens(
         strategy.set_phase("query")
         logits = model(tokens[None, n_ctx:], torch.arange(n_ctx, len(prompt), device=device), last_only=True)
         last = len(prompt) + max_new_tokens - 1
-        graphed = GraphedDecoder(model) if cuda_graphs and device.type == "cuda" and strategy.world == 1 else None
+        graphed = GraphedDecoder(model) if cuda_graphs and device.type == "cuda" and _graph_capturable(strategy) else None
         for pos in range(len(prompt), last + 1):
             tok = sample(logits[0, -1], sampling, generator)
             yield tok
@@ -96,6 +97,11 @@ def generate_tokens(
                 logits = graphed.step(tok, pos)
             else:
                 logits = model(torch.tensor([[tok]], device=device), torch.tensor([pos], device=device))
+
+
+def _graph_capturable(strategy) -> bool:
+    """One rank, or ranks whose collectives NCCL can record into a CUDA graph (gloo's cannot)."""
+    return strategy.world == 1 or dist.get_backend(strategy.group) == "nccl"
 
 
 def chat_prompt(tokenizer: Tokenizer, context: str, query: str) -> tuple[list[int], int]:

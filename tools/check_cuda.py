@@ -166,23 +166,26 @@ def check_ranks() -> bool:
             skip = params.get("anchor_mode") == "recompute" and rank > 0
             local = local[300:] if skip else local
             own = idx[300:] if skip else idx
-        generated = list(generate_tokens(model, prompt, 8, context_len=n_ctx))
+        generated = list(generate_tokens(model, prompt, 8, context_len=n_ctx, cuda_graphs=False))
+        graphed = list(generate_tokens(model, prompt, 8, context_len=n_ctx, cuda_graphs=True))
         parts = [None] * world
-        dist.all_gather_object(parts, (own.cpu(), local.cpu(), generated))
+        dist.all_gather_object(parts, (own.cpu(), local.cpu(), generated, graphed))
         if rank == 0:
             one_params = params if name == "star" else {}
             ref_model = _random_on(args, torch.float32, _single_rank(name, one_params), device)
             with torch.no_grad():
                 ref = ref_model(tokens[:n_ctx][None], torch.arange(n_ctx, device=device))[0].cpu()
             got = torch.empty_like(ref)
-            for o, logits, _ in parts:
+            for o, logits, *_ in parts:
                 got[o] = logits
             err = (got - ref).abs().max().item()
             ref_gen = list(generate_tokens(ref_model, prompt, 8, context_len=n_ctx))
             same = all(p[2] == ref_gen for p in parts)
-            good = err < 1e-3 and same
+            same_graphed = all(p[3] == ref_gen for p in parts)
+            good = err < 1e-3 and same and same_graphed
             ok &= good
-            print(f"{'ok  ' if good else 'FAIL'} {name} {params} on {world} GPUs (NCCL) vs 1 GPU: max logit diff {err:.2e}, same tokens {same}")
+            print(f"{'ok  ' if good else 'FAIL'} {name} {params} on {world} GPUs (NCCL) vs 1 GPU: max logit diff {err:.2e}, "
+                  f"same tokens {same}, same tokens with CUDA-graph decode {same_graphed}")  # fmt: skip
     flags = [ok]
     dist.broadcast_object_list(flags, src=0)
     dist.destroy_process_group()
