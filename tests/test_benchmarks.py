@@ -1,0 +1,33 @@
+"""tools/benchmarks.py off the GPU: its tables, and a clear refusal where there is no CUDA device."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from tools import benchmarks
+
+
+def test_a_table_names_date_device_torch_and_command():
+    table = benchmarks.Table("decode", "python tools/benchmarks.py decode", ["batch", "µs", "note"])
+    table.rows.append([8, 1234.56, "x"])
+    table.rows.append([1, 3.14159, float("nan")])
+    table.notes.append("measured twice")
+    text = table.markdown()
+    assert text.startswith(f"## {time.strftime('%Y-%m-%d')} · decode · ")
+    assert f"torch {torch.__version__}" in text.splitlines()[0]
+    assert "```bash\npython tools/benchmarks.py decode\n```" in text
+    assert "| batch | µs | note |\n|---|---|---|\n| 8 | 1,234.6 | x |\n| 1 | 3.14 | – |" in text
+    assert text.rstrip().endswith("measured twice")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_refuses_without_a_gpu_and_writes_nothing(tmp_path, capsys):
+    target = tmp_path / "BENCHMARKS.md"
+    with pytest.raises(SystemExit) as exit_info:
+        benchmarks.main(["decode", "--append", str(target)])
+    assert exit_info.value.code == 2
+    assert "need a CUDA GPU" in capsys.readouterr().err
+    assert not target.exists()
