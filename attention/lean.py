@@ -74,7 +74,7 @@ def program_of(unit: int, total: int, programs: int) -> int:
 
 
 def head_parts(head: int, tiles: int, total: int, programs: int) -> list[tuple[int, int]]:
-    """(program, slot) of every partial of `head`, in key order (the kernel's last arriver reads the same)."""
+    """(program, slot) of every partial of `head`, in key order (the combine kernel reads the same)."""
     first = program_of(head * tiles, total, programs)
     last = program_of((head + 1) * tiles - 1, total, programs)
     return [(p, head - (p * total // programs) // tiles) for p in range(first, last + 1)]
@@ -134,7 +134,9 @@ def _triton():
 
 @cache
 def default_programs(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count * CONFIG.programs_per_sm
+    """One share per SM (times CONFIG.programs_per_sm); a fixed 16 off CUDA, where only the interpreter runs it."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 16
+    return sms * CONFIG.programs_per_sm
 
 
 @cache
