@@ -18,19 +18,19 @@ from attention import AttentionStrategy
 from models.config import ModelArgs
 from models.transformer import Transformer
 
-# Hugging Face tensor name -> ours; `{}` is the layer index.
+# Hugging Face module -> ours, and which part of a fused projection (`FusedLinear`) it is.
 _LAYER_NAMES = {
-    "self_attn.q_proj": "attention.wq",
-    "self_attn.k_proj": "attention.wk",
-    "self_attn.v_proj": "attention.wv",
-    "self_attn.o_proj": "attention.wo",
-    "self_attn.q_norm": "attention.q_norm",
-    "self_attn.k_norm": "attention.k_norm",
-    "mlp.gate_proj": "feed_forward.w1",
-    "mlp.up_proj": "feed_forward.w3",
-    "mlp.down_proj": "feed_forward.w2",
-    "input_layernorm": "attention_norm",
-    "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": ("attention.wqkv", 0),
+    "self_attn.k_proj": ("attention.wqkv", 1),
+    "self_attn.v_proj": ("attention.wqkv", 2),
+    "self_attn.o_proj": ("attention.wo", None),
+    "self_attn.q_norm": ("attention.q_norm", None),
+    "self_attn.k_norm": ("attention.k_norm", None),
+    "mlp.gate_proj": ("feed_forward.w13", 0),
+    "mlp.up_proj": ("feed_forward.w13", 1),
+    "mlp.down_proj": ("feed_forward.w2", None),
+    "input_layernorm": ("attention_norm", None),
+    "post_attention_layernorm": ("ffn_norm", None),
 }
 _TOP_NAMES = {"model.embed_tokens": "tok_embeddings", "model.norm": "norm", "lm_head": "output"}
 _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
@@ -38,13 +38,22 @@ _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
 _IGNORED_RE = re.compile(r".*rotary_emb\.inv_freq")
 
 
-def hf_to_ours(name: str) -> str | None:
-    """Our parameter name for a Hugging Face tensor name, or None if the name is not a model weight."""
+def hf_to_ours(name: str) -> tuple[str, int | None] | None:
+    """Our parameter name for a Hugging Face tensor name and, for a fused projection, the part it fills; None if the
+    name is not a model weight."""
     if m := _LAYER_RE.fullmatch(name):
         layer, module, kind = m.groups()
-        return f"layers.{layer}.{_LAYER_NAMES[module]}.{kind}" if module in _LAYER_NAMES else None
+        if module not in _LAYER_NAMES:
+            return None
+        ours, part = _LAYER_NAMES[module]
+        return f"layers.{layer}.{ours}.{kind}", part
     module, _, kind = name.rpartition(".")
-    return f"{_TOP_NAMES[module]}.{kind}" if module in _TOP_NAMES else None
+    return (f"{_TOP_NAMES[module]}.{kind}", None) if module in _TOP_NAMES else None
+
+
+def fused_rows(model: torch.nn.Module, name: str, part: int | None) -> slice:
+    """Rows of parameter `name` that a checkpoint tensor fills: all of them, or one part of a fused projection."""
+    return model.get_submodule(name.rpartition(".")[0]).rows(part) if part is not None else slice(None)
 
 
 def checkpoint_files(path: Path) -> list[Path]:
@@ -79,31 +88,43 @@ def load_weights(model: Transformer, path: Path, dtype: torch.dtype, device: tor
                 for hf_name in f.keys():
                     if _IGNORED_RE.fullmatch(hf_name):
                         continue
-                    name = hf_to_ours(hf_name)
+                    name, part = hf_to_ours(hf_name) or (None, None)
                     if name == "output.weight" and model.args.tie_embeddings:
                         continue  # tied: the embedding serves as the output projection
                     if name not in params:
                         raise ValueError(f"{file.name}: tensor {hf_name!r} is not used by a {model.args.architecture}")
-                    if name in loaded:
-                        raise ValueError(f"tensor {hf_name!r} appears twice: in {loaded[name]} and {file.name}")
-                    param = params[name]
+                    if (name, part) in loaded:
+                        raise ValueError(f"tensor {hf_name!r} appears twice: in {loaded[name, part]} and {file.name}")
+                    rows = fused_rows(model, name, part)
+                    expected = tuple(torch.empty(params[name].shape, device="meta")[rows].shape)
                     shape = tuple(f.get_slice(hf_name).get_shape())
-                    if shape != tuple(param.shape):
+                    if shape != expected:
                         raise ValueError(
                             f"{file.name}: tensor {hf_name!r} has shape {shape}, the config implies "
-                            f"{tuple(param.shape)}; does config.json belong to these weights?"
+                            f"{expected}; does config.json belong to these weights?"
                         )
                     try:
                         tensor = f.get_tensor(hf_name)
                     except (SafetensorError, OSError) as e:
                         raise ValueError(f"{file.name}: tensor {hf_name!r} cannot be read ({e}); is the file truncated?") from e
-                    _set_param(model, name, tensor.to(device=device, dtype=dtype))
-                    loaded[name] = file.name
+                    if part is None:
+                        _set_param(model, name, tensor.to(device=device, dtype=dtype))
+                    else:  # one part of a fused weight: allocate the whole on its first part, then fill rows
+                        if model.get_parameter(name).is_meta:
+                            _set_param(model, name, torch.empty(params[name].shape, device=device, dtype=dtype))
+                        model.get_parameter(name).data[rows] = tensor.to(device=device, dtype=dtype)
+                    loaded[name, part] = file.name
                     bar.update()
-    missing = [n for n in params if n not in loaded and not (n == "output.weight" and model.args.tie_embeddings)]
+    expected = [(n, p) for n in params for p in _parts(model, n) if not (n == "output.weight" and model.args.tie_embeddings)]
+    missing = [n if p is None else f"{n} (part {p})" for n, p in expected if (n, p) not in loaded]
     if missing:
         raise ValueError(f"checkpoint in {path} lacks tensors: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
     model.tie_weights()
+
+
+def _parts(model: torch.nn.Module, name: str) -> list[int | None]:
+    splits = getattr(model.get_submodule(name.rpartition(".")[0]), "splits", None)
+    return list(range(len(splits))) if splits else [None]
 
 
 def _set_param(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:

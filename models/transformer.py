@@ -48,13 +48,30 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+class FusedLinear(nn.Linear):
+    """Several projections of one input in a single matmul (one weight read, one launch in decode).
+
+    Checkpoints store the parts apart; `rows(i)` is where part i lives in the fused weight.
+    """
+
+    def __init__(self, in_features: int, splits: tuple[int, ...], bias: bool):
+        super().__init__(in_features, sum(splits), bias=bias)
+        self.splits = splits
+
+    def rows(self, part: int) -> slice:
+        start = sum(self.splits[:part])
+        return slice(start, start + self.splits[part])
+
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        return super().forward(x).split(self.splits, dim=-1)
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=args.qkv_bias)
-        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
-        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        q_size, kv_size = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+        self.wqkv = FusedLinear(args.dim, (q_size, kv_size, kv_size), bias=args.qkv_bias)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=args.o_bias)
         if args.qk_norm:
             self.q_norm = RMSNorm(args.head_dim, args.norm_eps)
@@ -63,9 +80,10 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, strategy: AttentionStrategy, step, window: int | None) -> Tensor:
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k, v = self.wqkv(x)
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
@@ -75,24 +93,26 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    # Tokens per pass: a 512K-token prefill would otherwise hold three [tokens, intermediate] activations at once
-    # (42 GB for Llama-3-8B), more than the KV cache of the whole block.
+    # Tokens per pass: a 512K-token prefill would otherwise hold [tokens, intermediate] activations of over 40 GB at
+    # once for Llama-3-8B.
     chunk: int = 32768
 
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.w1 = nn.Linear(args.dim, args.intermediate_size, bias=args.mlp_bias)  # gate
-        self.w3 = nn.Linear(args.dim, args.intermediate_size, bias=args.mlp_bias)  # up
+        self.w13 = FusedLinear(args.dim, (args.intermediate_size,) * 2, bias=args.mlp_bias)  # gate, up
         self.w2 = nn.Linear(args.intermediate_size, args.dim, bias=args.mlp_bias)  # down
 
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[1] <= self.chunk:
-            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+            return self._swiglu(x)
         out = torch.empty_like(x)
         for i in range(0, x.shape[1], self.chunk):
-            part = x[:, i : i + self.chunk]
-            out[:, i : i + self.chunk] = self.w2(F.silu(self.w1(part)) * self.w3(part))
+            out[:, i : i + self.chunk] = self._swiglu(x[:, i : i + self.chunk])
         return out
+
+    def _swiglu(self, x: Tensor) -> Tensor:
+        gate, up = self.w13(x)
+        return self.w2(F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):

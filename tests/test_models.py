@@ -169,6 +169,22 @@ def test_missing_and_unknown_tensors(hf_checkpoint, tmp_path):
     save_file(tensors, ckpt / "model.safetensors")
     with pytest.raises(ValueError, match="lacks tensors: norm.weight"):
         models.load_model(ckpt)
+    del tensors["model.layers.1.self_attn.k_proj.weight"]  # one part of the fused q/k/v projection
+    save_file(tensors, ckpt / "model.safetensors")
+    with pytest.raises(ValueError, match=r"layers\.1\.attention\.wqkv\.weight \(part 1\)"):
+        models.load_model(ckpt)
+
+
+def test_fused_projections_hold_each_checkpoint_tensor_in_its_rows(hf_checkpoint):
+    from safetensors.torch import load_file
+
+    _, path = hf_checkpoint("qwen2")  # q/k/v biases too
+    model = models.load_model(path, dtype=torch.float32)
+    tensors = load_file(path / "model.safetensors")
+    attn, ffn = model.layers[1].attention, model.layers[1].feed_forward
+    assert torch.equal(attn.wqkv.weight, torch.cat([tensors[f"model.layers.1.self_attn.{p}_proj.weight"] for p in "qkv"]))
+    assert torch.equal(attn.wqkv.bias, torch.cat([tensors[f"model.layers.1.self_attn.{p}_proj.bias"] for p in "qkv"]))
+    assert torch.equal(ffn.w13.weight[ffn.w13.rows(1)], tensors["model.layers.1.mlp.up_proj.weight"])
 
 
 def test_unknown_architecture(hf_checkpoint, tmp_path):

@@ -324,7 +324,7 @@ def _hf_copy(model, preset: dict):
     """A transformers LlamaForCausalLM with the same weights, on the GPU."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from models.loading import hf_to_ours
+    from models.loading import fused_rows, hf_to_ours
 
     config = LlamaConfig(**{k: v for k, v in preset.items() if k != "architectures"})
     config._attn_implementation = "sdpa"
@@ -338,7 +338,8 @@ def _hf_copy(model, preset: dict):
     ours = dict(model.named_parameters())
     with torch.no_grad():
         for name, p in hf.named_parameters():
-            p.copy_(ours[hf_to_ours(name)])
+            ours_name, part = hf_to_ours(name)
+            p.copy_(ours[ours_name][fused_rows(model, ours_name, part)])
     return hf.eval()
 
 
