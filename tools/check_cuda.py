@@ -143,6 +143,29 @@ def check_model() -> bool:
     return ok
 
 
+def check_recompiles() -> bool:
+    """Compiled FlexAttention compiles once per mask kind and shape: not once per layer, not again on the next forward."""
+    from torch._dynamo.utils import counters
+
+    args = ModelArgs(vocab_size=1000, dim=256, n_layers=6, n_heads=8, n_kv_heads=2, head_dim=64,
+                     intermediate_size=512, max_seq_len=8192, layer_windows=(None, 300) * 3)  # fmt: skip
+    tokens = torch.randint(0, 1000, (1, 2048), device="cuda")
+    ok = True
+    for name, params in (("global", {}), ("star", {"block_size": 512})):
+        model = _random_on(args, torch.bfloat16, attention.build(name, **params), "cuda")
+        graphs = []
+        for _ in range(2):
+            before = counters["stats"]["unique_graphs"]
+            with torch.no_grad():
+                model(tokens, torch.arange(2048, device="cuda"))
+            graphs.append(counters["stats"]["unique_graphs"] - before)
+        good = graphs[0] <= 2 and graphs[1] == 0  # at most one per window size, over 6 layers
+        ok &= good
+        print(f"{'ok  ' if good else 'FAIL'} {name}: compiled graphs in the first forward {graphs[0]} (2 windows, 6 layers), "
+              f"in the second {graphs[1]}")  # fmt: skip
+    return ok
+
+
 def check_ranks() -> bool:
     """Under torchrun: ring and star (both anchor modes) over NCCL equal the same strategy on one GPU."""
     import torch.distributed as dist
@@ -211,7 +234,7 @@ def main() -> int:
     if "--quick" in sys.argv:  # the decode paths only
         return 0 if check_lean() & check_graphs() else 1
     ok = check_kernels() & check_lean() & check_graphs()
-    ok &= check_model()
+    ok &= check_model() & check_recompiles()
     return 0 if ok else 1
 
 
