@@ -159,9 +159,9 @@ def check_recompiles() -> bool:
             with torch.no_grad():
                 model(tokens, torch.arange(2048, device="cuda"))
             graphs.append(counters["stats"]["unique_graphs"] - before)
-        good = graphs[0] <= 2 and graphs[1] == 0  # at most one per window size, over 6 layers
+        good = graphs[0] <= 4 and graphs[1] == 0  # per window size: the block-mask build and the attention; not per layer
         ok &= good
-        print(f"{'ok  ' if good else 'FAIL'} {name}: compiled graphs in the first forward {graphs[0]} (2 windows, 6 layers), "
+        print(f"{'ok  ' if good else 'FAIL'} {name}: compiled graphs in the first forward {graphs[0]} (2 windows, 6 layers: at most 4), "
               f"in the second {graphs[1]}")  # fmt: skip
     return ok
 
