@@ -34,7 +34,7 @@ MAX_ROWS = 64  # query rows (query heads per KV head x query tokens) one program
 
 @dataclass(frozen=True)
 class LeanConfig:
-    """Launch settings of the Triton kernel (measured on H100/H200 by `tools/bench_decode.py --tune`)."""
+    """Launch settings of the Triton kernel (measured on an H100 by `tools/benchmarks.py decode --tune`)."""
 
     block_n: int = 128  # keys per tile
     warps: int = 4

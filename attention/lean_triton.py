@@ -81,6 +81,12 @@ def _lean_decode(
 
 
 @triton.jit
+def _slot(head, p, total, programs, tiles):
+    """Where program p stored its partial of `head` (`attention.lean.head_parts`)."""
+    return head - (p.to(tl.int64) * total // programs).to(tl.int32) // tiles
+
+
+@triton.jit
 def _lean_combine(
     OUT, LSE, PO, PL, sob, soh, sot, slb, slh, spo_p, spo_s, spo_r, spl_p, spl_s, Hkv, T, total, programs, tiles,
     G: tl.constexpr, D: tl.constexpr, PARTS: tl.constexpr, CHUNK: tl.constexpr,
@@ -94,8 +100,7 @@ def _lean_combine(
     if n > 1:
         parts = tl.arange(0, PARTS)
         p = p_first + parts
-        slot = head - (p.to(tl.int64) * total // programs).to(tl.int32) // tiles
-        lse = tl.load(PL + p * spl_p + slot * spl_s + row, mask=parts < n, other=float("-inf"))
+        lse = tl.load(PL + p * spl_p + _slot(head, p, total, programs, tiles) * spl_s + row, mask=parts < n, other=float("-inf"))
         m = tl.max(lse, 0)
         m_safe = tl.where(m == float("-inf"), 0.0, m)
         total_w = tl.sum(tl.exp(lse - m_safe), 0)
@@ -104,7 +109,7 @@ def _lean_combine(
         for c in range(0, n, CHUNK):
             i = c + tl.arange(0, CHUNK)
             pc = p_first + i
-            slot_c = head - (pc.to(tl.int64) * total // programs).to(tl.int32) // tiles
+            slot_c = _slot(head, pc, total, programs, tiles)
             lse_c = tl.load(PL + pc * spl_p + slot_c * spl_s + row, mask=i < n, other=float("-inf"))
             part = tl.load(PO + (pc * spo_p + slot_c * spo_s + row * spo_r)[:, None] + d[None, :], mask=(i < n)[:, None], other=0.0)
             acc += tl.sum(tl.exp(lse_c - m_safe)[:, None] * part, 0)

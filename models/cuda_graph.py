@@ -3,7 +3,7 @@
 The step's inputs (token, position) live in static buffers; the KV cache claims its next slot from a counter on the
 device (`Transformer.cache_fill`), so every replay appends where the last one stopped. Across ranks (NCCL), every
 rank captures and replays its step together with the others, the phase-2 all-gather of (output, lse) included;
-only the rank that keeps new tokens advances its cache.
+a replay advances the host's count of cache slots by what the captured step claimed.
 """
 
 from __future__ import annotations
@@ -36,8 +36,10 @@ class GraphedDecoder:
             filled = self.model.cache_len
             with torch.cuda.graph(self.graph):
                 self.logits = self.model(self.token, self.position)
-            self.model.cache_len = filled  # capture recorded the step without running it
+            # Capture recorded the step without running it; what it claimed (1 slot, or 0 on a rank that does not
+            # keep new tokens) is what each replay claims.
+            self.claimed = self.model.cache_len - filled
+            self.model.cache_len = filled
         self.graph.replay()
-        if self.model.attention.keeps_new_tokens:
-            self.model.cache_len += 1
+        self.model.cache_len += self.claimed
         return self.logits
