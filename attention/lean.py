@@ -112,12 +112,31 @@ def lean_reference(q: Tensor, k: Tensor, v: Tensor, mask: PositionMask, programs
     return out.view(B, Hkv, g, T, D).reshape(B, Hq, T, D).to(q.dtype), lse.view(B, Hq, T)
 
 
+def stages_that_fit(head_dim: int, itemsize: int, shared_memory: int, config: LeanConfig = CONFIG) -> int:
+    """`config.stages`, or fewer where the K/V tiles of that many stages overflow shared memory; 0 if none fit.
+
+    Triton holds the K and V tiles of max(1, stages - 1) steps in shared memory, plus up to about 32 KB of its own:
+    at 128 keys x 128 dims in fp32 (or head dim 256 in bf16) three stages need 274 KB, over an H100's 227 KB.
+    """
+    ahead = (shared_memory - 32 * 1024) // (2 * config.block_n * head_dim * itemsize)
+    return min(config.stages, 1 + ahead) if ahead > 0 else 0
+
+
+@cache
+def shared_memory(device: torch.device) -> int:
+    """Shared memory one program may use; unlimited off CUDA, where only the interpreter runs the kernel."""
+    if device.type != "cuda":
+        return 1 << 30
+    return getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 96 * 1024)
+
+
 def supports(q: Tensor, k: Tensor, mask: PositionMask) -> bool:
-    """Shapes the Triton kernel takes: a GQA group within MAX_ROWS, power-of-two head dim, no star block mask."""
+    """Shapes the Triton kernel takes: a GQA group within MAX_ROWS, power-of-two head dim whose tiles fit in shared
+    memory, no star block mask."""
     group = q.shape[1] // k.shape[1]
     return (
         q.is_cuda and mask.block_size is None and group <= MAX_ROWS and q.shape[-1] in (16, 32, 64, 128, 256)
-        and _triton() is not None
+        and stages_that_fit(q.shape[-1], q.element_size(), shared_memory(q.device)) > 0 and _triton() is not None
     )  # fmt: skip
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from attention import lean
+
 
 @triton.jit
 def _lean_decode(
@@ -138,7 +140,7 @@ def run(q, k, v, mask, out, lse, parts_out, parts_lse, programs: int, max_parts:
         Hkv, S, T, total, programs, tiles, mask.window or 0, D**-0.5,
         G=G, BLOCK_M=max(16, triton.next_power_of_2(G * T)), BLOCK_N=config.block_n, D=D,
         HAS_WINDOW=mask.window is not None, IEEE=q.dtype.itemsize == 4,
-        num_warps=config.warps, num_stages=config.stages,
+        num_warps=config.warps, num_stages=lean.stages_that_fit(D, q.element_size(), lean.shared_memory(q.device), config),
     )  # fmt: skip
     if max_parts > 1:
         _lean_combine[(B * Hkv, G * T)](

@@ -26,9 +26,18 @@ def merge_partials(outs: Tensor, lses: Tensor) -> tuple[Tensor, Tensor]:
     return out, top + torch.log(total)
 
 
-def merge_two(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
-    """The running form used while partials arrive one at a time (ring steps)."""
-    return merge_partials(torch.stack([out_a.float(), out_b.float()]), torch.stack([lse_a.float(), lse_b.float()]))
+def merge_into(out: Tensor, lse: Tensor, out_b: Tensor, lse_b: Tensor, elements: int = 1 << 25) -> None:
+    """Merge partial b into the running (out fp32, lse fp32) in place: the form ring steps use as shards arrive.
+
+    A chunk of query rows at a time (about `elements` output values): at 512K queries per rank the whole-tensor
+    merge would hold several copies of an 8 GiB fp32 output at once.
+    """
+    rows = max(1, elements // max(1, out[..., 0, :].numel()))
+    for i in range(0, out.shape[-2], rows):
+        r = slice(i, i + rows)
+        merged, merged_lse = merge_partials(torch.stack([out[..., r, :], out_b[..., r, :].float()]), torch.stack([lse[..., r], lse_b[..., r].float()]))
+        out[..., r, :] = merged
+        lse[..., r] = merged_lse
 
 
 def all_gather_merge(out: Tensor, lse: Tensor, group: dist.ProcessGroup | None = None) -> tuple[Tensor, Tensor]:

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from attention.kernels import PositionMask, attend
-from attention.merge import merge_two
+from attention.merge import merge_into
 from attention.strategy import AttentionStrategy, Step
 
 
@@ -70,7 +70,10 @@ class RingAttention(AttentionStrategy):
                     [dist.P2POp(dist.isend, held, nxt, self.group), dist.P2POp(dist.irecv, incoming, prev, self.group)]
                 )
             o, l = attend(q, held[..., :D], held[..., D:], mask, return_lse=True)
-            out, lse = (o.float(), l) if out is None else merge_two(out, lse, o, l)
+            if out is None:
+                out, lse = o.float(), l.float()
+            else:
+                merge_into(out, lse, o, l)
             if s + 1 < self.world:
                 for r in reqs:
                     r.wait()

@@ -7,12 +7,73 @@ parallelism (ring, star) is applied from outside by swapping the strategy, never
 
 from __future__ import annotations
 
+import functools
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attention import AttentionStrategy, GlobalAttention
 from models.config import ModelArgs, rope_inv_freq
+
+
+# Whether the elementwise chains below run compiled on CUDA (tools/benchmarks.py model turns it off for one row, to
+# measure what the fusion gains).
+COMPILE_ELEMENTWISE = True
+
+
+def fused_on_cuda(fn: Callable) -> Callable:
+    """`fn` compiled by Inductor when its first argument is a CUDA tensor, eager otherwise.
+
+    In a decode step each op of an RMSNorm, a rotary embedding or a SwiGLU is its own kernel of a few microseconds,
+    so an 8B model spends more time launching them than computing; compiled, each chain is one fused kernel.
+    """
+    compiled = torch.compile(fn, fullgraph=True)
+
+    @functools.wraps(fn)
+    def run(x: Tensor, *args):
+        return compiled(x, *args) if x.is_cuda and COMPILE_ELEMENTWISE else fn(x, *args)
+
+    return run
+
+
+def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+rms_norm = fused_on_cuda(_rms_norm)
+
+
+@fused_on_cuda
+def add_rms_norm(x: Tensor, y: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """The residual sum x + y and its RMSNorm, in one pass."""
+    h = x + y
+    return h, _rms_norm(h, weight, eps)
+
+
+@fused_on_cuda
+def write_kv(k_cache: Tensor, v_cache: Tensor, slots: Tensor, k: Tensor, v: Tensor) -> None:
+    k_cache[:, :, slots] = k.to(k_cache.dtype)
+    v_cache[:, :, slots] = v.to(v_cache.dtype)
+
+
+@fused_on_cuda
+def apply_rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """Rotary embedding of q and k in the half-split layout of Hugging Face checkpoints; cos/sin are [T, head_dim]."""
+
+    def rotate(x: Tensor) -> Tensor:
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+    return rotate(q), rotate(k)
+
+
+@fused_on_cuda
+def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
+    return F.silu(gate) * up
 
 
 class RMSNorm(nn.Module):
@@ -22,9 +83,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class KVCache(nn.Module):
@@ -37,15 +96,8 @@ class KVCache(nn.Module):
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, slots: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        self.k_cache.index_copy_(2, slots, k.to(self.k_cache.dtype))
-        self.v_cache.index_copy_(2, slots, v.to(self.v_cache.dtype))
+        write_kv(self.k_cache, self.v_cache, slots, k, v)
         return self.k_cache, self.v_cache
-
-
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotary embedding in the half-split layout of Hugging Face checkpoints; cos/sin are [T, head_dim]."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
 class FusedLinear(nn.Linear):
@@ -87,7 +139,7 @@ class Attention(nn.Module):
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = apply_rotary(q, k, cos, sin)
         y = strategy.attend(q, k, v, self.kv_cache, step, window)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -112,7 +164,7 @@ class FeedForward(nn.Module):
 
     def _swiglu(self, x: Tensor) -> Tensor:
         gate, up = self.w13(x)
-        return self.w2(F.silu(gate) * up)
+        return self.w2(silu_mul(gate, up))
 
 
 class TransformerBlock(nn.Module):
@@ -124,8 +176,9 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
     def forward(self, x, cos, sin, strategy, step, window) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, strategy, step, window)
-        return h + self.feed_forward(self.ffn_norm(h))
+        attended = self.attention(self.attention_norm(x), cos, sin, strategy, step, window)
+        h, normed = add_rms_norm(x, attended, self.ffn_norm.weight, self.ffn_norm.eps)
+        return h + self.feed_forward(normed)
 
 
 class Transformer(nn.Module):

@@ -10,7 +10,7 @@ import torch
 import attention
 import models
 from attention.kernels import PositionMask, dense_attend
-from attention.merge import merge_partials
+from attention.merge import merge_into, merge_partials
 from attention.ring import zigzag_shards
 from models.generate import generate_tokens
 from tests.distributed import run_ranks
@@ -42,6 +42,12 @@ def test_merging_random_splits_equals_dense_attention(parts):
     ref_out, ref_lse = reference(q, k, v, q_pos.tolist(), kv_pos.tolist(), None)
     torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=0)
     torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=0)
+    # One partial at a time, in place, 4 query rows per chunk (the last chunk short), as ring steps merge
+    running, running_lse = outs[0].float(), lses[0].float()
+    for o, l in zip(outs[1:], lses[1:]):
+        merge_into(running, running_lse, o, l, elements=4 * 2 * 4 * 8)
+    torch.testing.assert_close(running, out, atol=1e-6, rtol=0)
+    torch.testing.assert_close(running_lse, lse, atol=1e-6, rtol=0)
 
 
 def test_merge_handles_parts_that_saw_nothing():

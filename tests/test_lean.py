@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from attention.kernels import PositionMask
-from attention.lean import head_parts, lean_reference, lean_schedule, max_slots, program_of
+from attention.lean import CONFIG, head_parts, lean_reference, lean_schedule, max_slots, program_of, stages_that_fit
 from tests.test_kernels import reference
 
 
@@ -115,3 +115,12 @@ def test_triton_kernel_equals_dense_attention_in_the_interpreter():
     done = subprocess.run([sys.executable, "-c", textwrap.dedent(KERNEL_CHECK)], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "kernel ok 7" in done.stdout
+
+
+def test_pipeline_stages_shrink_to_fit_shared_memory():
+    h100 = 227 * 1024
+    assert stages_that_fit(128, 2, h100) == CONFIG.stages  # bf16: 64 KB of K/V per stage
+    assert stages_that_fit(128, 4, h100) == 2  # fp32: three stages would need 280 KB
+    assert stages_that_fit(256, 2, h100) == 2
+    assert stages_that_fit(256, 4, h100) == 0  # one stage of fp32 K/V at head dim 256 is already 256 KB
+    assert stages_that_fit(64, 4, 99 * 1024) == 2

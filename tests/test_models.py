@@ -208,3 +208,25 @@ def test_long_inputs_run_the_mlp_in_chunks_with_the_same_result(monkeypatch):
     whole = mlp(x)
     monkeypatch.setattr(FeedForward, "chunk", 7)  # 15 chunks, the last one short
     torch.testing.assert_close(mlp(x), whole, rtol=1e-6, atol=1e-6)
+
+
+def test_fused_elementwise_chains_compile_without_graph_breaks():
+    """On CUDA these run compiled with fullgraph=True: a graph break would fail there, so trace them here."""
+    from models.transformer import add_rms_norm, apply_rotary, rms_norm, silu_mul, write_kv
+
+    torch._dynamo.reset()
+    x, w = torch.randn(2, 5, 16), torch.randn(16)
+    q, k, cos, sin = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 5, 8), torch.randn(5, 8), torch.randn(5, 8)
+    cases = [(rms_norm, (x, w, 1e-5)), (add_rms_norm, (x, x.flip(0), w, 1e-5)), (apply_rotary, (q, k, cos, sin)),
+             (silu_mul, (x, x.flip(0)))]  # fmt: skip
+    for fn, args in cases:
+        traced = torch.compile(fn.__wrapped__, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(traced(*args), fn(*args))
+    caches = [torch.zeros(2, 2, 9, 8, dtype=torch.bfloat16) for _ in range(4)]
+    slots = torch.tensor([6, 2, 3, 0, 8])
+    write_kv(caches[0], caches[1], slots, k, k.flip(0))
+    torch.compile(write_kv.__wrapped__, fullgraph=True, backend="aot_eager")(caches[2], caches[3], slots, k, k.flip(0))
+    for got, want in ((caches[2], caches[0]), (caches[3], caches[1])):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(caches[0][:, :, slots], k.to(torch.bfloat16), rtol=0, atol=0)
+    assert caches[0][:, :, [1, 4, 5, 7]].eq(0).all()

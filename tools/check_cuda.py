@@ -18,7 +18,7 @@ if __package__ in (None, ""):
 
 import attention  # noqa: E402
 from attention.kernels import PositionMask, attend, dense_attend  # noqa: E402
-from models import ModelArgs, random_model  # noqa: E402
+from models import ModelArgs, random_model, transformer  # noqa: E402
 
 TOLERANCE = {torch.bfloat16: 1e-2, torch.float32: 1e-4}
 
@@ -86,13 +86,20 @@ def check_lean() -> bool:
         ("3 queries over a cache with empty slots", 1, 32, 8, ar(5000, 5003), torch.cat([ar(5003), torch.full((997,), -1)]), None),
         ("8 queries, GQA 8", 1, 64, 8, ar(3000, 3008), ar(3008), None),
         ("64 queries in chunks, GQA 4", 1, 32, 8, ar(9000, 9064), ar(9064), None),
+        ("head dim 256, 20000 keys", 1, 16, 4, ar(19999, 20000), ar(20000), None),
     ]
     for dtype in (torch.bfloat16, torch.float32):
         for name, B, hq, hkv, q_pos, kv_pos, window in cases:
+            D = 256 if "head dim 256" in name else 128
             mask = PositionMask(q_pos.cuda(), kv_pos.cuda(), window)
-            q = torch.randn(B, hq, len(q_pos), 128, device="cuda", generator=g).to(dtype)
-            k = torch.randn(B, hkv, len(kv_pos), 128, device="cuda", generator=g).to(dtype)
-            v = torch.randn(B, hkv, len(kv_pos), 128, device="cuda", generator=g).to(dtype)
+            q = torch.randn(B, hq, len(q_pos), D, device="cuda", generator=g).to(dtype)
+            k = torch.randn(B, hkv, len(kv_pos), D, device="cuda", generator=g).to(dtype)
+            v = torch.randn(B, hkv, len(kv_pos), D, device="cuda", generator=g).to(dtype)
+            if not lean.supports(q, k, mask):  # fp32 tiles of head dim 256 overflow shared memory: the dense path
+                good = dtype == torch.float32 and D == 256
+                ok &= good
+                print(f"{'ok  ' if good else 'FAIL'} lean {str(dtype):15} {name:42} not taken (tiles exceed shared memory)")
+                continue
             out, lse = lean.lean_attend(q, k, v, mask)
             repeats = [lean.lean_attend(q, k, v, mask) for _ in range(20)]
             same = all(torch.equal(o, out) and torch.equal(l, lse) for o, l in repeats)
@@ -140,6 +147,19 @@ def check_model() -> bool:
         good = err < 1e-3
         ok &= good
         print(f"{'ok  ' if good else 'FAIL'} model {name:8} CUDA vs CPU fp32 logits: max abs diff {err:.2e}")
+    # bf16: the compiled norm/rotary/SwiGLU keep fp32 intermediates where eager rounds each op to bf16, so compare
+    # the two on the same GPU relative to the logits' scale.
+    model = _random_on(args, torch.bfloat16, attention.build("global"), "cuda")
+    outs = []
+    for fused in (True, False):
+        transformer.COMPILE_ELEMENTWISE = fused
+        with torch.no_grad():
+            outs.append(model(tokens.cuda(), torch.arange(700, device="cuda")).float())
+    transformer.COMPILE_ELEMENTWISE = True
+    err = ((outs[0] - outs[1]).abs().max() / outs[1].abs().max()).item()
+    good = err < 3e-2
+    ok &= good
+    print(f"{'ok  ' if good else 'FAIL'} model bf16 logits, compiled vs eager norm/rotary/SwiGLU: rel diff {err:.2e}")
     return ok
 
 
@@ -159,9 +179,11 @@ def check_recompiles() -> bool:
             with torch.no_grad():
                 model(tokens, torch.arange(2048, device="cuda"))
             graphs.append(counters["stats"]["unique_graphs"] - before)
-        good = graphs[0] <= 4 and graphs[1] == 0  # per window size: the block-mask build and the attention; not per layer
+        # Per window size the block-mask build and the attention, plus the fused elementwise chains (models.transformer)
+        # the first time they see this shape; once per layer would be 12 or more.
+        good = graphs[0] <= 9 and graphs[1] == 0
         ok &= good
-        print(f"{'ok  ' if good else 'FAIL'} {name}: compiled graphs in the first forward {graphs[0]} (2 windows, 6 layers: at most 4), "
+        print(f"{'ok  ' if good else 'FAIL'} {name}: compiled graphs in the first forward {graphs[0]} (2 windows, 6 layers: at most 9), "
               f"in the second {graphs[1]}")  # fmt: skip
     return ok
 
