@@ -128,6 +128,7 @@ def test_a_killed_rank_ends_the_run(smollm2_dir, tmp_path):
         (["ctx=16k"], "ctx=16k (16384 tokens) is longer than smollm2 supports"),
         (["parallel.nproc=0"], "parallel.nproc must be >= 1"),
         (["model=llama3"], "names no checkpoint"),
+        (["task=bench", "task.new_tokens=3"], "use task.new_tokens >= 4"),
     ],
 )
 def test_bad_overrides_are_clear_errors(overrides, message, tmp_path):
