@@ -35,9 +35,8 @@ def merge_into(out: Tensor, lse: Tensor, out_b: Tensor, lse_b: Tensor, elements:
     rows = max(1, elements // max(1, out[..., 0, :].numel()))
     for i in range(0, out.shape[-2], rows):
         r = slice(i, i + rows)
-        merged, merged_lse = merge_partials(torch.stack([out[..., r, :], out_b[..., r, :].float()]), torch.stack([lse[..., r], lse_b[..., r].float()]))
-        out[..., r, :] = merged
-        lse[..., r] = merged_lse
+        outs = torch.stack([out[..., r, :], out_b[..., r, :].float()])
+        out[..., r, :], lse[..., r] = merge_partials(outs, torch.stack([lse[..., r], lse_b[..., r].float()]))
 
 
 def all_gather_merge(out: Tensor, lse: Tensor, group: dist.ProcessGroup | None = None) -> tuple[Tensor, Tensor]:
