@@ -28,8 +28,10 @@ def fused_on_cuda(fn: Callable) -> Callable:
 
     In a decode step each op of an RMSNorm, a rotary embedding or a SwiGLU is its own kernel of a few microseconds,
     so an 8B model spends more time launching them than computing; compiled, each chain is one fused kernel.
+    Not `fullgraph=True`: past dynamo's recompile limit (many shapes in one process) that fails hard, where this
+    falls back to eager; tests/test_models.py checks that each chain traces as one graph.
     """
-    compiled = torch.compile(fn, fullgraph=True)
+    compiled = torch.compile(fn)
 
     @functools.wraps(fn)
     def run(x: Tensor, *args):
