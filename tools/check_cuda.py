@@ -78,19 +78,18 @@ def check_lean() -> bool:
     g = torch.Generator(device="cuda").manual_seed(1)
     ar = torch.arange
     cases = [
-        ("decode, 1 query, 8191 keys", 1, 32, 8, ar(8190, 8191), ar(8191), None),
-        ("decode, batch 4, 100003 keys", 4, 32, 4, ar(100002, 100003), ar(100003), None),
-        ("decode, 1M keys, GQA 4", 1, 32, 8, ar(2**20 - 1, 2**20), ar(2**20), None),
-        ("decode, 1 KV head, 300001 keys, GQA 8", 1, 8, 1, ar(300000, 300001), ar(300001), None),
-        ("decode, window 4096", 2, 28, 4, ar(20000, 20001), ar(20001), 4096),
-        ("3 queries over a cache with empty slots", 1, 32, 8, ar(5000, 5003), torch.cat([ar(5003), torch.full((997,), -1)]), None),
-        ("8 queries, GQA 8", 1, 64, 8, ar(3000, 3008), ar(3008), None),
-        ("64 queries in chunks, GQA 4", 1, 32, 8, ar(9000, 9064), ar(9064), None),
-        ("head dim 256, 20000 keys", 1, 16, 4, ar(19999, 20000), ar(20000), None),
+        ("decode, 1 query, 8191 keys", 1, 32, 8, ar(8190, 8191), ar(8191), None, 128),
+        ("decode, batch 4, 100003 keys", 4, 32, 4, ar(100002, 100003), ar(100003), None, 128),
+        ("decode, 1M keys, GQA 4", 1, 32, 8, ar(2**20 - 1, 2**20), ar(2**20), None, 128),
+        ("decode, 1 KV head, 300001 keys, GQA 8", 1, 8, 1, ar(300000, 300001), ar(300001), None, 128),
+        ("decode, window 4096", 2, 28, 4, ar(20000, 20001), ar(20001), 4096, 128),
+        ("3 queries over a cache with empty slots", 1, 32, 8, ar(5000, 5003), torch.cat([ar(5003), torch.full((997,), -1)]), None, 128),
+        ("8 queries, GQA 8", 1, 64, 8, ar(3000, 3008), ar(3008), None, 128),
+        ("64 queries in chunks, GQA 4", 1, 32, 8, ar(9000, 9064), ar(9064), None, 128),
+        ("head dim 256, 20000 keys", 1, 16, 4, ar(19999, 20000), ar(20000), None, 256),
     ]
     for dtype in (torch.bfloat16, torch.float32):
-        for name, B, hq, hkv, q_pos, kv_pos, window in cases:
-            D = 256 if "head dim 256" in name else 128
+        for name, B, hq, hkv, q_pos, kv_pos, window, D in cases:
             mask = PositionMask(q_pos.cuda(), kv_pos.cuda(), window)
             q = torch.randn(B, hq, len(q_pos), D, device="cuda", generator=g).to(dtype)
             k = torch.randn(B, hkv, len(kv_pos), D, device="cuda", generator=g).to(dtype)
