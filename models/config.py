@@ -1,7 +1,9 @@
 """Model configuration: one dataclass for every supported family, built from a Hugging Face `config.json`.
 
-Family differences are data: biases, q/k norms, sliding windows, rope scaling and tied embeddings are
-fields here, and `models/transformer.py` reads them. Nothing else in the project branches on the family.
+Family differences are data: biases, q/k norms, sliding windows, rope scaling and tied embeddings, and Gemma 3's
+scaled embeddings, offset norms, four norms per block, GELU MLP, query scale, per-layer-type rope and logit
+soft-capping are fields here, and `models/transformer.py` reads them. Nothing else in the project branches on the
+family.
 """
 
 from __future__ import annotations
@@ -19,8 +21,12 @@ SUPPORTED_ARCHITECTURES = (
     "MistralForCausalLM",
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
+    "Gemma3ForCausalLM",
 )
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+MLP_ACTIVATIONS = ("silu", "gelu_tanh")
+# Hugging Face activation names -> ours.
+_HF_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
 
 
 @dataclass
@@ -44,8 +50,20 @@ class ModelArgs:
     qk_norm: bool = False
     # One entry per layer: the sliding-window size of that layer, or None for full attention.
     layer_windows: tuple[int | None, ...] = field(default_factory=tuple)
+    # Rotary base and scaling of the sliding-window layers where they differ from the full-attention layers'
+    # (Gemma 3: 10,000 and no scaling locally, 1,000,000 and the checkpoint's scaling globally).
+    local_rope_theta: float | None = None
+    local_rope_scaling: dict[str, Any] | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # Gemma: embeddings times sqrt(dim), RMSNorm as x * (norm_offset + w), a norm after attention and after the MLP
+    # too (sandwich_norms), a GELU-gated MLP, a query scale other than head_dim**-0.5, tanh-capped logits.
+    embed_scale: float = 1.0
+    norm_offset: float = 0.0
+    sandwich_norms: bool = False
+    mlp_act: str = "silu"
+    attn_scale: float | None = None  # None: head_dim**-0.5
+    final_softcap: float | None = None
 
     def __post_init__(self) -> None:
         if not self.layer_windows:
@@ -56,9 +74,12 @@ class ModelArgs:
             raise ValueError(f"layer_windows has {len(self.layer_windows)} entries for {self.n_layers} layers")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
-        rope_type = (self.rope_scaling or {}).get("rope_type", "default")
-        if rope_type not in SUPPORTED_ROPE_TYPES:
-            raise ValueError(f"rope scaling type {rope_type!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}")
+        for scaling in (self.rope_scaling, self.local_rope_scaling):
+            rope_type = (scaling or {}).get("rope_type", "default")
+            if rope_type not in SUPPORTED_ROPE_TYPES:
+                raise ValueError(f"rope scaling type {rope_type!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}")
+        if self.mlp_act not in MLP_ACTIVATIONS:
+            raise ValueError(f"MLP activation {self.mlp_act!r} is not supported; supported: {MLP_ACTIVATIONS}")
 
     @property
     def family(self) -> str:
@@ -67,8 +88,13 @@ class ModelArgs:
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> "ModelArgs":
         """Build from the dict of a Hugging Face `config.json` (transformers 4.x or 5.x layout)."""
+        if not isinstance(cfg, dict):
+            raise ValueError(f"a model config must be a JSON object; got {type(cfg).__name__}")
+        cfg = _text_part(cfg)
         archs = cfg.get("architectures") or []
         arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        if arch is None and cfg.get("model_type") == "gemma3_text":
+            arch = "Gemma3ForCausalLM"
         if arch is None:
             raise ValueError(
                 f"unsupported architecture {archs or cfg.get('model_type')!r}; "
@@ -80,6 +106,9 @@ class ModelArgs:
         rope_theta, rope_scaling = _rope_settings(cfg)
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        gemma = _gemma_fields(cfg, head_dim) if arch == "Gemma3ForCausalLM" else {}
+        if gemma:
+            rope_theta, rope_scaling = gemma.pop("rope")
         return cls(
             architecture=arch,
             vocab_size=cfg["vocab_size"],
@@ -97,10 +126,11 @@ class ModelArgs:
             qkv_bias=arch == "Qwen2ForCausalLM" or bool(cfg.get("attention_bias", False)),
             o_bias=arch != "Qwen2ForCausalLM" and bool(cfg.get("attention_bias", False)),
             mlp_bias=bool(cfg.get("mlp_bias", False)),
-            qk_norm=arch == "Qwen3ForCausalLM",
+            qk_norm=arch in ("Qwen3ForCausalLM", "Gemma3ForCausalLM"),
             layer_windows=_layer_windows(arch, cfg, n_layers),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
+            **gemma,
         )
 
     @classmethod
@@ -109,6 +139,59 @@ class ModelArgs:
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: a checkpoint directory needs the config.json of the model")
         return cls.from_hf(json.loads(path.read_text()))
+
+
+def _text_part(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A Gemma 3 config that only nests the text model's keys under `text_config` is read as that text model."""
+    if cfg.get("model_type") != "gemma3" and "text_config" not in cfg:
+        return cfg
+    if cfg.get("vision_config") is not None:
+        raise ValueError(
+            "this is a Gemma 3 vision-language config (it has a vision_config): longctx runs text models only; "
+            "use a text-only checkpoint (Gemma3ForCausalLM, model_type gemma3_text)"
+        )
+    text = cfg.get("text_config")
+    if not isinstance(text, dict):
+        raise ValueError("a gemma3 config without a vision tower must nest the text model's keys in text_config")
+    return {**text, "model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"]}
+
+
+# Gemma 3 keys that change the computation but that this project does not implement: refused, not ignored.
+_GEMMA_UNSUPPORTED = {
+    "attn_logit_softcapping": None,  # None (the value in every Gemma 3 release) is the only supported value
+    "use_bidirectional_attention": False,
+}
+
+
+def _gemma_fields(cfg: dict[str, Any], head_dim: int) -> dict[str, Any]:
+    for key, supported in _GEMMA_UNSUPPORTED.items():
+        if cfg.get(key, supported) not in (supported,):
+            raise ValueError(f"Gemma 3 config key {key}={cfg[key]!r} is not supported (only {supported!r})")
+    act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh"
+    if act not in _HF_ACTIVATIONS:
+        raise ValueError(f"Gemma 3 config: hidden_activation {act!r} is not supported; supported: {', '.join(_HF_ACTIVATIONS)}")
+    # Full-attention and sliding-window layers each have their rope: transformers 5 keys `rope_parameters` by layer
+    # type; 4.x checkpoints carry rope_theta + rope_scaling (full) and rope_local_base_freq (sliding).
+    params = cfg.get("rope_parameters") or {}
+    by_type = params if "full_attention" in params or "sliding_attention" in params else None
+    if by_type is not None:
+        full = _rope_settings({"rope_parameters": {"rope_theta": 1_000_000.0, **(by_type.get("full_attention") or {})}})
+        local = _rope_settings({"rope_parameters": {"rope_theta": 10_000.0, **(by_type.get("sliding_attention") or {})}})
+    else:
+        full = _rope_settings({"rope_theta": 1_000_000.0, **cfg})
+        local = (float(cfg.get("rope_local_base_freq", 10_000.0)), None)
+    cap = cfg.get("final_logit_softcapping")
+    return {
+        "rope": full,
+        "local_rope_theta": local[0],
+        "local_rope_scaling": local[1],
+        "embed_scale": cfg["hidden_size"] ** 0.5,
+        "norm_offset": 1.0,
+        "sandwich_norms": True,
+        "mlp_act": _HF_ACTIVATIONS[act],
+        "attn_scale": float(cfg.get("query_pre_attn_scalar", head_dim)) ** -0.5,
+        "final_softcap": float(cap) if cap else None,
+    }
 
 
 def _rope_settings(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
@@ -129,18 +212,29 @@ def _layer_windows(arch: str, cfg: dict[str, Any], n_layers: int) -> tuple[int |
     if window is None:
         return (None,) * n_layers
     if types := cfg.get("layer_types"):
+        unknown = set(types) - {"sliding_attention", "full_attention"}
+        if unknown or len(types) != n_layers:
+            raise ValueError(
+                f"layer_types must name sliding_attention or full_attention for each of the {n_layers} layers; "
+                f"got {len(types)} entries{f' with {sorted(unknown)}' if unknown else ''}"
+            )
         return tuple(window if t == "sliding_attention" else None for t in types)
+    if arch == "Gemma3ForCausalLM":  # older configs: every `sliding_window_pattern`-th layer attends fully
+        pattern = cfg.get("sliding_window_pattern", 6)
+        return tuple(window if (i + 1) % pattern else None for i in range(n_layers))
     if arch == "MistralForCausalLM":
         return (window,) * n_layers
     first = cfg.get("max_window_layers", n_layers)  # Qwen: layers from this index on use the window
     return tuple(window if i >= first else None for i in range(n_layers))
 
 
-def rope_inv_freq(args: ModelArgs, device: torch.device | str | None = None) -> torch.Tensor:
-    """Inverse rotary frequencies (fp32), with linear or Llama-3 scaling applied."""
+def rope_inv_freq(args: ModelArgs, device: torch.device | str | None = None, local: bool = False) -> torch.Tensor:
+    """Inverse rotary frequencies (fp32), with linear or Llama-3 scaling applied; `local`: those of the
+    sliding-window layers (which differ only where `local_rope_theta` is set)."""
     d = args.head_dim
-    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
-    scaling = args.rope_scaling or {}
+    theta, scaling = (args.local_rope_theta, args.local_rope_scaling) if local else (args.rope_theta, args.rope_scaling)
+    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
+    scaling = scaling or {}
     kind = scaling.get("rope_type", "default")
     if kind == "linear":
         return inv_freq / scaling["factor"]

@@ -32,20 +32,33 @@ _LAYER_NAMES = {
     "input_layernorm": ("attention_norm", None),
     "post_attention_layernorm": ("ffn_norm", None),
 }
+# Gemma's blocks have four norms: its post_attention_layernorm norms the attention output, and the norm in front of
+# the MLP (Llama's post_attention_layernorm) is pre_feedforward_layernorm.
+_SANDWICH_NAMES = _LAYER_NAMES | {
+    "post_attention_layernorm": ("attention_post_norm", None),
+    "pre_feedforward_layernorm": ("ffn_norm", None),
+    "post_feedforward_layernorm": ("ffn_post_norm", None),
+}
+# Where text models nested in a multimodal checkpoint keep their tensors (transformers 5, 4.x).
+_NESTED_PREFIXES = {"model.language_model.": "model.", "language_model.model.": "model.", "language_model.lm_head.": "lm_head."}
 _TOP_NAMES = {"model.embed_tokens": "tok_embeddings", "model.norm": "norm", "lm_head": "output"}
 _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
 # Tensors some checkpoints carry that the model recomputes.
 _IGNORED_RE = re.compile(r".*rotary_emb\.inv_freq")
 
 
-def hf_to_ours(name: str) -> tuple[str, int | None] | None:
+def hf_to_ours(name: str, sandwich_norms: bool = False) -> tuple[str, int | None] | None:
     """Our parameter name for a Hugging Face tensor name and, for a fused projection, the part it fills; None if the
-    name is not a model weight."""
+    name is not a model weight. `sandwich_norms`: the model has Gemma's four norms per block."""
+    for prefix, plain in _NESTED_PREFIXES.items():
+        if name.startswith(prefix):
+            name = plain + name.removeprefix(prefix)
     if m := _LAYER_RE.fullmatch(name):
         layer, module, kind = m.groups()
-        if module not in _LAYER_NAMES:
+        names = _SANDWICH_NAMES if sandwich_norms else _LAYER_NAMES
+        if module not in names:
             return None
-        ours, part = _LAYER_NAMES[module]
+        ours, part = names[module]
         return f"layers.{layer}.{ours}.{kind}", part
     module, _, kind = name.rpartition(".")
     return (f"{_TOP_NAMES[module]}.{kind}", None) if module in _TOP_NAMES else None
@@ -88,7 +101,7 @@ def load_weights(model: Transformer, path: Path, dtype: torch.dtype, device: tor
                 for hf_name in f.keys():
                     if _IGNORED_RE.fullmatch(hf_name):
                         continue
-                    name, part = hf_to_ours(hf_name) or (None, None)
+                    name, part = hf_to_ours(hf_name, model.args.sandwich_norms) or (None, None)
                     if name == "output.weight" and model.args.tie_embeddings:
                         continue  # tied: the embedding serves as the output projection
                     if name not in params:

@@ -144,12 +144,14 @@ class HFTokenizer(Tokenizer):
 
 
 class SentencePieceTokenizer(Tokenizer):
-    """A sentencepiece tokenizer.model (Llama 2, Mistral)."""
+    """A sentencepiece tokenizer.model (Llama 2, Mistral, Gemma)."""
 
     def __init__(self, file: Path, config: dict[str, Any], chat_template: str | None):
         import sentencepiece as spm
 
         self.sp = spm.SentencePieceProcessor(model_file=str(file))
+        # Whether the model puts a "▁" in front of the text (Llama 2, Mistral) or not (Gemma).
+        self._dummy_prefix = self.sp.encode_as_pieces("a")[0].startswith("▁")
         special = {
             self.sp.id_to_piece(i): i
             for i in range(self.sp.get_piece_size())
@@ -166,13 +168,15 @@ class SentencePieceTokenizer(Tokenizer):
     def _encode_plain(self, text: str, first: bool) -> list[int]:
         # As transformers does: only text at the very start gets the "▁" prefix, and only if it has no leading
         # space already. Otherwise encode behind the unknown token, which takes the prefix, and drop it.
-        if first and not text.startswith(" "):
+        if not self._dummy_prefix or (first and not text.startswith(" ")):
             return self.sp.encode(text)
         return self.sp.encode(self._unk + text)[self._unk_len :]
 
     def _decode_plain(self, ids: list[int], first: bool) -> str:
-        text = self.sp.decode(ids)  # drops the leading "▁" of the first piece
-        return text if first or not self.sp.id_to_piece(ids[0]).startswith("▁") else " " + text
+        text = self.sp.decode(ids)  # with a dummy prefix, drops the leading "▁" of the first piece
+        if first or not self._dummy_prefix or not self.sp.id_to_piece(ids[0]).startswith("▁"):
+            return text
+        return " " + text
 
 
 class TiktokenTokenizer(Tokenizer):

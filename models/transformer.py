@@ -1,7 +1,7 @@
-"""One decoder-only Transformer for Llama 2/3, Mistral, Qwen2/2.5 and Qwen3.
+"""One decoder-only Transformer for Llama 2/3, Mistral, Qwen2/2.5, Qwen3 and Gemma 3.
 
-RMSNorm, rotary embeddings, grouped-query attention and a SwiGLU MLP; which biases, norms and windows a family
-uses comes from `ModelArgs`. Attention itself is delegated to an `AttentionStrategy` held by the model, so
+RMSNorm, rotary embeddings, grouped-query attention and a gated MLP; which biases, norms, activations, windows and
+rotary bases a family uses comes from `ModelArgs`. Attention itself is delegated to an `AttentionStrategy` held by the model, so
 parallelism (ring, star) is applied from outside by swapping the strategy, never by editing this file.
 """
 
@@ -40,9 +40,13 @@ def fused_on_cuda(fn: Callable) -> Callable:
     return run
 
 
-def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+def _rms_norm(x: Tensor, weight: Tensor, eps: float, offset: float = 0.0) -> Tensor:
+    """RMSNorm times `weight`, or times `offset + weight` in fp32 before the cast back (Gemma), as each family's
+    reference rounds it."""
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if offset:
+        return (xf * (offset + weight.float())).to(x.dtype)
     return weight * xf.to(x.dtype)
 
 
@@ -50,10 +54,10 @@ rms_norm = fused_on_cuda(_rms_norm)
 
 
 @fused_on_cuda
-def add_rms_norm(x: Tensor, y: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+def add_rms_norm(x: Tensor, y: Tensor, weight: Tensor, eps: float, offset: float = 0.0) -> tuple[Tensor, Tensor]:
     """The residual sum x + y and its RMSNorm, in one pass."""
     h = x + y
-    return h, _rms_norm(h, weight, eps)
+    return h, _rms_norm(h, weight, eps, offset)
 
 
 @fused_on_cuda
@@ -78,14 +82,23 @@ def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
     return F.silu(gate) * up
 
 
+@fused_on_cuda
+def gelu_tanh_mul(gate: Tensor, up: Tensor) -> Tensor:
+    return F.gelu(gate, approximate="tanh") * up
+
+
+GATED_ACTIVATIONS = {"silu": silu_mul, "gelu_tanh": gelu_tanh_mul}
+
+
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, offset: float = 0.0):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.offset = eps, offset
+        # With an offset the checkpoint stores w of x * (offset + w): 0 is the identity.
+        self.weight = nn.Parameter(torch.full((dim,), 1.0 - offset))
 
     def forward(self, x: Tensor) -> Tensor:
-        return rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps, self.offset)
 
 
 class KVCache(nn.Module):
@@ -128,8 +141,10 @@ class Attention(nn.Module):
         self.wqkv = FusedLinear(args.dim, (q_size, kv_size, kv_size), bias=args.qkv_bias)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=args.o_bias)
         if args.qk_norm:
-            self.q_norm = RMSNorm(args.head_dim, args.norm_eps)
-            self.k_norm = RMSNorm(args.head_dim, args.norm_eps)
+            self.q_norm = RMSNorm(args.head_dim, args.norm_eps, args.norm_offset)
+            self.k_norm = RMSNorm(args.head_dim, args.norm_eps, args.norm_offset)
+        # Every kernel scales scores by head_dim**-0.5; a family with another query scale pre-scales q.
+        self.q_scale = 1.0 if args.attn_scale is None else args.attn_scale * args.head_dim**0.5
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, strategy: AttentionStrategy, step, window: int | None) -> Tensor:
@@ -142,6 +157,8 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         q, k = apply_rotary(q, k, cos, sin)
+        if self.q_scale != 1.0:
+            q = q * self.q_scale
         y = strategy.attend(q, k, v, self.kv_cache, step, window)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -155,6 +172,7 @@ class FeedForward(nn.Module):
         super().__init__()
         self.w13 = FusedLinear(args.dim, (args.intermediate_size,) * 2, bias=args.mlp_bias)  # gate, up
         self.w2 = nn.Linear(args.intermediate_size, args.dim, bias=args.mlp_bias)  # down
+        self.act_mul = GATED_ACTIVATIONS[args.mlp_act]
 
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[1] <= self.chunk:
@@ -166,7 +184,7 @@ class FeedForward(nn.Module):
 
     def _swiglu(self, x: Tensor) -> Tensor:
         gate, up = self.w13(x)
-        return self.w2(silu_mul(gate, up))
+        return self.w2(self.act_mul(gate, up))
 
 
 class TransformerBlock(nn.Module):
@@ -174,13 +192,21 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.attention = Attention(args)
         self.feed_forward = FeedForward(args)
-        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
-        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps, args.norm_offset)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps, args.norm_offset)
+        if args.sandwich_norms:  # Gemma: the outputs of attention and MLP are normed before the residual add
+            self.attention_post_norm = RMSNorm(args.dim, args.norm_eps, args.norm_offset)
+            self.ffn_post_norm = RMSNorm(args.dim, args.norm_eps, args.norm_offset)
 
     def forward(self, x, cos, sin, strategy, step, window) -> Tensor:
         attended = self.attention(self.attention_norm(x), cos, sin, strategy, step, window)
-        h, normed = add_rms_norm(x, attended, self.ffn_norm.weight, self.ffn_norm.eps)
-        return h + self.feed_forward(normed)
+        if hasattr(self, "attention_post_norm"):
+            attended = self.attention_post_norm(attended)
+        h, normed = add_rms_norm(x, attended, self.ffn_norm.weight, self.ffn_norm.eps, self.ffn_norm.offset)
+        out = self.feed_forward(normed)
+        if hasattr(self, "ffn_post_norm"):
+            out = self.ffn_post_norm(out)
+        return h + out
 
 
 class Transformer(nn.Module):
@@ -190,19 +216,25 @@ class Transformer(nn.Module):
         self.attention = attention or GlobalAttention()
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
-        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.norm = RMSNorm(args.dim, args.norm_eps, args.norm_offset)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.tie_weights()
-        self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
+        self.init_buffers(None)
         self.cache_len = 0  # slots of the KV cache in use
 
     def tie_weights(self) -> None:
         if self.args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
 
-    def init_buffers(self, device: torch.device | str) -> None:
-        """Recompute the non-persistent buffers, e.g. after building on the meta device."""
-        self.inv_freq = rope_inv_freq(self.args, device)
+    def init_buffers(self, device: torch.device | str | None) -> None:
+        """(Re)compute the non-persistent buffers, e.g. after building on the meta device: the rotary frequencies,
+        one row per distinct rope (full-attention layers first, then sliding-window layers where theirs differs)."""
+        ropes = [rope_inv_freq(self.args, device)]
+        if self.args.local_rope_theta is not None:
+            ropes.append(rope_inv_freq(self.args, device, local=True))
+        self.register_buffer("inv_freq", torch.stack(ropes), persistent=False)
+        # Which row of inv_freq each layer uses.
+        self.layer_rope = [int(w is not None and len(ropes) > 1) for w in self.args.layer_windows]
 
     @property
     def has_cache(self) -> bool:
@@ -251,13 +283,18 @@ class Transformer(nn.Module):
         if positions.shape != (T,):
             raise ValueError(f"positions must have shape ({T},), one per token; got {tuple(positions.shape)}")
         step = self.attention.begin(self, positions)
-        freqs = positions[:, None].float() * self.inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
         h = self.tok_embeddings(tokens)
+        if self.args.embed_scale != 1.0:  # rounded to the activations' dtype first, as Gemma's reference does
+            h = h * float(torch.tensor(self.args.embed_scale, dtype=h.dtype))
+        freqs = positions[None, :, None].float() * self.inv_freq[:, None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos().to(h.dtype), emb.sin().to(h.dtype)
-        for layer, window in zip(self.layers, self.args.layer_windows):
-            h = layer(h, cos, sin, self.attention, step, window)
+        for layer, window, rope in zip(self.layers, self.args.layer_windows, self.layer_rope):
+            h = layer(h, cos[rope], sin[rope], self.attention, step, window)
         h = self.norm(h)
         if last_only:
             h = h[:, -1:]
-        return self.output(h)
+        logits = self.output(h)
+        if self.args.final_softcap is not None:
+            logits = torch.tanh(logits / self.args.final_softcap) * self.args.final_softcap
+        return logits

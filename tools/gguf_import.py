@@ -1,8 +1,14 @@
 """Read a GGUF file (llama.cpp) as Hugging Face tensors, config and tokenizer files.
 
 Tensors are dequantized with the `gguf` package; llama.cpp's row permutation of q/k (applied to the `llama`
-architecture only) is undone; `config.json` comes from the GGUF metadata and the byte-level BPE vocabulary
-becomes a `tokenizer.json`.
+architecture only) is undone; `config.json` comes from the GGUF metadata. A byte-level BPE vocabulary (`gpt2`)
+becomes a `tokenizer.json`; a SentencePiece vocabulary (`llama`: Llama 2, Mistral, Gemma) becomes the
+`tokenizer.model` those checkpoints ship, rebuilt from the pieces, scores and types.
+
+Gemma's norm weights: Hugging Face checkpoints store w of x * (1 + w); llama.cpp's converter stores 1 + w (it adds
+one to every tensor whose name ends in `norm.weight`, q/k norms included, so that its kernels multiply by the
+stored weight). `tensors` subtracts the one again, as transformers' own GGUF reader does;
+tests/test_gemma3.py checks the converted Gemma 3 270M against transformers' reading of the same GGUF.
 """
 
 from __future__ import annotations
@@ -15,13 +21,20 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "gemma3": "Gemma3ForCausalLM",
+}  # fmt: skip
 # GGUF tensor name -> Hugging Face name; `{}` is the layer index.
 _LAYER = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+}  # fmt: skip
+# Gemma 3's four norms per block: llama.cpp's ffn_norm is the norm in front of the MLP.
+_GEMMA3_LAYER = _LAYER | {
+    "post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
 }  # fmt: skip
 _TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 # Pre-tokenizer split patterns by `tokenizer.ggml.pre`; others use GPT-2's byte-level regex.
@@ -33,7 +46,11 @@ _SPLIT_PATTERNS = {
     "llama3": _LLAMA3_SPLIT,
     "qwen2": _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}"),
 }
-_CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
+_UNKNOWN, _CONTROL, _USER_DEFINED, _BYTE = 2, 3, 4, 6  # llama.cpp token types (SentencePiece's piece types use the same numbers)
+# Gemma 3 hyperparameters that llama.cpp does not store but fixes in its code: every 6th layer attends fully, the
+# sliding-window layers use rope base 10,000, queries are scaled by head_dim**-0.5 (27B, the one 62-layer model:
+# (hidden / heads)**-0.5).
+_GEMMA3_PATTERN, _GEMMA3_LOCAL_ROPE, _GEMMA3_27B_LAYERS = 6, 10_000.0, 62
 
 
 class GGUFError(ValueError):
@@ -93,7 +110,29 @@ class GGUFCheckpoint:
             cfg["rope_scaling"] = {"rope_type": "linear", "factor": self._arch_meta("rope.scaling.factor")}
         if "rope_freqs.weight" in names:
             cfg["rope_scaling"] = self._llama3_rope_scaling(cfg)
+        if self.arch == "gemma3":
+            cfg.update(self._gemma3_config(cfg))
         return cfg
+
+    def _gemma3_config(self, cfg: dict[str, Any]) -> dict[str, Any]:
+        n_layers = cfg["num_hidden_layers"]
+        pattern = self._arch_meta("attention.sliding_window_pattern", _GEMMA3_PATTERN)
+        if not isinstance(pattern, int):  # newer GGUFs may store a per-layer list of booleans (True: sliding)
+            layer_types = ["sliding_attention" if p else "full_attention" for p in pattern]
+        else:
+            layer_types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n_layers)]
+        scalar = cfg["hidden_size"] // cfg["num_attention_heads"] if n_layers == _GEMMA3_27B_LAYERS else cfg["head_dim"]
+        return {
+            "model_type": "gemma3_text",
+            "sliding_window": self._arch_meta("attention.sliding_window"),
+            "layer_types": layer_types,
+            "rope_local_base_freq": _GEMMA3_LOCAL_ROPE,
+            "query_pre_attn_scalar": scalar,
+            "hidden_activation": "gelu_pytorch_tanh",
+            "final_logit_softcapping": self._arch_meta("final_logit_softcapping"),
+            "attn_logit_softcapping": None,
+            "pad_token_id": self.meta("tokenizer.ggml.padding_token_id"),
+        }
 
     def _llama3_rope_scaling(self, cfg: dict[str, Any]) -> dict[str, Any]:
         """llama.cpp stores Llama 3.1's rope scaling as per-frequency factors: recover the standard parameters."""
@@ -123,8 +162,9 @@ class GGUFCheckpoint:
             return None  # folded into config.json's rope_scaling
         if m := re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name):
             layer, part, kind = m.groups()
-            if part in _LAYER:
-                return f"model.layers.{layer}.{_LAYER[part]}.{kind}"
+            names = _GEMMA3_LAYER if self.arch == "gemma3" else _LAYER
+            if part in names:
+                return f"model.layers.{layer}.{names[part]}.{kind}"
         else:
             module, _, kind = name.rpartition(".")
             if module in _TOP:
@@ -142,22 +182,37 @@ class GGUFCheckpoint:
             w = np.array(self._dequantized(t.name), dtype=np.float32)  # a writable copy
             if self.arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
                 w = unpermute_rows(w, n_heads if "q_proj" in name else n_kv)
+            if self.arch == "gemma3" and name.endswith("norm.weight"):
+                w -= 1.0  # stored as 1 + w (module docstring)
             yield name, torch.from_numpy(w)
 
-    def tokenizer_files(self) -> dict[str, str]:
-        """tokenizer.json and tokenizer_config.json for the GGUF's byte-level BPE vocabulary."""
+    def tokenizer_files(self) -> dict[str, str | bytes]:
+        """The tokenizer files for the GGUF's vocabulary: byte-level BPE (`gpt2`) or SentencePiece (`llama`)."""
         model = self.meta("tokenizer.ggml.model")
+        special_ids = {k: self.meta(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "unknown", "padding")}
+        if model == "llama":
+            return build_spm_tokenizer(
+                tokens=list(self.meta("tokenizer.ggml.tokens")),
+                scores=list(self.meta("tokenizer.ggml.scores") or []),
+                token_types=list(self.meta("tokenizer.ggml.token_type") or []),
+                special_ids=special_ids,
+                add_bos=bool(self.meta("tokenizer.ggml.add_bos_token", True)),
+                add_eos=bool(self.meta("tokenizer.ggml.add_eos_token", False)),
+                add_space_prefix=bool(self.meta("tokenizer.ggml.add_space_prefix", True)),
+                chat_template=self.meta("tokenizer.chat_template"),
+                tokenizer_class="GemmaTokenizer" if self.arch == "gemma3" else "LlamaTokenizer",
+            )
         if model != "gpt2":
             raise GGUFError(
-                f"{self.path.name}: tokenizer model {model!r} is not supported (only byte-level BPE, 'gpt2'); "
-                "convert the original Hugging Face checkpoint instead"
+                f"{self.path.name}: tokenizer model {model!r} is not supported (supported: 'gpt2', byte-level BPE; "
+                "'llama', SentencePiece); convert the original Hugging Face checkpoint instead"
             )
         return build_bpe_tokenizer(
             tokens=list(self.meta("tokenizer.ggml.tokens")),
             token_types=list(self.meta("tokenizer.ggml.token_type") or []),
             merges=list(self.meta("tokenizer.ggml.merges") or []),
             pre=self.meta("tokenizer.ggml.pre", "default"),
-            special_ids={k: self.meta(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "unknown", "padding")},
+            special_ids=special_ids,
             add_bos=bool(self.meta("tokenizer.ggml.add_bos_token", False)),
             chat_template=self.meta("tokenizer.chat_template"),
         )
@@ -215,3 +270,72 @@ def build_bpe_tokenizer(
     if chat_template:
         config["chat_template"] = chat_template
     return {"tokenizer.json": tk.to_str(), "tokenizer_config.json": json.dumps(config, indent=2) + "\n"}
+
+
+def build_spm_tokenizer(
+    tokens: list[str],
+    scores: list[float],
+    token_types: list[int],
+    special_ids: dict[str, int | None],
+    add_bos: bool,
+    add_eos: bool,
+    add_space_prefix: bool,
+    chat_template: str | None,
+    tokenizer_class: str,
+) -> dict[str, str | bytes]:
+    """A SentencePiece `tokenizer.model` (BPE, with byte fallback where the vocabulary has byte pieces) holding the
+    GGUF's pieces, scores and types, and its `tokenizer_config.json`.
+
+    llama.cpp's SentencePiece tokenizer and SentencePiece's BPE both merge the adjacent pair whose merged piece
+    scores highest, so the same pieces and scores give the same tokens. The normalizer is SentencePiece's
+    `identity`, with the dummy "▁" prefix where the GGUF asks for one (Llama 2, Mistral; not Gemma).
+    """
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    if not tokens:
+        raise GGUFError("the GGUF's SentencePiece vocabulary (tokenizer.ggml.tokens) is empty")
+    scores = scores or [0.0] * len(tokens)
+    types = token_types or [1] * len(tokens)
+    if not len(scores) == len(types) == len(tokens):
+        raise GGUFError(f"the GGUF has {len(tokens)} tokens but {len(scores)} scores and {len(types)} token types")
+    if set(types) - {1, 2, 3, 4, 5, 6}:
+        raise GGUFError(f"unknown SentencePiece token types {sorted(set(types) - {1, 2, 3, 4, 5, 6})} in the GGUF")
+    types = list(types)
+    unk = special_ids.get("unknown")
+    if unk is not None and 0 <= unk < len(tokens):
+        types[unk] = _UNKNOWN  # llama.cpp may mark it as a control token; SentencePiece needs one unknown piece
+    proto = pb.ModelProto()
+    for piece, score, kind in zip(tokens, scores, types):
+        if kind == _USER_DEFINED:  # llama.cpp matches these in the raw text; SentencePiece after escaping spaces
+            piece = piece.replace(" ", "▁")
+        proto.pieces.add(piece=piece, score=float(score), type=kind)
+    trainer = proto.trainer_spec
+    trainer.model_type = pb.TrainerSpec.BPE
+    trainer.vocab_size = len(tokens)
+    trainer.byte_fallback = _BYTE in types
+    # SentencePiece finds its special tokens by their pieces' text (the *_piece fields), not by the *_id fields.
+    for key, field in (("unknown", "unk"), ("bos", "bos"), ("eos", "eos"), ("padding", "pad")):
+        i = special_ids.get(key)
+        known = i is not None and 0 <= i < len(tokens)
+        setattr(trainer, f"{field}_id", i if known else -1)
+        if known:
+            setattr(trainer, f"{field}_piece", tokens[i])
+    norm = proto.normalizer_spec
+    norm.name = "identity"
+    norm.add_dummy_prefix = add_space_prefix
+    norm.remove_extra_whitespaces = False
+    norm.escape_whitespaces = True
+    name = {k: tokens[i] for k, i in special_ids.items() if i is not None and 0 <= i < len(tokens)}
+    config: dict[str, Any] = {
+        "tokenizer_class": tokenizer_class,
+        "add_bos_token": add_bos,
+        "add_eos_token": add_eos,
+        "bos_token": name.get("bos"),
+        "eos_token": name.get("eos"),
+        "unk_token": name.get("unknown"),
+        "pad_token": name.get("padding"),
+        "legacy": False,
+    }
+    if chat_template:
+        config["chat_template"] = chat_template
+    return {"tokenizer.model": proto.SerializeToString(), "tokenizer_config.json": json.dumps(config, indent=2) + "\n"}
