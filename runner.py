@@ -54,6 +54,12 @@ def validate(cfg: DictConfig) -> None:
             f"task.new_tokens={cfg.task.new_tokens} leaves no decode step to time: bench times decode after the first "
             f"token and {BENCH_SETUP_STEPS} set-up steps; use task.new_tokens >= {BENCH_SETUP_STEPS + 2}"
         )
+    if cfg.task.name == "ruler":
+        if cfg.task.haystack not in ("prose", "noise"):
+            raise ValueError(f"task.haystack must be prose or noise; got {cfg.task.haystack!r}")
+        bad = [d for d in cfg.task.depths if not 0 <= d <= 1]
+        if bad:
+            raise ValueError(f"task.depths are fractions of the context, in [0, 1]; got {bad}")
     limit = cfg.model.config.max_position_embeddings
     if cfg.ctx.length > limit and not cfg.model.config.get("rope_scaling"):
         raise ValueError(
@@ -84,10 +90,12 @@ def build_model(preset: DictConfig, dtype: torch.dtype, device: torch.device, ne
     """
     placeholder = attention.build("ring")  # valid on any number of ranks
     path = preset.get("path")
-    if path is None and preset.get("builtin") == "smollm2":
-        from tools.convert import ensure_smollm2
+    if path is None and preset.get("builtin"):
+        from tools.convert import BUILTINS
 
-        path = ensure_smollm2() if not dist.is_initialized() or dist.get_rank() == 0 else None
+        if preset.builtin not in BUILTINS:
+            raise ValueError(f"model.builtin={preset.builtin!r} is not a built-in model; built-in: {', '.join(BUILTINS)}")
+        path = BUILTINS[preset.builtin]() if not dist.is_initialized() or dist.get_rank() == 0 else None
         if dist.is_initialized():  # rank 0 converts once; the others wait for it
             box = [str(path) if path else None]
             dist.broadcast_object_list(box, src=0)
@@ -128,6 +136,7 @@ class Context:
     def answer(self, ids: list[int], n_ctx: int, max_new: int, sampling: models.Sampling, stop=(), stream=False):
         """Generate with the configured strategy; returns (Generation, seconds to first token, decode tok/s)."""
         self.model.attention = build_strategy(self.cfg.attention, n_ctx)
+        self.describe_blocks(n_ctx)
         remove_progress = phase1_progress(self.model, enabled=stream and self.lead)
         first: list[float] = []
 
@@ -151,6 +160,27 @@ class Context:
         tps = (n - 1) / (end - first[0]) if first and n > 1 and end > first[0] else float("nan")
         self.kv_bytes = sum(b.numel() * b.element_size() for name, b in self.model.named_buffers() if "_cache" in name)
         return out, ttft, tps
+
+    def strategy_params(self) -> dict:
+        """The strategy of the last answer, as a results row records it."""
+        s = self.model.attention
+        params = {"name": s.name, "ranks": self.world}
+        if s.name == "star":
+            params |= {"block_size": s.block_size, "anchor_size": s.anchor_size, "anchor_mode": s.anchor_mode}
+        return params
+
+    def describe_blocks(self, n_ctx: int) -> None:
+        """Say how star cut the context (once per distinct layout)."""
+        s = self.model.attention
+        if s.name != "star":
+            return
+        layout = (n_ctx, s.block_size, s.anchor_size, s.anchor_mode)
+        if layout != getattr(self, "_layout", None):
+            self._layout = layout
+            n_blocks = -(-n_ctx // s.block_size)
+            self.say(f"star: context of {n_ctx} tokens in {n_blocks} block{'s' * (n_blocks > 1)} of {s.block_size} "
+                     f"over {self.world} rank{'s' * (self.world > 1)}, anchor {min(s.anchor_size, n_ctx)} tokens "
+                     f"({s.anchor_mode})")  # fmt: skip
 
     def prompt_ids(self, context: str, query: str, chat: bool) -> tuple[list[int], int]:
         if chat and self.tok.chat_template:
@@ -256,6 +286,8 @@ def task_generate(c: Context) -> dict:
 
 
 def task_ruler(c: Context) -> dict:
+    """RULER-style tasks; each sample's row is appended to task.output_jsonl as it finishes, and with
+    task.resume=true the samples already there are not run again (a killed run goes on where it stopped)."""
     from tqdm import tqdm
 
     from tools import ruler
@@ -263,13 +295,26 @@ def task_ruler(c: Context) -> dict:
     t = c.cfg.task
     lengths = list(t.lengths or [c.cfg.ctx.length])
     count = lambda text: len(c.tok.encode(text, add_special_tokens=False))  # noqa: E731
-    samples = ruler.make_samples(list(t.tasks), count, lengths, list(t.depths), t.samples)
-    rows = []
-    for s in tqdm(samples, desc="ruler samples", disable=not c.lead or None):
+    hay = ruler.Haystack() if t.haystack == "noise" else ruler.Haystack.from_file(t.haystack_file or ruler.DEFAULT_PROSE)
+    samples = ruler.make_samples(list(t.tasks), count, lengths, list(t.depths), t.samples, hay)
+    out_path = Path(t.output_jsonl or c.run_dir / "ruler_samples.jsonl")
+    done = {}
+    if t.resume and out_path.is_file():
+        done = {r["key"]: r for r in map(json.loads, out_path.read_text().splitlines()) if r.get("haystack") == hay.name}
+    rows = [done[s.key] for s in samples if s.key in done]
+    todo = [s for s in samples if s.key not in done]
+    if done:
+        c.say(f"resuming: {len(rows)} of {len(samples)} samples already in {out_path}")
+    for s in tqdm(todo, desc="ruler samples", disable=not c.lead or None):
         ids, n_ctx = c.prompt_ids(s.context, s.query, t.chat)
         out, ttft, _ = c.answer(ids, n_ctx, t.max_new_tokens, models.Sampling())
-        rows.append({"task": s.task, "length": s.length, "depth": s.depth, "score": ruler.score(out.text, s.answers),
-                     "pred": out.text, "answers": s.answers, "prompt_tokens": len(ids)})  # fmt: skip
+        row = {"key": s.key, "task": s.task, "length": s.length, "depth": s.depth, "seed": s.seed,
+               "score": ruler.score(out.text, s.answers), "pred": out.text, "answers": s.answers,
+               "prompt_tokens": len(ids), "ttft_s": ttft, "haystack": hay.name, "strategy": c.strategy_params()}  # fmt: skip
+        rows.append(row)
+        if c.lead:
+            with open(out_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
     c.samples = rows
     if not c.lead:
         return {}
@@ -279,7 +324,8 @@ def task_ruler(c: Context) -> dict:
     plot = ruler.heatmap(rows, c.run_dir / "ruler_heatmap.png") if any(r["depth"] is not None for r in rows) else None
     per_task = {f"ruler/{task}": sum(r["score"] for r in rows if r["task"] == task) / sum(r["task"] == task for r in rows)
                 for task in dict.fromkeys(r["task"] for r in rows)}  # fmt: skip
-    return {"ruler/mean": sum(r["score"] for r in rows) / len(rows), **per_task, "plot": str(plot) if plot else None}
+    return {"ruler/mean": sum(r["score"] for r in rows) / len(rows), **per_task, "plot": str(plot) if plot else None,
+            "samples_file": str(out_path)}  # fmt: skip
 
 
 # Decode steps bench leaves out of the decode rate: on CUDA the first runs eagerly and the second captures the CUDA

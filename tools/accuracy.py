@@ -1,0 +1,256 @@
+"""Accuracy against context length, strategy and star block size, on the real small models (CPU): ACCURACY.md.
+
+    python tools/accuracy.py run [--model gemma3_270m] [--length 4096] [--strategy global]   # resumable
+    python tools/accuracy.py status                                                           # what is done
+    python tools/accuracy.py report                                                           # tables + plot
+
+`run` measures every cell of the plan below that is not complete, in the plan's order, through
+`runner.py task=ruler` (all six task kinds, prose haystack). Each sample's row is appended to
+accuracy/results/MODEL/LENGTH-STRATEGY.jsonl as it finishes, so a killed run loses at most the sample in flight and
+the next `run` goes on from there. `report` rewrites ACCURACY.md's tables and accuracy/accuracy.png from those files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "accuracy" / "results"
+PLOT = REPO / "accuracy" / "accuracy.png"
+DOC = REPO / "ACCURACY.md"
+TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe")
+NEW_TOKENS = 48
+# A cell's prompt is at most its length less this (room for the answer inside the model's positions).
+ROOM = 64
+
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str  # as the tables show it
+    overrides: tuple[str, ...]  # runner.py options; {L} is the cell's length
+    ranks: int = 1
+
+    def args(self, length: int) -> list[str]:
+        return [o.replace("{L4}", str(length // 4)).replace("{L8}", str(length // 8)) for o in self.overrides] + [
+            f"parallel.nproc={self.ranks}"
+        ]
+
+
+STRATEGIES = {
+    "global": Strategy("global", ("attention=global",)),
+    "ring": Strategy("ring, 2 ranks", ("attention=ring",), ranks=2),
+    "star4": Strategy("star, block L/4", ("attention=star", "attention.params.block_size={L4}")),
+    "star4-recompute": Strategy(
+        "star, block L/4, recompute, 2 ranks",
+        ("attention=star", "attention.params.block_size={L4}", "attention.params.anchor_mode=recompute"), ranks=2,
+    ),
+    "star8": Strategy("star, block L/8", ("attention=star", "attention.params.block_size={L8}")),
+    "star8-recompute": Strategy(
+        "star, block L/8, recompute, 2 ranks",
+        ("attention=star", "attention.params.block_size={L8}", "attention.params.anchor_mode=recompute"), ranks=2,
+    ),
+}
+ALL = ("global", "ring", "star4", "star4-recompute", "star8", "star8-recompute")
+
+
+@dataclass(frozen=True)
+class Cell:
+    model: str
+    length: int  # nominal: 4096 is "4K"
+    strategy: str
+    depths: tuple[float, ...]  # needle depths; every task gets len(depths) samples
+
+    @property
+    def path(self) -> Path:
+        return RESULTS / self.model / f"{self.length}-{self.strategy}.jsonl"
+
+    @property
+    def samples(self) -> int:
+        return len(TASKS) * len(self.depths)
+
+    def done(self) -> int:
+        return len(self.path.read_text().splitlines()) if self.path.is_file() else 0
+
+
+D4 = (0.125, 0.375, 0.625, 0.875)  # 24 samples a cell: one sample is 4.2 points
+D2 = (0.25, 0.75)  # 12 samples a cell (32K: minutes a sample)
+
+
+def plan() -> list[Cell]:
+    """Every cell, in the order `run` measures them: what decides star's defaults first."""
+    g, s = "gemma3_270m", "smollm2"
+    cells = [Cell(g, n, st, D4) for st in ("global", "star4") for n in (4096, 8192, 16384)]
+    cells += [Cell(g, 32768, st, D2) for st in ("global", "star4")]
+    cells += [Cell(g, n, "star8", D4) for n in (4096, 8192, 16384)]
+    cells += [Cell(s, n, st, D4) for st in ("global", "star4", "star8") for n in (1024, 2048, 4096, 8192)]
+    cells += [Cell(g, n, st, D4) for st in ("ring", "star4-recompute", "star8-recompute") for n in (4096, 8192, 16384)]
+    cells += [Cell(s, n, st, D4) for st in ("ring", "star4-recompute", "star8-recompute") for n in (1024, 2048, 4096, 8192)]
+    return cells
+
+
+def run_cell(cell: Cell) -> int:
+    cell.path.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        sys.executable, "runner.py", "task=ruler", f"model={cell.model}", f"task.lengths=[{cell.length - ROOM}]",
+        f"task.depths=[{','.join(map(str, cell.depths))}]", "task.samples=1", f"task.max_new_tokens={NEW_TOKENS}",
+        f"task.output_jsonl={cell.path}", "task.resume=true", "task.haystack=prose", "wandb.mode=disabled",
+        f"hydra.run.dir={REPO / 'outputs' / 'accuracy' / cell.model / f'{cell.length}-{cell.strategy}'}",
+        *STRATEGIES[cell.strategy].args(cell.length),
+    ]  # fmt: skip
+    print(f"[{time.strftime('%H:%M:%S')}] {cell.model} {cell.length} {cell.strategy}: {' '.join(cmd[2:])}", flush=True)
+    return subprocess.run(cmd, cwd=REPO).returncode
+
+
+def status(cells: list[Cell]) -> str:
+    lines = []
+    for c in cells:
+        rows = _rows(c)
+        secs = sum(r["ttft_s"] for r in rows) / len(rows) if rows else float("nan")
+        lines.append(f"{c.model:12} {c.length:>6} {c.strategy:16} {len(rows):>3}/{c.samples}  {secs:7.1f} s/sample to first token")
+    return "\n".join(lines)
+
+
+def _rows(cell: Cell) -> list[dict]:
+    return [json.loads(line) for line in cell.path.read_text().splitlines()] if cell.path.is_file() else []
+
+
+# --- the report
+
+
+def _label(n: int) -> str:
+    return f"{n // 1024}K"
+
+
+def _score(rows: list[dict]) -> float:
+    return 100 * sum(r["score"] for r in rows) / len(rows)
+
+
+def model_table(model: str, cells: list[Cell]) -> list[str]:
+    """Mean score per (length, strategy), star as a percentage of global, then per task."""
+    mine = [c for c in cells if c.model == model and c.done()]
+    lengths = sorted({c.length for c in mine})
+    strategies = [s for s in STRATEGIES if any(c.strategy == s for c in mine)]
+    by = {(c.length, c.strategy): _rows(c) for c in mine}
+    head = "| strategy | " + " | ".join(_label(n) for n in lengths) + " |"
+    out = [head, "|" + "---|" * (len(lengths) + 1)]
+    for s in strategies:
+        cells_txt = []
+        for n in lengths:
+            rows = by.get((n, s))
+            if not rows:
+                cells_txt.append("–")
+                continue
+            total = next(c.samples for c in mine if (c.length, c.strategy) == (n, s))
+            text = f"{_score(rows):.1f}"
+            base = by.get((n, "global"))
+            if s != "global" and base and len(base) == len(rows) and _score(base) > 0:
+                text += f" ({100 * _score(rows) / _score(base):.0f}%)"
+            if len(rows) < total:
+                text += f" [{len(rows)}/{total}]"
+            cells_txt.append(text)
+        out.append(f"| {STRATEGIES[s].name} | " + " | ".join(cells_txt) + " |")
+    out += ["", "Per task (score %, one column per length, strategies in the order above):", ""]
+    out.append("| strategy | length | " + " | ".join(TASKS) + " | prompt tokens (mean) | s to first token (mean) |")
+    out.append("|" + "---|" * (len(TASKS) + 4))
+    for s in strategies:
+        for n in lengths:
+            rows = by.get((n, s))
+            if not rows:
+                continue
+            per = [[r for r in rows if r["task"] == t] for t in TASKS]
+            out.append(
+                f"| {STRATEGIES[s].name} | {_label(n)} | " + " | ".join(f"{_score(p):.0f}" if p else "–" for p in per)
+                + f" | {sum(r['prompt_tokens'] for r in rows) / len(rows):.0f} | {sum(r['ttft_s'] for r in rows) / len(rows):.1f} |"
+            )  # fmt: skip
+    return out
+
+
+def plot(cells: list[Cell], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({c.model for c in cells if c.done()})
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.2), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        for s in STRATEGIES:
+            pts = sorted((c.length, _score(_rows(c))) for c in cells if c.model == model and c.strategy == s and c.done())
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=STRATEGIES[s].name,
+                        linestyle="-" if "recompute" not in s else "--")  # fmt: skip
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted({c.length for c in cells if c.model == model}))
+        ax.set_xticklabels([_label(n) for n in sorted({c.length for c in cells if c.model == model})])
+        ax.set_ylim(0, 100)
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel("RULER score, 6 tasks (%)")
+        ax.set_title(model)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+BEGIN, END = "<!-- accuracy tables: tools/accuracy.py report -->", "<!-- end of accuracy tables -->"
+
+
+def report(cells: list[Cell]) -> str:
+    import torch
+
+    lines = [BEGIN, ""]
+    for model in sorted({c.model for c in cells if c.done()}, reverse=True):
+        lines += [f"### {model}", ""] + model_table(model, cells) + [""]
+    lines += [
+        f"Made by `python tools/accuracy.py run` then `python tools/accuracy.py report` on {time.strftime('%Y-%m-%d')}, "
+        f"CPU, fp32, torch {torch.__version__}. A cell shows the mean score over its samples, star's as a percentage of "
+        "global's at the same length in brackets where both are complete; `[n/N]` marks a cell still being measured.",
+        "",
+        f"![score against length]({PLOT.relative_to(REPO)})",
+        "",
+        END,
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=("run", "status", "report"))
+    parser.add_argument("--model", action="append", help="only cells of this model (repeatable)")
+    parser.add_argument("--length", type=int, action="append", help="only cells of this nominal length (repeatable)")
+    parser.add_argument("--strategy", action="append", choices=sorted(STRATEGIES), help="only this strategy (repeatable)")
+    args = parser.parse_args(argv)
+    cells = [
+        c for c in plan()
+        if (not args.model or c.model in args.model) and (not args.length or c.length in args.length)
+        and (not args.strategy or c.strategy in args.strategy)
+    ]  # fmt: skip
+    if args.command == "status":
+        print(status(cells))
+    elif args.command == "run":
+        for cell in cells:
+            if cell.done() < cell.samples and run_cell(cell):
+                print(f"cell {cell.model} {cell.length} {cell.strategy} failed; going on with the next", flush=True)
+        print(status(cells))
+    else:
+        plot(plan(), PLOT)
+        text = DOC.read_text() if DOC.is_file() else f"# Accuracy\n\n{BEGIN}\n{END}\n"
+        if BEGIN not in text:
+            raise SystemExit(f"{DOC} has no {BEGIN!r} marker to put the tables under")
+        head, rest = text.split(BEGIN, 1)
+        DOC.write_text(head + report(plan()) + rest.split(END, 1)[1])
+        print(f"wrote {DOC} and {PLOT}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
