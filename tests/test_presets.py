@@ -19,7 +19,11 @@ PUBLISHED = {
     "qwen2_5": 7_615_616_512,
     "qwen3": 8_190_735_360,
     "smollm2": 134_515_008,
+    "gemma3_270m": 268_098_176,
 }
+# Gemma 3's technical report (Table 1) gives the text models' embedding and non-embedding parameters in millions
+# (the released 4B/12B/27B checkpoints also hold a 417M vision tower, so their totals do not apply).
+GEMMA3_REPORT = {"gemma3_4b": (675, 3_209), "gemma3_12b": (1_012, 10_759), "gemma3_27b": (1_416, 25_600)}
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
@@ -38,5 +42,21 @@ def test_preset_features():
     assert load("mistral").layer_windows == (4096,) * 32
     assert load("qwen2_5").qkv_bias and load("qwen2_5").layer_windows == (None,) * 28
     assert load("qwen3").qk_norm and load("smollm2").tie_embeddings
+    g = load("gemma3_270m")
+    assert g.layer_windows == ((512,) * 5 + (None,)) * 3 and g.local_rope_theta == 10000.0 and g.max_seq_len == 32768
+    g = load("gemma3_27b")
+    assert g.attn_scale == 168**-0.5 and g.rope_scaling == {"rope_type": "linear", "factor": 8.0} and g.local_rope_scaling is None
 
 
+
+
+@pytest.mark.parametrize("name", sorted(GEMMA3_REPORT))
+def test_gemma3_text_shapes_match_the_report(name):
+    preset = yaml.safe_load((REPO / "conf" / "model" / f"{name}.yaml").read_text())
+    with torch.device("meta"):
+        model = Transformer(models.ModelArgs.from_hf(preset["config"]))
+    embedding = model.tok_embeddings.weight.numel()
+    rest = sum(p.numel() for p in model.parameters()) - embedding
+    want_embedding, want_rest = GEMMA3_REPORT[name]
+    assert abs(rest / 1e6 - want_rest) / want_rest < 0.001  # non-embedding: to the report's last digit
+    assert abs(embedding / 1e6 - want_embedding) / want_embedding < 0.01  # the report rounds the vocabulary up

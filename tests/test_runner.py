@@ -77,6 +77,39 @@ def test_ruler_writes_table_results_and_heatmap(smollm2_dir, tmp_path):
     assert 0 <= result["ruler/mean"] <= 1 and set(result) >= {"ruler/niah_single", "ruler/cwe"}
     assert (run / "ruler_heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (tmp_path / "wandb-root" / "wandb").exists()  # disabled: no W&B directory
+    rows = [json.loads(line) for line in (run / "ruler_samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(r["haystack"].endswith("common-licenses") for r in rows)  # prose by default
+    assert rows[0]["strategy"]["name"] == "star" and rows[0]["strategy"]["block_size"] > 0
+    assert "star: context of" in res.stderr and "blocks of" in res.stderr  # star says how it cut the context
+
+
+def test_ruler_resumes_where_a_run_stopped(smollm2_dir, tmp_path):
+    """Rows are written as samples finish; with task.resume=true the samples already written are not run again."""
+    out = tmp_path / "samples.jsonl"
+    common = ("task=ruler", "task.lengths=[300]", "task.tasks=[niah_single,vt]", "task.depths=[0.2,0.8]",
+              "task.max_new_tokens=12", "wandb.mode=disabled", f"task.output_jsonl={out}", "attention=global")  # fmt: skip
+    res = _run(tmp_path, *common)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = out.read_text().splitlines()
+    assert len(rows) == 4
+    out.write_text("\n".join(rows[:3]) + "\n")  # as if killed during the last sample
+    res = _run(tmp_path, *common, "task.resume=true")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resuming: 3 of 4 samples" in res.stderr
+    again = out.read_text().splitlines()
+    assert again[:3] == rows[:3] and len(again) == 4 and json.loads(again[3])["key"] == json.loads(rows[3])["key"]
+    result = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert result["ruler/mean"] == sum(json.loads(r)["score"] for r in again) / 4
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [("task.haystack=essays", "task.haystack must be prose or noise"), ("task.depths=[1.5]", "task.depths are fractions"),
+     ("task.haystack_file=/nonexistent/text.txt", "task.haystack_file=/nonexistent/text.txt does not exist")],
+)  # fmt: skip
+def test_ruler_bad_options_are_clear_errors(override, message, smollm2_dir, tmp_path):
+    res = _run(tmp_path, "task=ruler", "task.lengths=[300]", override, "wandb.mode=disabled")
+    assert res.returncode != 0 and message in res.stderr, res.stderr[-2000:]
 
 
 def test_bench_appends_a_record_and_multirun_compares(tmp_path):

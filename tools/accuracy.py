@@ -85,10 +85,9 @@ D2 = (0.25, 0.75)  # 12 samples a cell (32K: minutes a sample)
 def plan() -> list[Cell]:
     """Every cell, in the order `run` measures them: what decides star's defaults first."""
     g, s = "gemma3_270m", "smollm2"
-    cells = [Cell(g, n, st, D4) for st in ("global", "star4") for n in (4096, 8192, 16384)]
+    cells = [Cell(g, n, st, D4) for n in (4096, 8192, 16384) for st in ("global", "star4", "star8")]
     cells += [Cell(g, 32768, st, D2) for st in ("global", "star4")]
-    cells += [Cell(g, n, "star8", D4) for n in (4096, 8192, 16384)]
-    cells += [Cell(s, n, st, D4) for st in ("global", "star4", "star8") for n in (1024, 2048, 4096, 8192)]
+    cells += [Cell(s, n, st, D4) for n in (1024, 2048, 4096, 8192) for st in ("global", "star4", "star8")]
     cells += [Cell(g, n, st, D4) for st in ("ring", "star4-recompute", "star8-recompute") for n in (4096, 8192, 16384)]
     cells += [Cell(s, n, st, D4) for st in ("ring", "star4-recompute", "star8-recompute") for n in (1024, 2048, 4096, 8192)]
     return cells

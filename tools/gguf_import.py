@@ -335,6 +335,7 @@ def build_spm_tokenizer(
         "unk_token": name.get("unknown"),
         "pad_token": name.get("padding"),
         "legacy": False,
+        "add_prefix_space": add_space_prefix,  # transformers' LlamaTokenizer does not read it from the model
     }
     if chat_template:
         config["chat_template"] = chat_template

@@ -74,7 +74,7 @@ class Haystack:
         return cls(sentences, str(path))
 
     def fill(self, count_tokens, budget: int, rng: random.Random) -> list[str]:
-        """Pieces of text of about `budget` tokens."""
+        """Pieces of text of at most about `budget` tokens: whole sentences, up to the one that would pass it."""
         if self.sentences is None:
             return [NOISE] * max(1, budget // max(1, count_tokens(NOISE)))
         parts, used, i = [], 0, rng.randrange(len(self.sentences))
