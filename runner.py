@@ -344,6 +344,7 @@ def task_bench(c: Context) -> dict:
 
     def once() -> tuple[float, float]:
         c.model.attention = build_strategy(c.cfg.attention, n_ctx)
+        c.describe_blocks(n_ctx)
         sync()
         start = time.perf_counter()
         it = models.generate_tokens(c.model, ids, t.new_tokens, max_seq_len=c.max_seq_len, context_len=n_ctx)

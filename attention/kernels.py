@@ -149,24 +149,28 @@ def _visible_keys(visible: Tensor) -> slice | Tensor | None:
     return idx
 
 
+def _keys_seen(visible: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The mask columns, keys and values of the keys a chunk of queries sees (`_visible_keys`)."""
+    keys = _visible_keys(visible)
+    if isinstance(keys, slice):
+        return visible[:, keys], k[:, :, keys], v[:, :, keys]
+    if keys is not None:
+        return visible[:, keys], k.index_select(2, keys), v.index_select(2, keys)
+    return visible, k, v
+
+
 def cpu_flash_attend(q: Tensor, k: Tensor, v: Tensor, mask: PositionMask, return_lse: bool = False):
     """The fused CPU kernel with an additive mask, built for a chunk of queries at a time.
 
-    Each chunk reads only the keys some of its queries see: the kernel skips no masked work by itself, so a
-    sliding window or a star block would otherwise cost as much as full attention.
+    Each chunk reads only the keys some of its queries see (as `dense_attend` does): the kernel skips no masked
+    work by itself, so a sliding window or a star block would otherwise cost as much as full attention.
     """
     g = q.shape[1] // k.shape[1]
     if g > 1:
         k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
     outs, lses = [], []
     for rows in _query_chunks(q.shape[2], k.shape[2]):
-        visible = mask.dense(rows)
-        keys = _visible_keys(visible)
-        kc, vc = k, v
-        if isinstance(keys, slice):
-            kc, vc, visible = k[:, :, keys], v[:, :, keys], visible[:, keys]
-        elif keys is not None:
-            kc, vc, visible = k.index_select(2, keys), v.index_select(2, keys), visible[:, keys]
+        visible, kc, vc = _keys_seen(mask.dense(rows), k, v)
         bias = torch.zeros(visible.shape, dtype=q.dtype).masked_fill_(~visible, float("-inf"))
         out, lse = _cpu_flash()(q[:, :, rows], kc, vc, 0.0, False, attn_mask=bias)
         seen = visible.any(-1)  # the kernel reports lse 0 for rows that see no key
@@ -187,11 +191,13 @@ def dense_attend(q: Tensor, k: Tensor, v: Tensor, mask: PositionMask, return_lse
     outs, lses = [], []
     for rows in _query_chunks(T, k.shape[2]):
         t = rows.stop - rows.start
-        scores = (qf[:, :, :, rows].reshape(B, Hkv, g * t, D) @ kf.transpose(-1, -2)).view(B, Hkv, g, t, -1)
-        scores = scores.masked_fill(~mask.dense(rows), float("-inf"))
+        # (Selecting keys syncs with the host: not on CUDA, where this path may run inside a captured graph.)
+        visible, kc, vc = (mask.dense(rows), kf, vf) if kf.is_cuda else _keys_seen(mask.dense(rows), kf, vf)
+        scores = (qf[:, :, :, rows].reshape(B, Hkv, g * t, D) @ kc.transpose(-1, -2)).view(B, Hkv, g, t, -1)
+        scores = scores.masked_fill(~visible, float("-inf"))
         lse = torch.logsumexp(scores, dim=-1)
         probs = torch.exp(scores - lse.unsqueeze(-1).masked_fill(lse.isinf().unsqueeze(-1), 0.0))
-        outs.append((probs.view(B, Hkv, g * t, -1) @ vf).view(B, Hkv, g, t, D))
+        outs.append((probs.view(B, Hkv, g * t, -1) @ vc).view(B, Hkv, g, t, D))
         lses.append(lse)
     out = torch.cat(outs, dim=3).reshape(B, Hq, T, D).to(q.dtype)
     if not return_lse:

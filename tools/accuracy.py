@@ -130,6 +130,14 @@ def _score(rows: list[dict]) -> float:
     return 100 * sum(r["score"] for r in rows) / len(rows)
 
 
+def _of_global(rows: list[dict], base: list[dict]) -> float | None:
+    """Score as a percentage of global's on the same samples (matched by key, so a partial cell compares fairly)."""
+    ref = {r["key"]: r["score"] for r in base}
+    shared = [r for r in rows if r["key"] in ref]
+    total = sum(ref[r["key"]] for r in shared)
+    return 100 * sum(r["score"] for r in shared) / total if shared and total > 0 else None
+
+
 def model_table(model: str, cells: list[Cell]) -> list[str]:
     """Mean score per (length, strategy), star as a percentage of global, then per task."""
     mine = [c for c in cells if c.model == model and c.done()]
@@ -147,9 +155,8 @@ def model_table(model: str, cells: list[Cell]) -> list[str]:
                 continue
             total = next(c.samples for c in mine if (c.length, c.strategy) == (n, s))
             text = f"{_score(rows):.1f}"
-            base = by.get((n, "global"))
-            if s != "global" and base and len(base) == len(rows) and _score(base) > 0:
-                text += f" ({100 * _score(rows) / _score(base):.0f}%)"
+            if s != "global" and (ratio := _of_global(rows, by.get((n, "global")) or [])) is not None:
+                text += f" ({ratio:.0f}%)"
             if len(rows) < total:
                 text += f" [{len(rows)}/{total}]"
             cells_txt.append(text)
@@ -212,7 +219,7 @@ def report(cells: list[Cell]) -> str:
     lines += [
         f"Made by `python tools/accuracy.py run` then `python tools/accuracy.py report` on {time.strftime('%Y-%m-%d')}, "
         f"CPU, fp32, torch {torch.__version__}. A cell shows the mean score over its samples, star's as a percentage of "
-        "global's at the same length in brackets where both are complete; `[n/N]` marks a cell still being measured.",
+        "global's on the same samples in brackets; `[n/N]` marks a cell still being measured (its mean covers the tasks done so far).",
         "",
         f"![score against length]({PLOT.relative_to(REPO)})",
         "",

@@ -1,6 +1,6 @@
 """Convert checkpoints into the Hugging Face layout the runner loads (config.json + safetensors + tokenizer).
 
-    python tools/convert.py gguf  MODEL.gguf OUT_DIR            # llama.cpp GGUF (llama, qwen2, qwen3)
+    python tools/convert.py gguf  MODEL.gguf OUT_DIR            # llama.cpp GGUF (llama, qwen2, qwen3, gemma3)
     python tools/convert.py meta  LLAMA_DIR OUT_DIR             # Meta's consolidated.*.pth + params.json
     python tools/convert.py hf    HF_DIR OUT_DIR --dtype bf16 --max-shard-size 5GB
     python tools/convert.py smollm2                             # the built-in model, into the default cache
@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
                        help="read every tensor back and compare (default: on for checkpoints up to 4 GB)")  # fmt: skip
 
-    p = sub.add_parser("gguf", help="llama.cpp GGUF (llama, qwen2, qwen3; F32/F16/BF16/Q8_0/Q4_0/Q4_1/K-quants)")
+    p = sub.add_parser("gguf", help="llama.cpp GGUF (llama, qwen2, qwen3, gemma3; F32/F16/BF16/Q8_0/Q4_0/Q4_1/K-quants)")
     p.add_argument("src", type=Path, help="the .gguf file")
     p.add_argument("out", type=Path)
     common(p, "fp32")
