@@ -190,3 +190,15 @@ def test_joins_a_torchrun_group(smollm2_dir, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert "2 ranks" in res.stderr and "Paris" in res.stdout
     assert json.loads((tmp_path / "results.json").read_text())["answer"].count("Paris") >= 1
+
+
+def test_star_default_blocks():
+    from runner import star_block_size
+
+    assert star_block_size(3000, 1, 4096) == 3000  # below the floor: one exact block
+    assert star_block_size(10_000, 1, 4096) == 4096  # 3 blocks of 4096, not 4 of 2500
+    assert star_block_size(100_000, 1, 4096) == 25_000  # long contexts: a quarter
+    assert star_block_size(100_000, 8, 4096) == 12_500  # beyond 4 ranks: one block per rank
+    assert star_block_size(3000, 2, 4096) == 1500  # every rank still gets a block
+    assert star_block_size(5, 8, 4096) == 1
+    assert star_block_size(10_000, 1, 0) == 2500  # no floor: the quarter

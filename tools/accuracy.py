@@ -51,6 +51,8 @@ STRATEGIES = {
         ("attention=star", "attention.params.block_size={L4}", "attention.params.anchor_mode=recompute"), ranks=2,
     ),
     "star8": Strategy("star, block L/8", ("attention=star", "attention.params.block_size={L8}")),
+    # The runner's default blocks (runner.star_block_size): a quarter of the context, at least 4096 tokens.
+    "star-default": Strategy("star, default blocks", ("attention=star",)),
     "star8-recompute": Strategy(
         "star, block L/8, recompute, 2 ranks",
         ("attention=star", "attention.params.block_size={L8}", "attention.params.anchor_mode=recompute"), ranks=2,
@@ -85,9 +87,12 @@ D2 = (0.25, 0.75)  # 12 samples a cell (32K: minutes a sample)
 def plan() -> list[Cell]:
     """Every cell, in the order `run` measures them: what decides star's defaults first."""
     g, s = "gemma3_270m", "smollm2"
-    cells = [Cell(g, n, st, D4) for n in (4096, 8192, 16384) for st in ("global", "star4", "star8")]
-    cells += [Cell(g, 32768, st, D2) for st in ("global", "star4")]
+    cells = [Cell(g, 4096, st, D4) for st in ("global", "star4", "star8")]
+    cells += [Cell(g, 8192, st, D4) for st in ("global", "star4", "star8", "star-default")]
+    cells += [Cell(g, 16384, st, D4) for st in ("global", "star-default", "star4", "star8")]
+    cells += [Cell(g, 32768, st, D2) for st in ("global", "star-default")]
     cells += [Cell(s, n, st, D4) for n in (1024, 2048, 4096, 8192) for st in ("global", "star4", "star8")]
+    cells += [Cell(s, 8192, "star-default", D4), Cell(g, 4096, "star-default", D4)]
     cells += [Cell(g, n, st, D4) for st in ("ring", "star4-recompute", "star8-recompute") for n in (4096, 8192, 16384)]
     cells += [Cell(s, n, st, D4) for st in ("ring", "star4-recompute", "star8-recompute") for n in (1024, 2048, 4096, 8192)]
     return cells
