@@ -123,8 +123,11 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: PositionMask, return_lse: bool
         from attention import lean
 
         if lean.supports(q, k, mask):  # decode: the KV cache split evenly over all SMs
-            out, lse = lean.lean_attend(q, k, v, mask)
-            return (out, lse) if return_lse else out
+            try:
+                out, lse = lean.lean_attend(q, k, v, mask)
+                return (out, lse) if return_lse else out
+            except lean.LeanDoesNotFit:
+                pass  # the dense path below
     if q.device.type == "cpu" and _cpu_flash() is not None and q.dtype != torch.float64 and q.shape[2] >= CPU_FLASH_MIN_QUERIES:
         return cpu_flash_attend(q, k, v, mask, return_lse)
     return dense_attend(q, k, v, mask, return_lse)

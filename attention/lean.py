@@ -29,7 +29,15 @@ from torch import Tensor
 from attention.kernels import PositionMask, dense_attend
 from attention.merge import merge_partials
 
-MAX_ROWS = 64  # query rows (query heads per KV head x query tokens) one program holds
+MAX_ROWS = 64  # query rows (query heads per KV head x query tokens) one program holds, where they fit (`_ROWS`)
+# Query rows a program holds, per (head dim, dtype), where MAX_ROWS overflowed shared memory: Triton says what a
+# kernel needs only when it is compiled for its launch, so the first launch that overflows lowers it (e.g. 64 rows
+# of head dim 256 in bf16 need 289 KB with two stages, over an H100's 227 KB).
+_ROWS: dict[tuple[int, torch.dtype], int] = {}
+
+
+class LeanDoesNotFit(RuntimeError):
+    """No program size of the Lean kernel fits this GPU's shared memory for the shape: use the dense path."""
 
 
 @dataclass(frozen=True)
@@ -135,7 +143,8 @@ def supports(q: Tensor, k: Tensor, mask: PositionMask) -> bool:
     memory, no star block mask."""
     group = q.shape[1] // k.shape[1]
     return (
-        q.is_cuda and mask.block_size is None and group <= MAX_ROWS and q.shape[-1] in (16, 32, 64, 128, 256)
+        q.is_cuda and mask.block_size is None and group <= _ROWS.get((q.shape[-1], q.dtype), MAX_ROWS)
+        and q.shape[-1] in (16, 32, 64, 128, 256)
         and stages_that_fit(q.shape[-1], q.element_size(), shared_memory(q.device)) > 0 and _triton() is not None
     )  # fmt: skip
 
@@ -168,10 +177,15 @@ def max_parts(heads: int, tiles: int, programs: int) -> int:
 def lean_attend(q: Tensor, k: Tensor, v: Tensor, mask: PositionMask, programs: int | None = None):
     """Decode attention with the Lean schedule; returns (output in q's dtype, lse fp32).
 
-    A program holds at most MAX_ROWS query rows (GQA group x query tokens): more query tokens run in chunks.
+    A program holds at most MAX_ROWS query rows (GQA group x query tokens; fewer where they overflow shared memory):
+    more query tokens run in chunks. Raises LeanDoesNotFit where not even one query token's rows fit.
     Runs on CUDA, or anywhere under TRITON_INTERPRET=1 (tests).
     """
-    per_chunk = MAX_ROWS // (q.shape[1] // k.shape[1])
+    group = q.shape[1] // k.shape[1]
+    key = (q.shape[-1], q.dtype)
+    per_chunk = _ROWS.get(key, MAX_ROWS) // group
+    if per_chunk < 1:
+        raise LeanDoesNotFit(f"{group} query rows of head dim {q.shape[-1]} in {q.dtype} overflow shared memory")
     if q.shape[2] > per_chunk:
         parts = [
             lean_attend(q[:, :, i : i + per_chunk], k, v, PositionMask(mask.q_pos[i : i + per_chunk], mask.kv_pos, mask.window), programs)
@@ -188,5 +202,10 @@ def lean_attend(q: Tensor, k: Tensor, v: Tensor, mask: PositionMask, programs: i
     lse = torch.empty(B, Hq, T, dtype=torch.float32, device=q.device)
     parts_out = torch.empty(programs, max_slots(heads, tiles, programs), Hq // Hkv * T, D, dtype=torch.float32, device=q.device)
     parts_lse = torch.empty(parts_out.shape[:3], dtype=torch.float32, device=q.device)
-    _triton().run(q, k, v, mask, out, lse, parts_out, parts_lse, programs, max_parts(heads, tiles, programs), CONFIG)
+    try:
+        _triton().run(q, k, v, mask, out, lse, parts_out, parts_lse, programs, max_parts(heads, tiles, programs), CONFIG)
+    except _triton().OutOfResources:
+        # Nothing was launched: retry with half the rows per program (chunks of fewer query tokens).
+        _ROWS[key] = (_ROWS.get(key, MAX_ROWS) // 2) if q.shape[2] > 1 else 0
+        return lean_attend(q, k, v, mask, programs)
     return out, lse

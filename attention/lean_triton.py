@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources  # noqa: F401  (lean.lean_attend catches it)
 
 from attention import lean
 

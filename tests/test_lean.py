@@ -105,6 +105,29 @@ for i, (B, hq, hkv, q_pos, kv_pos, window, programs) in enumerate(cases):
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=0)
     torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=0)
 print("kernel ok", len(cases))
+
+# A GPU whose shared memory holds programs of 16 query rows at most: the launch of a larger one fails (as Triton
+# fails it, before anything runs) and the query tokens go in smaller chunks; where even one token's rows overflow,
+# LeanDoesNotFit sends the caller to the dense path.
+real = lean._triton().run
+def small_gpu(q, k, *args):
+    if q.shape[1] // k.shape[1] * q.shape[2] > 16:
+        raise lean._triton().OutOfResources(300000, 232448, "shared memory")
+    return real(q, k, *args)
+lean._triton().run = small_gpu
+q, k, v = torch.randn(1, 8, 6, 16), torch.randn(1, 2, 300, 16), torch.randn(1, 2, 300, 16)
+mask = PositionMask(ar(300, 306), torch.cat([ar(300)]))
+ref, ref_lse = dense_attend(q.double(), k.double(), v.double(), PositionMask(ar(300, 306), ar(300)), return_lse=True)
+out, lse = lean.lean_attend(q, k, v, mask, programs=5)
+torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=0)
+torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=0)
+assert lean._ROWS[(16, torch.float32)] == 16
+try:
+    lean.lean_attend(torch.randn(1, 32, 1, 16), k[:, :1], v[:, :1], PositionMask(ar(300, 301), ar(300)))
+    raise AssertionError("32 rows of one token should not fit")
+except lean.LeanDoesNotFit:
+    pass
+print("shrink ok")
 """
 
 
@@ -114,7 +137,7 @@ def test_triton_kernel_equals_dense_attention_in_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     done = subprocess.run([sys.executable, "-c", textwrap.dedent(KERNEL_CHECK)], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "kernel ok 7" in done.stdout
+    assert "kernel ok 7" in done.stdout and "shrink ok" in done.stdout
 
 
 def test_pipeline_stages_shrink_to_fit_shared_memory():

@@ -113,39 +113,49 @@ def check_lean() -> bool:
     return ok
 
 
+# Gemma 3's features: head dim 256 with one KV head, sliding layers with their own rope base around a full layer,
+# offset norms before and after attention and MLP, scaled embeddings, a GELU MLP, another query scale, capped logits.
+GEMMA_LIKE = dict(vocab_size=1000, dim=256, n_layers=3, n_heads=4, n_kv_heads=1, head_dim=256, intermediate_size=512,
+                  layer_windows=(200, None, 200), rope_theta=1e6, local_rope_theta=1e4, embed_scale=16.0,
+                  norm_offset=1.0, sandwich_norms=True, mlp_act="gelu_tanh", qk_norm=True, attn_scale=0.08,
+                  final_softcap=30.0)  # fmt: skip
+
+
 def check_graphs() -> bool:
     """Decode replayed from a CUDA graph generates the tokens of eager decode, for global and star."""
     from models.generate import generate_tokens
 
-    args = ModelArgs(vocab_size=1000, dim=256, n_layers=2, n_heads=8, n_kv_heads=2, head_dim=64,
-                     intermediate_size=512, max_seq_len=8192, layer_windows=(None, 300))  # fmt: skip
+    llama = ModelArgs(vocab_size=1000, dim=256, n_layers=2, n_heads=8, n_kv_heads=2, head_dim=64,
+                      intermediate_size=512, max_seq_len=8192, layer_windows=(None, 300))  # fmt: skip
     prompt = torch.randint(0, 1000, (700,), generator=torch.Generator().manual_seed(3)).tolist()
     ok = True
-    for name, params in (("global", {}), ("star", {"block_size": 200})):
-        model = _random_on(args, torch.bfloat16, attention.build(name, **params), "cuda")
-        runs = [list(generate_tokens(model, prompt, 40, context_len=650, cuda_graphs=g)) for g in (False, True)]
-        good = runs[0] == runs[1] and len(runs[0]) == 40
-        ok &= good
-        print(f"{'ok  ' if good else 'FAIL'} CUDA-graph decode ({name}) generates the eager tokens: {good}")
+    for family, args in (("llama", llama), ("gemma", ModelArgs(**GEMMA_LIKE, max_seq_len=8192))):
+        for name, params in (("global", {}), ("star", {"block_size": 200})):
+            model = _random_on(args, torch.bfloat16, attention.build(name, **params), "cuda")
+            runs = [list(generate_tokens(model, prompt, 40, context_len=650, cuda_graphs=g)) for g in (False, True)]
+            good = runs[0] == runs[1] and len(runs[0]) == 40
+            ok &= good
+            print(f"{'ok  ' if good else 'FAIL'} CUDA-graph decode ({family}, {name}) generates the eager tokens: {good}")
     return ok
 
 
 def check_model() -> bool:
-    """A random Llama-shaped model: CUDA fp32 logits (global, star) equal the CPU's."""
+    """Random Llama- and Gemma-shaped models: CUDA fp32 logits (global, star, ring) equal the CPU's."""
     args = ModelArgs(vocab_size=1000, dim=256, n_layers=2, n_heads=8, n_kv_heads=2, head_dim=32,
                      intermediate_size=512, max_seq_len=4096, layer_windows=(None, 200))  # fmt: skip
     tokens = torch.randint(0, 1000, (1, 700))
     ok = True
-    for name, params in (("global", {}), ("star", {"block_size": 256}), ("ring", {})):
-        outs = []
-        for device in ("cpu", "cuda"):
-            model = _random_on(args, torch.float32, attention.build(name, **params), device)
-            with torch.no_grad():
-                outs.append(model(tokens.to(device), torch.arange(700, device=device)).cpu())
-        err = (outs[0] - outs[1]).abs().max().item()
-        good = err < 1e-3
-        ok &= good
-        print(f"{'ok  ' if good else 'FAIL'} model {name:8} CUDA vs CPU fp32 logits: max abs diff {err:.2e}")
+    for family, shape in (("llama", args), ("gemma", ModelArgs(**GEMMA_LIKE, max_seq_len=4096))):
+        for name, params in (("global", {}), ("star", {"block_size": 256}), ("ring", {})):
+            outs = []
+            for device in ("cpu", "cuda"):
+                model = _random_on(shape, torch.float32, attention.build(name, **params), device)
+                with torch.no_grad():
+                    outs.append(model(tokens.to(device), torch.arange(700, device=device)).cpu())
+            err = (outs[0] - outs[1]).abs().max().item()
+            good = err < 1e-3
+            ok &= good
+            print(f"{'ok  ' if good else 'FAIL'} model {family} {name:8} CUDA vs CPU fp32 logits: max abs diff {err:.2e}")
     # bf16: the compiled norm/rotary/SwiGLU keep fp32 intermediates where eager rounds each op to bf16, so compare
     # the two on the same GPU relative to the logits' scale.
     model = _random_on(args, torch.bfloat16, attention.build("global"), "cuda")
