@@ -24,9 +24,9 @@ SUPPORTED_ARCHITECTURES = (
     "Gemma3ForCausalLM",
 )
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
-MLP_ACTIVATIONS = ("silu", "gelu_tanh")
+MLP_ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
 # Hugging Face activation names -> ours.
-_HF_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
+_HF_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu": "gelu"}
 
 
 @dataclass

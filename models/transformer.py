@@ -87,7 +87,12 @@ def gelu_tanh_mul(gate: Tensor, up: Tensor) -> Tensor:
     return F.gelu(gate, approximate="tanh") * up
 
 
-GATED_ACTIVATIONS = {"silu": silu_mul, "gelu_tanh": gelu_tanh_mul}
+@fused_on_cuda
+def gelu_mul(gate: Tensor, up: Tensor) -> Tensor:
+    return F.gelu(gate) * up
+
+
+GATED_ACTIVATIONS = {"silu": silu_mul, "gelu_tanh": gelu_tanh_mul, "gelu": gelu_mul}
 
 
 class RMSNorm(nn.Module):

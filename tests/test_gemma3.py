@@ -12,12 +12,14 @@ import models
 from tests.conftest import TINY, _randomize_norms
 
 # Shapes of their own: 3 KV heads under 6 query heads, a window of 8, the older `sliding_window_pattern`
-# (every 2nd layer full), transformers-4 style rope keys with scaling on the full layers.
+# (every 2nd layer full), transformers-4 style rope keys with scaling on the full layers; one KV head, a 12-token
+# window, an irregular layer pattern, an untied output, no logit cap.
 VARIANTS = {
     "pattern_and_v4_rope": dict(
         num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=3, head_dim=8, hidden_size=48,
         sliding_window=8, sliding_window_pattern=2, query_pre_attn_scalar=8,
         rope_scaling={"rope_type": "linear", "factor": 4.0}, rope_theta=20000.0, rope_local_base_freq=50.0,
+        hidden_activation="gelu",  # exact GELU: an activation Gemma 3 releases do not use, but the config allows
     ),
     "one_kv_head_no_cap": dict(
         num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=1, head_dim=32, sliding_window=12,

@@ -217,13 +217,13 @@ def test_long_inputs_run_the_mlp_in_chunks_with_the_same_result(monkeypatch):
 
 def test_fused_elementwise_chains_compile_without_graph_breaks():
     """On CUDA these run compiled: a graph break would split a chain into several kernels, so check for none here."""
-    from models.transformer import add_rms_norm, apply_rotary, gelu_tanh_mul, rms_norm, silu_mul, write_kv
+    from models.transformer import add_rms_norm, apply_rotary, gelu_mul, gelu_tanh_mul, rms_norm, silu_mul, write_kv
 
     torch._dynamo.reset()
     x, w = torch.randn(2, 5, 16), torch.randn(16)
     q, k, cos, sin = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 5, 8), torch.randn(5, 8), torch.randn(5, 8)
     cases = [(rms_norm, (x, w, 1e-5)), (add_rms_norm, (x, x.flip(0), w, 1e-5)), (apply_rotary, (q, k, cos, sin)),
-             (silu_mul, (x, x.flip(0))), (gelu_tanh_mul, (x, x.flip(0))), (rms_norm, (x, w, 1e-6, 1.0)),
+             (silu_mul, (x, x.flip(0))), (gelu_tanh_mul, (x, x.flip(0))), (gelu_mul, (x, x.flip(0))), (rms_norm, (x, w, 1e-6, 1.0)),
              (add_rms_norm, (x, x.flip(0), w, 1e-6, 1.0))]  # fmt: skip
     for fn, args in cases:
         traced = torch.compile(fn.__wrapped__, fullgraph=True, backend="aot_eager")
