@@ -133,16 +133,39 @@ def test_gemma3_270m_logits_and_tokens_match_transformers(gemma3_dir, gemma3_ggu
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("strategy", ["global", "star"])
-def test_gemma3_270m_finds_a_number_in_prose(gemma3_dir, strategy):
-    import attention
+def _needle_prompt(tok) -> tuple[list[int], int, str]:
+    """A number hidden at 60% of about 2,500 tokens of prose: (token ids, context tokens, the number)."""
     from tools import ruler
 
-    model, tok = models.load(gemma3_dir, dtype=torch.float32)
     count = lambda text: len(tok.encode(text, add_special_tokens=False))  # noqa: E731
     sample = ruler.make_sample("niah_single", count, 2500, 0.6, 0, ruler.Haystack.from_file(ruler.DEFAULT_PROSE))
-    ids = tok.encode(sample.context + sample.query)
-    n_ctx = len(tok.encode(sample.context))
-    model.attention = attention.build(strategy, **({"block_size": 1024} if strategy == "star" else {}))
-    out = models.generate(model, tok, ids, max_new_tokens=12, context_len=n_ctx)
-    assert sample.answers[0] in out.text, out.text
+    return tok.encode(sample.context + sample.query), len(tok.encode(sample.context)), sample.answers[0]
+
+
+def _ranks_worker(rank, world, path):
+    import attention
+
+    model, tok = models.load(path, dtype=torch.float32, attention=attention.build("ring"))
+    ids, n_ctx, _ = _needle_prompt(tok)
+    answers = {}
+    for name, params in (("ring", {}), ("star", {"block_size": 700, "anchor_mode": "recompute"})):
+        model.attention = attention.build(name, **params)
+        answers[name] = list(models.generate_tokens(model, ids, 12, context_len=n_ctx))
+    return answers
+
+
+def test_gemma3_270m_finds_a_number_in_prose_on_one_and_two_ranks(gemma3_dir):
+    """Global finds the number; ring on 2 gloo ranks generates global's tokens; star (blocks of 700, recompute) on
+    2 ranks generates what star with the same blocks does on one rank, and finds the number too."""
+    import attention
+    from tests.distributed import run_ranks
+
+    model, tok = models.load(gemma3_dir, dtype=torch.float32)
+    ids, n_ctx, number = _needle_prompt(tok)
+    want = {}
+    for name, params in (("ring", {}), ("star", {"block_size": 700})):
+        model.attention = attention.build("global" if name == "ring" else name, **params)
+        want[name] = list(models.generate_tokens(model, ids, 12, context_len=n_ctx))
+        assert number in tok.decode(want[name]), (name, tok.decode(want[name]))
+    for r in run_ranks(2, _ranks_worker, str(gemma3_dir)):
+        assert r == want
