@@ -95,6 +95,8 @@ class ModelArgs:
         arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
         if arch is None and cfg.get("model_type") == "gemma3_text":
             arch = "Gemma3ForCausalLM"
+        if arch == "Gemma3ForCausalLM":
+            cfg = {**_GEMMA3_DEFAULTS, **cfg}
         if arch is None:
             raise ValueError(
                 f"unsupported architecture {archs or cfg.get('model_type')!r}; "
@@ -106,7 +108,7 @@ class ModelArgs:
         rope_theta, rope_scaling = _rope_settings(cfg)
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
-        gemma = _gemma_fields(cfg, head_dim) if arch == "Gemma3ForCausalLM" else {}
+        gemma = _gemma_fields(cfg) if arch == "Gemma3ForCausalLM" else {}
         if gemma:
             rope_theta, rope_scaling = gemma.pop("rope")
         return cls(
@@ -143,7 +145,7 @@ class ModelArgs:
 
 def _text_part(cfg: dict[str, Any]) -> dict[str, Any]:
     """A Gemma 3 config that only nests the text model's keys under `text_config` is read as that text model."""
-    if cfg.get("model_type") != "gemma3" and "text_config" not in cfg:
+    if cfg.get("model_type") != "gemma3":
         return cfg
     if cfg.get("vision_config") is not None:
         raise ValueError(
@@ -156,6 +158,11 @@ def _text_part(cfg: dict[str, Any]) -> dict[str, Any]:
     return {**text, "model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"]}
 
 
+# What transformers' Gemma3TextConfig assumes for keys a config leaves out.
+_GEMMA3_DEFAULTS = {
+    "head_dim": 256, "query_pre_attn_scalar": 256, "sliding_window": 4096, "rms_norm_eps": 1e-6,
+    "max_position_embeddings": 131072, "hidden_activation": "gelu_pytorch_tanh",
+}  # fmt: skip
 # Gemma 3 keys that change the computation but that this project does not implement: refused, not ignored.
 _GEMMA_UNSUPPORTED = {
     "attn_logit_softcapping": None,  # None (the value in every Gemma 3 release) is the only supported value
@@ -163,11 +170,11 @@ _GEMMA_UNSUPPORTED = {
 }
 
 
-def _gemma_fields(cfg: dict[str, Any], head_dim: int) -> dict[str, Any]:
+def _gemma_fields(cfg: dict[str, Any]) -> dict[str, Any]:
     for key, supported in _GEMMA_UNSUPPORTED.items():
         if cfg.get(key, supported) not in (supported,):
             raise ValueError(f"Gemma 3 config key {key}={cfg[key]!r} is not supported (only {supported!r})")
-    act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh"
+    act = cfg["hidden_activation"]
     if act not in _HF_ACTIVATIONS:
         raise ValueError(f"Gemma 3 config: hidden_activation {act!r} is not supported; supported: {', '.join(_HF_ACTIVATIONS)}")
     # Full-attention and sliding-window layers each have their rope: transformers 5 keys `rope_parameters` by layer
@@ -189,7 +196,7 @@ def _gemma_fields(cfg: dict[str, Any], head_dim: int) -> dict[str, Any]:
         "norm_offset": 1.0,
         "sandwich_norms": True,
         "mlp_act": _HF_ACTIVATIONS[act],
-        "attn_scale": float(cfg.get("query_pre_attn_scalar", head_dim)) ** -0.5,
+        "attn_scale": float(cfg["query_pre_attn_scalar"]) ** -0.5,
         "final_softcap": float(cap) if cap else None,
     }
 
