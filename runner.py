@@ -309,6 +309,11 @@ def task_ruler(c: Context) -> dict:
     hay = ruler.Haystack() if t.haystack == "noise" else ruler.Haystack.from_file(t.haystack_file or ruler.DEFAULT_PROSE)
     samples = ruler.make_samples(list(t.tasks), count, lengths, list(t.depths), t.samples, hay)
     out_path = Path(t.output_jsonl or c.run_dir / "ruler_samples.jsonl")
+    if out_path.is_file() and out_path.stat().st_size and not t.resume:
+        raise ValueError(f"task.output_jsonl={out_path} already holds samples; pass task.resume=true to go on from "
+                         "them (a samples file belongs to one model and strategy), or name another file")  # fmt: skip
+    if c.lead:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
     done = {}
     if t.resume and out_path.is_file():
         done = {r["key"]: r for r in map(json.loads, out_path.read_text().splitlines()) if r.get("haystack") == hay.name}

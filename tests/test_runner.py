@@ -100,6 +100,8 @@ def test_ruler_resumes_where_a_run_stopped(smollm2_dir, tmp_path):
     assert again[:3] == rows[:3] and len(again) == 4 and json.loads(again[3])["key"] == json.loads(rows[3])["key"]
     result = json.loads((tmp_path / "run" / "results.json").read_text())
     assert result["ruler/mean"] == sum(json.loads(r)["score"] for r in again) / 4
+    res = _run(tmp_path, *common)  # without resume, rows already there are not mixed with new ones
+    assert res.returncode != 0 and "already holds samples" in res.stderr and out.read_text().splitlines() == again
 
 
 @pytest.mark.parametrize(

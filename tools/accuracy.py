@@ -191,11 +191,12 @@ def plot(cells: list[Cell], path: Path) -> Path:
 
     models = sorted({c.model for c in cells if c.done()})
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.2), squeeze=False)
+    colors = dict(zip(STRATEGIES, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     for ax, model in zip(axes[0], models):
-        for s in STRATEGIES:
-            pts = sorted((c.length, _score(_rows(c))) for c in cells if c.model == model and c.strategy == s and c.done())
+        for s in STRATEGIES:  # complete cells only: a partial one's mean covers some tasks only
+            pts = sorted((c.length, _score(_rows(c))) for c in cells if c.model == model and c.strategy == s and c.done() == c.samples)
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=STRATEGIES[s].name,
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=STRATEGIES[s].name, color=colors[s],
                         linestyle="-" if "recompute" not in s else "--")  # fmt: skip
         ax.set_xscale("log", base=2)
         ax.set_xticks(sorted({c.length for c in cells if c.model == model}))
