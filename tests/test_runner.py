@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -80,7 +81,7 @@ def test_ruler_writes_table_results_and_heatmap(smollm2_dir, tmp_path):
     rows = [json.loads(line) for line in (run / "ruler_samples.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and all(r["haystack"].endswith("common-licenses") for r in rows)  # prose by default
     assert rows[0]["strategy"]["name"] == "star" and rows[0]["strategy"]["block_size"] > 0
-    assert "star: context of" in res.stderr and "blocks of" in res.stderr  # star says how it cut the context
+    assert re.search(r"star: context of \d+ tokens in 1 block of \d+ over 1 rank, anchor", res.stderr)  # the floor
 
 
 def test_ruler_resumes_where_a_run_stopped(smollm2_dir, tmp_path):
