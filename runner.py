@@ -31,8 +31,10 @@ from omegaconf import DictConfig, OmegaConf
 import attention
 import models
 from models.tokenizer import Tokenizer
+from models.config import DTYPES
 from models.transformer import Transformer
-from tools.checkpoint_writer import DTYPES
+from preflight import memory
+from preflight.options import resolve_device, resolve_dtype
 from tools.launch import RankFailed, init_ranks, launch, under_torchrun
 
 
@@ -45,8 +47,8 @@ def validate(cfg: DictConfig) -> None:
         raise ValueError(f"parallel.nproc must be >= 1; got {cfg.parallel.nproc}")
     if cfg.dtype != "auto" and cfg.dtype not in DTYPES:
         raise ValueError(f"unknown dtype {cfg.dtype!r}; use one of auto, {', '.join(DTYPES)}")
-    if cfg.task.name not in TASKS:
-        raise ValueError(f"unknown task {cfg.task.name!r}; available: {', '.join(TASKS)}")
+    if cfg.task.name not in (*TASKS, "plan"):
+        raise ValueError(f"unknown task {cfg.task.name!r}; available: {', '.join(TASKS)}, plan")
     if cfg.wandb.mode not in ("offline", "online", "disabled"):
         raise ValueError(f"wandb.mode must be offline, online or disabled; got {cfg.wandb.mode!r}")
     if cfg.task.name == "bench" and cfg.task.new_tokens < BENCH_SETUP_STEPS + 2:
@@ -69,29 +71,6 @@ def validate(cfg: DictConfig) -> None:
             f"ctx={cfg.ctx.name} ({cfg.ctx.length} tokens) is longer than {cfg.model.name} supports: "
             f"{limit} positions and no rope scaling. Pick ctx <= {limit} or a model with rope scaling (e.g. llama3)"
         )
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return DTYPES[name]
-
-
-def star_block_size(n_ctx: int, world: int, min_block: int) -> int:
-    """Star's default block: a quarter of the context (context / ranks beyond 4 ranks), but not below `min_block`
-    tokens, so that a short context runs as fewer, longer blocks (one exact block on one rank), as long as every
-    rank still gets a block. ACCURACY.md has the measurements behind the floor; attention/README.md the trade-off."""
-    quarter = -(-n_ctx // max(4, world))
-    return max(1, quarter, min(min_block, -(-n_ctx // world)))
-
-
-def build_strategy(cfg: DictConfig, n_ctx: int) -> attention.AttentionStrategy:
-    """The configured strategy, with star's default block size (`star_block_size`) where none is set."""
-    params = dict(cfg.get("params") or {})
-    if cfg.name == "star" and params.get("block_size") is None:
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        params["block_size"] = star_block_size(n_ctx, world, cfg.get("min_block_size") or 0)
-    return attention.build(cfg.name, **params)
 
 
 def build_model(preset: DictConfig, dtype: torch.dtype, device: torch.device, need_weights: bool) -> tuple[Transformer, Tokenizer | None]:
@@ -146,7 +125,7 @@ class Context:
 
     def answer(self, ids: list[int], n_ctx: int, max_new: int, sampling: models.Sampling, stop=(), stream=False):
         """Generate with the configured strategy; returns (Generation, seconds to first token, decode tok/s)."""
-        self.model.attention = build_strategy(self.cfg.attention, n_ctx)
+        self.model.attention = attention.from_config(self.cfg.attention, n_ctx, self.world)
         self.describe_blocks(n_ctx)
         remove_progress = phase1_progress(self.model, enabled=stream and self.lead)
         first: list[float] = []
@@ -359,7 +338,7 @@ def task_bench(c: Context) -> dict:
         c.say(f"{c.cfg.model.name}: no checkpoint, benchmarking random weights of its shape")
 
     def once() -> tuple[float, float]:
-        c.model.attention = build_strategy(c.cfg.attention, n_ctx)
+        c.model.attention = attention.from_config(c.cfg.attention, n_ctx, c.world)
         c.describe_blocks(n_ctx)
         sync()
         start = time.perf_counter()
@@ -391,12 +370,15 @@ def task_bench(c: Context) -> dict:
     decode = max(r[1] for r in runs)
     peak = torch.cuda.max_memory_allocated() if c.device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     peaks = gather(peak, c.world)
+    planned = memory.plan_config(c.cfg)
+    planned_peaks = [r.total + (0 if c.device.type == "cuda" else memory.RUNTIME_BYTES["cpu"]) for r in planned.ranks]
     record = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "model": c.cfg.model.name, "attention": c.cfg.attention.name,
         "ctx": n, "ranks": c.world, "device": torch.cuda.get_device_name() if c.device.type == "cuda" else "cpu",
         "dtype": str(c.dtype).removeprefix("torch."), "torch": torch.__version__, "random_weights": c.tok is None,
         "ttft_s": ttft, "prefill_tok_s": n / ttft, "decode_tok_s": decode,
         "peak_mem_bytes_per_rank": peaks, "peak_mem_kind": "cuda allocated" if c.device.type == "cuda" else "process max RSS",
+        "planned_peak_bytes_per_rank": planned_peaks,
     }  # fmt: skip
     if c.lead:
         path = Path(t.results_file)
@@ -404,8 +386,23 @@ def task_bench(c: Context) -> dict:
         with open(path, "a") as f:
             f.write(json.dumps(record) + "\n")
         c.say(f"time to first token {ttft:.3f} s · prefill {n / ttft:.0f} tok/s · decode {decode:.1f} tok/s · "
-              f"peak memory per rank {', '.join(f'{p / 2**30:.2f} GiB' for p in peaks)} → {path}")  # fmt: skip
+              f"peak memory per rank {', '.join(f'{p / 2**30:.2f} GiB' for p in peaks)} (planned "
+              f"{', '.join(f'{p / 2**30:.2f}' for p in planned_peaks)}) → {path}")  # fmt: skip
     return record
+
+
+def task_plan(cfg: DictConfig, run_dir: Path) -> None:
+    """Print the memory plan per rank and term; nothing is loaded and no GPU is touched."""
+    plan = memory.plan_config(cfg)
+    print(plan.table(), flush=True)
+    if cfg.memory.limit_gib is not None:  # the verdict the run would get on ranks of that size
+        try:
+            memory.check_fits(cfg, torch.device("cpu"))
+            print(f"fits: {plan.need / 2**30:.1f} of memory.limit_gib={cfg.memory.limit_gib} GiB per rank")
+        except memory.DoesNotFit as e:
+            print(f"does not fit: {e}")
+    result = {"peak_bytes": plan.peak, "need_bytes": plan.need, "ranks": [r.terms for r in plan.ranks]}
+    (run_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
 
 
 TASKS = {"generate": task_generate, "ruler": task_ruler, "bench": task_bench}
@@ -445,6 +442,8 @@ def worker(cfg_dict: dict, run_dir: str) -> dict:
         os.environ["TQDM_DISABLE"] = "1"
     torch.manual_seed(cfg.seed)
     try:
+        if cfg.memory.check:  # self-launched GPU ranks: each checks its own GPU before loading
+            memory.check_fits(cfg, device)
         c = Context(cfg, Path(run_dir), rank, world, device)
         result = TASKS[cfg.task.name](c)
         if rank == 0:
@@ -460,7 +459,15 @@ def main(cfg: DictConfig) -> None:
     run_dir = HydraConfig.get().runtime.output_dir
     try:
         validate(cfg)
+        if cfg.task.name == "plan":
+            task_plan(cfg, Path(run_dir))
+            return
+        # Self-launched GPU ranks check their own GPUs (asking here would hold a CUDA context on each meanwhile).
+        in_ranks = cfg.parallel.nproc > 1 and not under_torchrun() and resolve_device(cfg.device).type == "cuda"
+        if cfg.memory.check and not in_ranks:
+            memory.check_fits(cfg, resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", 0))))
         container = OmegaConf.to_container(cfg, resolve=True)
+        container["memory"]["check"] = cfg.memory.check and in_ranks  # what is left for the ranks to check
         if cfg.parallel.nproc > 1 and not under_torchrun():
             launch(cfg.parallel.nproc, worker, container, run_dir)
         else:

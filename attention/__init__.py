@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from attention.ring import RingAttention
-from attention.star import StarAttention
+from attention.star import StarAttention, star_block_size
 from attention.strategy import AttentionStrategy, GlobalAttention
 
 REGISTRY: dict[str, type[AttentionStrategy]] = {cls.name: cls for cls in (GlobalAttention, RingAttention, StarAttention)}
@@ -18,4 +19,13 @@ def build(name: str, **params: Any) -> AttentionStrategy:
     return REGISTRY[name](**params)
 
 
-__all__ = ["REGISTRY", "AttentionStrategy", "GlobalAttention", "RingAttention", "StarAttention", "build"]
+def from_config(cfg: Mapping, n_ctx: int, world: int) -> AttentionStrategy:
+    """The strategy an `attention=` config group describes, for a context of `n_ctx` tokens over `world` ranks:
+    star's block size, where the config leaves it null, is the default rule's (`star_block_size`)."""
+    params = dict(cfg.get("params") or {})
+    if cfg["name"] == "star" and params.get("block_size") is None:
+        params["block_size"] = star_block_size(n_ctx, world, cfg.get("min_block_size") or 0)
+    return build(cfg["name"], **params)
+
+
+__all__ = ["REGISTRY", "AttentionStrategy", "GlobalAttention", "RingAttention", "StarAttention", "build", "from_config"]

@@ -44,8 +44,8 @@ class PositionMask:
         def visible(b, h, q_idx, kv_idx):
             qp, kp = q_pos[q_idx], kv_pos[kv_idx]
             ok = (kp >= 0) & (kp <= qp)
-            if window is not None:
-                ok = ok & (qp - kp < window)
+            if window is not None:  # qp - kp < window, without a [queries, keys] difference in int64
+                ok = ok & (kp > qp - window)
             if block is not None:
                 ok = ok & ((kp // block == qp // block) | (kp < anchor))
             return ok
@@ -179,6 +179,7 @@ def cpu_flash_attend(q: Tensor, k: Tensor, v: Tensor, mask: PositionMask, return
         seen = visible.any(-1)  # the kernel reports lse 0 for rows that see no key
         outs.append(out)
         lses.append(torch.where(seen, lse.float(), float("-inf")))
+        del visible, kc, vc, bias  # before the next chunk's are made: one chunk's workspace at a time
     out = torch.cat(outs, dim=2)
     return (out, torch.cat(lses, dim=2)) if return_lse else out
 
@@ -202,6 +203,7 @@ def dense_attend(q: Tensor, k: Tensor, v: Tensor, mask: PositionMask, return_lse
         probs = torch.exp(scores - lse.unsqueeze(-1).masked_fill(lse.isinf().unsqueeze(-1), 0.0))
         outs.append((probs.view(B, Hkv, g * t, -1) @ vc).view(B, Hkv, g, t, D))
         lses.append(lse)
+        del visible, kc, vc, scores, probs  # before the next chunk's are made: one chunk's workspace at a time
     out = torch.cat(outs, dim=3).reshape(B, Hq, T, D).to(q.dtype)
     if not return_lse:
         return out

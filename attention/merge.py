@@ -26,7 +26,10 @@ def merge_partials(outs: Tensor, lses: Tensor) -> tuple[Tensor, Tensor]:
     return out, top + torch.log(total)
 
 
-def merge_into(out: Tensor, lse: Tensor, out_b: Tensor, lse_b: Tensor, elements: int = 1 << 25) -> None:
+MERGE_CHUNK_ELEMENTS = 1 << 25
+
+
+def merge_into(out: Tensor, lse: Tensor, out_b: Tensor, lse_b: Tensor, elements: int = MERGE_CHUNK_ELEMENTS) -> None:
     """Merge partial b into the running (out fp32, lse fp32) in place: the form ring steps use as shards arrive.
 
     A chunk of query rows at a time (about `elements` output values): at 512K queries per rank the whole-tensor

@@ -23,6 +23,14 @@ from attention.strategy import AttentionStrategy, Step
 ANCHOR_MODES = ("broadcast", "recompute")
 
 
+def star_block_size(n_ctx: int, world: int, min_block: int) -> int:
+    """Star's default block: a quarter of the context (context / ranks beyond 4 ranks), but not below `min_block`
+    tokens, so that a short context runs as fewer, longer blocks (one exact block on one rank), as long as every
+    rank still gets a block. ACCURACY.md has the measurements behind the floor; attention/README.md the trade-off."""
+    quarter = -(-n_ctx // max(4, world))
+    return max(1, quarter, min(min_block, -(-n_ctx // world)))
+
+
 class StarAttention(AttentionStrategy):
     name = "star"
 

@@ -13,6 +13,7 @@ On one rank with `global` both phases are plain causal attention over the cache.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +45,12 @@ class AttentionStrategy:
         self.rank = dist.get_rank(group) if distributed else 0
         self.world = dist.get_world_size(group) if distributed else 1
         self.phase = "context"
+
+    def at(self, rank: int, world: int) -> "AttentionStrategy":
+        """A copy of this strategy as rank `rank` of `world` holds it: to plan a run without starting its ranks."""
+        placed = copy.copy(self)
+        placed.rank, placed.world = rank, world
+        return placed
 
     # --- the layout of the context over ranks
     def context_indices(self, n_ctx: int) -> Tensor:

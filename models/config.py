@@ -24,6 +24,7 @@ SUPPORTED_ARCHITECTURES = (
     "Gemma3ForCausalLM",
 )
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # the names configs and tools use
 MLP_ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
 # Hugging Face activation names -> ours.
 _HF_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu": "gelu"}

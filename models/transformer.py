@@ -248,6 +248,8 @@ class Transformer(nn.Module):
     def setup_cache(self, batch: int, slots: int, dtype: torch.dtype | None = None) -> None:
         """Allocate a KV cache of `slots` tokens per layer; positions of the slots are tracked in `kv_pos`."""
         ref = self.tok_embeddings.weight
+        for layer in self.layers:  # the old cache goes before the new one is made: never two at once
+            layer.attention.kv_cache = None
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(
                 batch, self.args.n_kv_heads, slots, self.args.head_dim, dtype or ref.dtype, ref.device

@@ -196,7 +196,7 @@ def test_joins_a_torchrun_group(smollm2_dir, tmp_path):
 
 
 def test_star_default_blocks():
-    from runner import star_block_size
+    from attention.star import star_block_size
 
     assert star_block_size(3000, 1, 4096) == 3000  # below the floor: one exact block
     assert star_block_size(10_000, 1, 4096) == 4096  # 3 blocks of 4096, not 4 of 2500

@@ -51,7 +51,7 @@ STRATEGIES = {
         ("attention=star", "attention.params.block_size={L4}", "attention.params.anchor_mode=recompute"), ranks=2,
     ),
     "star8": Strategy("star, block L/8", ("attention=star", "attention.params.block_size={L8}")),
-    # The runner's default blocks (runner.star_block_size): a quarter of the context, at least 4096 tokens.
+    # The runner's default blocks (attention.star.star_block_size): a quarter of the context, at least 4096 tokens.
     "star-default": Strategy("star, default blocks", ("attention=star",)),
     "star8-recompute": Strategy(
         "star, block L/8, recompute, 2 ranks",
@@ -89,8 +89,8 @@ def plan() -> list[Cell]:
     g, s = "gemma3_270m", "smollm2"
     cells = [Cell(g, 4096, st, D4) for st in ("global", "star4", "star8")]
     cells += [Cell(g, 8192, st, D4) for st in ("global", "star4", "star8", "star-default")]
-    cells += [Cell(g, 16384, st, D4) for st in ("global", "star-default")] + [Cell(g, 4096, "ring", D4)]
-    cells += [Cell(g, 32768, st, D2) for st in ("global", "star-default")]
+    cells += [Cell(g, 16384, st, D4) for st in ("global", "star-default")]
+    cells += [Cell(g, 32768, st, D2) for st in ("global", "star-default")] + [Cell(g, 4096, "ring", D4)]
     cells += [Cell(g, 16384, st, D4) for st in ("star4", "star8")]
     cells += [Cell(s, n, st, D4) for n in (1024, 2048, 4096, 8192) for st in ("global", "star4", "star8")]
     cells += [Cell(s, 8192, "star-default", D4), Cell(g, 4096, "star-default", D4)]

@@ -4,6 +4,7 @@
     python tools/benchmarks.py prefill [--tune]      # causal prefill: compiled FlexAttention vs SDPA, star mask
     python tools/benchmarks.py model [--ctx 65536]   # Llama-3.1-8B shapes, batch-1 decode vs transformers generate
     python tools/benchmarks.py ttft --nproc 4 --ctx 64k,128k   # star vs ring time to first token (runner.py -m)
+    python tools/benchmarks.py memory --longest 294912   # the memory plan against the measured peak (runner.py)
 
 Parts combine (`decode prefill model`). `--append FILE` chooses where tables go (default BENCHMARKS.md; `-` for
 none), `--jsonl FILE` also writes every row as JSON. Timings are CUDA-event times after a warm-up; "graph" times
@@ -403,6 +404,46 @@ def bench_ttft(quick: bool) -> list[Table]:
     return [table]
 
 
+# --- the memory plan against the measured peak
+
+
+def bench_memory(quick: bool) -> list[Table]:
+    """runner.py task=bench at 64K, 128K and --longest tokens for each strategy: the plan's peak per rank next to
+    torch.cuda.max_memory_allocated; then the headline command on this GPU, which must be refused in seconds."""
+    results = Path(tempfile.mkdtemp()) / "memory.jsonl"
+    lengths = [64 * K] if quick else [64 * K, 128 * K, ARGS.longest]
+    commands = []
+    for attention in ARGS.attention.split(","):
+        argv = [sys.executable, "runner.py", "-m", "task=bench", "model=llama3", f"attention={attention}",
+                f"ctx.length={','.join(map(str, lengths))}", f"parallel.nproc={ARGS.nproc}", "task.new_tokens=8",
+                "task.warmup=0", "task.repeats=1", "wandb.mode=disabled", f"task.results_file={results}"]  # fmt: skip
+        commands.append(" ".join(["python"] + argv[1:-1]))
+        subprocess.run(argv, cwd=ROOT, check=True)
+    table = Table(
+        f"Llama-3.1-8B shapes, the memory plan against the measured peak on {ARGS.nproc} GPU{'s' * (ARGS.nproc > 1)}",
+        "\n".join(commands),
+        ["attention", "GPUs", "context", "planned peak (GiB)", "measured peak (GiB)", "planned / measured", "TTFT (s)"],
+    )
+    for r in map(json.loads, results.read_text().splitlines()):
+        for planned, peak in zip(r["planned_peak_bytes_per_rank"], r["peak_mem_bytes_per_rank"]):
+            table.rows.append([r["attention"], r["ranks"], r["ctx"], planned / 2**30, peak / 2**30, planned / peak, r["ttft_s"]])
+        emit(r, part="memory")
+    start = time.perf_counter()
+    refused = subprocess.run([sys.executable, "runner.py", "model=llama3", "attention=star", "ctx=1m", "task=bench",
+                              "wandb.mode=disabled"], cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+    seconds = time.perf_counter() - start
+    table.notes.append(
+        "Random weights, bf16, no warm-up (compilation included in the peak). Measured: `torch.cuda.max_memory_allocated`"
+        " over the run; planned: the tensor terms of `python runner.py task=plan` for the same run (without the 5% slack"
+        " and the CUDA context that the check before loading adds)."
+    )
+    table.notes.append(
+        f"The headline command `python runner.py model=llama3 attention=star ctx=1m task=bench` on this GPU: exit code "
+        f"{refused.returncode} after {seconds:.1f} s with\n\n> {refused.stderr.strip().splitlines()[-1] if refused.stderr.strip() else '(no message)'}"
+    )
+    return [table]
+
+
 # --- output
 
 
@@ -412,7 +453,7 @@ def emit(row: dict, **extra) -> None:
             f.write(json.dumps({**row, **extra, "device": torch.cuda.get_device_name(), "torch": torch.__version__}) + "\n")
 
 
-PARTS = {"decode": bench_decode, "prefill": bench_prefill, "model": bench_model, "ttft": bench_ttft}
+PARTS = {"decode": bench_decode, "prefill": bench_prefill, "model": bench_model, "ttft": bench_ttft, "memory": bench_memory}
 ARGS: argparse.Namespace
 
 
@@ -425,9 +466,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true", help="model: GPU time per kernel of a decode step")
     parser.add_argument("--ctx", type=int, default=64 * K, help="model: prompt tokens")
     parser.add_argument("--ctx-names", default="64k,128k", help="ttft: ctx presets")
-    parser.add_argument("--attention", default="ring,star", help="ttft: strategies")
+    parser.add_argument("--attention", default="ring,star", help="ttft, memory: strategies")
     parser.add_argument("--nproc", type=int, default=torch.cuda.device_count(), help="ttft: GPUs")
     parser.add_argument("--warmup", type=int, default=1, help="ttft: warm-up runs")
+    parser.add_argument("--longest", type=int, default=256 * K, help="memory: the longest context measured")
     parser.add_argument("--append", default="BENCHMARKS.md", help="markdown file the tables are appended to; - for none")
     parser.add_argument("--jsonl", type=Path)
     ARGS = parser.parse_args(argv)

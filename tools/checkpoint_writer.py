@@ -20,7 +20,6 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULT_SHARD_SIZE = "5GB"
 VERIFY_AUTO_LIMIT = 4 << 30  # --verify defaults to on below this many bytes of weights
 

@@ -28,7 +28,8 @@ import torch
 if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tools.checkpoint_writer import DEFAULT_SHARD_SIZE, DTYPES, write_checkpoint  # noqa: E402
+from models.config import DTYPES  # noqa: E402
+from tools.checkpoint_writer import DEFAULT_SHARD_SIZE, write_checkpoint  # noqa: E402
 from tools.gguf_import import GGUFCheckpoint  # noqa: E402
 
 CACHE_HOME = Path(os.environ.get("LONGCTX_HOME", Path.home() / ".cache" / "longctx"))

@@ -1,0 +1,344 @@
+"""The memory plan of a run: what each rank holds at its peak, term by term, computed without loading anything.
+
+A rank's peak is its weights and KV cache (allocated in full before phase 1) plus the largest transient of the run,
+which for a long context is one layer of phase 1: the residual stream, the attention of the rank's tokens (with
+the strategy's extra buffers: ring's shard in flight and fp32 running output, star's received anchor) or the MLP
+over one chunk of tokens, whichever is larger, plus the rotary tables that live through the whole pass. Phase 2
+and decode are small next to it except for the attention workspace over the whole KV cache, which is a term too.
+
+Each term follows the tensors `models.transformer` and `attention` allocate; tests/test_memory_plan.py checks the
+sum against the bytes actually live on CPU at small scale, and BENCHMARKS.md against the CUDA allocator's peak.
+`runtime` (the CUDA context, or the Python process itself) is not allocated by torch and is added only when the
+plan is compared with what a device has free.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+import attention
+from models.config import ModelArgs
+from models.transformer import FeedForward, Transformer
+
+GiB = 2**30
+# Not tensors: the CUDA context with cuBLAS/Triton modules, or the interpreter with torch imported.
+RUNTIME_BYTES = {"cuda": int(0.75 * GiB), "cpu": int(0.4 * GiB)}
+# Caching-allocator fragmentation and kernel workspaces the terms do not name, as a fraction of the peak.
+SLACK = 0.05
+FLEX_BLOCK = 128  # FlexAttention's BlockMask granularity (tokens per block, both sides)
+DECODE_QUERY_TOKENS = 1
+
+
+@dataclass(frozen=True)
+class RunShape:
+    """What a run feeds: `n_ctx` context tokens in phase 1, then `n_after` query and generated tokens."""
+
+    n_ctx: int
+    n_after: int
+
+
+@dataclass
+class RankPlan:
+    rank: int
+    terms: dict[str, int] = field(default_factory=dict)  # name -> bytes, in the order of the table
+
+    @property
+    def total(self) -> int:
+        return sum(self.terms.values())
+
+
+@dataclass
+class Plan:
+    model: str
+    strategy: str
+    world: int
+    device: str
+    dtype: torch.dtype
+    shape: RunShape
+    ranks: list[RankPlan]
+
+    @property
+    def peak(self) -> int:
+        """Bytes the fullest rank allocates (tensors only)."""
+        return max(r.total for r in self.ranks)
+
+    @property
+    def need(self) -> int:
+        """Bytes of device memory the fullest rank needs free: its tensors, slack and the runtime."""
+        return int(self.peak * (1 + SLACK)) + RUNTIME_BYTES[self.device]
+
+    def table(self) -> str:
+        """Per-rank, per-term table (GiB, or MiB for a small run); ranks with the same terms are shown once."""
+        groups: dict[tuple, list[int]] = {}
+        for r in self.ranks:
+            groups.setdefault(tuple(r.terms.items()), []).append(r.rank)
+        cols = [(_ranks_label(ranks), dict(terms)) for terms, ranks in groups.items()]
+        names = list(dict.fromkeys(n for _, t in cols for n in t))
+        unit, scale = ("GiB", GiB) if self.peak >= GiB else ("MiB", 2**20)
+        fmt = lambda n: f"{n / scale:.2f}"  # noqa: E731
+        rows = [["term", *(c for c, _ in cols)]]
+        rows += [[n, *(fmt(t.get(n, 0)) for _, t in cols)] for n in names]
+        rows += [["total (tensors)", *(fmt(sum(t.values())) for _, t in cols)]]
+        rows += [[f"needed free: + {SLACK:.0%} slack + {self.device} runtime", *(fmt(int(sum(t.values()) * (1 + SLACK)) + RUNTIME_BYTES[self.device]) for _, t in cols)]]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths))) for r in rows]
+        lines.insert(1, "-" * len(lines[0]))
+        head = (f"memory plan ({unit} per rank): {self.model}, {self.strategy} on {self.world} rank{'s' * (self.world > 1)}, "
+                f"{self.shape.n_ctx} context + {self.shape.n_after} more tokens, {str(self.dtype).removeprefix('torch.')} "
+                f"on {self.device}")  # fmt: skip
+        return head + "\n" + "\n".join(lines)
+
+
+def _ranks_label(ranks: list[int]) -> str:
+    if len(ranks) == 1:
+        return f"rank {ranks[0]}"
+    return f"ranks {ranks[0]}-{ranks[-1]}" if ranks == list(range(ranks[0], ranks[-1] + 1)) else "ranks " + ",".join(map(str, ranks))
+
+
+def weight_bytes(args: ModelArgs, dtype: torch.dtype) -> int:
+    """Parameters (tied ones once) in `dtype`, and the fp32 rotary frequencies, counted on a meta-device model."""
+    key = (repr(args), dtype)
+    if key not in _WEIGHTS:  # (a plan searching for what fits asks many times)
+        with torch.device("meta"):
+            model = Transformer(args, attention.build("ring"))  # (ring: valid inside a run of any rank count)
+        params = sum(p.numel() for p in model.parameters()) * dtype.itemsize
+        _WEIGHTS[key] = params + sum(b.numel() * b.element_size() for b in model.buffers())
+    return _WEIGHTS[key]
+
+
+_WEIGHTS: dict[tuple[str, torch.dtype], int] = {}
+
+
+def plan_run(
+    args: ModelArgs,
+    strategy: attention.AttentionStrategy,
+    shape: RunShape,
+    world: int,
+    dtype: torch.dtype,
+    device: str,
+    model_name: str = "",
+) -> Plan:
+    """The plan of every rank of `world` running `strategy` (as built for rank 0; each rank is planned from
+    `strategy.at(rank, world)`) over `shape`."""
+    weights = weight_bytes(args, dtype)
+    ranks = [_rank_plan(args, strategy.at(r, world), shape, dtype, device, weights) for r in range(world)]
+    return Plan(model_name or args.architecture, strategy.name, world, device, dtype, shape, ranks)
+
+
+def _rank_plan(args: ModelArgs, s: attention.AttentionStrategy, shape: RunShape, dtype: torch.dtype, device: str, weights: int) -> RankPlan:
+    b = dtype.itemsize
+    D, Hq, Hkv, dim = args.head_dim, args.n_heads, args.n_kv_heads, args.dim
+    slots = s.cache_slots(shape.n_ctx, shape.n_after)
+    kv = args.n_layers * 2 * Hkv * D * slots * b + 2 * slots * 8  # + kv_pos (and its index)
+    # phase 1: T tokens fed, attending to S keys
+    T = len(s.context_indices(shape.n_ctx)) if shape.n_ctx else 0
+    extra_keys, buffers, merging = _phase1_strategy_buffers(s, shape.n_ctx, T, args, b)
+    seen = s.anchor_size + s.block_size if s.name == "star" else None
+    phase1 = _layer_peak(args, T, T + extra_keys, b, device, seen, buffers, merging) if T else 0
+    rotary = _rotary_bytes(args, T, b)
+    # phase 2: the query tokens, then one token at a time, attending to the whole local cache
+    Q = max(1, shape.n_after)
+    phase2 = _layer_peak(args, Q, slots, b, device) + _rotary_bytes(args, Q, b)
+    logits = args.vocab_size * (b + 4) * 2  # the last position's logits, and their fp32 copy for sampling
+    terms = {"weights": weights, "KV cache": kv}
+    transient = {"phase 1: one layer's activations": phase1 + rotary, "phase 2: one layer's activations": phase2}
+    name = max(transient, key=transient.get)
+    terms[name] = transient[name]
+    terms["logits"] = logits
+    if device == "cuda":
+        # a decode step's own tensors live on in the CUDA graph's private pool
+        terms["CUDA graph pool"] = _layer_peak(args, DECODE_QUERY_TOKENS, slots, b, device) + logits
+    return RankPlan(s.rank, terms)
+
+
+def _phase1_strategy_buffers(s: attention.AttentionStrategy, n_ctx: int, T: int, args: ModelArgs, b: int) -> tuple[int, int, int]:
+    """(keys attended beyond the rank's own tokens, bytes of the strategy's own buffers during a phase-1 layer's
+    attention, bytes of the temporaries of merging a partial into them)."""
+    Hkv, Hq, D = args.n_kv_heads, args.n_heads, args.head_dim
+    if s.name == "star" and s.receives_anchor:
+        A = min(s.anchor_size, n_ctx)
+        return A, A * 2 * Hkv * D * b, 0  # the received anchor, before it is joined to the rank's own K/V
+    if s.name == "ring" and s.world > 1:
+        shard = max(len(x) for x in attention.ring.zigzag_shards(n_ctx, s.world)) * 2 * Hkv * D * b
+        running = T * Hq * (D + 1) * 4  # the fp32 (output, lse) merged so far
+        # the shard held and the one arriving (the last step receives nothing) and the running partial; merging a
+        # step's partial stacks both in fp32 and weighs them, a chunk of `merge_into`'s rows at a time
+        held = shard + (max(shard, running) if s.world == 2 else shard + running)
+        from attention.merge import MERGE_CHUNK_ELEMENTS
+
+        return 0, held, 6 * min(T * Hq * D, MERGE_CHUNK_ELEMENTS) * 4 + T * Hq * D * b
+    return 0, 0, 0
+
+
+def _rotary_bytes(args: ModelArgs, T: int, b: int) -> int:
+    """Frequencies (fp32), their doubled copy (fp32), cos and sin: live through the whole forward pass."""
+    ropes = 2 if args.local_rope_theta is not None else 1
+    return ropes * T * args.head_dim * (2 + 4 + 2 * b) + T * 8 * 2
+
+
+def _layer_peak(
+    args: ModelArgs, T: int, S: int, b: int, device: str, seen: int | None = None, extra: int = 0, merging: int = 0
+) -> int:
+    """The most bytes one layer holds at once over T tokens attending to S keys (star: `seen`, the block and anchor
+    sizes, bounds the keys beyond its own a query sees): the largest of the moments below, as `models.transformer`
+    allocates them; `extra`: the strategy's own buffers during attention, `merging`: its merge's temporaries."""
+    D, Hq, Hkv, dim, inter = args.head_dim, args.n_heads, args.n_kv_heads, args.dim, args.intermediate_size
+    row = T * b
+    eager = device != "cuda"  # on CUDA the elementwise chains are fused kernels without temporaries
+    qkv = (Hq + 2 * Hkv) * D
+    # attention: the layer input, its norm, the fused q|k|v, rotated q and k ...
+    live = row * (2 * dim + qkv + (Hq + Hkv) * D)
+    rotary = row * (2 * dim + qkv + (Hq + Hkv) * D * args.qk_norm + (3 if eager else 1) * Hq * D)
+    kernel = live + extra + max(_kernel_workspace(args, T, S, b, device, seen), merging)
+    output = live + row * (2 * Hq * D + dim) + T * Hq * 4  # ... the output, its [T, heads*dim] copy, wo's output
+    # MLP: the layer input, the attention output, their sum, its norm (and the chunked output), one chunk's gate|up,
+    # activation (and the unfused activation's temporary) and down projection; then the block's output
+    chunk = min(T, FeedForward.chunk)
+    resid = row * dim * (4 + (T > chunk))
+    mlp = resid + chunk * b * max(3 * inter + dim, 4 * inter if eager else 0)
+    block_out = row * dim * (6 + (T > chunk) + args.sandwich_norms)
+    return max(rotary, kernel, output, mlp, block_out)
+
+
+def _kernel_workspace(args: ModelArgs, T: int, S: int, b: int, device: str, seen: int | None) -> int:
+    """Bytes the attention kernel holds beyond its inputs, for T queries over S keys (`attention.kernels.attend`)."""
+    from attention.kernels import CPU_FLASH_MIN_QUERIES, FLEX_MIN_QUERIES, MASK_CHUNK_ELEMENTS
+
+    D, Hq, Hkv = args.head_dim, args.n_heads, args.n_kv_heads
+    out = T * Hq * D * b + T * Hq * 4  # output and lse
+    windows = len(set(args.layer_windows)) or 1
+    if device == "cuda" and T >= FLEX_MIN_QUERIES:  # FlexAttention: its BlockMasks (4 int32 [T/128, S/128] tables)
+        return out + windows * 4 * 4 * math.ceil(T / FLEX_BLOCK) * math.ceil(S / FLEX_BLOCK)
+    if device == "cuda":  # Lean decode: partial (output, lse) per program and row, a few per SM
+        return out + 4 * 132 * 2 * Hq * T * (D + 1) * 4
+    rows = min(T, max(64, MASK_CHUNK_ELEMENTS // max(S, 1)))
+    windowed = seen is not None or any(w is not None for w in args.layer_windows)
+    seen = S if seen is None else min(S, rows + seen)  # a star chunk: its queries' blocks and the anchor
+    # a chunk's boolean mask: made by 2 or 3 boolean [rows, S] comparisons; then with its negation for the bias
+    mask = max(3 * rows * S if windowed else 2 * rows * S, 2 * rows * S + rows * seen * b)
+    if T >= CPU_FLASH_MIN_QUERIES:
+        # fused CPU kernel: K/V repeated to Hq heads, the keys a chunk sees gathered (star); per chunk the mask and an
+        # additive bias, next to the outputs so far; at the end the chunks' outputs and their concatenation
+        expanded = 2 * S * Hq * D * b if Hq > Hkv else 0
+        gathered = 2 * seen * Hq * D * b if seen < S else 0
+        return expanded + gathered + max(mask + out, 2 * out)
+    # dense reference: fp32 K/V, a chunk's fp32 scores and probabilities
+    return 2 * S * Hkv * D * 4 + max(mask + 2 * rows * Hq * seen * 4 + out, 2 * out)
+
+
+# --- a run's plan from its config, and the check before loading
+
+
+def preset_args(preset) -> ModelArgs:
+    """The model shape a preset runs: its checkpoint's config.json where it names one, else the preset's config."""
+    from pathlib import Path
+
+    path = preset.get("path")
+    if path is not None and (Path(path).expanduser() / "config.json").is_file():
+        return ModelArgs.from_json(Path(path).expanduser() / "config.json")
+    return ModelArgs.from_hf(dict(preset.config))
+
+
+def run_shape(task, ctx_length: int) -> RunShape:
+    """The tokens a task feeds: bench and plan a prompt of `prompt_tokens` (default the ctx length) whose last
+    `query_tokens` go through phase 2; generate and ruler the ctx length, a query, and `max_new_tokens`."""
+    if task.name in ("bench", "plan"):
+        n = task.get("prompt_tokens") or ctx_length
+        return RunShape(max(1, n - task.query_tokens), task.query_tokens + task.new_tokens)
+    n = max(task.get("lengths") or [ctx_length])
+    return RunShape(n, QUERY_ALLOWANCE + task.max_new_tokens)
+
+
+QUERY_ALLOWANCE = 256  # tokens of a question and chat template after the context, for tasks that do not fix them
+
+
+def plan_config(cfg, world: int | None = None, n_ctx: int | None = None, dtype: torch.dtype | None = None) -> Plan:
+    """The plan of the run `cfg` describes (a runner config), optionally with another rank count, context or dtype."""
+    from preflight.options import resolve_device, resolve_dtype
+
+    world = world or cfg.parallel.nproc
+    device = resolve_device(cfg.device)
+    dtype = dtype or resolve_dtype(cfg.dtype, device)
+    shape = run_shape(cfg.task, cfg.ctx.length)
+    if n_ctx is not None:
+        shape = RunShape(n_ctx, shape.n_after)
+    args = preset_args(cfg.model)
+    strategy = attention.from_config(cfg.attention, shape.n_ctx, world)
+    return plan_run(args, strategy, shape, world, dtype, device.type, cfg.model.name)
+
+
+class DoesNotFit(ValueError):
+    """The plan needs more memory than a rank has; the message names what, how much, and what would fit."""
+
+
+def available_bytes(device: torch.device, world: int, limit_gib: float | None) -> tuple[int, str]:
+    """Memory one rank may use, and where that figure comes from: `memory.limit_gib` where set, else the GPU's free
+    memory, or on CPU the host's available memory shared by the ranks."""
+    if limit_gib is not None:
+        return int(limit_gib * GiB), f"memory.limit_gib={limit_gib}"
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free, f"{device} has {free / GiB:.1f} GiB free"
+    avail = _host_available()
+    share = f" ({world} ranks share it)" if world > 1 else ""
+    return avail // world, f"the host has {avail / GiB:.1f} GiB available{share}"
+
+
+def _host_available() -> int:
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def check_fits(cfg, device: torch.device) -> Plan:
+    """The run's plan, if its fullest rank fits in what `available_bytes` allows; else `DoesNotFit` with the
+    smallest changes that fit, each computed from the same plan."""
+    plan = plan_config(cfg)
+    avail, source = available_bytes(device, plan.world, cfg.memory.get("limit_gib"))
+    if plan.need <= avail:
+        return plan
+    terms = max(plan.ranks, key=lambda r: r.total).terms
+    parts = ", ".join(f"{name.split(':')[0]} {n / GiB:.1f}" for name, n in terms.items() if n >= 0.05 * GiB)
+    fixes = fits_with(cfg, avail)
+    advice = f"; fits with {' or '.join(fixes)}" if fixes else "; no rank count, shorter ctx or dtype fits: use a smaller model"
+    raise DoesNotFit(
+        f"memory: {cfg.model.name} with {plan.strategy} at {plan.shape.n_ctx} tokens on {plan.world} "
+        f"rank{'s' * (plan.world > 1)} needs {plan.need / GiB:.1f} GiB per rank ({parts} GiB, plus slack and runtime; "
+        f"`task=plan` shows every term), but {source}{advice}"
+    )
+
+
+RANK_COUNTS = (2, 4, 8, 16, 32, 64, 128)
+
+
+def fits_with(cfg, avail: int) -> list[str]:
+    """The smallest change of each kind that fits in `avail` bytes per rank: more ranks, a shorter context, bf16."""
+    from omegaconf import OmegaConf
+
+    fixes = []
+    base = plan_config(cfg)
+    spread = cfg if cfg.attention.name != "global" else OmegaConf.merge(cfg, {"attention": {"name": "star"}})
+    for n in (n for n in RANK_COUNTS if n > base.world):
+        try:
+            if plan_config(spread, world=n).need <= avail:
+                fixes.append(("attention=star " if spread is not cfg else "") + f"parallel.nproc={n}")
+                break
+        except ValueError:  # e.g. more ranks than star blocks
+            continue
+    lo, hi = 0, base.shape.n_ctx  # the longest context that fits: lo fits (or is 0), hi does not
+    while hi - lo > max(1, hi // 256):
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if plan_config(cfg, n_ctx=mid).need <= avail else (lo, mid)
+    if lo >= 1024:
+        fixes.append(f"ctx.length={lo // 1024 * 1024}")
+    if base.dtype.itemsize > 2 and plan_config(cfg, dtype=torch.bfloat16).need <= avail:
+        fixes.append("dtype=bf16")
+    return fixes

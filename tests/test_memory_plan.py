@@ -1,0 +1,157 @@
+"""The memory plan (preflight.memory) against the bytes a run really allocates on CPU, and the runner's refusal."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+from omegaconf import OmegaConf
+
+import attention
+from models import generate_tokens, random_model
+from models.config import ModelArgs
+from models.transformer import FeedForward
+from preflight import memory
+from preflight.memory import RunShape, plan_run
+from tests.conftest import FAMILIES, REPO, TINY
+from tests.distributed import run_ranks
+from tests.live_bytes import LiveBytes
+
+# The plan may overshoot what is allocated (it is what a run is refused on), but by little; it must not fall short.
+OVER, UNDER = 0.10, 0.05
+
+
+def family_args(family: str) -> ModelArgs:
+    config_cls, arch, extra = FAMILIES[family]
+    args = ModelArgs.from_hf(getattr(transformers, config_cls)(**(TINY | extra)).to_dict() | {"architectures": [arch]})
+    args.max_seq_len = 1 << 20
+    return args
+
+
+def measured_peak(rank: int, world: int, args: ModelArgs, name: str, params: dict, n: int, new: int, dtype) -> int:
+    """Bytes live at once over building the model and one generation, on this rank."""
+    torch.set_num_threads(1)
+    with LiveBytes() as live:
+        model = random_model(args, dtype=dtype, attention=attention.build(name, **params))
+        ids = [i % args.vocab_size for i in range(n)]
+        list(generate_tokens(model, ids, new, context_len=n - 16, max_seq_len=n + new))
+    return live.peak
+
+
+def assert_plan_matches(args, name, params, world, n=1024, new=8, dtype=torch.float32):
+    run = (args, name, params, n, new, dtype)
+    peaks = run_ranks(world, measured_peak, *run) if world > 1 else [measured_peak(0, 1, *run)]
+    plan = plan_run(args, attention.build(name, **params), RunShape(n - 16, 16 + new), world, dtype, "cpu")
+    for r, peak in zip(plan.ranks, peaks):
+        assert peak * (1 - UNDER) <= r.total <= peak * (1 + OVER), f"rank {r.rank}: planned {r.total}, allocated {peak}"
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_plan_of_each_family_matches_allocation(family):
+    assert_plan_matches(family_args(family), "global", {}, 1)
+
+
+@pytest.mark.parametrize("params", [{"block_size": 256}, {"block_size": 200, "anchor_size": 64}])
+def test_plan_of_star_on_one_rank(params):
+    assert_plan_matches(family_args("llama3"), "star", params, 1)
+
+
+def test_plan_follows_the_mlp_chunks(monkeypatch):
+    monkeypatch.setattr(FeedForward, "chunk", 256)
+    assert_plan_matches(family_args("qwen3"), "global", {}, 1, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize(
+    "family,name,params,world,dtype",
+    [
+        ("llama3", "star", {"block_size": 256}, 2, torch.float32),
+        ("gemma3", "star", {"block_size": 256}, 2, torch.bfloat16),
+        ("llama3", "star", {"block_size": 256, "anchor_mode": "recompute"}, 3, torch.float32),
+        ("llama3", "ring", {}, 2, torch.float32),
+        ("qwen3", "ring", {}, 3, torch.bfloat16),
+    ],
+)
+def test_plan_of_each_rank_matches_allocation(family, name, params, world, dtype):
+    assert_plan_matches(family_args(family), name, params, world, dtype=dtype)
+
+
+def test_a_new_cache_replaces_the_old_one_without_holding_both():
+    args = family_args("llama3")
+    model = random_model(args, dtype=torch.float32)
+    with LiveBytes() as live:
+        model.setup_cache(1, 4096)
+        model.setup_cache(1, 4096)
+    one_cache = args.n_layers * 2 * args.n_kv_heads * args.head_dim * 4096 * 4
+    assert one_cache <= live.peak < 1.5 * one_cache
+
+
+def test_plan_terms_follow_each_strategys_layout():
+    args = family_args("llama3")
+    shape = RunShape(4096, 64)
+    kv = lambda p: [r.terms["KV cache"] for r in p.ranks]  # noqa: E731
+    one = plan_run(args, attention.build("global"), shape, 1, torch.bfloat16, "cuda")
+    star = plan_run(args, attention.build("star", block_size=1024), shape, 4, torch.bfloat16, "cuda")
+    ring = plan_run(args, attention.build("ring"), shape, 4, torch.bfloat16, "cuda")
+    for p in (star, ring):  # a quarter of the context's KV each, the last rank also the 64 later tokens
+        assert kv(p)[:3] == [pytest.approx(kv(one)[0] * 1024 / 4160, rel=1e-3)] * 3
+        assert kv(p)[3] > kv(p)[0]
+        assert all(r.terms["weights"] == one.ranks[0].terms["weights"] for r in p.ranks)
+    assert "CUDA graph pool" in one.ranks[0].terms
+    assert "CUDA graph pool" not in plan_run(args, attention.build("global"), shape, 1, torch.bfloat16, "cpu").ranks[0].terms
+
+
+def _cfg(**over):
+    base = OmegaConf.load(REPO / "conf" / "config.yaml")
+    cfg = OmegaConf.create({k: v for k, v in base.items() if k not in ("defaults", "hydra")})
+    for group, name in {"model": "llama3", "attention": "star", "ctx": "1m", "parallel": "single", "task": "bench"}.items():
+        cfg[group] = OmegaConf.load(REPO / "conf" / group / f"{name}.yaml")
+    cfg.device = "cuda"
+    return OmegaConf.merge(cfg, over)
+
+
+def test_what_fits_is_what_the_plan_says_fits():
+    cfg = _cfg(memory={"limit_gib": 80})
+    avail = 80 * memory.GiB
+    assert memory.plan_config(cfg).need > avail
+    fixes = memory.fits_with(cfg, avail)
+    ranks = next(f for f in fixes if f.startswith("parallel.nproc="))
+    n = int(ranks.split("=")[1])
+    assert memory.plan_config(cfg, world=n).need <= avail < memory.plan_config(cfg, world=n // 2).need
+    length = int(next(f for f in fixes if f.startswith("ctx.length=")).split("=")[1])
+    assert memory.plan_config(cfg, n_ctx=length).need <= avail < memory.plan_config(cfg, n_ctx=length + 16384).need
+    assert "dtype=bf16" not in fixes  # already bf16
+    with pytest.raises(memory.DoesNotFit, match=r"needs \d+\.\d GiB per rank .* fits with parallel\.nproc=\d+ or ctx\.length="):
+        memory.check_fits(cfg, torch.device("cuda"))
+
+
+def test_global_is_told_to_spread_over_ranks():
+    fixes = memory.fits_with(_cfg(attention={"name": "global"}), 80 * memory.GiB)
+    assert any(f.startswith("attention=star parallel.nproc=") for f in fixes)
+
+
+def _runner(tmp_path, *overrides):
+    return subprocess.run(
+        [sys.executable, "runner.py", *overrides, "wandb.mode=disabled", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+def test_runner_refuses_a_run_that_does_not_fit_before_loading(tmp_path):
+    res = _runner(tmp_path, "task=bench", "model=llama3", "ctx=128k", "device=cpu", "memory.limit_gib=20")
+    assert res.returncode == 2
+    line = res.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: memory: llama3 with star at") and "memory.limit_gib=20" in line and "fits with" in line
+    assert "Traceback" not in res.stderr and "random weights" not in res.stderr  # refused before building the model
+    assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_task_plan_prints_every_rank_without_loading(tmp_path):
+    res = _runner(tmp_path, "task=plan", "model=llama3_70b", "ctx=1m", "parallel.nproc=8", "device=cuda")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "star on 8 ranks" in res.stdout and "ranks 0-6" in res.stdout and "KV cache" in res.stdout
+    result = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert len(result["ranks"]) == 8 and result["need_bytes"] > result["peak_bytes"]
