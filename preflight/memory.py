@@ -14,6 +14,7 @@ plan is compared with what a device has free.
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 from dataclasses import dataclass, field
@@ -281,7 +282,10 @@ def available_bytes(device: torch.device, world: int, limit_gib: float | None) -
     if limit_gib is not None:
         return int(limit_gib * GiB), f"memory.limit_gib={limit_gib}"
     if device.type == "cuda":
+        gc.collect()  # an earlier run in this process (a -m sweep) may leave tensors only the collector frees
         free, _ = torch.cuda.mem_get_info(device)
+        # what this process's allocator has reserved but does not use is free to this run too
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         return free, f"{device} has {free / GiB:.1f} GiB free"
     avail = _host_available()
     share = f" ({world} ranks share it)" if world > 1 else ""
