@@ -5,6 +5,7 @@
     python tools/benchmarks.py model [--ctx 65536]   # Llama-3.1-8B shapes, batch-1 decode vs transformers generate
     python tools/benchmarks.py ttft --nproc 4 --ctx 64k,128k   # star vs ring time to first token (runner.py -m)
     python tools/benchmarks.py memory --longest 294912   # the memory plan against the measured peak (runner.py)
+    python tools/benchmarks.py memory --models smollm2,gemma3_270m --lengths 8192 --nproc 1   # the same on CPU
 
 Parts combine (`decode prefill model`). `--append FILE` chooses where tables go (default BENCHMARKS.md; `-` for
 none), `--jsonl FILE` also writes every row as JSON. Timings are CUDA-event times after a warm-up; "graph" times
@@ -48,11 +49,14 @@ class Table:
     notes: list[str] = field(default_factory=list)
 
     def markdown(self) -> str:
-        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-        head = f"## {time.strftime('%Y-%m-%d')} · {self.title} · {device} · torch {torch.__version__}\n\n"
+        head = f"## {time.strftime('%Y-%m-%d')} · {self.title} · {_device_name()} · torch {torch.__version__}\n\n"
         lines = [f"```bash\n{self.command}\n```\n", "| " + " | ".join(self.columns) + " |", "|" + "---|" * len(self.columns)]
         lines += ["| " + " | ".join(_fmt(x) for x in row) + " |" for row in self.rows]
         return head + "\n".join(lines) + "\n" + "".join(f"\n{n}\n" for n in self.notes)
+
+
+def _device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
 
 
 def _fmt(x) -> str:
@@ -408,35 +412,46 @@ def bench_ttft(quick: bool) -> list[Table]:
 
 
 def bench_memory(quick: bool) -> list[Table]:
-    """runner.py task=bench at 64K, 128K and --longest tokens for each strategy: the plan's peak per rank next to
-    torch.cuda.max_memory_allocated; then the headline command on this GPU, which must be refused in seconds."""
+    """runner.py task=bench for each model, strategy and context: the plan's peak per rank next to the measured one
+    (the CUDA allocator's peak on a GPU; on CPU, the process's max resident memory against the plan with its
+    runtime term). On a GPU, then the headline command, which must be refused in seconds."""
     results = Path(tempfile.mkdtemp()) / "memory.jsonl"
+    cuda = torch.cuda.is_available()
     lengths = [64 * K] if quick else [64 * K, 128 * K, ARGS.longest]
+    lengths = ARGS.lengths.split(",") if ARGS.lengths else list(map(str, lengths))
     commands = []
-    for attention in ARGS.attention.split(","):
-        argv = [sys.executable, "runner.py", "-m", "task=bench", "model=llama3", f"attention={attention}",
-                f"ctx.length={','.join(map(str, lengths))}", f"parallel.nproc={ARGS.nproc}", "task.new_tokens=8",
+    for model, attention in itertools.product(ARGS.models.split(","), ARGS.attention.split(",")):
+        argv = [sys.executable, "runner.py", "-m", "task=bench", f"model={model}", f"attention={attention}",
+                f"ctx.length={','.join(lengths)}", f"parallel.nproc={ARGS.nproc}", "task.new_tokens=8",
                 "task.warmup=0", "task.repeats=1", "wandb.mode=disabled", f"task.results_file={results}"]  # fmt: skip
         commands.append(" ".join(["python"] + argv[1:-1]))
         subprocess.run(argv, cwd=ROOT, check=True)
+    where = f"{ARGS.nproc} GPU{'s' * (ARGS.nproc > 1)}" if cuda else "CPU"
     table = Table(
-        f"Llama-3.1-8B shapes, the memory plan against the measured peak on {ARGS.nproc} GPU{'s' * (ARGS.nproc > 1)}",
+        f"the memory plan against the measured peak on {where}",
         "\n".join(commands),
-        ["attention", "GPUs", "context", "planned peak (GiB)", "measured peak (GiB)", "planned / measured", "TTFT (s)"],
+        ["model", "attention", "ranks", "rank", "context", "planned peak (GiB)", "measured peak (GiB)", "planned / measured", "TTFT (s)"],
     )
     for r in map(json.loads, results.read_text().splitlines()):
-        for planned, peak in zip(r["planned_peak_bytes_per_rank"], r["peak_mem_bytes_per_rank"]):
-            table.rows.append([r["attention"], r["ranks"], r["ctx"], planned / 2**30, peak / 2**30, planned / peak, r["ttft_s"]])
+        for rank, (planned, peak) in enumerate(zip(r["planned_peak_bytes_per_rank"], r["peak_mem_bytes_per_rank"])):
+            row = [r["model"], r["attention"], r["ranks"], rank, r["ctx"], planned / 2**30, peak / 2**30, planned / peak, r["ttft_s"]]
+            table.rows.append(row)
         emit(r, part="memory")
-    start = time.perf_counter()
-    refused = subprocess.run([sys.executable, "runner.py", "model=llama3", "attention=star", "ctx=1m", "task=bench",
-                              "wandb.mode=disabled"], cwd=ROOT, capture_output=True, text=True)  # fmt: skip
-    seconds = time.perf_counter() - start
+    if not cuda:
+        table.notes.append(
+            "Real checkpoints, fp32. Measured: the process's max resident memory (`ru_maxrss`); planned: the tensor "
+            "terms of `python runner.py task=plan` for the same run plus its CPU runtime term."
+        )
+        return [table]
     table.notes.append(
         "Random weights, bf16, no warm-up (compilation included in the peak). Measured: `torch.cuda.max_memory_allocated`"
         " over the run; planned: the tensor terms of `python runner.py task=plan` for the same run (without the 5% slack"
         " and the CUDA context that the check before loading adds)."
     )
+    start = time.perf_counter()
+    refused = subprocess.run([sys.executable, "runner.py", "model=llama3", "attention=star", "ctx=1m", "task=bench",
+                              "wandb.mode=disabled"], cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+    seconds = time.perf_counter() - start
     table.notes.append(
         f"The headline command `python runner.py model=llama3 attention=star ctx=1m task=bench` on this GPU: exit code "
         f"{refused.returncode} after {seconds:.1f} s with\n\n> {refused.stderr.strip().splitlines()[-1] if refused.stderr.strip() else '(no message)'}"
@@ -450,7 +465,7 @@ def bench_memory(quick: bool) -> list[Table]:
 def emit(row: dict, **extra) -> None:
     if ARGS.jsonl:
         with open(ARGS.jsonl, "a") as f:
-            f.write(json.dumps({**row, **extra, "device": torch.cuda.get_device_name(), "torch": torch.__version__}) + "\n")
+            f.write(json.dumps({**row, **extra, "device": _device_name(), "torch": torch.__version__}) + "\n")
 
 
 PARTS = {"decode": bench_decode, "prefill": bench_prefill, "model": bench_model, "ttft": bench_ttft, "memory": bench_memory}
@@ -467,14 +482,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ctx", type=int, default=64 * K, help="model: prompt tokens")
     parser.add_argument("--ctx-names", default="64k,128k", help="ttft: ctx presets")
     parser.add_argument("--attention", default="ring,star", help="ttft, memory: strategies")
-    parser.add_argument("--nproc", type=int, default=torch.cuda.device_count(), help="ttft: GPUs")
+    parser.add_argument("--nproc", type=int, default=max(1, torch.cuda.device_count()), help="ttft, memory: ranks")
     parser.add_argument("--warmup", type=int, default=1, help="ttft: warm-up runs")
     parser.add_argument("--longest", type=int, default=256 * K, help="memory: the longest context measured")
+    parser.add_argument("--lengths", help="memory: comma-separated contexts in tokens instead of 64K, 128K, --longest")
+    parser.add_argument("--models", default="llama3", help="memory: comma-separated model presets")
     parser.add_argument("--append", default="BENCHMARKS.md", help="markdown file the tables are appended to; - for none")
     parser.add_argument("--jsonl", type=Path)
     ARGS = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        parser.error("the benchmarks need a CUDA GPU")
+    if not torch.cuda.is_available() and ARGS.parts != ["memory"]:
+        parser.error("the benchmarks need a CUDA GPU (all but `memory`, which also runs on CPU)")
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     for part in ARGS.parts:
         for table in PARTS[part](ARGS.quick):
