@@ -31,9 +31,8 @@ from omegaconf import DictConfig, OmegaConf
 import attention
 import models
 from models.tokenizer import Tokenizer
-from models.config import DTYPES
 from models.transformer import Transformer
-from preflight import memory
+from preflight import memory, options
 from preflight.options import resolve_device, resolve_dtype
 from tools.launch import RankFailed, init_ranks, launch, under_torchrun
 
@@ -42,34 +41,12 @@ from tools.launch import RankFailed, init_ranks, launch, under_torchrun
 
 
 def validate(cfg: DictConfig) -> None:
-    """Errors a user can fix, caught before any process or model is started."""
-    if cfg.parallel.nproc < 1:
-        raise ValueError(f"parallel.nproc must be >= 1; got {cfg.parallel.nproc}")
-    if cfg.dtype != "auto" and cfg.dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {cfg.dtype!r}; use one of auto, {', '.join(DTYPES)}")
-    if cfg.task.name not in (*TASKS, "plan"):
-        raise ValueError(f"unknown task {cfg.task.name!r}; available: {', '.join(TASKS)}, plan")
-    if cfg.wandb.mode not in ("offline", "online", "disabled"):
-        raise ValueError(f"wandb.mode must be offline, online or disabled; got {cfg.wandb.mode!r}")
+    """Errors a user can fix, caught before any process or model is started (preflight.options has the checks)."""
+    options.check(cfg, (*TASKS, "plan"))
     if cfg.task.name == "bench" and cfg.task.new_tokens < BENCH_SETUP_STEPS + 2:
         raise ValueError(
             f"task.new_tokens={cfg.task.new_tokens} leaves no decode step to time: bench times decode after the first "
             f"token and {BENCH_SETUP_STEPS} set-up steps; use task.new_tokens >= {BENCH_SETUP_STEPS + 2}"
-        )
-    floor = cfg.attention.get("min_block_size")
-    if cfg.attention.name == "star" and floor is not None and (not isinstance(floor, int) or floor < 0):
-        raise ValueError(f"attention.min_block_size must be a whole number of tokens >= 0; got {floor!r}")
-    if cfg.task.name == "ruler":
-        if cfg.task.haystack not in ("prose", "noise"):
-            raise ValueError(f"task.haystack must be prose or noise; got {cfg.task.haystack!r}")
-        bad = [d for d in cfg.task.depths if not 0 <= d <= 1]
-        if bad:
-            raise ValueError(f"task.depths are fractions of the context, in [0, 1]; got {bad}")
-    limit = cfg.model.config.max_position_embeddings
-    if cfg.ctx.length > limit and not cfg.model.config.get("rope_scaling"):
-        raise ValueError(
-            f"ctx={cfg.ctx.name} ({cfg.ctx.length} tokens) is longer than {cfg.model.name} supports: "
-            f"{limit} positions and no rope scaling. Pick ctx <= {limit} or a model with rope scaling (e.g. llama3)"
         )
 
 
@@ -112,7 +89,9 @@ class Context:
         self.cfg, self.run_dir, self.rank, self.world, self.device = cfg, run_dir, rank, world, device
         self.dtype = resolve_dtype(cfg.dtype, device)
         self.model, self.tok = build_model(cfg.model, self.dtype, device, need_weights=cfg.task.name != "bench")
-        self.max_seq_len = max(self.model.args.max_seq_len, cfg.ctx.length + 4096)
+        # Past the model's positions only where answers do not matter (bench) or the user accepts extrapolation.
+        past = cfg.task.name == "bench" or cfg.model.get("extrapolate")
+        self.max_seq_len = max(self.model.args.max_seq_len, cfg.ctx.length + 4096) if past else self.model.args.max_seq_len
         self.samples: list[dict] = []
 
     @property
@@ -234,28 +213,20 @@ def task_generate(c: Context) -> dict:
     t = c.cfg.task
     sampling = _sampling(t, c.cfg.seed)
     if t.input_jsonl:
-        records = [json.loads(line) for line in Path(t.input_jsonl).read_text().splitlines() if line.strip()]
-        out_path = Path(t.output_jsonl or c.run_dir / "answers.jsonl")
-        rows = []
-        from tqdm import tqdm
-
-        for i, rec in enumerate(tqdm(records, desc="samples", disable=not c.lead or None)):
-            ids, n_ctx = c.prompt_ids(rec["input_context"], rec["input_query"], t.chat)
-            out, ttft, _ = c.answer(ids, n_ctx, t.max_new_tokens, sampling, t.stop)
-            rows.append({"index": i, "pred": out.text, "output": rec.get("output"), "prompt_tokens": len(ids), "ttft_s": ttft})
-        if c.lead:
-            out_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-            c.say(f"wrote {len(rows)} answers to {out_path}")
-        c.samples = rows
-        return {"samples": len(rows), "mean_ttft_s": sum(r["ttft_s"] for r in rows) / max(1, len(rows))}
+        return generate_jsonl(c, sampling)
     expected = None
     if t.prompt_file or t.prompt is not None:
-        text = sys.stdin.read() if t.prompt_file == "-" else Path(t.prompt_file).read_text() if t.prompt_file else t.prompt
+        source = "task.prompt" if t.prompt is not None else f"task.prompt_file={t.prompt_file}"
+        if t.prompt_file == "-":
+            text = sys.stdin.read()
+        else:
+            text = options.read_text(Path(t.prompt_file).expanduser(), "task.prompt_file") if t.prompt_file else t.prompt
         if t.chat and c.tok.chat_template:
             ids = c.tok.encode_chat([{"role": "user", "content": text}])
         else:
             ids = c.tok.encode(text)
         n_ctx = len(ids) - 1
+        options.check_prompt_length(len(ids), t.max_new_tokens, c.max_seq_len, source)
     else:
         context, query, expected = demo_prompt(c.tok, c.cfg.ctx.length, c.cfg.seed)
         ids, n_ctx = c.prompt_ids(context, query, t.chat)
@@ -275,6 +246,66 @@ def task_generate(c: Context) -> dict:
     return result
 
 
+def generate_jsonl(c: Context, sampling: models.Sampling) -> dict:
+    """Answer every record of task.input_jsonl. Each answer is appended to the output as it is made, so a crash loses
+    only the record in flight, and task.resume=true skips the records already answered there. A record that cannot
+    run (longer than the model's positions) is reported by index and skipped, or stops the run with
+    task.on_error=stop; the summary counts them."""
+    from tqdm import tqdm
+
+    t = c.cfg.task
+    records = options.jsonl_records(Path(t.input_jsonl).expanduser(), "task.input_jsonl")
+    out_path = Path(t.output_jsonl).expanduser() if t.output_jsonl else c.run_dir / "answers.jsonl"
+    done = {r["index"]: r for r in _jsonl_rows(out_path)} if t.resume else {}
+    if done:
+        c.say(f"resuming: {len(done)} of {len(records)} records already answered in {out_path}")
+    rows, failed = [], []
+    for i, rec in enumerate(tqdm(records, desc="samples", disable=not c.lead or None)):
+        if i in done:
+            rows.append(done[i])
+            continue
+        ids, n_ctx = c.prompt_ids(rec["input_context"], rec["input_query"], t.chat)
+        try:
+            options.check_prompt_length(len(ids), t.max_new_tokens, c.max_seq_len, f"task.input_jsonl={t.input_jsonl}, record {i}")
+        except options.OptionError as e:
+            if t.on_error == "stop":
+                raise
+            failed.append(i)
+            c.say(f"skipped: {e}")
+            continue
+        out, ttft, _ = c.answer(ids, n_ctx, t.max_new_tokens, sampling, t.stop)
+        row = {"index": i, "pred": out.text, "output": rec.get("output"), "prompt_tokens": len(ids), "ttft_s": ttft}
+        rows.append(row)
+        if c.lead:
+            _append_row(out_path, row)
+    c.say(f"{len(rows)} answers in {out_path}" + (f"; {len(failed)} records failed: {failed}" if failed else ""))
+    c.samples = rows
+    timed = [r["ttft_s"] for r in rows]
+    return {"samples": len(rows), "failed": len(failed), "failed_indices": failed,
+            "mean_ttft_s": sum(timed) / len(timed) if timed else None, "answers_file": str(out_path)}  # fmt: skip
+
+
+def _jsonl_rows(path: Path) -> list[dict]:
+    """The rows of a results jsonl this runner wrote (a torn last line, from a killed run, is dropped)."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def _append_row(path: Path, row: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def task_ruler(c: Context) -> dict:
     """RULER-style tasks; each sample's row is appended to task.output_jsonl as it finishes, and with
     task.resume=true the samples already there are not run again (a killed run goes on where it stopped)."""
@@ -287,15 +318,8 @@ def task_ruler(c: Context) -> dict:
     count = lambda text: len(c.tok.encode(text, add_special_tokens=False))  # noqa: E731
     hay = ruler.Haystack() if t.haystack == "noise" else ruler.Haystack.from_file(t.haystack_file or ruler.DEFAULT_PROSE)
     samples = ruler.make_samples(list(t.tasks), count, lengths, list(t.depths), t.samples, hay)
-    out_path = Path(t.output_jsonl or c.run_dir / "ruler_samples.jsonl")
-    if out_path.is_file() and out_path.stat().st_size and not t.resume:
-        raise ValueError(f"task.output_jsonl={out_path} already holds samples; pass task.resume=true to go on from "
-                         "them (a samples file belongs to one model and strategy), or name another file")  # fmt: skip
-    if c.lead:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-    done = {}
-    if t.resume and out_path.is_file():
-        done = {r["key"]: r for r in map(json.loads, out_path.read_text().splitlines()) if r.get("haystack") == hay.name}
+    out_path = Path(t.output_jsonl).expanduser() if t.output_jsonl else c.run_dir / "ruler_samples.jsonl"
+    done = {r["key"]: r for r in _jsonl_rows(out_path) if r.get("haystack") == hay.name} if t.resume else {}
     rows = [done[s.key] for s in samples if s.key in done]
     todo = [s for s in samples if s.key not in done]
     if done:
@@ -308,8 +332,7 @@ def task_ruler(c: Context) -> dict:
                "prompt_tokens": len(ids), "ttft_s": ttft, "haystack": hay.name, "strategy": c.strategy_params()}  # fmt: skip
         rows.append(row)
         if c.lead:
-            with open(out_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            _append_row(out_path, row)
     c.samples = rows
     if not c.lead:
         return {}
@@ -472,9 +495,13 @@ def main(cfg: DictConfig) -> None:
             launch(cfg.parallel.nproc, worker, container, run_dir)
         else:
             worker(container, run_dir)
-    except (ValueError, FileNotFoundError, RankFailed) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except Exception as e:  # the one error boundary: one line naming the input at fault; the traceback on request
+        if os.environ.get("LONGCTX_TRACEBACK"):
+            raise
+        known = isinstance(e, (ValueError, OSError, RankFailed))
+        message = " ".join(str(e).split()) if known else f"{type(e).__name__}: {' '.join(str(e).split())}"
+        print(f"error: {message} (LONGCTX_TRACEBACK=1 shows the traceback)", file=sys.stderr)
+        sys.exit(2 if known else 1)
 
 
 class MultirunComparison(Callback):

@@ -103,6 +103,7 @@ class ModelArgs:
                 f"unsupported architecture {archs or cfg.get('model_type')!r}; "
                 f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
+        _check_shape_keys(cfg)
         n_heads = cfg["num_attention_heads"]
         n_layers = cfg["num_hidden_layers"]
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_heads
@@ -141,7 +142,29 @@ class ModelArgs:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: a checkpoint directory needs the config.json of the model")
-        return cls.from_hf(json.loads(path.read_text()))
+        try:
+            cfg = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path} is not valid JSON ({e}); re-download or re-convert the checkpoint") from None
+        try:
+            return cls.from_hf(cfg)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+
+
+# Keys every supported config.json has, each a positive whole number; the optional ones are checked where present.
+_SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+_OPTIONAL_SHAPE_KEYS = ("num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window")
+
+
+def _check_shape_keys(cfg: dict[str, Any]) -> None:
+    missing = [k for k in _SHAPE_KEYS if k not in cfg]
+    if missing:
+        raise ValueError(f"the model config lacks {', '.join(missing)}")
+    for key in (*_SHAPE_KEYS, *(k for k in _OPTIONAL_SHAPE_KEYS if cfg.get(k) is not None)):
+        value = cfg[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"the model config's {key} must be a positive whole number; got {value!r}")
 
 
 def _text_part(cfg: dict[str, Any]) -> dict[str, Any]:

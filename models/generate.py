@@ -89,6 +89,11 @@ def generate_tokens(
         last = len(prompt) + max_new_tokens - 1
         graphed = GraphedDecoder(model) if cuda_graphs and device.type == "cuda" and _graph_capturable(strategy) else None
         for pos in range(len(prompt), last + 1):
+            if not bool(torch.isfinite(logits[0, -1]).all()):
+                raise ValueError(
+                    f"the model produced NaN or infinite logits at position {pos - 1}: its weights or the dtype's range "
+                    "are at fault (try dtype=fp32 or bf16, or check the checkpoint)"
+                )
             tok = sample(logits[0, -1], sampling, generator)
             yield tok
             if tok in stop_ids or pos == last:

@@ -120,6 +120,9 @@ def load_weights(model: Transformer, path: Path, dtype: torch.dtype, device: tor
                         tensor = f.get_tensor(hf_name)
                     except (SafetensorError, OSError) as e:
                         raise ValueError(f"{file.name}: tensor {hf_name!r} cannot be read ({e}); is the file truncated?") from e
+                    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                        raise ValueError(f"{file}: tensor {hf_name!r} holds NaN or infinite values; the file is corrupt: "
+                                         "re-download or re-convert it")  # fmt: skip
                     if part is None:
                         _set_param(model, name, tensor.to(device=device, dtype=dtype))
                     else:  # one part of a fused weight: allocate the whole on its first part, then fill rows

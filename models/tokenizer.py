@@ -110,19 +110,23 @@ class Tokenizer:
     def from_dir(cls, path: str | Path) -> "Tokenizer":
         path = Path(path)
         config_file = path / "tokenizer_config.json"
-        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-        template = config.get("chat_template")
+        config = _read_json(config_file) if config_file.is_file() else {}
+        if not isinstance(config, dict):
+            raise ValueError(f"{config_file} must hold a JSON object; got {type(config).__name__}")
+        template, source = config.get("chat_template"), config_file
         if (path / "chat_template.jinja").is_file():
-            template = (path / "chat_template.jinja").read_text()
+            template, source = (path / "chat_template.jinja").read_text(encoding="utf-8"), path / "chat_template.jinja"
         if isinstance(template, list):  # named templates: take the default one
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        if template is not None:
+            _check_template(template, source)
         if (path / "tokenizer.json").is_file():
-            return HFTokenizer(path / "tokenizer.json", config, template)
+            return _opened(HFTokenizer, path / "tokenizer.json", config, template)
         model_file = path / "tokenizer.model"
         if model_file.is_file():
             if _is_tiktoken_file(model_file):
-                return TiktokenTokenizer(model_file, config, template or LLAMA3_CHAT_TEMPLATE)
-            return SentencePieceTokenizer(model_file, config, template)
+                return _opened(TiktokenTokenizer, model_file, config, template or LLAMA3_CHAT_TEMPLATE)
+            return _opened(SentencePieceTokenizer, model_file, config, template)
         raise FileNotFoundError(f"no tokenizer in {path}: expected tokenizer.json or tokenizer.model")
 
 
@@ -209,14 +213,43 @@ def _is_tiktoken_file(file: Path) -> bool:
     return len(line) == 2 and line[1].isdigit() and re.fullmatch(rb"[A-Za-z0-9+/=]+", line[0]) is not None
 
 
-def _render(template: str, config: dict[str, Any], messages, add_generation_prompt: bool, **kwargs: Any) -> str:
+def _read_json(file: Path) -> Any:
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file} is not valid JSON ({e}); re-download or re-convert the checkpoint") from None
+
+
+def _opened(cls: type, file: Path, config: dict[str, Any], template: str | None) -> "Tokenizer":
+    """The tokenizer `cls` reads from `file`; a library's failure to read it names the file."""
+    try:
+        return cls(file, config, template)
+    except Exception as e:  # tokenizers, sentencepiece and tiktoken each raise their own types
+        raise ValueError(f"{file} cannot be read as a tokenizer ({type(e).__name__}: {e}); re-download or re-convert it") from None
+
+
+def _check_template(template: str, source: Path) -> None:
+    from jinja2 import TemplateSyntaxError
+
+    try:
+        _environment().parse(template)
+    except TemplateSyntaxError as e:
+        raise ValueError(f"{source}: the chat template does not parse (line {e.lineno}: {e.message})") from None
+
+
+def _environment():
     from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    return ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+
+
+def _render(template: str, config: dict[str, Any], messages, add_generation_prompt: bool, **kwargs: Any) -> str:
 
     def raise_exception(message: str):
         raise ValueError(f"chat template error: {message}")
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env = _environment()
     env.filters["tojson"] = lambda x, indent=None, separators=None, sort_keys=False: json.dumps(
         x, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys
     )

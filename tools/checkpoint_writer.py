@@ -34,14 +34,31 @@ def parse_size(text: str) -> int:
 
 
 def prepare_target(out: Path, force: bool) -> Path:
-    """Refuse an existing target without `force`; return a fresh temporary directory beside it."""
+    """Refuse an existing target without `force` (and a file even with it); return a fresh temporary directory
+    beside it, after removing those of earlier runs that were killed before they could clean up."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file; the output is a checkpoint directory: name a directory")
     if out.exists() and not force:
         raise FileExistsError(f"{out} already exists; pass --force to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = stale.name.rpartition("-")[2]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     return tmp
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def finish_target(tmp: Path, out: Path) -> None:

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -87,6 +88,16 @@ _META_NAMES = {
 }  # fmt: skip
 
 
+def _read_json_object(file: Path) -> dict:
+    try:
+        value = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file} is not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{file} must hold a JSON object; got {type(value).__name__}")
+    return value
+
+
 def _merge(name: str, parts: list[torch.Tensor], vocab: int | None) -> torch.Tensor:
     if len(parts) == 1 or parts[0].dim() == 1:
         return parts[0]
@@ -133,12 +144,21 @@ def convert_meta(src: Path, out: Path, dtype: torch.dtype | None = None, **write
     files = {n: src / n for n in TOKENIZER_FILES if (src / n).is_file()}
     if "tokenizer.model" not in files:
         raise FileNotFoundError(f"{src / 'tokenizer.model'} not found: the Meta release ships one beside the weights")
-    params = json.loads(params_file.read_text())
+    params = _read_json_object(params_file)
+    missing_keys = [k for k in ("dim", "n_layers", "n_heads") if not isinstance(params.get(k), int)]
+    if missing_keys:
+        raise ValueError(f"{params_file} lacks {', '.join(missing_keys)} (whole numbers); is it Meta's params.json?")
     shards = _load_meta_shards(src)
     names = list(shards[0])
     for i, shard in enumerate(shards[1:], 1):
         if set(shard) != set(names):
             raise ValueError(f"consolidated shard {i} holds other tensors than shard 0")
+    expected = ["tok_embeddings.weight", "norm.weight", "output.weight"]
+    expected += [f"layers.{i}.{m}.weight" for i in range(params["n_layers"]) for m in _META_NAMES]
+    absent = [n for n in expected if n not in shards[0]]
+    if absent:
+        raise ValueError(f"the consolidated.*.pth files in {src} lack {len(absent)} tensors of a {params['n_layers']}-layer "
+                         f"model, e.g. {', '.join(absent[:3])}; is the download complete?")  # fmt: skip
     vocab = params.get("vocab_size", -1)
     if vocab <= 0:
         vocab = shards[0]["output.weight"].shape[0] * len(shards)
@@ -182,14 +202,24 @@ def convert_hf(src: Path, out: Path, dtype: torch.dtype | None = None, **write) 
     config_file = src / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} not found: not a Hugging Face checkpoint directory")
-    config = json.loads(config_file.read_text())
+    config = _read_json_object(config_file)
     files = checkpoint_files(src)
+    for file in files:  # a truncated or foreign file is found before anything is written
+        try:
+            with safe_open(file, framework="pt") as f:
+                for name in f.keys():
+                    f.get_slice(name)
+        except Exception as e:  # safetensors raises its own error types
+            raise ValueError(f"{file} is not a readable safetensors file ({e}); re-download it") from None
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
         for file in files:
             with safe_open(file, framework="pt") as f:
                 for name in f.keys():
-                    yield name, f.get_tensor(name)
+                    try:
+                        yield name, f.get_tensor(name)
+                    except Exception as e:
+                        raise ValueError(f"{file}: tensor {name!r} cannot be read ({e}); is the file truncated?") from None
 
     extra = {n: src / n for n in TOKENIZER_FILES if (src / n).is_file()}
     return write_checkpoint(out, tensors(), config, extra, dtype=dtype, **write)
@@ -332,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="re-make it even if it exists")
 
     args = parser.parse_args(argv)
+    # SIGTERM (a job scheduler, `kill`) unwinds like Ctrl-C, so the temporary directories are removed
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         if args.command in BUILTINS:
             out = BUILTINS[args.command](args.out, args.source, args.force)
@@ -339,11 +371,18 @@ def main(argv: list[str] | None = None) -> int:
             convert = {"gguf": convert_gguf, "meta": convert_meta, "hf": convert_hf}[args.command]
             out = convert(args.src, args.out, dtype=DTYPES[args.dtype], max_shard_size=args.max_shard_size,
                           force=args.force, verify=args.verify)  # fmt: skip
-    except (ValueError, FileNotFoundError, FileExistsError, subprocess.CalledProcessError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except Exception as e:  # one line naming the input at fault; the traceback on request
+        if os.environ.get("LONGCTX_TRACEBACK"):
+            raise
+        known = isinstance(e, (ValueError, OSError, subprocess.CalledProcessError))
+        print(f"error: {e if known else f'{type(e).__name__}: {e}'} (LONGCTX_TRACEBACK=1 shows the traceback)", file=sys.stderr)
         return 1
     print(out)
     return 0
+
+
+def _terminated(signum, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 if __name__ == "__main__":
