@@ -148,6 +148,11 @@ def _set_param(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
     setattr(model.get_submodule(module_name), attr, torch.nn.Parameter(tensor, requires_grad=False))
 
 
+def check_dtype(dtype) -> None:
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point torch.dtype such as torch.bfloat16; got {dtype!r}")
+
+
 def load_model(
     path: str | Path,
     dtype: torch.dtype = torch.bfloat16,
@@ -155,8 +160,9 @@ def load_model(
     attention: AttentionStrategy | None = None,
 ) -> Transformer:
     path = Path(path)
+    check_dtype(dtype)
     if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+        raise FileNotFoundError(f"checkpoint directory {path} is not a directory" if path.exists() else f"checkpoint directory {path} does not exist")
     args = ModelArgs.from_json(path / "config.json")
     with torch.device("meta"):
         model = Transformer(args, attention)
@@ -173,6 +179,7 @@ def random_model(
     seed: int = 0,
 ) -> Transformer:
     """A model of `args`' shape with random weights (std 0.02), for benchmarks and tests."""
+    check_dtype(dtype)
     torch.manual_seed(seed)
     with torch.device(device):
         model = Transformer(args, attention)

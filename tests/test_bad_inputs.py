@@ -1,0 +1,360 @@
+"""Bad inputs and faults: each gets one clear error naming the input at fault and the fix, before work starts where
+it can be checked then, and leaves nothing behind.
+
+Most cases go through `runner.validate` in process (what `runner.py` runs first); a representative few through the
+runner and the converter as subprocesses, for the exit code and the one-line message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+import models
+import runner
+from tests.conftest import REPO
+from tools import convert
+from tools.checkpoint_writer import prepare_target, write_checkpoint
+
+
+def compose_cfg(*overrides: str):
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def write(path: Path, content: str | bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return path
+
+
+def bad_config_dir(tmp: Path, content: str) -> Path:
+    return write(tmp / "ckpt" / "config.json", content).parent
+
+
+GOOD_CONFIG = {"architectures": ["LlamaForCausalLM"], "vocab_size": 96, "hidden_size": 64, "intermediate_size": 112,
+               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+               "max_position_embeddings": 4096}  # fmt: skip
+RECORD = {"input_context": "Alice lives in Paris.", "input_query": "Where?", "output": "Paris"}
+
+# (overrides, a function of tmp_path making the file the case needs -> its path or None, text the error must hold)
+CASES = {
+    # the run
+    "nproc zero": (["parallel.nproc=0"], None, "parallel.nproc"),
+    "nproc text": (["parallel.nproc=abc"], None, "parallel.nproc"),
+    "timeout zero": (["parallel.timeout_s=0"], None, "parallel.timeout_s"),
+    "timeout negative": (["parallel.timeout_s=-1"], None, "parallel.timeout_s"),
+    "backend": (["parallel.backend=mpi"], None, "parallel.backend"),
+    "dtype": (["dtype=bogus"], None, "dtype must be one of"),
+    "seed": (["seed=-1"], None, "seed"),
+    "ctx length": (["ctx.length=0"], None, "ctx.length"),
+    "wandb mode": (["wandb.mode=sometimes"], None, "wandb.mode"),
+    "memory limit": (["memory.limit_gib=0"], None, "memory.limit_gib"),
+    "memory check": (["memory.check=maybe"], None, "memory.check"),
+    "device kind": (["device=tpu"], None, "device must be"),
+    "device text": (["device=cuda:x"], None, "device must be"),
+    # attention
+    "global on ranks": (["attention=global", "parallel.nproc=2"], None, "attention=global runs on one rank"),
+    "block text": (["attention.params.block_size=abc"], None, "attention.params.block_size"),
+    "block zero": (["attention.params.block_size=0"], None, "attention.params.block_size"),
+    "anchor negative": (["attention.params.anchor_size=-3"], None, "attention.params.anchor_size"),
+    "anchor mode": (["attention.params.anchor_mode=sideways"], None, "attention.params.anchor_mode"),
+    "anchor past block": (["attention.params.anchor_size=512", "attention.params.block_size=256"], None, "anchor_size=512"),
+    "unknown star option": (["+attention.params.bogus=1"], None, "attention.params.bogus"),
+    "star option on ring": (["attention=ring", "+attention.params.block_size=4"], None, "attention.params.block_size"),
+    "ranks past blocks": (["attention.params.block_size=1024", "parallel.nproc=4"], None, "fewer than parallel.nproc=4"),
+    "min block": (["attention.min_block_size=-1"], None, "attention.min_block_size"),
+    # the model
+    "path is a file": (["model.path={f}"], lambda t: write(t / "weights.bin", "x"), "is a file"),
+    "path missing": (["model.path={f}"], lambda t: t / "nowhere", "does not exist"),
+    "no config.json": (["model.path={f}"], lambda t: write(t / "ckpt" / "x.txt", "").parent, "has no config.json"),
+    "config not JSON": (["model.path={f}"], lambda t: bad_config_dir(t, '{"vocab_size": 9'), "config.json is not valid JSON"),
+    "config empty": (["model.path={f}"], lambda t: bad_config_dir(t, ""), "config.json is not valid JSON"),
+    "config a list": (["model.path={f}"], lambda t: bad_config_dir(t, "[1, 2]"), "must be a JSON object"),
+    "config lacks a key": (["model.path={f}"], lambda t: bad_config_dir(t, json.dumps({k: v for k, v in GOOD_CONFIG.items() if k != "hidden_size"})), "lacks hidden_size"),
+    "config value type": (["model.path={f}"], lambda t: bad_config_dir(t, json.dumps(GOOD_CONFIG | {"hidden_size": "abc"})), "hidden_size must be a positive whole number"),
+    "config architecture": (["model.path={f}"], lambda t: bad_config_dir(t, json.dumps(GOOD_CONFIG | {"architectures": ["BertModel"]})), "unsupported architecture"),
+    # generate
+    "new tokens zero": (["task.max_new_tokens=0"], None, "task.max_new_tokens"),
+    "new tokens negative": (["task.max_new_tokens=-5"], None, "task.max_new_tokens"),
+    "new tokens text": (["task.max_new_tokens=abc"], None, "task.max_new_tokens"),
+    "temperature nan": (["task.temperature=nan"], None, "task.temperature"),
+    "temperature negative": (["task.temperature=-1"], None, "task.temperature"),
+    "top k": (["task.top_k=0"], None, "task.top_k"),
+    "top p": (["task.top_p=1.5"], None, "task.top_p"),
+    "stop a string": (["task.stop=rainbows"], None, "task.stop=['rainbows']"),
+    "stop numbers": (["task.stop=[1,2]"], None, "task.stop must be a list of strings"),
+    "chat": (["task.chat=maybe"], None, "task.chat"),
+    "two prompts": (["task.prompt=hi", "task.prompt_file={f}"], lambda t: write(t / "p.txt", "hello"), "task.prompt and task.prompt_file"),
+    "prompt and jsonl": (["task.prompt=hi", "task.input_jsonl={f}"], lambda t: write(t / "in.jsonl", json.dumps(RECORD)), "task.prompt and task.input_jsonl"),
+    "prompt file a dir": (["task.prompt_file={f}"], lambda t: t, "is a directory"),
+    "prompt file binary": (["task.prompt_file={f}"], lambda t: write(t / "p.bin", b"\x00\x01\x02abc"), "is a binary file"),
+    "prompt file latin-1": (["task.prompt_file={f}"], lambda t: write(t / "p.txt", "caf\xe9".encode("latin-1")), "is not UTF-8 text"),
+    "prompt file missing": (["task.prompt_file={f}"], lambda t: t / "missing.txt", "no such file"),
+    "jsonl missing": (["task.input_jsonl={f}"], lambda t: t / "missing.jsonl", "no such file"),
+    "jsonl empty": (["task.input_jsonl={f}"], lambda t: write(t / "in.jsonl", "\n\n"), "holds no records"),
+    "jsonl bad line": (["task.input_jsonl={f}"], lambda t: write(t / "in.jsonl", f"{json.dumps(RECORD)}\n\n{{oops\n"), "in.jsonl:3: not valid JSON"),
+    "jsonl no query": (["task.input_jsonl={f}"], lambda t: write(t / "in.jsonl", json.dumps({"input_context": "x"})), "in.jsonl:1: input_query must be a string; it is missing"),
+    "jsonl number field": (["task.input_jsonl={f}"], lambda t: write(t / "in.jsonl", json.dumps(RECORD | {"input_context": 5})), "input_context must be a string; it is a int"),
+    "jsonl a list": (["task.input_jsonl={f}"], lambda t: write(t / "in.jsonl", "[1, 2]"), "must be a JSON object"),
+    "jsonl a dir": (["task.input_jsonl={f}"], lambda t: t, "is a directory"),
+    "output dir missing": (["task.prompt=hi", "task.output_jsonl={f}"], lambda t: t / "no" / "out.jsonl", "does not exist"),
+    "output is a dir": (["task.prompt=hi", "task.output_jsonl={f}"], lambda t: t, "is a directory"),
+    "output holds rows": (["task.prompt=hi", "task.output_jsonl={f}"], lambda t: write(t / "out.jsonl", "{}\n"), "already holds results"),
+    "on error": (["task.on_error=ignore"], None, "task.on_error"),
+    "past positions": (["ctx=16k"], None, "past the 8192 positions"),
+    # ruler
+    "depth past 1": (["task=ruler", "task.depths=[1.5]"], None, "task.depths"),
+    "no depths": (["task=ruler", "task.depths=[]"], None, "task.depths"),
+    "length zero": (["task=ruler", "task.lengths=[0]"], None, "task.lengths"),
+    "ruler task": (["task=ruler", "task.tasks=[bogus]"], None, "unknown RULER task 'bogus'"),
+    "haystack": (["task=ruler", "task.haystack=sand"], None, "task.haystack"),
+    "haystack file": (["task=ruler", "task.haystack_file={f}"], lambda t: t / "missing", "task.haystack_file"),
+    "samples zero": (["task=ruler", "task.samples=0"], None, "task.samples"),
+    "ruler past positions": (["task=ruler", "task.lengths=[20000]"], None, "past the 8192 positions"),
+    "ruler output holds rows": (["task=ruler", "task.output_jsonl={f}"], lambda t: write(t / "r.jsonl", "{}\n"), "task.resume=true"),
+    # bench and plan
+    "bench steps": (["task=bench", "task.new_tokens=2"], None, "task.new_tokens=2"),
+    "bench query": (["task=bench", "task.query_tokens=4096"], None, "task.query_tokens=4096"),
+    "bench repeats": (["task=bench", "task.repeats=0"], None, "task.repeats"),
+    "bench warmup": (["task=bench", "task.warmup=-1"], None, "task.warmup"),
+    "plan prompt": (["task=plan", "task.prompt_tokens=0"], None, "task.prompt_tokens"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_option_is_named_before_anything_starts(case, tmp_path):
+    overrides, make, expected = CASES[case]
+    path = make(tmp_path) if make else None
+    before = sorted(tmp_path.rglob("*"))
+    cfg = compose_cfg(*(o.format(f=path) for o in overrides))
+    with pytest.raises(ValueError) as err:
+        runner.validate(cfg)
+    assert expected in str(err.value), str(err.value)
+    assert sorted(tmp_path.rglob("*")) == before  # nothing written
+
+
+def test_there_are_at_least_sixty_cases():
+    assert len(CASES) >= 60
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_without_a_gpu():
+    with pytest.raises(ValueError, match="device=cuda but this machine has no usable CUDA GPU"):
+        runner.validate(compose_cfg("device=cuda"))
+    runner.validate(compose_cfg("device=cuda", "task=plan"))  # planning a GPU run needs none
+
+
+def test_extrapolation_is_an_explicit_choice():
+    runner.validate(compose_cfg("ctx=16k", "model.extrapolate=true"))
+    runner.validate(compose_cfg("ctx=16k", "task=bench"))  # speed only: no answers at stake
+
+
+# --- the runner and the converter as a user runs them: exit code, one line, no traceback, nothing left
+
+
+def _runner(tmp_path, *overrides):
+    return subprocess.run(
+        [sys.executable, "runner.py", *overrides, "wandb.mode=disabled", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "overrides,expected",
+    [(["task.stop=rainbows"], "task.stop"), (["task=ruler", "task.depths=[1.5]"], "task.depths"),
+     (["ctx=16k"], "8192 positions"), (["parallel.timeout_s=0"], "parallel.timeout_s")],
+)  # fmt: skip
+def test_runner_exits_with_one_line(tmp_path, overrides, expected):
+    res = _runner(tmp_path, *overrides)
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], res.stderr
+    assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_traceback_is_one_switch_away(tmp_path):
+    res = subprocess.run(
+        [sys.executable, "runner.py", "task.stop=rainbows", "wandb.mode=disabled", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, "LONGCTX_TRACEBACK": "1"},
+    )  # fmt: skip
+    assert res.returncode != 0 and "Traceback" in res.stderr and "OptionError" in res.stderr
+
+
+# --- checkpoints and tokenizers
+
+
+def _tiny_checkpoint(hf_checkpoint, tmp_path) -> Path:
+    _, src = hf_checkpoint("llama3")
+    dst = tmp_path / "ckpt"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_nonfinite_weights_are_named_on_load(hf_checkpoint, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path = _tiny_checkpoint(hf_checkpoint, tmp_path)
+    file = next(path.glob("*.safetensors"))
+    tensors = load_file(file)
+    tensors["model.layers.1.mlp.down_proj.weight"][3, 5] = float("nan")
+    save_file(tensors, file, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"tensor 'model\.layers\.1\.mlp\.down_proj\.weight' holds NaN or infinite"):
+        models.load_model(path, dtype=torch.float32)
+
+
+def test_nonfinite_logits_stop_generation(hf_checkpoint, tmp_path):
+    model = models.load_model(_tiny_checkpoint(hf_checkpoint, tmp_path), dtype=torch.float32)
+    with torch.no_grad():
+        model.norm.weight[0] = float("inf")
+    with pytest.raises(ValueError, match="NaN or infinite logits"):
+        list(models.generate_tokens(model, [1, 2, 3, 4], 4))
+
+
+def test_load_refuses_a_dtype_that_is_not_one(hf_checkpoint, tmp_path):
+    with pytest.raises(ValueError, match="dtype"):
+        models.load_model(_tiny_checkpoint(hf_checkpoint, tmp_path), dtype="bogus")
+
+
+def _tokenizer_dir(smollm2_dir, tmp_path) -> Path:
+    dst = tmp_path / "tok"
+    dst.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(smollm2_dir / name, dst / name)
+    return dst
+
+
+def test_truncated_tokenizer_json_is_named(smollm2_dir, tmp_path):
+    path = _tokenizer_dir(smollm2_dir, tmp_path)
+    data = (path / "tokenizer.json").read_bytes()
+    (path / "tokenizer.json").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"tokenizer\.json cannot be read as a tokenizer"):
+        models.Tokenizer.from_dir(path)
+
+
+def test_invalid_tokenizer_config_is_named(smollm2_dir, tmp_path):
+    path = _tokenizer_dir(smollm2_dir, tmp_path)
+    (path / "tokenizer_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"tokenizer_config\.json is not valid JSON"):
+        models.Tokenizer.from_dir(path)
+
+
+def test_chat_template_that_does_not_parse_is_named(smollm2_dir, tmp_path):
+    path = _tokenizer_dir(smollm2_dir, tmp_path)
+    (path / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }")
+    with pytest.raises(ValueError, match=r"chat_template\.jinja: the chat template does not parse"):
+        models.Tokenizer.from_dir(path)
+
+
+# --- the converter
+
+
+def _fails_cleanly(argv, out: Path, capsys, expected: str) -> None:
+    assert convert.main(argv) != 0
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if "error" in line]
+    assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
+    assert not list(out.parent.glob(f".{out.name}.tmp-*"))
+
+
+def test_force_onto_a_regular_file_is_refused_first(hf_checkpoint, tmp_path, capsys):
+    _, src = hf_checkpoint("llama3")
+    out = write(tmp_path / "model.bin", "keep me")
+    _fails_cleanly(["hf", str(src), str(out), "--force"], out, capsys, "is a file")
+    assert out.read_text() == "keep me"
+
+
+def test_truncated_safetensors_is_named_before_writing(hf_checkpoint, tmp_path, capsys):
+    src = _tiny_checkpoint(hf_checkpoint, tmp_path)
+    file = next(src.glob("*.safetensors"))
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    out = tmp_path / "out"
+    _fails_cleanly(["hf", str(src), str(out)], out, capsys, "is not a readable safetensors file")
+    assert not out.exists()
+
+
+def test_meta_checkpoint_missing_layers_is_named(hf_checkpoint, tmp_path, capsys):
+    from tests.test_convert import _to_meta
+
+    hf, _ = hf_checkpoint("llama3", rope_scaling=None, rope_theta=500000.0)
+    src = tmp_path / "meta"
+    src.mkdir()
+    _to_meta(hf, src)
+    for shard in src.glob("consolidated.*.pth"):
+        weights = torch.load(shard, weights_only=True)
+        del weights["layers.1.attention.wq.weight"]
+        torch.save(weights, shard)
+    capsys.readouterr()
+    out = tmp_path / "out"
+    _fails_cleanly(["meta", str(src), str(out)], out, capsys, "layers.1.attention.wq.weight")
+    assert not out.exists()
+
+
+def test_stale_temporary_directories_of_killed_runs_are_removed(tmp_path):
+    out = tmp_path / "model"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = write(tmp_path / f".model.tmp-{dead.pid}" / "model-00001.safetensors", "partial").parent
+    mine = prepare_target(out, force=False)
+    assert not stale.exists() and mine.is_dir()
+
+
+SLOW_WRITER = """
+import signal, sys, time, torch
+from pathlib import Path
+from tools import convert
+from tools.checkpoint_writer import write_checkpoint
+signal.signal(signal.SIGTERM, convert._terminated)
+def tensors():
+    for i in range(1000):
+        yield f"t{i}", torch.zeros(1000)
+        time.sleep(0.05)
+write_checkpoint(Path(sys.argv[1]), tensors(), {}, {}, max_shard_size="4KB")
+"""
+
+
+def test_sigterm_during_conversion_leaves_nothing(tmp_path):
+    out = tmp_path / "model"
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_WRITER, str(out)], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    deadline = time.time() + 60
+    while not any(p.glob("*.safetensors") for p in tmp_path.glob(".model.tmp-*")) and time.time() < deadline:
+        time.sleep(0.1)
+    assert list(tmp_path.glob(".model.tmp-*")), "the writer never started"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 128 + signal.SIGTERM
+    assert not list(tmp_path.iterdir())
+
+
+# --- long runs lose nothing
+
+
+def test_jsonl_answers_are_kept_as_made_and_resumed(smollm2_dir, tmp_path):
+    long_context = "The sky is blue. " * 2500  # past SmolLM2's 8192 positions
+    records = [RECORD, RECORD | {"input_context": long_context}, RECORD | {"input_query": "Who lives in Paris?", "output": "Alice"}]
+    jsonl = write(tmp_path / "in.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "answers.jsonl"
+    common = [f"task.input_jsonl={jsonl}", f"task.output_jsonl={out}", "task.max_new_tokens=8", "attention=global"]
+    res = _runner(tmp_path, *common)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "record 1" in res.stderr and "past the model's 8192 positions" in res.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["index"] for r in rows] == [0, 2]
+    result = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert result["failed"] == 1 and result["failed_indices"] == [1] and result["samples"] == 2
+    again = _runner(tmp_path, *common)
+    assert again.returncode == 2 and "task.resume=true" in again.stderr
+    resumed = _runner(tmp_path, *common, "task.resume=true")
+    assert resumed.returncode == 0 and "2 of 3 records already answered" in resumed.stderr
+    assert out.read_text().count("\n") == 2  # nothing answered twice
+    stopped = _runner(tmp_path, *common[:1], f"task.output_jsonl={tmp_path / 'b.jsonl'}", *common[2:], "task.on_error=stop")
+    assert stopped.returncode == 2 and "record 1" in stopped.stderr
+    assert [json.loads(line)["index"] for line in (tmp_path / "b.jsonl").read_text().splitlines()] == [0]
