@@ -104,11 +104,12 @@ def test_plan_terms_follow_each_strategys_layout():
     assert "CUDA graph pool" not in plan_run(args, attention.build("global"), shape, 1, torch.bfloat16, "cpu").ranks[0].terms
 
 
-def _cfg(**over):
+def _cfg(groups: dict | None = None, **over):
     base = OmegaConf.load(REPO / "conf" / "config.yaml")
     cfg = OmegaConf.create({k: v for k, v in base.items() if k not in ("defaults", "hydra")})
-    for group, name in {"model": "llama3", "attention": "star", "ctx": "1m", "parallel": "single", "task": "bench"}.items():
-        cfg[group] = OmegaConf.load(REPO / "conf" / group / f"{name}.yaml")
+    chosen = {"model": "llama3", "attention": "star", "ctx": "1m", "parallel": "single", "task": "bench"} | (groups or {})
+    for group, name in chosen.items():
+        cfg[group] = OmegaConf.merge(cfg.get(group) or {}, OmegaConf.load(REPO / "conf" / group / f"{name}.yaml"))
     cfg.device = "cuda"
     return OmegaConf.merge(cfg, over)
 
@@ -129,7 +130,7 @@ def test_what_fits_is_what_the_plan_says_fits():
 
 
 def test_global_is_told_to_spread_over_ranks():
-    fixes = memory.fits_with(_cfg(attention={"name": "global"}), 80 * memory.GiB)
+    fixes = memory.fits_with(_cfg({"attention": "global"}), 80 * memory.GiB)
     assert any(f.startswith("attention=star parallel.nproc=") for f in fixes)
 
 
@@ -141,10 +142,10 @@ def _runner(tmp_path, *overrides):
 
 
 def test_runner_refuses_a_run_that_does_not_fit_before_loading(tmp_path):
-    res = _runner(tmp_path, "task=bench", "model=llama3", "ctx=128k", "device=cpu", "memory.limit_gib=20")
+    res = _runner(tmp_path, "task=bench", "model=llama3", "ctx=128k", "device=cpu", "memory.limit_gib=40")
     assert res.returncode == 2
     line = res.stderr.strip().splitlines()[-1]
-    assert line.startswith("error: memory: llama3 with star at") and "memory.limit_gib=20" in line and "fits with" in line
+    assert line.startswith("error: memory: llama3 with star at") and "memory.limit_gib=40" in line and "fits with" in line
     assert "Traceback" not in res.stderr and "random weights" not in res.stderr  # refused before building the model
     assert not (tmp_path / "run" / "results.json").exists()
 

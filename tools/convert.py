@@ -365,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM (a job scheduler, `kill`) unwinds like Ctrl-C, so the temporary directories are removed
     signal.signal(signal.SIGTERM, _terminated)
     try:
+        if args.out is not None and args.out.exists() and not args.out.is_dir():  # before any reading
+            raise FileExistsError(f"{args.out} is a file; the output is a checkpoint directory: name a directory")
         if args.command in BUILTINS:
             out = BUILTINS[args.command](args.out, args.source, args.force)
         else:
