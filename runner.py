@@ -50,8 +50,9 @@ def validate(cfg: DictConfig) -> None:
         )
 
 
-def build_model(preset: DictConfig, dtype: torch.dtype, device: torch.device, need_weights: bool) -> tuple[Transformer, Tokenizer | None]:
-    """The preset's checkpoint (or the built-in one); random weights of its shape only where weights are not needed.
+def build_model(preset: DictConfig, dtype: torch.dtype, device: torch.device) -> tuple[Transformer, Tokenizer | None]:
+    """The preset's checkpoint (or the built-in one); without one, random weights of its shape (`validate` allows that
+    only for tasks that measure speed).
 
     The model starts with a placeholder strategy; each task sets the real one once it knows the context length.
     """
@@ -69,12 +70,6 @@ def build_model(preset: DictConfig, dtype: torch.dtype, device: torch.device, ne
             path = box[0]
     if path is not None:
         return models.load(Path(path).expanduser(), dtype=dtype, device=device, attention=placeholder)
-    if need_weights:
-        raise ValueError(
-            f"model preset {preset.name!r} names no checkpoint. Point it at a Hugging Face directory "
-            f"(config.json, *.safetensors, tokenizer) with model.path=/path/to/dir, or make one with "
-            f"`python tools/convert.py gguf|meta|hf ...`"
-        )
     args = models.ModelArgs.from_hf(OmegaConf.to_container(preset.config))
     return models.random_model(args, dtype=dtype, device=device, attention=placeholder), None
 
@@ -88,7 +83,7 @@ class Context:
     def __init__(self, cfg: DictConfig, run_dir: Path, rank: int, world: int, device: torch.device):
         self.cfg, self.run_dir, self.rank, self.world, self.device = cfg, run_dir, rank, world, device
         self.dtype = resolve_dtype(cfg.dtype, device)
-        self.model, self.tok = build_model(cfg.model, self.dtype, device, need_weights=cfg.task.name != "bench")
+        self.model, self.tok = build_model(cfg.model, self.dtype, device)
         # Past the model's positions only where answers do not matter (bench) or the user accepts extrapolation.
         past = cfg.task.name == "bench" or cfg.model.get("extrapolate")
         self.max_seq_len = max(self.model.args.max_seq_len, cfg.ctx.length + 4096) if past else self.model.args.max_seq_len

@@ -263,6 +263,12 @@ def _check_model(cfg) -> ModelArgs:
         if not (p / "config.json").is_file():
             raise OptionError(f"model.path={p} has no config.json; is it a Hugging Face checkpoint directory? "
                               "(`python tools/convert.py` makes one from GGUF or Meta checkpoints)")  # fmt: skip
+    if path is None and not cfg.model.get("builtin") and cfg.task.name in ("generate", "ruler"):
+        raise OptionError(
+            f"model preset {cfg.model.name!r} names no checkpoint, and task={cfg.task.name} needs real weights. Point "
+            "it at a Hugging Face directory (config.json, *.safetensors, tokenizer) with model.path=/path/to/dir, or make "
+            "one with `python tools/convert.py gguf|meta|hf ...`"
+        )
     try:
         return preset_args(cfg.model)
     except ValueError as e:
