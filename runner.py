@@ -34,7 +34,7 @@ from models.tokenizer import Tokenizer
 from models.transformer import Transformer
 from preflight import memory, options
 from preflight.options import resolve_device, resolve_dtype
-from tools.launch import RankFailed, init_ranks, launch, under_torchrun
+from parallel.launch import RankFailed, init_ranks, launch, under_torchrun
 
 
 # --- configuration
@@ -306,7 +306,7 @@ def task_ruler(c: Context) -> dict:
     task.resume=true the samples already there are not run again (a killed run goes on where it stopped)."""
     from tqdm import tqdm
 
-    from tools import ruler
+    from evaluation import ruler
 
     t = c.cfg.task
     lengths = list(t.lengths or [c.cfg.ctx.length])

@@ -298,7 +298,7 @@ def _check_generate(cfg) -> None:
 
 
 def _check_ruler(cfg) -> None:
-    from tools import ruler
+    from evaluation import ruler
 
     whole(cfg, "task.max_new_tokens")
     whole(cfg, "task.samples")

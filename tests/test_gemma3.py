@@ -102,7 +102,7 @@ def test_loading_refuses_a_config_that_is_not_an_object(tmp_path):
 
 
 def _licence_texts() -> dict[str, str]:
-    from tools.ruler import DEFAULT_PROSE
+    from evaluation.ruler import DEFAULT_PROSE
 
     return {f.name: f.read_text(encoding="utf-8") for f in sorted(DEFAULT_PROSE.iterdir()) if f.is_file()}
 
@@ -135,7 +135,7 @@ def test_gemma3_270m_logits_and_tokens_match_transformers(gemma3_dir, gemma3_ggu
 
 def _needle_prompt(tok) -> tuple[list[int], int, str]:
     """A number hidden at 60% of about 2,500 tokens of prose: (token ids, context tokens, the number)."""
-    from tools import ruler
+    from evaluation import ruler
 
     count = lambda text: len(tok.encode(text, add_special_tokens=False))  # noqa: E731
     sample = ruler.make_sample("niah_single", count, 2500, 0.6, 0, ruler.Haystack.from_file(ruler.DEFAULT_PROSE))

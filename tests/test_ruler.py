@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from tools import ruler
+from evaluation import ruler
 
 
 def count(text: str) -> int:

@@ -202,7 +202,7 @@ def check_ranks() -> bool:
     import torch.distributed as dist
 
     from models.generate import generate_tokens
-    from tools.launch import init_ranks
+    from parallel.launch import init_ranks
 
     rank, world, device = init_ranks("nccl", 120)
     args = ModelArgs(vocab_size=1000, dim=256, n_layers=2, n_heads=8, n_kv_heads=2, head_dim=32,

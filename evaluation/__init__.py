@@ -1,0 +1,1 @@
+"""Evaluation tasks the runner scores models with: RULER-style synthetic tasks (`ruler`)."""
