@@ -1,0 +1,147 @@
+"""HSR certified sparse decode (attention/hsr.py) against float64 attention: the certificate always holds."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from attention.hsr import HSRResult, KeySummary, error_bound, hsr_attend, merge_certificates, score_bounds
+from attention.kernels import PositionMask, dense_attend
+from attention.merge import merge_partials
+
+D = 32
+
+
+def cache(kind: str, S: int = 1024, Hkv: int = 2, B: int = 1, seed: int = 0, filled: int | None = None):
+    """Keys and values [B, Hkv, S, D] (float64) of a stated structure, and the slots' positions (-1: empty)."""
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(B, Hkv, S, D, generator=g, dtype=torch.float64)
+    v = torch.randn(B, Hkv, S, D, generator=g, dtype=torch.float64)
+    if kind == "clustered":  # runs of 64 keys near one of 8 centres (text has topics), one planted key
+        centres = torch.randn(8, D, generator=g, dtype=torch.float64) * 3
+        k = centres[torch.randint(0, 8, (B, Hkv, S // 64 + 1), generator=g)].repeat_interleave(64, dim=2)[:, :, :S] + 0.1 * k
+        k[:, :, S // 3] = 6.0
+    elif kind == "outlier":  # one key of huge norm in an otherwise quiet block
+        k = 0.1 * k
+        k[:, :, 517] = 40.0
+    elif kind == "equal":  # every score the same: nothing can be skipped cheaply
+        k = torch.ones_like(k)
+    elif kind == "huge":
+        k = 30 * k
+    n = S if filled is None else filled
+    kv_pos = torch.where(torch.arange(S) < n, torch.arange(S), torch.tensor(-1))
+    return k, v, kv_pos, n
+
+
+def query(n_queries: int, Hq: int, B: int = 1, seed: int = 1, aligned: bool = False):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, n_queries, D, generator=g, dtype=torch.float64)
+    return q.abs() + 1.0 if aligned else q
+
+
+def assert_certified(q, k, v, mask, result, eps, slack=1e-6):
+    """The true output and lse (float64 dense) lie within what the certificate allows (up to rounding, `slack`)."""
+    want, want_lse = dense_attend(q, k, v, mask, return_lse=True)
+    visible = mask.dense()  # [T, S]
+    g = q.shape[1] // k.shape[1]
+    vv = v.repeat_interleave(g, dim=1)[:, :, None].expand(-1, -1, q.shape[2], -1, -1)  # [B, Hq, T, S, D]
+    seen = visible[None, None, :, :, None]
+    v_range = torch.where(seen, vv, -math.inf).amax(3) - torch.where(seen, vv, math.inf).amin(3)
+    assert ((want - result.out).abs() <= error_bound(result.certificate, v_range) + slack).all()
+    gap = want_lse - result.lse
+    assert (gap >= -slack).all() and (gap <= torch.log1p(result.certificate) + slack).all()
+    everything = bool((result.blocks_read == result.blocks_visible).all())
+    assert everything or (result.certificate <= eps).all()
+
+
+CASES = [
+    ("random", dict(), 1, 0.05, None),
+    ("clustered", dict(), 1, 0.01, None),
+    ("outlier", dict(), 1, 1e-3, None),
+    ("equal", dict(), 1, 0.1, None),
+    ("huge", dict(), 1, 1e-4, None),
+    ("random", dict(filled=700), 1, 0.02, None),  # empty and partly filled blocks
+    ("clustered", dict(), 2, 0.01, 200),  # two queries, a sliding window
+    ("random", dict(B=2, Hkv=1), 1, 0.05, None),
+]
+
+
+@pytest.mark.parametrize("kind,shape,n_queries,eps,window", CASES)
+def test_certificate_bounds_the_true_error(kind, shape, n_queries, eps, window):
+    k, v, kv_pos, n = cache(kind, **shape)
+    B, Hkv = k.shape[:2]
+    q = query(n_queries, 4 * Hkv, B=B, aligned=kind == "clustered")
+    mask = PositionMask(torch.arange(n, n + n_queries) - (n_queries - 1), kv_pos, window)
+    summary = KeySummary.of(k, kv_pos, 32)
+    result = hsr_attend(q, k, v, mask, summary, eps, sink=32, recent=64)
+    assert_certified(q, k, v, mask, result, eps)
+
+
+def test_structured_keys_are_read_sparsely():
+    k, v, kv_pos, n = cache("clustered", S=4096)
+    q = query(1, 8, aligned=True)
+    mask = PositionMask(torch.tensor([n]), kv_pos)
+    result = hsr_attend(q, k, v, mask, KeySummary.of(k, kv_pos, 64), 1e-3, sink=64, recent=64)
+    assert_certified(q, k, v, mask, result, 1e-3)
+    assert (result.blocks_read < result.blocks_visible / 4).all()  # most of the cache is never read
+
+
+def test_equal_scores_force_reading_everything():
+    k, v, kv_pos, n = cache("equal")
+    q = query(1, 8)
+    result = hsr_attend(q, k, v, PositionMask(torch.tensor([n]), kv_pos), KeySummary.of(k, kv_pos, 32), 0.01, sink=32, recent=32)
+    assert (result.blocks_read == result.blocks_visible).all() and (result.certificate == 0).all()
+
+
+def test_bounds_hold_for_every_key():
+    k, v, kv_pos, _ = cache("random", filled=900)
+    q = query(3, 8)
+    summary = KeySummary.of(k, kv_pos, 64)
+    u = score_bounds(q, summary)  # [B, Hq, T, blocks]
+    scores = torch.einsum("bhtd,bhsd->bhts", q, k.repeat_interleave(4, dim=1)) * D**-0.5
+    per_slot = u[..., torch.arange(k.shape[2]) // 64]
+    assert (scores[..., kv_pos >= 0] <= per_slot[..., kv_pos >= 0] + 1e-9).all()
+
+
+def test_summary_kept_as_tokens_arrive_equals_the_whole_cache():
+    k, _, kv_pos, n = cache("random", S=512, filled=300)
+    kept = KeySummary.empty(1, 2, 512, D, 32, dtype=torch.float64)
+    for start in range(0, n, 37):  # appended in uneven pieces, as phase 1 and decode steps write them
+        slots = torch.arange(start, min(start + 37, n))
+        kept.update(slots, k[:, :, slots], slots)
+    whole = KeySummary.of(k, kv_pos, 32)
+    for name in ("kmin", "kmax", "count", "pmin", "pmax"):
+        assert torch.equal(getattr(kept, name), getattr(whole, name)), name
+
+
+def test_certificates_compose_over_ranks():
+    k, v, kv_pos, n = cache("clustered", S=2048)
+    q = query(1, 8, aligned=True)
+    mask = PositionMask(torch.tensor([n]), kv_pos)
+    parts = []
+    for rank_slots in (slice(0, 1024), slice(1024, 2048)):  # each rank holds half the cache and its summary
+        kr, vr, pr = k[:, :, rank_slots], v[:, :, rank_slots], kv_pos[rank_slots]
+        parts.append(hsr_attend(q, kr, vr, PositionMask(mask.q_pos, pr), KeySummary.of(kr, pr, 32), 0.01, sink=32, recent=32))
+    out, lse = merge_partials(torch.stack([p.out for p in parts]), torch.stack([p.lse for p in parts]))
+    cert = merge_certificates(torch.stack([p.lse for p in parts]), torch.stack([p.certificate for p in parts]))
+    merged = HSRResult(out.double(), lse.double(), cert, parts[0].blocks_read + parts[1].blocks_read, 0)
+    assert_certified(q, k, v, mask, merged, 1.0, slack=1e-5)  # (the merge itself runs in fp32)
+    assert merged.certificate.max() <= 0.01
+
+
+@pytest.mark.parametrize("eps,block,match", [(0.0, 32, "hsr_eps"), (1.0, 32, "hsr_eps"), (0.1, 48, "power of two"), (0.1, 4096, "larger than the KV cache")])
+def test_bad_settings_are_refused(eps, block, match):
+    k, v, kv_pos, n = cache("random", S=1024)
+    with pytest.raises(ValueError, match=match):
+        hsr_attend(query(1, 8), k, v, PositionMask(torch.tensor([n]), kv_pos), KeySummary.of(k, kv_pos, block), eps)
+
+
+def test_certificate_holds_for_a_bf16_cache():
+    k, v, kv_pos, n = cache("clustered", S=1024)
+    k, v, q = k.bfloat16(), v.bfloat16(), query(1, 8, aligned=True).bfloat16()
+    mask = PositionMask(torch.tensor([n]), kv_pos)
+    result = hsr_attend(q, k, v, mask, KeySummary.of(k, kv_pos, 32), 1e-3, sink=32, recent=32)
+    as64 = HSRResult(result.out.double(), result.lse.double(), result.certificate.double(), result.blocks_read, result.blocks_visible)
+    assert_certified(q.double(), k.double(), v.double(), mask, as64, 1e-3, slack=2e-2)  # bf16 rounding of the output
