@@ -125,6 +125,16 @@ class Context:
         self.kv_bytes = sum(b.numel() * b.element_size() for name, b in self.model.named_buffers() if "_cache" in name)
         return out, ttft, tps
 
+    def hsr_summary(self) -> dict:
+        """For decode=hsr: the share of key blocks phase 2 read and the largest certificate, said and returned."""
+        steps = self.model.attention.hsr_steps
+        if not steps:
+            return {}
+        share = sum(s["blocks_read"] for s in steps) / max(1, sum(s["blocks_visible"] for s in steps))
+        worst = max(s["certificate"] for s in steps)
+        self.say(f"hsr: phase 2 read {share:.1%} of the key blocks; unread softmax mass at most {worst:.2e} of the read")
+        return {"hsr_blocks_read_share": share, "hsr_max_certificate": worst}
+
     def strategy_params(self) -> dict:
         """The strategy of the last answer, as a results row records it."""
         s = self.model.attention
@@ -235,6 +245,7 @@ def task_generate(c: Context) -> dict:
     )
     result = {"prompt_tokens": len(ids), "new_tokens": len(out.token_ids), "ttft_s": ttft, "decode_tok_s": tps,
               "kv_bytes_per_rank": kv, "answer": out.text}  # fmt: skip
+    result |= c.hsr_summary()
     if expected is not None:
         result["demo_fact_found"] = expected in out.text
         c.say(f"hidden pass key {expected}: {'found' if result['demo_fact_found'] else 'NOT found'} in the answer")

@@ -52,12 +52,20 @@ class KeySummary:
     @classmethod
     def empty(cls, batch: int, kv_heads: int, slots: int, head_dim: int, block: int, device=None, dtype=torch.float32) -> "KeySummary":
         """A summary of an empty cache; `dtype` holds the keys exactly (fp32 for bf16/fp16/fp32 caches)."""
-        check_block(block, slots)
+        check_block(block)
         n = -(-slots // block)
         inf = torch.full((batch, kv_heads, n, head_dim), math.inf, device=device, dtype=dtype)
         big = torch.iinfo(torch.long).max
         return cls(block, inf.clone(), -inf, torch.zeros(n, dtype=torch.long, device=device),
                    torch.full((n,), big, dtype=torch.long, device=device), torch.full((n,), -1, dtype=torch.long, device=device))  # fmt: skip
+
+    def reset(self) -> None:
+        """Back to the summary of an empty cache."""
+        self.kmin.fill_(math.inf)
+        self.kmax.fill_(-math.inf)
+        self.count.zero_()
+        self.pmin.fill_(torch.iinfo(torch.long).max)
+        self.pmax.fill_(-1)
 
     @classmethod
     def of(cls, k: Tensor, kv_pos: Tensor, block: int) -> "KeySummary":
@@ -78,11 +86,9 @@ class KeySummary:
         self.pmax.scatter_reduce_(0, b, positions, "amax")
 
 
-def check_block(block: int, slots: int) -> None:
+def check_block(block: int) -> None:
     if block < 1 or block & (block - 1):
         raise ValueError(f"hsr_block must be a power of two; got {block}")
-    if block > slots:
-        raise ValueError(f"hsr_block={block} is larger than the KV cache ({slots} slots); use a smaller block")
 
 
 def check_eps(eps: float) -> None:

@@ -31,8 +31,8 @@ def zigzag_shards(n_ctx: int, world: int) -> list[Tensor]:
 class RingAttention(AttentionStrategy):
     name = "ring"
 
-    def __init__(self, group: dist.ProcessGroup | None = None):
-        super().__init__(group)
+    def __init__(self, group: dist.ProcessGroup | None = None, **decode_options):
+        super().__init__(group, **decode_options)
         self.layout: list[Tensor] | None = None
 
     def context_indices(self, n_ctx: int) -> Tensor:

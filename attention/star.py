@@ -40,8 +40,9 @@ class StarAttention(AttentionStrategy):
         anchor_size: int | None = None,
         anchor_mode: str = "broadcast",
         group: dist.ProcessGroup | None = None,
+        **decode_options,
     ):
-        super().__init__(group)
+        super().__init__(group, **decode_options)
         anchor_size = block_size if anchor_size is None else anchor_size
         if block_size <= 0:
             raise ValueError(f"star block_size must be > 0; got {block_size}")

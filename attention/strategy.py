@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from attention.hsr import check_block, check_eps, hsr_attend, merge_certificates
 from attention.kernels import PositionMask, attend
 from attention.merge import all_gather_merge
 
@@ -36,10 +37,32 @@ class Step:
     skip: int = 0  # leading new tokens this rank computes but does not keep (a recomputed anchor)
 
 
+DECODE_MODES = ("dense", "hsr")
+
+
 class AttentionStrategy:
+    """Every strategy also chooses how phase 2 (query and decode) reads each rank's KV cache: `decode="dense"` reads
+    all of it; `decode="hsr"` reads only the key blocks needed for the unread softmax mass to be certified below
+    `hsr_eps` (attention/hsr.py), always reading the first `hsr_sink` and the latest `hsr_recent` tokens' blocks."""
+
     name: str = ""
 
-    def __init__(self, group: dist.ProcessGroup | None = None):
+    def __init__(
+        self,
+        group: dist.ProcessGroup | None = None,
+        decode: str = "dense",
+        hsr_eps: float = 1e-3,
+        hsr_block: int = 64,
+        hsr_sink: int = 64,
+        hsr_recent: int = 256,
+    ):
+        if decode not in DECODE_MODES:
+            raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}; got {decode!r}")
+        if decode == "hsr":
+            check_eps(hsr_eps)
+            check_block(hsr_block)
+        self.decode, self.hsr_eps, self.hsr_block, self.hsr_sink, self.hsr_recent = decode, hsr_eps, hsr_block, hsr_sink, hsr_recent
+        self.hsr_steps: list[dict] = []  # per sparse attention call: blocks read / visible, largest certificate
         self.group = group
         distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank(group) if distributed else 0
@@ -66,6 +89,11 @@ class AttentionStrategy:
         """Whether this rank keeps the KV of query and generated tokens."""
         return self.rank == self.world - 1
 
+    @property
+    def summary_block(self) -> int | None:
+        """Block size of the key summaries the KV cache must keep for this strategy's decode (None: none)."""
+        return self.hsr_block if self.decode == "hsr" else None
+
     def cache_slots(self, n_ctx: int, n_after: int) -> int:
         return self.kept_context(n_ctx) + (n_after if self.keeps_new_tokens else 0)
 
@@ -88,11 +116,32 @@ class AttentionStrategy:
         if step.phase == "query":
             if step.slots is not None:
                 cache.update(step.slots, k, v)
+            if self.decode == "hsr":
+                return self.sparse_attend(q, cache, step.masks[window])
             out, lse = attend(q, cache.k_cache, cache.v_cache, step.masks[window], return_lse=True)
             if self.world > 1:
                 out, lse = all_gather_merge(out, lse, self.group)
             return out.to(q.dtype)
         return self.attend_context(q, k, v, cache, step, window)
+
+    def sparse_attend(self, q: Tensor, cache, mask: PositionMask) -> Tensor:
+        """HSR over this rank's cache; across ranks the partials merge as dense ones do and the certificates compose
+        as the read-mass-weighted mean (attention/hsr.py), recorded in `hsr_steps`."""
+        r = hsr_attend(q, cache.k_cache, cache.v_cache, mask, cache.summary, self.hsr_eps, self.hsr_sink, self.hsr_recent)
+        out, lse, cert = r.out, r.lse, r.certificate
+        read, visible = int(r.blocks_read.sum()), r.blocks_visible * r.blocks_read.numel()
+        if self.world > 1:
+            lses = [torch.empty_like(lse) for _ in range(self.world)]
+            certs = [torch.empty_like(cert) for _ in range(self.world)]
+            dist.all_gather(lses, lse.contiguous(), group=self.group)
+            dist.all_gather(certs, cert.contiguous(), group=self.group)
+            cert = merge_certificates(torch.stack(lses), torch.stack(certs))
+            out, lse = all_gather_merge(out, lse, self.group)
+            counts = torch.tensor([read, visible])
+            dist.all_reduce(counts, group=self.group)
+            read, visible = int(counts[0]), int(counts[1])
+        self.hsr_steps.append({"blocks_read": read, "blocks_visible": visible, "certificate": float(cert.max())})
+        return out.to(q.dtype)
 
     # --- phase 1, what each strategy defines
     def begin_context(self, model, positions: Tensor, windows: set[int | None]) -> Step:
@@ -107,8 +156,8 @@ class GlobalAttention(AttentionStrategy):
 
     name = "global"
 
-    def __init__(self, group: dist.ProcessGroup | None = None):
-        super().__init__(group)
+    def __init__(self, group: dist.ProcessGroup | None = None, **decode_options):
+        super().__init__(group, **decode_options)
         if self.world > 1:
             raise ValueError(
                 f"attention=global runs on one rank, but {self.world} ranks are running; "
@@ -123,4 +172,6 @@ class GlobalAttention(AttentionStrategy):
     def attend(self, q: Tensor, k: Tensor, v: Tensor, cache, step: Step, window: int | None) -> Tensor:
         if step.slots is not None:
             k, v = cache.update(step.slots, k, v)
+        if self.phase == "query" and self.decode == "hsr":
+            return self.sparse_attend(q, cache, step.masks[window])
         return attend(q, k, v, step.masks[window])

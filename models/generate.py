@@ -77,7 +77,7 @@ def generate_tokens(
     generator = None
     if sampling.seed is not None:
         generator = torch.Generator(device=device).manual_seed(sampling.seed)
-    model.setup_cache(1, strategy.cache_slots(n_ctx, len(prompt) - n_ctx + max_new_tokens))
+    model.setup_cache(1, strategy.cache_slots(n_ctx, len(prompt) - n_ctx + max_new_tokens), summary_block=strategy.summary_block)
     tokens = torch.tensor(prompt, device=device)
     with torch.inference_mode():
         if n_ctx:
@@ -105,7 +105,9 @@ def generate_tokens(
 
 
 def _graph_capturable(strategy) -> bool:
-    """One rank, or ranks whose collectives NCCL can record into a CUDA graph (gloo's cannot)."""
+    """Dense decode on one rank, or on ranks whose collectives NCCL can record into a CUDA graph (gloo's cannot)."""
+    if strategy.decode != "dense":  # the sparse decode's reference path widens its selection on the host
+        return False
     return strategy.world == 1 or dist.get_backend(strategy.group) == "nccl"
 
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attention import AttentionStrategy, GlobalAttention
+from attention.hsr import KeySummary
 from models.config import ModelArgs, rope_inv_freq
 
 
@@ -107,16 +108,27 @@ class RMSNorm(nn.Module):
 
 
 class KVCache(nn.Module):
-    """Preallocated keys and values of one layer, [batch, kv_heads, slots, head_dim]."""
+    """Preallocated keys and values of one layer, [batch, kv_heads, slots, head_dim].
 
-    def __init__(self, batch: int, n_kv_heads: int, slots: int, head_dim: int, dtype: torch.dtype, device=None):
+    With `summary_block`, a `KeySummary` of every block of that many slots is kept up to date as keys are written
+    (for sparse decode, attention/hsr.py); `positions` is the model's slot -> position table it reads then.
+    """
+
+    def __init__(self, batch: int, n_kv_heads: int, slots: int, head_dim: int, dtype: torch.dtype, device=None,
+                 summary_block: int | None = None, positions: Tensor | None = None):  # fmt: skip
         super().__init__()
         shape = (batch, n_kv_heads, slots, head_dim)
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.summary, self.positions = None, positions
+        if summary_block is not None:
+            exact = torch.promote_types(dtype, torch.float32)
+            self.summary = KeySummary.empty(batch, n_kv_heads, slots, head_dim, summary_block, device, exact)
 
     def update(self, slots: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         write_kv(self.k_cache, self.v_cache, slots, k, v)
+        if self.summary is not None:
+            self.summary.update(slots, k, self.positions[slots])
         return self.k_cache, self.v_cache
 
 
@@ -245,22 +257,26 @@ class Transformer(nn.Module):
     def has_cache(self) -> bool:
         return hasattr(self, "kv_pos")
 
-    def setup_cache(self, batch: int, slots: int, dtype: torch.dtype | None = None) -> None:
-        """Allocate a KV cache of `slots` tokens per layer; positions of the slots are tracked in `kv_pos`."""
+    def setup_cache(self, batch: int, slots: int, dtype: torch.dtype | None = None, summary_block: int | None = None) -> None:
+        """Allocate a KV cache of `slots` tokens per layer; positions of the slots are tracked in `kv_pos`. With
+        `summary_block`, each layer also keeps key summaries per block of that many slots (`KVCache`)."""
         ref = self.tok_embeddings.weight
         for layer in self.layers:  # the old cache goes before the new one is made: never two at once
             layer.attention.kv_cache = None
+        self.register_buffer("kv_pos", torch.full((slots,), -1, dtype=torch.long, device=ref.device), persistent=False)
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(
-                batch, self.args.n_kv_heads, slots, self.args.head_dim, dtype or ref.dtype, ref.device
+                batch, self.args.n_kv_heads, slots, self.args.head_dim, dtype or ref.dtype, ref.device, summary_block, self.kv_pos
             )
-        self.register_buffer("kv_pos", torch.full((slots,), -1, dtype=torch.long, device=ref.device), persistent=False)
         # The fill level lives on the device too, so that a captured decode step (CUDA graph) claims the next slot
         # on every replay; `cache_len` mirrors it on the host for capacity checks.
         self.register_buffer("cache_fill", torch.zeros((), dtype=torch.long, device=ref.device), persistent=False)
         self.cache_len = 0
 
     def reset_cache(self) -> None:
+        for layer in self.layers:
+            if layer.attention.kv_cache.summary is not None:
+                layer.attention.kv_cache.summary.reset()
         self.kv_pos.fill_(-1)
         self.cache_fill.zero_()
         self.cache_len = 0

@@ -222,16 +222,19 @@ def _check_device(cfg) -> None:
 def _check_attention(cfg) -> None:
     import attention
     from attention.star import ANCHOR_MODES
+    from attention.strategy import AttentionStrategy
 
     name = cfg.attention.name
     params = _get(cfg, "attention.params") or {}
     if not isinstance(params, dict):
         raise OptionError(f"attention.params must be a mapping of options; got {params!r}")
-    accepted = set(inspect.signature(attention.REGISTRY[name]).parameters) - {"group"}
+    cls = attention.REGISTRY[name]
+    accepted = (set(inspect.signature(cls).parameters) | set(inspect.signature(AttentionStrategy).parameters)) - {"group", "decode_options"}
     unknown = sorted(set(params) - accepted)
     if unknown:
         raise OptionError(f"attention.params.{unknown[0]} is not an option of attention={name}; its options: "
                           f"{', '.join(sorted(accepted)) or 'none'}")  # fmt: skip
+    _check_decode(cfg)
     if name == "global" and cfg.parallel.nproc > 1:
         raise OptionError(f"attention=global runs on one rank, but parallel.nproc={cfg.parallel.nproc}; use "
                           "attention=ring (exact) or attention=star across ranks")  # fmt: skip
@@ -247,6 +250,28 @@ def _check_attention(cfg) -> None:
         raise OptionError(f"attention.params.block_size={block} cuts ctx.length={cfg.ctx.length} into "
                           f"{-(-cfg.ctx.length // block)} blocks, fewer than parallel.nproc={cfg.parallel.nproc}; "
                           "use a smaller block_size or fewer ranks")  # fmt: skip
+
+
+def _check_decode(cfg) -> None:
+    from attention.strategy import DECODE_MODES
+
+    params = cfg.attention.params
+    if params.get("decode", "dense") not in DECODE_MODES:
+        choice(cfg, "attention.params.decode", DECODE_MODES)
+    if params.get("decode") != "hsr":
+        return
+    keys = [k for k in ("hsr_eps", "hsr_block", "hsr_sink", "hsr_recent") if k in params]
+    if "hsr_eps" in keys:
+        number(cfg, "attention.params.hsr_eps", 0, 1, low_open=True)
+        if params.hsr_eps >= 1:
+            raise OptionError(f"attention.params.hsr_eps must be below 1 (it bounds the unread share of the softmax mass); got {params.hsr_eps}")
+    if "hsr_block" in keys:
+        block = whole(cfg, "attention.params.hsr_block")
+        if block & (block - 1) or block > cfg.ctx.length:
+            raise OptionError(f"attention.params.hsr_block must be a power of two no larger than ctx.length={cfg.ctx.length}; got {block}")
+    for key in ("hsr_sink", "hsr_recent"):
+        if key in keys:
+            whole(cfg, f"attention.params.{key}", low=0)
 
 
 def _check_model(cfg) -> ModelArgs:

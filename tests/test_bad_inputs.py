@@ -74,6 +74,12 @@ CASES = {
     "star option on ring": (["attention=ring", "+attention.params.block_size=4"], None, "attention.params.block_size"),
     "ranks past blocks": (["attention.params.block_size=1024", "parallel.nproc=4"], None, "fewer than parallel.nproc=4"),
     "min block": (["attention.min_block_size=-1"], None, "attention.min_block_size"),
+    "decode mode": (["attention.params.decode=sparse"], None, "attention.params.decode"),
+    "hsr eps zero": (["attention.params.decode=hsr", "attention.params.hsr_eps=0"], None, "attention.params.hsr_eps"),
+    "hsr eps one": (["attention.params.decode=hsr", "attention.params.hsr_eps=1"], None, "attention.params.hsr_eps"),
+    "hsr block": (["attention.params.decode=hsr", "attention.params.hsr_block=48"], None, "power of two"),
+    "hsr block past ctx": (["attention.params.decode=hsr", "attention.params.hsr_block=4096"], None, "no larger than ctx.length=2048"),
+    "hsr recent": (["attention.params.decode=hsr", "attention.params.hsr_recent=-1"], None, "attention.params.hsr_recent"),
     # the model
     "path is a file": (["model.path={f}"], lambda t: write(t / "weights.bin", "x"), "is a file"),
     "path missing": (["model.path={f}"], lambda t: t / "nowhere", "does not exist"),
