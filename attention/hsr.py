@@ -100,7 +100,7 @@ def score_bounds(q: Tensor, summary: KeySummary) -> Tensor:
     """u [B, Hq, T, blocks]: no key of a block scores above it for that query (scores scaled by D**-0.5)."""
     B, Hq, T, D = q.shape
     g = Hq // summary.kmin.shape[1]
-    qf = q.to(summary.kmin.dtype).view(B, -1, g * T, 1, D)  # [B, Hkv, g*T, 1, D]
+    qf = q.to(summary.kmin.dtype).reshape(B, -1, g * T, 1, D)  # [B, Hkv, g*T, 1, D]
     lo, hi = summary.kmin[:, :, None], summary.kmax[:, :, None]  # [B, Hkv, 1, blocks, D]
     # inf - inf is nan in an empty block: its bound is -inf (it holds nothing)
     u = torch.maximum(qf * lo, qf * hi).nan_to_num(nan=-math.inf).sum(-1) * D**-0.5
@@ -160,7 +160,7 @@ def _attend_blocks(q: Tensor, k: Tensor, v: Tensor, mask: PositionMask, chosen: 
     keep = chosen[..., torch.arange(k.shape[2], device=k.device) // block]  # [B, Hkv, S]
     allowed = mask.dense()[None, None, None] & keep[:, :, None, None, :]  # [B, Hkv, 1, T, S]
     acc = torch.promote_types(q.dtype, torch.float32)
-    qf = q.to(acc).view(B, Hkv, g, T, D) * D**-0.5
+    qf = q.to(acc).reshape(B, Hkv, g, T, D) * D**-0.5
     scores = torch.einsum("bhgtd,bhsd->bhgts", qf, k.to(acc)).masked_fill(~allowed, -math.inf)
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - lse.unsqueeze(-1).masked_fill(lse.isinf().unsqueeze(-1), 0.0))

@@ -73,6 +73,7 @@ def test_certificate_bounds_the_true_error(kind, shape, n_queries, eps, window):
     k, v, kv_pos, n = cache(kind, **shape)
     B, Hkv = k.shape[:2]
     q = query(n_queries, 4 * Hkv, B=B, aligned=kind == "clustered")
+    q = q.transpose(1, 2).contiguous().transpose(1, 2)  # laid out as the model hands it over: [B, T, H, D] transposed
     mask = PositionMask(torch.arange(n, n + n_queries) - (n_queries - 1), kv_pos, window)
     summary = KeySummary.of(k, kv_pos, 32)
     result = hsr_attend(q, k, v, mask, summary, eps, sink=32, recent=64)
