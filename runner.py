@@ -32,9 +32,8 @@ import attention
 import models
 from models.tokenizer import Tokenizer
 from models.transformer import Transformer
-from preflight import memory, options
-from preflight.options import resolve_device, resolve_dtype
 from parallel.launch import RankFailed, init_ranks, launch, under_torchrun
+from preflight import memory, options
 
 
 # --- configuration
@@ -82,7 +81,7 @@ class Context:
 
     def __init__(self, cfg: DictConfig, run_dir: Path, rank: int, world: int, device: torch.device):
         self.cfg, self.run_dir, self.rank, self.world, self.device = cfg, run_dir, rank, world, device
-        self.dtype = resolve_dtype(cfg.dtype, device)
+        self.dtype = options.resolve_dtype(cfg.dtype, device)
         self.model, self.tok = build_model(cfg.model, self.dtype, device)
         # Past the model's positions only where answers do not matter (bench) or the user accepts extrapolation.
         past = cfg.task.name == "bench" or cfg.model.get("extrapolate")
@@ -492,9 +491,9 @@ def main(cfg: DictConfig) -> None:
             task_plan(cfg, Path(run_dir))
             return
         # Self-launched GPU ranks check their own GPUs (asking here would hold a CUDA context on each meanwhile).
-        in_ranks = cfg.parallel.nproc > 1 and not under_torchrun() and resolve_device(cfg.device).type == "cuda"
+        in_ranks = cfg.parallel.nproc > 1 and not under_torchrun() and options.resolve_device(cfg.device).type == "cuda"
         if cfg.memory.check and not in_ranks:
-            memory.check_fits(cfg, resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", 0))))
+            memory.check_fits(cfg, options.resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", 0))))
         container = OmegaConf.to_container(cfg, resolve=True)
         container["memory"]["check"] = cfg.memory.check and in_ranks  # what is left for the ranks to check
         if cfg.parallel.nproc > 1 and not under_torchrun():

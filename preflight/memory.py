@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 import torch
 
 import attention
+from attention.kernels import CPU_FLASH_MIN_QUERIES, FLEX_MIN_QUERIES, MASK_CHUNK_ELEMENTS
+from attention.merge import MERGE_CHUNK_ELEMENTS
 from models.config import ModelArgs
 from models.transformer import FeedForward, Transformer
 
@@ -133,7 +135,7 @@ def plan_run(
 
 def _rank_plan(args: ModelArgs, s: attention.AttentionStrategy, shape: RunShape, dtype: torch.dtype, device: str, weights: int) -> RankPlan:
     b = dtype.itemsize
-    D, Hq, Hkv, dim = args.head_dim, args.n_heads, args.n_kv_heads, args.dim
+    D, Hkv = args.head_dim, args.n_kv_heads
     slots = s.cache_slots(shape.n_ctx, shape.n_after)
     kv = args.n_layers * 2 * Hkv * D * slots * b + 2 * slots * 8  # + kv_pos (and its index)
     # phase 1: T tokens fed, attending to S keys
@@ -142,7 +144,7 @@ def _rank_plan(args: ModelArgs, s: attention.AttentionStrategy, shape: RunShape,
     seen = s.anchor_size + s.block_size if s.name == "star" else None
     phase1 = _layer_peak(args, T, T + extra_keys, b, device, seen, buffers, merging) if T else 0
     rotary = _rotary_bytes(args, T, b)
-    # phase 2: the query tokens, then one token at a time, attending to the whole local cache
+    # phase 2: the query tokens (at most n_after), then one token at a time, attending to the whole local cache
     Q = max(1, shape.n_after)
     phase2 = _layer_peak(args, Q, slots, b, device) + _rotary_bytes(args, Q, b)
     logits = args.vocab_size * (b + 4) * 2  # the last position's logits, and their fp32 copy for sampling
@@ -170,8 +172,6 @@ def _phase1_strategy_buffers(s: attention.AttentionStrategy, n_ctx: int, T: int,
         # the shard held and the one arriving (the last step receives nothing) and the running partial; merging a
         # step's partial stacks both in fp32 and weighs them, a chunk of `merge_into`'s rows at a time
         held = shard + (max(shard, running) if s.world == 2 else shard + running)
-        from attention.merge import MERGE_CHUNK_ELEMENTS
-
         return 0, held, 6 * min(T * Hq * D, MERGE_CHUNK_ELEMENTS) * 4 + T * Hq * D * b
     return 0, 0, 0
 
@@ -208,8 +208,6 @@ def _layer_peak(
 
 def _kernel_workspace(args: ModelArgs, T: int, S: int, b: int, device: str, seen: int | None) -> int:
     """Bytes the attention kernel holds beyond its inputs, for T queries over S keys (`attention.kernels.attend`)."""
-    from attention.kernels import CPU_FLASH_MIN_QUERIES, FLEX_MIN_QUERIES, MASK_CHUNK_ELEMENTS
-
     D, Hq, Hkv = args.head_dim, args.n_heads, args.n_kv_heads
     out = T * Hq * D * b + T * Hq * 4  # output and lse
     windows = len(set(args.layer_windows)) or 1

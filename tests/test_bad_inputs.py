@@ -24,7 +24,7 @@ import models
 import runner
 from tests.conftest import REPO
 from tools import convert
-from tools.checkpoint_writer import prepare_target, write_checkpoint
+from tools.checkpoint_writer import prepare_target
 
 
 def compose_cfg(*overrides: str):
