@@ -142,14 +142,19 @@ class ModelArgs:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: a checkpoint directory needs the config.json of the model")
-        try:
-            cfg = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path} is not valid JSON ({e}); re-download or re-convert the checkpoint") from None
+        cfg = read_json(path)
         try:
             return cls.from_hf(cfg)
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file's value; invalid JSON or text is an error naming the file."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); re-download or re-convert the checkpoint") from None
 
 
 # Keys every supported config.json has, each a positive whole number; the optional ones are checked where present.

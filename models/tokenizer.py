@@ -13,6 +13,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from models.config import read_json
+
 # Meta's Llama 3 release: split pattern and special tokens (ids follow the base vocabulary in this order).
 LLAMA3_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -110,7 +112,7 @@ class Tokenizer:
     def from_dir(cls, path: str | Path) -> "Tokenizer":
         path = Path(path)
         config_file = path / "tokenizer_config.json"
-        config = _read_json(config_file) if config_file.is_file() else {}
+        config = read_json(config_file) if config_file.is_file() else {}
         if not isinstance(config, dict):
             raise ValueError(f"{config_file} must hold a JSON object; got {type(config).__name__}")
         template, source = config.get("chat_template"), config_file
@@ -211,13 +213,6 @@ def _is_tiktoken_file(file: Path) -> bool:
     with open(file, "rb") as f:
         line = f.readline(256).split()
     return len(line) == 2 and line[1].isdigit() and re.fullmatch(rb"[A-Za-z0-9+/=]+", line[0]) is not None
-
-
-def _read_json(file: Path) -> Any:
-    try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{file} is not valid JSON ({e}); re-download or re-convert the checkpoint") from None
 
 
 def _opened(cls: type, file: Path, config: dict[str, Any], template: str | None) -> "Tokenizer":

@@ -23,6 +23,7 @@ from hydra import compose, initialize_config_dir
 import models
 import runner
 from tests.conftest import REPO
+from tests.test_runner import _run
 from tools import convert
 from tools.checkpoint_writer import prepare_target
 
@@ -170,10 +171,7 @@ def test_extrapolation_is_an_explicit_choice():
 
 
 def _runner(tmp_path, *overrides):
-    return subprocess.run(
-        [sys.executable, "runner.py", *overrides, "wandb.mode=disabled", f"hydra.run.dir={tmp_path / 'run'}"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    return _run(tmp_path, *overrides, "wandb.mode=disabled", timeout=120)
 
 
 @pytest.mark.parametrize(
@@ -190,10 +188,7 @@ def test_runner_exits_with_one_line(tmp_path, overrides, expected):
 
 
 def test_traceback_is_one_switch_away(tmp_path):
-    res = subprocess.run(
-        [sys.executable, "runner.py", "task.stop=rainbows", "wandb.mode=disabled", f"hydra.run.dir={tmp_path / 'run'}"],
-        cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, "LONGCTX_TRACEBACK": "1"},
-    )  # fmt: skip
+    res = _run(tmp_path, "task.stop=rainbows", "wandb.mode=disabled", timeout=120, env={"LONGCTX_TRACEBACK": "1"})
     assert res.returncode != 0 and "Traceback" in res.stderr and "OptionError" in res.stderr
 
 

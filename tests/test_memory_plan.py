@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -20,6 +18,7 @@ from preflight.memory import RunShape, plan_run
 from tests.conftest import FAMILIES, REPO, TINY
 from tests.distributed import run_ranks
 from tests.live_bytes import LiveBytes
+from tests.test_runner import _run
 
 # The plan may overshoot what is allocated (it is what a run is refused on), but by little; it must not fall short.
 OVER, UNDER = 0.10, 0.05
@@ -135,10 +134,7 @@ def test_global_is_told_to_spread_over_ranks():
 
 
 def _runner(tmp_path, *overrides):
-    return subprocess.run(
-        [sys.executable, "runner.py", *overrides, "wandb.mode=disabled", f"hydra.run.dir={tmp_path / 'run'}"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    return _run(tmp_path, *overrides, "wandb.mode=disabled", timeout=120)
 
 
 def test_runner_refuses_a_run_that_does_not_fit_before_loading(tmp_path):

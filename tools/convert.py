@@ -29,7 +29,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from models.config import DTYPES  # noqa: E402
+from models.config import DTYPES, read_json  # noqa: E402
 from tools.checkpoint_writer import DEFAULT_SHARD_SIZE, write_checkpoint  # noqa: E402
 from tools.gguf_import import GGUFCheckpoint  # noqa: E402
 
@@ -89,10 +89,7 @@ _META_NAMES = {
 
 
 def _read_json_object(file: Path) -> dict:
-    try:
-        value = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{file} is not valid JSON ({e})") from None
+    value = read_json(file)
     if not isinstance(value, dict):
         raise ValueError(f"{file} must hold a JSON object; got {type(value).__name__}")
     return value
