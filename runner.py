@@ -33,6 +33,7 @@ import models
 from models.tokenizer import Tokenizer
 from models.transformer import Transformer
 from parallel.launch import RankFailed, init_ranks, launch, under_torchrun
+from parallel.layout import Layout, make_layout
 from preflight import memory, options
 
 
@@ -49,9 +50,9 @@ def validate(cfg: DictConfig) -> None:
         )
 
 
-def build_model(preset: DictConfig, dtype: torch.dtype, device: torch.device) -> tuple[Transformer, Tokenizer | None]:
+def build_model(preset: DictConfig, dtype: torch.dtype, device: torch.device, layout: Layout) -> tuple[Transformer, Tokenizer | None]:
     """The preset's checkpoint (or the built-in one); without one, random weights of its shape (`validate` allows that
-    only for tasks that measure speed).
+    only for tasks that measure speed). With tensor parallelism, this rank's slices of it only.
 
     The model starts with a placeholder strategy; each task sets the real one once it knows the context length.
     """
@@ -68,21 +69,24 @@ def build_model(preset: DictConfig, dtype: torch.dtype, device: torch.device) ->
             dist.broadcast_object_list(box, src=0)
             path = box[0]
     if path is not None:
-        return models.load(Path(path).expanduser(), dtype=dtype, device=device, attention=placeholder)
+        path = Path(path).expanduser()
+        tp = layout.tensor_parallel(models.ModelArgs.from_json(path / "config.json"))
+        return models.load(path, dtype=dtype, device=device, attention=placeholder, tp=tp)
     args = models.ModelArgs.from_hf(OmegaConf.to_container(preset.config))
-    return models.random_model(args, dtype=dtype, device=device, attention=placeholder), None
+    return models.random_model(args, dtype=dtype, device=device, attention=placeholder, tp=layout.tensor_parallel(args)), None
 
 
 # --- tasks
 
 
 class Context:
-    """What a task gets: config, rank, model, tokenizer, run directory."""
+    """What a task gets: config, rank and its place in the layout, model, tokenizer, run directory."""
 
-    def __init__(self, cfg: DictConfig, run_dir: Path, rank: int, world: int, device: torch.device):
-        self.cfg, self.run_dir, self.rank, self.world, self.device = cfg, run_dir, rank, world, device
+    def __init__(self, cfg: DictConfig, run_dir: Path, rank: int, layout: Layout, device: torch.device):
+        self.cfg, self.run_dir, self.rank, self.layout, self.device = cfg, run_dir, rank, layout, device
+        self.world = layout.world
         self.dtype = options.resolve_dtype(cfg.dtype, device)
-        self.model, self.tok = build_model(cfg.model, self.dtype, device)
+        self.model, self.tok = build_model(cfg.model, self.dtype, device, layout)
         # Past the model's positions only where answers do not matter (bench) or the user accepts extrapolation.
         past = cfg.task.name == "bench" or cfg.model.get("extrapolate")
         self.max_seq_len = max(self.model.args.max_seq_len, cfg.ctx.length + 4096) if past else self.model.args.max_seq_len
@@ -98,7 +102,7 @@ class Context:
 
     def answer(self, ids: list[int], n_ctx: int, max_new: int, sampling: models.Sampling, stop=(), stream=False):
         """Generate with the configured strategy; returns (Generation, seconds to first token, decode tok/s)."""
-        self.model.attention = attention.from_config(self.cfg.attention, n_ctx, self.world)
+        self.model.attention = self.strategy(n_ctx)
         self.describe_blocks(n_ctx)
         remove_progress = phase1_progress(self.model, enabled=stream and self.lead)
         first: list[float] = []
@@ -134,10 +138,14 @@ class Context:
         self.say(f"hsr: phase 2 read {share:.1%} of the key blocks; unread softmax mass at most {worst:.2e} of the read")
         return {"hsr_blocks_read_share": share, "hsr_max_certificate": worst}
 
+    def strategy(self, n_ctx: int) -> attention.AttentionStrategy:
+        """The configured strategy over the hosts (each rank in its context-parallel group)."""
+        return attention.from_config(self.cfg.attention, n_ctx, self.layout.hosts, group=self.layout.cp_group)
+
     def strategy_params(self) -> dict:
         """The strategy of the last answer, as a results row records it."""
         s = self.model.attention
-        params = {"name": s.name, "ranks": self.world}
+        params = {"name": s.name, "ranks": self.world, "tp": self.layout.tp}
         if s.name == "star":
             params |= {"block_size": s.block_size, "anchor_size": s.anchor_size, "anchor_mode": s.anchor_mode}
         return params
@@ -152,7 +160,7 @@ class Context:
             self._layout = layout
             n_blocks = -(-n_ctx // s.block_size)
             self.say(f"star: context of {n_ctx} tokens in {n_blocks} block{'s' * (n_blocks > 1)} of {s.block_size} "
-                     f"over {self.world} rank{'s' * (self.world > 1)}, anchor {min(s.anchor_size, n_ctx)} tokens "
+                     f"over {self.layout.describe()}, anchor {min(s.anchor_size, n_ctx)} tokens "
                      f"({s.anchor_mode})")  # fmt: skip
 
     def prompt_ids(self, context: str, query: str, chat: bool) -> tuple[list[int], int]:
@@ -238,7 +246,7 @@ def task_generate(c: Context) -> dict:
     kv = c.kv_per_rank()
     strategy = c.cfg.attention.name
     c.say(
-        f"[{c.cfg.model.name} · {strategy} · {c.world} rank{'s' * (c.world > 1)} · {c.device.type}] prompt "
+        f"[{c.cfg.model.name} · {strategy} · {c.layout.describe()} · {c.device.type}] prompt "
         f"{len(ids)} tokens · time to first token {ttft:.2f} s · decode {tps:.1f} tok/s · KV cache per rank: "
         + ", ".join(f"{b / 2**20:.1f} MiB" for b in kv)
     )
@@ -366,7 +374,7 @@ def task_bench(c: Context) -> dict:
         c.say(f"{c.cfg.model.name}: no checkpoint, benchmarking random weights of its shape")
 
     def once() -> tuple[float, float]:
-        c.model.attention = attention.from_config(c.cfg.attention, n_ctx, c.world)
+        c.model.attention = c.strategy(n_ctx)
         c.describe_blocks(n_ctx)
         sync()
         start = time.perf_counter()
@@ -396,17 +404,17 @@ def task_bench(c: Context) -> dict:
     runs = [once() for _ in range(t.repeats)]
     ttft = min(r[0] for r in runs)
     decode = max(r[1] for r in runs)
-    peak = torch.cuda.max_memory_allocated() if c.device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    peaks = gather(peak, c.world)
+    host_peaks = gather(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, c.world)  # loading included
+    peaks = gather(torch.cuda.max_memory_allocated(), c.world) if c.device.type == "cuda" else host_peaks
     planned = memory.plan_config(c.cfg)
     planned_peaks = [r.total + (0 if c.device.type == "cuda" else memory.RUNTIME_BYTES["cpu"]) for r in planned.ranks]
     record = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "model": c.cfg.model.name, "attention": c.cfg.attention.name,
-        "ctx": n, "ranks": c.world, "device": torch.cuda.get_device_name() if c.device.type == "cuda" else "cpu",
+        "ctx": n, "ranks": c.world, "hosts": c.layout.hosts, "tp": c.layout.tp, "device": torch.cuda.get_device_name() if c.device.type == "cuda" else "cpu",
         "dtype": str(c.dtype).removeprefix("torch."), "torch": torch.__version__, "random_weights": c.tok is None,
         "ttft_s": ttft, "prefill_tok_s": n / ttft, "decode_tok_s": decode,
         "peak_mem_bytes_per_rank": peaks, "peak_mem_kind": "cuda allocated" if c.device.type == "cuda" else "process max RSS",
-        "planned_peak_bytes_per_rank": planned_peaks,
+        "planned_peak_bytes_per_rank": planned_peaks, "peak_host_bytes_per_rank": host_peaks,
     }  # fmt: skip
     if c.lead:
         path = Path(t.results_file)
@@ -415,7 +423,8 @@ def task_bench(c: Context) -> dict:
             f.write(json.dumps(record) + "\n")
         c.say(f"time to first token {ttft:.3f} s · prefill {n / ttft:.0f} tok/s · decode {decode:.1f} tok/s · "
               f"peak memory per rank {', '.join(f'{p / 2**30:.2f} GiB' for p in peaks)} (planned "
-              f"{', '.join(f'{p / 2**30:.2f}' for p in planned_peaks)}) → {path}")  # fmt: skip
+              f"{', '.join(f'{p / 2**30:.2f}' for p in planned_peaks)}) · peak host memory per rank "
+              f"{', '.join(f'{p / 2**30:.2f} GiB' for p in host_peaks)} → {path}")  # fmt: skip
     return record
 
 
@@ -463,16 +472,17 @@ def report(cfg: DictConfig, run_dir: Path, result: dict, samples: list[dict]) ->
 def worker(cfg_dict: dict, run_dir: str) -> dict:
     """One rank's whole run. Rank 0 writes results.json and the W&B run, and returns the result."""
     cfg = OmegaConf.create(cfg_dict)
-    rank, world, device = init_ranks(cfg.parallel.backend, cfg.parallel.timeout_s)
+    rank, _, device = init_ranks(cfg.parallel.backend, cfg.parallel.timeout_s)
     if cfg.device != "auto":
         device = torch.device(cfg.device)
+    layout = make_layout(cfg.parallel.tp, device)
     if rank:
         os.environ["TQDM_DISABLE"] = "1"
     torch.manual_seed(cfg.seed)
     try:
         if cfg.memory.check:  # self-launched GPU ranks: each checks its own GPU before loading
             memory.check_fits(cfg, device)
-        c = Context(cfg, Path(run_dir), rank, world, device)
+        c = Context(cfg, Path(run_dir), rank, layout, device)
         result = TASKS[cfg.task.name](c)
         if rank == 0:
             report(cfg, Path(run_dir), result, c.samples)
@@ -486,6 +496,8 @@ def worker(cfg_dict: dict, run_dir: str) -> dict:
 def main(cfg: DictConfig) -> None:
     run_dir = HydraConfig.get().runtime.output_dir
     try:
+        if under_torchrun():
+            options.take_launcher_world(cfg, int(os.environ["WORLD_SIZE"]))
         validate(cfg)
         if cfg.task.name == "plan":
             task_plan(cfg, Path(run_dir))

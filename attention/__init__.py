@@ -19,13 +19,14 @@ def build(name: str, **params: Any) -> AttentionStrategy:
     return REGISTRY[name](**params)
 
 
-def from_config(cfg: Mapping, n_ctx: int, world: int) -> AttentionStrategy:
-    """The strategy an `attention=` config group describes, for a context of `n_ctx` tokens over `world` ranks:
-    star's block size, where the config leaves it null, is the default rule's (`star_block_size`)."""
+def from_config(cfg: Mapping, n_ctx: int, world: int, group=None) -> AttentionStrategy:
+    """The strategy an `attention=` config group describes, for a context of `n_ctx` tokens over `world` ranks (the
+    ranks of `group`, the context-parallel group; None: all ranks): star's block size, where the config leaves it
+    null, is the default rule's (`star_block_size`)."""
     params = dict(cfg.get("params") or {})
     if cfg["name"] == "star" and params.get("block_size") is None:
         params["block_size"] = star_block_size(n_ctx, world, cfg.get("min_block_size") or 0)
-    return build(cfg["name"], **params)
+    return build(cfg["name"], group=group, **params)
 
 
 __all__ = ["REGISTRY", "AttentionStrategy", "GlobalAttention", "RingAttention", "StarAttention", "build", "from_config"]

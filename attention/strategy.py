@@ -156,15 +156,13 @@ class GlobalAttention(AttentionStrategy):
 
     name = "global"
 
-    def __init__(self, group: dist.ProcessGroup | None = None, **decode_options):
-        super().__init__(group, **decode_options)
+    def begin(self, model, positions: Tensor) -> Step:
+        # (checked here, not when built: a memory plan builds strategies inside a run of any size, see `at`)
         if self.world > 1:
             raise ValueError(
                 f"attention=global runs on one rank, but {self.world} ranks are running; "
                 "use attention=ring (exact) or attention=star across ranks"
             )
-
-    def begin(self, model, positions: Tensor) -> Step:
         slots = model.reserve(positions) if model.has_cache else None
         kv_pos = model.kv_pos if model.has_cache else positions
         return Step(self.phase, {w: PositionMask(positions, kv_pos, w) for w in set(model.args.layer_windows)}, slots)

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -18,15 +19,20 @@ from models.loading import load_model, random_model
 from models.tokenizer import Tokenizer
 from models.transformer import Transformer
 
+if TYPE_CHECKING:
+    from parallel.tensor import TensorParallel
+
 
 def load(
     path: str | Path,
     dtype: torch.dtype = torch.bfloat16,
     device: torch.device | str = "cpu",
     attention: AttentionStrategy | None = None,
+    tp: TensorParallel | None = None,
 ) -> tuple[Transformer, Tokenizer]:
-    """The model and tokenizer of a Hugging Face-layout checkpoint directory."""
-    model = load_model(path, dtype=dtype, device=device, attention=attention)
+    """The model and tokenizer of a Hugging Face-layout checkpoint directory (with `tp`, one rank's slices of the
+    model: parallel/tensor.py)."""
+    model = load_model(path, dtype=dtype, device=device, attention=attention, tp=tp)
     return model, Tokenizer.from_dir(path)
 
 

@@ -7,8 +7,10 @@ file, cast and placed straight into the module: no second full copy of the weigh
 from __future__ import annotations
 
 import json
+import mmap
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -17,6 +19,9 @@ from tqdm import tqdm
 from attention import AttentionStrategy
 from models.config import ModelArgs
 from models.transformer import Transformer
+
+if TYPE_CHECKING:
+    from parallel.tensor import TensorParallel
 
 # Hugging Face module -> ours, and which part of a fused projection (`FusedLinear`) it is.
 _LAYER_NAMES = {
@@ -86,9 +91,54 @@ def checkpoint_files(path: Path) -> list[Path]:
     )
 
 
-def load_weights(model: Transformer, path: Path, dtype: torch.dtype, device: torch.device | str) -> None:
-    """Fill a (meta-device) model with the checkpoint's tensors, checking each is known, unique and well shaped."""
+# safetensors dtype names (https://github.com/huggingface/safetensors, the format's header) -> torch.
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}  # fmt: skip
+
+
+class MappedSafetensors:
+    """The tensors of a safetensors file (already validated by `safe_open`) as views of its memory map.
+
+    safetensors' own `get_slice` on the torch side reads the whole tensor before slicing it; a view of the map
+    costs no memory, and copying a slice of it out touches only the pages the slice lies on (file cache, not the
+    process's own memory). The map is private (copy-on-write), so a view can never write the file.
+    """
+
+    def __init__(self, path: Path):
+        with open(path, "rb") as f:
+            self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        n = int.from_bytes(self.map[:8], "little")
+        self.header = json.loads(self.map[8 : 8 + n])
+        self.start = 8 + n
+
+    def view(self, name: str) -> torch.Tensor:
+        meta = self.header[name]
+        dtype, (begin, end) = _ST_DTYPES[meta["dtype"]], meta["data_offsets"]
+        if end == begin:
+            return torch.empty(meta["shape"], dtype=dtype)
+        flat = torch.frombuffer(self.map, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=self.start + begin)
+        return flat.view(meta["shape"])
+
+    def __enter__(self) -> "MappedSafetensors":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.map.close()
+        except BufferError:  # a view still alive (an error mid-load): the map goes when it does
+            pass
+
+
+def load_weights(model: Transformer, path: Path, dtype: torch.dtype, device: torch.device | str, tp: TensorParallel | None = None) -> None:
+    """Fill a meta-device model of the whole shape with the checkpoint's tensors, checking each is known, unique and
+    well shaped. With `tp`, the model is first rewritten to that rank's slices and only they are copied out of the
+    files (`MappedSafetensors`): no rank holds the whole model, or even a whole tensor it slices, at any time."""
     params = dict(model.named_parameters())
+    whole = {(n, p): tuple(params[n][fused_rows(model, n, p)].shape) for n in params for p in _parts(model, n)}
+    if tp is not None:
+        tp.parallelize(model)
+        params = dict(model.named_parameters())
     loaded: dict[str, str] = {}
     files = checkpoint_files(path)
     with tqdm(desc="loading weights", unit="tensor", disable=None) as bar:
@@ -97,7 +147,7 @@ def load_weights(model: Transformer, path: Path, dtype: torch.dtype, device: tor
                 handle = safe_open(file, framework="pt", device="cpu")
             except (SafetensorError, OSError) as e:
                 raise ValueError(f"{file} is not a readable safetensors file ({e}); re-download or re-convert it") from e
-            with handle as f:
+            with handle as f, MappedSafetensors(file) as mapped:
                 for hf_name in f.keys():
                     if _IGNORED_RE.fullmatch(hf_name):
                         continue
@@ -108,8 +158,7 @@ def load_weights(model: Transformer, path: Path, dtype: torch.dtype, device: tor
                         raise ValueError(f"{file.name}: tensor {hf_name!r} is not used by a {model.args.architecture}")
                     if (name, part) in loaded:
                         raise ValueError(f"tensor {hf_name!r} appears twice: in {loaded[name, part]} and {file.name}")
-                    rows = fused_rows(model, name, part)
-                    expected = tuple(params[name][rows].shape)
+                    expected = whole[name, part]
                     shape = tuple(f.get_slice(hf_name).get_shape())
                     if shape != expected:
                         raise ValueError(
@@ -117,21 +166,21 @@ def load_weights(model: Transformer, path: Path, dtype: torch.dtype, device: tor
                             f"{expected}; does config.json belong to these weights?"
                         )
                     try:
-                        tensor = f.get_tensor(hf_name)
-                    except (SafetensorError, OSError) as e:
+                        tensor = mapped.view(hf_name)[tp.index(name, part) if tp is not None else ()]
+                    except (KeyError, ValueError, RuntimeError) as e:
                         raise ValueError(f"{file.name}: tensor {hf_name!r} cannot be read ({e}); is the file truncated?") from e
                     if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                         raise ValueError(f"{file}: tensor {hf_name!r} holds NaN or infinite values; the file is corrupt: "
                                          "re-download or re-convert it")  # fmt: skip
-                    if part is None:
-                        _set_param(model, name, tensor.to(device=device, dtype=dtype))
+                    if part is None:  # (a copy of its own: never a view of the file's map)
+                        _set_param(model, name, tensor.to(device=device, dtype=dtype, copy=True))
                     else:  # one part of a fused weight: allocate the whole on its first part, then fill rows
                         if model.get_parameter(name).is_meta:
                             _set_param(model, name, torch.empty(params[name].shape, device=device, dtype=dtype))
-                        model.get_parameter(name).data[rows] = tensor.to(device=device, dtype=dtype)
+                        model.get_parameter(name).data[fused_rows(model, name, part)] = tensor
                     loaded[name, part] = file.name
                     bar.update()
-    expected = [(n, p) for n in params for p in _parts(model, n) if not (n == "output.weight" and model.args.tie_embeddings)]
+    expected = [(n, p) for n, p in whole if not (n == "output.weight" and model.args.tie_embeddings)]
     missing = [n if p is None else f"{n} (part {p})" for n, p in expected if (n, p) not in loaded]
     if missing:
         raise ValueError(f"checkpoint in {path} lacks tensors: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
@@ -158,7 +207,9 @@ def load_model(
     dtype: torch.dtype = torch.bfloat16,
     device: torch.device | str = "cpu",
     attention: AttentionStrategy | None = None,
+    tp: TensorParallel | None = None,
 ) -> Transformer:
+    """The checkpoint's model; with `tp`, only that tensor-parallel rank's slices of it (parallel/tensor.py)."""
     path = Path(path)
     check_dtype(dtype)
     if not path.is_dir():
@@ -166,7 +217,7 @@ def load_model(
     args = ModelArgs.from_json(path / "config.json")
     with torch.device("meta"):
         model = Transformer(args, attention)
-    load_weights(model, path, dtype, device)
+    load_weights(model, path, dtype, device, tp)
     model.init_buffers(device)
     return model.eval()
 
@@ -177,16 +228,31 @@ def random_model(
     device: torch.device | str = "cpu",
     attention: AttentionStrategy | None = None,
     seed: int = 0,
+    tp: TensorParallel | None = None,
 ) -> Transformer:
-    """A model of `args`' shape with random weights (std 0.02), for benchmarks and tests."""
+    """A model of `args`' shape with random weights (std 0.02; norms the identity, biases 0), for benchmarks and tests.
+
+    Each weight is drawn whole, in order, from one seeded generator on `device`, then cast (and, with `tp`, cut to
+    the rank's slice): the same seed gives the same model on any number of tensor-parallel ranks, and no more than
+    one whole weight exists beyond the model at any time.
+    """
     check_dtype(dtype)
-    torch.manual_seed(seed)
-    with torch.device(device):
+    with torch.device("meta"):
         model = Transformer(args, attention)
-    for name, p in model.named_parameters():
+    wholes = [(name, p.shape, getattr(model.get_submodule(name.rpartition(".")[0]), "splits", None)) for name, p in model.named_parameters()]
+    if tp is not None:
+        tp.parallelize(model)
+    gen = torch.Generator(device).manual_seed(seed)
+    for name, shape, splits in wholes:
+        module = model.get_submodule(name.rpartition(".")[0])
         if name.endswith("norm.weight"):
-            continue
-        torch.nn.init.normal_(p, std=0.02) if p.dim() > 1 else torch.nn.init.zeros_(p)
-    model.to(dtype).eval().requires_grad_(False)
+            whole = torch.full(shape, 1.0 - module.offset, device=device)
+        elif len(shape) > 1:
+            whole = torch.randn(shape, generator=gen, device=device).mul_(0.02)
+        else:
+            whole = torch.zeros(shape, device=device)
+        whole = whole.to(dtype)
+        _set_param(model, name, tp.take(name, whole, splits) if tp is not None else whole)
+    model.tie_weights()
     model.init_buffers(device)  # keep the rotary frequencies in fp32
-    return model
+    return model.eval()

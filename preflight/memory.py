@@ -26,6 +26,7 @@ from attention.kernels import CPU_FLASH_MIN_QUERIES, FLEX_MIN_QUERIES, MASK_CHUN
 from attention.merge import MERGE_CHUNK_ELEMENTS
 from models.config import ModelArgs
 from models.transformer import FeedForward, Transformer
+from parallel.tensor import TensorParallel, local_args, valid_degrees
 
 GiB = 2**30
 # Not tensors: the CUDA context with cuBLAS/Triton modules; on CPU the interpreter with torch, Hydra and a tokenizer,
@@ -59,11 +60,12 @@ class RankPlan:
 class Plan:
     model: str
     strategy: str
-    world: int
+    world: int  # all ranks: hosts × tp
     device: str
     dtype: torch.dtype
     shape: RunShape
     ranks: list[RankPlan]
+    tp: int = 1
 
     @property
     def peak(self) -> int:
@@ -91,7 +93,8 @@ class Plan:
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths))) for r in rows]
         lines.insert(1, "-" * len(lines[0]))
-        head = (f"memory plan ({unit} per rank): {self.model}, {self.strategy} on {self.world} rank{'s' * (self.world > 1)}, "
+        where = f"{self.world} rank{'s' * (self.world > 1)}" + (f" ({self.world // self.tp} hosts × tp={self.tp})" if self.tp > 1 else "")
+        head = (f"memory plan ({unit} per rank): {self.model}, {self.strategy} on {where}, "
                 f"{self.shape.n_ctx} context + {self.shape.n_after} more tokens, {str(self.dtype).removeprefix('torch.')} "
                 f"on {self.device}")  # fmt: skip
         return head + "\n" + "\n".join(lines)
@@ -103,18 +106,20 @@ def _ranks_label(ranks: list[int]) -> str:
     return f"ranks {ranks[0]}-{ranks[-1]}" if ranks == list(range(ranks[0], ranks[-1] + 1)) else "ranks " + ",".join(map(str, ranks))
 
 
-def weight_bytes(args: ModelArgs, dtype: torch.dtype) -> int:
-    """Parameters (tied ones once) in `dtype`, and the fp32 rotary frequencies, counted on a meta-device model."""
-    key = (repr(args), dtype)
+def weight_bytes(args: ModelArgs, dtype: torch.dtype, tp: int = 1) -> int:
+    """Parameters (tied ones once) in `dtype` that one of `tp` tensor-parallel ranks holds, and the fp32 rotary
+    frequencies, counted on a meta-device model cut as `parallel.tensor` cuts it."""
+    key = (repr(args), dtype, tp)
     if key not in _WEIGHTS:  # (a plan searching for what fits asks many times)
         with torch.device("meta"):
             model = Transformer(args, attention.build("ring"))  # (ring: valid inside a run of any rank count)
+        TensorParallel(args, tp, 0).parallelize(model)
         params = sum(p.numel() for p in model.parameters()) * dtype.itemsize
         _WEIGHTS[key] = params + sum(b.numel() * b.element_size() for b in model.buffers())
     return _WEIGHTS[key]
 
 
-_WEIGHTS: dict[tuple[str, torch.dtype], int] = {}
+_WEIGHTS: dict[tuple[str, torch.dtype, int], int] = {}
 
 
 def plan_run(
@@ -125,12 +130,14 @@ def plan_run(
     dtype: torch.dtype,
     device: str,
     model_name: str = "",
+    tp: int = 1,
 ) -> Plan:
-    """The plan of every rank of `world` running `strategy` (as built for rank 0; each rank is planned from
-    `strategy.at(rank, world)`) over `shape`."""
-    weights = weight_bytes(args, dtype)
-    ranks = [_rank_plan(args, strategy.at(r, world), shape, dtype, device, weights) for r in range(world)]
-    return Plan(model_name or args.architecture, strategy.name, world, device, dtype, shape, ranks)
+    """The plan of every rank of `world` hosts running `strategy` (as built for host 0; each host is planned from
+    `strategy.at(host, world)`) over `shape`, each host `tp` ranks holding a tensor-parallel slice of the model."""
+    weights, local = weight_bytes(args, dtype, tp), local_args(args, tp)
+    hosts = [_rank_plan(local, strategy.at(h, world), shape, dtype, device, weights) for h in range(world)]
+    ranks = [RankPlan(h * tp + t, hosts[h].terms) for h in range(world) for t in range(tp)]
+    return Plan(model_name or args.architecture, strategy.name, world * tp, device, dtype, shape, ranks, tp)
 
 
 def _rank_plan(args: ModelArgs, s: attention.AttentionStrategy, shape: RunShape, dtype: torch.dtype, device: str, weights: int) -> RankPlan:
@@ -261,14 +268,15 @@ def plan_config(cfg, world: int | None = None, n_ctx: int | None = None, dtype: 
     from preflight.options import resolve_device, resolve_dtype
 
     world = world or cfg.parallel.nproc
+    tp = cfg.parallel.get("tp", 1)
     device = resolve_device(cfg.device)
     dtype = dtype or resolve_dtype(cfg.dtype, device)
     shape = run_shape(cfg.task, cfg.ctx.length)
     if n_ctx is not None:
         shape = RunShape(n_ctx, shape.n_after)
     args = preset_args(cfg.model)
-    strategy = attention.from_config(cfg.attention, shape.n_ctx, world)
-    return plan_run(args, strategy, shape, world, dtype, device.type, cfg.model.name)
+    strategy = attention.from_config(cfg.attention, shape.n_ctx, world // tp)
+    return plan_run(args, strategy, shape, world // tp, dtype, device.type, cfg.model.name, tp)
 
 
 class DoesNotFit(ValueError):
@@ -329,17 +337,28 @@ def fits_with(cfg, avail: int) -> list[str]:
     fixes = []
     base = plan_config(cfg)
     spread = cfg if cfg.attention.name != "global" else OmegaConf.merge(cfg, {"attention": {"name": "star"}})
-    for n in (n for n in RANK_COUNTS if n > base.world):
+    for n in (n for n in RANK_COUNTS if n > base.world and n % base.tp == 0):  # more hosts
         try:
             if plan_config(spread, world=n).need <= avail:
                 fixes.append(("attention=star " if spread is not cfg else "") + f"parallel.nproc={n}")
                 break
         except ValueError:  # e.g. more ranks than star blocks
             continue
+    hosts = base.world // base.tp
+    for tp in (d for d in valid_degrees(preset_args(cfg.model)) if d > base.tp and hosts * d <= RANK_COUNTS[-1]):  # more GPUs per host
+        wider = OmegaConf.merge(cfg, {"parallel": {"tp": tp}})
+        if plan_config(wider, world=hosts * tp).need <= avail:
+            fixes.append(f"parallel.nproc={hosts * tp} parallel.tp={tp}")
+            break
     lo, hi = 0, base.shape.n_ctx  # the longest context that fits: lo fits (or is 0), hi does not
     while hi - lo > max(1, hi // 256):
         mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if plan_config(cfg, n_ctx=mid).need <= avail else (lo, mid)
+        try:
+            fits = plan_config(cfg, n_ctx=mid).need <= avail
+        except ValueError:  # too short to cut over the ranks: shorter ones cannot run either
+            lo = hi = 0
+            break
+        lo, hi = (mid, hi) if fits else (lo, mid)
     if lo >= 1024:
         fixes.append(f"ctx.length={lo // 1024 * 1024}")
     if base.dtype.itemsize > 2 and plan_config(cfg, dtype=torch.bfloat16).need <= avail:

@@ -185,6 +185,10 @@ def check(cfg, tasks) -> None:
     import attention
 
     whole(cfg, "parallel.nproc")
+    tp = whole(cfg, "parallel.tp")
+    if cfg.parallel.nproc % tp:
+        raise OptionError(f"parallel.tp={tp} does not divide parallel.nproc={cfg.parallel.nproc}: nproc is hosts × tp; "
+                          f"use parallel.nproc={max(tp, cfg.parallel.nproc // tp * tp)} or another tp")  # fmt: skip
     number(cfg, "parallel.timeout_s", 0, low_open=True)
     choice(cfg, "parallel.backend", ("auto", "nccl", "gloo"))
     choice(cfg, "dtype", ("auto", *DTYPES))
@@ -198,8 +202,18 @@ def check(cfg, tasks) -> None:
     choice(cfg, "attention.name", sorted(attention.REGISTRY))
     _check_attention(cfg)
     args = _check_model(cfg)
+    _check_tensor_parallel(cfg, args)
     {"generate": _check_generate, "ruler": _check_ruler, "bench": _check_bench, "plan": _check_bench}[cfg.task.name](cfg)
     _check_positions(cfg, args)
+
+
+def take_launcher_world(cfg, world: int) -> None:
+    """Under torchrun the launcher fixes the number of ranks: `parallel.nproc` follows it (where left at 1) or must
+    equal it, so that every check and the memory plan see the real layout."""
+    if cfg.parallel.nproc not in (1, world):
+        raise OptionError(f"parallel.nproc={cfg.parallel.nproc} but torchrun started {world} processes; leave "
+                          "parallel.nproc out under torchrun (it follows the launcher) or make them equal")  # fmt: skip
+    cfg.parallel.nproc = world
 
 
 def _check_device(cfg) -> None:
@@ -235,9 +249,15 @@ def _check_attention(cfg) -> None:
         raise OptionError(f"attention.params.{unknown[0]} is not an option of attention={name}; its options: "
                           f"{', '.join(sorted(accepted)) or 'none'}")  # fmt: skip
     _check_decode(cfg)
-    if name == "global" and cfg.parallel.nproc > 1:
+    hosts = cfg.parallel.nproc // cfg.parallel.tp
+    if name == "global" and hosts > 1:
+        if cfg.parallel.tp > 1:
+            raise OptionError(f"attention=global runs on one host, but parallel.nproc={cfg.parallel.nproc} with "
+                              f"parallel.tp={cfg.parallel.tp} makes {hosts} hosts; use parallel.tp={cfg.parallel.nproc} "
+                              "(one host), or attention=ring (exact) or attention=star across hosts")  # fmt: skip
         raise OptionError(f"attention=global runs on one rank, but parallel.nproc={cfg.parallel.nproc}; use "
-                          "attention=ring (exact) or attention=star across ranks")  # fmt: skip
+                          "attention=ring (exact) or attention=star across ranks, or parallel.tp="
+                          f"{cfg.parallel.nproc} (tensor parallel on one host)")  # fmt: skip
     if name != "star":
         return
     block = whole(cfg, "attention.params.block_size", none=True)
@@ -246,9 +266,10 @@ def _check_attention(cfg) -> None:
     whole(cfg, "attention.min_block_size", low=0, none=True)
     if block is not None and anchor is not None and anchor > block:
         raise OptionError(f"attention.params.anchor_size={anchor} is larger than block_size={block}; use at most the block")
-    if block is not None and -(-cfg.ctx.length // block) < cfg.parallel.nproc:
+    if block is not None and -(-cfg.ctx.length // block) < hosts:
+        where = f"parallel.nproc={cfg.parallel.nproc}" + (f" / parallel.tp={cfg.parallel.tp} = {hosts} hosts" if cfg.parallel.tp > 1 else "")
         raise OptionError(f"attention.params.block_size={block} cuts ctx.length={cfg.ctx.length} into "
-                          f"{-(-cfg.ctx.length // block)} blocks, fewer than parallel.nproc={cfg.parallel.nproc}; "
+                          f"{-(-cfg.ctx.length // block)} blocks, fewer than {where}; "
                           "use a smaller block_size or fewer ranks")  # fmt: skip
 
 
@@ -298,6 +319,15 @@ def _check_model(cfg) -> ModelArgs:
         return preset_args(cfg.model)
     except ValueError as e:
         raise OptionError(f"model={cfg.model.name}: {e}") from None
+
+
+def _check_tensor_parallel(cfg, args: ModelArgs) -> None:
+    from parallel.tensor import check_degree
+
+    try:
+        check_degree(args, cfg.parallel.tp, f"model={cfg.model.name}")
+    except ValueError as e:
+        raise OptionError(str(e)) from None
 
 
 def _check_generate(cfg) -> None:

@@ -29,8 +29,12 @@ class LiveBytes(TorchDispatchMode):
             if isinstance(t, torch.Tensor) and t.device.type != "meta":
                 storage = t.untyped_storage()
                 key, n = storage.data_ptr(), storage.nbytes()
-                if n and key not in self.live:
+                if n and key not in self.live and not self.ignores(key):
                     self.live[key] = (StorageWeakRef(storage), n)
                     self.current += n
         self.peak = max(self.peak, self.current)
         return out
+
+    def ignores(self, data_ptr: int) -> bool:
+        """Whether a storage at this address is not the process's own memory (a subclass says which)."""
+        return False

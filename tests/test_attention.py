@@ -244,8 +244,10 @@ def test_phase2_equals_dense_attention_over_all_ranks_kv(world):
 
 
 def _global_worker(rank, world):
+    model = models.random_model(models.ModelArgs(vocab_size=16, dim=8, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=4,
+                                                 intermediate_size=8), torch.float32, attention=attention.build("global"))
     try:
-        attention.build("global")
+        model(torch.zeros(1, 2, dtype=torch.long), torch.arange(2))
     except ValueError as e:
         return str(e)
     return ""

@@ -55,6 +55,28 @@ def test_two_ranks_ring_and_star_answer_like_global(smollm2_dir, tmp_path):
         assert _answer(res.stdout) == _answer(ref.stdout)
 
 
+def test_tensor_parallel_on_one_host_answers_like_one_rank(smollm2_dir, tmp_path):
+    # SmolLM2's 9 query heads and 3 KV heads split over tp=3
+    common = ("task.prompt=What is the capital of France? Answer in one sentence.", "task.max_new_tokens=16", "wandb.mode=disabled")
+    ref = _run(tmp_path, "attention=global", *common)
+    res = _run(tmp_path, "attention=global", "parallel.nproc=3", "parallel.tp=3", *common)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "1 host × tp=3" in res.stderr and "Paris" in res.stdout
+    assert _answer(res.stdout) == _answer(ref.stdout)
+
+
+def test_hosts_of_tensor_parallel_ranks_bench_from_the_command_line(tmp_path):
+    # the layout of `model=llama3_70b attention=star ctx=128k parallel.nproc=8 parallel.tp=4`, at tiny scale
+    results = tmp_path / "bench.jsonl"
+    res = _run(tmp_path, "task=bench", "model=tiny", "attention=star", "ctx=2k", "parallel.nproc=4", "parallel.tp=2",
+               "attention.params.anchor_mode=recompute", f"task.results_file={results}", "wandb.mode=disabled")  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "over 2 hosts × tp=2" in res.stderr and "peak host memory per rank" in res.stderr
+    record = json.loads(results.read_text().splitlines()[-1])
+    assert (record["ranks"], record["hosts"], record["tp"]) == (4, 2, 2)
+    assert len(record["peak_host_bytes_per_rank"]) == 4 and record["decode_tok_s"] > 0
+
+
 def test_generate_from_jsonl(smollm2_dir, tmp_path):
     records = [{"input_context": "Alice lives in Paris. Bob lives in Rome. ", "input_query": "Where does Bob live?", "output": "Rome"},
                {"input_context": "The box is red. ", "input_query": "What color is the box?", "output": "red"}]  # fmt: skip
@@ -193,6 +215,19 @@ def test_joins_a_torchrun_group(smollm2_dir, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert "2 ranks" in res.stderr and "Paris" in res.stdout
     assert json.loads((tmp_path / "results.json").read_text())["answer"].count("Paris") >= 1
+
+
+def test_joins_a_torchrun_group_as_one_host_of_tensor_parallel_ranks(tmp_path):
+    results = tmp_path / "bench.jsonl"
+    res = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "runner.py",
+         "task=bench", "model=tiny", "attention=global", "ctx=2k", "parallel.tp=2", f"task.results_file={results}",
+         "wandb.mode=disabled", f"hydra.run.dir={tmp_path}"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    record = json.loads(results.read_text())
+    assert (record["ranks"], record["hosts"], record["tp"]) == (2, 1, 2)
 
 
 def test_star_default_blocks():

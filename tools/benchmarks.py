@@ -5,6 +5,7 @@
     python tools/benchmarks.py model [--ctx 65536]   # Llama-3.1-8B shapes, batch-1 decode vs transformers generate
     python tools/benchmarks.py ttft --nproc 4 --ctx 64k,128k   # star vs ring time to first token (runner.py -m)
     python tools/benchmarks.py memory --longest 294912   # the memory plan against the measured peak (runner.py)
+    python tools/benchmarks.py tp --nproc 2          # tensor parallel on one host vs star/ring over the GPUs
     python tools/benchmarks.py memory --models smollm2,gemma3_270m --lengths 8192 --nproc 1   # the same on CPU
 
 Parts combine (`decode prefill model`). `--append FILE` chooses where tables go (default BENCHMARKS.md; `-` for
@@ -408,6 +409,68 @@ def bench_ttft(quick: bool) -> list[Table]:
     return [table]
 
 
+# --- tensor parallelism inside a host
+
+
+def graph_kernels(model, S: int) -> int:
+    """Kernels one replay of the model's captured decode step launches (CUDA graph kernels, counted by the profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from models.generate import generate_tokens
+
+    prompt = torch.randint(0, model.args.vocab_size, (S,), generator=torch.Generator().manual_seed(0)).tolist()
+    it = generate_tokens(model, prompt, 6)
+    for _ in range(4):  # first token, the eager step, the capture, one replay
+        next(it)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        next(it)
+        torch.cuda.synchronize()
+    return sum(e.count for e in prof.key_averages() if e.device_type.name == "CUDA" and "Memcpy" not in e.key and "Memset" not in e.key)
+
+
+def bench_tp(quick: bool) -> list[Table]:
+    """Llama-3.1-8B shapes: tp=1 against the untouched model (decode-graph kernels), then through the runner one GPU,
+    tensor parallel over the GPUs of one host, and star over the same GPUs as hosts."""
+    import attention
+    from models.loading import random_model
+    from parallel.layout import Layout
+
+    args, _ = _llama3_args(8 * K)
+    counts = {}
+    for label, tp in (("model as built", None), ("through the tensor-parallel path, tp=1", Layout(1, 1).tensor_parallel(args))):
+        model = random_model(args, torch.bfloat16, "cuda", attention.build("global"), tp=tp)
+        counts[label] = graph_kernels(model, 1024)
+        del model
+        torch.cuda.empty_cache()
+    results = Path(tempfile.mkdtemp()) / "tp.jsonl"
+    n = ARGS.nproc
+    ctx = "4k,32k" if quick else "4k,32k,128k"
+    runs = [["attention=global", "parallel.nproc=1"], ["attention=global", f"parallel.nproc={n}", f"parallel.tp={n}"],
+            ["attention=star", f"parallel.nproc={n}"], ["attention=ring", f"parallel.nproc={n}"]]  # fmt: skip
+    commands = []
+    for run in runs:
+        argv = [sys.executable, "runner.py", "-m", "task=bench", "model=llama3", *run, f"ctx={ctx}", "task.new_tokens=32",
+                "task.repeats=1", "task.warmup=1", "wandb.mode=disabled", f"task.results_file={results}"]  # fmt: skip
+        commands.append(" ".join(["python"] + argv[1:-1]))
+        subprocess.run(argv, cwd=ROOT, check=True)
+    table = Table(
+        f"Llama-3.1-8B shapes on {n} GPU{'s' * (n > 1)}: tensor parallel inside one host against star and ring across GPUs",
+        "\n".join(commands),
+        ["attention", "GPUs", "hosts × tp", "context", "TTFT (s)", "decode (tok/s)", "peak GPU memory per rank (GiB)", "peak host memory per rank (GiB)"],
+    )
+    for r in map(json.loads, results.read_text().splitlines()):
+        table.rows.append([r["attention"], r["ranks"], f"{r['hosts']} × {r['tp']}", r["ctx"], r["ttft_s"], r["decode_tok_s"],
+                           ", ".join(f"{p / 2**30:.1f}" for p in r["peak_mem_bytes_per_rank"]),
+                           ", ".join(f"{p / 2**30:.1f}" for p in r["peak_host_bytes_per_rank"])])  # fmt: skip
+        emit(r, part="tp")
+    table.notes.append(
+        "Random weights, bf16, one warm-up run. Decode runs as CUDA graphs in every row (the tensor-parallel all-reduces "
+        "captured with the rest). Kernels per replayed decode step (1,024-token prompt, one GPU): "
+        + "; ".join(f"{k}: {v}" for k, v in counts.items()) + "."
+    )
+    return [table]
+
+
 # --- the memory plan against the measured peak
 
 
@@ -468,7 +531,8 @@ def emit(row: dict, **extra) -> None:
             f.write(json.dumps({**row, **extra, "device": _device_name(), "torch": torch.__version__}) + "\n")
 
 
-PARTS = {"decode": bench_decode, "prefill": bench_prefill, "model": bench_model, "ttft": bench_ttft, "memory": bench_memory}
+PARTS = {"decode": bench_decode, "prefill": bench_prefill, "model": bench_model, "ttft": bench_ttft, "memory": bench_memory,
+         "tp": bench_tp}
 ARGS: argparse.Namespace
 
 
