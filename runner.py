@@ -240,8 +240,13 @@ def task_generate(c: Context) -> dict:
         n_ctx = len(ids) - 1
         options.check_prompt_length(len(ids), t.max_new_tokens, c.max_seq_len, source)
     else:
-        context, query, expected = demo_prompt(c.tok, c.cfg.ctx.length, c.cfg.seed)
+        n_demo = options.demo_context(c.cfg.ctx.length, c.max_seq_len, t.max_new_tokens)
+        if n_demo < c.cfg.ctx.length:
+            c.say(f"demo context of {n_demo} tokens: ctx.length={c.cfg.ctx.length} would leave no room for the question "
+                  f"and {t.max_new_tokens} new tokens in the model's {c.max_seq_len} positions")  # fmt: skip
+        context, query, expected = demo_prompt(c.tok, n_demo, c.cfg.seed)
         ids, n_ctx = c.prompt_ids(context, query, t.chat)
+        options.check_prompt_length(len(ids), t.max_new_tokens, c.max_seq_len, "the demo prompt")
     out, ttft, tps = c.answer(ids, n_ctx, t.max_new_tokens, sampling, t.stop, stream=True)
     kv = c.kv_per_rank()
     strategy = c.cfg.attention.name

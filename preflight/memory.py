@@ -269,6 +269,8 @@ def plan_config(cfg, world: int | None = None, n_ctx: int | None = None, dtype: 
 
     world = world or cfg.parallel.nproc
     tp = cfg.parallel.get("tp", 1)
+    if world % tp:
+        raise ValueError(f"{world} ranks are not hosts of parallel.tp={tp} ranks each")
     device = resolve_device(cfg.device)
     dtype = dtype or resolve_dtype(cfg.dtype, device)
     shape = run_shape(cfg.task, cfg.ctx.length)

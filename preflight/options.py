@@ -393,15 +393,26 @@ def _check_positions(cfg, args: ModelArgs) -> None:
     if cfg.task.name not in ("generate", "ruler") or flag(cfg, "model.extrapolate"):
         return
     n = max(_get(cfg, "task.lengths") or [cfg.ctx.length]) if cfg.task.name == "ruler" else cfg.ctx.length
+    new = cfg.task.max_new_tokens
     if cfg.task.name == "generate" and (cfg.task.prompt is not None or cfg.task.prompt_file or cfg.task.input_jsonl):
         n = 0  # the prompt's own length is checked once it is tokenized (`check_prompt_length`)
-    new = cfg.task.max_new_tokens
+    elif cfg.task.name == "generate" and n <= args.max_seq_len and demo_context(n, args.max_seq_len, new) > 0:
+        return  # the demo fills the model's window, leaving room for its question and answer
     if n + new > args.max_seq_len:
         raise OptionError(
             f"ctx.length={n} plus task.max_new_tokens={new} is past the {args.max_seq_len} positions "
             f"{cfg.model.name} was trained for; use ctx <= {args.max_seq_len - new}, or model.extrapolate=true to run "
             "past them anyway (answers degrade)"
         )
+
+
+DEMO_QUERY_ROOM = 256  # tokens of the demo's question and chat template after its context
+
+
+def demo_context(ctx_length: int, max_seq_len: int, new_tokens: int) -> int:
+    """Context tokens of the generate demo: `ctx.length`, or less where the question and answer would not fit in the
+    model's positions after it (`ctx=128k` on a 131,072-position model fills its window)."""
+    return min(ctx_length, max_seq_len - new_tokens - DEMO_QUERY_ROOM)
 
 
 def check_prompt_length(n_prompt: int, new_tokens: int, limit: int, what: str) -> None:

@@ -218,7 +218,17 @@ def test_the_70b_command_is_valid_and_planned_per_rank(tmp_path):
     plan = memory.plan_config(cfg)
     assert plan.world == 8 and plan.tp == 4 and len(plan.ranks) == 8
     per_rank = plan.ranks[0].terms["weights"]
-    full = memory.weight_bytes(memory.preset_args(cfg.model), torch.bfloat16)
-    embeddings = 2 * 128256 * 8192 * 2  # input and output embeddings stay whole on every rank
+    full = memory.weight_bytes(memory.preset_args(cfg.model), plan.dtype)
+    embeddings = 2 * 128256 * 8192 * plan.dtype.itemsize  # input and output embeddings stay whole on every rank
     assert per_rank == pytest.approx((full - embeddings) / 4 + embeddings, rel=1e-3)
-    assert plan.ranks[0].terms["KV cache"] < memory.plan_config(cfg, world=2).ranks[0].terms["KV cache"] / 3.9 * 1.01
+    hosts_only = memory.plan_config(compose_cfg("model=llama3_70b", f"model.path={ckpt}", "attention=star", "ctx=128k", "parallel.nproc=2"))
+    assert plan.ranks[0].terms["KV cache"] == pytest.approx(hosts_only.ranks[0].terms["KV cache"] / 4, rel=1e-3)
+
+
+def test_a_model_too_large_for_one_gpu_is_told_the_tensor_parallel_degree_that_fits():
+    from preflight import memory
+    from tests.test_bad_inputs import compose_cfg
+
+    cfg = compose_cfg("model=llama3_70b", "attention=global", "ctx=8k", "task=bench", "device=cuda", "memory.limit_gib=80")
+    with pytest.raises(memory.DoesNotFit, match=r"fits with parallel.nproc=2 parallel.tp=2$"):
+        memory.check_fits(cfg, torch.device("cpu"))
