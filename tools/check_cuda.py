@@ -1,7 +1,7 @@
 """Check the CUDA attention path against float64 dense attention, and the model on CUDA against the CPU.
 
     python tools/check_cuda.py                          # one GPU; exits non-zero on any failure
-    torchrun --nproc-per-node 2 tools/check_cuda.py     # also ring and star over NCCL against one GPU
+    torchrun --nproc-per-node 2 tools/check_cuda.py     # also ring, star and tensor parallel over NCCL against one GPU
 
 Prints one line per case with the largest error relative to the reference's largest magnitude.
 """
@@ -23,9 +23,10 @@ from models import ModelArgs, random_model, transformer  # noqa: E402
 TOLERANCE = {torch.bfloat16: 1e-2, torch.float32: 1e-4}
 
 
-def _random_on(args: ModelArgs, dtype: torch.dtype, strategy, device):
-    """Random weights drawn on the CPU (the same on every device and rank), then moved to `device`."""
-    model = random_model(args, dtype, "cpu", strategy).to(device)
+def _random_on(args: ModelArgs, dtype: torch.dtype, strategy, device, tp=None):
+    """Random weights drawn on the CPU (the same on every device and rank; with `tp`, this rank's slices of them),
+    then moved to `device`."""
+    model = random_model(args, dtype, "cpu", strategy, tp=tp).to(device)
     model.init_buffers(device)
     return model
 
@@ -198,52 +199,69 @@ def check_recompiles() -> bool:
 
 
 def check_ranks() -> bool:
-    """Under torchrun: ring and star (both anchor modes) over NCCL equal the same strategy on one GPU."""
+    """Under torchrun: ring and star (both anchor modes) over NCCL equal the same strategy on one GPU; so does tensor
+    parallelism over all GPUs (global on one host) and, on 4 or more, 2 hosts × tp=world/2 for ring and star."""
     import torch.distributed as dist
 
-    from models.generate import generate_tokens
     from parallel.launch import init_ranks
+    from parallel.layout import make_layout
 
     rank, world, device = init_ranks("nccl", 120)
-    args = ModelArgs(vocab_size=1000, dim=256, n_layers=2, n_heads=8, n_kv_heads=2, head_dim=32,
-                     intermediate_size=512, max_seq_len=8192, layer_windows=(None, 300))  # fmt: skip
-    prompt = torch.randint(0, 1000, (2100,), generator=torch.Generator().manual_seed(0)).tolist()
-    n_ctx = 2000
+    star = {"block_size": 300}
+    cases = [(1, "ring", {}), (1, "star", star | {"anchor_mode": "broadcast"}), (1, "star", star | {"anchor_mode": "recompute"}),
+             (world, "global", {})]  # fmt: skip
+    if world >= 4 and world % 2 == 0:
+        cases += [(world // 2, name, params) for _, name, params in cases[:3]]
     ok = True
-    for name, params in (("ring", {}), ("star", {"block_size": 300, "anchor_mode": "broadcast"}),
-                         ("star", {"block_size": 300, "anchor_mode": "recompute"})):  # fmt: skip
-        model = _random_on(args, torch.float32, attention.build(name, **params), device)
-        tokens = torch.tensor(prompt, device=device)
-        with torch.no_grad():
-            idx = model.attention.context_indices(n_ctx).to(device)
-            local = model(tokens[idx][None], idx)[0]
-            skip = params.get("anchor_mode") == "recompute" and rank > 0
-            local = local[300:] if skip else local
-            own = idx[300:] if skip else idx
-        generated = list(generate_tokens(model, prompt, 8, context_len=n_ctx, cuda_graphs=False))
-        graphed = list(generate_tokens(model, prompt, 8, context_len=n_ctx, cuda_graphs=True))
-        parts = [None] * world
-        dist.all_gather_object(parts, (own.cpu(), local.cpu(), generated, graphed))
-        if rank == 0:
-            one_params = params if name == "star" else {}
-            ref_model = _random_on(args, torch.float32, _single_rank(name, one_params), device)
-            with torch.no_grad():
-                ref = ref_model(tokens[:n_ctx][None], torch.arange(n_ctx, device=device))[0].cpu()
-            got = torch.empty_like(ref)
-            for o, logits, *_ in parts:
-                got[o] = logits
-            err = (got - ref).abs().max().item()
-            ref_gen = list(generate_tokens(ref_model, prompt, 8, context_len=n_ctx))
-            same = all(p[2] == ref_gen for p in parts)
-            same_graphed = all(p[3] == ref_gen for p in parts)
-            good = err < 1e-3 and same and same_graphed
-            ok &= good
-            print(f"{'ok  ' if good else 'FAIL'} {name} {params} on {world} GPUs (NCCL) vs 1 GPU: max logit diff {err:.2e}, "
-                  f"same tokens {same}, same tokens with CUDA-graph decode {same_graphed}")  # fmt: skip
+    for tp, name, params in cases:
+        ok &= _compare_to_one_gpu(make_layout(tp, device), name, params, rank, world, device)
     flags = [ok]
     dist.broadcast_object_list(flags, src=0)
     dist.destroy_process_group()
     return flags[0]
+
+
+RANKS_MODEL = ModelArgs(vocab_size=1000, dim=256, n_layers=2, n_heads=8, n_kv_heads=2, head_dim=32, intermediate_size=512,
+                        max_seq_len=8192, layer_windows=(None, 300))  # fmt: skip
+
+
+def _compare_to_one_gpu(layout, name: str, params: dict, rank: int, world: int, device) -> bool:
+    """Phase-1 logits and greedy tokens (eager and CUDA-graph decode) of `name` on this layout against one GPU."""
+    import torch.distributed as dist
+
+    from models.generate import generate_tokens
+
+    args, n_ctx = RANKS_MODEL, 2000
+    prompt = torch.randint(0, 1000, (2100,), generator=torch.Generator().manual_seed(0)).tolist()
+    strategy = attention.build(name, group=layout.cp_group, **params)
+    model = _random_on(args, torch.float32, strategy, device, layout.tensor_parallel(args))
+    tokens = torch.tensor(prompt, device=device)
+    with torch.no_grad():
+        idx = strategy.context_indices(n_ctx).to(device)
+        local = model(tokens[idx][None], idx)[0]
+        skip = 300 if name == "star" and strategy.recomputes_anchor else 0
+        local, own = local[skip:], idx[skip:]
+    generated = list(generate_tokens(model, prompt, 8, context_len=n_ctx, cuda_graphs=False))
+    graphed = list(generate_tokens(model, prompt, 8, context_len=n_ctx, cuda_graphs=True))
+    parts = [None] * world
+    dist.all_gather_object(parts, (own.cpu(), local.cpu(), generated, graphed))
+    if rank != 0:
+        return True
+    one_params = params if name == "star" else {}
+    ref_model = _random_on(args, torch.float32, _single_rank(name, one_params), device)
+    with torch.no_grad():
+        ref = ref_model(tokens[:n_ctx][None], torch.arange(n_ctx, device=device))[0].cpu()
+    got = torch.empty_like(ref)
+    for o, logits, *_ in parts:
+        got[o] = logits
+    err = (got - ref).abs().max().item()
+    ref_gen = list(generate_tokens(ref_model, prompt, 8, context_len=n_ctx))
+    same = all(p[2] == ref_gen for p in parts)
+    same_graphed = all(p[3] == ref_gen for p in parts)
+    good = err < 1e-3 and same and same_graphed
+    print(f"{'ok  ' if good else 'FAIL'} {name} {params} on {layout.describe()} (NCCL) vs 1 GPU: max logit diff {err:.2e}, "
+          f"same tokens {same}, same tokens with CUDA-graph decode {same_graphed}")  # fmt: skip
+    return good
 
 
 def _single_rank(name: str, params: dict) -> attention.AttentionStrategy:
