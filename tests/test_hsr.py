@@ -213,3 +213,25 @@ def test_hsr_decode_over_star_ranks_composes():
     assert all(s["certificate"] <= 1e-4 for s in steps)
     # (random weights attend nearly uniformly, so little can be skipped here; test_structured_keys_are_read_sparsely
     # shows the skipping)
+
+
+def test_structure_tool_measures_the_floor_any_certificate_needs():
+    """tools/hsr_structure.py: the oracle never reads more than hsr, the certificate holds, and structured keys need
+    few blocks while equal scores need them all."""
+    from tools.hsr_structure import _oracle_blocks, measure
+
+    rows = {}
+    for kind in ("clustered", "equal"):
+        k, v, kv_pos, n = cache(kind, S=2048)
+        q = query(1, 8, aligned=True)
+        mask = PositionMask(torch.tensor([n]), kv_pos)
+        rows[kind] = measure([(q, k, v, mask)], kv_pos, 64, 1e-3, sink=64, recent=64)
+        assert rows[kind]["certificate_holds"] and rows[kind]["oracle_share"] <= rows[kind]["hsr_share"]
+    assert rows["clustered"]["oracle_share"] < 0.25 and rows["equal"]["oracle_share"] == 1.0
+    # the floor is exact: with one block holding all but a sliver of the mass, that block (and the always-read
+    # ones) suffice, and with eps below the sliver one more block is needed
+    scores = torch.full((1, 256), -30.0, dtype=torch.float64)
+    scores[0, 64:128] = 0.0
+    always = torch.zeros(4, dtype=torch.bool)
+    assert _oracle_blocks(scores, 64, 1e-3, always) == 1
+    assert _oracle_blocks(scores, 64, 1e-20, always) == 4
