@@ -31,3 +31,20 @@ def test_refuses_without_a_gpu_and_writes_nothing(tmp_path, capsys):
     assert exit_info.value.code == 2
     assert "need a CUDA GPU" in capsys.readouterr().err
     assert not target.exists()
+
+
+def test_a_new_table_replaces_its_figure_and_the_old_one_moves_to_the_history():
+    doc = "# Benchmarks\n\nintro\n"
+    doc = benchmarks.publish(doc, "## 2026-01-01 · decode v1\n\n| a |\n", "decode")
+    doc = benchmarks.publish(doc, "## 2026-01-01 · prefill v1\n\n| b |\n", "prefill")
+    doc = benchmarks.publish(doc, "## 2026-01-02 · decode v2\n\n| c |\n", "decode")
+    doc = benchmarks.publish(doc, "## 2026-01-03 · decode v3\n\n| d |\n", "decode")
+    current, history = doc.split(benchmarks.HISTORY)
+    assert current.startswith("# Benchmarks\n\nintro\n")
+    # one current table per figure, in the order the figures first appeared
+    assert current.count("<!-- figure: decode -->") == 1 and "decode v3" in current and "decode v2" not in current
+    assert current.index("decode v3") < current.index("prefill v1")
+    # every replaced table is kept, newest first, and none twice
+    assert history.index("decode v2") < history.index("decode v1") and "decode v3" not in history
+    assert doc.count("decode v1") == doc.count("decode v2") == doc.count("decode v3") == 1
+    assert benchmarks.publish(doc, "## x · prefill v2\n", "prefill").count(benchmarks.HISTORY) == 1

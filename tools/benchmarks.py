@@ -8,8 +8,9 @@
     python tools/benchmarks.py tp --nproc 2          # tensor parallel on one host vs star/ring over the GPUs
     python tools/benchmarks.py memory --models smollm2,gemma3_270m --lengths 8192 --nproc 1   # the same on CPU
 
-Parts combine (`decode prefill model`). `--append FILE` chooses where tables go (default BENCHMARKS.md; `-` for
-none), `--jsonl FILE` also writes every row as JSON. Timings are CUDA-event times after a warm-up; "graph" times
+Parts combine (`decode prefill model`). Each table becomes the current one of its figure in `--append FILE` (default
+BENCHMARKS.md; `-` for none): it replaces the figure's previous table, which moves to the history at the end of the
+file (`publish`). `--jsonl FILE` also writes every row as JSON. Timings are CUDA-event times after a warm-up; "graph" times
 replay the calls from a CUDA graph, which is how decode runs in the model, so they leave out Python launch cost.
 """
 
@@ -48,6 +49,7 @@ class Table:
     columns: list[str]
     rows: list[list] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    figure: str = ""  # which figure of BENCHMARKS.md this table is the current one of (`publish`)
 
     def markdown(self) -> str:
         head = f"## {time.strftime('%Y-%m-%d')} · {self.title} · {_device_name()} · torch {torch.__version__}\n\n"
@@ -122,6 +124,7 @@ def tune_lean() -> tuple[lean.LeanConfig, Table]:
     """Every launch setting on a few shapes; the best geometric-mean time becomes lean.CONFIG for this run."""
     table = Table("Lean decode kernel launch settings", "python tools/benchmarks.py decode --tune",
                   ["block_n", "warps", "stages", "programs/SM", "min tiles", *[f"B{b} kv{h} g{g} {s // K}K (µs)" for b, h, g, s in TUNE_SHAPES], "geomean (µs)"])  # fmt: skip
+    table.figure = "lean-tune"
     inputs = [_decode_inputs(*shape) for shape in TUNE_SHAPES]
     results = []
     for block_n, warps, stages, per_sm, min_tiles in itertools.product((64, 128), (4, 8), (3, 4), (1, 2), (1, 4, 8)):
@@ -157,6 +160,7 @@ def bench_decode(quick: bool) -> list[Table]:
         ["batch", "KV heads", "group", "context", "KV MB", "Lean graph (µs)", "% of copy", "Lean eager (µs)",
          "SDPA graph (µs)", "Lean / SDPA", "fixed split graph (µs)", "stream-K gain", "max abs diff"],
     )  # fmt: skip
+    table.figure = "decode"
     table.notes.append(
         f"bf16, head dim 128, one query token; copy bandwidth {bw / 1e12:.2f} TB/s measured in the same run; {sms} SMs; "
         f"{lean.CONFIG}. Lean returns the log-sum-exp as well (SDPA does not). \"Fixed split\" runs the same kernel with "
@@ -208,6 +212,7 @@ def bench_prefill(quick: bool) -> list[Table]:
         "python tools/benchmarks.py prefill" + (" --tune" if ARGS.tune else ""),
         ["context", "SDPA backend", "SDPA TFLOP/s", "flex variant", "flex TFLOP/s", "flex / SDPA", "star mask (4 blocks) speed-up"],
     )
+    table.figure = "prefill"
     table.notes.append(
         "bf16, batch 1, 32 query / 8 KV heads, head dim 128. TFLOP/s counts the causal half: 2·Hq·D·S². SDPA gets "
         "K/V repeated to 32 heads; the fastest of its cuDNN and flash backends is shown. Flex runs through the "
@@ -284,6 +289,7 @@ def bench_model(quick: bool) -> list[Table]:
         f"python tools/benchmarks.py model --ctx {S}",
         ["engine", "attention", "TTFT (s)", "decode (tok/s)", "% of bound", "vs transformers"],
     )
+    table.figure = "model"
     table.notes.append(
         f"Random weights, bf16. Bound: {bound:.1f} tok/s = copy bandwidth {bw / 1e12:.2f} TB/s / ({weight_bytes / 1e9:.1f} GB "
         f"of weights read per token, the embedding table excluded, + {kv_bytes / 1e9:.1f} GB of KV cache). "
@@ -395,6 +401,7 @@ def bench_ttft(quick: bool) -> list[Table]:
         " ".join(["python"] + argv[1:-1]),
         ["attention", "GPUs", "context", "TTFT (s)", "prefill (tok/s)", "decode (tok/s)", "peak memory per GPU (GiB)", "ring / star"],
     )
+    table.figure = f"ttft-{ARGS.nproc}gpu"
     table.notes.append(
         "Random weights, bf16. TTFT covers phase 1 and phase 2 (the last 64 prompt tokens) up to the first token"
         + (", after a warm-up run." if ARGS.warmup else "; no warm-up run: compilation is included.")
@@ -458,6 +465,7 @@ def bench_tp(quick: bool) -> list[Table]:
         "\n".join(commands),
         ["attention", "GPUs", "hosts × tp", "context", "TTFT (s)", "decode (tok/s)", "peak GPU memory per rank (GiB)", "peak host memory per rank (GiB)"],
     )
+    table.figure = f"tp-{n}gpu"
     for r in map(json.loads, results.read_text().splitlines()):
         table.rows.append([r["attention"], r["ranks"], f"{r['hosts']} × {r['tp']}", r["ctx"], r["ttft_s"], r["decode_tok_s"],
                            ", ".join(f"{p / 2**30:.1f}" for p in r["peak_mem_bytes_per_rank"]),
@@ -495,6 +503,7 @@ def bench_memory(quick: bool) -> list[Table]:
         "\n".join(commands),
         ["model", "attention", "ranks", "rank", "context", "planned peak (GiB)", "measured peak (GiB)", "planned / measured", "TTFT (s)"],
     )
+    table.figure = f"memory-{ARGS.nproc}gpu" if cuda else "memory-cpu"
     for r in map(json.loads, results.read_text().splitlines()):
         for rank, (planned, peak) in enumerate(zip(r["planned_peak_bytes_per_rank"], r["peak_mem_bytes_per_rank"])):
             row = [r["model"], r["attention"], r["ranks"], rank, r["ctx"], planned / 2**30, peak / 2**30, planned / peak, r["ttft_s"]]
@@ -524,6 +533,27 @@ def bench_memory(quick: bool) -> list[Table]:
 
 # --- output
 
+HISTORY = "<!-- history -->\n\n# History: tables a newer run of the same figure replaced, newest first\n"
+
+
+def publish(doc: str, section: str, figure: str) -> str:
+    """`doc` (BENCHMARKS.md's text) with `section` as the current table of `figure`: it takes the place of the one
+    it replaces, which moves to the top of the history at the end of the file; a new figure goes after the others."""
+    marker = f"<!-- figure: {figure} -->"
+    if HISTORY not in doc:
+        doc = doc.rstrip("\n") + "\n\n" + HISTORY
+    current, past = doc.split(HISTORY, 1)
+    new = f"{marker}\n\n{section.strip()}\n\n"
+    if marker in current:
+        head, rest = current.split(marker, 1)
+        nxt = rest.find("<!-- figure: ")
+        old, tail = (rest[:nxt], rest[nxt:]) if nxt >= 0 else (rest, "")
+        current = head + new + tail
+        past = "\n" + old.strip() + "\n" + past
+    else:
+        current = current.rstrip("\n") + "\n\n" + new
+    return current.rstrip("\n") + "\n\n" + HISTORY + past
+
 
 def emit(row: dict, **extra) -> None:
     if ARGS.jsonl:
@@ -551,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--longest", type=int, default=256 * K, help="memory: the longest context measured")
     parser.add_argument("--lengths", help="memory: comma-separated contexts in tokens instead of 64K, 128K, --longest")
     parser.add_argument("--models", default="llama3", help="memory: comma-separated model presets")
-    parser.add_argument("--append", default="BENCHMARKS.md", help="markdown file the tables are appended to; - for none")
+    parser.add_argument("--append", default="BENCHMARKS.md", help="markdown file whose figures the tables become the current ones of (the replaced ones go to its history); - for none")
     parser.add_argument("--jsonl", type=Path)
     ARGS = parser.parse_args(argv)
     if not torch.cuda.is_available() and ARGS.parts != ["memory"]:
@@ -562,8 +592,11 @@ def main(argv: list[str] | None = None) -> int:
             text = table.markdown()
             print(text, flush=True)
             if ARGS.append != "-":
-                with open(ROOT / ARGS.append if not Path(ARGS.append).is_absolute() else ARGS.append, "a") as f:
-                    f.write("\n" + text)
+                target = ROOT / ARGS.append if not Path(ARGS.append).is_absolute() else Path(ARGS.append)
+                doc = publish(target.read_text() if target.is_file() else "# Benchmarks\n", text, table.figure or part)
+                tmp = target.with_suffix(".tmp")
+                tmp.write_text(doc)
+                tmp.replace(target)
     return 0
 
 
