@@ -420,6 +420,7 @@ def task_bench(c: Context) -> dict:
         "ttft_s": ttft, "prefill_tok_s": n / ttft, "decode_tok_s": decode,
         "peak_mem_bytes_per_rank": peaks, "peak_mem_kind": "cuda allocated" if c.device.type == "cuda" else "process max RSS",
         "planned_peak_bytes_per_rank": planned_peaks, "peak_host_bytes_per_rank": host_peaks,
+        **{k: v for k, v in c.strategy_params().items() if k in ("block_size", "anchor_size", "anchor_mode")},
     }  # fmt: skip
     if c.lead:
         path = Path(t.results_file)

@@ -16,6 +16,11 @@ import torch
 import torch.distributed as dist
 
 
+# NVLink multicast stays off in NCCL, PyTorch and NVSHMEM: on shared machines it can take the host's GPUs out of
+# service (the device notes, KINDS.md). Set in every rank before its process group starts.
+MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
 def under_torchrun() -> bool:
     """True when an external launcher (torchrun, or ours) has set this process's rank."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
@@ -32,6 +37,8 @@ def init_ranks(backend: str, timeout_s: float) -> tuple[int, int, torch.device]:
     elif world > 1:  # ranks on one CPU share its cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
     if world > 1 and not dist.is_initialized():
+        for switch, off in MULTICAST_OFF.items():
+            os.environ.setdefault(switch, off)
         if backend == "auto":
             backend = "nccl" if cuda else "gloo"
         kwargs = {"device_id": device} if backend == "nccl" else {}

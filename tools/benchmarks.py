@@ -6,6 +6,7 @@
     python tools/benchmarks.py ttft --nproc 4 --ctx 64k,128k   # star vs ring time to first token (runner.py -m)
     python tools/benchmarks.py memory --longest 294912   # the memory plan against the measured peak (runner.py)
     python tools/benchmarks.py tp --nproc 2          # tensor parallel on one host vs star/ring over the GPUs
+    python tools/benchmarks.py hosts --nproc 8 --ctx-names 128k,512k,1m   # star vs ring as hosts grow
     python tools/benchmarks.py memory --models smollm2,gemma3_270m --lengths 8192 --nproc 1   # the same on CPU
 
 Parts combine (`decode prefill model`). Each table becomes the current one of its figure in `--append FILE` (default
@@ -37,6 +38,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(ROOT))
 
 from attention import lean  # noqa: E402
+from parallel.launch import MULTICAST_OFF  # noqa: E402
 from attention.kernels import PositionMask, _compiled_flex, flex_options  # noqa: E402
 
 K = 1024
@@ -436,45 +438,118 @@ def graph_kernels(model, S: int) -> int:
 
 
 def bench_tp(quick: bool) -> list[Table]:
-    """Llama-3.1-8B shapes: tp=1 against the untouched model (decode-graph kernels), then through the runner one GPU,
-    tensor parallel over the GPUs of one host, and star over the same GPUs as hosts."""
+    """Tensor parallel on one host at every degree up to `--nproc` (tp=1 on one GPU included), against star and ring
+    over the same GPUs as hosts, and on 4 or more GPUs 2 hosts × tp; decode against the bandwidth bound per rank.
+    For a model that fits one GPU, first the decode-graph kernels of tp=1 against the untouched model."""
+    from omegaconf import OmegaConf
+
     import attention
     from models.loading import random_model
     from parallel.layout import Layout
+    from parallel.tensor import valid_degrees
+    from preflight.memory import preset_args, weight_bytes
 
-    args, _ = _llama3_args(8 * K)
+    name = ARGS.models.split(",")[0]
+    args = preset_args(OmegaConf.load(ROOT / f"conf/model/{name}.yaml"))
     counts = {}
-    for label, tp in (("model as built", None), ("through the tensor-parallel path, tp=1", Layout(1, 1).tensor_parallel(args))):
-        model = random_model(args, torch.bfloat16, "cuda", attention.build("global"), tp=tp)
-        counts[label] = graph_kernels(model, 1024)
-        del model
-        torch.cuda.empty_cache()
+    if weight_bytes(args, torch.bfloat16) < 0.6 * torch.cuda.get_device_properties(0).total_memory:
+        for label, tp in (("model as built", None), ("through the tensor-parallel path, tp=1", Layout(1, 1).tensor_parallel(args))):
+            model = random_model(args, torch.bfloat16, "cuda", attention.build("global"), tp=tp)
+            counts[label] = graph_kernels(model, 1024)
+            del model
+            torch.cuda.empty_cache()
+    bw = copy_bandwidth()
     results = Path(tempfile.mkdtemp()) / "tp.jsonl"
     n = ARGS.nproc
-    ctx = "4k,32k" if quick else "4k,32k,128k"
-    runs = [["attention=global", "parallel.nproc=1"], ["attention=global", f"parallel.nproc={n}", f"parallel.tp={n}"],
-            ["attention=star", f"parallel.nproc={n}"], ["attention=ring", f"parallel.nproc={n}"]]  # fmt: skip
-    commands = []
-    for run in runs:
-        argv = [sys.executable, "runner.py", "-m", "task=bench", "model=llama3", *run, f"ctx={ctx}", "task.new_tokens=32",
-                "task.repeats=1", "task.warmup=1", "wandb.mode=disabled", f"task.results_file={results}"]  # fmt: skip
-        commands.append(" ".join(["python"] + argv[1:-1]))
-        subprocess.run(argv, cwd=ROOT, check=True)
+    ctx = "4k,32k" if quick else ARGS.ctx_names
+    degrees = [d for d in valid_degrees(args) if d <= n]
+    runs = [["attention=global", f"parallel.nproc={d}", f"parallel.tp={d}"] for d in degrees]
+    runs += [[f"attention={a}", f"parallel.nproc={n}"] for a in ("star", "ring")] if n > 1 else []
+    if n >= 4 and n // 2 in degrees:
+        runs += [[f"attention={a}", f"parallel.nproc={n}", f"parallel.tp={n // 2}"] for a in ("star", "ring")]
+    commands = _bench_runs([[*r, f"ctx={c}"] for r in runs for c in ctx.split(",")], results, name)
     table = Table(
-        f"Llama-3.1-8B shapes on {n} GPU{'s' * (n > 1)}: tensor parallel inside one host against star and ring across GPUs",
+        f"{name} shapes on {n} GPU{'s' * (n > 1)}: tensor parallel inside one host against star and ring across GPUs",
         "\n".join(commands),
-        ["attention", "GPUs", "hosts × tp", "context", "TTFT (s)", "decode (tok/s)", "peak GPU memory per rank (GiB)", "peak host memory per rank (GiB)"],
-    )
-    table.figure = f"tp-{n}gpu"
-    for r in map(json.loads, results.read_text().splitlines()):
-        table.rows.append([r["attention"], r["ranks"], f"{r['hosts']} × {r['tp']}", r["ctx"], r["ttft_s"], r["decode_tok_s"],
-                           ", ".join(f"{p / 2**30:.1f}" for p in r["peak_mem_bytes_per_rank"]),
+        ["attention", "GPUs", "hosts × tp", "context", "TTFT (s)", "decode (tok/s)", "bound (tok/s)", "% of bound",
+         "peak GPU memory per rank (GiB)", "peak host memory per rank (GiB)"],
+    )  # fmt: skip
+    table.figure = f"tp-{name}-{n}gpu"
+    embedding = args.vocab_size * args.dim * 2  # one row of it is read per token
+    for r in map(json.loads, results.read_text().splitlines()) if results.is_file() else []:
+        kv = 2 * args.n_layers * max(1, args.n_kv_heads // r["tp"]) * args.head_dim * 2 * r["ctx"] // r["hosts"]
+        bound = bw / (weight_bytes(args, torch.bfloat16, r["tp"]) - embedding + kv)
+        table.rows.append([r["attention"], r["ranks"], f"{r['hosts']} × {r['tp']}", r["ctx"], r["ttft_s"], r["decode_tok_s"], bound,
+                           100 * r["decode_tok_s"] / bound, ", ".join(f"{p / 2**30:.1f}" for p in r["peak_mem_bytes_per_rank"]),
                            ", ".join(f"{p / 2**30:.1f}" for p in r["peak_host_bytes_per_rank"])])  # fmt: skip
         emit(r, part="tp")
     table.notes.append(
-        "Random weights, bf16, one warm-up run. Decode runs as CUDA graphs in every row (the tensor-parallel all-reduces "
-        "captured with the rest). Kernels per replayed decode step (1,024-token prompt, one GPU): "
-        + "; ".join(f"{k}: {v}" for k, v in counts.items()) + "."
+        f"Random weights, bf16, one warm-up run, 16 new tokens. Decode runs as CUDA graphs in every row (the "
+        f"tensor-parallel all-reduces captured with the rest). Bound: copy bandwidth {bw / 1e12:.2f} TB/s over the bytes "
+        "one rank reads per token (its weights, the input embedding excluded, and its share of the KV cache); for star "
+        "and ring the rank holding the most KV."
+        + (" Kernels per replayed decode step (1,024-token prompt, one GPU): " + "; ".join(f"{k}: {v}" for k, v in counts.items()) + "."
+           if counts else "")  # fmt: skip
+    )
+    return [table]
+
+
+# --- hosts of GPUs: star against ring as they grow, 70B with tensor parallelism
+
+
+CTX_TOKENS = {"4k": 4 * K, "8k": 8 * K, "16k": 16 * K, "32k": 32 * K, "64k": 64 * K, "128k": 128 * K, "256k": 256 * K,
+              "512k": 512 * K, "1m": 1024 * K}  # fmt: skip
+
+
+def _bench_runs(runs: list[list[str]], results: Path, model: str) -> list[str]:
+    """Each run through `runner.py task=bench` (a run that does not fit is refused in seconds and left out); the
+    commands, for the table."""
+    commands = []
+    for run in runs:
+        argv = [sys.executable, "runner.py", "task=bench", f"model={model}", *run, "task.new_tokens=16", "task.repeats=1",
+                "task.warmup=1", "wandb.mode=disabled", f"task.results_file={results}"]  # fmt: skip
+        commands.append(" ".join(["python"] + argv[1:-1]))
+        done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
+        print(done.stderr[-2000:], flush=True)
+        if done.returncode:
+            commands[-1] += f"   # refused or failed: {(done.stderr.strip().splitlines() or ['?'])[-1][:200]}"
+    return commands
+
+
+def bench_hosts(quick: bool) -> list[Table]:
+    """Star against ring as hosts grow (issue 14), one GPU per host: star with one block per GPU and with a quarter of
+    the context per block, both anchor modes, and ring, at each `--ctx-names` length on `--nproc` GPUs."""
+    n, results = ARGS.nproc, Path(tempfile.mkdtemp()) / "hosts.jsonl"
+    runs = []
+    for name in ARGS.ctx_names.split(","):
+        L = CTX_TOKENS[name]
+        for block, mode in itertools.product(dict.fromkeys((-(-L // n), -(-L // 4))), ("broadcast", "recompute")):
+            runs.append([f"ctx={name}", "attention=star", f"attention.params.block_size={block}",
+                         f"attention.params.anchor_mode={mode}", f"parallel.nproc={n}"])  # fmt: skip
+        runs.append([f"ctx={name}", "attention=ring", f"parallel.nproc={n}"])
+    name = ARGS.models.split(",")[0]
+    commands = _bench_runs(runs, results, name)
+    records = [json.loads(line) for line in results.read_text().splitlines()] if results.is_file() else []
+    table = Table(
+        f"{name} shapes on {n} GPUs: star against ring as the hosts grow",
+        "\n".join(commands),
+        ["attention", "block", "blocks", "anchor", "context", "TTFT (s)", "ring / star", "≈ P/3 (attention only)", "decode (tok/s)",
+         "peak GPU memory per rank (GiB)"],
+    )  # fmt: skip
+    table.figure = f"hosts-{name}-{n}gpu"
+    ring = {r["ctx"]: r["ttft_s"] for r in records if r["attention"] == "ring"}
+    for r in records:
+        star = r["attention"] == "star"
+        blocks = -(-r["ctx"] // r["block_size"]) if star else float("nan")
+        table.rows.append([r["attention"], r.get("block_size", "–") if star else "–", blocks, r.get("anchor_mode", "–") if star else "–",
+                           r["ctx"], r["ttft_s"], ring.get(r["ctx"], float("nan")) / r["ttft_s"] if star else float("nan"),
+                           blocks / 3 if star else float("nan"), r["decode_tok_s"],
+                           ", ".join(f"{p / 2**30:.1f}" for p in r["peak_mem_bytes_per_rank"])])  # fmt: skip
+        emit(r, part="hosts")
+    table.notes.append(
+        "Random weights, bf16, one warm-up run; TTFT covers phase 1 and phase 2 up to the first token. With P equal "
+        "blocks, star's phase-1 attention is about P/3 of a balanced ring's (each block sees itself and the anchor, "
+        "where the ring's tokens see on average half of the context); the linear layers are the same work in both."
     )
     return [table]
 
@@ -562,7 +637,7 @@ def emit(row: dict, **extra) -> None:
 
 
 PARTS = {"decode": bench_decode, "prefill": bench_prefill, "model": bench_model, "ttft": bench_ttft, "memory": bench_memory,
-         "tp": bench_tp}
+         "tp": bench_tp, "hosts": bench_hosts}
 ARGS: argparse.Namespace
 
 
@@ -586,7 +661,8 @@ def main(argv: list[str] | None = None) -> int:
     ARGS = parser.parse_args(argv)
     if not torch.cuda.is_available() and ARGS.parts != ["memory"]:
         parser.error("the benchmarks need a CUDA GPU (all but `memory`, which also runs on CPU)")
-    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    for switch, off in MULTICAST_OFF.items():
+        os.environ.setdefault(switch, off)
     for part in ARGS.parts:
         for table in PARTS[part](ARGS.quick):
             text = table.markdown()
