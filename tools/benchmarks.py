@@ -467,7 +467,7 @@ def bench_tp(quick: bool) -> list[Table]:
     runs += [[f"attention={a}", f"parallel.nproc={n}"] for a in ("star", "ring")] if n > 1 else []
     if n >= 4 and n // 2 in degrees:
         runs += [[f"attention={a}", f"parallel.nproc={n}", f"parallel.tp={n // 2}"] for a in ("star", "ring")]
-    commands = _bench_runs([[*r, f"ctx={c}"] for r in runs for c in ctx.split(",")], results, name)
+    commands = _bench_runs([[*r, f"ctx={c}"] for r in runs for c in ctx.split(",")], results, name, "tp")
     table = Table(
         f"{name} shapes on {n} GPU{'s' * (n > 1)}: tensor parallel inside one host against star and ring across GPUs",
         "\n".join(commands),
@@ -482,7 +482,6 @@ def bench_tp(quick: bool) -> list[Table]:
         table.rows.append([r["attention"], r["ranks"], f"{r['hosts']} × {r['tp']}", r["ctx"], r["ttft_s"], r["decode_tok_s"], bound,
                            100 * r["decode_tok_s"] / bound, ", ".join(f"{p / 2**30:.1f}" for p in r["peak_mem_bytes_per_rank"]),
                            ", ".join(f"{p / 2**30:.1f}" for p in r["peak_host_bytes_per_rank"])])  # fmt: skip
-        emit(r, part="tp")
     table.notes.append(
         f"Random weights, bf16, one warm-up run, 16 new tokens. Decode runs as CUDA graphs in every row (the "
         f"tensor-parallel all-reduces captured with the rest). Bound: copy bandwidth {bw / 1e12:.2f} TB/s over the bytes "
@@ -501,18 +500,33 @@ CTX_TOKENS = {"4k": 4 * K, "8k": 8 * K, "16k": 16 * K, "32k": 32 * K, "64k": 64 
               "512k": 512 * K, "1m": 1024 * K}  # fmt: skip
 
 
-def _bench_runs(runs: list[list[str]], results: Path, model: str) -> list[str]:
-    """Each run through `runner.py task=bench` (a run that does not fit is refused in seconds and left out); the
-    commands, for the table."""
+def _bench_runs(runs: list[list[str]], results: Path, model: str, part: str) -> list[str]:
+    """Each run through `runner.py task=bench`, its record emitted (`--jsonl`) as soon as it ends, so that a
+    measurement cut short keeps what it measured. A run whose memory plan does not fit the GPU is not started; the
+    commands, with why a run is missing, are returned for the table."""
+    from hydra import compose, initialize_config_dir
+
+    from preflight import memory
+
     commands = []
     for run in runs:
-        argv = [sys.executable, "runner.py", "task=bench", f"model={model}", *run, "task.new_tokens=16", "task.repeats=1",
-                "task.warmup=1", "wandb.mode=disabled", f"task.results_file={results}"]  # fmt: skip
-        commands.append(" ".join(["python"] + argv[1:-1]))
-        done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
+        overrides = ["task=bench", f"model={model}", *run, "task.new_tokens=16", "task.repeats=1", "task.warmup=1",
+                     "wandb.mode=disabled"]  # fmt: skip
+        commands.append(" ".join(["python runner.py", *overrides]))
+        with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+            plan = memory.plan_config(compose("config", overrides=overrides))
+        total = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else math.inf
+        if plan.need > total:
+            commands[-1] += f"   # not run: needs {plan.need / 2**30:.0f} GiB per GPU of {total / 2**30:.0f}"
+            continue
+        seen = len(results.read_text().splitlines()) if results.is_file() else 0
+        done = subprocess.run([sys.executable, "runner.py", *overrides, f"task.results_file={results}"], cwd=ROOT,
+                              capture_output=True, text=True)  # fmt: skip
         print(done.stderr[-2000:], flush=True)
         if done.returncode:
-            commands[-1] += f"   # refused or failed: {(done.stderr.strip().splitlines() or ['?'])[-1][:200]}"
+            commands[-1] += f"   # failed: {(done.stderr.strip().splitlines() or ['?'])[-1][:200]}"
+        for line in results.read_text().splitlines()[seen:] if results.is_file() else []:
+            emit(json.loads(line), part=part)
     return commands
 
 
@@ -528,7 +542,7 @@ def bench_hosts(quick: bool) -> list[Table]:
                          f"attention.params.anchor_mode={mode}", f"parallel.nproc={n}"])  # fmt: skip
         runs.append([f"ctx={name}", "attention=ring", f"parallel.nproc={n}"])
     name = ARGS.models.split(",")[0]
-    commands = _bench_runs(runs, results, name)
+    commands = _bench_runs(runs, results, name, "hosts")
     records = [json.loads(line) for line in results.read_text().splitlines()] if results.is_file() else []
     table = Table(
         f"{name} shapes on {n} GPUs: star against ring as the hosts grow",
@@ -545,7 +559,6 @@ def bench_hosts(quick: bool) -> list[Table]:
                            r["ctx"], r["ttft_s"], ring.get(r["ctx"], float("nan")) / r["ttft_s"] if star else float("nan"),
                            blocks / 3 if star else float("nan"), r["decode_tok_s"],
                            ", ".join(f"{p / 2**30:.1f}" for p in r["peak_mem_bytes_per_rank"])])  # fmt: skip
-        emit(r, part="hosts")
     table.notes.append(
         "Random weights, bf16, one warm-up run; TTFT covers phase 1 and phase 2 up to the first token. With P equal "
         "blocks, star's phase-1 attention is about P/3 of a balanced ring's (each block sees itself and the anchor, "
