@@ -40,10 +40,12 @@ DECODE_QUERY_TOKENS = 1
 
 @dataclass(frozen=True)
 class RunShape:
-    """What a run feeds: `n_ctx` context tokens in phase 1, then `n_after` query and generated tokens."""
+    """What a run feeds: `n_ctx` context tokens in phase 1, then `n_after` query and generated tokens, of which the
+    first `n_query` go through phase 2 in one pass (None: as many as `n_after`, the most there can be)."""
 
     n_ctx: int
     n_after: int
+    n_query: int | None = None
 
 
 @dataclass
@@ -152,8 +154,13 @@ def _rank_plan(args: ModelArgs, s: attention.AttentionStrategy, shape: RunShape,
     phase1 = _layer_peak(args, T, T + extra_keys, b, device, seen, buffers, merging) if T else 0
     rotary = _rotary_bytes(args, T, b)
     # phase 2: the query tokens (at most n_after), then one token at a time, attending to the whole local cache
-    Q = max(1, shape.n_after)
-    phase2 = _layer_peak(args, Q, slots, b, device) + _rotary_bytes(args, Q, b)
+    Q = max(1, shape.n_after if shape.n_query is None else min(shape.n_query, shape.n_after))
+    workspace = None
+    if s.decode == "hsr":  # each layer's key summaries live with its cache; phase 2 attends through the reference
+        blocks, exact = -(-slots // s.hsr_block), torch.promote_types(dtype, torch.float32).itemsize
+        kv += args.n_layers * (2 * Hkv * blocks * D * exact + 3 * blocks * 8)
+        workspace = _hsr_workspace(args, Q, slots, blocks, exact)
+    phase2 = _layer_peak(args, Q, slots, b, device, workspace=workspace) + _rotary_bytes(args, Q, b)
     logits = args.vocab_size * (b + 4) * 2  # the last position's logits, and their fp32 copy for sampling
     terms = {"weights": weights, "KV cache": kv}
     transient = {"phase 1: one layer's activations": phase1 + rotary, "phase 2: one layer's activations": phase2}
@@ -190,11 +197,13 @@ def _rotary_bytes(args: ModelArgs, T: int, b: int) -> int:
 
 
 def _layer_peak(
-    args: ModelArgs, T: int, S: int, b: int, device: str, seen: int | None = None, extra: int = 0, merging: int = 0
-) -> int:
+    args: ModelArgs, T: int, S: int, b: int, device: str, seen: int | None = None, extra: int = 0, merging: int = 0,
+    workspace: int | None = None,
+) -> int:  # fmt: skip
     """The most bytes one layer holds at once over T tokens attending to S keys (star: `seen`, the block and anchor
     sizes, bounds the keys beyond its own a query sees): the largest of the moments below, as `models.transformer`
-    allocates them; `extra`: the strategy's own buffers during attention, `merging`: its merge's temporaries."""
+    allocates them; `extra`: the strategy's own buffers during attention, `merging`: its merge's temporaries,
+    `workspace`: the attention's own (default: the dense kernel's, `_kernel_workspace`)."""
     D, Hq, Hkv, dim, inter = args.head_dim, args.n_heads, args.n_kv_heads, args.dim, args.intermediate_size
     row = T * b
     eager = device != "cuda"  # on CUDA the elementwise chains are fused kernels without temporaries
@@ -202,7 +211,9 @@ def _layer_peak(
     # attention: the layer input, its norm, the fused q|k|v, rotated q and k ...
     live = row * (2 * dim + qkv + (Hq + Hkv) * D)
     rotary = row * (2 * dim + qkv + (Hq + Hkv) * D * args.qk_norm + (3 if eager else 1) * Hq * D)
-    kernel = live + extra + max(_kernel_workspace(args, T, S, b, device, seen), merging)
+    if workspace is None:
+        workspace = _kernel_workspace(args, T, S, b, device, seen)
+    kernel = live + extra + max(workspace, merging)
     output = live + row * (2 * Hq * D + dim) + T * Hq * 4  # ... the output, its [T, heads*dim] copy, wo's output
     # MLP: the layer input, the attention output, their sum, its norm (and the chunked output), one chunk's gate|up,
     # activation (and the unfused activation's temporary) and down projection; then the block's output
@@ -211,6 +222,17 @@ def _layer_peak(
     mlp = resid + chunk * b * max(3 * inter + dim, 4 * inter if eager else 0)
     block_out = row * dim * (6 + (T > chunk) + args.sandwich_norms)
     return max(rotary, kernel, output, mlp, block_out)
+
+
+def _hsr_workspace(args: ModelArgs, T: int, S: int, blocks: int, e: int) -> int:
+    """Bytes `attention.hsr.hsr_attend` holds beyond its inputs for T queries over S slots in `blocks` blocks: the
+    larger of the bounds (q times the summaries' minima and maxima, [Hq, T, blocks, D] each, and their maximum) and
+    the attention over the chosen blocks (the dense mask and chosen keys, fp32 scores and probabilities, K and V in
+    the exact dtype), next to the bounds [Hq, T, blocks] and the chosen blocks."""
+    D, Hq, Hkv = args.head_dim, args.n_heads, args.n_kv_heads
+    bounds = 3 * Hq * T * blocks * D * e
+    attend = T * S + Hkv * T * S + 2 * Hq * T * S * e + 2 * Hkv * S * D * e + Hq * T * D * (e + 4)
+    return max(bounds, attend) + 2 * Hq * T * blocks * e + Hkv * blocks
 
 
 def _kernel_workspace(args: ModelArgs, T: int, S: int, b: int, device: str, seen: int | None) -> int:
@@ -255,9 +277,9 @@ def run_shape(task, ctx_length: int) -> RunShape:
     `query_tokens` go through phase 2; generate and ruler the ctx length, a query, and `max_new_tokens`."""
     if task.name in ("bench", "plan"):
         n = task.get("prompt_tokens") or ctx_length
-        return RunShape(max(1, n - task.query_tokens), task.query_tokens + task.new_tokens)
+        return RunShape(max(1, n - task.query_tokens), task.query_tokens + task.new_tokens, task.query_tokens)
     n = max(task.get("lengths") or [ctx_length])
-    return RunShape(n, QUERY_ALLOWANCE + task.max_new_tokens)
+    return RunShape(n, QUERY_ALLOWANCE + task.max_new_tokens, QUERY_ALLOWANCE)
 
 
 QUERY_ALLOWANCE = 256  # tokens of a question and chat template after the context, for tasks that do not fix them
@@ -275,7 +297,7 @@ def plan_config(cfg, world: int | None = None, n_ctx: int | None = None, dtype: 
     dtype = dtype or resolve_dtype(cfg.dtype, device)
     shape = run_shape(cfg.task, cfg.ctx.length)
     if n_ctx is not None:
-        shape = RunShape(n_ctx, shape.n_after)
+        shape = RunShape(n_ctx, shape.n_after, shape.n_query)
     args = preset_args(cfg.model)
     strategy = attention.from_config(cfg.attention, shape.n_ctx, world // tp)
     return plan_run(args, strategy, shape, world // tp, dtype, device.type, cfg.model.name, tp)

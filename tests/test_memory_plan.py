@@ -44,7 +44,7 @@ def measured_peak(rank: int, world: int, args: ModelArgs, name: str, params: dic
 def assert_plan_matches(args, name, params, world, n=1024, new=8, dtype=torch.float32):
     run = (args, name, params, n, new, dtype)
     peaks = run_ranks(world, measured_peak, *run) if world > 1 else [measured_peak(0, 1, *run)]
-    plan = plan_run(args, attention.build(name, **params), RunShape(n - 16, 16 + new), world, dtype, "cpu")
+    plan = plan_run(args, attention.build(name, **params), RunShape(n - 16, 16 + new, 16), world, dtype, "cpu")
     for r, peak in zip(plan.ranks, peaks):
         assert peak * (1 - UNDER) <= r.total <= peak * (1 + OVER), f"rank {r.rank}: planned {r.total}, allocated {peak}"
 
@@ -57,6 +57,13 @@ def test_plan_of_each_family_matches_allocation(family):
 @pytest.mark.parametrize("params", [{"block_size": 256}, {"block_size": 200, "anchor_size": 64}])
 def test_plan_of_star_on_one_rank(params):
     assert_plan_matches(family_args("llama3"), "star", params, 1)
+
+
+@pytest.mark.parametrize("name", ["global", "star"])
+def test_plan_of_sparse_decode_counts_its_summaries_and_workspace(name):
+    # small blocks and many query tokens: the key summaries and the reference's bounds are the largest terms
+    params = {"decode": "hsr", "hsr_block": 2, "hsr_sink": 2, "hsr_recent": 2} | ({"block_size": 256} if name == "star" else {})
+    assert_plan_matches(family_args("llama3"), name, params, 1, n=512, new=64)
 
 
 def test_plan_follows_the_mlp_chunks(monkeypatch):
