@@ -91,9 +91,9 @@ def plan() -> list[Cell]:
     cells += [Cell(g, 8192, st, D4) for st in ("global", "star4", "star8", "star-default")]
     cells += [Cell(g, 16384, st, D4) for st in ("global", "star-default")]
     cells += [Cell(g, 32768, st, D2) for st in ("global", "star-default")] + [Cell(g, 4096, "ring", D4)]
-    cells += [Cell(g, 16384, st, D4) for st in ("star4", "star8")]
+    cells += [Cell(g, 16384, st, D4) for st in ("star4", "star8")] + [Cell(g, 4096, "star-default", D4)]
     cells += [Cell(s, n, st, D4) for n in (1024, 2048, 4096, 8192) for st in ("global", "star4", "star8")]
-    cells += [Cell(s, 8192, "star-default", D4), Cell(g, 4096, "star-default", D4)]
+    cells += [Cell(s, 8192, "star-default", D4)]
     cells += [Cell(g, n, st, D4) for st in ("ring", "star4-recompute", "star8-recompute") for n in (4096, 8192, 16384)]
     cells += [Cell(s, n, st, D4) for st in ("ring", "star4-recompute", "star8-recompute") for n in (1024, 2048, 4096, 8192)]
     return cells
