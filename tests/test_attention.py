@@ -262,7 +262,7 @@ def test_global_on_two_ranks_is_refused():
 
 
 def _passkey_prompts(tok, count: int = 3):
-    from runner import demo_prompt
+    from tasks import demo_prompt
 
     prompts = []
     for seed, n in zip((0, 1, 3), (500, 750, 950)[:count]):  # seeds whose key SmolLM2 finds with global attention

@@ -142,7 +142,7 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         lines.append(f"| {r['model']} | {r['length']:,} | {r['block']} | {r['eps']:g} | {r['hsr_share']:.1%} | "
                      f"{r['oracle_share']:.1%} | {r['looseness_nats']:.1f} | {'yes' if r['certificate_holds'] else 'NO'} |")  # fmt: skip
-    lines += ["", f"`python tools/hsr_structure.py --model MODEL --length N` (CPU, fp32; sink 64 and recent 256 tokens always read; "
+    lines += ["", "`python tools/hsr_structure.py --model MODEL --length N` (CPU, fp32; sink 64 and recent 256 tokens always read; "
               "shares over every layer and KV head at one decode query).", END]  # fmt: skip
     return "\n".join(lines)
 

@@ -1,0 +1,113 @@
+"""task=generate: one prompt (text, file, stdin or the pass-key demo), or every record of a jsonl file."""
+
+from __future__ import annotations
+
+import random
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+import models
+from models.tokenizer import Tokenizer
+from preflight import options
+from tasks.context import Context
+from tasks.rows import append_row, read_rows
+
+
+def demo_prompt(tokenizer: Tokenizer, n_tokens: int, seed: int) -> tuple[str, str, str]:
+    """Pass-key retrieval: a context of about `n_tokens` tokens with the key at a random depth, the question, the key."""
+    rng = random.Random(seed)
+    key = str(rng.randint(10000, 99999))
+    filler = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+    reps = max(1, n_tokens // len(tokenizer.encode(filler, add_special_tokens=False)))
+    parts = [filler] * reps
+    parts.insert(rng.randrange(reps), f"The pass key is {key}. Remember it. {key} is the pass key. ")
+    intro = "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it."
+    return f"{intro}\n\n{''.join(parts)}", "\n\nWhat is the pass key?", key
+
+
+def _sampling(task: DictConfig, seed: int) -> models.Sampling:
+    return models.Sampling(task.temperature, task.top_k, task.top_p, seed)
+
+
+def task_generate(c: Context) -> dict:
+    t = c.cfg.task
+    sampling = _sampling(t, c.cfg.seed)
+    if t.input_jsonl:
+        return generate_jsonl(c, sampling)
+    expected = None
+    if t.prompt_file or t.prompt is not None:
+        source = "task.prompt" if t.prompt is not None else f"task.prompt_file={t.prompt_file}"
+        if t.prompt_file == "-":
+            text = sys.stdin.read()
+        else:
+            text = options.read_text(Path(t.prompt_file).expanduser(), "task.prompt_file") if t.prompt_file else t.prompt
+        if t.chat and c.tok.chat_template:
+            ids = c.tok.encode_chat([{"role": "user", "content": text}])
+        else:
+            ids = c.tok.encode(text)
+        n_ctx = len(ids) - 1
+        options.check_prompt_length(len(ids), t.max_new_tokens, c.max_seq_len, source)
+    else:
+        n_demo = options.demo_context(c.cfg.ctx.length, c.max_seq_len, t.max_new_tokens)
+        if n_demo < c.cfg.ctx.length:
+            c.say(f"demo context of {n_demo} tokens: ctx.length={c.cfg.ctx.length} would leave no room for the question "
+                  f"and {t.max_new_tokens} new tokens in the model's {c.max_seq_len} positions")  # fmt: skip
+        context, query, expected = demo_prompt(c.tok, n_demo, c.cfg.seed)
+        ids, n_ctx = c.prompt_ids(context, query, t.chat)
+        options.check_prompt_length(len(ids), t.max_new_tokens, c.max_seq_len, "the demo prompt")
+    out, ttft, tps = c.answer(ids, n_ctx, t.max_new_tokens, sampling, t.stop, stream=True)
+    kv = c.kv_per_rank()
+    strategy = c.cfg.attention.name
+    c.say(
+        f"[{c.cfg.model.name} · {strategy} · {c.layout.describe()} · {c.device.type}] prompt "
+        f"{len(ids)} tokens · time to first token {ttft:.2f} s · decode {tps:.1f} tok/s · KV cache per rank: "
+        + ", ".join(f"{b / 2**20:.1f} MiB" for b in kv)
+    )
+    result = {"prompt_tokens": len(ids), "new_tokens": len(out.token_ids), "ttft_s": ttft, "decode_tok_s": tps,
+              "kv_bytes_per_rank": kv, "answer": out.text}  # fmt: skip
+    result |= c.hsr_summary()
+    if expected is not None:
+        result["demo_fact_found"] = expected in out.text
+        c.say(f"hidden pass key {expected}: {'found' if result['demo_fact_found'] else 'NOT found'} in the answer")
+    return result
+
+
+def generate_jsonl(c: Context, sampling: models.Sampling) -> dict:
+    """Answer every record of task.input_jsonl. Each answer is appended to the output as it is made, so a crash loses
+    only the record in flight, and task.resume=true skips the records already answered there. A record that cannot
+    run (longer than the model's positions) is reported by index and skipped, or stops the run with
+    task.on_error=stop; the summary counts them."""
+    from tqdm import tqdm
+
+    t = c.cfg.task
+    records = options.jsonl_records(Path(t.input_jsonl).expanduser(), "task.input_jsonl")
+    out_path = Path(t.output_jsonl).expanduser() if t.output_jsonl else c.run_dir / "answers.jsonl"
+    done = {r["index"]: r for r in read_rows(out_path)} if t.resume else {}
+    if done:
+        c.say(f"resuming: {len(done)} of {len(records)} records already answered in {out_path}")
+    rows, failed = [], []
+    for i, rec in enumerate(tqdm(records, desc="samples", disable=not c.lead or None)):
+        if i in done:
+            rows.append(done[i])
+            continue
+        ids, n_ctx = c.prompt_ids(rec["input_context"], rec["input_query"], t.chat)
+        try:
+            options.check_prompt_length(len(ids), t.max_new_tokens, c.max_seq_len, f"task.input_jsonl={t.input_jsonl}, record {i}")
+        except options.OptionError as e:
+            if t.on_error == "stop":
+                raise
+            failed.append(i)
+            c.say(f"skipped: {e}")
+            continue
+        out, ttft, _ = c.answer(ids, n_ctx, t.max_new_tokens, sampling, t.stop)
+        row = {"index": i, "pred": out.text, "output": rec.get("output"), "prompt_tokens": len(ids), "ttft_s": ttft}
+        rows.append(row)
+        if c.lead:
+            append_row(out_path, row)
+    c.say(f"{len(rows)} answers in {out_path}" + (f"; {len(failed)} records failed: {failed}" if failed else ""))
+    c.samples = rows
+    timed = [r["ttft_s"] for r in rows]
+    return {"samples": len(rows), "failed": len(failed), "failed_indices": failed,
+            "mean_ttft_s": sum(timed) / len(timed) if timed else None, "answers_file": str(out_path)}  # fmt: skip
