@@ -125,7 +125,7 @@ def hsr_attend(
     serves all its query heads, as a kernel would read it."""
     check_eps(eps)
     B, Hq, T, D = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
+    Hkv = k.shape[1]
     g, nb = Hq // Hkv, summary.count.numel()
     first = int(mask.q_pos.min())
     last = int(mask.q_pos.max())
