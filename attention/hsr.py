@@ -4,15 +4,21 @@ For every block of `block` key slots the cache keeps a summary: the per-channel 
 slots are filled, and the lowest and highest position held. For a query q the largest score any key of block b can
 have is at most
 
-    u_b = sum_i max(q_i * min_bi, q_i * max_bi) / sqrt(D)          (each term bounds q_i * k_i for min <= k_i <= max)
+    u_b = sum_i max(q_i * min_bi, q_i * max_bi) / sqrt(D)  =  (q+ . max_b + q- . min_b) / sqrt(D)
 
-A step always reads the sink blocks (the first `sink` tokens) and the blocks holding the `recent` latest tokens, then
-the other blocks in decreasing order of u_b, in rounds of doubling size, until the certificate
+(q+ and q- the positive and negative parts of q: each term bounds q_i * k_i for min <= k_i <= max).
 
-    c = sum over unread visible blocks b of n_b * exp(u_b - lse_read)
+A step reads in two passes, with nothing decided on the host (so that it runs inside a CUDA graph):
+1. the first read: the sink blocks (the first `sink` tokens), the blocks holding the `recent` latest tokens, and
+   each KV head's block of highest bound. Their exact log-sum-exp L per query is a lower bound on that of any
+   selection that contains them.
+2. Each other visible block gets the weight w_b = max over the KV head's query rows of n_b * exp(u_b - L), where n_b
+   is the block's filled slots. Sorted by weight, the unread blocks are the longest tail whose weights sum to at
+   most `eps`; the rest (and the first read) are read exactly, and their (output, lse) is the step's result.
 
-is at most `eps` for every query head. Since each unread key j has s_j <= u_b, the unread softmax mass Z_skip and the
-read mass Z_read = exp(lse_read) satisfy rho = Z_skip / Z_read <= c. The output is exact attention over the read keys,
+The certificate per query row is c = exp(L - lse_read) * (sum of the unread blocks' weights) <= eps. Since each
+unread key j has s_j <= u_b, the unread softmax mass Z_skip and the read mass Z_read = exp(lse_read) satisfy
+rho = Z_skip / Z_read <= sum_unread n_b exp(u_b - lse_read) <= c. The output is exact attention over the read keys,
 o_read; the true output is o = (o_read + rho * o_skip) / (1 + rho), so for every value channel i
 
     |o_i - o_read_i| <= c / (1 + c) * (max_j v_ji - min_j v_ji)       (the values' range over visible keys)
@@ -23,24 +29,28 @@ exact attention over the union of the read keys, and the union's ratio is sum_r 
 read-mass-weighted mean of the ranks' certificates (`merge_certificates`). The same two inequalities then hold for
 the merged output with that certificate. tests/test_hsr.py checks both against float64 attention.
 
-This is the PyTorch reference (CPU, and the specification for the CUDA kernels).
+On CUDA the bounds are one Triton kernel (attention/hsr_triton.py) and both reads run the Lean decode kernel over a
+list of (head, block) tiles (`attention.lean.lean_sparse_attend`); elsewhere the same steps run in PyTorch.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 from torch import Tensor
 
+from attention import lean
 from attention.kernels import PositionMask
 
 
 @dataclass
 class KeySummary:
-    """Per block of `block` slots: per-channel key minimum and maximum [B, Hkv, blocks, D], filled slots [blocks],
-    lowest and highest position held [blocks] (empty blocks hold +inf/-inf keys and count 0)."""
+    """Per block of `block` slots: per-channel key minimum and maximum [B, Hkv, blocks, D] in the keys' own dtype
+    (the minimum of values of a dtype is one of them), filled slots [blocks], lowest and highest position held
+    [blocks] (empty blocks hold +inf/-inf keys and count 0)."""
 
     block: int
     kmin: Tensor
@@ -51,7 +61,7 @@ class KeySummary:
 
     @classmethod
     def empty(cls, batch: int, kv_heads: int, slots: int, head_dim: int, block: int, device=None, dtype=torch.float32) -> "KeySummary":
-        """A summary of an empty cache; `dtype` holds the keys exactly (fp32 for bf16/fp16/fp32 caches)."""
+        """A summary of an empty cache of keys of `dtype`."""
         check_block(block)
         n = -(-slots // block)
         inf = torch.full((batch, kv_heads, n, head_dim), math.inf, device=device, dtype=dtype)
@@ -70,7 +80,7 @@ class KeySummary:
     @classmethod
     def of(cls, k: Tensor, kv_pos: Tensor, block: int) -> "KeySummary":
         """The summary of a whole cache k [B, Hkv, S, D] whose slot positions are kv_pos [S] (-1: empty)."""
-        s = cls.empty(*k.shape[:3], k.shape[3], block, k.device, torch.promote_types(k.dtype, torch.float32))
+        s = cls.empty(*k.shape[:3], k.shape[3], block, k.device, k.dtype)
         s.update(torch.arange(k.shape[2], device=k.device)[kv_pos >= 0], k[:, :, kv_pos >= 0], kv_pos[kv_pos >= 0])
         return s
 
@@ -97,15 +107,19 @@ def check_eps(eps: float) -> None:
 
 
 def score_bounds(q: Tensor, summary: KeySummary) -> Tensor:
-    """u [B, Hq, T, blocks]: no key of a block scores above it for that query (scores scaled by D**-0.5)."""
+    """u [B, Hq, T, blocks] (fp32, float64 for float64 queries): no key of a block scores above it for that query
+    (scores scaled by D**-0.5); -inf for empty blocks."""
+    if _triton_bounds(q, summary):
+        return _triton().bounds(q, summary)
     B, Hq, T, D = q.shape
-    g = Hq // summary.kmin.shape[1]
-    qf = q.to(summary.kmin.dtype).reshape(B, -1, g * T, 1, D)  # [B, Hkv, g*T, 1, D]
-    lo, hi = summary.kmin[:, :, None], summary.kmax[:, :, None]  # [B, Hkv, 1, blocks, D]
-    # inf - inf is nan in an empty block: its bound is -inf (it holds nothing)
-    u = torch.maximum(qf * lo, qf * hi).nan_to_num(nan=-math.inf).sum(-1) * D**-0.5
-    u = u.masked_fill((summary.count == 0)[None, None, None, :], -math.inf)
-    return u.view(B, Hq, T, -1)
+    Hkv = summary.kmin.shape[1]
+    acc = torch.promote_types(q.dtype, torch.float32)
+    qf = q.to(acc).reshape(B, Hkv, Hq // Hkv * T, D)
+    filled = (summary.count > 0)[:, None]
+    lo = torch.where(filled, summary.kmin.to(acc), 0.0)  # (an empty block's +-inf would make 0 * inf = nan)
+    hi = torch.where(filled, summary.kmax.to(acc), 0.0)
+    u = (qf.clamp(min=0) @ hi.transpose(-1, -2) + qf.clamp(max=0) @ lo.transpose(-1, -2)) * D**-0.5
+    return u.masked_fill(~filled.T, -math.inf).view(B, Hq, T, -1)
 
 
 @dataclass
@@ -114,7 +128,17 @@ class HSRResult:
     lse: Tensor  # [B, Hq, T], fp32 (float64 for float64 inputs), of the read keys
     certificate: Tensor  # [B, Hq, T]: unread softmax mass / read mass is at most this
     blocks_read: Tensor  # [B, Hkv] blocks read per KV head
-    blocks_visible: int
+    blocks_visible: Tensor  # (0-dim) blocks any query of the step can see, per KV head
+
+
+def block_roles(summary: KeySummary, mask: PositionMask, sink: int, recent: int) -> tuple[Tensor, Tensor]:
+    """(visible, always) [blocks]: blocks a query can see at all (filled, not entirely in the future, not entirely
+    before the window), and those of them always read (holding a sink or a recent position)."""
+    first, last = mask.q_pos.min(), mask.q_pos.max()
+    visible = (summary.count > 0) & (summary.pmin <= last)
+    if mask.window is not None:
+        visible &= summary.pmax > first - mask.window
+    return visible, visible & ((summary.pmin < sink) | (summary.pmax > last - recent))
 
 
 def hsr_attend(
@@ -122,41 +146,44 @@ def hsr_attend(
 ) -> HSRResult:
     """Decode attention of q [B, Hq, T, D] (T small) over the cache k, v [B, Hkv, S, D] reading only the blocks
     needed for the certificate to be at most `eps` for every query (module docstring). One KV head's selection
-    serves all its query heads, as a kernel would read it."""
+    serves all its query heads, as the kernel reads it."""
     check_eps(eps)
     B, Hq, T, D = q.shape
-    Hkv = k.shape[1]
-    g, nb = Hq // Hkv, summary.count.numel()
-    first = int(mask.q_pos.min())
-    last = int(mask.q_pos.max())
-    # blocks a query can see at all: filled, not entirely in the future, not entirely before the window
-    visible = (summary.count > 0) & (summary.pmin <= last)
-    if mask.window is not None:
-        visible &= summary.pmax > first - mask.window
-    always = visible & ((summary.pmin < sink) | (summary.pmax > last - recent))
+    Hkv, nb = k.shape[1], summary.count.numel()
+    visible, always = block_roles(summary, mask, sink, recent)
     u = score_bounds(q, summary).masked_fill(~visible, -math.inf)  # [B, Hq, T, nb]
-    group_u = u.view(B, Hkv, g * T, nb).amax(2)  # a block's best bound over its group's queries
-    order = group_u.masked_fill(always[None, None], math.inf).argsort(-1, descending=True)  # [B, Hkv, nb]
-    n_visible = int(visible.sum())
-    take = max(int(always.sum()), 1)
-    while True:
-        chosen = torch.zeros(B, Hkv, nb, dtype=torch.bool, device=q.device)
-        chosen.scatter_(2, order[..., :take], True)
-        chosen &= visible
-        out, lse = _attend_blocks(q, k, v, mask, chosen, summary.block)
-        unread = (~chosen & visible)[:, :, None].expand(B, Hkv, g * T, nb).reshape(B, Hq, T, nb)
-        mass = summary.count.to(u.dtype) * torch.exp(u - lse[..., None]).nan_to_num(nan=0.0)
-        cert = torch.where(unread, mass, 0.0).sum(-1)
-        if take >= n_visible or bool((cert <= eps).all()):
-            return HSRResult(out, lse, cert, chosen.sum(-1), n_visible)
-        take = min(2 * take, nb)
+    rows = u.view(B, Hkv, -1, nb)
+    best = torch.zeros(B, Hkv, nb, dtype=torch.bool, device=q.device).scatter_(2, rows.amax(2).argmax(-1, keepdim=True), True)
+    first = (always | best) & visible
+    _, L = attend_blocks(q, k, v, mask, *_prefix(first.to(torch.int8)), summary.block)
+    weight = (summary.count * torch.exp(u - L[..., None])).nan_to_num(nan=0.0)  # (L = -inf: nothing visible)
+    weight = weight.view(B, Hkv, -1, nb).amax(2).masked_fill(~visible, 0.0).masked_fill(first, math.inf)
+    ranked, order = weight.sort(-1, descending=True)
+    # the weights from each rank on, summed from the smallest up (in float64: no cancellation, no rounding down)
+    tail = ranked.masked_fill(ranked.isinf(), 0.0).double().flip(-1).cumsum(-1).flip(-1)
+    n_read = (ranked.isinf() | (tail > eps)).sum(-1)  # [B, Hkv]: a prefix of the ranking
+    out, lse = attend_blocks(q, k, v, mask, order, n_read, summary.block)
+    unread = torch.cat([tail, tail.new_zeros(B, Hkv, 1)], -1).gather(-1, n_read[..., None])  # [B, Hkv, 1]
+    scale = torch.exp(L - lse).nan_to_num(nan=1.0).view(B, Hkv, -1)  # (lse = -inf only where nothing is visible)
+    certificate = (scale * unread.to(scale.dtype)).view(B, Hq, T)
+    return HSRResult(out, lse, certificate, n_read, visible.sum())
 
 
-def _attend_blocks(q: Tensor, k: Tensor, v: Tensor, mask: PositionMask, chosen: Tensor, block: int) -> tuple[Tensor, Tensor]:
-    """Exact attention over the visible keys of the chosen blocks (per KV head): fp32 (float64 for float64 inputs)."""
+def _prefix(chosen: Tensor) -> tuple[Tensor, Tensor]:
+    """The blocks of a mask [B, Hkv, nb] as a ranking whose first n [B, Hkv] entries are the chosen ones."""
+    return chosen.sort(dim=-1, descending=True, stable=True)[1], chosen.sum(-1, dtype=torch.long)
+
+
+def attend_blocks(q: Tensor, k: Tensor, v: Tensor, mask: PositionMask, order: Tensor, n: Tensor, block: int) -> tuple[Tensor, Tensor]:
+    """Exact attention over the visible keys of each KV head's first n [B, Hkv] blocks of `order` [B, Hkv, nb]:
+    (output in q's dtype, lse fp32; float64 for float64 inputs)."""
+    if _triton_attend(q, k, mask, block):
+        return lean.lean_sparse_attend(q, k, v, mask, order, n, block)
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
     g = Hq // Hkv
+    chosen = torch.arange(order.shape[-1], device=q.device) < n[..., None]
+    chosen = torch.zeros_like(chosen).scatter_(-1, order, chosen)
     keep = chosen[..., torch.arange(k.shape[2], device=k.device) // block]  # [B, Hkv, S]
     allowed = mask.dense()[None, None, None] & keep[:, :, None, None, :]  # [B, Hkv, 1, T, S]
     acc = torch.promote_types(q.dtype, torch.float32)
@@ -166,6 +193,29 @@ def _attend_blocks(q: Tensor, k: Tensor, v: Tensor, mask: PositionMask, chosen: 
     probs = torch.exp(scores - lse.unsqueeze(-1).masked_fill(lse.isinf().unsqueeze(-1), 0.0))
     out = torch.einsum("bhgts,bhsd->bhgtd", probs, v.to(acc))
     return out.reshape(B, Hq, T, D).to(q.dtype), lse.reshape(B, Hq, T)
+
+
+def _triton_bounds(q: Tensor, summary: KeySummary) -> bool:
+    """Shapes the bounds kernel takes: a power-of-two head dim, at most 64 query rows per KV head (registers)."""
+    _, Hq, T, D = q.shape
+    rows = Hq // summary.kmin.shape[1] * T
+    return q.is_cuda and q.dtype != torch.float64 and D in (16, 32, 64, 128, 256) and rows <= 64 and _triton() is not None
+
+
+def _triton_attend(q: Tensor, k: Tensor, mask: PositionMask, block: int) -> bool:
+    """The Lean kernel takes tiles of at least 16 keys (its matrix products' smallest side)."""
+    return q.dtype != torch.float64 and block >= 16 and lean.supports(q, k, mask)
+
+
+@cache
+def _triton():
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return None
+    from attention import hsr_triton
+
+    return hsr_triton
 
 
 def merge_certificates(lses: Tensor, certificates: Tensor) -> Tensor:

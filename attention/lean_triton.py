@@ -5,6 +5,11 @@ an online softmax over the tiles (running max, sum and weighted values, fp32) fo
 A head whose whole stretch lies in this program is written out; otherwise the program stores a partial (output,
 lse) in its next slot. A second, small kernel then merges the partials of every split head with the rule of
 `attention.merge.merge_partials`: one program per (head, query row), all of the head's partials loaded at once.
+
+SPARSE: the units are a list of (head, tile) entries instead (`head * tiles + tile`, heads in order, each head's
+entries at OFFS[head] .. OFFS[head + 1]), whose length OFFS[heads] stays on the device: the same equal shares and
+the same closed forms, with a head's start and end read from OFFS. Every head has at least one entry, or none has
+(the slot of a head in a program counts the heads before it in the program's share).
 """
 
 from __future__ import annotations
@@ -18,13 +23,15 @@ from attention import lean
 
 @triton.jit
 def _lean_decode(
-    Q, K, V, QPOS, KVPOS, OUT, LSE, PO, PL,
+    Q, K, V, QPOS, KVPOS, OUT, LSE, PO, PL, LIST, OFFS,
     sqb, sqh, sqt, skb, skh, sks, svb, svh, svs, sob, soh, sot, slb, slh, spo_p, spo_s, spo_r, spl_p, spl_s,
     Hkv, S, T, total, programs, tiles, window, scale,
     G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr, SPARSE: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
+    if SPARSE:
+        total = tl.load(OFFS + (total // tiles))  # (total = heads * tiles: the list's capacity)
     unit = (pid.to(tl.int64) * total // programs).to(tl.int32)
     end = ((pid.to(tl.int64) + 1) * total // programs).to(tl.int32)
     rows = tl.arange(0, BLOCK_M)
@@ -35,16 +42,26 @@ def _lean_decode(
     qp = tl.load(QPOS + t, mask=row_ok, other=-1)
     slot = pid * 0  # an int32 tensor, as the loop carries it
     while unit < end:
-        head = unit // tiles
-        first = unit - head * tiles
-        stop = tl.minimum(end, (head + 1) * tiles)
+        if SPARSE:
+            head = tl.load(LIST + unit) // tiles
+            head_start = tl.load(OFFS + head)
+            head_end = tl.load(OFFS + head + 1)
+        else:
+            head = unit // tiles
+            head_start = head * tiles
+            head_end = head_start + tiles
+        stop = tl.minimum(end, head_end)
         b = (head // Hkv).to(tl.int64)
         h = (head % Hkv).to(tl.int64)
         q = tl.load(Q + b * sqb + (h * G + j)[:, None] * sqh + t[:, None] * sqt + d[None, :], mask=row_ok[:, None], other=0.0)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D], tl.float32)
-        for tile in range(first, first + stop - unit):
+        for u in range(unit, stop):
+            if SPARSE:
+                tile = tl.load(LIST + u) % tiles
+            else:
+                tile = u - head_start
             n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
             n_ok = n < S
             n64 = n.to(tl.int64)
@@ -73,7 +90,7 @@ def _lean_decode(
         denom = tl.where(seen, l_i, 1.0)
         out = acc / denom[:, None]
         lse = tl.where(seen, m_i + tl.log(denom), float("-inf"))
-        if (first == 0) & (stop == (head + 1) * tiles):  # the whole head in this program
+        if (unit == head_start) & (stop == head_end):  # the whole head in this program
             tl.store(OUT + b * sob + (h * G + j)[:, None] * soh + t[:, None] * sot + d[None, :], out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
             tl.store(LSE + b * slb + (h * G + j) * slh + t, lse, mask=row_ok)
         else:
@@ -84,26 +101,44 @@ def _lean_decode(
 
 
 @triton.jit
-def _slot(head, p, total, programs, tiles):
-    """Where program p stored its partial of `head` (`attention.lean.head_parts`)."""
-    return head - (p.to(tl.int64) * total // programs).to(tl.int32) // tiles
+def _slot(head, p, total, programs, tiles, LIST, SPARSE: tl.constexpr):
+    """Where program p stored its partial of `head` (`attention.lean.head_parts`): the heads before it in p's share."""
+    first = (p.to(tl.int64) * total // programs).to(tl.int32)
+    if SPARSE:
+        return head - tl.load(LIST + tl.minimum(first, total)) // tiles  # (masked lanes: p past the last program)
+    return head - first // tiles
 
 
 @triton.jit
 def _lean_combine(
-    OUT, LSE, PO, PL, sob, soh, sot, slb, slh, spo_p, spo_s, spo_r, spl_p, spl_s, Hkv, T, total, programs, tiles,
-    G: tl.constexpr, D: tl.constexpr, PARTS: tl.constexpr, CHUNK: tl.constexpr,
+    OUT, LSE, PO, PL, LIST, OFFS, sob, soh, sot, slb, slh, spo_p, spo_s, spo_r, spl_p, spl_s, Hkv, T, total, programs, tiles,
+    G: tl.constexpr, D: tl.constexpr, PARTS: tl.constexpr, CHUNK: tl.constexpr, SPARSE: tl.constexpr,
 ):  # fmt: skip
-    """One (head, query row) per program: merge the head's partials, or nothing if one program held the head."""
+    """One (head, query row) per program: merge the head's partials, or nothing if one program held the head (a
+    head with no units at all, SPARSE only, gets output 0 and lse -inf)."""
     head = tl.program_id(0)
     row = tl.program_id(1)
-    p_first = (((head * tiles + 1).to(tl.int64) * programs - 1) // total).to(tl.int32)
-    p_last = ((((head + 1) * tiles).to(tl.int64) * programs - 1) // total).to(tl.int32)
-    n = p_last - p_first + 1
+    if SPARSE:
+        total = tl.load(OFFS + (total // tiles))
+        start = tl.load(OFFS + head)
+        stop = tl.load(OFFS + head + 1)
+    else:
+        start = head * tiles
+        stop = start + tiles
+    p_first = (((start + 1).to(tl.int64) * programs - 1) // tl.maximum(total, 1)).to(tl.int32)
+    p_last = ((stop.to(tl.int64) * programs - 1) // tl.maximum(total, 1)).to(tl.int32)
+    n = tl.where(stop > start, p_last - p_first + 1, 0)
+    if n == 0:
+        b = (head // Hkv).to(tl.int64)
+        h = (head % Hkv).to(tl.int64)
+        j, t = row // T, row % T
+        d = tl.arange(0, D)
+        tl.store(OUT + b * sob + (h * G + j) * soh + t * sot + d, tl.zeros([D], tl.float32).to(OUT.dtype.element_ty))
+        tl.store(LSE + b * slb + (h * G + j) * slh + t, float("-inf"))
     if n > 1:
         parts = tl.arange(0, PARTS)
         p = p_first + parts
-        lse = tl.load(PL + p * spl_p + _slot(head, p, total, programs, tiles) * spl_s + row, mask=parts < n, other=float("-inf"))
+        lse = tl.load(PL + p * spl_p + _slot(head, p, total, programs, tiles, LIST, SPARSE) * spl_s + row, mask=parts < n, other=float("-inf"))
         m = tl.max(lse, 0)
         m_safe = tl.where(m == float("-inf"), 0.0, m)
         total_w = tl.sum(tl.exp(lse - m_safe), 0)
@@ -112,7 +147,7 @@ def _lean_combine(
         for c in range(0, n, CHUNK):
             i = c + tl.arange(0, CHUNK)
             pc = p_first + i
-            slot_c = _slot(head, pc, total, programs, tiles)
+            slot_c = _slot(head, pc, total, programs, tiles, LIST, SPARSE)
             lse_c = tl.load(PL + pc * spl_p + slot_c * spl_s + row, mask=i < n, other=float("-inf"))
             part = tl.load(PO + (pc * spo_p + slot_c * spo_s + row * spo_r)[:, None] + d[None, :], mask=(i < n)[:, None], other=0.0)
             acc += tl.sum(tl.exp(lse_c - m_safe)[:, None] * part, 0)
@@ -125,7 +160,8 @@ def _lean_combine(
         tl.store(LSE + b * slb + (h * G + j) * slh + t, tl.where(seen, m + tl.log(denom), float("-inf")))
 
 
-def run(q, k, v, mask, out, lse, parts_out, parts_lse, programs: int, max_parts: int, config) -> None:
+def run(q, k, v, mask, out, lse, parts_out, parts_lse, programs: int, max_parts: int, config, tile_list=None) -> None:
+    """Both launches; `tile_list` = (LIST, OFFS) for the SPARSE walk, with config.block_n keys per tile."""
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     G = Hq // Hkv
@@ -134,17 +170,19 @@ def run(q, k, v, mask, out, lse, parts_out, parts_lse, programs: int, max_parts:
     strides_out = (out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1))
     strides_parts = (parts_out.stride(0), parts_out.stride(1), parts_out.stride(2), parts_lse.stride(0), parts_lse.stride(1))
     total = B * Hkv * tiles
+    sparse = tile_list is not None
+    units, offs = tile_list if sparse else (mask.q_pos, mask.q_pos)  # (unused pointers when dense)
     _lean_decode[(programs,)](
-        q, k, v, mask.q_pos, mask.kv_pos, out, lse, parts_out, parts_lse,
+        q, k, v, mask.q_pos, mask.kv_pos, out, lse, parts_out, parts_lse, units, offs,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), *strides_out, *strides_parts,
         Hkv, S, T, total, programs, tiles, mask.window or 0, D**-0.5,
         G=G, BLOCK_M=max(16, triton.next_power_of_2(G * T)), BLOCK_N=config.block_n, D=D,
-        HAS_WINDOW=mask.window is not None, IEEE=q.dtype.itemsize == 4,
+        HAS_WINDOW=mask.window is not None, IEEE=q.dtype.itemsize == 4, SPARSE=sparse,
         num_warps=config.warps, num_stages=lean.stages_that_fit(D, q.element_size(), lean.shared_memory(q.device), config),
     )  # fmt: skip
-    if max_parts > 1:
+    if max_parts > 1 or sparse:
         _lean_combine[(B * Hkv, G * T)](
-            out, lse, parts_out, parts_lse, *strides_out, *strides_parts, Hkv, T, total, programs, tiles,
-            G=G, D=D, PARTS=triton.next_power_of_2(max_parts), CHUNK=min(32, triton.next_power_of_2(max_parts)),
+            out, lse, parts_out, parts_lse, units, offs, *strides_out, *strides_parts, Hkv, T, total, programs, tiles,
+            G=G, D=D, PARTS=triton.next_power_of_2(max_parts), CHUNK=min(32, triton.next_power_of_2(max_parts)), SPARSE=sparse,
         )  # fmt: skip

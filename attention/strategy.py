@@ -62,7 +62,9 @@ class AttentionStrategy:
             check_eps(hsr_eps)
             check_block(hsr_block)
         self.decode, self.hsr_eps, self.hsr_block, self.hsr_sink, self.hsr_recent = decode, hsr_eps, hsr_block, hsr_sink, hsr_recent
-        self.hsr_steps: list[dict] = []  # per sparse attention call: blocks read / visible, largest certificate
+        # over a phase 2, on the device (a CUDA graph's replays add to it): this rank's blocks read and visible
+        # (summed over layers, KV heads and steps) and the largest composed certificate
+        self.hsr_stats: Tensor | None = None
         self.group = group
         distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank(group) if distributed else 0
@@ -101,6 +103,8 @@ class AttentionStrategy:
         if phase not in PHASES:
             raise ValueError(f"phase must be one of {PHASES}; got {phase!r}")
         self.phase = phase
+        if phase == "context":
+            self.hsr_stats = None
 
     # --- per forward pass
     def begin(self, model, positions: Tensor) -> Step:
@@ -126,10 +130,9 @@ class AttentionStrategy:
 
     def sparse_attend(self, q: Tensor, cache, mask: PositionMask) -> Tensor:
         """HSR over this rank's cache; across ranks the partials merge as dense ones do and the certificates compose
-        as the read-mass-weighted mean (attention/hsr.py), recorded in `hsr_steps`."""
+        as the read-mass-weighted mean (attention/hsr.py), counted in `hsr_stats`."""
         r = hsr_attend(q, cache.k_cache, cache.v_cache, mask, cache.summary, self.hsr_eps, self.hsr_sink, self.hsr_recent)
         out, lse, cert = r.out, r.lse, r.certificate
-        read, visible = int(r.blocks_read.sum()), r.blocks_visible * r.blocks_read.numel()
         if self.world > 1:
             lses = [torch.empty_like(lse) for _ in range(self.world)]
             certs = [torch.empty_like(cert) for _ in range(self.world)]
@@ -137,11 +140,22 @@ class AttentionStrategy:
             dist.all_gather(certs, cert.contiguous(), group=self.group)
             cert = merge_certificates(torch.stack(lses), torch.stack(certs))
             out, lse = all_gather_merge(out, lse, self.group)
-            counts = torch.tensor([read, visible])
-            dist.all_reduce(counts, group=self.group)
-            read, visible = int(counts[0]), int(counts[1])
-        self.hsr_steps.append({"blocks_read": read, "blocks_visible": visible, "certificate": float(cert.max())})
+        if self.hsr_stats is None:
+            self.hsr_stats = torch.zeros(3, dtype=torch.float64, device=q.device)
+        self.hsr_stats[0] += r.blocks_read.sum()
+        self.hsr_stats[1] += r.blocks_visible * r.blocks_read.numel()
+        torch.maximum(self.hsr_stats[2], cert.max(), out=self.hsr_stats[2])
         return out.to(q.dtype)
+
+    def hsr_report(self) -> dict | None:
+        """The share of key blocks phase 2 read (over all ranks) and its largest certificate; None before any."""
+        if self.hsr_stats is None:
+            return None
+        stats = self.hsr_stats.clone()
+        if self.world > 1:
+            dist.all_reduce(stats[:2], group=self.group)
+        read, visible, worst = stats.tolist()
+        return {"hsr_blocks_read_share": read / max(visible, 1), "hsr_max_certificate": worst}
 
     # --- phase 1, what each strategy defines
     def begin_context(self, model, positions: Tensor, windows: set[int | None]) -> Step:

@@ -105,9 +105,8 @@ def generate_tokens(
 
 
 def _graph_capturable(strategy) -> bool:
-    """Dense decode on one rank, or on ranks whose collectives NCCL can record into a CUDA graph (gloo's cannot)."""
-    if strategy.decode != "dense":  # the sparse decode's reference path widens its selection on the host
-        return False
+    """One rank, or ranks whose collectives NCCL can record into a CUDA graph (gloo's cannot). Sparse decode too:
+    its selection stays on the device."""
     return strategy.world == 1 or dist.get_backend(strategy.group) == "nccl"
 
 

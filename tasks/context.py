@@ -97,13 +97,12 @@ class Context:
 
     def hsr_summary(self) -> dict:
         """For decode=hsr: the share of key blocks phase 2 read and the largest certificate, said and returned."""
-        steps = self.model.attention.hsr_steps
-        if not steps:
+        report = self.model.attention.hsr_report()
+        if report is None:
             return {}
-        share = sum(s["blocks_read"] for s in steps) / max(1, sum(s["blocks_visible"] for s in steps))
-        worst = max(s["certificate"] for s in steps)
-        self.say(f"hsr: phase 2 read {share:.1%} of the key blocks; unread softmax mass at most {worst:.2e} of the read")
-        return {"hsr_blocks_read_share": share, "hsr_max_certificate": worst}
+        self.say(f"hsr: phase 2 read {report['hsr_blocks_read_share']:.1%} of the key blocks; "
+                 f"unread softmax mass at most {report['hsr_max_certificate']:.2e} of the read")  # fmt: skip
+        return report
 
     def strategy(self, n_ctx: int) -> attention.AttentionStrategy:
         """The configured strategy over the hosts (each rank in its context-parallel group)."""

@@ -190,6 +190,76 @@ def bench_decode(quick: bool) -> list[Table]:
     return tables + [table]
 
 
+# --- sparse decode (HSR)
+
+
+def _planted_cache(k: torch.Tensor, direction: torch.Tensor, hot: torch.Tensor, block: int, strength: float = 16.0):
+    """Keys (in place) whose blocks `hot` score about +strength against a query along `direction` [B, Hkv, 1, D]
+    and the others about -strength, with per-channel noise 0.1; and the summary of the whole (full) cache."""
+    from attention.hsr import KeySummary
+
+    B, H, S, D = k.shape
+    nb = S // block
+    k.normal_().mul_(0.1).sub_(strength * direction)
+    k.view(B, H, nb, block, D)[:, :, hot] += 2 * strength * direction[:, :, None]
+    blocks = k.view(B, H, nb, block, D)
+    count = torch.full((nb,), block, device=k.device)
+    starts = torch.arange(nb, device=k.device) * block
+    return KeySummary(block, blocks.amin(3), blocks.amax(3), count, starts, starts + block - 1)
+
+
+def bench_hsr(quick: bool) -> list[Table]:
+    from attention.hsr import attend_blocks, hsr_attend
+
+    eps, block, sink, recent = 1e-3, 64, 64, 256
+    table = Table(
+        "HSR sparse decode attention vs dense Lean and SDPA, by share of key blocks read",
+        "python tools/benchmarks.py hsr",
+        ["batch", "context", "KV MB", "blocks planted", "blocks read", "HSR graph (µs)", "of which selection (µs)",
+         "Lean graph (µs)", "SDPA graph (µs)", "Lean / HSR", "SDPA / HSR", "largest certificate", "max abs diff vs Lean"],
+    )  # fmt: skip
+    table.figure = "hsr"
+    table.notes.append(
+        f"bf16, 8 KV heads x 4 query heads (Llama-3.1-8B's attention), head dim 128, one query token; hsr_eps {eps}, "
+        f"hsr_block {block}, sink {sink}, recent {recent}. Keys are planted so that the share of blocks in 'blocks "
+        "planted' (spread evenly) scores about +16 against the query and the rest about -16, each key with noise 0.1 "
+        "per channel: what a certified selection must read is then known. 'blocks read' is what HSR read (the planted "
+        "ones, the sink and recent blocks, the best-bound block). 'of which selection' is HSR's time less that of its "
+        "final read alone (score bounds, the first read, ranking, the tile list). Graph times replay 10 calls from a "
+        "CUDA graph."
+    )
+    shares = (0.01, 0.05, 0.25, 1.0) if quick else (0.01, 0.05, 0.10, 0.25, 1.0)
+    for B, S in ((1, 32 * K), (1, 128 * K), (1, 1024 * K), (8, 32 * K), (8, 128 * K)) + (() if quick else ((8, 1024 * K),)):
+        q, k, v, mask = _decode_inputs(B, 8, 4, S)
+        direction = torch.nn.functional.normalize(torch.randn(B, 8, 1, 128, device="cuda"), dim=-1).to(k.dtype)
+        q.copy_((direction * 128**0.5).repeat_interleave(4, dim=1) + 0.05 * torch.randn_like(q))
+        nbytes = 2 * k.numel() * k.element_size()
+        dense = graph_timed(lambda: lean.lean_attend(q, k, v, mask))
+        sdpa = graph_timed(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+        nb = S // block
+        for share in shares:
+            hot = torch.arange(0, nb, max(1, round(1 / share)), device="cuda")
+            summary = _planted_cache(k, direction, hot, block)
+            r = hsr_attend(q, k, v, mask, summary, eps, sink, recent)
+            # the final read alone, of as many blocks per head (which blocks matters little to the time)
+            order, n = torch.arange(nb, device="cuda").expand(B, 8, nb).contiguous(), r.blocks_read
+            t = graph_timed(lambda: hsr_attend(q, k, v, mask, summary, eps, sink, recent))
+            final = graph_timed(lambda: attend_blocks(q, k, v, mask, order, n, block))
+            read = float(r.blocks_read.float().mean() / r.blocks_visible)
+            diff = (r.out.float() - lean.lean_attend(q, k, v, mask)[0].float()).abs().max().item()
+            row = [B, S, nbytes / 1e6, f"{len(hot) / nb:.1%}", f"{read:.1%}", t * 1e6, (t - final) * 1e6, dense * 1e6,
+                   sdpa * 1e6, dense / t, sdpa / t, f"{float(r.certificate.max()):.1e}", f"{diff:.1e}"]  # fmt: skip
+            table.rows.append(row)
+            emit(dict(zip(["batch", "context", "kv_mb", "planted", "read_share", "hsr_graph_us", "selection_us", "lean_graph_us",
+                           "sdpa_graph_us", "lean_over_hsr", "sdpa_over_hsr", "max_certificate", "max_abs_diff"],
+                          row[:3] + [len(hot) / nb, read] + row[5:11] + [float(r.certificate.max()), diff])), part="hsr")  # fmt: skip
+            print(table.rows[-1], flush=True)
+            del summary, r
+        del q, k, v
+        torch.cuda.empty_cache()
+    return [table]
+
+
 # --- prefill
 
 
@@ -650,7 +720,7 @@ def emit(row: dict, **extra) -> None:
 
 
 PARTS = {"decode": bench_decode, "prefill": bench_prefill, "model": bench_model, "ttft": bench_ttft, "memory": bench_memory,
-         "tp": bench_tp, "hosts": bench_hosts}
+         "tp": bench_tp, "hosts": bench_hosts, "hsr": bench_hsr}
 ARGS: argparse.Namespace
 
 

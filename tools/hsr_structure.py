@@ -114,7 +114,7 @@ def measure(layers: list[tuple], kv_pos: torch.Tensor, block: int, eps: float, s
         holds &= bool((ratio <= r.certificate * (1 + 1e-5) + 1e-9).all())
         worst = max(worst, float(r.certificate.max()))
         read += int(r.blocks_read.sum())
-        visible += r.blocks_visible * Hkv
+        visible += int(r.blocks_visible) * Hkv
         nb = summary.count.numel()
         first = int(mask.q_pos.min())
         blocks_seen = (summary.count > 0) & (summary.pmin <= first)
