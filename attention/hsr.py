@@ -10,11 +10,13 @@ have is at most
 
 A step reads in two passes, with nothing decided on the host (so that it runs inside a CUDA graph):
 1. the first read: the sink blocks (the first `sink` tokens), the blocks holding the `recent` latest tokens, and
-   each KV head's block of highest bound. Their exact log-sum-exp L per query is a lower bound on that of any
+   each KV head's other block of highest bound. Their exact log-sum-exp L per query is a lower bound on that of any
    selection that contains them.
 2. Each other visible block gets the weight w_b = max over the KV head's query rows of n_b * exp(u_b - L), where n_b
-   is the block's filled slots. Sorted by weight, the unread blocks are the longest tail whose weights sum to at
-   most `eps`; the rest (and the first read) are read exactly, and their (output, lse) is the step's result.
+   is the block's filled slots. The unread blocks are those below a threshold 2^c, c the largest power of two for
+   which the weights below it sum to at most `eps` (the weights binned by their exponent, BINS bins from 2^LOW up:
+   a histogram instead of a sort, which costs one pass on a GPU and reads at most the blocks of one bin more than a
+   sort would). The rest, and the first read, are read exactly; their (output, lse) is the step's result.
 
 The certificate per query row is c = exp(L - lse_read) * (sum of the unread blocks' weights) <= eps. Since each
 unread key j has s_j <= u_b, the unread softmax mass Z_skip and the read mass Z_read = exp(lse_read) satisfy
@@ -109,8 +111,6 @@ def check_eps(eps: float) -> None:
 def score_bounds(q: Tensor, summary: KeySummary) -> Tensor:
     """u [B, Hq, T, blocks] (fp32, float64 for float64 queries): no key of a block scores above it for that query
     (scores scaled by D**-0.5); -inf for empty blocks."""
-    if _triton_bounds(q, summary):
-        return _triton().bounds(q, summary)
     B, Hq, T, D = q.shape
     Hkv = summary.kmin.shape[1]
     acc = torch.promote_types(q.dtype, torch.float32)
@@ -141,6 +141,14 @@ def block_roles(summary: KeySummary, mask: PositionMask, sink: int, recent: int)
     return visible, visible & ((summary.pmin < sink) | (summary.pmax > last - recent))
 
 
+BINS = 32  # powers of two the weights are binned into, from 2^low(eps) up (`_low`)
+
+
+def _low(eps: float, blocks: int) -> int:
+    """The lowest bin's exponent: weights below 2^low sum to at most blocks * 2^low <= eps / 2, skipped at any cut."""
+    return math.floor(math.log2(eps / (2 * blocks)))
+
+
 def hsr_attend(
     q: Tensor, k: Tensor, v: Tensor, mask: PositionMask, summary: KeySummary, eps: float, sink: int = 64, recent: int = 256
 ) -> HSRResult:
@@ -150,40 +158,39 @@ def hsr_attend(
     check_eps(eps)
     B, Hq, T, D = q.shape
     Hkv, nb = k.shape[1], summary.count.numel()
+    low = _low(eps, nb)
+    if _triton_path(q, k, mask, summary, low):
+        return HSRResult(*_triton().hsr_attend(q, k, v, mask, summary, eps, sink, recent, BINS, low))
     visible, always = block_roles(summary, mask, sink, recent)
     u = score_bounds(q, summary).masked_fill(~visible, -math.inf)  # [B, Hq, T, nb]
-    rows = u.view(B, Hkv, -1, nb)
-    best = torch.zeros(B, Hkv, nb, dtype=torch.bool, device=q.device).scatter_(2, rows.amax(2).argmax(-1, keepdim=True), True)
-    first = (always | best) & visible
-    _, L = attend_blocks(q, k, v, mask, *_prefix(first.to(torch.int8)), summary.block)
+    top = u.view(B, Hkv, -1, nb).amax(2).masked_fill(always, -math.inf)  # a block's best bound over its rows
+    best = top.argmax(-1, keepdim=True)
+    first = always.expand(B, Hkv, nb).clone()
+    first.scatter_(2, best, top.gather(2, best) > -math.inf)
+    _, L = attend_blocks(q, k, v, mask, first, summary.block)
     weight = (summary.count * torch.exp(u - L[..., None])).nan_to_num(nan=0.0)  # (L = -inf: nothing visible)
-    weight = weight.view(B, Hkv, -1, nb).amax(2).masked_fill(~visible, 0.0).masked_fill(first, math.inf)
-    ranked, order = weight.sort(-1, descending=True)
-    # the weights from each rank on, summed from the smallest up (in float64: no cancellation, no rounding down)
-    tail = ranked.masked_fill(ranked.isinf(), 0.0).double().flip(-1).cumsum(-1).flip(-1)
-    n_read = (ranked.isinf() | (tail > eps)).sum(-1)  # [B, Hkv]: a prefix of the ranking
-    out, lse = attend_blocks(q, k, v, mask, order, n_read, summary.block)
-    unread = torch.cat([tail, tail.new_zeros(B, Hkv, 1)], -1).gather(-1, n_read[..., None])  # [B, Hkv, 1]
+    weight = weight.view(B, Hkv, -1, nb).amax(2).masked_fill(~visible, 0.0)
+    # bins: floor(log2 w) - low from the exponent, -1 below 2^low (and 0), BINS at or above 2^(low + BINS)
+    mantissa_exp = torch.frexp(weight).exponent - 1 - low
+    bins = torch.where(weight > 0, mantissa_exp, -1).clamp(-1, BINS).masked_fill(first | weight.isinf(), BINS)
+    sums = torch.zeros(B, Hkv, BINS + 2, dtype=torch.float64, device=q.device)
+    sums.scatter_add_(2, bins + 1, torch.where(bins < BINS, weight, 0.0).double())
+    below = sums[..., :1] + torch.cat([sums.new_zeros(B, Hkv, 1), sums[..., 1:-1].cumsum(-1)], -1)  # [.., BINS + 1]
+    cut = (below <= eps).sum(-1, keepdim=True) - 1  # the weights below 2^(low + cut) sum to <= eps
+    read = bins >= cut
+    out, lse = attend_blocks(q, k, v, mask, read, summary.block)
+    unread = below.gather(-1, cut.clamp(min=0)).to(lse.dtype)  # [B, Hkv, 1] (cut >= 0: below[0] <= eps / 2)
     scale = torch.exp(L - lse).nan_to_num(nan=1.0).view(B, Hkv, -1)  # (lse = -inf only where nothing is visible)
-    certificate = (scale * unread.to(scale.dtype)).view(B, Hq, T)
-    return HSRResult(out, lse, certificate, n_read, visible.sum())
+    certificate = (scale * unread).view(B, Hq, T)
+    return HSRResult(out, lse, certificate, read.sum(-1), visible.sum())
 
 
-def _prefix(chosen: Tensor) -> tuple[Tensor, Tensor]:
-    """The blocks of a mask [B, Hkv, nb] as a ranking whose first n [B, Hkv] entries are the chosen ones."""
-    return chosen.sort(dim=-1, descending=True, stable=True)[1], chosen.sum(-1, dtype=torch.long)
-
-
-def attend_blocks(q: Tensor, k: Tensor, v: Tensor, mask: PositionMask, order: Tensor, n: Tensor, block: int) -> tuple[Tensor, Tensor]:
-    """Exact attention over the visible keys of each KV head's first n [B, Hkv] blocks of `order` [B, Hkv, nb]:
-    (output in q's dtype, lse fp32; float64 for float64 inputs)."""
-    if _triton_attend(q, k, mask, block):
-        return lean.lean_sparse_attend(q, k, v, mask, order, n, block)
+def attend_blocks(q: Tensor, k: Tensor, v: Tensor, mask: PositionMask, chosen: Tensor, block: int) -> tuple[Tensor, Tensor]:
+    """Exact attention over the visible keys of the chosen blocks [B, Hkv, nb] of each KV head: (output in q's
+    dtype, lse fp32; float64 for float64 inputs)."""
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
     g = Hq // Hkv
-    chosen = torch.arange(order.shape[-1], device=q.device) < n[..., None]
-    chosen = torch.zeros_like(chosen).scatter_(-1, order, chosen)
     keep = chosen[..., torch.arange(k.shape[2], device=k.device) // block]  # [B, Hkv, S]
     allowed = mask.dense()[None, None, None] & keep[:, :, None, None, :]  # [B, Hkv, 1, T, S]
     acc = torch.promote_types(q.dtype, torch.float32)
@@ -195,16 +202,14 @@ def attend_blocks(q: Tensor, k: Tensor, v: Tensor, mask: PositionMask, order: Te
     return out.reshape(B, Hq, T, D).to(q.dtype), lse.reshape(B, Hq, T)
 
 
-def _triton_bounds(q: Tensor, summary: KeySummary) -> bool:
-    """Shapes the bounds kernel takes: a power-of-two head dim, at most 64 query rows per KV head (registers)."""
-    _, Hq, T, D = q.shape
-    rows = Hq // summary.kmin.shape[1] * T
-    return q.is_cuda and q.dtype != torch.float64 and D in (16, 32, 64, 128, 256) and rows <= 64 and _triton() is not None
-
-
-def _triton_attend(q: Tensor, k: Tensor, mask: PositionMask, block: int) -> bool:
-    """The Lean kernel takes tiles of at least 16 keys (its matrix products' smallest side)."""
-    return q.dtype != torch.float64 and block >= 16 and lean.supports(q, k, mask)
+def _triton_path(q: Tensor, k: Tensor, mask: PositionMask, summary: KeySummary, low: int) -> bool:
+    """Shapes the kernels take: those of the Lean kernel, tiles of at least 16 keys (its matrix products' smallest
+    side), at most 64 query rows per KV head and 1024 (batch x KV head) pairs (registers), bins in fp32's range."""
+    rows = q.shape[1] // k.shape[1] * q.shape[2]
+    return (
+        q.dtype != torch.float64 and summary.block >= 16 and rows <= 64 and q.shape[0] * k.shape[1] <= 1024
+        and low > -126 and lean.supports(q, k, mask) and _triton() is not None
+    )  # fmt: skip
 
 
 @cache

@@ -211,38 +211,34 @@ def lean_attend(q: Tensor, k: Tensor, v: Tensor, mask: PositionMask, programs: i
     return out, lse
 
 
-def lean_sparse_attend(q: Tensor, k: Tensor, v: Tensor, mask: PositionMask, order: Tensor, n: Tensor, block: int):
-    """Lean decode over each KV head's first n [B, Hkv] blocks (of `block` slots) of `order` [B, Hkv, nb]: those
-    (head, block) tiles laid end to end and cut into equal shares as a dense cache's tiles are. Fixed-size buffers
-    and no host sync (the list's length stays on the device), so a captured CUDA graph replays it for any selection.
-    Returns (output in q's dtype, lse fp32). Runs on CUDA, or under TRITON_INTERPRET=1 (tests)."""
+def lean_sparse_attend(q: Tensor, k: Tensor, v: Tensor, mask: PositionMask, tiles: Tensor, counts: Tensor, block: int):
+    """Lean decode over, for each (batch, KV head) h, the blocks (of `block` slots) tiles[h, :counts[h]]
+    (tiles [B * Hkv, blocks] int32, counts [B * Hkv] int32): those tiles laid end to end and cut into equal shares
+    as a dense cache's are. Fixed-size buffers and no host sync (the number of tiles stays on the device), so a
+    captured CUDA graph replays it for any selection. Returns (output in q's dtype, lse fp32); a head with no tiles
+    gets output 0 and lse -inf. Runs on CUDA, or under TRITON_INTERPRET=1 (tests)."""
     group = q.shape[1] // k.shape[1]
     per_chunk = _ROWS.get((q.shape[-1], q.dtype), MAX_ROWS) // group
     if per_chunk < 1:
         raise LeanDoesNotFit(f"{group} query rows of head dim {q.shape[-1]} in {q.dtype} overflow shared memory")
     if q.shape[2] > per_chunk:
         parts = [
-            lean_sparse_attend(q[:, :, i : i + per_chunk], k, v, PositionMask(mask.q_pos[i : i + per_chunk], mask.kv_pos, mask.window), order, n, block)
+            lean_sparse_attend(q[:, :, i : i + per_chunk], k, v, PositionMask(mask.q_pos[i : i + per_chunk], mask.kv_pos, mask.window), tiles, counts, block)
             for i in range(0, q.shape[2], per_chunk)
         ]
         return torch.cat([o for o, _ in parts], dim=2), torch.cat([l for _, l in parts], dim=2)
     B, Hq, T, D = q.shape
-    heads, nb = B * k.shape[1], order.shape[-1]
-    taken = torch.arange(nb, device=q.device) < n.view(heads, 1)  # a prefix of each head's ranking
-    offs = torch.zeros(heads + 1, dtype=torch.int32, device=q.device)
-    offs[1:] = n.view(heads).cumsum(0)
-    where = torch.where(taken, offs[:-1, None] + torch.arange(nb, device=q.device), heads * nb)  # the last: a dump
-    entries = torch.arange(heads, device=q.device)[:, None] * nb + order.view(heads, nb)
-    units = torch.empty(heads * nb + 1, dtype=torch.int32, device=q.device).scatter_(0, where.view(-1), entries.view(-1).int())
+    heads, nb = tiles.shape
     programs = min(default_programs(q.device), -(-heads * nb // CONFIG.min_tiles))
     out = torch.empty(B, Hq, T, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, T, dtype=torch.float32, device=q.device)
-    slots = min(heads, -(-heads * nb // programs) + 1)  # the heads one share can touch, each holding a unit
-    parts_out = torch.empty(programs, slots, group * T, D, dtype=torch.float32, device=q.device)
+    # a program's n-th partial is that of the n-th head from its first unit's: any head, where heads hold few units
+    parts_out = torch.empty(programs, heads, group * T, D, dtype=torch.float32, device=q.device)
     parts_lse = torch.empty(parts_out.shape[:3], dtype=torch.float32, device=q.device)
+    head0 = torch.empty(programs, dtype=torch.int32, device=q.device)
     try:
-        _triton().run(q, k, v, mask, out, lse, parts_out, parts_lse, programs, programs, replace(CONFIG, block_n=block), (units, offs))
+        _triton().run(q, k, v, mask, out, lse, parts_out, parts_lse, programs, programs, replace(CONFIG, block_n=block), (tiles, counts, head0))
     except _triton().OutOfResources:
         _ROWS[(q.shape[-1], q.dtype)] = (_ROWS.get((q.shape[-1], q.dtype), MAX_ROWS) // 2) if q.shape[2] > 1 else 0
-        return lean_sparse_attend(q, k, v, mask, order, n, block)
+        return lean_sparse_attend(q, k, v, mask, tiles, counts, block)
     return out, lse

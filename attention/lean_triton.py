@@ -6,10 +6,11 @@ A head whose whole stretch lies in this program is written out; otherwise the pr
 lse) in its next slot. A second, small kernel then merges the partials of every split head with the rule of
 `attention.merge.merge_partials`: one program per (head, query row), all of the head's partials loaded at once.
 
-SPARSE: the units are a list of (head, tile) entries instead (`head * tiles + tile`, heads in order, each head's
-entries at OFFS[head] .. OFFS[head + 1]), whose length OFFS[heads] stays on the device: the same equal shares and
-the same closed forms, with a head's start and end read from OFFS. Every head has at least one entry, or none has
-(the slot of a head in a program counts the heads before it in the program's share).
+SPARSE: head h's units are the first COUNTS[h] tiles listed in LIST[h * tiles:], laid end to end in head order;
+their number stays on the device. Every program sums COUNTS itself (a head's start and end, the total), so the
+shares and the closed forms are those of the dense walk. Two things differ: there can be fewer units than
+programs, so some shares are empty (the combine skips them), and each program records the head of its first unit
+(HEAD0) for the combine to find its slots, since heads' lengths vary.
 """
 
 from __future__ import annotations
@@ -23,15 +24,18 @@ from attention import lean
 
 @triton.jit
 def _lean_decode(
-    Q, K, V, QPOS, KVPOS, OUT, LSE, PO, PL, LIST, OFFS,
+    Q, K, V, QPOS, KVPOS, OUT, LSE, PO, PL, LIST, COUNTS, HEAD0,
     sqb, sqh, sqt, skb, skh, sks, svb, svh, svs, sob, soh, sot, slb, slh, spo_p, spo_s, spo_r, spl_p, spl_s,
     Hkv, S, T, total, programs, tiles, window, scale,
     G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr, SPARSE: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr, SPARSE: tl.constexpr, HEADS: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     if SPARSE:
-        total = tl.load(OFFS + (total // tiles))  # (total = heads * tiles: the list's capacity)
+        hh = tl.arange(0, HEADS)
+        cnt = tl.load(COUNTS + hh, mask=hh < total // tiles, other=0)  # (total = heads * tiles: the capacity)
+        ends = tl.cumsum(cnt, 0)
+        total = tl.sum(cnt, 0)
     unit = (pid.to(tl.int64) * total // programs).to(tl.int32)
     end = ((pid.to(tl.int64) + 1) * total // programs).to(tl.int32)
     rows = tl.arange(0, BLOCK_M)
@@ -41,11 +45,16 @@ def _lean_decode(
     d = tl.arange(0, D)
     qp = tl.load(QPOS + t, mask=row_ok, other=-1)
     slot = pid * 0  # an int32 tensor, as the loop carries it
+    head0 = pid * 0
+    if SPARSE:
+        head0 = tl.sum((ends <= unit).to(tl.int32), 0)
+        tl.store(HEAD0 + pid, head0)
     while unit < end:
         if SPARSE:
-            head = tl.load(LIST + unit) // tiles
-            head_start = tl.load(OFFS + head)
-            head_end = tl.load(OFFS + head + 1)
+            head = tl.sum((ends <= unit).to(tl.int32), 0)
+            head_end = tl.sum(tl.where(hh == head, ends, 0), 0)
+            head_start = head_end - tl.sum(tl.where(hh == head, cnt, 0), 0)
+            slot = head - head0
         else:
             head = unit // tiles
             head_start = head * tiles
@@ -59,7 +68,7 @@ def _lean_decode(
         acc = tl.zeros([BLOCK_M, D], tl.float32)
         for u in range(unit, stop):
             if SPARSE:
-                tile = tl.load(LIST + u) % tiles
+                tile = tl.load(LIST + head * tiles + u - head_start)
             else:
                 tile = u - head_start
             n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -101,27 +110,37 @@ def _lean_decode(
 
 
 @triton.jit
-def _slot(head, p, total, programs, tiles, LIST, SPARSE: tl.constexpr):
+def _slot(head, p, total, programs, tiles, HEAD0, SPARSE: tl.constexpr):
     """Where program p stored its partial of `head` (`attention.lean.head_parts`): the heads before it in p's share."""
-    first = (p.to(tl.int64) * total // programs).to(tl.int32)
     if SPARSE:
-        return head - tl.load(LIST + tl.minimum(first, total)) // tiles  # (masked lanes: p past the last program)
-    return head - first // tiles
+        return head - tl.load(HEAD0 + tl.minimum(p, programs - 1))  # (masked lanes: p past the last program)
+    return head - (p.to(tl.int64) * total // programs).to(tl.int32) // tiles
+
+
+@triton.jit
+def _has_units(p, total, programs, SPARSE: tl.constexpr):
+    """Whether program p's share holds any unit (always, when dense: there are at least as many units as programs)."""
+    if SPARSE:
+        return ((p + 1).to(tl.int64) * total // programs) > (p.to(tl.int64) * total // programs)
+    return p >= 0
 
 
 @triton.jit
 def _lean_combine(
-    OUT, LSE, PO, PL, LIST, OFFS, sob, soh, sot, slb, slh, spo_p, spo_s, spo_r, spl_p, spl_s, Hkv, T, total, programs, tiles,
-    G: tl.constexpr, D: tl.constexpr, PARTS: tl.constexpr, CHUNK: tl.constexpr, SPARSE: tl.constexpr,
+    OUT, LSE, PO, PL, COUNTS, HEAD0, sob, soh, sot, slb, slh, spo_p, spo_s, spo_r, spl_p, spl_s, Hkv, T, total, programs, tiles,
+    G: tl.constexpr, D: tl.constexpr, PARTS: tl.constexpr, CHUNK: tl.constexpr, SPARSE: tl.constexpr, HEADS: tl.constexpr,
 ):  # fmt: skip
     """One (head, query row) per program: merge the head's partials, or nothing if one program held the head (a
     head with no units at all, SPARSE only, gets output 0 and lse -inf)."""
     head = tl.program_id(0)
     row = tl.program_id(1)
     if SPARSE:
-        total = tl.load(OFFS + (total // tiles))
-        start = tl.load(OFFS + head)
-        stop = tl.load(OFFS + head + 1)
+        hh = tl.arange(0, HEADS)
+        cnt = tl.load(COUNTS + hh, mask=hh < total // tiles, other=0)
+        ends = tl.cumsum(cnt, 0)
+        total = tl.sum(cnt, 0)
+        stop = tl.sum(tl.where(hh == head, ends, 0), 0)
+        start = stop - tl.sum(tl.where(hh == head, cnt, 0), 0)
     else:
         start = head * tiles
         stop = start + tiles
@@ -138,7 +157,8 @@ def _lean_combine(
     if n > 1:
         parts = tl.arange(0, PARTS)
         p = p_first + parts
-        lse = tl.load(PL + p * spl_p + _slot(head, p, total, programs, tiles, LIST, SPARSE) * spl_s + row, mask=parts < n, other=float("-inf"))
+        has = (parts < n) & _has_units(p, total, programs, SPARSE)
+        lse = tl.load(PL + p * spl_p + _slot(head, p, total, programs, tiles, HEAD0, SPARSE) * spl_s + row, mask=has, other=float("-inf"))
         m = tl.max(lse, 0)
         m_safe = tl.where(m == float("-inf"), 0.0, m)
         total_w = tl.sum(tl.exp(lse - m_safe), 0)
@@ -147,9 +167,10 @@ def _lean_combine(
         for c in range(0, n, CHUNK):
             i = c + tl.arange(0, CHUNK)
             pc = p_first + i
-            slot_c = _slot(head, pc, total, programs, tiles, LIST, SPARSE)
-            lse_c = tl.load(PL + pc * spl_p + slot_c * spl_s + row, mask=i < n, other=float("-inf"))
-            part = tl.load(PO + (pc * spo_p + slot_c * spo_s + row * spo_r)[:, None] + d[None, :], mask=(i < n)[:, None], other=0.0)
+            slot_c = _slot(head, pc, total, programs, tiles, HEAD0, SPARSE)
+            has_c = (i < n) & _has_units(pc, total, programs, SPARSE)
+            lse_c = tl.load(PL + pc * spl_p + slot_c * spl_s + row, mask=has_c, other=float("-inf"))
+            part = tl.load(PO + (pc * spo_p + slot_c * spo_s + row * spo_r)[:, None] + d[None, :], mask=has_c[:, None], other=0.0)
             acc += tl.sum(tl.exp(lse_c - m_safe)[:, None] * part, 0)
         seen = total_w > 0
         denom = tl.where(seen, total_w, 1.0)
@@ -161,7 +182,8 @@ def _lean_combine(
 
 
 def run(q, k, v, mask, out, lse, parts_out, parts_lse, programs: int, max_parts: int, config, tile_list=None) -> None:
-    """Both launches; `tile_list` = (LIST, OFFS) for the SPARSE walk, with config.block_n keys per tile."""
+    """Both launches; `tile_list` = (LIST [heads, tiles], COUNTS [heads], HEAD0 [programs]) for the SPARSE walk,
+    with config.block_n keys per tile."""
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     G = Hq // Hkv
@@ -171,18 +193,20 @@ def run(q, k, v, mask, out, lse, parts_out, parts_lse, programs: int, max_parts:
     strides_parts = (parts_out.stride(0), parts_out.stride(1), parts_out.stride(2), parts_lse.stride(0), parts_lse.stride(1))
     total = B * Hkv * tiles
     sparse = tile_list is not None
-    units, offs = tile_list if sparse else (mask.q_pos, mask.q_pos)  # (unused pointers when dense)
+    units, counts, head0 = tile_list if sparse else (mask.q_pos,) * 3  # (unused pointers when dense)
+    heads = triton.next_power_of_2(B * Hkv)
     _lean_decode[(programs,)](
-        q, k, v, mask.q_pos, mask.kv_pos, out, lse, parts_out, parts_lse, units, offs,
+        q, k, v, mask.q_pos, mask.kv_pos, out, lse, parts_out, parts_lse, units, counts, head0,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), *strides_out, *strides_parts,
         Hkv, S, T, total, programs, tiles, mask.window or 0, D**-0.5,
         G=G, BLOCK_M=max(16, triton.next_power_of_2(G * T)), BLOCK_N=config.block_n, D=D,
-        HAS_WINDOW=mask.window is not None, IEEE=q.dtype.itemsize == 4, SPARSE=sparse,
+        HAS_WINDOW=mask.window is not None, IEEE=q.dtype.itemsize == 4, SPARSE=sparse, HEADS=heads,
         num_warps=config.warps, num_stages=lean.stages_that_fit(D, q.element_size(), lean.shared_memory(q.device), config),
     )  # fmt: skip
     if max_parts > 1 or sparse:
         _lean_combine[(B * Hkv, G * T)](
-            out, lse, parts_out, parts_lse, units, offs, *strides_out, *strides_parts, Hkv, T, total, programs, tiles,
-            G=G, D=D, PARTS=triton.next_power_of_2(max_parts), CHUNK=min(32, triton.next_power_of_2(max_parts)), SPARSE=sparse,
+            out, lse, parts_out, parts_lse, counts, head0, *strides_out, *strides_parts, Hkv, T, total, programs, tiles,
+            G=G, D=D, PARTS=triton.next_power_of_2(max_parts), CHUNK=min(32, triton.next_power_of_2(max_parts)),
+            SPARSE=sparse, HEADS=heads,
         )  # fmt: skip

@@ -245,32 +245,49 @@ from attention.kernels import PositionMask
 
 torch.manual_seed(0)
 cases = 0
-for B, Hkv, g, T, S, block, window, filled in [(1, 2, 4, 1, 700, 32, None, 650), (2, 1, 2, 2, 300, 16, 100, 300)]:
+for B, Hkv, g, T, S, block, window, filled, kind in [(1, 2, 4, 1, 1000, 16, None, 950, "clustered"),
+                                                      (2, 1, 2, 2, 300, 16, 100, 300, "random"),
+                                                      (1, 2, 2, 1, 700, 32, None, 700, "equal")]:
     D = 32
     q = torch.randn(B, Hkv * g, T, D)
     k, v = torch.randn(B, Hkv, S, D), torch.randn(B, Hkv, S, D)
+    if kind == "clustered":  # runs of 16 keys near one of 8 centres, the queries near the first
+        centres = torch.randn(8, D) * 2
+        k = centres[torch.randint(0, 8, (B, Hkv, S // 16 + 1))].repeat_interleave(16, 2)[:, :, :S] + 0.2 * k
+        q = centres[0] + 0.2 * q
+    elif kind == "equal":
+        k = torch.ones_like(k)
     kv_pos = torch.where(torch.arange(S) < filled, torch.arange(S), -1)
-    mask = PositionMask(torch.arange(filled - T + 1, filled + 1) - 1, kv_pos, window)
+    mask = PositionMask(torch.arange(filled - T, filled), kv_pos, window)
     summary = hsr.KeySummary.of(k, kv_pos, block)
-    want_u = hsr.score_bounds(q, summary)  # PyTorch (q is on the CPU)
-    got_u = hsr_triton.bounds(q, summary)
-    assert torch.allclose(got_u, want_u, atol=1e-5, rtol=1e-5) and torch.equal(got_u.isinf(), want_u.isinf())
     nb = summary.count.numel()
-    order = torch.stack([torch.randperm(nb) for _ in range(B * Hkv)]).view(B, Hkv, nb)
-    for n in (torch.randint(1, nb + 1, (B, Hkv)), torch.full((B, Hkv), nb), torch.zeros(B, Hkv, dtype=torch.long)):
-        want_o, want_l = hsr.attend_blocks(q, k, v, mask, order, n, block)
-        got_o, got_l = lean.lean_sparse_attend(q, k, v, mask, order, n, block)
+    # the Lean walk over random tile lists: some heads, all blocks, none
+    for n in (torch.randint(1, nb + 1, (B * Hkv,)), torch.full((B * Hkv,), nb), torch.zeros(B * Hkv, dtype=torch.long)):
+        order = torch.stack([torch.randperm(nb) for _ in range(B * Hkv)])
+        chosen = torch.zeros(B * Hkv, nb, dtype=torch.bool).scatter_(1, order, torch.arange(nb) < n[:, None])
+        want_o, want_l = hsr.attend_blocks(q, k, v, mask, chosen.view(B, Hkv, nb), block)
+        got_o, got_l = lean.lean_sparse_attend(q, k, v, mask, order.int(), n.int(), block)
         seen = want_l.isfinite()
         assert torch.equal(got_l.isfinite(), seen)
         assert torch.allclose(got_l[seen], want_l[seen], atol=1e-4) and torch.allclose(got_o, want_o.masked_fill(~seen[..., None], 0), atol=1e-4)
+        cases += 1
+    # the whole step: the same blocks read, output, lse and certificate as the PyTorch path
+    for eps in (1e-3, 0.1):
+        want = hsr.hsr_attend(q, k, v, mask, summary, eps, sink=16, recent=32)
+        got = hsr_triton.hsr_attend(q, k, v, mask, summary, eps, 16, 32, hsr.BINS, hsr._low(eps, nb))
+        assert torch.equal(got[3].long(), want.blocks_read) and int(got[4]) == int(want.blocks_visible), (got[3], want.blocks_read)
+        assert torch.allclose(got[0], want.out, atol=1e-4) and torch.allclose(got[1], want.lse, atol=1e-4)
+        assert torch.allclose(got[2], want.certificate.float(), rtol=1e-3, atol=1e-9)
+        print(kind, eps, "read", got[3].tolist(), "of", int(got[4]))
         cases += 1
 print("sparse kernels ok", cases)
 """
 
 
 def test_sparse_kernels_equal_the_reference_in_the_interpreter():
-    """The CUDA kernels (score bounds; Lean decode over a list of tiles), run by Triton's CPU interpreter against
-    the PyTorch path: random rankings and read counts, all blocks, none, a window, partial blocks, batch 2."""
+    """The CUDA kernels run by Triton's CPU interpreter against the PyTorch path: the Lean walk over random tile lists
+    (all blocks, none), and the whole step (bounds, selection, reads, certificate) on clustered, random and equal
+    keys, with a window, partly filled blocks, batch 2."""
     import os
     import subprocess
     import sys
@@ -281,4 +298,4 @@ def test_sparse_kernels_equal_the_reference_in_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     done = subprocess.run([sys.executable, "-c", textwrap.dedent(SPARSE_KERNEL_CHECK)], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "sparse kernels ok 6" in done.stdout
+    assert "sparse kernels ok 15" in done.stdout

@@ -209,7 +209,7 @@ def _planted_cache(k: torch.Tensor, direction: torch.Tensor, hot: torch.Tensor, 
 
 
 def bench_hsr(quick: bool) -> list[Table]:
-    from attention.hsr import attend_blocks, hsr_attend
+    from attention.hsr import hsr_attend
 
     eps, block, sink, recent = 1e-3, 64, 64, 256
     table = Table(
@@ -225,7 +225,7 @@ def bench_hsr(quick: bool) -> list[Table]:
         "planted' (spread evenly) scores about +16 against the query and the rest about -16, each key with noise 0.1 "
         "per channel: what a certified selection must read is then known. 'blocks read' is what HSR read (the planted "
         "ones, the sink and recent blocks, the best-bound block). 'of which selection' is HSR's time less that of its "
-        "final read alone (score bounds, the first read, ranking, the tile list). Graph times replay 10 calls from a "
+        "final read alone (score bounds, the first read, the weights' histogram and cut, the tile list). Graph times replay 10 calls from a "
         "CUDA graph."
     )
     shares = (0.01, 0.05, 0.25, 1.0) if quick else (0.01, 0.05, 0.10, 0.25, 1.0)
@@ -242,9 +242,10 @@ def bench_hsr(quick: bool) -> list[Table]:
             summary = _planted_cache(k, direction, hot, block)
             r = hsr_attend(q, k, v, mask, summary, eps, sink, recent)
             # the final read alone, of as many blocks per head (which blocks matters little to the time)
-            order, n = torch.arange(nb, device="cuda").expand(B, 8, nb).contiguous(), r.blocks_read
+            tiles = torch.arange(nb, device="cuda", dtype=torch.int32).expand(B * 8, nb).contiguous()
+            n = r.blocks_read.view(-1).int()
             t = graph_timed(lambda: hsr_attend(q, k, v, mask, summary, eps, sink, recent))
-            final = graph_timed(lambda: attend_blocks(q, k, v, mask, order, n, block))
+            final = graph_timed(lambda: lean.lean_sparse_attend(q, k, v, mask, tiles, n, block))
             read = float(r.blocks_read.float().mean() / r.blocks_visible)
             diff = (r.out.float() - lean.lean_attend(q, k, v, mask)[0].float()).abs().max().item()
             row = [B, S, nbytes / 1e6, f"{len(hot) / nb:.1%}", f"{read:.1%}", t * 1e6, (t - final) * 1e6, dense * 1e6,
