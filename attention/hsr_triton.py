@@ -1,14 +1,17 @@
 """The Triton kernels of HSR sparse decode (attention/hsr.py has the rule; this is the same rule on CUDA).
 
-A step is four launches and a few elementwise ops, with nothing decided on the host:
-1. `_bounds`: one program per (batch x KV head, chunk of BLOCK_B blocks) computes the score bounds of its blocks for
-   all the head's query rows (u = (q+ . max + q- . min) / sqrt(D), two matrix products in IEEE fp32: a bound must
-   not round below a score), -inf for invisible blocks and +inf for the always-read ones, and the exact log-sum-exp
-   of its always-read blocks' keys;
-2. `_select`: one program per (batch x KV head) folds those into the first read's log-sum-exp L (adding the block
-   of highest bound), weighs every block (max over rows of n_b exp(u_b - L)), bins the weights by power of two,
-   finds the cut, and writes the head's blocks to read, in key order, with their count and the unread weight;
-3. the Lean decode kernel over those tiles, and its combine (`attention.lean.lean_sparse_attend`).
+A step is six launches and a few elementwise ops, with nothing decided on the host, every kernel spread over the
+blocks of each head as well as over heads:
+1. `_bounds` (per batch x KV head, BLOCK_B blocks): the score bounds of its blocks for all the head's query rows
+   (u = (q+ . max + q- . min) / sqrt(D), two matrix products in IEEE fp32: a bound must not round below a score),
+   -inf for invisible blocks and +inf for the always-read ones; the exact log-sum-exp of its always-read blocks'
+   keys; its block of highest bound among the others;
+2. `_first_lse` (per batch x KV head): L, the first read's log-sum-exp (the always-read blocks and the best one);
+3. `_weigh` (per batch x KV head, CHUNK blocks): each block's weight (max over rows of n_b exp(u_b - L)), binned by
+   its power of two; the chunk's sum and count per bin;
+4. `_cut` (same grid): the head's cut from all chunks' sums, then the chunk's blocks to read, written in key order
+   after those of the chunks before it;
+5. the Lean decode kernel over those tiles, and its combine (`attention.lean.lean_sparse_attend`).
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from torch import Tensor
 
 from attention import lean
 
-BLOCK_B = 64  # blocks per program of `_bounds`, and per step of `_select`'s passes
+BLOCK_B = 64  # blocks per program of `_bounds`, and per step of the other kernels' loops
+CHUNK = 512  # blocks per program of `_weigh` and `_cut`
 
 
 @triton.jit
@@ -55,7 +59,7 @@ def _logaddexp(a, b):
 
 @triton.jit
 def _bounds(
-    Q, K, KMIN, KMAX, COUNT, PMIN, PMAX, QPOS, KVPOS, U, PLSE,
+    Q, K, KMIN, KMAX, COUNT, PMIN, PMAX, QPOS, KVPOS, U, PLSE, BEST_U, BEST_I, VIS,
     sqb, sqh, sqt, skb, skh, skn, smb, smh, smn, sub, suh, sut, Hkv, T, S, NB, window, sink, recent, scale,
     G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr,
     HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr,
@@ -90,21 +94,22 @@ def _bounds(
     u = tl.where(visible[None, :], u * scale, float("-inf"))
     u = tl.where(always[None, :], float("inf"), u)
     tl.store(U + b * sub + (h * G + j)[:, None] * suh + t[:, None] * sut + blk[None, :], u, mask=row_ok[:, None] & in_range[None, :])
+    # this chunk's block of highest bound among the visible ones not always read, and its visible blocks
+    top = tl.max(tl.where(row_ok[:, None], u, float("-inf")), 0)
+    top = tl.where(always, float("-inf"), top)
+    at_chunk = head * tl.num_programs(1) + chunk
+    tl.store(BEST_U + at_chunk, tl.max(top, 0))
+    tl.store(BEST_I + at_chunk, chunk * BLOCK_B + tl.argmax(top, 0))
+    tl.store(VIS + at_chunk, tl.sum(visible.to(tl.int32), 0))
     # the exact log-sum-exp of this chunk's always-read blocks (most chunks have none)
     lse = tl.full([BLOCK_M], float("-inf"), tl.float32)
     if tl.sum(always.to(tl.int32), 0) > 0:
         base = b * skb + h * skh
-        for i in range(BLOCK_B):
-            n = chunk * BLOCK_B + i
-            if n < NB:
-                c = tl.load(COUNT + n)
-                lo_pos = tl.load(PMIN + n)
-                hi_pos = tl.load(PMAX + n)
-                seen = (c > 0) & (lo_pos <= last)
-                if HAS_WINDOW:
-                    seen = seen & (hi_pos > first - window)
-                if seen & ((lo_pos < sink) | (hi_pos > last - recent)):
-                    lse = _logaddexp(lse, _row_lse(q, K, KVPOS, base, n, skn, S, qp, row_ok, window, scale, BLOCK, D, HAS_WINDOW, IEEE))
+        lanes = tl.arange(0, BLOCK_B)
+        for i in range(BLOCK_B):  # (from the mask in registers: no global load before the branch)
+            if tl.sum(tl.where(lanes == i, always, False).to(tl.int32), 0) > 0:
+                n = chunk * BLOCK_B + i
+                lse = _logaddexp(lse, _row_lse(q, K, KVPOS, base, n, skn, S, qp, row_ok, window, scale, BLOCK, D, HAS_WINDOW, IEEE))
     tl.store(PLSE + (head * tl.num_programs(1) + chunk) * BLOCK_M + rows, lse)
 
 
@@ -119,84 +124,123 @@ def _weights(u, count, L, row_ok):
 
 @triton.jit
 def _bins(w, low, BINS: tl.constexpr):
-    """floor(log2 w) - low, from the float's exponent bits (exact), clamped to -1 (below, w = 0 too) .. BINS (above)."""
+    """1 + floor(log2 w) - low from the float's exponent bits (exact), clamped: 0 below 2^low (and w = 0), BINS + 1
+    at or above 2^(low + BINS) (and inf)."""
     e = ((w.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127 - low
     e = tl.where(w > 0, e, -1)
-    return tl.minimum(tl.maximum(e, -1), BINS)
+    return tl.minimum(tl.maximum(e, -1), BINS) + 1
 
 
 @triton.jit
-def _select(
-    Q, K, U, PLSE, COUNT, QPOS, KVPOS, TILES, NREAD, UNREAD, LOUT, VIS,
-    sqb, sqh, sqt, skb, skh, skn, sub, suh, sut, Hkv, T, S, NB, chunks, window, eps, low, scale,
-    G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr,
-    BINS: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr,
+def _first_lse(
+    Q, K, QPOS, KVPOS, PLSE, BEST_U, BEST_I, VIS, LOUT, BEST, VISIBLE, sqb, sqh, sqt, skb, skh, skn, Hkv, T, S, chunks,
+    window, scale, G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr, CB: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
+    """Per (batch x KV head): L, the log-sum-exp of the always-read blocks and of the block of highest bound."""
     head = tl.program_id(0)
     b = (head // Hkv).to(tl.int64)
     h = (head % Hkv).to(tl.int64)
     rows = tl.arange(0, BLOCK_M)
     row_ok = rows < G * T
     j, t = rows // T, rows % T
-    d = tl.arange(0, D)
-    cols = tl.arange(0, BLOCK_B)
-    u_rows = U + b * sub + (h * G + j)[:, None] * suh + t[:, None] * sut
-    # 1. the always-read blocks' log-sum-exp, and the block of highest bound among the others
     L = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    for c in range(0, chunks):
-        L = _logaddexp(L, tl.load(PLSE + (head * chunks + c) * BLOCK_M + rows))
     best_u = float("-inf")
     best = -1
     visible = 0
-    for c0 in range(0, NB, BLOCK_B):
-        blk = c0 + cols
-        u = tl.load(u_rows + blk[None, :], mask=row_ok[:, None] & (blk < NB)[None, :], other=float("-inf"))
-        top = tl.max(u, 0)
-        visible += tl.sum((top > float("-inf")).to(tl.int32), 0)
-        top = tl.where(top == float("inf"), float("-inf"), top)
+    for c0 in range(0, chunks, CB):
+        c = c0 + tl.arange(0, CB)
+        ok = c < chunks
+        part = tl.load(PLSE + (head * chunks + c)[:, None] * BLOCK_M + rows[None, :], mask=ok[:, None], other=float("-inf"))
+        m = tl.max(part, 0)
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        L = _logaddexp(L, tl.where(m == float("-inf"), m, m_safe + tl.log(tl.sum(tl.exp(part - m_safe[None, :]), 0))))
+        top = tl.load(BEST_U + head * chunks + c, mask=ok, other=float("-inf"))
         i = tl.argmax(top, 0)
         if tl.max(top, 0) > best_u:
             best_u = tl.max(top, 0)
-            best = c0 + i
-    tl.store(VIS + head, visible)
-    qp = tl.load(QPOS + t, mask=row_ok, other=-1)
+            best = tl.load(BEST_I + head * chunks + c0 + i)
+        visible += tl.sum(tl.load(VIS + head * chunks + c, mask=ok, other=0), 0)
     if best >= 0:
-        q = tl.load(Q + b * sqb + (h * G + j)[:, None] * sqh + t[:, None] * sqt + d[None, :], mask=row_ok[:, None], other=0.0)
+        qp = tl.load(QPOS + t, mask=row_ok, other=-1)
+        q = tl.load(Q + b * sqb + (h * G + j)[:, None] * sqh + t[:, None] * sqt + tl.arange(0, D)[None, :], mask=row_ok[:, None], other=0.0)
         L = _logaddexp(L, _row_lse(q, K, KVPOS, b * skb + h * skh, best, skn, S, qp, row_ok, window, scale, BLOCK, D, HAS_WINDOW, IEEE))
     tl.store(LOUT + head * BLOCK_M + rows, L)
-    # 2. the weights' sums per power of two, then the cut: the largest threshold whose blocks below sum to <= eps
-    bins = tl.arange(0, BINS)
-    hist = tl.zeros([BINS], tl.float32)
-    below = 0.0
-    for c0 in range(0, NB, BLOCK_B):
-        blk = c0 + cols
-        u = tl.load(u_rows + blk[None, :], mask=row_ok[:, None] & (blk < NB)[None, :], other=float("-inf"))
-        count = tl.load(COUNT + blk, mask=blk < NB, other=0)
-        w = _weights(u, count, L, row_ok)
+    tl.store(BEST + head, best)
+    tl.store(VISIBLE + head, visible)
+
+
+@triton.jit
+def _weigh(
+    U, COUNT, LOUT, BEST, EB, HSUM, HCNT, sub, suh, sut, Hkv, T, NB, low,
+    G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr, CHUNK: tl.constexpr, BINS: tl.constexpr, HB: tl.constexpr,
+):  # fmt: skip
+    """Per (batch x KV head, CHUNK blocks): each block's weight bin, and the chunk's sum and count of weights per bin."""
+    head = tl.program_id(0)
+    chunk = tl.program_id(1)
+    b = (head // Hkv).to(tl.int64)
+    h = (head % Hkv).to(tl.int64)
+    rows = tl.arange(0, BLOCK_M)
+    row_ok = rows < G * T
+    j, t = rows // T, rows % T
+    L = tl.load(LOUT + head * BLOCK_M + rows)
+    best = tl.load(BEST + head)
+    bins = tl.arange(0, HB)
+    sums = tl.zeros([HB], tl.float32)
+    counts = tl.zeros([HB], tl.int32)
+    u_rows = U + b * sub + (h * G + j)[:, None] * suh + t[:, None] * sut
+    for c0 in range(chunk * CHUNK, tl.minimum(chunk * CHUNK + CHUNK, NB), BLOCK_B):
+        blk = c0 + tl.arange(0, BLOCK_B)
+        ok = blk < tl.minimum(chunk * CHUNK + CHUNK, NB)
+        u = tl.load(u_rows + blk[None, :], mask=row_ok[:, None] & ok[None, :], other=float("-inf"))
+        w = _weights(u, tl.load(COUNT + blk, mask=ok, other=0), L, row_ok)
         w = tl.where(blk == best, float("inf"), w)
         e = _bins(w, low, BINS)
-        below += tl.sum(tl.where(e < 0, w, 0.0), 0)
-        hist += tl.sum(tl.where(e[:, None] == bins[None, :], w[:, None], 0.0), 0)
-    # S_k = below + hist[0] + ... + hist[k-1] for k = 0 .. BINS: the unread weight if blocks below 2^(low + k) are skipped
-    sums = below + tl.sum(tl.where(bins[None, :] < bins[:, None], hist[None, :], 0.0), 1)  # (not cumsum - hist: cancels)
-    cut = tl.sum((sums <= eps).to(tl.int32), 0) - 1  # S is nondecreasing and S_0 <= eps
-    last_ok = below + tl.sum(hist, 0) <= eps
-    cut = tl.where(last_ok, BINS, cut)
-    unread = tl.where(last_ok, below + tl.sum(hist, 0), tl.sum(tl.where(bins == cut, sums, 0.0), 0))
-    tl.store(UNREAD + head, unread)
-    # 3. the blocks to read, in key order
-    n_read = 0
-    for c0 in range(0, NB, BLOCK_B):
-        blk = c0 + cols
-        u = tl.load(u_rows + blk[None, :], mask=row_ok[:, None] & (blk < NB)[None, :], other=float("-inf"))
-        count = tl.load(COUNT + blk, mask=blk < NB, other=0)
-        w = _weights(u, count, L, row_ok)
-        w = tl.where(blk == best, float("inf"), w)
-        read = (_bins(w, low, BINS) >= cut) & (blk < NB)
-        at = n_read + tl.cumsum(read.to(tl.int32), 0) - 1
-        tl.store(TILES + head * NB + at, blk, mask=read)
-        n_read += tl.sum(read.to(tl.int32), 0)
-    tl.store(NREAD + head, n_read)
+        tl.store(EB + head.to(tl.int64) * NB + blk, e.to(tl.int8), mask=ok)
+        hit = (e[:, None] == bins[None, :]) & ok[:, None]
+        sums += tl.sum(tl.where(hit & (e[:, None] <= BINS), w[:, None], 0.0), 0)
+        counts += tl.sum(hit.to(tl.int32), 0)
+    at = (head * tl.num_programs(1) + chunk) * HB + bins
+    tl.store(HSUM + at, sums)
+    tl.store(HCNT + at, counts)
+
+
+@triton.jit
+def _cut(
+    EB, HSUM, HCNT, TILES, NREAD, UNREAD, NB, chunks, eps,
+    BLOCK_B: tl.constexpr, CHUNK: tl.constexpr, BINS: tl.constexpr, HB: tl.constexpr, CB: tl.constexpr,
+):  # fmt: skip
+    """Per (batch x KV head, CHUNK blocks): the head's cut from all chunks' sums (the largest power of two whose
+    weights below sum to <= eps), then this chunk's blocks at or above it written to the head's list in key order."""
+    head = tl.program_id(0)
+    chunk = tl.program_id(1)
+    bins = tl.arange(0, HB)
+    sums = tl.zeros([HB], tl.float32)
+    for c0 in range(0, chunks, CB):
+        c = c0 + tl.arange(0, CB)
+        sums += tl.sum(tl.load(HSUM + (head * chunks + c)[:, None] * HB + bins[None, :], mask=(c < chunks)[:, None], other=0.0), 0)
+    # below[k]: the weights in bins < k (bin 0: under 2^low), for k = 1 .. BINS + 1 (skipping bins below k)
+    below = tl.sum(tl.where(bins[None, :] < bins[:, None], sums[None, :], 0.0), 1)
+    cut = tl.max(tl.where((below <= eps) & (bins >= 1) & (bins <= BINS + 1), bins, 1), 0)  # below[1] <= eps / 2
+    unread = tl.sum(tl.where(bins == cut, below, 0.0), 0)
+    # where this chunk's blocks go: after the blocks read in the chunks before it
+    offset = 0
+    total = 0
+    for c0 in range(0, chunks, CB):
+        c = c0 + tl.arange(0, CB)
+        n = tl.sum(tl.load(HCNT + (head * chunks + c)[:, None] * HB + bins[None, :], mask=(c < chunks)[:, None] & (bins >= cut)[None, :], other=0), 1)
+        offset += tl.sum(tl.where(c < chunk, n, 0), 0)
+        total += tl.sum(n, 0)
+    if chunk == 0:
+        tl.store(NREAD + head, total)
+        tl.store(UNREAD + head, unread)
+    end = tl.minimum(chunk * CHUNK + CHUNK, NB)
+    for c0 in range(chunk * CHUNK, end, BLOCK_B):
+        blk = c0 + tl.arange(0, BLOCK_B)
+        read = (tl.load(EB + head.to(tl.int64) * NB + blk, mask=blk < end, other=0).to(tl.int32) >= cut) & (blk < end)
+        at = offset + tl.cumsum(read.to(tl.int32), 0) - 1
+        tl.store(TILES + head.to(tl.int64) * NB + at, blk, mask=read)
+        offset += tl.sum(read.to(tl.int32), 0)
 
 
 def hsr_attend(q: Tensor, k: Tensor, v: Tensor, mask, summary, eps: float, sink: int, recent: int, bins: int, low: int):
@@ -212,21 +256,35 @@ def hsr_attend(q: Tensor, k: Tensor, v: Tensor, mask, summary, eps: float, sink:
     kmin, kmax = summary.kmin, summary.kmax
     window = mask.window or 0
     common = dict(G=G, BLOCK_M=BLOCK_M, BLOCK_B=BLOCK_B, BLOCK=block, D=D, HAS_WINDOW=mask.window is not None, IEEE=q.dtype.itemsize == 4)
+    best_u = torch.empty(B * Hkv, chunks, dtype=torch.float32, device=q.device)
+    best_i = torch.empty(B * Hkv, chunks, dtype=torch.int32, device=q.device)
+    vis = torch.empty(B * Hkv, chunks, dtype=torch.int32, device=q.device)
     _bounds[(B * Hkv, chunks)](
-        q, k, kmin, kmax, summary.count, summary.pmin, summary.pmax, mask.q_pos, mask.kv_pos, u, plse,
+        q, k, kmin, kmax, summary.count, summary.pmin, summary.pmax, mask.q_pos, mask.kv_pos, u, plse, best_u, best_i, vis,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), kmin.stride(0), kmin.stride(1),
         kmin.stride(2), u.stride(0), u.stride(1), u.stride(2), Hkv, T, S, nb, window, sink, recent, 1 / math.sqrt(D), **common,
+    )  # fmt: skip
+    L = torch.empty(B * Hkv, BLOCK_M, dtype=torch.float32, device=q.device)
+    best = torch.empty(B * Hkv, dtype=torch.int32, device=q.device)
+    visible = torch.empty(B * Hkv, dtype=torch.int32, device=q.device)
+    _first_lse[(B * Hkv,)](
+        q, k, mask.q_pos, mask.kv_pos, plse, best_u, best_i, vis, L, best, visible,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), Hkv, T, S, chunks, window,
+        1 / math.sqrt(D), CB=64, **{key: common[key] for key in ("G", "BLOCK_M", "BLOCK", "D", "HAS_WINDOW", "IEEE")},
+    )  # fmt: skip
+    wide = triton.cdiv(nb, CHUNK)
+    hb = triton.next_power_of_2(bins + 2)
+    eb = torch.empty(B * Hkv, nb, dtype=torch.int8, device=q.device)
+    hsum = torch.empty(B * Hkv, wide, hb, dtype=torch.float32, device=q.device)
+    hcnt = torch.empty(B * Hkv, wide, hb, dtype=torch.int32, device=q.device)
+    _weigh[(B * Hkv, wide)](
+        u, summary.count, L, best, eb, hsum, hcnt, u.stride(0), u.stride(1), u.stride(2), Hkv, T, nb, low,
+        G=G, BLOCK_M=BLOCK_M, BLOCK_B=BLOCK_B, CHUNK=CHUNK, BINS=bins, HB=hb,
     )  # fmt: skip
     tiles = torch.empty(B * Hkv, nb, dtype=torch.int32, device=q.device)
     n_read = torch.empty(B * Hkv, dtype=torch.int32, device=q.device)
     unread = torch.empty(B * Hkv, dtype=torch.float32, device=q.device)
-    L = torch.empty(B * Hkv, BLOCK_M, dtype=torch.float32, device=q.device)
-    visible = torch.empty(B * Hkv, dtype=torch.int32, device=q.device)
-    _select[(B * Hkv,)](
-        q, k, u, plse, summary.count, mask.q_pos, mask.kv_pos, tiles, n_read, unread, L, visible,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), u.stride(0), u.stride(1), u.stride(2),
-        Hkv, T, S, nb, chunks, window, eps, low, 1 / math.sqrt(D), BINS=bins, **common,
-    )  # fmt: skip
+    _cut[(B * Hkv, wide)](eb, hsum, hcnt, tiles, n_read, unread, nb, wide, eps, BLOCK_B=BLOCK_B, CHUNK=CHUNK, BINS=bins, HB=hb, CB=16)
     out, lse = lean.lean_sparse_attend(q, k, v, mask, tiles, n_read, block)
     L = L[:, : G * T].reshape(B, Hq, T)
     certificate = (torch.exp(L - lse) * unread.view(B, Hkv, 1).repeat_interleave(G, 1)).nan_to_num(nan=0.0)

@@ -255,10 +255,27 @@ def bench_hsr(quick: bool) -> list[Table]:
                            "sdpa_graph_us", "lean_over_hsr", "sdpa_over_hsr", "max_certificate", "max_abs_diff"],
                           row[:3] + [len(hot) / nb, read] + row[5:11] + [float(r.certificate.max()), diff])), part="hsr")  # fmt: skip
             print(table.rows[-1], flush=True)
+            if ARGS.profile and share == 0.05:
+                table.notes.append(_profile_hsr(lambda: hsr_attend(q, k, v, mask, summary, eps, sink, recent), f"batch {B}, context {S:,}, 5%"))
             del summary, r
         del q, k, v
         torch.cuda.empty_cache()
     return [table]
+
+
+def _profile_hsr(step: Callable, title: str) -> str:
+    """GPU time per kernel of one HSR step (eager), averaged over 5."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+    events = sorted((e for e in prof.key_averages() if e.device_type.name == "CUDA"), key=lambda e: -e.self_device_time_total)
+    lines = [f"{e.self_device_time_total / 5:8.1f} µs {e.count // 5:3d}x  {e.key[:80]}" for e in events[:12]]
+    text = f"Profile of one HSR step ({title}), GPU time per kernel:\n\n```\n" + "\n".join(lines) + "\n```"
+    print(text, flush=True)
+    return text
 
 
 # --- prefill
@@ -731,7 +748,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("parts", nargs="+", choices=sorted(PARTS))
     parser.add_argument("--tune", action="store_true", help="decode: sweep Lean launch settings first; prefill: try flex kernel_options")
     parser.add_argument("--quick", action="store_true", help="fewer points")
-    parser.add_argument("--profile", action="store_true", help="model: GPU time per kernel of a decode step")
+    parser.add_argument("--profile", action="store_true", help="model, hsr: GPU time per kernel of a decode step")
     parser.add_argument("--ctx", type=int, default=64 * K, help="model: prompt tokens")
     parser.add_argument("--ctx-names", default="64k,128k", help="ttft: ctx presets")
     parser.add_argument("--attention", default="ring,star", help="ttft, memory: strategies")
