@@ -86,11 +86,14 @@ def _bounds(
         visible = visible & (pmax > first - window)
     always = visible & ((pmin < sink) | (pmax > last - recent))
     at = b * smb + h * smh + blk.to(tl.int64)[:, None] * smn + d[None, :]
-    lo = tl.load(KMIN + at, mask=visible[:, None], other=0.0).to(tl.float32)
-    hi = tl.load(KMAX + at, mask=visible[:, None], other=0.0).to(tl.float32)
-    qf = q.to(tl.float32)
-    u = tl.dot(tl.maximum(qf, 0.0), tl.trans(hi), input_precision="ieee")
-    u += tl.dot(tl.minimum(qf, 0.0), tl.trans(lo), input_precision="ieee")
+    lo = tl.load(KMIN + at, mask=visible[:, None], other=0.0)
+    hi = tl.load(KMAX + at, mask=visible[:, None], other=0.0)
+    if IEEE:
+        u = tl.dot(tl.maximum(q, 0.0), tl.trans(hi), input_precision="ieee")
+        u += tl.dot(tl.minimum(q, 0.0), tl.trans(lo), input_precision="ieee")
+    else:  # bf16/fp16 operands: every product is exact in the fp32 accumulator, as in the attention kernel's scores
+        u = tl.dot(tl.maximum(q, 0.0).to(q.dtype), tl.trans(hi))
+        u += tl.dot(tl.minimum(q, 0.0).to(q.dtype), tl.trans(lo))
     u = tl.where(visible[None, :], u * scale, float("-inf"))
     u = tl.where(always[None, :], float("inf"), u)
     tl.store(U + b * sub + (h * G + j)[:, None] * suh + t[:, None] * sut + blk[None, :], u, mask=row_ok[:, None] & in_range[None, :])
@@ -132,18 +135,9 @@ def _bins(w, low, BINS: tl.constexpr):
 
 
 @triton.jit
-def _first_lse(
-    Q, K, QPOS, KVPOS, PLSE, BEST_U, BEST_I, VIS, LOUT, BEST, VISIBLE, sqb, sqh, sqt, skb, skh, skn, Hkv, T, S, chunks,
-    window, scale, G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr, CB: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr,
-):  # fmt: skip
-    """Per (batch x KV head): L, the log-sum-exp of the always-read blocks and of the block of highest bound."""
-    head = tl.program_id(0)
-    b = (head // Hkv).to(tl.int64)
-    h = (head % Hkv).to(tl.int64)
-    rows = tl.arange(0, BLOCK_M)
-    row_ok = rows < G * T
-    j, t = rows // T, rows % T
+def _first_lse(PLSE, BEST_U, BEST_I, VIS, head, chunks, rows, BLOCK_M: tl.constexpr, CB: tl.constexpr):
+    """The always-read blocks' log-sum-exp per row, the head's other block of highest bound (-1: none), its visible
+    blocks: reduced from `_bounds`' per-chunk figures."""
     L = tl.full([BLOCK_M], float("-inf"), tl.float32)
     best_u = float("-inf")
     best = -1
@@ -161,21 +155,18 @@ def _first_lse(
             best_u = tl.max(top, 0)
             best = tl.load(BEST_I + head * chunks + c0 + i)
         visible += tl.sum(tl.load(VIS + head * chunks + c, mask=ok, other=0), 0)
-    if best >= 0:
-        qp = tl.load(QPOS + t, mask=row_ok, other=-1)
-        q = tl.load(Q + b * sqb + (h * G + j)[:, None] * sqh + t[:, None] * sqt + tl.arange(0, D)[None, :], mask=row_ok[:, None], other=0.0)
-        L = _logaddexp(L, _row_lse(q, K, KVPOS, b * skb + h * skh, best, skn, S, qp, row_ok, window, scale, BLOCK, D, HAS_WINDOW, IEEE))
-    tl.store(LOUT + head * BLOCK_M + rows, L)
-    tl.store(BEST + head, best)
-    tl.store(VISIBLE + head, visible)
+    return L, best, visible
 
 
 @triton.jit
 def _weigh(
-    U, COUNT, LOUT, BEST, EB, HSUM, HCNT, sub, suh, sut, Hkv, T, NB, low,
-    G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr, CHUNK: tl.constexpr, BINS: tl.constexpr, HB: tl.constexpr,
+    Q, K, QPOS, KVPOS, U, COUNT, PLSE, BEST_U, BEST_I, VIS, LOUT, VISIBLE, EB, HSUM, HCNT,
+    sqb, sqh, sqt, skb, skh, skn, sub, suh, sut, Hkv, T, S, NB, chunks, window, scale, low,
+    G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr,
+    CHUNK: tl.constexpr, BINS: tl.constexpr, HB: tl.constexpr, CB: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
-    """Per (batch x KV head, CHUNK blocks): each block's weight bin, and the chunk's sum and count of weights per bin."""
+    """Per (batch x KV head, CHUNK blocks): L (every program of the head computes it; the first stores it), then
+    each block's weight bin, and the chunk's sum and count of weights per bin."""
     head = tl.program_id(0)
     chunk = tl.program_id(1)
     b = (head // Hkv).to(tl.int64)
@@ -183,8 +174,14 @@ def _weigh(
     rows = tl.arange(0, BLOCK_M)
     row_ok = rows < G * T
     j, t = rows // T, rows % T
-    L = tl.load(LOUT + head * BLOCK_M + rows)
-    best = tl.load(BEST + head)
+    L, best, visible = _first_lse(PLSE, BEST_U, BEST_I, VIS, head, chunks, rows, BLOCK_M, CB)
+    if best >= 0:
+        qp = tl.load(QPOS + t, mask=row_ok, other=-1)
+        q = tl.load(Q + b * sqb + (h * G + j)[:, None] * sqh + t[:, None] * sqt + tl.arange(0, D)[None, :], mask=row_ok[:, None], other=0.0)
+        L = _logaddexp(L, _row_lse(q, K, KVPOS, b * skb + h * skh, best, skn, S, qp, row_ok, window, scale, BLOCK, D, HAS_WINDOW, IEEE))
+    if chunk == 0:
+        tl.store(LOUT + head * BLOCK_M + rows, L)
+        tl.store(VISIBLE + head, visible)
     bins = tl.arange(0, HB)
     sums = tl.zeros([HB], tl.float32)
     counts = tl.zeros([HB], tl.int32)
@@ -243,6 +240,18 @@ def _cut(
         offset += tl.sum(read.to(tl.int32), 0)
 
 
+@triton.jit
+def _certificate(L, LSE, UNREAD, CERT, rows, G: tl.constexpr, T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK: tl.constexpr):
+    """c = exp(L - lse) * (the head's unread weight), 0 where nothing is unread."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # flat (batch, query head, token)
+    ok = i < rows
+    head = i // (G * T)  # (batch x KV head)
+    r = i % (G * T)
+    unread = tl.load(UNREAD + head, mask=ok, other=0.0)
+    gap = tl.load(L + head * BLOCK_M + r, mask=ok, other=0.0) - tl.load(LSE + i, mask=ok, other=0.0)
+    tl.store(CERT + i, tl.where(unread > 0, tl.exp(gap) * unread, 0.0), mask=ok)
+
+
 def hsr_attend(q: Tensor, k: Tensor, v: Tensor, mask, summary, eps: float, sink: int, recent: int, bins: int, low: int):
     """`attention.hsr.hsr_attend` on CUDA: (out, lse, certificate, blocks read [B, Hkv], blocks visible)."""
     B, Hq, T, D = q.shape
@@ -265,27 +274,22 @@ def hsr_attend(q: Tensor, k: Tensor, v: Tensor, mask, summary, eps: float, sink:
         kmin.stride(2), u.stride(0), u.stride(1), u.stride(2), Hkv, T, S, nb, window, sink, recent, 1 / math.sqrt(D), **common,
     )  # fmt: skip
     L = torch.empty(B * Hkv, BLOCK_M, dtype=torch.float32, device=q.device)
-    best = torch.empty(B * Hkv, dtype=torch.int32, device=q.device)
     visible = torch.empty(B * Hkv, dtype=torch.int32, device=q.device)
-    _first_lse[(B * Hkv,)](
-        q, k, mask.q_pos, mask.kv_pos, plse, best_u, best_i, vis, L, best, visible,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), Hkv, T, S, chunks, window,
-        1 / math.sqrt(D), CB=64, **{key: common[key] for key in ("G", "BLOCK_M", "BLOCK", "D", "HAS_WINDOW", "IEEE")},
-    )  # fmt: skip
     wide = triton.cdiv(nb, CHUNK)
     hb = triton.next_power_of_2(bins + 2)
     eb = torch.empty(B * Hkv, nb, dtype=torch.int8, device=q.device)
     hsum = torch.empty(B * Hkv, wide, hb, dtype=torch.float32, device=q.device)
     hcnt = torch.empty(B * Hkv, wide, hb, dtype=torch.int32, device=q.device)
     _weigh[(B * Hkv, wide)](
-        u, summary.count, L, best, eb, hsum, hcnt, u.stride(0), u.stride(1), u.stride(2), Hkv, T, nb, low,
-        G=G, BLOCK_M=BLOCK_M, BLOCK_B=BLOCK_B, CHUNK=CHUNK, BINS=bins, HB=hb,
+        q, k, mask.q_pos, mask.kv_pos, u, summary.count, plse, best_u, best_i, vis, L, visible, eb, hsum, hcnt,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), u.stride(0), u.stride(1), u.stride(2),
+        Hkv, T, S, nb, chunks, window, 1 / math.sqrt(D), low, CHUNK=CHUNK, BINS=bins, HB=hb, CB=64, **common,
     )  # fmt: skip
     tiles = torch.empty(B * Hkv, nb, dtype=torch.int32, device=q.device)
     n_read = torch.empty(B * Hkv, dtype=torch.int32, device=q.device)
     unread = torch.empty(B * Hkv, dtype=torch.float32, device=q.device)
     _cut[(B * Hkv, wide)](eb, hsum, hcnt, tiles, n_read, unread, nb, wide, eps, BLOCK_B=BLOCK_B, CHUNK=CHUNK, BINS=bins, HB=hb, CB=16)
     out, lse = lean.lean_sparse_attend(q, k, v, mask, tiles, n_read, block)
-    L = L[:, : G * T].reshape(B, Hq, T)
-    certificate = (torch.exp(L - lse) * unread.view(B, Hkv, 1).repeat_interleave(G, 1)).nan_to_num(nan=0.0)
+    certificate = torch.empty_like(lse)
+    _certificate[(triton.cdiv(lse.numel(), 256),)](L, lse, unread, certificate, lse.numel(), G=G, T=T, BLOCK_M=BLOCK_M, BLOCK=256)
     return out, lse, certificate, n_read.view(B, Hkv), visible[0]

@@ -66,9 +66,13 @@ def _lean_decode(
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D], tl.float32)
+        listed = LIST + head * tiles - head_start  # (SPARSE: unit u's tile is listed[u])
+        if SPARSE:
+            upcoming = tl.load(listed + unit)
         for u in range(unit, stop):
-            if SPARSE:
-                tile = tl.load(LIST + head * tiles + u - head_start)
+            if SPARSE:  # the next tile's index is loaded a step ahead: the K/V loads never wait on it
+                tile = upcoming
+                upcoming = tl.load(listed + tl.minimum(u + 1, stop - 1))
             else:
                 tile = u - head_start
             n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
