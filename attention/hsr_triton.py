@@ -26,7 +26,7 @@ from torch import Tensor
 from attention import lean
 
 BLOCK_B = 64  # blocks per program of `_bounds`, and per step of the other kernels' loops
-CHUNK = 512  # blocks per program of `_weigh` and `_cut`
+CHUNK = 128  # blocks per program of `_weigh` and `_cut`
 
 
 @triton.jit
@@ -106,13 +106,13 @@ def _bounds(
     tl.store(VIS + at_chunk, tl.sum(visible.to(tl.int32), 0))
     # the exact log-sum-exp of this chunk's always-read blocks (most chunks have none)
     lse = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    if tl.sum(always.to(tl.int32), 0) > 0:
-        base = b * skb + h * skh
-        lanes = tl.arange(0, BLOCK_B)
-        for i in range(BLOCK_B):  # (from the mask in registers: no global load before the branch)
-            if tl.sum(tl.where(lanes == i, always, False).to(tl.int32), 0) > 0:
-                n = chunk * BLOCK_B + i
-                lse = _logaddexp(lse, _row_lse(q, K, KVPOS, base, n, skn, S, qp, row_ok, window, scale, BLOCK, D, HAS_WINDOW, IEEE))
+    base = b * skb + h * skh
+    lanes = tl.arange(0, BLOCK_B)
+    todo = always.to(tl.int32)
+    while tl.sum(todo, 0) > 0:  # one step per always-read block (most chunks have none)
+        i = tl.argmax(todo, 0)
+        lse = _logaddexp(lse, _row_lse(q, K, KVPOS, base, chunk * BLOCK_B + i, skn, S, qp, row_ok, window, scale, BLOCK, D, HAS_WINDOW, IEEE))
+        todo = tl.where(lanes == i, 0, todo)
     tl.store(PLSE + (head * tl.num_programs(1) + chunk) * BLOCK_M + rows, lse)
 
 
@@ -288,7 +288,7 @@ def hsr_attend(q: Tensor, k: Tensor, v: Tensor, mask, summary, eps: float, sink:
     tiles = torch.empty(B * Hkv, nb, dtype=torch.int32, device=q.device)
     n_read = torch.empty(B * Hkv, dtype=torch.int32, device=q.device)
     unread = torch.empty(B * Hkv, dtype=torch.float32, device=q.device)
-    _cut[(B * Hkv, wide)](eb, hsum, hcnt, tiles, n_read, unread, nb, wide, eps, BLOCK_B=BLOCK_B, CHUNK=CHUNK, BINS=bins, HB=hb, CB=16)
+    _cut[(B * Hkv, wide)](eb, hsum, hcnt, tiles, n_read, unread, nb, wide, eps, BLOCK_B=BLOCK_B, CHUNK=CHUNK, BINS=bins, HB=hb, CB=64)
     out, lse = lean.lean_sparse_attend(q, k, v, mask, tiles, n_read, block)
     certificate = torch.empty_like(lse)
     _certificate[(triton.cdiv(lse.numel(), 256),)](L, lse, unread, certificate, lse.numel(), G=G, T=T, BLOCK_M=BLOCK_M, BLOCK=256)
