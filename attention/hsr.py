@@ -204,10 +204,12 @@ def attend_blocks(q: Tensor, k: Tensor, v: Tensor, mask: PositionMask, chosen: T
 
 def _triton_path(q: Tensor, k: Tensor, mask: PositionMask, summary: KeySummary, low: int) -> bool:
     """Shapes the kernels take: those of the Lean kernel, tiles of at least 16 keys (its matrix products' smallest
-    side), at most 64 query rows per KV head and 1024 (batch x KV head) pairs (registers), bins in fp32's range."""
+    side), at most 64 query rows per KV head and 1024 (batch x KV head) pairs (registers), bins in fp32's range,
+    summaries in the keys' dtype."""
     rows = q.shape[1] // k.shape[1] * q.shape[2]
     return (
-        q.dtype != torch.float64 and summary.block >= 16 and rows <= 64 and q.shape[0] * k.shape[1] <= 1024
+        q.dtype != torch.float64 and q.dtype == k.dtype == summary.kmin.dtype and summary.block >= 16 and rows <= 64
+        and q.shape[0] * k.shape[1] <= 1024
         and low > -126 and lean.supports(q, k, mask) and _triton() is not None
     )  # fmt: skip
 

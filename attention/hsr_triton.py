@@ -26,7 +26,8 @@ from torch import Tensor
 from attention import lean
 
 BLOCK_B = 64  # blocks per program of `_bounds`, and per step of the other kernels' loops
-CHUNK = 128  # blocks per program of `_weigh` and `_cut`
+CHUNK = 128  # blocks per program of `_weigh` and `_cut` at least; more where a head has over MAX_CHUNKS of them
+MAX_CHUNKS = 64  # (each of those programs reads every chunk's figures: more chunks cost more than they spread)
 
 
 @triton.jit
@@ -92,8 +93,8 @@ def _bounds(
         u = tl.dot(tl.maximum(q, 0.0), tl.trans(hi), input_precision="ieee")
         u += tl.dot(tl.minimum(q, 0.0), tl.trans(lo), input_precision="ieee")
     else:  # bf16/fp16 operands: every product is exact in the fp32 accumulator, as in the attention kernel's scores
-        u = tl.dot(tl.maximum(q, 0.0).to(q.dtype), tl.trans(hi))
-        u += tl.dot(tl.minimum(q, 0.0).to(q.dtype), tl.trans(lo))
+        u = tl.dot(tl.maximum(q, 0.0).to(hi.dtype), tl.trans(hi))
+        u += tl.dot(tl.minimum(q, 0.0).to(lo.dtype), tl.trans(lo))
     u = tl.where(visible[None, :], u * scale, float("-inf"))
     u = tl.where(always[None, :], float("inf"), u)
     tl.store(U + b * sub + (h * G + j)[:, None] * suh + t[:, None] * sut + blk[None, :], u, mask=row_ok[:, None] & in_range[None, :])
@@ -275,7 +276,8 @@ def hsr_attend(q: Tensor, k: Tensor, v: Tensor, mask, summary, eps: float, sink:
     )  # fmt: skip
     L = torch.empty(B * Hkv, BLOCK_M, dtype=torch.float32, device=q.device)
     visible = torch.empty(B * Hkv, dtype=torch.int32, device=q.device)
-    wide = triton.cdiv(nb, CHUNK)
+    chunk = max(CHUNK, triton.next_power_of_2(triton.cdiv(nb, MAX_CHUNKS)))
+    wide = triton.cdiv(nb, chunk)
     hb = triton.next_power_of_2(bins + 2)
     eb = torch.empty(B * Hkv, nb, dtype=torch.int8, device=q.device)
     hsum = torch.empty(B * Hkv, wide, hb, dtype=torch.float32, device=q.device)
@@ -283,12 +285,12 @@ def hsr_attend(q: Tensor, k: Tensor, v: Tensor, mask, summary, eps: float, sink:
     _weigh[(B * Hkv, wide)](
         q, k, mask.q_pos, mask.kv_pos, u, summary.count, plse, best_u, best_i, vis, L, visible, eb, hsum, hcnt,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), u.stride(0), u.stride(1), u.stride(2),
-        Hkv, T, S, nb, chunks, window, 1 / math.sqrt(D), low, CHUNK=CHUNK, BINS=bins, HB=hb, CB=64, **common,
+        Hkv, T, S, nb, chunks, window, 1 / math.sqrt(D), low, CHUNK=chunk, BINS=bins, HB=hb, CB=64, **common,
     )  # fmt: skip
     tiles = torch.empty(B * Hkv, nb, dtype=torch.int32, device=q.device)
     n_read = torch.empty(B * Hkv, dtype=torch.int32, device=q.device)
     unread = torch.empty(B * Hkv, dtype=torch.float32, device=q.device)
-    _cut[(B * Hkv, wide)](eb, hsum, hcnt, tiles, n_read, unread, nb, wide, eps, BLOCK_B=BLOCK_B, CHUNK=CHUNK, BINS=bins, HB=hb, CB=64)
+    _cut[(B * Hkv, wide)](eb, hsum, hcnt, tiles, n_read, unread, nb, wide, eps, BLOCK_B=BLOCK_B, CHUNK=chunk, BINS=bins, HB=hb, CB=64)
     out, lse = lean.lean_sparse_attend(q, k, v, mask, tiles, n_read, block)
     certificate = torch.empty_like(lse)
     _certificate[(triton.cdiv(lse.numel(), 256),)](L, lse, unread, certificate, lse.numel(), G=G, T=T, BLOCK_M=BLOCK_M, BLOCK=256)

@@ -122,8 +122,7 @@ class KVCache(nn.Module):
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.summary, self.positions = None, positions
         if summary_block is not None:
-            exact = torch.promote_types(dtype, torch.float32)
-            self.summary = KeySummary.empty(batch, n_kv_heads, slots, head_dim, summary_block, device, exact)
+            self.summary = KeySummary.empty(batch, n_kv_heads, slots, head_dim, summary_block, device, dtype)
 
     def update(self, slots: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         write_kv(self.k_cache, self.v_cache, slots, k, v)

@@ -156,9 +156,9 @@ def _rank_plan(args: ModelArgs, s: attention.AttentionStrategy, shape: RunShape,
     # phase 2: the query tokens (at most n_after), then one token at a time, attending to the whole local cache
     Q = max(1, shape.n_after if shape.n_query is None else min(shape.n_query, shape.n_after))
     workspace = None
-    if s.decode == "hsr":  # each layer's key summaries live with its cache; phase 2 attends through the reference
+    if s.decode == "hsr":  # each layer's key summaries (in the keys' dtype) live with its cache
         blocks, exact = -(-slots // s.hsr_block), torch.promote_types(dtype, torch.float32).itemsize
-        kv += args.n_layers * (2 * Hkv * blocks * D * exact + 3 * blocks * 8)
+        kv += args.n_layers * (2 * Hkv * blocks * D * b + 3 * blocks * 8)
         workspace = _hsr_workspace(args, Q, slots, blocks, exact)
     phase2 = _layer_peak(args, Q, slots, b, device, workspace=workspace) + _rotary_bytes(args, Q, b)
     logits = args.vocab_size * (b + 4) * 2  # the last position's logits, and their fp32 copy for sampling
@@ -225,14 +225,15 @@ def _layer_peak(
 
 
 def _hsr_workspace(args: ModelArgs, T: int, S: int, blocks: int, e: int) -> int:
-    """Bytes `attention.hsr.hsr_attend` holds beyond its inputs for T queries over S slots in `blocks` blocks: the
-    larger of the bounds (q times the summaries' minima and maxima, [Hq, T, blocks, D] each, and their maximum) and
-    the attention over the chosen blocks (the dense mask and chosen keys, fp32 scores and probabilities, K and V in
-    the exact dtype), next to the bounds [Hq, T, blocks] and the chosen blocks."""
+    """Bytes `attention.hsr.hsr_attend`'s PyTorch path holds beyond its inputs for T queries over S slots in
+    `blocks` blocks (the CUDA kernels hold less): the larger of the bounds (q and its two parts, the summaries in
+    the exact dtype, two products and their sum [Hq, T, blocks]) and the attention over the chosen blocks (the
+    dense mask and chosen keys, fp32 scores and probabilities, K and V in the exact dtype), next to the bounds and
+    the weights [Hq, T, blocks] and the per-block bins and sums."""
     D, Hq, Hkv = args.head_dim, args.n_heads, args.n_kv_heads
-    bounds = 3 * Hq * T * blocks * D * e
+    bounds = 3 * Hq * T * D * e + 2 * Hkv * blocks * D * e + 3 * Hq * T * blocks * e
     attend = T * S + Hkv * T * S + 2 * Hq * T * S * e + 2 * Hkv * S * D * e + Hq * T * D * (e + 4)
-    return max(bounds, attend) + 2 * Hq * T * blocks * e + Hkv * blocks
+    return max(bounds, attend) + 3 * Hq * T * blocks * e + Hkv * blocks * 32
 
 
 def _kernel_workspace(args: ModelArgs, T: int, S: int, b: int, device: str, seen: int | None) -> int:
