@@ -291,6 +291,7 @@ def bench_hsr_model(quick: bool) -> list[Table]:
         rates = {}
         for decode in ("dense", "hsr"):
             model.attention = attention.build(name, **params, decode=decode)
+            list(generate_tokens(model, prompt[:4096], new, context_len=4096 - 64))  # compiles the decode step's kernels
             it = generate_tokens(model, prompt, new, context_len=S - 64)
             next(it)
             torch.cuda.synchronize()
