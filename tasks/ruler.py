@@ -32,7 +32,8 @@ def task_ruler(c: Context) -> dict:
         out, ttft, _ = c.answer(ids, n_ctx, t.max_new_tokens, models.Sampling())
         row = {"key": s.key, "task": s.task, "length": s.length, "depth": s.depth, "seed": s.seed,
                "score": ruler.score(out.text, s.answers), "pred": out.text, "answers": s.answers,
-               "prompt_tokens": len(ids), "ttft_s": ttft, "haystack": hay.name, "strategy": c.strategy_params()}  # fmt: skip
+               "prompt_tokens": len(ids), "ttft_s": ttft, "haystack": hay.name, "strategy": c.strategy_params(),
+               **(c.model.attention.hsr_report() or {})}  # fmt: skip
         rows.append(row)
         if c.lead:
             append_row(out_path, row)

@@ -57,6 +57,8 @@ STRATEGIES = {
         "star, block L/8, recompute, 2 ranks",
         ("attention=star", "attention.params.block_size={L8}", "attention.params.anchor_mode=recompute"), ranks=2,
     ),
+    # HSR sparse decode (attention/hsr.py) at its defaults: phase 1 dense, every decode step certified to eps 1e-3
+    "hsr": Strategy("global, decode=hsr", ("attention=global", "attention.params.decode=hsr")),
 }
 ALL = ("global", "ring", "star4", "star4-recompute", "star8", "star8-recompute")
 
@@ -93,7 +95,7 @@ def plan() -> list[Cell]:
     cells += [Cell(g, 32768, st, D2) for st in ("global", "star-default")] + [Cell(g, 4096, "ring", D4)]
     cells += [Cell(g, 16384, st, D4) for st in ("star4", "star8")] + [Cell(g, 4096, "star-default", D4)]
     cells += [Cell(s, n, st, D4) for n in (1024, 2048, 4096, 8192) for st in ("global", "star4", "star8")]
-    cells += [Cell(s, 8192, "star-default", D4)]
+    cells += [Cell(s, 8192, "star-default", D4), Cell(s, 2048, "hsr", D4), Cell(g, 4096, "hsr", D4)]
     cells += [Cell(g, n, st, D4) for st in ("ring", "star4-recompute", "star8-recompute") for n in (4096, 8192, 16384)]
     cells += [Cell(s, n, st, D4) for st in ("ring", "star4-recompute", "star8-recompute") for n in (1024, 2048, 4096, 8192)]
     return cells
@@ -223,6 +225,19 @@ def report(cells: list[Cell]) -> str:
     lines = [BEGIN, ""]
     for model in sorted({c.model for c in cells if c.done()}, reverse=True):
         lines += [f"### {model}", ""] + model_table(model, cells) + [""]
+    sparse = [c for c in cells if c.strategy == "hsr" and c.done()]
+    if sparse:
+        lines += ["Sparse decode (`decode=hsr`, eps 1e-3): what its steps read, per cell (from each sample's run):", "",
+                  "| model | length | samples | score vs global | blocks read (mean of samples) | largest certificate |", "|---|---|---|---|---|---|"]  # fmt: skip
+        for c in sparse:
+            rows = _rows(c)
+            base = next((_rows(g) for g in cells if (g.model, g.length, g.strategy) == (c.model, c.length, "global")), [])
+            ratio = _of_global(rows, base)
+            share = sum(r.get("hsr_blocks_read_share", float("nan")) for r in rows) / len(rows)
+            worst = max(r.get("hsr_max_certificate", float("nan")) for r in rows)
+            lines.append(f"| {c.model} | {_label(c.length)} | {len(rows)}/{c.samples} | "
+                         f"{'–' if ratio is None else f'{ratio:.0f}%'} | {share:.1%} | {worst:.1e} |")  # fmt: skip
+        lines.append("")
     lines += [
         f"Made by `python tools/accuracy.py run` then `python tools/accuracy.py report` on {time.strftime('%Y-%m-%d')}, "
         f"CPU, fp32, torch {torch.__version__}. A cell shows the mean score over its samples, star's as a percentage of "
