@@ -4,7 +4,9 @@ A key is visible to a query when it holds a real token (position >= 0), is not i
 sliding-window layers, lies within the window. Masks are defined on *positions*, not on indices, so a KV cache
 whose slots hold non-contiguous positions (a star rank's block, a ring shard) needs no special case.
 
-On CUDA the kernel is compiled FlexAttention with a `BlockMask`. On CPU it is PyTorch's fused CPU attention with
+On CUDA the kernel is compiled FlexAttention with a `BlockMask`. It compiles once per (queries, keys) shape, so both
+lengths are padded up to a bucket (`flex_bucket`, FLEX_BUCKETS per octave: at most 1/8 more of each) with position
+-1, which no mask lets see or be seen: prompts of a hundred lengths compile a handful of shapes. On CPU it is PyTorch's fused CPU attention with
 the same `mask_mod` evaluated densely, a chunk of queries at a time (compiled CPU FlexAttention does not return the
 log-sum-exp); `dense_attend` is the plain reference, also used for float64.
 """
@@ -24,6 +26,18 @@ MASK_CHUNK_ELEMENTS = 1 << 22
 FLEX_MIN_QUERIES = 128
 # Below this many queries (decode steps) the dense path wins on CPU: it reads K/V once without expanding GQA heads.
 CPU_FLASH_MIN_QUERIES = 16
+# Sequence lengths FlexAttention compiles for per octave (None: every length its own shape, and its own compile).
+FLEX_BUCKETS: int | None = 8
+
+
+def flex_bucket(n: int) -> int:
+    """The smallest length >= n of the form m * 2^k with FLEX_BUCKETS <= m < 2 * FLEX_BUCKETS (n itself when
+    FLEX_BUCKETS is None, or n is small): powers of two stay as they are, and no length grows by more than
+    1 / FLEX_BUCKETS."""
+    if FLEX_BUCKETS is None or n <= 2 * FLEX_BUCKETS:
+        return n
+    step = 1 << max(0, n.bit_length() - FLEX_BUCKETS.bit_length())
+    return -(-n // step) * step
 
 
 @dataclass
@@ -37,6 +51,7 @@ class PositionMask:
     block_size: int | None = None
     anchor_size: int = 0
     _block_mask: object = field(default=None, repr=False)
+    _padded: dict = field(default_factory=dict, repr=False)
 
     def mask_mod(self) -> Callable:
         q_pos, kv_pos, window, block, anchor = self.q_pos, self.kv_pos, self.window, self.block_size, self.anchor_size
@@ -57,6 +72,15 @@ class PositionMask:
         q_idx = torch.arange(self.q_pos.numel(), device=self.q_pos.device)[q_slice, None]
         kv_idx = torch.arange(self.kv_pos.numel(), device=self.kv_pos.device)[None, :]
         return self.mask_mod()(None, None, q_idx, kv_idx)
+
+    def padded(self, queries: int, keys: int) -> "PositionMask":
+        """This mask over `queries` and `keys` slots, the added ones at position -1 (nothing sees them and they see
+        nothing); built once and shared by every layer, like the block mask."""
+        if (queries, keys) not in self._padded:
+            q_pos = torch.nn.functional.pad(self.q_pos, (0, queries - self.q_pos.numel()), value=-1)
+            kv_pos = torch.nn.functional.pad(self.kv_pos, (0, keys - self.kv_pos.numel()), value=-1)
+            self._padded[queries, keys] = PositionMask(q_pos, kv_pos, self.window, self.block_size, self.anchor_size)
+        return self._padded[queries, keys]
 
     def block_mask(self):
         """The FlexAttention `BlockMask`, built on first use and reused by every layer."""
@@ -115,9 +139,15 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: PositionMask, return_lse: bool
     (-inf on rows that see no key; their output is 0).
     """
     if use_flex(q):
+        T, S = q.shape[2], k.shape[2]
+        Tb, Sb = flex_bucket(T), flex_bucket(S)
+        if (Tb, Sb) != (T, S):  # padded to the bucket's shape: no compile for this exact length
+            pad = torch.nn.functional.pad
+            q, k, v, mask = pad(q, (0, 0, 0, Tb - T)), pad(k, (0, 0, 0, Sb - S)), pad(v, (0, 0, 0, Sb - S)), mask.padded(Tb, Sb)
         out, lse = _compiled_flex()(
             q, k, v, block_mask=mask.block_mask(), enable_gqa=True, return_lse=True, kernel_options=flex_options(q)
         )
+        out, lse = out[:, :, :T], lse[:, :, :T]
         return (out, lse.float()) if return_lse else out
     if q.is_cuda:
         from attention import lean

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 import attention
-from attention.kernels import CPU_FLASH_MIN_QUERIES, FLEX_MIN_QUERIES, MASK_CHUNK_ELEMENTS
+from attention.kernels import CPU_FLASH_MIN_QUERIES, FLEX_MIN_QUERIES, MASK_CHUNK_ELEMENTS, flex_bucket
 from attention.merge import MERGE_CHUNK_ELEMENTS
 from models.config import ModelArgs
 from models.transformer import FeedForward, Transformer
@@ -242,7 +242,9 @@ def _kernel_workspace(args: ModelArgs, T: int, S: int, b: int, device: str, seen
     out = T * Hq * D * b + T * Hq * 4  # output and lse
     windows = len(set(args.layer_windows)) or 1
     if device == "cuda" and T >= FLEX_MIN_QUERIES:  # FlexAttention: its BlockMasks (4 int32 [T/128, S/128] tables)
-        return out + windows * 4 * 4 * math.ceil(T / FLEX_BLOCK) * math.ceil(S / FLEX_BLOCK)
+        Tb, Sb = flex_bucket(T), flex_bucket(S)  # over lengths padded to their buckets, copies of q, k, v and out
+        padded = (2 * Tb * Hq + 2 * Sb * Hkv) * D * b if (Tb, Sb) != (T, S) else 0
+        return out + padded + windows * 4 * 4 * math.ceil(Tb / FLEX_BLOCK) * math.ceil(Sb / FLEX_BLOCK)
     if device == "cuda":  # Lean decode: partial (output, lse) per program and row, a few per SM
         return out + 4 * 132 * 2 * Hq * T * (D + 1) * 4
     rows = min(T, max(64, MASK_CHUNK_ELEMENTS // max(S, 1)))

@@ -94,3 +94,26 @@ def test_cpu_kernel_reads_only_the_keys_a_chunk_sees():
     star = PositionMask(rows, torch.arange(150), None, 30, 10).dense()  # anchor 0..9, blocks 60.., 90.., 120..
     assert _visible_keys(star).tolist() == list(range(10)) + list(range(60, 128))
     assert _visible_keys(PositionMask(torch.arange(5), torch.arange(5)).dense()) is None  # the last row sees all
+
+
+def test_flex_buckets_are_few_and_waste_little():
+    from attention.kernels import FLEX_BUCKETS, flex_bucket
+
+    lengths = range(100, 70000, 7)
+    buckets = [flex_bucket(n) for n in lengths]
+    assert all(n <= b <= n * (1 + 1 / FLEX_BUCKETS) for n, b in zip(lengths, buckets))
+    assert all(flex_bucket(b) == b for b in buckets)  # a bucket is its own bucket: padding is done once
+    assert buckets == sorted(buckets)
+    octaves = {(b.bit_length(), b) for b in buckets}
+    assert all(sum(1 for o, _ in octaves if o == k) <= FLEX_BUCKETS for k in {o for o, _ in octaves})
+    assert [flex_bucket(1 << k) for k in range(7, 21)] == [1 << k for k in range(7, 21)]  # powers of two stay
+
+
+@pytest.mark.parametrize("window,block", [(None, None), (50, None), (None, 40)])
+def test_a_padded_mask_adds_slots_nothing_sees_and_that_see_nothing(window, block):
+    kv_pos = torch.cat([torch.arange(150), torch.full((10,), -1)])
+    mask = PositionMask(torch.arange(30, 150), kv_pos, window, block, 40 if block else 0)
+    padded = mask.padded(128, 176)
+    dense, big = mask.dense(), padded.dense()
+    assert torch.equal(big[:120, :160], dense) and not big[120:].any() and not big[:, 160:].any()
+    assert mask.padded(128, 176) is padded  # built once, shared by every layer

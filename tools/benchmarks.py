@@ -310,6 +310,52 @@ def bench_hsr_model(quick: bool) -> list[Table]:
     return [table]
 
 
+def bench_shapes(quick: bool) -> list[Table]:
+    """A run over prompts of many lengths, FlexAttention's shapes bucketed or exact: graphs compiled, wall time."""
+    import attention
+    from attention import kernels
+    from models.generate import generate_tokens
+    from models.loading import random_model
+    from torch._dynamo.utils import counters
+
+    n = 30 if quick else 100
+    args, _ = _llama3_args(16 * K)
+    args = replace(args, n_layers=4)
+    rng = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1000, 9000, (n,), generator=rng).tolist()
+    table = Table(
+        f"{n} prompts of {n} different lengths (1,000 to 9,000 tokens), FlexAttention shapes exact vs bucketed",
+        "python tools/benchmarks.py shapes",
+        ["shapes", "prompts", "graphs compiled", "wall time (s)", "s per prompt"],
+    )
+    table.figure = "shapes"
+    table.notes.append(
+        "Llama-3.1-8B layer shapes, 4 layers, random weights, bf16; each prompt through phase 1 (global) and 4 new "
+        f"tokens. 'bucketed' pads both sequence lengths up to {kernels.FLEX_BUCKETS} buckets per octave (at most 1/8 "
+        "more) with position -1; 'exact' compiles every new (queries, keys) shape. Graphs compiled: dynamo's unique "
+        "graphs over the run (FlexAttention, its block masks, the fused elementwise chains), dynamo reset before each."
+    )
+    default = kernels.FLEX_BUCKETS
+    for label, buckets in (("exact", None), ("bucketed", default)):
+        torch._dynamo.reset()  # (what the first run compiled does not serve the second)
+        kernels.FLEX_BUCKETS = buckets
+        model = random_model(args, torch.bfloat16, "cuda", attention.build("global"))
+        before = counters["stats"]["unique_graphs"]
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for L in lengths:
+            list(generate_tokens(model, torch.randint(0, args.vocab_size, (L,), generator=rng).tolist(), 4))
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+        row = [label, n, counters["stats"]["unique_graphs"] - before, wall, wall / n]
+        table.rows.append(row)
+        emit(dict(zip(["shapes", "prompts", "graphs", "wall_s", "s_per_prompt"], row)), part="shapes")
+        print(row, flush=True)
+        del model
+    kernels.FLEX_BUCKETS = default
+    return [table]
+
+
 def _profile_hsr(step: Callable, title: str) -> str:
     """GPU time per kernel of one HSR step (eager), averaged over 5."""
     from torch.profiler import ProfilerActivity, profile
@@ -786,7 +832,7 @@ def emit(row: dict, **extra) -> None:
 
 PARTS = {"decode": bench_decode, "prefill": bench_prefill, "model": bench_model, "ttft": bench_ttft, "memory": bench_memory,
          "tp": bench_tp, "hosts": bench_hosts, "hsr": bench_hsr,
-         "hsr-model": bench_hsr_model}
+         "hsr-model": bench_hsr_model, "shapes": bench_shapes}
 ARGS: argparse.Namespace
 
 
