@@ -333,11 +333,17 @@ def bench_shapes(quick: bool) -> list[Table]:
         "Llama-3.1-8B layer shapes, 4 layers, random weights, bf16; each prompt through phase 1 (global) and 4 new "
         "tokens. A bucketed run pads both sequence lengths up to the next of m buckets per octave (at most 1/m more) "
         f"with position -1 (the default m: {kernels.FLEX_BUCKETS}); 'exact' compiles every new (queries, keys) shape. Graphs compiled: dynamo's unique "
-        "graphs over the run (FlexAttention, its block masks, the fused elementwise chains), dynamo reset before each."
+        "graphs over the run (FlexAttention, its block masks, the fused elementwise chains); before each run dynamo is "
+        "reset and Inductor and Triton get empty caches, so each run compiles as on a new machine."
     )
     default = kernels.FLEX_BUCKETS
+    import tempfile
+
     for label, buckets in (("exact", None), ("8 buckets per octave", 8), ("4 buckets per octave", 4)):
-        torch._dynamo.reset()  # (what the first run compiled does not serve the second)
+        # Nothing compiled before serves the run: dynamo reset, empty Inductor and Triton caches (as on a new machine)
+        torch._dynamo.reset()
+        fresh = tempfile.mkdtemp(prefix="longctx-shapes-")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"], os.environ["TRITON_CACHE_DIR"] = fresh, os.path.join(fresh, "triton")
         kernels.FLEX_BUCKETS = buckets
         model = random_model(args, torch.bfloat16, "cuda", attention.build("global"))
         before = counters["stats"]["unique_graphs"]
