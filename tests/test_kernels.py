@@ -97,7 +97,7 @@ def test_cpu_kernel_reads_only_the_keys_a_chunk_sees():
 
 
 def test_flex_buckets_are_few_and_waste_little():
-    from attention.kernels import FLEX_BUCKETS, flex_bucket
+    from attention.kernels import FLEX_BUCKETS, FLEX_MAX_STEP, flex_bucket
 
     lengths = range(100, 70000, 7)
     buckets = [flex_bucket(n) for n in lengths]
@@ -105,7 +105,9 @@ def test_flex_buckets_are_few_and_waste_little():
     assert all(flex_bucket(b) == b for b in buckets)  # a bucket is its own bucket: padding is done once
     assert buckets == sorted(buckets)
     octaves = {(b.bit_length(), b) for b in buckets}
-    assert all(sum(1 for o, _ in octaves if o == k) <= FLEX_BUCKETS for k in {o for o, _ in octaves})
+    for k in {o for o, _ in octaves}:  # per octave [2^(k-1), 2^k): FLEX_BUCKETS, or one per FLEX_MAX_STEP tokens
+        assert sum(1 for o, _ in octaves if o == k) <= max(FLEX_BUCKETS, (1 << (k - 1)) // FLEX_MAX_STEP)
+    assert all(b - n < FLEX_MAX_STEP for n, b in zip(lengths, buckets))
     assert [flex_bucket(1 << k) for k in range(7, 21)] == [1 << k for k in range(7, 21)]  # powers of two stay
 
 

@@ -332,7 +332,7 @@ def bench_shapes(quick: bool) -> list[Table]:
     table.notes.append(
         "Llama-3.1-8B layer shapes, 4 layers, random weights, bf16; each prompt through phase 1 (global) and 4 new "
         "tokens. A bucketed run pads both sequence lengths up to the next of m buckets per octave (at most 1/m more) "
-        f"with position -1 (the default m: {kernels.FLEX_BUCKETS}); 'exact' compiles every new (queries, keys) shape. Graphs compiled: dynamo's unique "
+        "with position -1; 'exact' compiles every new (queries, keys) shape. Graphs compiled: dynamo's unique "
         "graphs over the run (FlexAttention, its block masks, the fused elementwise chains); before each run dynamo is "
         "reset and Inductor and Triton get empty caches, so each run compiles as on a new machine."
     )
@@ -358,7 +358,7 @@ def bench_shapes(quick: bool) -> list[Table]:
         emit(dict(zip(["shapes", "prompts", "graphs", "wall_s", "s_per_prompt"], row)), part="shapes")
         print(row, flush=True)
         del model
-    kernels.FLEX_BUCKETS = default
+    kernels.FLEX_BUCKETS, kernels.FLEX_MAX_STEP = default, max_step
     return [table]
 
 
