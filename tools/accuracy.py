@@ -85,7 +85,7 @@ class Cell:
         return len(TASKS) * len(self.depths)
 
     def done(self) -> int:
-        return len(self.path.read_text().splitlines()) if self.path.is_file() else 0
+        return len(_rows(self))
 
 
 D4 = (0.125, 0.375, 0.625, 0.875)  # 24 samples a cell: one sample is 4.2 points
@@ -130,7 +130,12 @@ def status(cells: list[Cell]) -> str:
 
 
 def _rows(cell: Cell) -> list[dict]:
-    return [json.loads(line) for line in cell.path.read_text().splitlines()] if cell.path.is_file() else []
+    """A cell's samples, each once (the first row of a key: two runs of one cell append the same samples)."""
+    rows = {}
+    for line in cell.path.read_text().splitlines() if cell.path.is_file() else []:
+        row = json.loads(line)
+        rows.setdefault(row["key"], row)
+    return list(rows.values())
 
 
 # --- the report
