@@ -27,6 +27,7 @@ def _worker(rank: int, world: int, port: int, out: str, fn, args) -> None:
         dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
         result = fn(rank, world, *args)
         torch.save(result, Path(out) / f"{rank}.pt")
+        dist.barrier()  # every rank done with its collectives before any tears its group down (gloo aborts otherwise)
     except BaseException:
         (Path(out) / f"{rank}.err").write_text(traceback.format_exc())
         raise

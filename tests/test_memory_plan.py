@@ -156,6 +156,7 @@ def test_runner_refuses_a_run_that_does_not_fit_before_loading(tmp_path):
 def test_task_plan_prints_every_rank_without_loading(tmp_path):
     res = _runner(tmp_path, "task=plan", "model=llama3_70b", "ctx=1m", "parallel.nproc=8", "device=cuda")
     assert res.returncode == 0, res.stderr[-2000:]
-    assert "star on 8 ranks" in res.stdout and "ranks 0-6" in res.stdout and "KV cache" in res.stdout
+    # ranks 1-6 plan alike; rank 0 receives no anchor (fewer keys for FlexAttention to pad), rank 7 keeps new tokens
+    assert "star on 8 ranks" in res.stdout and "ranks 1-6" in res.stdout and "KV cache" in res.stdout
     result = json.loads((tmp_path / "run" / "results.json").read_text())
     assert len(result["ranks"]) == 8 and result["need_bytes"] > result["peak_bytes"]
