@@ -216,13 +216,7 @@ def _triton_path(q: Tensor, k: Tensor, mask: PositionMask, summary: KeySummary, 
 
 @cache
 def _triton():
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return None
-    from attention import hsr_triton
-
-    return hsr_triton
+    return lean.triton_module("hsr_triton")
 
 
 def merge_certificates(lses: Tensor, certificates: Tensor) -> Tensor:

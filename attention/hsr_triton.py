@@ -24,6 +24,7 @@ import triton.language as tl
 from torch import Tensor
 
 from attention import lean
+from attention.lean_triton import masked_scores
 
 BLOCK_B = 64  # blocks per program of `_bounds`, and per step of the other kernels' loops
 CHUNK = 128  # blocks per program of `_weigh` and `_cut` at least; more where a head has over MAX_CHUNKS of them
@@ -37,14 +38,7 @@ def _row_lse(q, K, KVPOS, base, blk, skn, S, qp, row_ok, window, scale,
     n = blk * BLOCK + tl.arange(0, BLOCK)
     kp = tl.load(KVPOS + n, mask=n < S, other=-1)
     k = tl.load(K + base + n.to(tl.int64)[:, None] * skn + tl.arange(0, D)[None, :], mask=(n < S)[:, None], other=0.0)
-    if IEEE:
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-    else:
-        s = tl.dot(q, tl.trans(k)) * scale
-    ok = (kp[None, :] >= 0) & (kp[None, :] <= qp[:, None]) & row_ok[:, None]
-    if HAS_WINDOW:
-        ok = ok & (qp[:, None] - kp[None, :] < window)
-    s = tl.where(ok, s, float("-inf"))
+    s = masked_scores(q, k, kp, qp, row_ok, window, scale, HAS_WINDOW, IEEE)
     m = tl.max(s, 1)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     total = tl.sum(tl.exp(s - m_safe[:, None]), 1)

@@ -20,6 +20,7 @@ output and the others as partials; a combine kernel merges those with the same r
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, replace
 from functools import cache
 
@@ -149,15 +150,18 @@ def supports(q: Tensor, k: Tensor, mask: PositionMask) -> bool:
     )  # fmt: skip
 
 
-@cache
-def _triton():
+def triton_module(name: str):
+    """attention.`name` (a module of Triton kernels), or None where Triton is not installed."""
     try:
         import triton  # noqa: F401
     except ImportError:
         return None
-    from attention import lean_triton
+    return importlib.import_module(f"attention.{name}")
 
-    return lean_triton
+
+@cache
+def _triton():
+    return triton_module("lean_triton")
 
 
 @cache

@@ -23,6 +23,19 @@ from attention import lean
 
 
 @triton.jit
+def masked_scores(q, k, kp, qp, row_ok, window, scale, HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr):
+    """Scaled scores of query rows q against keys k (positions kp), -inf where a row must not see a key."""
+    if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+    else:
+        s = tl.dot(q, tl.trans(k)) * scale
+    ok = (kp[None, :] >= 0) & (kp[None, :] <= qp[:, None]) & row_ok[:, None]
+    if HAS_WINDOW:
+        ok = ok & (qp[:, None] - kp[None, :] < window)
+    return tl.where(ok, s, float("-inf"))
+
+
+@triton.jit
 def _lean_decode(
     Q, K, V, QPOS, KVPOS, OUT, LSE, PO, PL, LIST, COUNTS, HEAD0,
     sqb, sqh, sqt, skb, skh, sks, svb, svh, svs, sob, soh, sot, slb, slh, spo_p, spo_s, spo_r, spl_p, spl_s,
@@ -81,14 +94,7 @@ def _lean_decode(
             k = tl.load(K + b * skb + h * skh + n64[:, None] * sks + d[None, :], mask=n_ok[:, None], other=0.0)
             v = tl.load(V + b * svb + h * svh + n64[:, None] * svs + d[None, :], mask=n_ok[:, None], other=0.0)
             kp = tl.load(KVPOS + n, mask=n_ok, other=-1)
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-            else:
-                s = tl.dot(q, tl.trans(k)) * scale
-            ok = (kp[None, :] >= 0) & (kp[None, :] <= qp[:, None]) & row_ok[:, None]
-            if HAS_WINDOW:
-                ok = ok & (qp[:, None] - kp[None, :] < window)
-            s = tl.where(ok, s, float("-inf"))
+            s = masked_scores(q, k, kp, qp, row_ok, window, scale, HAS_WINDOW, IEEE)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.exp(m_i - m_safe)
