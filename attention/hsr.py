@@ -31,8 +31,8 @@ exact attention over the union of the read keys, and the union's ratio is sum_r 
 read-mass-weighted mean of the ranks' certificates (`merge_certificates`). The same two inequalities then hold for
 the merged output with that certificate. tests/test_hsr.py checks both against float64 attention.
 
-On CUDA the bounds are one Triton kernel (attention/hsr_triton.py) and both reads run the Lean decode kernel over a
-list of (head, block) tiles (`attention.lean.lean_sparse_attend`); elsewhere the same steps run in PyTorch.
+On CUDA the same rule runs as Triton kernels (attention/hsr_triton.py); the final read is the Lean decode kernel
+over each head's list of blocks (`attention.lean.lean_sparse_attend`). Elsewhere it runs in PyTorch.
 """
 
 from __future__ import annotations

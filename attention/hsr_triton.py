@@ -3,15 +3,17 @@
 A step is six launches and a few elementwise ops, with nothing decided on the host, every kernel spread over the
 blocks of each head as well as over heads:
 1. `_bounds` (per batch x KV head, BLOCK_B blocks): the score bounds of its blocks for all the head's query rows
-   (u = (q+ . max + q- . min) / sqrt(D), two matrix products in IEEE fp32: a bound must not round below a score),
-   -inf for invisible blocks and +inf for the always-read ones; the exact log-sum-exp of its always-read blocks'
-   keys; its block of highest bound among the others;
-2. `_first_lse` (per batch x KV head): L, the first read's log-sum-exp (the always-read blocks and the best one);
-3. `_weigh` (per batch x KV head, CHUNK blocks): each block's weight (max over rows of n_b exp(u_b - L)), binned by
-   its power of two; the chunk's sum and count per bin;
-4. `_cut` (same grid): the head's cut from all chunks' sums, then the chunk's blocks to read, written in key order
+   (u = (q+ . max + q- . min) / sqrt(D): tensor-core products for 16-bit keys, whose products are exact in the fp32
+   accumulator, IEEE fp32 otherwise, so that a bound never rounds below a score), -inf for invisible blocks and
+   +inf for the always-read ones; the exact log-sum-exp of its always-read blocks' keys; its block of highest
+   bound among the others;
+2. `_weigh` (per batch x KV head, CHUNK blocks): L, the first read's log-sum-exp (`_first_lse`: the always-read
+   blocks and the best one); each block's weight (max over rows of n_b exp(u_b - L)), binned by its power of two;
+   the chunk's sum and count per bin;
+3. `_cut` (same grid): the head's cut from all chunks' sums, then the chunk's blocks to read, written in key order
    after those of the chunks before it;
-5. the Lean decode kernel over those tiles, and its combine (`attention.lean.lean_sparse_attend`).
+4. the Lean decode kernel over those lists, and its combine (`attention.lean.lean_sparse_attend`);
+5. `_certificate`: exp(L - lse) times the head's unread weight.
 """
 
 from __future__ import annotations

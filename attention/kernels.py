@@ -6,8 +6,8 @@ whose slots hold non-contiguous positions (a star rank's block, a ring shard) ne
 
 On CUDA the kernel is compiled FlexAttention with a `BlockMask`. It compiles once per (queries, keys) shape, so both
 lengths are padded up to a bucket (`flex_bucket`, FLEX_BUCKETS per octave, finer past 8K tokens) with position
--1, which no mask lets see or be seen: prompts of a hundred lengths compile a handful of shapes. On CPU it is PyTorch's fused CPU attention with
-the same `mask_mod` evaluated densely, a chunk of queries at a time (compiled CPU FlexAttention does not return the
+-1, which no mask lets see or be seen: prompts of a hundred lengths compile a handful of shapes. On CPU it is
+PyTorch's fused CPU attention with the same `mask_mod` evaluated densely, a chunk of queries at a time (compiled CPU FlexAttention does not return the
 log-sum-exp); `dense_attend` is the plain reference, also used for float64.
 """
 

@@ -109,6 +109,21 @@ def copy_bandwidth() -> float:
     return bw
 
 
+def timed_generation(model, prompt: list[int], new: int, context_len: int) -> tuple[float, float]:
+    """(seconds to the first token, tok/s of the other new tokens) of one generation."""
+    from models.generate import generate_tokens
+
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    it = generate_tokens(model, prompt, new, context_len=context_len)
+    next(it)
+    torch.cuda.synchronize()
+    t1 = time.perf_counter()
+    n = sum(1 for _ in it)
+    torch.cuda.synchronize()
+    return t1 - t0, n / (time.perf_counter() - t1)
+
+
 # --- decode attention
 
 
@@ -292,13 +307,7 @@ def bench_hsr_model(quick: bool) -> list[Table]:
         for decode in ("dense", "hsr"):
             model.attention = attention.build(name, **params, decode=decode)
             list(generate_tokens(model, prompt[:4096], new, context_len=4096 - 64))  # compiles the decode step's kernels
-            it = generate_tokens(model, prompt, new, context_len=S - 64)
-            next(it)
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            n = sum(1 for _ in it)
-            torch.cuda.synchronize()
-            rates[decode] = n / (time.perf_counter() - t0)
+            _, rates[decode] = timed_generation(model, prompt, new, S - 64)
             report = model.attention.hsr_report() or {}
             row = [S, name, decode, rates[decode], f"{report['hsr_blocks_read_share']:.1%}" if report else "–",
                    f"{report['hsr_max_certificate']:.1e}" if report else "–", rates[decode] / rates["dense"]]  # fmt: skip
@@ -462,7 +471,6 @@ def bench_model(quick: bool) -> list[Table]:
     """Batch-1 decode of Llama-3.1-8B shapes (random weights) after a `ctx`-token prompt; transformers in the same run."""
     import attention
     from models import transformer
-    from models.generate import generate_tokens
     from models.loading import random_model
 
     S, new = ARGS.ctx, 64
@@ -490,17 +498,9 @@ def bench_model(quick: bool) -> list[Table]:
         transformer.COMPILE_ELEMENTWISE = fused
         for attempt in range(2):  # the first run compiles
             model.attention = attention.build(name, **params)
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            it = generate_tokens(model, prompt, new, context_len=S - 64)
-            next(it)
-            torch.cuda.synchronize()
-            t1 = time.perf_counter()
-            n = sum(1 for _ in it)
-            torch.cuda.synchronize()
-            t2 = time.perf_counter()
+            ttft, rate = timed_generation(model, prompt, new, S - 64)
         engine = "longctx (CUDA graphs)" if fused else "longctx (CUDA graphs), norm/rotary/SwiGLU not compiled"
-        rows.append([engine, name, t1 - t0, n / (t2 - t1)])
+        rows.append([engine, name, ttft, rate])
     transformer.COMPILE_ELEMENTWISE = True
     if ARGS.profile:
         table.notes.append(profile_decode(model))
