@@ -4,10 +4,12 @@ A key is visible to a query when it holds a real token (position >= 0), is not i
 sliding-window layers, lies within the window. Masks are defined on *positions*, not on indices, so a KV cache
 whose slots hold non-contiguous positions (a star rank's block, a ring shard) needs no special case.
 
-On CUDA the kernel is compiled FlexAttention with a `BlockMask`. It compiles once per (queries, keys) shape, so both
-lengths are padded up to a bucket (`flex_bucket`, FLEX_BUCKETS per octave, finer past 8K tokens) with position
--1, which no mask lets see or be seen: prompts of a hundred lengths compile a handful of shapes. On CPU it is
-PyTorch's fused CPU attention with the same `mask_mod` evaluated densely, a chunk of queries at a time (compiled CPU FlexAttention does not return the
+On CUDA, a mask that is a few full and square-causal pieces (every phase-1 mask here but cutting sliding windows)
+runs on a fused SDPA kernel, piece by piece (`attention.fused`). Other masks run on compiled FlexAttention with a
+`BlockMask`. It compiles once per (queries, keys) shape, so both lengths are padded up to a bucket (`flex_bucket`,
+FLEX_BUCKETS per octave, finer past 8K tokens) with position -1, which no mask lets see or be seen: prompts of a
+hundred lengths compile a handful of shapes. On CPU it is PyTorch's fused CPU attention with the same `mask_mod`
+evaluated densely, a chunk of queries at a time (compiled CPU FlexAttention does not return the
 log-sum-exp); `dense_attend` is the plain reference, also used for float64.
 """
 
@@ -56,6 +58,7 @@ class PositionMask:
     anchor_size: int = 0
     _block_mask: object = field(default=None, repr=False)
     _padded: dict = field(default_factory=dict, repr=False)
+    _pieces: tuple = field(default=(), repr=False)
 
     def mask_mod(self) -> Callable:
         q_pos, kv_pos, window, block, anchor = self.q_pos, self.kv_pos, self.window, self.block_size, self.anchor_size
@@ -85,6 +88,15 @@ class PositionMask:
             kv_pos = torch.nn.functional.pad(self.kv_pos, (0, keys - self.kv_pos.numel()), value=-1)
             self._padded[queries, keys] = PositionMask(q_pos, kv_pos, self.window, self.block_size, self.anchor_size)
         return self._padded[queries, keys]
+
+    def pieces(self):
+        """This mask as full and causal pieces for the fused kernels (`attention.fused.split`), or None; found once
+        and shared by every layer, like the block mask."""
+        if not self._pieces:
+            from attention.fused import split
+
+            self._pieces = (split(self.q_pos, self.kv_pos, self.window, self.block_size, self.anchor_size),)
+        return self._pieces[0]
 
     def block_mask(self):
         """The FlexAttention `BlockMask`, built on first use and reused by every layer."""
@@ -143,6 +155,13 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: PositionMask, return_lse: bool
     (-inf on rows that see no key; their output is 0).
     """
     if use_flex(q):
+        from attention import fused
+
+        kernel = fused.fused_kernel(q, k)
+        pieces = mask.pieces() if kernel is not None else None
+        if pieces is not None:  # full and causal pieces on a fused kernel
+            out, lse = fused.fused_attend(q, k, v, pieces, kernel)
+            return (out, lse) if return_lse else out
         T, S = q.shape[2], k.shape[2]
         Tb, Sb = flex_bucket(T), flex_bucket(S)
         if (Tb, Sb) != (T, S):  # padded to the bucket's shape: no compile for this exact length

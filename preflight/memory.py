@@ -151,7 +151,8 @@ def _rank_plan(args: ModelArgs, s: attention.AttentionStrategy, shape: RunShape,
     T = len(s.context_indices(shape.n_ctx)) if shape.n_ctx else 0
     extra_keys, buffers, merging = _phase1_strategy_buffers(s, shape.n_ctx, T, args, b)
     seen = s.anchor_size + s.block_size if s.name == "star" else None
-    phase1 = _layer_peak(args, T, T + extra_keys, b, device, seen, buffers, merging) if T else 0
+    one_piece = s.name == "global"  # a causal square; ring's steps and star's blocks are several pieces
+    phase1 = _layer_peak(args, T, T + extra_keys, b, device, seen, buffers, merging, one_piece=one_piece) if T else 0
     rotary = _rotary_bytes(args, T, b)
     # phase 2: the query tokens (at most n_after), then one token at a time, attending to the whole local cache
     Q = max(1, shape.n_after if shape.n_query is None else min(shape.n_query, shape.n_after))
@@ -198,12 +199,12 @@ def _rotary_bytes(args: ModelArgs, T: int, b: int) -> int:
 
 def _layer_peak(
     args: ModelArgs, T: int, S: int, b: int, device: str, seen: int | None = None, extra: int = 0, merging: int = 0,
-    workspace: int | None = None,
+    workspace: int | None = None, one_piece: bool = False,
 ) -> int:  # fmt: skip
     """The most bytes one layer holds at once over T tokens attending to S keys (star: `seen`, the block and anchor
     sizes, bounds the keys beyond its own a query sees): the largest of the moments below, as `models.transformer`
     allocates them; `extra`: the strategy's own buffers during attention, `merging`: its merge's temporaries,
-    `workspace`: the attention's own (default: the dense kernel's, `_kernel_workspace`)."""
+    `workspace`: the attention's own (default: the dense kernel's, `_kernel_workspace`, with `one_piece`)."""
     D, Hq, Hkv, dim, inter = args.head_dim, args.n_heads, args.n_kv_heads, args.dim, args.intermediate_size
     row = T * b
     eager = device != "cuda"  # on CUDA the elementwise chains are fused kernels without temporaries
@@ -212,7 +213,7 @@ def _layer_peak(
     live = row * (2 * dim + qkv + (Hq + Hkv) * D)
     rotary = row * (2 * dim + qkv + (Hq + Hkv) * D * args.qk_norm + (3 if eager else 1) * Hq * D)
     if workspace is None:
-        workspace = _kernel_workspace(args, T, S, b, device, seen)
+        workspace = _kernel_workspace(args, T, S, b, device, seen, one_piece)
     kernel = live + extra + max(workspace, merging)
     output = live + row * (2 * Hq * D + dim) + T * Hq * 4  # ... the output, its [T, heads*dim] copy, wo's output
     # MLP: the layer input, the attention output, their sum, its norm (and the chunked output), one chunk's gate|up,
@@ -236,15 +237,22 @@ def _hsr_workspace(args: ModelArgs, T: int, S: int, blocks: int, e: int) -> int:
     return max(bounds, attend) + 3 * Hq * T * blocks * e + Hkv * blocks * 32
 
 
-def _kernel_workspace(args: ModelArgs, T: int, S: int, b: int, device: str, seen: int | None) -> int:
-    """Bytes the attention kernel holds beyond its inputs, for T queries over S keys (`attention.kernels.attend`)."""
+def _kernel_workspace(args: ModelArgs, T: int, S: int, b: int, device: str, seen: int | None, one_piece: bool = False) -> int:
+    """Bytes the attention kernel holds beyond its inputs, for T queries over S keys (`attention.kernels.attend`);
+    `one_piece`: the mask is one causal square (global phase 1), which the fused path runs without merging."""
     D, Hq, Hkv = args.head_dim, args.n_heads, args.n_kv_heads
     out = T * Hq * D * b + T * Hq * 4  # output and lse
     windows = len(set(args.layer_windows)) or 1
     if device == "cuda" and T >= FLEX_MIN_QUERIES:  # FlexAttention: its BlockMasks (4 int32 [T/128, S/128] tables)
         Tb, Sb = flex_bucket(T), flex_bucket(S)  # over lengths padded to their buckets, copies of q, k, v and out
         padded = (2 * Tb * Hq + 2 * Sb * Hkv) * D * b if (Tb, Sb) != (T, S) else 0
-        return out + padded + windows * 4 * 4 * math.ceil(Tb / FLEX_BLOCK) * math.ceil(Sb / FLEX_BLOCK)
+        flex = out + padded + windows * 4 * 4 * math.ceil(Tb / FLEX_BLOCK) * math.ceil(Sb / FLEX_BLOCK)
+        # fused pieces (attention.fused): one piece is the output; several write or merge theirs into it, one
+        # piece's result (and its rows' copy out of the batched squares) at a time, next to copies of q, k, v cut
+        # into squares
+        if one_piece:
+            return max(flex, out)
+        return max(flex, out + T * Hq * (2 * D * b + 4) + T * Hq * D * b + 2 * S * Hkv * D * b)
     if device == "cuda":  # Lean decode: partial (output, lse) per program and row, a few per SM
         return out + 4 * 132 * 2 * Hq * T * (D + 1) * 4
     rows = min(T, max(64, MASK_CHUNK_ELEMENTS // max(S, 1)))

@@ -21,6 +21,38 @@ from tasks.context import Context, gather
 BENCH_SETUP_STEPS = 2
 
 
+def attended_pairs(n: int, window: int | None, block: int | None = None, anchor: int = 0) -> int:
+    """(query, key) pairs causal attention over n tokens attends: each query sees the keys of its own block (all
+    tokens without `block`) and, past the first block, the anchor's `anchor` tokens, at most `window` back."""
+    p = torch.arange(n, dtype=torch.int64)
+    start = p - p % block if block else torch.zeros_like(p)
+    lo = (p - window + 1).clamp_min(0) if window is not None else torch.zeros_like(p)
+    own = p - torch.maximum(start, lo) + 1
+    seen_anchor = torch.where(start > 0, (min(anchor, n) - lo).clamp_min(0), 0)
+    return int(own.sum() + seen_anchor.sum())
+
+
+def phase1_flops(model, strategy, n_ctx: int, tp: int = 1) -> int:
+    """Phase 1's FLOPs over all ranks, counted as issue 15 states them: 2 per block parameter per token for the
+    linear layers, and 4·head_dim·query heads per (query, key) pair each layer attends: the causal triangle for
+    global and ring; for star each block's triangle and, past the first, block × anchor, and the anchor again (its
+    tokens and its triangle) on every rank that recomputes it. `model` holds one tensor-parallel rank's slice."""
+    args = model.args
+    params = sum(p.numel() for p in model.layers.parameters()) * tp  # the blocks' (the last norm's are a rounding)
+    star = strategy.name == "star"
+    anchor = min(strategy.anchor_size, n_ctx) if star else 0
+    recomputing = 0  # ranks that encode the anchor again
+    if star and strategy.anchor_mode == "recompute":
+        recomputing = min(strategy.world, -(-n_ctx // strategy.block_size)) - 1
+    pairs = 0
+    for window in args.layer_windows:
+        if star:
+            pairs += attended_pairs(n_ctx, window, strategy.block_size, anchor) + recomputing * attended_pairs(anchor, window)
+        else:
+            pairs += attended_pairs(n_ctx, window)
+    return 2 * params * (n_ctx + recomputing * anchor) + 4 * args.head_dim * args.n_heads * tp * pairs
+
+
 def task_bench(c: Context) -> dict:
     t = c.cfg.task
     n = t.prompt_tokens or c.cfg.ctx.length
@@ -70,6 +102,7 @@ def task_bench(c: Context) -> dict:
         "ctx": n, "ranks": c.world, "hosts": c.layout.hosts, "tp": c.layout.tp, "device": torch.cuda.get_device_name() if c.device.type == "cuda" else "cpu",
         "dtype": str(c.dtype).removeprefix("torch."), "torch": torch.__version__, "random_weights": c.tok is None,
         "ttft_s": ttft, "prefill_tok_s": n / ttft, "decode_tok_s": decode,
+        "phase1_flops": phase1_flops(c.model, c.model.attention, n_ctx, c.layout.tp),
         "peak_mem_bytes_per_rank": peaks, "peak_mem_kind": "cuda allocated" if c.device.type == "cuda" else "process max RSS",
         "planned_peak_bytes_per_rank": planned_peaks, "peak_host_bytes_per_rank": host_peaks,
         **{k: v for k, v in c.strategy_params().items() if k in ("block_size", "anchor_size", "anchor_mode")},

@@ -48,3 +48,35 @@ def test_a_new_table_replaces_its_figure_and_the_old_one_moves_to_the_history():
     assert history.index("decode v2") < history.index("decode v1") and "decode v3" not in history
     assert doc.count("decode v1") == doc.count("decode v2") == doc.count("decode v3") == 1
     assert benchmarks.publish(doc, "## x · prefill v2\n", "prefill").count(benchmarks.HISTORY) == 1
+
+
+@pytest.mark.parametrize(
+    "name,params,world,windows",
+    [("global", {}, 1, (None, 64)), ("ring", {}, 2, (None,)), ("star", {"block_size": 96}, 1, (None, 64)),
+     ("star", {"block_size": 96, "anchor_mode": "recompute"}, 3, (None,)), ("star", {"block_size": 100, "anchor_size": 30}, 2, (None,))],
+)  # fmt: skip
+def test_phase1_flops_count_the_pairs_each_rank_attends(name, params, world, windows):
+    """The MFU count against the pairs the strategies' own phase-1 masks let attend, rank by rank."""
+    import attention
+    from models import ModelArgs, random_model
+    from tasks.bench import phase1_flops
+
+    args = ModelArgs(vocab_size=64, dim=32, n_layers=len(windows), n_heads=4, n_kv_heads=2, head_dim=8,
+                     intermediate_size=64, max_seq_len=512, layer_windows=windows)  # fmt: skip
+    n = 430
+    pairs, tokens = 0, 0
+    for r in range(world):
+        s = attention.build(name, **params).at(r, world)
+        pos = s.context_indices(n)
+        tokens += pos.numel()
+        for w in windows:
+            if name == "ring":  # every shard's queries against every shard's keys
+                masks = [attention.kernels.PositionMask(pos, kv, w) for kv in attention.ring.zigzag_shards(n, world)]
+            else:
+                kv = torch.cat([torch.arange(s.anchor_size), pos]) if name == "star" and s.receives_anchor else pos
+                masks = [attention.kernels.PositionMask(pos, kv, w, params.get("block_size"), s.anchor_size if name == "star" else 0)]
+            pairs += sum(int(m.dense().sum()) for m in masks)
+    strategy = attention.build(name, **params).at(0, world)
+    model = random_model(args, torch.float32, "cpu", strategy)
+    linear = sum(p.numel() for k, p in model.named_parameters() if k.startswith("layers"))
+    assert phase1_flops(model, strategy, n) == 2 * linear * tokens + 4 * 8 * 4 * pairs

@@ -1,7 +1,7 @@
 """The GPU benchmark matrix: prints each table and appends it, dated, to BENCHMARKS.md.
 
     python tools/benchmarks.py decode [--tune]       # decode attention: Lean kernel vs SDPA vs a fixed split
-    python tools/benchmarks.py prefill [--tune]      # causal prefill: compiled FlexAttention vs SDPA, star mask
+    python tools/benchmarks.py prefill [--tune]      # phase-1 attention: fused SDPA kernels vs FlexAttention by shape
     python tools/benchmarks.py model [--ctx 65536]   # Llama-3.1-8B shapes, batch-1 decode vs transformers generate
     python tools/benchmarks.py ttft --nproc 4 --ctx 64k,128k   # star vs ring time to first token (runner.py -m)
     python tools/benchmarks.py memory --longest 294912   # the memory plan against the measured peak (runner.py)
@@ -98,6 +98,12 @@ def graph_timed(fn: Callable, iters: int = 10) -> float:
     graph.replay()
     torch.cuda.synchronize()
     return timed(graph.replay, 3) / iters
+
+
+def matmul_peak(n: int = 8192) -> float:
+    """bf16 matmul FLOP/s of this GPU, an n³ product timed."""
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    return 2 * n**3 / timed(lambda: a @ b, 20)
 
 
 def copy_bandwidth() -> float:
@@ -403,14 +409,69 @@ FLEX_VARIANTS = {  # kernel_options tried against the default (Hopper bf16 d128 
 
 
 def bench_prefill(quick: bool) -> list[Table]:
+    """Phase-1 attention by shape: each fused kernel and FlexAttention alone, then the project's `attend`, which
+    picks one (attention.fused.FUSED_KERNELS) and splits star's mask into pieces."""
+    from attention import fused
+    from attention.kernels import attend
+
+    table = Table(
+        "phase-1 attention by shape: fused SDPA kernels vs compiled FlexAttention, and the path attend() takes",
+        "python tools/benchmarks.py prefill",
+        ["heads (q/kv, dim)", "mask", "queries", "keys", "cuDNN TFLOP/s", "flash TFLOP/s", "Flex TFLOP/s",
+         "attend() path", "attend() TFLOP/s", "attend() / Flex", "max abs diff vs Flex"],
+    )  # fmt: skip
+    table.figure = "prefill"
+    table.notes.append(
+        "bf16, batch 1. TFLOP/s counts 4·head dim·query heads per visible (query, key) pair. The fused kernels are "
+        "PyTorch's private ops that return the log-sum-exp (`aten._scaled_dot_product_cudnn_attention`, "
+        "`_scaled_dot_product_flash_attention`), K/V with their own heads (GQA without copies); '–' where a kernel "
+        "does not take the shape (a star mask is pieces). Flex is the compiled FlexAttention path with its BlockMask "
+        "built once and excluded (every layer reuses it). 'star, 4 blocks' is one rank holding all four blocks of a "
+        "block = anchor = context/4 layout: attend() runs it as one batched causal call and one full call, merged."
+    )
+    flex = _compiled_flex()
+    ops = {"cudnn": fused.cudnn_kernel, "flash": lambda q, k, v, c: torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, c, False)[:2]}
+    lengths = (32 * K, 128 * K) if quick else (8 * K, 32 * K, 128 * K)
+    for (hq, hkv, D), S in itertools.product(((32, 8, 128), (4, 1, 256)), lengths):
+        pos = torch.arange(S, device="cuda")
+        shapes = {
+            "causal": (PositionMask(pos, pos), S * (S + 1) // 2, True),
+            "full": (PositionMask(pos + S, pos), S * S, False),
+            "star, 4 blocks": (PositionMask(pos, pos, block_size=S // 4, anchor_size=S // 4), 4 * (S // 4) * (S // 4 + 1) // 2 + 3 * (S // 4) ** 2, None),
+        }
+        q = torch.randn(1, hq, S, D, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(1, hkv, S, D, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        for name, (mask, pairs, causal) in shapes.items():
+            tflops = lambda t: 4 * D * hq * pairs / t / 1e12  # noqa: E731
+            row = [f"{hq}/{hkv}, {D}", name, S, S]
+            for op in ops.values():
+                row.append(tflops(timed(lambda: op(q, k, v, causal), 3)) if causal is not None else float("nan"))
+            block_mask = mask.block_mask()
+            t_flex = timed(lambda: flex(q, k, v, block_mask=block_mask, enable_gqa=True, return_lse=True, kernel_options=flex_options(q)), 3)
+            pieces = mask.pieces() if fused.fused_kernel(q, k) is not None else None
+            path = "Flex" if pieces is None else f"{fused.FUSED_KERNELS[torch.cuda.get_device_capability()]}, {len(pieces)} call(s)"
+            t_attend = timed(lambda: attend(q, k, v, mask, return_lse=True), 3)
+            diff = (attend(q, k, v, mask).float() - flex(q, k, v, block_mask=block_mask, enable_gqa=True)[0].float()).abs().max().item()
+            row += [tflops(t_flex), path, tflops(t_attend), t_flex / t_attend, f"{diff:.1e}"]
+            table.rows.append(row)
+            emit(dict(zip(["heads", "mask", "queries", "keys", "cudnn_tflops", "flash_tflops", "flex_tflops", "path", "attend_tflops",
+                           "attend_over_flex"], row[:-1]), max_abs_diff=diff), part="prefill")  # fmt: skip
+            del block_mask
+        del q, k, v
+    return [table] + ([tune_flex(quick)] if ARGS.tune else [])
+
+
+def tune_flex(quick: bool) -> Table:
+    """FlexAttention's kernel options on causal prefill, against SDPA (`prefill --tune`)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     table = Table(
-        "causal prefill attention: compiled FlexAttention vs SDPA",
-        "python tools/benchmarks.py prefill" + (" --tune" if ARGS.tune else ""),
+        "causal prefill attention: FlexAttention kernel options vs SDPA",
+        "python tools/benchmarks.py prefill --tune",
         ["context", "SDPA backend", "SDPA TFLOP/s", "flex variant", "flex TFLOP/s", "flex / SDPA", "star mask (4 blocks) speed-up"],
     )
-    table.figure = "prefill"
+    table.figure = "flex-tune"
     table.notes.append(
         "bf16, batch 1, 32 query / 8 KV heads, head dim 128. TFLOP/s counts the causal half: 2·Hq·D·S². SDPA gets "
         "K/V repeated to 32 heads; the fastest of its cuDNN and flash backends is shown. Flex runs through the "
@@ -418,7 +479,7 @@ def bench_prefill(quick: bool) -> list[Table]:
         "returns the log-sum-exp; the star column is the fastest variant's causal time over its star-mask time."
     )
     project = {"project's options": flex_options(torch.empty(1, device="cuda", dtype=torch.bfloat16))}
-    variants = {**FLEX_VARIANTS, **project} if ARGS.tune else project
+    variants = {**FLEX_VARIANTS, **project}
     flex = _compiled_flex()
     for S in (32 * K, 128 * K) if quick else (8 * K, 32 * K, 64 * K, 128 * K):
         q = torch.randn(1, 32, S, 128, device="cuda", dtype=torch.bfloat16)
@@ -449,9 +510,9 @@ def bench_prefill(quick: bool) -> list[Table]:
         for name, t in sorted(times.items(), key=lambda x: x[1]):
             row = [S, backend, flops / t_sdpa / 1e12, name, flops / t / 1e12, t_sdpa / t, times[fastest] / t_star if name == fastest else float("nan")]
             table.rows.append(row)
-            emit(dict(zip(["context", "sdpa_backend", "sdpa_tflops", "flex_variant", "flex_tflops", "flex_over_sdpa", "star_speedup"], row)), part="prefill")  # fmt: skip
+            emit(dict(zip(["context", "sdpa_backend", "sdpa_tflops", "flex_variant", "flex_tflops", "flex_over_sdpa", "star_speedup"], row)), part="flex-tune")  # fmt: skip
         del q, k, v
-    return [table]
+    return table
 
 
 # --- whole model decode
@@ -588,18 +649,24 @@ def bench_ttft(quick: bool) -> list[Table]:
     table = Table(
         f"Llama-3.1-8B shapes, star vs ring time to first token on {ARGS.nproc} GPUs",
         " ".join(["python"] + argv[1:-1]),
-        ["attention", "GPUs", "context", "TTFT (s)", "prefill (tok/s)", "decode (tok/s)", "peak memory per GPU (GiB)", "ring / star"],
+        ["attention", "GPUs", "context", "TTFT (s)", "prefill (tok/s)", "phase-1 MFU", "decode (tok/s)", "peak memory per GPU (GiB)", "ring / star"],
     )
     table.figure = f"ttft-{ARGS.nproc}gpu"
+    peak = matmul_peak()
     table.notes.append(
         "Random weights, bf16. TTFT covers phase 1 and phase 2 (the last 64 prompt tokens) up to the first token"
         + (", after a warm-up run." if ARGS.warmup else "; no warm-up run: compilation is included.")
         + " Star's block is a quarter of the context (one block per GPU on 4)."
+        + f" Phase-1 MFU: `tasks.bench.phase1_flops` (2·non-embedding parameters·tokens + 4·head dim·query heads·layers "
+        f"per attended (query, key) pair: the causal triangle for global and ring; for star each block's triangle and, "
+        f"past the first, block × anchor) over TTFT × GPUs × the bf16 matmul peak measured in the same run, "
+        f"{peak / 1e12:.0f} TFLOP/s (8192³, `matmul_peak`)."
     )
     ring = {r["ctx"]: r["ttft_s"] for r in records if r["attention"] == "ring"}
     for r in records:
         ratio = ring[r["ctx"]] / r["ttft_s"] if r["attention"] == "star" and r["ctx"] in ring else float("nan")
-        table.rows.append([r["attention"], r["ranks"], r["ctx"], r["ttft_s"], r["prefill_tok_s"], r["decode_tok_s"],
+        mfu = r["phase1_flops"] / r["ttft_s"] / (peak * r["ranks"])  # ranks: every GPU of the run
+        table.rows.append([r["attention"], r["ranks"], r["ctx"], r["ttft_s"], r["prefill_tok_s"], f"{mfu:.0%}", r["decode_tok_s"],
                            ", ".join(f"{p / 2**30:.1f}" for p in r["peak_mem_bytes_per_rank"]), ratio])  # fmt: skip
         emit(r, part="ttft")
     return [table]

@@ -42,10 +42,16 @@ def kernel_cases() -> list[tuple[str, PositionMask, int, int]]:
         ("decode 1 query over 5000", PositionMask(ar(4999, 5000), ar(5000)), 32, 8),
         ("query over cache with empty slots", PositionMask(ar(900, 905), torch.cat([ar(900), torch.full((100,), -1)])), 32, 8),
         ("queries before all keys", PositionMask(ar(0, 130), ar(200, 400)), 8, 8),
+        ("ring diagonal step (zig-zag chunks)", PositionMask(*[torch.cat([ar(700), ar(2100, 2800)])] * 2), 32, 8),
+        ("star 2nd rank, anchor received", PositionMask(ar(2000, 3000), torch.cat([ar(500), ar(2000, 3000)]), None, 500, 500), 32, 8),
+        ("queries over a cache, empty slots", PositionMask(ar(900, 1100), torch.cat([ar(1100), torch.full((60,), -1)])), 32, 8),
     ]
 
 
 def check_kernels() -> bool:
+    from attention import fused
+
+    fused.FUSED_MIN_MERGED_QUERIES = 0  # these masks are short: merged pieces at any length
     ok = True
     g = torch.Generator(device="cuda").manual_seed(0)
     for dtype in (torch.bfloat16, torch.float32):
@@ -63,7 +69,44 @@ def check_kernels() -> bool:
             empty_ok = bool(torch.isinf(lse[~seen]).all() and (out[~seen.unsqueeze(-1).expand_as(out)] == 0).all())
             good = err <= TOLERANCE[dtype] and lse_err <= 1e-2 and empty_ok
             ok &= good
-            print(f"{'ok  ' if good else 'FAIL'} {str(dtype):15} {name:36} rel err {err:.2e}  lse err {lse_err:.2e}  empty rows {empty_ok}")
+            print(f"{'ok  ' if good else 'FAIL'} {str(dtype):15} {name:36} rel err {err:.2e}  lse err {lse_err:.2e}  empty rows {empty_ok}"
+                  f"  path {_path(q, k, cuda_mask)}")  # fmt: skip
+    return ok
+
+
+def _path(q, k, mask: PositionMask) -> str:
+    from attention import fused
+    from attention.kernels import use_flex
+
+    if not use_flex(q):
+        return "decode"
+    pieces = mask.pieces() if fused.fused_kernel(q, k) is not None else None
+    return "flex" if pieces is None else f"fused ({len(pieces)} calls)"
+
+
+def check_fused_model() -> bool:
+    """bf16 models whose phase 1 runs on the fused kernels (full-attention layers; Gemma's windows stay on Flex)
+    against the same models on FlexAttention alone, relative to the logits' scale."""
+    from attention import fused
+
+    fused.FUSED_MIN_MERGED_QUERIES = 0  # merged pieces at any length
+    tokens = torch.randint(0, 1000, (1, 1500))
+    args = ModelArgs(vocab_size=1000, dim=256, n_layers=2, n_heads=8, n_kv_heads=2, head_dim=64, intermediate_size=512, max_seq_len=4096)
+    ok = True
+    for family, shape in (("llama", args), ("gemma", ModelArgs(**GEMMA_LIKE, max_seq_len=4096))):
+        for name, params in (("global", {}), ("star", {"block_size": 384}), ("ring", {})):
+            model = _random_on(shape, torch.bfloat16, attention.build(name, **params), "cuda")
+            outs, kernels = [], dict(fused.FUSED_KERNELS)
+            for table in (kernels, {}):
+                fused.FUSED_KERNELS.clear()
+                fused.FUSED_KERNELS.update(table)
+                with torch.no_grad():
+                    outs.append(model(tokens.cuda(), torch.arange(1500, device="cuda")).float())
+            fused.FUSED_KERNELS.update(kernels)
+            err = ((outs[0] - outs[1]).abs().max() / outs[1].abs().max()).item()
+            good = err < 3e-2 and bool(kernels)
+            ok &= good
+            print(f"{'ok  ' if good else 'FAIL'} model {family} {name:8} bf16 logits, fused pieces vs FlexAttention: rel diff {err:.2e}")
     return ok
 
 
@@ -343,12 +386,12 @@ def main() -> int:
     print(f"{torch.cuda.get_device_name()} · torch {torch.__version__}")
     if "--quick" in sys.argv:  # the decode paths only
         return 0 if check_lean() & check_hsr() & check_graphs() else 1
-    if "--flex" in sys.argv:  # the prefill kernel: padded shapes against float64, compiles
-        return 0 if check_kernels() & check_recompiles() else 1
+    if "--flex" in sys.argv:  # the prefill kernels: fused pieces and padded Flex shapes against float64, compiles
+        return 0 if check_kernels() & check_fused_model() & check_recompiles() else 1
     if "--hsr" in sys.argv:
         return 0 if check_hsr() & check_graphs() else 1
     ok = check_kernels() & check_lean() & check_hsr() & check_graphs()
-    ok &= check_model() & check_recompiles()
+    ok &= check_model() & check_fused_model() & check_recompiles()
     return 0 if ok else 1
 
 
