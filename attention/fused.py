@@ -35,6 +35,9 @@ FUSED_KERNELS: dict[tuple[int, int], str] = {(9, 0): "cudnn"}
 # Masks of several pieces run fused from this many queries; below, merging costs more than the kernels gain (star's
 # 4 blocks at 8K tokens: 0.84x of Flex's speed at 32/8 heads and 0.70x at 4/1, head dim 256; at 32K 1.29x and 1.69x).
 FUSED_MIN_MERGED_QUERIES = 16384
+# Longer causal runs are cut into equal squares (batched) and the full pieces between them: cuDNN's causal kernel
+# slows past 64K tokens (H100: 650 TFLOP/s at 32K, 619 at 64K, 540 at 128K, where full attention keeps 611).
+MAX_CAUSAL_SQUARE = 65536
 FUSED_DTYPES = (torch.bfloat16, torch.float16)
 FUSED_MAX_HEAD_DIM = 256
 
@@ -89,6 +92,9 @@ def split(q_pos: Tensor, kv_pos: Tensor, window: int | None, block: int | None, 
     # positions where a run must end so that any query run and key run are either identical or disjoint
     cuts = {int(pos[s]) for pos, runs in ((q_pos, q_runs), (kv_pos, kv_runs)) for s, _ in runs}
     cuts |= {int(pos[e - 1]) + 1 for pos, runs in ((q_pos, q_runs), (kv_pos, kv_runs)) for _, e in runs}
+    for s, e in q_runs:  # long causal runs as equal squares of at most MAX_CAUSAL_SQUARE
+        parts = -(-(e - s) // MAX_CAUSAL_SQUARE)
+        cuts |= {int(q_pos[s]) + i * (e - s) // parts for i in range(1, parts)}
     if block is not None:
         hi = max(int(q_pos[e - 1]) for _, e in q_runs)
         if hi // block > 4 * MAX_CALLS:

@@ -23,6 +23,7 @@ import torch
 
 import attention
 from attention.kernels import CPU_FLASH_MIN_QUERIES, FLEX_MIN_QUERIES, MASK_CHUNK_ELEMENTS, flex_bucket
+from attention.fused import MAX_CAUSAL_SQUARE
 from attention.merge import MERGE_CHUNK_ELEMENTS
 from models.config import ModelArgs
 from models.transformer import FeedForward, Transformer
@@ -250,7 +251,7 @@ def _kernel_workspace(args: ModelArgs, T: int, S: int, b: int, device: str, seen
         # fused pieces (attention.fused): one piece is the output; several write or merge theirs into it, one
         # piece's result (and its rows' copy out of the batched squares) at a time, next to copies of q, k, v cut
         # into squares
-        if one_piece:
+        if one_piece and T <= MAX_CAUSAL_SQUARE:
             return max(flex, out)
         return max(flex, out + T * Hq * (2 * D * b + 4) + T * Hq * D * b + 2 * S * Hkv * D * b)
     if device == "cuda":  # Lean decode: partial (output, lse) per program and row, a few per SM

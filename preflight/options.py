@@ -266,11 +266,15 @@ def _check_attention(cfg) -> None:
     whole(cfg, "attention.min_block_size", low=0, none=True)
     if block is not None and anchor is not None and anchor > block:
         raise OptionError(f"attention.params.anchor_size={anchor} is larger than block_size={block}; use at most the block")
-    if block is not None and -(-cfg.ctx.length // block) < hosts:
+    # the shortest context the task feeds: ruler's task.lengths where given, else ctx.length
+    # (lengths that are not positive whole numbers get their own error from the task's checks)
+    lengths = cfg.task.get("lengths") if cfg.task.get("name") == "ruler" else None
+    valid = bool(lengths) and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in lengths)
+    name, n = ("task.lengths", min(lengths)) if valid else ("ctx.length", cfg.ctx.length)
+    if block is not None and -(-n // block) < hosts:
         where = f"parallel.nproc={cfg.parallel.nproc}" + (f" / parallel.tp={cfg.parallel.tp} = {hosts} hosts" if cfg.parallel.tp > 1 else "")
-        raise OptionError(f"attention.params.block_size={block} cuts ctx.length={cfg.ctx.length} into "
-                          f"{-(-cfg.ctx.length // block)} blocks, fewer than {where}; "
-                          "use a smaller block_size or fewer ranks")  # fmt: skip
+        raise OptionError(f"attention.params.block_size={block} cuts {name}={n} into {-(-n // block)} blocks, fewer "
+                          f"than {where}; use a smaller block_size or fewer ranks")  # fmt: skip
 
 
 def _check_decode(cfg) -> None:

@@ -83,6 +83,8 @@ CASES = {
     "unknown star option": (["+attention.params.bogus=1"], None, "attention.params.bogus"),
     "star option on ring": (["attention=ring", "+attention.params.block_size=4"], None, "attention.params.block_size"),
     "ranks past blocks": (["attention.params.block_size=1024", "parallel.nproc=4"], None, "fewer than parallel.nproc=4"),
+    "ranks past a ruler length's blocks": (["task=ruler", "task.lengths=[8000,1500]", "attention.params.block_size=1024", "parallel.nproc=4"],
+                                           None, "task.lengths=1500 into 2 blocks, fewer than parallel.nproc=4"),
     "min block": (["attention.min_block_size=-1"], None, "attention.min_block_size"),
     "decode mode": (["attention.params.decode=sparse"], None, "attention.params.decode"),
     "hsr eps zero": (["attention.params.decode=hsr", "attention.params.hsr_eps=0"], None, "attention.params.hsr_eps"),
@@ -158,6 +160,11 @@ def test_bad_option_is_named_before_anything_starts(case, tmp_path):
         runner.validate(cfg)
     assert expected in str(err.value), str(err.value)
     assert sorted(tmp_path.rglob("*")) == before  # nothing written
+
+
+def test_star_blocks_are_counted_on_the_contexts_ruler_feeds():
+    # ctx.length (2K) would give one block of 2,048 for two ranks; the ruler prompts of 8,000 tokens give four
+    runner.validate(compose_cfg("task=ruler", "task.lengths=[8000]", "attention.params.block_size=2048", "parallel.nproc=2"))
 
 
 def test_there_are_at_least_sixty_cases():

@@ -86,6 +86,15 @@ def test_squares_of_one_size_batch_into_one_call():
     assert PositionMask(shard, shard).pieces() == [Piece((100, 200), (0, 100), False), Piece((0, 200), (0, 200), True, 2)]
 
 
+def test_long_causal_runs_are_cut_into_batched_squares(monkeypatch):
+    monkeypatch.setattr(fused, "MAX_CAUSAL_SQUARE", 256)
+    mask = PositionMask(ar(1000), ar(1000))
+    # four squares of 250 in one call, the full pieces below the diagonal in three
+    assert sorted(mask.pieces(), key=lambda p: p.causal)[-1] == Piece((0, 1000), (0, 1000), True, 4)
+    assert len(mask.pieces()) == 4
+    assert torch.equal(_covered(mask.pieces(), 1000, 1000), mask.dense().int())
+
+
 def test_masks_that_are_not_a_few_pieces_stay_on_flex(monkeypatch):
     assert split(ar(2000), ar(2000), 512, None, 0) is None  # the window cuts
     assert split(ar(20000), ar(20000), None, 64, 64) is None  # too many blocks

@@ -647,7 +647,7 @@ def bench_ttft(quick: bool) -> list[Table]:
     subprocess.run(argv, cwd=ROOT, check=True)
     records = [json.loads(line) for line in results.read_text().splitlines()]
     table = Table(
-        f"Llama-3.1-8B shapes, star vs ring time to first token on {ARGS.nproc} GPUs",
+        f"Llama-3.1-8B shapes, {' vs '.join(ARGS.attention.split(','))} time to first token on {ARGS.nproc} GPU{'s' * (ARGS.nproc > 1)}",
         " ".join(["python"] + argv[1:-1]),
         ["attention", "GPUs", "context", "TTFT (s)", "prefill (tok/s)", "phase-1 MFU", "decode (tok/s)", "peak memory per GPU (GiB)", "ring / star"],
     )
