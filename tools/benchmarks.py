@@ -326,9 +326,10 @@ def bench_hsr_model(quick: bool) -> list[Table]:
 
 
 def bench_shapes(quick: bool) -> list[Table]:
-    """A run over prompts of many lengths, FlexAttention's shapes bucketed or exact: graphs compiled, wall time."""
+    """A run over prompts of many lengths, phase 1 on FlexAttention with exact or bucketed shapes, or on the fused
+    kernels (the default where they run): graphs compiled, wall time."""
     import attention
-    from attention import kernels
+    from attention import fused, kernels
     from models.generate import generate_tokens
     from models.loading import random_model
     from torch._dynamo.utils import counters
@@ -339,27 +340,31 @@ def bench_shapes(quick: bool) -> list[Table]:
     rng = torch.Generator().manual_seed(0)
     lengths = torch.randint(1000, 9000, (n,), generator=rng).tolist()
     table = Table(
-        f"{n} prompts of {n} different lengths (1,000 to 9,000 tokens), FlexAttention shapes exact vs bucketed",
+        f"{n} prompts of {n} different lengths (1,000 to 9,000 tokens): FlexAttention shapes exact vs bucketed, and the fused kernels",
         "python tools/benchmarks.py shapes",
-        ["shapes", "prompts", "graphs compiled", "wall time (s)", "s per prompt"],
+        ["phase-1 kernel", "prompts", "graphs compiled", "wall time (s)", "s per prompt"],
     )
     table.figure = "shapes"
     table.notes.append(
         "Llama-3.1-8B layer shapes, 4 layers, random weights, bf16; each prompt through phase 1 (global) and 4 new "
         "tokens. A bucketed run pads both sequence lengths up to the next of m buckets per octave (at most 1/m more) "
-        "with position -1; 'exact' compiles every new (queries, keys) shape. Graphs compiled: dynamo's unique "
+        "with position -1; 'exact' compiles every new (queries, keys) shape. The fused kernels (attention.fused, cuDNN "
+        "here) compile nothing: only the elementwise chains compile. Graphs compiled: dynamo's unique "
         "graphs over the run (FlexAttention, its block masks, the fused elementwise chains); before each run dynamo is "
         "reset and Inductor and Triton get empty caches, so each run compiles as on a new machine."
     )
-    default = kernels.FLEX_BUCKETS
+    default, table_default = kernels.FLEX_BUCKETS, dict(fused.FUSED_KERNELS)
     import tempfile
 
-    for label, buckets in (("exact", None), ("8 buckets per octave", 8), ("4 buckets per octave", 4)):
+    runs = (("Flex, exact shapes", None, {}), ("Flex, 4 buckets per octave", 4, {}), ("fused (default)", default, table_default))
+    for label, buckets, kernel_table in runs:
         # Nothing compiled before serves the run: dynamo reset, empty Inductor and Triton caches (as on a new machine)
         torch._dynamo.reset()
         fresh = tempfile.mkdtemp(prefix="longctx-shapes-")
         os.environ["TORCHINDUCTOR_CACHE_DIR"], os.environ["TRITON_CACHE_DIR"] = fresh, os.path.join(fresh, "triton")
         kernels.FLEX_BUCKETS = buckets
+        fused.FUSED_KERNELS.clear()
+        fused.FUSED_KERNELS.update(kernel_table)
         model = random_model(args, torch.bfloat16, "cuda", attention.build("global"))
         before = counters["stats"]["unique_graphs"]
         torch.cuda.synchronize()
@@ -373,7 +378,8 @@ def bench_shapes(quick: bool) -> list[Table]:
         emit(dict(zip(["shapes", "prompts", "graphs", "wall_s", "s_per_prompt"], row)), part="shapes")
         print(row, flush=True)
         del model
-    kernels.FLEX_BUCKETS, kernels.FLEX_MAX_STEP = default, max_step
+    kernels.FLEX_BUCKETS = default
+    fused.FUSED_KERNELS.update(table_default)
     return [table]
 
 
