@@ -70,3 +70,15 @@ def test_common_words_answers_are_the_most_common(prose):
     s = ruler.make_sample("cwe", count, 1500, None, 3, prose)
     words = collections.Counter(w for w in s.context.split() if w.isalpha() and w.islower())
     assert set(s.answers) == {w for w, _ in words.most_common(10)}
+
+
+def test_accuracy_cells_run_every_task_once_with_one_budget_per_task():
+    from tools import accuracy
+
+    for cell in accuracy.plan():
+        runs = cell.runs()
+        assert sorted(t for tasks, _ in runs for t in tasks) == sorted(accuracy.TASKS)
+        budget = {t: n for tasks, n in runs for t in tasks}
+        assert all(n == accuracy.NEW_TOKENS for t, n in budget.items() if t != "cwe")
+        if (cell.model, cell.length) == ("smollm2", 8192):  # cwe's longest prompt there: 8,160 of 8,192 positions
+            assert 8160 + budget["cwe"] <= 8192

@@ -74,11 +74,13 @@ class Cell:
     def path(self) -> Path:
         return RESULTS / self.model / f"{self.length}-{self.strategy}.jsonl"
 
-    @property
-    def new_tokens(self) -> int:
-        """NEW_TOKENS, but 32 for SmolLM2 at 8K: its 8,192 positions hold the longest prompts there (cwe, up to
-        8,160 tokens with the chat template) and 32 more. (The needle tasks' 20 samples of those cells ran with 48.)"""
-        return 32 if (self.model, self.length) == ("smollm2", 8192) else NEW_TOKENS
+    def runs(self) -> list[tuple[tuple[str, ...], int]]:
+        """(tasks, new tokens) of each runner call: NEW_TOKENS for all, except SmolLM2 at 8K, whose 8,192 positions
+        hold cwe's longest prompts (up to 8,160 tokens with the chat template) and only 32 more; there the other tasks
+        keep NEW_TOKENS, so that every strategy answers each sample with the same budget."""
+        if (self.model, self.length) != ("smollm2", 8192):
+            return [(TASKS, NEW_TOKENS)]
+        return [(TASKS[:-1], NEW_TOKENS), (("cwe",), 32)]
 
     @property
     def samples(self) -> int:
@@ -109,15 +111,18 @@ def plan() -> list[Cell]:
 
 def run_cell(cell: Cell) -> int:
     cell.path.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [
-        sys.executable, "runner.py", "task=ruler", f"model={cell.model}", f"task.lengths=[{cell.length - ROOM}]",
-        f"task.depths=[{','.join(map(str, cell.depths))}]", "task.samples=1", f"task.max_new_tokens={cell.new_tokens}",
-        f"task.output_jsonl={cell.path}", "task.resume=true", "task.haystack=prose", "wandb.mode=disabled",
-        f"hydra.run.dir={REPO / 'outputs' / 'accuracy' / cell.model / f'{cell.length}-{cell.strategy}'}",
-        *STRATEGIES[cell.strategy].args(cell.length),
-    ]  # fmt: skip
-    print(f"[{time.strftime('%H:%M:%S')}] {cell.model} {cell.length} {cell.strategy}: {' '.join(cmd[2:])}", flush=True)
-    return subprocess.run(cmd, cwd=REPO).returncode
+    code = 0
+    for tasks, new_tokens in cell.runs():
+        cmd = [
+            sys.executable, "runner.py", "task=ruler", f"model={cell.model}", f"task.lengths=[{cell.length - ROOM}]",
+            f"task.tasks=[{','.join(tasks)}]", f"task.depths=[{','.join(map(str, cell.depths))}]", "task.samples=1",
+            f"task.max_new_tokens={new_tokens}", f"task.output_jsonl={cell.path}", "task.resume=true", "task.haystack=prose",
+            "wandb.mode=disabled", f"hydra.run.dir={REPO / 'outputs' / 'accuracy' / cell.model / f'{cell.length}-{cell.strategy}'}",
+            *STRATEGIES[cell.strategy].args(cell.length),
+        ]  # fmt: skip
+        print(f"[{time.strftime('%H:%M:%S')}] {cell.model} {cell.length} {cell.strategy}: {' '.join(cmd[2:])}", flush=True)
+        code = code or subprocess.run(cmd, cwd=REPO).returncode
+    return code
 
 
 def status(cells: list[Cell]) -> str:
