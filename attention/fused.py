@@ -84,9 +84,9 @@ def split(q_pos: Tensor, kv_pos: Tensor, window: int | None, block: int | None, 
     q_runs, kv_runs = _runs(q_pos), _runs(kv_pos)
     if not q_runs or not kv_runs:
         return []
+    hi = max(int(q_pos[e - 1]) for _, e in q_runs)  # the last query's position
     if window is not None:
         lo = min(int(kv_pos[s]) for s, _ in kv_runs)
-        hi = max(int(q_pos[e - 1]) for _, e in q_runs)
         if hi - lo >= window:  # the window cuts some query's keys: not a full or causal shape
             return None
     # positions where a run must end so that any query run and key run are either identical or disjoint
@@ -96,7 +96,6 @@ def split(q_pos: Tensor, kv_pos: Tensor, window: int | None, block: int | None, 
         parts = -(-(e - s) // MAX_CAUSAL_SQUARE)
         cuts |= {int(q_pos[s]) + i * (e - s) // parts for i in range(1, parts)}
     if block is not None:
-        hi = max(int(q_pos[e - 1]) for _, e in q_runs)
         if hi // block > 4 * MAX_CALLS:
             return None
         cuts |= {anchor, *range(block, hi + 1, block)}

@@ -23,6 +23,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from attention import fused
+
 # Queries are processed in chunks whose [chunk, keys] mask has at most this many elements.
 MASK_CHUNK_ELEMENTS = 1 << 22
 FLEX_MIN_QUERIES = 128
@@ -93,9 +95,7 @@ class PositionMask:
         """This mask as full and causal pieces for the fused kernels (`attention.fused.split`), or None; found once
         and shared by every layer, like the block mask."""
         if not self._pieces:
-            from attention.fused import split
-
-            self._pieces = (split(self.q_pos, self.kv_pos, self.window, self.block_size, self.anchor_size),)
+            self._pieces = (fused.split(self.q_pos, self.kv_pos, self.window, self.block_size, self.anchor_size),)
         return self._pieces[0]
 
     def block_mask(self):
@@ -143,6 +143,13 @@ def flex_options(q: Tensor) -> dict | None:
     return None
 
 
+def fused_plan(q: Tensor, k: Tensor, mask: PositionMask) -> tuple[fused.Kernel, list[fused.Piece]] | None:
+    """The fused kernel and the pieces a phase-1 call runs on it, or None where it takes FlexAttention."""
+    kernel = fused.fused_kernel(q, k)
+    pieces = mask.pieces() if kernel is not None else None
+    return None if pieces is None else (kernel, pieces)
+
+
 def _cpu_flash():
     """PyTorch's fused CPU attention that also returns the log-sum-exp, where this torch build has it."""
     return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -155,12 +162,9 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: PositionMask, return_lse: bool
     (-inf on rows that see no key; their output is 0).
     """
     if use_flex(q):
-        from attention import fused
-
-        kernel = fused.fused_kernel(q, k)
-        pieces = mask.pieces() if kernel is not None else None
-        if pieces is not None:  # full and causal pieces on a fused kernel
-            out, lse = fused.fused_attend(q, k, v, pieces, kernel)
+        plan = fused_plan(q, k, mask)
+        if plan is not None:  # full and causal pieces on a fused kernel
+            out, lse = fused.fused_attend(q, k, v, plan[1], plan[0])
             return (out, lse) if return_lse else out
         T, S = q.shape[2], k.shape[2]
         Tb, Sb = flex_bucket(T), flex_bucket(S)

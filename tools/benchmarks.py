@@ -418,7 +418,7 @@ def bench_prefill(quick: bool) -> list[Table]:
     """Phase-1 attention by shape: each fused kernel and FlexAttention alone, then the project's `attend`, which
     picks one (attention.fused.FUSED_KERNELS) and splits star's mask into pieces."""
     from attention import fused
-    from attention.kernels import attend
+    from attention.kernels import attend, fused_plan
 
     table = Table(
         "phase-1 attention by shape: fused SDPA kernels vs compiled FlexAttention, and the path attend() takes",
@@ -455,8 +455,8 @@ def bench_prefill(quick: bool) -> list[Table]:
                 row.append(tflops(timed(lambda: op(q, k, v, causal), 3)) if causal is not None else float("nan"))
             block_mask = mask.block_mask()
             t_flex = timed(lambda: flex(q, k, v, block_mask=block_mask, enable_gqa=True, return_lse=True, kernel_options=flex_options(q)), 3)
-            pieces = mask.pieces() if fused.fused_kernel(q, k) is not None else None
-            path = "Flex" if pieces is None else f"{fused.FUSED_KERNELS[torch.cuda.get_device_capability()]}, {len(pieces)} call(s)"
+            plan = fused_plan(q, k, mask)
+            path = "Flex" if plan is None else f"{fused.FUSED_KERNELS[torch.cuda.get_device_capability()]}, {len(plan[1])} call(s)"
             t_attend = timed(lambda: attend(q, k, v, mask, return_lse=True), 3)
             diff = (attend(q, k, v, mask).float() - flex(q, k, v, block_mask=block_mask, enable_gqa=True)[0].float()).abs().max().item()
             row += [tflops(t_flex), path, tflops(t_attend), t_flex / t_attend, f"{diff:.1e}"]

@@ -75,13 +75,12 @@ def check_kernels() -> bool:
 
 
 def _path(q, k, mask: PositionMask) -> str:
-    from attention import fused
-    from attention.kernels import use_flex
+    from attention.kernels import fused_plan, use_flex
 
     if not use_flex(q):
         return "decode"
-    pieces = mask.pieces() if fused.fused_kernel(q, k) is not None else None
-    return "flex" if pieces is None else f"fused ({len(pieces)} calls)"
+    plan = fused_plan(q, k, mask)
+    return "flex" if plan is None else f"fused ({len(plan[1])} calls)"
 
 
 def check_fused_model() -> bool:
