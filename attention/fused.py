@@ -10,7 +10,7 @@ same keys for adjacent query runs run as one.
 
 Sliding windows that cut, layouts of more than MAX_CALLS pieces and masks of several pieces over fewer than
 FUSED_MIN_MERGED_QUERIES queries stay on FlexAttention (`split` gives None).
-Which kernel runs the pieces is data: FUSED_KERNELS, by GPU capability, from `tools/benchmarks.py fused`.
+Which kernel runs the pieces is data: FUSED_KERNELS, by GPU capability, from `tools/benchmarks.py prefill`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from attention.merge import merge_partials
 # Most kernel calls a mask may take before FlexAttention (one call, any mask) is the better choice.
 MAX_CALLS = 16
 
-# GPU capability -> the fused kernel measured fastest for both shapes there (tools/benchmarks.py fused). On an H100
+# GPU capability -> the fused kernel measured fastest for both shapes there (tools/benchmarks.py prefill). On an H100
 # (torch 2.11, bf16, 32/8 heads, D=128) cuDNN ran 594-681 TFLOP/s over 8K-64K tokens, causal and full, against
 # 449-475 for compiled FlexAttention and 308-359 for the flash op; at D=256 with one KV head 380-741 against 220-381.
 # The memory-efficient op needs K/V repeated to every query head and ran at 157-180. Unmeasured GPUs keep Flex.
@@ -197,7 +197,7 @@ def fused_attend(q: Tensor, k: Tensor, v: Tensor, pieces: list[Piece], kernel: K
 
     A piece's rows that no earlier piece wrote take its result as it is; rows already written merge with it (one
     fused pass per piece on CUDA); most masks' causal pieces cover every row, so they go first."""
-    B, Hq, T, D = q.shape
+    T = q.shape[2]
     out = lse = None
     written: list[tuple[int, int]] = []
     for piece in sorted(pieces, key=lambda p: (not p.causal, p.rows)):
@@ -206,8 +206,7 @@ def fused_attend(q: Tensor, k: Tensor, v: Tensor, pieces: list[Piece], kernel: K
             out, lse = o, l
         else:
             if out is None:
-                out = q.new_zeros(B, Hq, T, D)
-                lse = torch.full((B, Hq, T), float("-inf"), device=q.device)
+                out, lse = _nothing_seen(q)
             first = piece.rows[0]
             for a, b, seen in _segments(written, *piece.rows):
                 rows, part = slice(a, b), slice(a - first, b - first)
@@ -217,9 +216,12 @@ def fused_attend(q: Tensor, k: Tensor, v: Tensor, pieces: list[Piece], kernel: K
                     out[:, :, rows], lse[:, :, rows] = o[:, :, part], l[:, :, part]
         written.append(piece.rows)
         del o, l
-    if out is None:
-        return q.new_zeros(B, Hq, T, D), torch.full((B, Hq, T), float("-inf"), device=q.device)
-    return out, lse
+    return (out, lse) if out is not None else _nothing_seen(q)
+
+
+def _nothing_seen(q: Tensor) -> tuple[Tensor, Tensor]:
+    """Output 0 and lse -inf for every query row: rows that no piece covers."""
+    return q.new_zeros(q.shape), torch.full(q.shape[:3], float("-inf"), device=q.device)
 
 
 def _segments(written: list[tuple[int, int]], a: int, b: int) -> list[tuple[int, int, bool]]:

@@ -269,12 +269,16 @@ def _check_attention(cfg) -> None:
     # the shortest context the task feeds: ruler's task.lengths where given, else ctx.length
     # (lengths that are not positive whole numbers get their own error from the task's checks)
     lengths = cfg.task.get("lengths") if cfg.task.get("name") == "ruler" else None
-    valid = bool(lengths) and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in lengths)
-    name, n = ("task.lengths", min(lengths)) if valid else ("ctx.length", cfg.ctx.length)
+    name, n = ("task.lengths", min(lengths)) if _token_counts(lengths) else ("ctx.length", cfg.ctx.length)
     if block is not None and -(-n // block) < hosts:
         where = f"parallel.nproc={cfg.parallel.nproc}" + (f" / parallel.tp={cfg.parallel.tp} = {hosts} hosts" if cfg.parallel.tp > 1 else "")
         raise OptionError(f"attention.params.block_size={block} cuts {name}={n} into {-(-n // block)} blocks, fewer "
                           f"than {where}; use a smaller block_size or fewer ranks")  # fmt: skip
+
+
+def _token_counts(lengths) -> bool:
+    """Whether `lengths` is a non-empty list of positive whole numbers (ruler's task.lengths)."""
+    return bool(lengths) and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in lengths)
 
 
 def _check_decode(cfg) -> None:
@@ -367,7 +371,7 @@ def _check_ruler(cfg) -> None:
         if task not in ruler.TASKS:
             raise OptionError(f"task.tasks: unknown RULER task {task!r}; available: {', '.join(ruler.TASKS)}")
     lengths = _get(cfg, "task.lengths")
-    if lengths is not None and (not lengths or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in lengths)):
+    if lengths is not None and not _token_counts(lengths):
         raise OptionError(f"task.lengths must be a list of positive token counts (or null for ctx.length); got {lengths!r}")
     depths = _get(cfg, "task.depths")
     if not depths or not all(isinstance(d, (int, float)) and not isinstance(d, bool) and 0 <= d <= 1 for d in depths):
