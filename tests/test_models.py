@@ -236,3 +236,30 @@ def test_fused_elementwise_chains_compile_without_graph_breaks():
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     torch.testing.assert_close(caches[0][:, :, slots], k.to(torch.bfloat16), rtol=0, atol=0)
     assert caches[0][:, :, [1, 4, 5, 7]].eq(0).all()
+
+
+@pytest.mark.parametrize("family", ["llama3", "gemma3"])
+def test_column_major_weights_change_memory_not_results(family, hf_checkpoint):
+    """Weights re-stored column-major (the layout decode GEMVs read faster on Hopper) keep their values: same logits,
+    same cached decode; a weight tied to the embedding table keeps its row-major storage; off CUDA nothing moves."""
+    from models.loading import store_column_major
+
+    _, path = hf_checkpoint(family)
+    tokens = torch.randint(0, 90, (1, 12), generator=torch.Generator().manual_seed(5))
+    base = models.load_model(path, dtype=torch.float32)
+    assert all(p.is_contiguous() for p in base.parameters())  # CPU: the default changes nothing
+    moved = models.load_model(path, dtype=torch.float32)
+    names = ("attention.wo", "feed_forward.w13", "feed_forward.w2", "output")
+    store_column_major(moved, names)
+    wo = moved.layers[0].attention.wo.weight
+    assert wo.t().is_contiguous() and not wo.is_contiguous() and torch.equal(wo, base.layers[0].attention.wo.weight)
+    assert moved.layers[0].attention.wqkv.weight.is_contiguous()
+    tied = moved.args.tie_embeddings
+    assert moved.output.weight.is_contiguous() == tied and moved.tok_embeddings.weight.is_contiguous()
+    positions = torch.arange(12)
+    with torch.no_grad():
+        torch.testing.assert_close(moved(tokens, positions), base(tokens, positions), rtol=1e-5, atol=1e-5)
+        for model in (base, moved):
+            model.setup_cache(1, 16)
+            model(tokens[:, :11], positions[:11])
+        torch.testing.assert_close(moved(tokens[:, 11:], positions[11:]), base(tokens[:, 11:], positions[11:]), rtol=1e-5, atol=1e-5)

@@ -2,7 +2,8 @@
 
     python tools/benchmarks.py decode [--tune]       # decode attention: Lean kernel vs SDPA vs a fixed split
     python tools/benchmarks.py prefill [--tune]      # phase-1 attention: fused SDPA kernels vs FlexAttention by shape
-    python tools/benchmarks.py model [--ctx 65536]   # Llama-3.1-8B shapes, batch-1 decode vs transformers generate
+    python tools/benchmarks.py model [--ctx 4096,65536]   # Llama-3.1-8B shapes, batch-1 decode vs transformers generate
+    python tools/benchmarks.py gemv                  # batch-1 projections: weights stored row- vs column-major
     python tools/benchmarks.py ttft --nproc 4 --ctx 64k,128k   # star vs ring time to first token (runner.py -m)
     python tools/benchmarks.py memory --longest 294912   # the memory plan against the measured peak (runner.py)
     python tools/benchmarks.py tp --nproc 2          # tensor parallel on one host vs star/ring over the GPUs
@@ -535,60 +536,101 @@ def _llama3_args(max_seq_len: int):
 
 
 def bench_model(quick: bool) -> list[Table]:
-    """Batch-1 decode of Llama-3.1-8B shapes (random weights) after a `ctx`-token prompt; transformers in the same run."""
+    """Batch-1 decode of Llama-3.1-8B shapes (random weights) after prompts of each `--ctx` length; transformers in
+    the same run."""
     import attention
     from models import transformer
     from models.loading import random_model
 
-    S, new = ARGS.ctx, 64
-    args, preset = _llama3_args(S + 4096)
+    contexts, new = [int(c) for c in str(ARGS.ctx).split(",")], 64
+    args, preset = _llama3_args(max(contexts) + 4096)
     model = random_model(args, torch.bfloat16, "cuda", attention.build("global"))
     bw = copy_bandwidth()
     weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if not n.startswith("tok_embeddings"))
-    kv_bytes = 2 * args.n_layers * args.n_kv_heads * args.head_dim * 2 * (S + new // 2)
-    bound = bw / (weight_bytes + kv_bytes)
-    prompt = torch.randint(0, args.vocab_size, (S,), generator=torch.Generator().manual_seed(0)).tolist()
     table = Table(
-        f"Llama-3.1-8B shapes, batch-1 decode after a {S:,}-token prompt, vs transformers generate",
-        f"python tools/benchmarks.py model --ctx {S}",
-        ["engine", "attention", "TTFT (s)", "decode (tok/s)", "% of bound", "vs transformers"],
+        f"Llama-3.1-8B shapes, batch-1 decode after a prompt of {' or '.join(f'{S:,}' for S in contexts)} tokens, vs transformers generate",
+        f"python tools/benchmarks.py model --ctx {ARGS.ctx}" + (" --profile" if ARGS.profile else ""),
+        ["engine", "attention", "context", "TTFT (s)", "decode (tok/s)", "bound (tok/s)", "% of bound", "vs transformers"],
     )
     table.figure = "model"
     table.notes.append(
-        f"Random weights, bf16. Bound: {bound:.1f} tok/s = copy bandwidth {bw / 1e12:.2f} TB/s / ({weight_bytes / 1e9:.1f} GB "
-        f"of weights read per token, the embedding table excluded, + {kv_bytes / 1e9:.1f} GB of KV cache). "
-        f"{new} new tokens; decode tok/s excludes the first token."
+        f"Random weights, bf16. Bound: copy bandwidth {bw / 1e12:.2f} TB/s / ({weight_bytes / 1e9:.1f} GB of weights read "
+        f"per token, the embedding table excluded, + the KV cache at that context). {new} new tokens; decode tok/s "
+        "excludes the first token."
     )
-    rows = []
-    for name, fused in (("global", True), ("global", False), ("star", True)):
-        params = {"block_size": -(-S // 4)} if name == "star" else {}
-        transformer.COMPILE_ELEMENTWISE = fused
-        for attempt in range(2):  # the first run compiles
-            model.attention = attention.build(name, **params)
-            ttft, rate = timed_generation(model, prompt, new, S - 64)
-        engine = "longctx (CUDA graphs)" if fused else "longctx (CUDA graphs), norm/rotary/SwiGLU not compiled"
-        rows.append([engine, name, ttft, rate])
-    transformer.COMPILE_ELEMENTWISE = True
-    if ARGS.profile:
-        table.notes.append(profile_decode(model))
-    hf = _hf_copy(model, preset)
-    del model
-    torch.cuda.empty_cache()
-    ids = torch.tensor([prompt], device="cuda")
-    with torch.inference_mode():
-        for max_new in (1, 1, new):  # warm-up, TTFT, whole generation
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            out = hf.generate(ids, max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False, pad_token_id=0)
-            torch.cuda.synchronize()
-            elapsed = time.perf_counter() - t0
-            if max_new == 1:
-                ttft = elapsed
-        hf_rate = (out.shape[1] - S - 1) / (elapsed - ttft)
-    rows.append(["transformers generate (sdpa)", "global", ttft, hf_rate])
-    for r in rows:
-        table.rows.append([*r, 100 * r[3] / bound, r[3] / hf_rate])
-        emit(dict(zip(["engine", "attention", "ttft_s", "decode_tok_s"], r), bound_tok_s=bound), part="model")
+    hf = None
+    for S in contexts:
+        kv_bytes = 2 * args.n_layers * args.n_kv_heads * args.head_dim * 2 * (S + new // 2)
+        bound = bw / (weight_bytes + kv_bytes)
+        prompt = torch.randint(0, args.vocab_size, (S,), generator=torch.Generator().manual_seed(0)).tolist()
+        rows = []
+        for name, fused in (("global", True), ("global", False), ("star", True)):
+            params = {"block_size": -(-S // 4)} if name == "star" else {}
+            transformer.COMPILE_ELEMENTWISE = fused
+            for attempt in range(2):  # the first run compiles
+                model.attention = attention.build(name, **params)
+                ttft, rate = timed_generation(model, prompt, new, S - 64)
+            engine = "longctx (CUDA graphs)" if fused else "longctx (CUDA graphs), norm/rotary/SwiGLU not compiled"
+            rows.append([engine, name, S, ttft, rate])
+        transformer.COMPILE_ELEMENTWISE = True
+        if ARGS.profile:
+            table.notes.append(f"{S:,}-token context. " + profile_decode(model, S))
+        model.setup_cache(1, 1)  # the KV cache goes before transformers' copy of the weights comes
+        hf = hf or _hf_copy(model, preset)
+        ids = torch.tensor([prompt], device="cuda")
+        with torch.inference_mode():
+            for max_new in (1, 1, new):  # warm-up, TTFT, whole generation
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                out = hf.generate(ids, max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False, pad_token_id=0)
+                torch.cuda.synchronize()
+                elapsed = time.perf_counter() - t0
+                if max_new == 1:
+                    ttft = elapsed
+            hf_rate = (out.shape[1] - S - 1) / (elapsed - ttft)
+        del out
+        torch.cuda.empty_cache()
+        rows.append(["transformers generate (sdpa)", "global", S, ttft, hf_rate])
+        for r in rows:
+            table.rows.append([*r, bound, 100 * r[4] / bound, r[4] / hf_rate])
+            emit(dict(zip(["engine", "attention", "ctx", "ttft_s", "decode_tok_s"], r), bound_tok_s=bound), part="model")
+    return [table]
+
+
+def bench_gemv(quick: bool) -> list[Table]:
+    """Batch-1 projections of Llama-3.1-8B shapes with the weight stored row-major (as checkpoints are) or
+    column-major: the measurement behind `models.loading.COLUMN_MAJOR`."""
+    from models.loading import COLUMN_MAJOR
+
+    args, _ = _llama3_args(0)
+    q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    shapes = {"attention.wqkv": (q + 2 * kv, args.dim), "attention.wo": (args.dim, q),
+              "feed_forward.w13": (2 * args.intermediate_size, args.dim), "feed_forward.w2": (args.dim, args.intermediate_size),
+              "output": (args.vocab_size, args.dim)}  # fmt: skip
+    chosen = COLUMN_MAJOR.get(torch.cuda.get_device_capability(), ())
+    table = Table("batch-1 projections (GEMV) of Llama-3.1-8B shapes: weights stored row-major vs column-major",
+                  "python tools/benchmarks.py gemv",
+                  ["projection", "weight", "row-major (µs)", "TB/s", "column-major (µs)", "TB/s", "column / row speed", "stored column-major"])  # fmt: skip
+    table.figure = "gemv"
+    bw = copy_bandwidth()
+    table.notes.append(
+        f"bf16, x [1, 1, in] @ Wᵀ through F.linear. Each weight is one of as many copies as exceed 256 MB, called in "
+        f"turn, so that reads come from HBM as in a decode step (not from the 50 MB L2); graph times. Copy bandwidth "
+        f"{bw / 1e12:.2f} TB/s in the same run. \"stored column-major\": `models.loading.COLUMN_MAJOR` for this GPU."
+    )
+    for name, (n, k) in shapes.items():
+        nbytes = n * k * 2
+        copies = max(2, -(-(256 << 20) // nbytes))
+        rows = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
+        cols = [w.t().contiguous().t() for w in rows]
+        x = torch.randn(1, 1, k, device="cuda", dtype=torch.bfloat16)
+        t_row = graph_timed(lambda: [F.linear(x, w) for w in rows]) / copies
+        t_col = graph_timed(lambda: [F.linear(x, w) for w in cols]) / copies
+        row = [name, f"{n:,} x {k:,}", t_row * 1e6, nbytes / t_row / 1e12, t_col * 1e6, nbytes / t_col / 1e12, t_row / t_col,
+               "yes" if name in chosen else "no"]  # fmt: skip
+        table.rows.append(row)
+        emit(dict(zip(["projection", "shape", "row_us", "row_tbs", "col_us", "col_tbs", "col_speedup", "chosen"], row)), part="gemv")
+        del rows, cols
     return [table]
 
 
@@ -615,13 +657,12 @@ def _hf_copy(model, preset: dict):
     return hf.eval()
 
 
-def profile_decode(model) -> str:
-    """GPU time per kernel kind over eager decode steps: where a token's time goes."""
+def profile_decode(model, S: int) -> str:
+    """GPU time per kernel kind over eager decode steps after S cached tokens: where a token's time goes."""
     from torch.profiler import ProfilerActivity, profile
 
     import attention
 
-    S = ARGS.ctx
     model.attention = attention.build("global")
     model.setup_cache(1, S + 8)  # an empty cache of the benchmark's size: decode reads every slot all the same
     tok = torch.zeros(1, 1, dtype=torch.long, device="cuda")
@@ -909,7 +950,7 @@ def emit(row: dict, **extra) -> None:
             f.write(json.dumps({**row, **extra, "device": _device_name(), "torch": torch.__version__}) + "\n")
 
 
-PARTS = {"decode": bench_decode, "prefill": bench_prefill, "model": bench_model, "ttft": bench_ttft, "memory": bench_memory,
+PARTS = {"decode": bench_decode, "prefill": bench_prefill, "model": bench_model, "gemv": bench_gemv, "ttft": bench_ttft, "memory": bench_memory,
          "tp": bench_tp, "hosts": bench_hosts, "hsr": bench_hsr,
          "hsr-model": bench_hsr_model, "shapes": bench_shapes}
 ARGS: argparse.Namespace
@@ -922,7 +963,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tune", action="store_true", help="decode: sweep Lean launch settings first; prefill: try flex kernel_options")
     parser.add_argument("--quick", action="store_true", help="fewer points")
     parser.add_argument("--profile", action="store_true", help="model, hsr: GPU time per kernel of a decode step")
-    parser.add_argument("--ctx", type=int, default=64 * K, help="model: prompt tokens")
+    parser.add_argument("--ctx", default="4096,65536", help="model: prompt tokens, comma-separated")
     parser.add_argument("--ctx-names", default="64k,128k", help="ttft: ctx presets")
     parser.add_argument("--contexts", default="131072,262144", help="hsr-model: comma-separated prompt lengths")
     parser.add_argument("--attention", default="ring,star", help="ttft, memory: strategies")
