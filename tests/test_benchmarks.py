@@ -80,3 +80,31 @@ def test_phase1_flops_count_the_pairs_each_rank_attends(name, params, world, win
     model = random_model(args, torch.float32, "cpu", strategy)
     linear = sum(p.numel() for k, p in model.named_parameters() if k.startswith("layers"))
     assert phase1_flops(model, strategy, n) == 2 * linear * tokens + 4 * 8 * 4 * pairs
+
+
+def test_a_planted_cache_makes_hsr_read_the_planted_share_and_answer_as_dense():
+    """The premise of `hsr-model`'s planted rows, on a tiny model on CPU: after planting, a certified selection
+    reads the planted blocks, the sink and the recent tokens' blocks and nothing else, and its greedy tokens equal
+    dense decode's over the same cache."""
+    import attention
+    from models import ModelArgs, random_model
+    from models.generate import generate_tokens
+
+    args = ModelArgs(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, intermediate_size=64, max_seq_len=4096)
+    prompt = torch.randint(0, 64, (3000,), generator=torch.Generator().manual_seed(0)).tolist()
+    params = dict(hsr_block=16, hsr_sink=16, hsr_recent=64, hsr_eps=1e-3)
+    runs = {}
+    for decode in ("dense", "hsr"):
+        model = random_model(args, torch.float32, "cpu", attention.build("global", decode=decode, **params))
+        it = generate_tokens(model, prompt, 6, context_len=2900, cuda_graphs=False)
+        first = next(it)
+        benchmarks._plant_model_cache(model, 0.1, strength=4096.0)
+        runs[decode] = ([first, *it], model.attention.hsr_report())
+    tokens, report = runs["hsr"]
+    assert tokens == runs["dense"][0]
+    assert report["hsr_max_certificate"] <= 1e-3
+    blocks = -(-3005 // 16)
+    planted = len(range(1, (3000 - 1024) // 16, 10))
+    floor = (planted + 1) / blocks  # the planted blocks and the sink
+    # besides them, only the blocks of the recent tokens (64 and the new ones): the unplanted tail scores too low
+    assert floor <= report["hsr_blocks_read_share"] <= floor + 7 / blocks

@@ -308,14 +308,15 @@ def _plant_model_cache(model, share: float, strength: float = 128.0) -> None:
     strategy, n = model.attention, model.cache_len
     block = strategy.hsr_block
     first, last = -(-strategy.hsr_sink // block), (n - 1024) // block
-    hot = torch.arange(first, last, max(1, round(1 / share)), device="cuda")
-    gen = torch.Generator("cuda").manual_seed(0)
+    device = model.kv_pos.device
+    hot = torch.arange(first, last, max(1, round(1 / share)), device=device)
+    gen = torch.Generator(device).manual_seed(0)
     for layer in model.layers:
         cache = layer.attention.kv_cache
         B, H, _, D = cache.k_cache.shape
         blocks = cache.k_cache[:, :, : last * block].view(B, H, last, block, D)
         blocks[:, :, first:] = 0
-        u = F.normalize(torch.randn(B, H, len(hot), block // 2, D, device="cuda", generator=gen), dim=-1) * strength
+        u = F.normalize(torch.randn(B, H, len(hot), block // 2, D, device=device, generator=gen), dim=-1) * strength
         blocks[:, :, hot] = torch.cat((u, -u), dim=3).to(blocks.dtype)
         if cache.summary is not None:  # (decode=hsr) the graph to be captured reads these very tensors: refill them
             fresh = KeySummary.of(cache.k_cache, model.kv_pos, block)
