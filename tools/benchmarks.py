@@ -626,7 +626,8 @@ def bench_model(quick: bool) -> list[Table]:
         if ARGS.profile:
             table.notes.append(f"{S:,}-token context. " + profile_decode(model, S))
         model.setup_cache(1, 1)  # the KV cache goes before transformers' copy of the weights comes
-        hf = hf or _hf_copy(model, preset)
+        if hf is None:
+            hf = _hf_copy(model, preset)
         ids = torch.tensor([prompt], device="cuda")
         with torch.inference_mode():
             for max_new in (1, 1, new):  # warm-up, TTFT, whole generation
