@@ -199,7 +199,7 @@ def _set_param(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
 
 # Projections whose weights are stored column-major (input features contiguous) on a GPU of this capability, so
 # that F.linear runs cuBLAS's NN GEMM. Measured by `python tools/benchmarks.py gemv` (figure `gemv`): batch-1 decode
-# on an H100 reads wo 16% faster and w13, w2 and the output projection 3-5% faster that way; wqkv stays row-major.
+# on an H100 reads wo 12% faster and w13, w2 and the output projection 3-5% faster that way; wqkv stays row-major.
 COLUMN_MAJOR: dict[tuple[int, int], tuple[str, ...]] = {(9, 0): ("attention.wo", "feed_forward.w13", "feed_forward.w2", "output")}
 
 

@@ -303,12 +303,12 @@ def _plant_model_cache(model, share: float, strength: float = 128.0) -> None:
     query: between the sink blocks and the last 1,024 slots, every (1/share)-th block holds keys +-strength x a
     random unit vector (pairs of opposite signs, so some key of the block scores high whatever the query) and every
     other block holds zero keys (score exactly 0). Values, the sink and the recent tokens stay as computed."""
-    from attention.hsr import KeySummary
-
     strategy, n = model.attention, model.cache_len
     block = strategy.hsr_block
     first, last = -(-strategy.hsr_sink // block), (n - 1024) // block
     device = model.kv_pos.device
+    filled = model.kv_pos >= 0
+    slots = torch.arange(filled.numel(), device=device)
     hot = torch.arange(first, last, max(1, round(1 / share)), device=device)
     gen = torch.Generator(device).manual_seed(0)
     for layer in model.layers:
@@ -319,9 +319,8 @@ def _plant_model_cache(model, share: float, strength: float = 128.0) -> None:
         u = F.normalize(torch.randn(B, H, len(hot), block // 2, D, device=device, generator=gen), dim=-1) * strength
         blocks[:, :, hot] = torch.cat((u, -u), dim=3).to(blocks.dtype)
         if cache.summary is not None:  # (decode=hsr) the graph to be captured reads these very tensors: refill them
-            fresh = KeySummary.of(cache.k_cache, model.kv_pos, block)
-            for name in ("kmin", "kmax", "count", "pmin", "pmax"):
-                getattr(cache.summary, name).copy_(getattr(fresh, name))
+            cache.summary.reset()
+            cache.summary.update(slots[filled], cache.k_cache[:, :, filled], model.kv_pos[filled])
     if strategy.hsr_stats is not None:
         strategy.hsr_stats.zero_()  # count decode steps over the planted cache only
 
@@ -363,7 +362,6 @@ def bench_hsr_model(quick: bool) -> list[Table]:
             for decode in ("dense", "hsr"):
                 model.attention = attention.build(name, **params, decode=decode)
                 list(generate_tokens(model, prompt[:4096], new, context_len=4096 - 64))  # compiles the decode step's kernels
-                model.attention = attention.build(name, **params, decode=decode)
                 _, rates[decode] = timed_generation(model, prompt, new, S - 64, plant)
                 report = model.attention.hsr_report() or {}
                 row = [S, name, cache, decode, rates[decode], f"{report['hsr_blocks_read_share']:.1%}" if report else "–",
