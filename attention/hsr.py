@@ -18,6 +18,13 @@ A step reads in two passes, with nothing decided on the host (so that it runs in
    a histogram instead of a sort, which costs one pass on a GPU and reads at most the blocks of one bin more than a
    sort would). The rest, and the first read, are read exactly; their (output, lse) is the step's result.
 
+A head whose selection read at least DENSE_SHARE of its visible blocks twice in a row reads all of them, exactly
+(certificate 0), for the next PROBE_EVERY - 1 steps, then selects again, and goes straight back if that selection
+is spread too: where attention is spread out, the selection costs more than it saves. Twice, because a head whose
+queries only now and then spread out would otherwise read everything for the steps after each such query. The
+state per (batch, KV head) lives with the key summary (`KeySummary.dense_left`, `next_dense_left`); it decides
+what a step costs, never what it returns beyond the certificate.
+
 The certificate per query row is c = exp(L - lse_read) * (sum of the unread blocks' weights) <= eps. Since each
 unread key j has s_j <= u_b, the unread softmax mass Z_skip and the read mass Z_read = exp(lse_read) satisfy
 rho = Z_skip / Z_read <= sum_unread n_b exp(u_b - lse_read) <= c. The output is exact attention over the read keys,
@@ -52,7 +59,8 @@ from attention.kernels import PositionMask
 class KeySummary:
     """Per block of `block` slots: per-channel key minimum and maximum [B, Hkv, blocks, D] in the keys' own dtype
     (the minimum of values of a dtype is one of them), filled slots [blocks], lowest and highest position held
-    [blocks] (empty blocks hold +inf/-inf keys and count 0)."""
+    [blocks] (empty blocks hold +inf/-inf keys and count 0); and per (batch, KV head) `dense_left` [B, Hkv] int32:
+    the decode steps left that read every block, or (0, -1) the spread selections just before (`next_dense_left`)."""
 
     block: int
     kmin: Tensor
@@ -60,6 +68,7 @@ class KeySummary:
     count: Tensor
     pmin: Tensor
     pmax: Tensor
+    dense_left: Tensor
 
     @classmethod
     def empty(cls, batch: int, kv_heads: int, slots: int, head_dim: int, block: int, device=None, dtype=torch.float32) -> "KeySummary":
@@ -69,7 +78,8 @@ class KeySummary:
         inf = torch.full((batch, kv_heads, n, head_dim), math.inf, device=device, dtype=dtype)
         big = torch.iinfo(torch.long).max
         return cls(block, inf.clone(), -inf, torch.zeros(n, dtype=torch.long, device=device),
-                   torch.full((n,), big, dtype=torch.long, device=device), torch.full((n,), -1, dtype=torch.long, device=device))  # fmt: skip
+                   torch.full((n,), big, dtype=torch.long, device=device), torch.full((n,), -1, dtype=torch.long, device=device),
+                   torch.zeros(batch, kv_heads, dtype=torch.int32, device=device))  # fmt: skip
 
     def reset(self) -> None:
         """Back to the summary of an empty cache."""
@@ -78,6 +88,7 @@ class KeySummary:
         self.count.zero_()
         self.pmin.fill_(torch.iinfo(torch.long).max)
         self.pmax.fill_(-1)
+        self.dense_left.zero_()
 
     @classmethod
     def of(cls, k: Tensor, kv_pos: Tensor, block: int) -> "KeySummary":
@@ -142,6 +153,19 @@ def block_roles(summary: KeySummary, mask: PositionMask, sink: int, recent: int)
 
 
 BINS = 32  # powers of two the weights are binned into, from 2^low(eps) up (`_low`)
+DENSE_SHARE = (15, 16)  # a head that read at least 15/16 of its visible blocks reads all of them for a while
+PROBE_EVERY = 16  # (the next 15 steps; the 16th selects again)
+
+
+def next_dense_left(dense_left: Tensor, read: Tensor, visible: Tensor) -> Tensor:
+    """The state after a step that read `read` blocks of `visible` per head (the kernels apply the same rule):
+    k > 0 reads every block for k more steps, then -1; -1 (the last selection, or the run of such steps before it,
+    was spread) goes to PROBE_EVERY - 1 after a spread selection; 0 to -1; a selection that is not spread to 0."""
+    num, den = DENSE_SHARE
+    spread = (read * den >= visible * num) & (visible > 0)
+    after_dense = torch.where(dense_left > 1, dense_left - 1, -1)
+    after_selection = torch.where(spread, torch.where(dense_left < 0, PROBE_EVERY - 1, -1), 0)
+    return torch.where(dense_left > 0, after_dense, after_selection).to(dense_left.dtype)
 
 
 def _low(eps: float, blocks: int) -> int:
@@ -177,11 +201,13 @@ def hsr_attend(
     sums.scatter_add_(2, bins + 1, torch.where(bins < BINS, weight, 0.0).double())
     below = sums[..., :1] + torch.cat([sums.new_zeros(B, Hkv, 1), sums[..., 1:-1].cumsum(-1)], -1)  # [.., BINS + 1]
     cut = (below <= eps).sum(-1, keepdim=True) - 1  # the weights below 2^(low + cut) sum to <= eps
-    read = bins >= cut
+    dense = summary.dense_left[..., None] > 0  # [B, Hkv, 1]: this head reads every visible block
+    read = torch.where(dense, visible, bins >= cut)
     out, lse = attend_blocks(q, k, v, mask, read, summary.block)
-    unread = below.gather(-1, cut.clamp(min=0)).to(lse.dtype)  # [B, Hkv, 1] (cut >= 0: below[0] <= eps / 2)
+    unread = below.gather(-1, cut.clamp(min=0)).to(lse.dtype).masked_fill(dense, 0.0)  # (cut >= 0: below[0] <= eps / 2)
     scale = torch.exp(L - lse).nan_to_num(nan=1.0).view(B, Hkv, -1)  # (lse = -inf only where nothing is visible)
     certificate = (scale * unread).view(B, Hq, T)
+    summary.dense_left.copy_(next_dense_left(summary.dense_left, read.sum(-1), visible.sum()))
     return HSRResult(out, lse, certificate, read.sum(-1), visible.sum())
 
 

@@ -1,19 +1,22 @@
 """The Triton kernels of HSR sparse decode (attention/hsr.py has the rule; this is the same rule on CUDA).
 
-A step is six launches and a few elementwise ops, with nothing decided on the host, every kernel spread over the
-blocks of each head as well as over heads:
-1. `_bounds` (per batch x KV head, BLOCK_B blocks): the score bounds of its blocks for all the head's query rows
-   (u = (q+ . max + q- . min) / sqrt(D): tensor-core products for 16-bit keys, whose products are exact in the fp32
-   accumulator, IEEE fp32 otherwise, so that a bound never rounds below a score), -inf for invisible blocks and
-   +inf for the always-read ones; the exact log-sum-exp of its always-read blocks' keys; its block of highest
-   bound among the others;
+A step is five launches, with nothing decided on the host, every kernel spread over the blocks of each head as well
+as over heads. Each kernel's own latency is what a step at a small share costs, so none waits on a chain of
+dependent loads where it can be avoided:
+1. `_bounds`, two kinds of program per batch x KV head:
+   - per ITERS x BLOCK_B blocks: the score bounds of its blocks for all the head's query rows (u = (q+ . max +
+     q- . min) / sqrt(D): tensor-core products for 16-bit keys, whose products are exact in the fp32 accumulator,
+     IEEE fp32 otherwise, so that a bound never rounds below a score), -inf for invisible blocks and +inf for the
+     always-read ones; its block of highest bound among the others, and that block's exact log-sum-exp;
+   - ALWAYS programs that share out the always-read blocks (the a-th takes those of rank a mod ALWAYS) and sum
+     their exact log-sum-exp, so that the sink and the recent blocks are not read one after another;
 2. `_weigh` (per batch x KV head, CHUNK blocks): L, the first read's log-sum-exp (`_first_lse`: the always-read
-   blocks and the best one); each block's weight (max over rows of n_b exp(u_b - L)), binned by its power of two;
-   the chunk's sum and count per bin;
+   blocks and the head's best other block, both taken from `_bounds`' figures); each block's weight (max over rows
+   of n_b exp(u_b - L)), binned by its power of two; the chunk's sum and count per bin;
 3. `_cut` (same grid): the head's cut from all chunks' sums, then the chunk's blocks to read, written in key order
    after those of the chunks before it;
-4. the Lean decode kernel over those lists, and its combine (`attention.lean.lean_sparse_attend`);
-5. `_certificate`: exp(L - lse) times the head's unread weight.
+4. the Lean decode kernel over those lists, and its combine, which also writes the certificate exp(L - lse) times
+   the head's unread weight (`attention.lean.lean_sparse_attend`).
 """
 
 from __future__ import annotations
@@ -26,9 +29,13 @@ import triton.language as tl
 from torch import Tensor
 
 from attention import lean
+from attention.hsr import DENSE_SHARE, PROBE_EVERY
 from attention.lean_triton import masked_scores
 
-BLOCK_B = 64  # blocks per program of `_bounds`, and per step of the other kernels' loops
+BLOCK_B = 64  # blocks per step of every kernel's loop over blocks
+ALWAYS = 8  # programs per head that read the always-read blocks in `_bounds`
+SCAN = 1024  # blocks those programs look at per step, to find theirs
+BOUNDS_PROGRAMS = 128  # `_bounds` programs per launch at most (up to 8 x BLOCK_B blocks each), beyond ALWAYS
 CHUNK = 128  # blocks per program of `_weigh` and `_cut` at least; more where a head has over MAX_CHUNKS of them
 MAX_CHUNKS = 64  # (each of those programs reads every chunk's figures: more chunks cost more than they spread)
 
@@ -55,12 +62,27 @@ def _logaddexp(a, b):
 
 
 @triton.jit
+def _roles(COUNT, PMIN, PMAX, blk, NB, first, last, window, sink, recent, HAS_WINDOW: tl.constexpr):
+    """(visible, always) of blocks `blk`, as `attention.hsr.block_roles` says."""
+    in_range = blk < NB
+    count = tl.load(COUNT + blk, mask=in_range, other=0)
+    pmin = tl.load(PMIN + blk, mask=in_range, other=0)
+    pmax = tl.load(PMAX + blk, mask=in_range, other=0)
+    visible = (count > 0) & (pmin <= last)
+    if HAS_WINDOW:
+        visible = visible & (pmax > first - window)
+    return visible, visible & ((pmin < sink) | (pmax > last - recent))
+
+
+@triton.jit
 def _bounds(
-    Q, K, KMIN, KMAX, COUNT, PMIN, PMAX, QPOS, KVPOS, U, PLSE, BEST_U, BEST_I, VIS,
-    sqb, sqh, sqt, skb, skh, skn, smb, smh, smn, sub, suh, sut, Hkv, T, S, NB, window, sink, recent, scale,
-    G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr,
+    Q, K, KMIN, KMAX, COUNT, PMIN, PMAX, QPOS, KVPOS, LEFT, U, PLSE, BEST_U, BEST_I, BEST_LSE, VIS,
+    sqb, sqh, sqt, skb, skh, skn, smb, smh, smn, sub, suh, sut, Hkv, T, S, NB, chunks, window, sink, recent, scale,
+    G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr, ITERS: tl.constexpr, BLOCK: tl.constexpr,
+    D: tl.constexpr, ALWAYS: tl.constexpr, SCAN: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
+    """Visible blocks are the same for every head (positions are): head 0 counts them (VIS), whether or not it reads
+    every block this step (LEFT > 0); another head that does returns at once."""
     head = tl.program_id(0)
     chunk = tl.program_id(1)
     b = (head // Hkv).to(tl.int64)
@@ -69,48 +91,65 @@ def _bounds(
     row_ok = rows < G * T
     j, t = rows // T, rows % T
     d = tl.arange(0, D)
-    q = tl.load(Q + b * sqb + (h * G + j)[:, None] * sqh + t[:, None] * sqt + d[None, :], mask=row_ok[:, None], other=0.0)
+    left = tl.load(LEFT + head)
+    q = tl.load(Q + b * sqb + (h * G + j)[:, None] * sqh + t[:, None] * sqt + d[None, :], mask=(rows < tl.where(left <= 0, G * T, 0))[:, None], other=0.0)
     qp = tl.load(QPOS + t, mask=row_ok, other=-1)
     first = tl.min(tl.where(row_ok, qp, 2**62), 0)
     last = tl.max(qp, 0)
-    blk = chunk * BLOCK_B + tl.arange(0, BLOCK_B)
-    in_range = blk < NB
-    count = tl.load(COUNT + blk, mask=in_range, other=0)
-    pmin = tl.load(PMIN + blk, mask=in_range, other=0)
-    pmax = tl.load(PMAX + blk, mask=in_range, other=0)
-    visible = (count > 0) & (pmin <= last)
-    if HAS_WINDOW:
-        visible = visible & (pmax > first - window)
-    always = visible & ((pmin < sink) | (pmax > last - recent))
-    at = b * smb + h * smh + blk.to(tl.int64)[:, None] * smn + d[None, :]
-    lo = tl.load(KMIN + at, mask=visible[:, None], other=0.0)
-    hi = tl.load(KMAX + at, mask=visible[:, None], other=0.0)
-    if IEEE:
-        u = tl.dot(tl.maximum(q, 0.0), tl.trans(hi), input_precision="ieee")
-        u += tl.dot(tl.minimum(q, 0.0), tl.trans(lo), input_precision="ieee")
-    else:  # bf16/fp16 operands: every product is exact in the fp32 accumulator, as in the attention kernel's scores
-        u = tl.dot(tl.maximum(q, 0.0).to(hi.dtype), tl.trans(hi))
-        u += tl.dot(tl.minimum(q, 0.0).to(lo.dtype), tl.trans(lo))
-    u = tl.where(visible[None, :], u * scale, float("-inf"))
-    u = tl.where(always[None, :], float("inf"), u)
-    tl.store(U + b * sub + (h * G + j)[:, None] * suh + t[:, None] * sut + blk[None, :], u, mask=row_ok[:, None] & in_range[None, :])
-    # this chunk's block of highest bound among the visible ones not always read, and its visible blocks
-    top = tl.max(tl.where(row_ok[:, None], u, float("-inf")), 0)
-    top = tl.where(always, float("-inf"), top)
-    at_chunk = head * tl.num_programs(1) + chunk
-    tl.store(BEST_U + at_chunk, tl.max(top, 0))
-    tl.store(BEST_I + at_chunk, chunk * BLOCK_B + tl.argmax(top, 0))
-    tl.store(VIS + at_chunk, tl.sum(visible.to(tl.int32), 0))
-    # the exact log-sum-exp of this chunk's always-read blocks (most chunks have none)
-    lse = tl.full([BLOCK_M], float("-inf"), tl.float32)
     base = b * skb + h * skh
-    lanes = tl.arange(0, BLOCK_B)
-    todo = always.to(tl.int32)
-    while tl.sum(todo, 0) > 0:  # one step per always-read block (most chunks have none)
-        i = tl.argmax(todo, 0)
-        lse = _logaddexp(lse, _row_lse(q, K, KVPOS, base, chunk * BLOCK_B + i, skn, S, qp, row_ok, window, scale, BLOCK, D, HAS_WINDOW, IEEE))
-        todo = tl.where(lanes == i, 0, todo)
-    tl.store(PLSE + (head * tl.num_programs(1) + chunk) * BLOCK_M + rows, lse)
+    if chunk < chunks:  # bounds
+        best_u = tl.full([], float("-inf"), tl.float32)
+        best = tl.full([], -1, tl.int32)
+        seen = tl.zeros([], tl.int32)
+        for it in range(0, tl.where((left <= 0) | (head == 0), ITERS, 0)):
+            blk = (chunk * ITERS + it) * BLOCK_B + tl.arange(0, BLOCK_B)
+            visible, always = _roles(COUNT, PMIN, PMAX, blk, NB, first, last, window, sink, recent, HAS_WINDOW)
+            seen += tl.sum(visible.to(tl.int32), 0)
+            if left <= 0:
+                at = b * smb + h * smh + blk.to(tl.int64)[:, None] * smn + d[None, :]
+                # loaded with the block figures, not after them; an empty block's +-inf must not reach the product
+                lo = tl.where(visible[:, None], tl.load(KMIN + at, mask=(blk < NB)[:, None], other=0.0), 0.0)
+                hi = tl.where(visible[:, None], tl.load(KMAX + at, mask=(blk < NB)[:, None], other=0.0), 0.0)
+                if IEEE:
+                    u = tl.dot(tl.maximum(q, 0.0), tl.trans(hi), input_precision="ieee")
+                    u += tl.dot(tl.minimum(q, 0.0), tl.trans(lo), input_precision="ieee")
+                else:  # bf16/fp16 operands: every product is exact in the fp32 accumulator, as in the attention kernel's scores
+                    u = tl.dot(tl.maximum(q, 0.0).to(hi.dtype), tl.trans(hi))
+                    u += tl.dot(tl.minimum(q, 0.0).to(lo.dtype), tl.trans(lo))
+                u = tl.where(visible[None, :], u * scale, float("-inf"))
+                u = tl.where(always[None, :], float("inf"), u)
+                tl.store(U + b * sub + (h * G + j)[:, None] * suh + t[:, None] * sut + blk[None, :], u, mask=row_ok[:, None] & (blk < NB)[None, :])
+                # the block of highest bound among the visible ones not always read
+                top = tl.where(always, float("-inf"), tl.max(tl.where(row_ok[:, None], u, float("-inf")), 0))
+                better = tl.max(top, 0) > best_u
+                best = tl.where(better, (chunk * ITERS + it) * BLOCK_B + tl.argmax(top, 0), best)
+                best_u = tl.maximum(best_u, tl.max(top, 0))
+        if head == 0:
+            tl.store(VIS + chunk, seen)
+        if left <= 0:
+            at_chunk = head * chunks + chunk
+            tl.store(BEST_U + at_chunk, best_u)
+            tl.store(BEST_I + at_chunk, best)
+            lse = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            if best >= 0:
+                lse = _row_lse(q, K, KVPOS, base, best, skn, S, qp, row_ok, window, scale, BLOCK, D, HAS_WINDOW, IEEE)
+            tl.store(BEST_LSE + at_chunk * BLOCK_M + rows, lse)
+    else:  # the exact log-sum-exp of the always-read blocks of rank a mod ALWAYS
+        a = chunk - chunks
+        lse = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        before = tl.zeros([], tl.int32)
+        lanes = tl.arange(0, SCAN)
+        for s0 in range(0, tl.where(left <= 0, NB, 0), SCAN):
+            visible, always = _roles(COUNT, PMIN, PMAX, s0 + lanes, NB, first, last, window, sink, recent, HAS_WINDOW)
+            always = always.to(tl.int32)
+            todo = tl.where((before + tl.cumsum(always, 0) - 1) % ALWAYS == a, always, 0)
+            while tl.sum(todo, 0) > 0:  # (a step per block: most programs have one or none)
+                i = tl.argmax(todo, 0)
+                lse = _logaddexp(lse, _row_lse(q, K, KVPOS, base, s0 + i, skn, S, qp, row_ok, window, scale, BLOCK, D, HAS_WINDOW, IEEE))
+                todo = tl.where(lanes == i, 0, todo)
+            before += tl.sum(always, 0)
+        if left <= 0:
+            tl.store(PLSE + (head * ALWAYS + a) * BLOCK_M + rows, lse)
 
 
 @triton.jit
@@ -132,62 +171,79 @@ def _bins(w, low, BINS: tl.constexpr):
 
 
 @triton.jit
-def _first_lse(PLSE, BEST_U, BEST_I, VIS, head, chunks, rows, BLOCK_M: tl.constexpr, CB: tl.constexpr):
-    """The always-read blocks' log-sum-exp per row, the head's other block of highest bound (-1: none), its visible
-    blocks: reduced from `_bounds`' per-chunk figures."""
-    L = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    best_u = float("-inf")
-    best = -1
-    visible = 0
+def _first_lse(PLSE, BEST_U, BEST_I, BEST_LSE, head, chunks, rows, BLOCK_M: tl.constexpr, ALWAYS: tl.constexpr, CB: tl.constexpr):
+    """L per row, the log-sum-exp of the always-read blocks and of the head's other block of highest bound; and that
+    block (-1: none): reduced from `_bounds`' figures, with no load waiting on another."""
+    part = tl.load(PLSE + (head * ALWAYS + tl.arange(0, ALWAYS))[:, None] * BLOCK_M + rows[None, :])
+    m = tl.max(part, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    L = tl.where(m == float("-inf"), m, m_safe + tl.log(tl.sum(tl.exp(part - m_safe[None, :]), 0)))
+    best_u = tl.full([], float("-inf"), tl.float32)
+    best = tl.full([], -1, tl.int32)
+    best_lse = tl.full([BLOCK_M], float("-inf"), tl.float32)
     for c0 in range(0, chunks, CB):
         c = c0 + tl.arange(0, CB)
         ok = c < chunks
-        part = tl.load(PLSE + (head * chunks + c)[:, None] * BLOCK_M + rows[None, :], mask=ok[:, None], other=float("-inf"))
-        m = tl.max(part, 0)
-        m_safe = tl.where(m == float("-inf"), 0.0, m)
-        L = _logaddexp(L, tl.where(m == float("-inf"), m, m_safe + tl.log(tl.sum(tl.exp(part - m_safe[None, :]), 0))))
         top = tl.load(BEST_U + head * chunks + c, mask=ok, other=float("-inf"))
+        idx = tl.load(BEST_I + head * chunks + c, mask=ok, other=-1)
+        lses = tl.load(BEST_LSE + (head * chunks + c)[:, None] * BLOCK_M + rows[None, :], mask=ok[:, None], other=float("-inf"))
         i = tl.argmax(top, 0)
-        if tl.max(top, 0) > best_u:
-            best_u = tl.max(top, 0)
-            best = tl.load(BEST_I + head * chunks + c0 + i)
-        visible += tl.sum(tl.load(VIS + head * chunks + c, mask=ok, other=0), 0)
-    return L, best, visible
+        better = tl.max(top, 0) > best_u
+        best = tl.where(better, tl.sum(tl.where(c == c0 + i, idx, 0), 0), best)
+        best_lse = tl.where(better, tl.max(tl.where((c == c0 + i)[:, None], lses, float("-inf")), 0), best_lse)
+        best_u = tl.maximum(best_u, tl.max(top, 0))
+    return _logaddexp(L, best_lse), best
 
 
 @triton.jit
 def _weigh(
-    Q, K, QPOS, KVPOS, U, COUNT, PLSE, BEST_U, BEST_I, VIS, LOUT, VISIBLE, EB, HSUM, HCNT,
-    sqb, sqh, sqt, skb, skh, skn, sub, suh, sut, Hkv, T, S, NB, chunks, window, scale, low,
-    G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr,
-    CHUNK: tl.constexpr, BINS: tl.constexpr, HB: tl.constexpr, CB: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr,
+    U, COUNT, LEFT, PLSE, BEST_U, BEST_I, BEST_LSE, VIS, LOUT, VISIBLE, DENSE, EB, HSUM, HCNT, sub, suh, sut, Hkv, T, NB,
+    chunks, low, G: tl.constexpr, BLOCK_M: tl.constexpr, STEP: tl.constexpr, CHUNK: tl.constexpr, BINS: tl.constexpr,
+    HB: tl.constexpr, CB: tl.constexpr, ALWAYS: tl.constexpr,
 ):  # fmt: skip
     """Per (batch x KV head, CHUNK blocks): L (every program of the head computes it; the first stores it), then
-    each block's weight bin, and the chunk's sum and count of weights per bin."""
+    each block's weight bin, and the chunk's sum and count of weights per bin. The first also copies whether the
+    head reads every block this step (DENSE), for the kernels after `_cut`, which updates LEFT."""
     head = tl.program_id(0)
     chunk = tl.program_id(1)
+    dense = tl.load(LEFT + head) > 0
     b = (head // Hkv).to(tl.int64)
     h = (head % Hkv).to(tl.int64)
     rows = tl.arange(0, BLOCK_M)
     row_ok = rows < G * T
     j, t = rows // T, rows % T
-    L, best, visible = _first_lse(PLSE, BEST_U, BEST_I, VIS, head, chunks, rows, BLOCK_M, CB)
-    if best >= 0:
-        qp = tl.load(QPOS + t, mask=row_ok, other=-1)
-        q = tl.load(Q + b * sqb + (h * G + j)[:, None] * sqh + t[:, None] * sqt + tl.arange(0, D)[None, :], mask=row_ok[:, None], other=0.0)
-        L = _logaddexp(L, _row_lse(q, K, KVPOS, b * skb + h * skh, best, skn, S, qp, row_ok, window, scale, BLOCK, D, HAS_WINDOW, IEEE))
+    start = chunk * CHUNK
+    stop = tl.minimum(start + CHUNK, NB)
+    u_rows = U + b * sub + (h * G + j)[:, None] * suh + t[:, None] * sut
+    # the first step's bounds are loaded with `_bounds`' figures, not after L is known
+    blk = start + tl.arange(0, STEP)
+    live = tl.where(dense, start, stop)  # (a head reading every block needs no weights)
+    ahead = tl.load(u_rows + blk[None, :], mask=row_ok[:, None] & (blk < live)[None, :], other=float("-inf"))
+    count_ahead = tl.load(COUNT + blk, mask=blk < live, other=0)
+    L = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    best = tl.full([], -1, tl.int32)
+    if live > start:
+        L, best = _first_lse(PLSE, BEST_U, BEST_I, BEST_LSE, head, chunks, rows, BLOCK_M, ALWAYS, CB)
     if chunk == 0:
+        visible = tl.zeros([], tl.int32)
+        for c0 in range(0, chunks, CB):
+            c = c0 + tl.arange(0, CB)
+            visible += tl.sum(tl.load(VIS + c, mask=c < chunks, other=0), 0)
         tl.store(LOUT + head * BLOCK_M + rows, L)
         tl.store(VISIBLE + head, visible)
+        tl.store(DENSE + head, dense.to(tl.int32))
     bins = tl.arange(0, HB)
     sums = tl.zeros([HB], tl.float32)
     counts = tl.zeros([HB], tl.int32)
-    u_rows = U + b * sub + (h * G + j)[:, None] * suh + t[:, None] * sut
-    for c0 in range(chunk * CHUNK, tl.minimum(chunk * CHUNK + CHUNK, NB), BLOCK_B):
-        blk = c0 + tl.arange(0, BLOCK_B)
-        ok = blk < tl.minimum(chunk * CHUNK + CHUNK, NB)
-        u = tl.load(u_rows + blk[None, :], mask=row_ok[:, None] & ok[None, :], other=float("-inf"))
-        w = _weights(u, tl.load(COUNT + blk, mask=ok, other=0), L, row_ok)
+    for c0 in range(start, live, STEP):
+        blk = c0 + tl.arange(0, STEP)
+        ok = blk < stop
+        if c0 == start:
+            u, count = ahead, count_ahead
+        else:
+            u = tl.load(u_rows + blk[None, :], mask=row_ok[:, None] & ok[None, :], other=float("-inf"))
+            count = tl.load(COUNT + blk, mask=ok, other=0)
+        w = _weights(u, count, L, row_ok)
         w = tl.where(blk == best, float("inf"), w)
         e = _bins(w, low, BINS)
         tl.store(EB + head.to(tl.int64) * NB + blk, e.to(tl.int8), mask=ok)
@@ -201,13 +257,24 @@ def _weigh(
 
 @triton.jit
 def _cut(
-    EB, HSUM, HCNT, TILES, NREAD, UNREAD, NB, chunks, eps,
+    EB, HSUM, HCNT, DENSE, VISIBLE, LEFT, TILES, NREAD, READ, UNREAD, NB, chunks, eps,
     BLOCK_B: tl.constexpr, CHUNK: tl.constexpr, BINS: tl.constexpr, HB: tl.constexpr, CB: tl.constexpr,
+    NUM: tl.constexpr, DEN: tl.constexpr, PROBE: tl.constexpr,
 ):  # fmt: skip
     """Per (batch x KV head, CHUNK blocks): the head's cut from all chunks' sums (the largest power of two whose
-    weights below sum to <= eps), then this chunk's blocks at or above it written to the head's list in key order."""
+    weights below sum to <= eps), then this chunk's blocks at or above it written to the head's list in key order.
+    The first program also writes the head's blocks read (READ), and its units for the Lean walk (NREAD: every
+    block's, for a head that reads them all), and counts LEFT down (`attention.hsr.next_dense_left`)."""
     head = tl.program_id(0)
     chunk = tl.program_id(1)
+    if tl.load(DENSE + head) > 0:
+        if chunk == 0:
+            tl.store(NREAD + head, NB)
+            tl.store(READ + head, tl.load(VISIBLE + head))
+            tl.store(UNREAD + head, 0.0)
+            left = tl.load(LEFT + head)
+            tl.store(LEFT + head, tl.where(left > 1, left - 1, -1))
+        return
     bins = tl.arange(0, HB)
     sums = tl.zeros([HB], tl.float32)
     for c0 in range(0, chunks, CB):
@@ -227,7 +294,11 @@ def _cut(
         total += tl.sum(n, 0)
     if chunk == 0:
         tl.store(NREAD + head, total)
+        tl.store(READ + head, total)
         tl.store(UNREAD + head, unread)
+        visible = tl.load(VISIBLE + head)
+        spread = (total * DEN >= visible * NUM) & (visible > 0)
+        tl.store(LEFT + head, tl.where(spread, tl.where(tl.load(LEFT + head) < 0, PROBE - 1, -1), 0))
     end = tl.minimum(chunk * CHUNK + CHUNK, NB)
     for c0 in range(chunk * CHUNK, end, BLOCK_B):
         blk = c0 + tl.arange(0, BLOCK_B)
@@ -237,18 +308,6 @@ def _cut(
         offset += tl.sum(read.to(tl.int32), 0)
 
 
-@triton.jit
-def _certificate(L, LSE, UNREAD, CERT, rows, G: tl.constexpr, T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK: tl.constexpr):
-    """c = exp(L - lse) * (the head's unread weight), 0 where nothing is unread."""
-    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # flat (batch, query head, token)
-    ok = i < rows
-    head = i // (G * T)  # (batch x KV head)
-    r = i % (G * T)
-    unread = tl.load(UNREAD + head, mask=ok, other=0.0)
-    gap = tl.load(L + head * BLOCK_M + r, mask=ok, other=0.0) - tl.load(LSE + i, mask=ok, other=0.0)
-    tl.store(CERT + i, tl.where(unread > 0, tl.exp(gap) * unread, 0.0), mask=ok)
-
-
 def hsr_attend(q: Tensor, k: Tensor, v: Tensor, mask, summary, eps: float, sink: int, recent: int, bins: int, low: int):
     """`attention.hsr.hsr_attend` on CUDA: (out, lse, certificate, blocks read [B, Hkv], blocks visible)."""
     B, Hq, T, D = q.shape
@@ -256,38 +315,47 @@ def hsr_attend(q: Tensor, k: Tensor, v: Tensor, mask, summary, eps: float, sink:
     G = Hq // Hkv
     q = q if q.stride(-1) == 1 else q.contiguous()
     BLOCK_M = max(16, triton.next_power_of_2(G * T))
-    chunks = triton.cdiv(nb, BLOCK_B)
-    u = torch.empty(B, Hq, T, nb, dtype=torch.float32, device=q.device)
-    plse = torch.empty(B * Hkv, chunks, BLOCK_M, dtype=torch.float32, device=q.device)
+    dev = q.device
+    iters = 1  # BLOCK_B steps per program of `_bounds`: each also reads its best block's keys, which few programs share
+    while iters < 8 and B * Hkv * triton.cdiv(nb, BLOCK_B * iters) > BOUNDS_PROGRAMS:
+        iters *= 2
+    chunks = triton.cdiv(nb, BLOCK_B * iters)
+    u = torch.empty(B, Hq, T, nb, dtype=torch.float32, device=dev)
+    plse = torch.empty(B * Hkv, ALWAYS, BLOCK_M, dtype=torch.float32, device=dev)
+    best_u = torch.empty(B * Hkv, chunks, dtype=torch.float32, device=dev)
+    best_i = torch.empty(B * Hkv, chunks, dtype=torch.int32, device=dev)
+    best_lse = torch.empty(B * Hkv, chunks, BLOCK_M, dtype=torch.float32, device=dev)
+    vis = torch.empty(chunks, dtype=torch.int32, device=dev)
     kmin, kmax = summary.kmin, summary.kmax
-    window = mask.window or 0
-    common = dict(G=G, BLOCK_M=BLOCK_M, BLOCK_B=BLOCK_B, BLOCK=block, D=D, HAS_WINDOW=mask.window is not None, IEEE=q.dtype.itemsize == 4)
-    best_u = torch.empty(B * Hkv, chunks, dtype=torch.float32, device=q.device)
-    best_i = torch.empty(B * Hkv, chunks, dtype=torch.int32, device=q.device)
-    vis = torch.empty(B * Hkv, chunks, dtype=torch.int32, device=q.device)
-    _bounds[(B * Hkv, chunks)](
-        q, k, kmin, kmax, summary.count, summary.pmin, summary.pmax, mask.q_pos, mask.kv_pos, u, plse, best_u, best_i, vis,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), kmin.stride(0), kmin.stride(1),
-        kmin.stride(2), u.stride(0), u.stride(1), u.stride(2), Hkv, T, S, nb, window, sink, recent, 1 / math.sqrt(D), **common,
+    left = summary.dense_left
+    _bounds[(B * Hkv, chunks + ALWAYS)](
+        q, k, kmin, kmax, summary.count, summary.pmin, summary.pmax, mask.q_pos, mask.kv_pos, left, u, plse, best_u, best_i,
+        best_lse, vis, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), kmin.stride(0),
+        kmin.stride(1), kmin.stride(2), u.stride(0), u.stride(1), u.stride(2), Hkv, T, S, nb, chunks, mask.window or 0,
+        sink, recent, 1 / math.sqrt(D), G=G, BLOCK_M=BLOCK_M, BLOCK_B=BLOCK_B, ITERS=iters, BLOCK=block, D=D,
+        ALWAYS=ALWAYS, SCAN=min(SCAN, triton.next_power_of_2(nb)), HAS_WINDOW=mask.window is not None,
+        IEEE=q.dtype.itemsize == 4, num_stages=1,  # (ITERS is small: no shared memory for a pipeline of summaries)
     )  # fmt: skip
-    L = torch.empty(B * Hkv, BLOCK_M, dtype=torch.float32, device=q.device)
-    visible = torch.empty(B * Hkv, dtype=torch.int32, device=q.device)
+    L = torch.empty(B * Hkv, BLOCK_M, dtype=torch.float32, device=dev)
+    visible = torch.empty(B * Hkv, dtype=torch.int32, device=dev)
     chunk = max(CHUNK, triton.next_power_of_2(triton.cdiv(nb, MAX_CHUNKS)))
     wide = triton.cdiv(nb, chunk)
     hb = triton.next_power_of_2(bins + 2)
-    eb = torch.empty(B * Hkv, nb, dtype=torch.int8, device=q.device)
-    hsum = torch.empty(B * Hkv, wide, hb, dtype=torch.float32, device=q.device)
-    hcnt = torch.empty(B * Hkv, wide, hb, dtype=torch.int32, device=q.device)
+    eb = torch.empty(B * Hkv, nb, dtype=torch.int8, device=dev)
+    hsum = torch.empty(B * Hkv, wide, hb, dtype=torch.float32, device=dev)
+    hcnt = torch.empty(B * Hkv, wide, hb, dtype=torch.int32, device=dev)
+    dense = torch.empty(B * Hkv, dtype=torch.int32, device=dev)
     _weigh[(B * Hkv, wide)](
-        q, k, mask.q_pos, mask.kv_pos, u, summary.count, plse, best_u, best_i, vis, L, visible, eb, hsum, hcnt,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), u.stride(0), u.stride(1), u.stride(2),
-        Hkv, T, S, nb, chunks, window, 1 / math.sqrt(D), low, CHUNK=chunk, BINS=bins, HB=hb, CB=64, **common,
+        u, summary.count, left, plse, best_u, best_i, best_lse, vis, L, visible, dense, eb, hsum, hcnt, u.stride(0), u.stride(1),
+        u.stride(2), Hkv, T, nb, chunks, low, G=G, BLOCK_M=BLOCK_M, STEP=min(chunk, CHUNK), CHUNK=chunk, BINS=bins, HB=hb,
+        CB=64, ALWAYS=ALWAYS,
     )  # fmt: skip
-    tiles = torch.empty(B * Hkv, nb, dtype=torch.int32, device=q.device)
-    n_read = torch.empty(B * Hkv, dtype=torch.int32, device=q.device)
-    unread = torch.empty(B * Hkv, dtype=torch.float32, device=q.device)
-    _cut[(B * Hkv, wide)](eb, hsum, hcnt, tiles, n_read, unread, nb, wide, eps, BLOCK_B=BLOCK_B, CHUNK=chunk, BINS=bins, HB=hb, CB=64)
-    out, lse = lean.lean_sparse_attend(q, k, v, mask, tiles, n_read, block)
-    certificate = torch.empty_like(lse)
-    _certificate[(triton.cdiv(lse.numel(), 256),)](L, lse, unread, certificate, lse.numel(), G=G, T=T, BLOCK_M=BLOCK_M, BLOCK=256)
-    return out, lse, certificate, n_read.view(B, Hkv), visible[0]
+    tiles = torch.empty(B * Hkv, nb, dtype=torch.int32, device=dev)
+    units, read = (torch.empty(B * Hkv, dtype=torch.int32, device=dev) for _ in range(2))
+    unread = torch.empty(B * Hkv, dtype=torch.float32, device=dev)
+    _cut[(B * Hkv, wide)](
+        eb, hsum, hcnt, dense, visible, left, tiles, units, read, unread, nb, wide, eps, BLOCK_B=BLOCK_B, CHUNK=chunk,
+        BINS=bins, HB=hb, CB=64, NUM=DENSE_SHARE[0], DEN=DENSE_SHARE[1], PROBE=PROBE_EVERY,
+    )  # fmt: skip
+    out, lse, certificate = lean.lean_sparse_attend(q, k, v, mask, tiles, units, block, dense=dense, certify=(L, unread))
+    return out, lse, certificate, read.view(B, Hkv), visible[0]

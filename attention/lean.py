@@ -215,34 +215,48 @@ def lean_attend(q: Tensor, k: Tensor, v: Tensor, mask: PositionMask, programs: i
     return out, lse
 
 
-def lean_sparse_attend(q: Tensor, k: Tensor, v: Tensor, mask: PositionMask, tiles: Tensor, counts: Tensor, block: int):
+def lean_sparse_attend(
+    q: Tensor, k: Tensor, v: Tensor, mask: PositionMask, tiles: Tensor, counts: Tensor, block: int,
+    dense: Tensor | None = None, certify: tuple[Tensor, Tensor] | None = None,
+):  # fmt: skip
     """Lean decode over, for each (batch, KV head) h, the blocks (of `block` slots) tiles[h, :counts[h]]
     (tiles [B * Hkv, blocks] int32, counts [B * Hkv] int32): those tiles laid end to end and cut into equal shares
-    as a dense cache's are. Fixed-size buffers and no host sync (the number of tiles stays on the device), so a
-    captured CUDA graph replays it for any selection. Returns (output in q's dtype, lse fp32); a head with no tiles
+    as a dense cache's are; a head with dense[h] > 0 (int32) walks all its blocks in order instead (counts[h] = blocks,
+    its list unread). Fixed-size buffers and no host sync (the number of tiles stays on the device), so a
+    captured CUDA graph replays it for any selection. Returns (output in q's dtype, lse fp32), and with `certify` =
+    (L [B * Hkv, rows], unread [B * Hkv]) also HSR's certificate exp(L - lse) * unread per query row (0 where
+    unread is 0; rows are a KV head's query heads x tokens, padded), written by the combine. A head with no tiles
     gets output 0 and lse -inf. Runs on CUDA, or under TRITON_INTERPRET=1 (tests)."""
     group = q.shape[1] // k.shape[1]
     per_chunk = _ROWS.get((q.shape[-1], q.dtype), MAX_ROWS) // group
     if per_chunk < 1:
         raise LeanDoesNotFit(f"{group} query rows of head dim {q.shape[-1]} in {q.dtype} overflow shared memory")
-    if q.shape[2] > per_chunk:
-        parts = [
-            lean_sparse_attend(q[:, :, i : i + per_chunk], k, v, PositionMask(mask.q_pos[i : i + per_chunk], mask.kv_pos, mask.window), tiles, counts, block)
-            for i in range(0, q.shape[2], per_chunk)
-        ]
-        return torch.cat([o for o, _ in parts], dim=2), torch.cat([l for _, l in parts], dim=2)
     B, Hq, T, D = q.shape
+    if T > per_chunk:
+        parts = [
+            lean_sparse_attend(q[:, :, i : i + per_chunk], k, v, PositionMask(mask.q_pos[i : i + per_chunk], mask.kv_pos, mask.window), tiles, counts, block, dense)
+            for i in range(0, T, per_chunk)
+        ]
+        out, lse = torch.cat([o for o, _ in parts], dim=2), torch.cat([l for _, l in parts], dim=2)
+        if certify is None:
+            return out, lse
+        L, unread = (x.view(B, -1, *x.shape[1:]) for x in certify)
+        gap = L[..., : group * T].view(B, -1, group, T) - lse.view(B, -1, group, T)
+        unread = unread[..., None, None]
+        return out, lse, torch.where(unread > 0, gap.exp() * unread, 0.0).view_as(lse)
     heads, nb = tiles.shape
     programs = min(default_programs(q.device), -(-heads * nb // CONFIG.min_tiles))
     out = torch.empty(B, Hq, T, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, T, dtype=torch.float32, device=q.device)
-    # a program's n-th partial is that of the n-th head from its first unit's: any head, where heads hold few units
-    parts_out = torch.empty(programs, heads, group * T, D, dtype=torch.float32, device=q.device)
+    # partials by (head, its n-th program): a head's units may span every program
+    parts_out = torch.empty(heads, programs, group * T, D, dtype=torch.float32, device=q.device)
     parts_lse = torch.empty(parts_out.shape[:3], dtype=torch.float32, device=q.device)
-    head0 = torch.empty(programs, dtype=torch.int32, device=q.device)
+    cert = torch.empty_like(lse) if certify is not None else None
     try:
-        _triton().run(q, k, v, mask, out, lse, parts_out, parts_lse, programs, programs, replace(CONFIG, block_n=block), (tiles, counts, head0))
+        _triton().run(q, k, v, mask, out, lse, parts_out, parts_lse, programs, programs, replace(CONFIG, block_n=block),
+                      (tiles, counts, torch.empty_like(counts), dense),
+                      None if certify is None else (*certify, cert))  # fmt: skip
     except _triton().OutOfResources:
-        _ROWS[(q.shape[-1], q.dtype)] = (_ROWS.get((q.shape[-1], q.dtype), MAX_ROWS) // 2) if q.shape[2] > 1 else 0
-        return lean_sparse_attend(q, k, v, mask, tiles, counts, block)
-    return out, lse
+        _ROWS[(q.shape[-1], q.dtype)] = (_ROWS.get((q.shape[-1], q.dtype), MAX_ROWS) // 2) if T > 1 else 0
+        return lean_sparse_attend(q, k, v, mask, tiles, counts, block, dense, certify)
+    return (out, lse) if certify is None else (out, lse, cert)

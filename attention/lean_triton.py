@@ -9,8 +9,10 @@ lse) in its next slot. A second, small kernel then merges the partials of every 
 SPARSE: head h's units are the first COUNTS[h] tiles listed in LIST[h * tiles:], laid end to end in head order;
 their number stays on the device. Every program sums COUNTS itself (a head's start and end, the total), so the
 shares and the closed forms are those of the dense walk. Two things differ: there can be fewer units than
-programs, so some shares are empty (the combine skips them), and each program records the head of its first unit
-(HEAD0) for the combine to find its slots, since heads' lengths vary.
+programs, so some shares are empty, and a head's partials are stored by head, the n-th at [head, n], with their
+number in NPARTS[head] (written by the program holding the head's last unit), since heads' lengths vary. The
+combine then loads a head's first CHUNK partials, NPARTS and COUNTS at once, waiting on no load to find the others.
+It can also write HSR's certificate (CERT), which needs the merged lse.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources  # noqa: F401  (lean.lean_attend catches it)
 
 from attention import lean
+
+COMBINE_CHUNK = 32  # partials the combine merges per step, at most
 
 
 @triton.jit
@@ -36,17 +40,41 @@ def masked_scores(q, k, kp, qp, row_ok, window, scale, HAS_WINDOW: tl.constexpr,
 
 
 @triton.jit
+def _fold_tile(q, K, V, KVPOS, kv, n, n_ok, sks, svs, qp, row_ok, window, scale, m_i, l_i, acc,
+               D: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+    """The online softmax (running max m_i, sum l_i, weighted values acc) after the keys at slots n (where n_ok)."""
+    d = tl.arange(0, D)
+    n64 = n.to(tl.int64)
+    k = tl.load(K + kv[0] + n64[:, None] * sks + d[None, :], mask=n_ok[:, None], other=0.0)
+    v = tl.load(V + kv[1] + n64[:, None] * svs + d[None, :], mask=n_ok[:, None], other=0.0)
+    kp = tl.load(KVPOS + n, mask=n_ok, other=-1)
+    s = masked_scores(q, k, kp, qp, row_ok, window, scale, HAS_WINDOW, IEEE)
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m_i - m_safe)
+    p = tl.exp(s - m_safe[:, None])
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i * alpha + tl.sum(p, 1), acc
+
+
+@triton.jit
 def _lean_decode(
-    Q, K, V, QPOS, KVPOS, OUT, LSE, PO, PL, LIST, COUNTS, HEAD0,
+    Q, K, V, QPOS, KVPOS, OUT, LSE, PO, PL, LIST, COUNTS, NPARTS, DENSE,
     sqb, sqh, sqt, skb, skh, sks, svb, svh, svs, sob, soh, sot, slb, slh, spo_p, spo_s, spo_r, spl_p, spl_s,
     Hkv, S, T, total, programs, tiles, window, scale,
     G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr, SPARSE: tl.constexpr, HEADS: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr, SPARSE: tl.constexpr, HEADS: tl.constexpr, WALK: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     if SPARSE:
         hh = tl.arange(0, HEADS)
         cnt = tl.load(COUNTS + hh, mask=hh < total // tiles, other=0)  # (total = heads * tiles: the capacity)
+        dense = tl.zeros([HEADS], tl.int32)  # heads walking every tile, unlisted
+        if WALK:
+            dense = tl.load(DENSE + hh, mask=hh < total // tiles, other=0)
         ends = tl.cumsum(cnt, 0)
         total = tl.sum(cnt, 0)
     unit = (pid.to(tl.int64) * total // programs).to(tl.int32)
@@ -58,16 +86,11 @@ def _lean_decode(
     d = tl.arange(0, D)
     qp = tl.load(QPOS + t, mask=row_ok, other=-1)
     slot = pid * 0  # an int32 tensor, as the loop carries it
-    head0 = pid * 0
-    if SPARSE:
-        head0 = tl.sum((ends <= unit).to(tl.int32), 0)
-        tl.store(HEAD0 + pid, head0)
     while unit < end:
         if SPARSE:
             head = tl.sum((ends <= unit).to(tl.int32), 0)
             head_end = tl.sum(tl.where(hh == head, ends, 0), 0)
             head_start = head_end - tl.sum(tl.where(hh == head, cnt, 0), 0)
-            slot = head - head0
         else:
             head = unit // tiles
             head_start = head * tiles
@@ -79,32 +102,22 @@ def _lean_decode(
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D], tl.float32)
-        listed = LIST + head * tiles - head_start  # (SPARSE: unit u's tile is listed[u])
-        if SPARSE:
-            upcoming = tl.load(listed + unit)
+        kv = (b * skb + h * skh, b * svb + h * svh)
+        r = tl.arange(0, BLOCK_N)
+        if SPARSE:  # the next tile's index is loaded a step ahead: the K/V loads never wait on it
+            listed = LIST + head * tiles - head_start  # (unit u's tile is listed[u])
+            walk = tl.sum(tl.where(hh == head, dense, 0), 0) > 0  # every tile in order: unit u is tile u - head_start
+            listed_end = tl.where(walk, unit, stop)  # (no list to load for such a head)
+            upcoming = tl.where(walk, unit - head_start, tl.load(listed + unit, mask=unit < listed_end, other=0))
         for u in range(unit, stop):
-            if SPARSE:  # the next tile's index is loaded a step ahead: the K/V loads never wait on it
+            if SPARSE:
                 tile = upcoming
-                upcoming = tl.load(listed + tl.minimum(u + 1, stop - 1))
+                nxt = tl.minimum(u + 1, stop - 1)
+                upcoming = tl.where(walk, nxt - head_start, tl.load(listed + nxt, mask=nxt < listed_end, other=0))
             else:
                 tile = u - head_start
-            n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-            n_ok = n < S
-            n64 = n.to(tl.int64)
-            k = tl.load(K + b * skb + h * skh + n64[:, None] * sks + d[None, :], mask=n_ok[:, None], other=0.0)
-            v = tl.load(V + b * svb + h * svh + n64[:, None] * svs + d[None, :], mask=n_ok[:, None], other=0.0)
-            kp = tl.load(KVPOS + n, mask=n_ok, other=-1)
-            s = masked_scores(q, k, kp, qp, row_ok, window, scale, HAS_WINDOW, IEEE)
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m_i - m_safe)
-            p = tl.exp(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+            n = tile * BLOCK_N + r
+            m_i, l_i, acc = _fold_tile(q, K, V, KVPOS, kv, n, n < S, sks, svs, qp, row_ok, window, scale, m_i, l_i, acc, D, HAS_WINDOW, IEEE)
         seen = l_i > 0
         denom = tl.where(seen, l_i, 1.0)
         out = acc / denom[:, None]
@@ -112,88 +125,108 @@ def _lean_decode(
         if (unit == head_start) & (stop == head_end):  # the whole head in this program
             tl.store(OUT + b * sob + (h * G + j)[:, None] * soh + t[:, None] * sot + d[None, :], out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
             tl.store(LSE + b * slb + (h * G + j) * slh + t, lse, mask=row_ok)
+            if SPARSE:
+                tl.store(NPARTS + head, 1)
         else:
-            tl.store(PO + pid * spo_p + slot * spo_s + rows[:, None] * spo_r + d[None, :], out, mask=row_ok[:, None])
-            tl.store(PL + pid * spl_p + slot * spl_s + rows, lse, mask=row_ok)
+            if SPARSE:  # the head's n-th partial: with fewer units than programs, a share holds one unit or none
+                nth = tl.where(total < programs, unit - head_start, pid - _first_program(head_start, total, programs))
+                at_o = head * spo_p + nth * spo_s
+                at_l = head * spl_p + nth * spl_s
+                if stop == head_end:
+                    tl.store(NPARTS + head, nth + 1)
+            else:
+                at_o = pid * spo_p + slot * spo_s
+                at_l = pid * spl_p + slot * spl_s
+            tl.store(PO + at_o + rows[:, None] * spo_r + d[None, :], out, mask=row_ok[:, None])
+            tl.store(PL + at_l + rows, lse, mask=row_ok)
         slot += 1
         unit = stop
 
 
 @triton.jit
-def _slot(head, p, total, programs, tiles, HEAD0, SPARSE: tl.constexpr):
-    """Where program p stored its partial of `head` (`attention.lean.head_parts`): the heads before it in p's share."""
-    if SPARSE:
-        return head - tl.load(HEAD0 + tl.minimum(p, programs - 1))  # (masked lanes: p past the last program)
-    return head - (p.to(tl.int64) * total // programs).to(tl.int32) // tiles
+def _first_program(start, total, programs):
+    """The program whose share holds unit `start` (`attention.lean.program_of`)."""
+    return (((start + 1).to(tl.int64) * programs - 1) // tl.maximum(total, 1)).to(tl.int32)
 
 
 @triton.jit
-def _has_units(p, total, programs, SPARSE: tl.constexpr):
-    """Whether program p's share holds any unit (always, when dense: there are at least as many units as programs)."""
-    if SPARSE:
-        return ((p + 1).to(tl.int64) * total // programs) > (p.to(tl.int64) * total // programs)
-    return p >= 0
+def _merge_parts(PO, PL, at_o, at_l, spo_r, row, has, m, total_w, acc, D: tl.constexpr):
+    """Fold the partials at at_o/at_l (where `has`) into a running merge (max lse m, sum of weights, output)."""
+    lse_c = tl.load(PL + at_l + row, mask=has, other=float("-inf"))
+    part = tl.load(PO + (at_o + row * spo_r)[:, None] + tl.arange(0, D)[None, :], mask=has[:, None], other=0.0)
+    m_new = tl.maximum(m, tl.max(lse_c, 0))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m - m_safe)
+    w = tl.exp(lse_c - m_safe)
+    return m_new, total_w * alpha + tl.sum(w, 0), acc * alpha + tl.sum(w[:, None] * part, 0)
 
 
 @triton.jit
 def _lean_combine(
-    OUT, LSE, PO, PL, COUNTS, HEAD0, sob, soh, sot, slb, slh, spo_p, spo_s, spo_r, spl_p, spl_s, Hkv, T, total, programs, tiles,
-    G: tl.constexpr, D: tl.constexpr, PARTS: tl.constexpr, CHUNK: tl.constexpr, SPARSE: tl.constexpr, HEADS: tl.constexpr,
+    OUT, LSE, PO, PL, COUNTS, NPARTS, L, UNREAD, CERT, sob, soh, sot, slb, slh, spo_p, spo_s, spo_r, spl_p, spl_s,
+    Hkv, T, total, programs, tiles,
+    G: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, SPARSE: tl.constexpr, CERTIFY: tl.constexpr, L_ROWS: tl.constexpr,
 ):  # fmt: skip
-    """One (head, query row) per program: merge the head's partials, or nothing if one program held the head (a
-    head with no units at all, SPARSE only, gets output 0 and lse -inf)."""
+    """One (head, query row) per program: merge the head's partials in one pass (online, CHUNK at a time), or
+    nothing if one program held the head (a head with no units at all, SPARSE only, gets output 0 and lse -inf).
+    CERTIFY: also HSR's certificate exp(L - lse) * UNREAD[head] (0 where nothing is unread), L [heads, L_ROWS]."""
     head = tl.program_id(0)
     row = tl.program_id(1)
-    if SPARSE:
-        hh = tl.arange(0, HEADS)
-        cnt = tl.load(COUNTS + hh, mask=hh < total // tiles, other=0)
-        ends = tl.cumsum(cnt, 0)
-        total = tl.sum(cnt, 0)
-        stop = tl.sum(tl.where(hh == head, ends, 0), 0)
-        start = stop - tl.sum(tl.where(hh == head, cnt, 0), 0)
+    b = (head // Hkv).to(tl.int64)
+    h = (head % Hkv).to(tl.int64)
+    j, t = row // T, row % T
+    d = tl.arange(0, D)
+    at_out = OUT + b * sob + (h * G + j) * soh + t * sot + d
+    at_lse = LSE + b * slb + (h * G + j) * slh + t
+    m = tl.full([], float("-inf"), tl.float32)
+    total_w = tl.zeros([], tl.float32)
+    acc = tl.zeros([D], tl.float32)
+    i = tl.arange(0, CHUNK)
+    if SPARSE:  # the first CHUNK partials are loaded with NPARTS and COUNTS, not after them
+        ahead = i < programs
+        lse_c = tl.load(PL + head * spl_p + i * spl_s + row, mask=ahead, other=float("-inf"))
+        part = tl.load(PO + (head * spo_p + i * spo_s + row * spo_r)[:, None] + d[None, :], mask=ahead[:, None], other=0.0)
+        n = tl.where(tl.load(COUNTS + head) > 0, tl.load(NPARTS + head), 0)
+        lse_c = tl.where(i < n, lse_c, float("-inf"))
+        m = tl.max(lse_c, 0)
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        w = tl.exp(lse_c - m_safe)
+        total_w = tl.sum(w, 0)
+        acc = tl.sum(w[:, None] * tl.where((i < n)[:, None], part, 0.0), 0)
+        for c in range(CHUNK, n, CHUNK):
+            m, total_w, acc = _merge_parts(PO, PL, head * spo_p + (c + i) * spo_s, head * spl_p + (c + i) * spl_s, spo_r, row, c + i < n, m, total_w, acc, D)
     else:
         start = head * tiles
-        stop = start + tiles
-    p_first = (((start + 1).to(tl.int64) * programs - 1) // tl.maximum(total, 1)).to(tl.int32)
-    p_last = ((stop.to(tl.int64) * programs - 1) // tl.maximum(total, 1)).to(tl.int32)
-    n = tl.where(stop > start, p_last - p_first + 1, 0)
+        p_first = _first_program(start, total, programs)
+        n = ((start + tiles).to(tl.int64) * programs - 1) // total - p_first + 1
+        if n > 1:
+            for c in range(0, n, CHUNK):
+                p = p_first + c + i
+                slot = head - (p.to(tl.int64) * total // programs).to(tl.int32) // tiles
+                m, total_w, acc = _merge_parts(PO, PL, p * spo_p + slot * spo_s, p * spl_p + slot * spl_s, spo_r, row, c + i < n, m, total_w, acc, D)
+    lse = tl.full([], float("-inf"), tl.float32)
+    if CERTIFY:
+        unread = tl.load(UNREAD + head)
+        L_row = tl.load(L + head * L_ROWS + row)
+        if n == 1:  # (written by the decode kernel)
+            lse = tl.load(at_lse)
     if n == 0:
-        b = (head // Hkv).to(tl.int64)
-        h = (head % Hkv).to(tl.int64)
-        j, t = row // T, row % T
-        d = tl.arange(0, D)
-        tl.store(OUT + b * sob + (h * G + j) * soh + t * sot + d, tl.zeros([D], tl.float32).to(OUT.dtype.element_ty))
-        tl.store(LSE + b * slb + (h * G + j) * slh + t, float("-inf"))
+        tl.store(at_out, tl.zeros([D], tl.float32).to(OUT.dtype.element_ty))
+        tl.store(at_lse, lse)
     if n > 1:
-        parts = tl.arange(0, PARTS)
-        p = p_first + parts
-        has = (parts < n) & _has_units(p, total, programs, SPARSE)
-        lse = tl.load(PL + p * spl_p + _slot(head, p, total, programs, tiles, HEAD0, SPARSE) * spl_s + row, mask=has, other=float("-inf"))
-        m = tl.max(lse, 0)
-        m_safe = tl.where(m == float("-inf"), 0.0, m)
-        total_w = tl.sum(tl.exp(lse - m_safe), 0)
-        d = tl.arange(0, D)
-        acc = tl.zeros([D], tl.float32)
-        for c in range(0, n, CHUNK):
-            i = c + tl.arange(0, CHUNK)
-            pc = p_first + i
-            slot_c = _slot(head, pc, total, programs, tiles, HEAD0, SPARSE)
-            has_c = (i < n) & _has_units(pc, total, programs, SPARSE)
-            lse_c = tl.load(PL + pc * spl_p + slot_c * spl_s + row, mask=has_c, other=float("-inf"))
-            part = tl.load(PO + (pc * spo_p + slot_c * spo_s + row * spo_r)[:, None] + d[None, :], mask=has_c[:, None], other=0.0)
-            acc += tl.sum(tl.exp(lse_c - m_safe)[:, None] * part, 0)
         seen = total_w > 0
         denom = tl.where(seen, total_w, 1.0)
-        b = (head // Hkv).to(tl.int64)
-        h = (head % Hkv).to(tl.int64)
-        j, t = row // T, row % T
-        tl.store(OUT + b * sob + (h * G + j) * soh + t * sot + d, (acc / denom).to(OUT.dtype.element_ty))
-        tl.store(LSE + b * slb + (h * G + j) * slh + t, tl.where(seen, m + tl.log(denom), float("-inf")))
+        lse = tl.where(seen, m + tl.log(denom), float("-inf"))
+        tl.store(at_out, (acc / denom).to(OUT.dtype.element_ty))
+        tl.store(at_lse, lse)
+    if CERTIFY:
+        tl.store(CERT + b * slb + (h * G + j) * slh + t, tl.where(unread > 0, tl.exp(L_row - lse) * unread, 0.0))
 
 
-def run(q, k, v, mask, out, lse, parts_out, parts_lse, programs: int, max_parts: int, config, tile_list=None) -> None:
-    """Both launches; `tile_list` = (LIST [heads, tiles], COUNTS [heads], HEAD0 [programs]) for the SPARSE walk,
-    with config.block_n keys per tile."""
+def run(q, k, v, mask, out, lse, parts_out, parts_lse, programs: int, max_parts: int, config, tile_list=None, certify=None) -> None:
+    """Both launches; `tile_list` = (LIST [heads, tiles], COUNTS [heads], NPARTS [heads], DENSE [heads] or None) for
+    the SPARSE walk (a DENSE head walks all its tiles in order, with COUNTS = tiles, no list), with config.block_n keys per tile (partials by head: parts_out [heads, programs, rows, D]); `certify` = (L [heads, L_ROWS], UNREAD
+    [heads], CERT like lse) for the combine to write HSR's certificate."""
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     G = Hq // Hkv
@@ -203,20 +236,23 @@ def run(q, k, v, mask, out, lse, parts_out, parts_lse, programs: int, max_parts:
     strides_parts = (parts_out.stride(0), parts_out.stride(1), parts_out.stride(2), parts_lse.stride(0), parts_lse.stride(1))
     total = B * Hkv * tiles
     sparse = tile_list is not None
-    units, counts, head0 = tile_list if sparse else (mask.q_pos,) * 3  # (unused pointers when dense)
+    units, counts, nparts, dense = tile_list if sparse else (mask.q_pos,) * 4  # (unused pointers when dense)
+    walk = dense is not None
+    dense = dense if walk else counts
+    L, unread, cert = certify if certify is not None else (lse,) * 3
     heads = triton.next_power_of_2(B * Hkv)
     _lean_decode[(programs,)](
-        q, k, v, mask.q_pos, mask.kv_pos, out, lse, parts_out, parts_lse, units, counts, head0,
+        q, k, v, mask.q_pos, mask.kv_pos, out, lse, parts_out, parts_lse, units, counts, nparts, dense,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), *strides_out, *strides_parts,
         Hkv, S, T, total, programs, tiles, mask.window or 0, D**-0.5,
         G=G, BLOCK_M=max(16, triton.next_power_of_2(G * T)), BLOCK_N=config.block_n, D=D,
-        HAS_WINDOW=mask.window is not None, IEEE=q.dtype.itemsize == 4, SPARSE=sparse, HEADS=heads,
+        HAS_WINDOW=mask.window is not None, IEEE=q.dtype.itemsize == 4, SPARSE=sparse, HEADS=heads, WALK=walk,
         num_warps=config.warps, num_stages=lean.stages_that_fit(D, q.element_size(), lean.shared_memory(q.device), config),
     )  # fmt: skip
     if max_parts > 1 or sparse:
         _lean_combine[(B * Hkv, G * T)](
-            out, lse, parts_out, parts_lse, counts, head0, *strides_out, *strides_parts, Hkv, T, total, programs, tiles,
-            G=G, D=D, PARTS=triton.next_power_of_2(max_parts), CHUNK=min(32, triton.next_power_of_2(max_parts)),
-            SPARSE=sparse, HEADS=heads,
+            out, lse, parts_out, parts_lse, counts, nparts, L, unread, cert, *strides_out, *strides_parts, Hkv, T, total,
+            programs, tiles, G=G, D=D, CHUNK=min(COMBINE_CHUNK, triton.next_power_of_2(max_parts)), SPARSE=sparse,
+            CERTIFY=certify is not None, L_ROWS=L.shape[-1] if certify is not None else 1,
         )  # fmt: skip

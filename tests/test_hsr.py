@@ -148,6 +148,42 @@ def test_certificate_holds_for_a_bf16_cache():
     assert_certified(q.double(), k.double(), v.double(), mask, as64, 1e-3, slack=2e-2)  # bf16 rounding of the output
 
 
+def test_spread_heads_read_everything_after_two_spread_selections_and_select_again_every_probe():
+    """The state rule of `next_dense_left`, walked through: one spread selection is not enough, two are; the run of
+    dense steps ends in a selection that goes straight back if spread, and to selecting if not."""
+    from attention.hsr import PROBE_EVERY, next_dense_left
+
+    def walk(spread_at: list[bool]) -> list[int]:
+        state, seen = torch.zeros(1, 1, dtype=torch.int32), []
+        for spread in spread_at:
+            dense = int(state) > 0
+            read = torch.tensor([[10 if dense or spread else 1]])
+            state = next_dense_left(state, read, torch.tensor(10))
+            seen.append(int(state))
+        return seen
+
+    assert walk([True, False, True, False]) == [-1, 0, -1, 0]  # now and then spread: always selects
+    run = walk([True] * (PROBE_EVERY + 2))
+    assert run[:2] == [-1, PROBE_EVERY - 1] and run[PROBE_EVERY] == -1 and run[PROBE_EVERY + 1] == PROBE_EVERY - 1
+    assert walk([True, True] + [False] * PROBE_EVERY)[-1] == 0  # (the dense run ignores what it reads)
+
+
+def test_a_head_told_to_read_everything_answers_exactly():
+    """A step of heads in their dense run reads every visible block: float64 attention, certificate 0."""
+    k, v, kv_pos, n = cache("clustered", S=4096)
+    q = query(1, 8, aligned=True)
+    mask = PositionMask(torch.tensor([n]), kv_pos)
+    summary = KeySummary.of(k, kv_pos, 64)
+    sparse = hsr_attend(q, k, v, mask, summary, 1e-3, sink=64, recent=64)
+    assert (sparse.blocks_read < sparse.blocks_visible / 4).all()
+    summary.dense_left.fill_(3)
+    every = hsr_attend(q, k, v, mask, summary, 1e-3, sink=64, recent=64)
+    want, want_lse = dense_attend(q, k, v, mask, return_lse=True)
+    assert (every.blocks_read == every.blocks_visible).all() and (every.certificate == 0).all()
+    assert torch.allclose(every.out, want, atol=1e-12) and torch.allclose(every.lse, want_lse, atol=1e-12)
+    assert (summary.dense_left == 2).all()
+
+
 # --- as the decode option of the strategies
 
 
@@ -240,7 +276,7 @@ def test_structure_tool_measures_the_floor_any_certificate_needs():
 
 SPARSE_KERNEL_CHECK = """
 import torch
-from attention import hsr, hsr_triton, lean
+from attention import hsr, hsr_triton, lean, lean_triton
 from attention.kernels import PositionMask
 
 torch.manual_seed(0)
@@ -261,8 +297,11 @@ for B, Hkv, g, T, S, block, window, filled, kind in [(1, 2, 4, 1, 1000, 16, None
     mask = PositionMask(torch.arange(filled - T, filled), kv_pos, window)
     summary = hsr.KeySummary.of(k, kv_pos, block)
     nb = summary.count.numel()
-    # the Lean walk over random tile lists: some heads, all blocks, none
-    for n in (torch.randint(1, nb + 1, (B * Hkv,)), torch.full((B * Hkv,), nb), torch.zeros(B * Hkv, dtype=torch.long)):
+    # the Lean walk over random tile lists: some heads, all blocks, none, fewer blocks than programs; the combine
+    # merging 4 partials per step
+    lean_triton.COMBINE_CHUNK = 4 if kind == "clustered" else 32
+    for n in (torch.randint(1, nb + 1, (B * Hkv,)), torch.full((B * Hkv,), nb), torch.zeros(B * Hkv, dtype=torch.long),
+              torch.randint(0, 4, (B * Hkv,))):
         order = torch.stack([torch.randperm(nb) for _ in range(B * Hkv)])
         chosen = torch.zeros(B * Hkv, nb, dtype=torch.bool).scatter_(1, order, torch.arange(nb) < n[:, None])
         want_o, want_l = hsr.attend_blocks(q, k, v, mask, chosen.view(B, Hkv, nb), block)
@@ -272,15 +311,25 @@ for B, Hkv, g, T, S, block, window, filled, kind in [(1, 2, 4, 1, 1000, 16, None
         assert torch.allclose(got_l[seen], want_l[seen], atol=1e-4) and torch.allclose(got_o, want_o.masked_fill(~seen[..., None], 0), atol=1e-4)
         cases += 1
     # the whole step: the same blocks read, output, lse and certificate as the PyTorch path; also with small chunks,
-    # so that every kernel's work on a head is spread over several programs
-    for eps, (hsr_triton.BLOCK_B, hsr_triton.CHUNK) in ((1e-3, (64, 512)), (0.1, (64, 512)), (1e-3, (16, 32))):
-        want = hsr.hsr_attend(q, k, v, mask, summary, eps, sink=16, recent=32)
-        got = hsr_triton.hsr_attend(q, k, v, mask, summary, eps, 16, 32, hsr.BINS, hsr._low(eps, nb))
-        assert torch.equal(got[3].long(), want.blocks_read) and int(got[4]) == int(want.blocks_visible), (got[3], want.blocks_read)
-        assert torch.allclose(got[0], want.out, atol=1e-4) and torch.allclose(got[1], want.lse, atol=1e-4)
-        assert torch.allclose(got[2], want.certificate.float(), rtol=1e-3, atol=1e-9)
-        print(kind, eps, "read", got[3].tolist(), "of", int(got[4]))
-        cases += 1
+    # so that every kernel's work on a head is spread over several programs (and the always-read blocks over two,
+    # several each, and several steps of bounds per program)
+    for eps, (hsr_triton.BLOCK_B, hsr_triton.CHUNK, hsr_triton.ALWAYS, hsr_triton.BOUNDS_PROGRAMS) in (
+            (1e-3, (64, 512, 8, 1024)), (0.1, (64, 512, 8, 1024)), (1e-3, (16, 32, 2, 2))):
+        # three steps from every other head reading all blocks: heads of both kinds in a step, and the state's rule
+        summary.dense_left.zero_()
+        summary.dense_left.view(-1)[::2] = 2
+        for step in range(3):
+            start = summary.dense_left.clone()
+            want = hsr.hsr_attend(q, k, v, mask, summary, eps, sink=16, recent=32)
+            after = summary.dense_left.clone()
+            summary.dense_left.copy_(start)
+            got = hsr_triton.hsr_attend(q, k, v, mask, summary, eps, 16, 32, hsr.BINS, hsr._low(eps, nb))
+            assert torch.equal(summary.dense_left, after), (summary.dense_left, after)
+            assert torch.equal(got[3].long(), want.blocks_read) and int(got[4]) == int(want.blocks_visible), (got[3], want.blocks_read)
+            assert torch.allclose(got[0], want.out, atol=1e-4) and torch.allclose(got[1], want.lse, atol=1e-4)
+            assert torch.allclose(got[2], want.certificate.float(), rtol=1e-3, atol=1e-9)
+            print(kind, eps, "read", got[3].tolist(), "of", int(got[4]), "dense left", start.tolist(), "->", after.tolist())
+            cases += 1
 print("sparse kernels ok", cases)
 """
 
@@ -299,4 +348,4 @@ def test_sparse_kernels_equal_the_reference_in_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     done = subprocess.run([sys.executable, "-c", textwrap.dedent(SPARSE_KERNEL_CHECK)], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "sparse kernels ok 18" in done.stdout
+    assert "sparse kernels ok 39" in done.stdout

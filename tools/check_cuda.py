@@ -195,13 +195,20 @@ def check_hsr() -> bool:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 again = hsr_attend(q, k, v, mask, summary, 1e-3, 64, 256)
+            summary.dense_left.zero_()  # (as r began)
             graph.replay()
             replayed = torch.equal(again.out, r.out) and torch.equal(again.blocks_read, r.blocks_read)
+            # a step of heads that read every block: exact attention, certificate 0
+            summary.dense_left.fill_(1)
+            every = hsr_attend(q, k, v, mask, summary, 1e-3, 64, 256)
+            dense_ok = bool(((every.out.double() - ref).abs() <= TOLERANCE[dtype] * ref.abs().max()).all()) and float(every.certificate.max()) == 0
+            dense_ok &= bool((every.blocks_read == every.blocks_visible).all()) and bool((summary.dense_left == -1).all())
             share = float(r.blocks_read.float().mean() / r.blocks_visible)
-            good = within and lse_ok and same_reads <= 1 and replayed and float(r.certificate.max()) <= 1e-3
+            good = within and lse_ok and same_reads <= 1 and replayed and dense_ok and float(r.certificate.max()) <= 1e-3
             ok &= good
             print(f"{'ok  ' if good else 'FAIL'} hsr {str(dtype):15} {name:36} read {share:6.1%}  within certificate {within}  "
-                  f"lse {lse_ok}  reads vs CPU path differ by {same_reads}  graph replay identical {replayed}")  # fmt: skip
+                  f"lse {lse_ok}  reads vs CPU path differ by {same_reads}  graph replay identical {replayed}  "
+                  f"all blocks when told {dense_ok}")  # fmt: skip
     return ok
 
 
