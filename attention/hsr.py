@@ -22,8 +22,10 @@ A head whose selection read at least DENSE_SHARE of its visible blocks twice in 
 (certificate 0), for the next PROBE_EVERY - 1 steps, then selects again, and goes straight back if that selection
 is spread too: where attention is spread out, the selection costs more than it saves. Twice, because a head whose
 queries only now and then spread out would otherwise read everything for the steps after each such query. The
-state per (batch, KV head) lives with the key summary (`KeySummary.dense_left`, `next_dense_left`); it decides
-what a step costs, never what it returns beyond the certificate.
+state per (batch, KV head) lives with the key summary (`KeySummary.dense_until`, `next_dense_until`); it decides
+what a step costs, never what it returns beyond the certificate. It holds the query position where the run ends,
+not a count of steps: a step of that run then writes nothing, so the kernels that read it within a step need no
+order among themselves.
 
 The certificate per query row is c = exp(L - lse_read) * (sum of the unread blocks' weights) <= eps. Since each
 unread key j has s_j <= u_b, the unread softmax mass Z_skip and the read mass Z_read = exp(lse_read) satisfy
@@ -59,8 +61,10 @@ from attention.kernels import PositionMask
 class KeySummary:
     """Per block of `block` slots: per-channel key minimum and maximum [B, Hkv, blocks, D] in the keys' own dtype
     (the minimum of values of a dtype is one of them), filled slots [blocks], lowest and highest position held
-    [blocks] (empty blocks hold +inf/-inf keys and count 0); and per (batch, KV head) `dense_left` [B, Hkv] int32:
-    the decode steps left that read every block, or (0, -1) the spread selections just before (`next_dense_left`)."""
+    [blocks] (empty blocks hold +inf/-inf keys and count 0); and per (batch, KV head) `dense_until` [B, Hkv] int32:
+    steps whose last query position is below it read every block, or (0, -1, a past position) the spread selections
+    just before (`next_dense_until`), and `arrived` [B, Hkv] int32, the CUDA selection's count of its programs done
+    within a step (0 between steps)."""
 
     block: int
     kmin: Tensor
@@ -68,7 +72,12 @@ class KeySummary:
     count: Tensor
     pmin: Tensor
     pmax: Tensor
-    dense_left: Tensor
+    dense_until: Tensor
+    arrived: Tensor | None = None  # (zeros like dense_until where not given)
+
+    def __post_init__(self) -> None:
+        if self.arrived is None:
+            self.arrived = torch.zeros_like(self.dense_until)
 
     @classmethod
     def empty(cls, batch: int, kv_heads: int, slots: int, head_dim: int, block: int, device=None, dtype=torch.float32) -> "KeySummary":
@@ -88,7 +97,7 @@ class KeySummary:
         self.count.zero_()
         self.pmin.fill_(torch.iinfo(torch.long).max)
         self.pmax.fill_(-1)
-        self.dense_left.zero_()
+        self.dense_until.zero_()
 
     @classmethod
     def of(cls, k: Tensor, kv_pos: Tensor, block: int) -> "KeySummary":
@@ -152,20 +161,29 @@ def block_roles(summary: KeySummary, mask: PositionMask, sink: int, recent: int)
     return visible, visible & ((summary.pmin < sink) | (summary.pmax > last - recent))
 
 
-BINS = 32  # powers of two the weights are binned into, from 2^low(eps) up (`_low`)
+# powers of two the weights are binned into, from 2^low(eps) up (`_low`): 2^(low + BINS - 1) > eps for caches of up
+# to 2^26 blocks, so no weight of the top bins can go unread and more bins would change nothing; BINS + 2 bins in all
+# fill the kernels' 32 lanes
+BINS = 30
 DENSE_SHARE = (15, 16)  # a head that read at least 15/16 of its visible blocks reads all of them for a while
 PROBE_EVERY = 16  # (the next 15 steps; the 16th selects again)
 
 
-def next_dense_left(dense_left: Tensor, read: Tensor, visible: Tensor) -> Tensor:
-    """The state after a step that read `read` blocks of `visible` per head (the kernels apply the same rule):
-    k > 0 reads every block for k more steps, then -1; -1 (the last selection, or the run of such steps before it,
-    was spread) goes to PROBE_EVERY - 1 after a spread selection; 0 to -1; a selection that is not spread to 0."""
+def reads_everything(dense_until: Tensor, last: Tensor) -> Tensor:
+    """Heads in their run of steps that read every block, at a step whose last query position is `last`."""
+    return dense_until > last
+
+
+def next_dense_until(dense_until: Tensor, read: Tensor, visible: Tensor, last: Tensor, tokens: int) -> Tensor:
+    """The state after a step of `tokens` query tokens, the last at position `last`, that read `read` blocks of
+    `visible` per head (the kernels apply the same rule). A step in the run (`reads_everything`) leaves it as it
+    is. After a selection: 0 if it was not spread; if it was, -1, or where the selection before was spread too
+    (-1) or the run before ended here (a position), a run of the next PROBE_EVERY - 1 steps (as positions advance
+    by `tokens` a step)."""
     num, den = DENSE_SHARE
     spread = (read * den >= visible * num) & (visible > 0)
-    after_dense = torch.where(dense_left > 1, dense_left - 1, -1)
-    after_selection = torch.where(spread, torch.where(dense_left < 0, PROBE_EVERY - 1, -1), 0)
-    return torch.where(dense_left > 0, after_dense, after_selection).to(dense_left.dtype)
+    after_selection = torch.where(spread, torch.where(dense_until != 0, last + PROBE_EVERY * tokens, -1), 0)
+    return torch.where(reads_everything(dense_until, last), dense_until, after_selection).to(dense_until.dtype)
 
 
 def _low(eps: float, blocks: int) -> int:
@@ -201,13 +219,14 @@ def hsr_attend(
     sums.scatter_add_(2, bins + 1, torch.where(bins < BINS, weight, 0.0).double())
     below = sums[..., :1] + torch.cat([sums.new_zeros(B, Hkv, 1), sums[..., 1:-1].cumsum(-1)], -1)  # [.., BINS + 1]
     cut = (below <= eps).sum(-1, keepdim=True) - 1  # the weights below 2^(low + cut) sum to <= eps
-    dense = summary.dense_left[..., None] > 0  # [B, Hkv, 1]: this head reads every visible block
+    last = mask.q_pos.max()
+    dense = reads_everything(summary.dense_until, last)[..., None]  # [B, Hkv, 1]: this head reads every visible block
     read = torch.where(dense, visible, bins >= cut)
     out, lse = attend_blocks(q, k, v, mask, read, summary.block)
     unread = below.gather(-1, cut.clamp(min=0)).to(lse.dtype).masked_fill(dense, 0.0)  # (cut >= 0: below[0] <= eps / 2)
     scale = torch.exp(L - lse).nan_to_num(nan=1.0).view(B, Hkv, -1)  # (lse = -inf only where nothing is visible)
     certificate = (scale * unread).view(B, Hq, T)
-    summary.dense_left.copy_(next_dense_left(summary.dense_left, read.sum(-1), visible.sum()))
+    summary.dense_until.copy_(next_dense_until(summary.dense_until, read.sum(-1), visible.sum(), last, T))
     return HSRResult(out, lse, certificate, read.sum(-1), visible.sum())
 
 

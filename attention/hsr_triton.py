@@ -1,8 +1,8 @@
 """The Triton kernels of HSR sparse decode (attention/hsr.py has the rule; this is the same rule on CUDA).
 
-A step is five launches, with nothing decided on the host, every kernel spread over the blocks of each head as well
-as over heads. Each kernel's own latency is what a step at a small share costs, so none waits on a chain of
-dependent loads where it can be avoided:
+A step is three launches for a cache of up to SELECT_ALONE blocks per head and five beyond, with nothing decided
+on the host, every kernel spread over the blocks of each head as well as over heads. Each kernel's own latency is
+what a step at a small share costs, so none waits on a chain of dependent loads where it can be avoided:
 1. `_bounds`, two kinds of program per batch x KV head:
    - per ITERS x BLOCK_B blocks: the score bounds of its blocks for all the head's query rows (u = (q+ . max +
      q- . min) / sqrt(D): tensor-core products for 16-bit keys, whose products are exact in the fp32 accumulator,
@@ -17,6 +17,13 @@ dependent loads where it can be avoided:
    after those of the chunks before it;
 4. the Lean decode kernel over those lists, and its combine, which also writes the certificate exp(L - lse) times
    the head's unread weight (`attention.lean.lean_sparse_attend`).
+
+For few blocks a launch costs more than the work of 2 and 3, so `_select` does 1-3 in one: `_bounds`' programs,
+then the last of a head's programs to finish (an atomic count, which orders the others' writes before its reads)
+weighs, cuts and lists all of the head's blocks alone. A head in its run of steps that read every block costs it
+one program's count of visible blocks: a step of such heads is then three launches to dense Lean's two. That run's
+state holds the position where it ends (`attention.hsr.next_dense_until`), so that only a selection writes it,
+after every program of the head has read it.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ SCAN = 1024  # blocks those programs look at per step, to find theirs
 BOUNDS_PROGRAMS = 128  # `_bounds` programs per launch at most (up to 8 x BLOCK_B blocks each), beyond ALWAYS
 CHUNK = 128  # blocks per program of `_weigh` and `_cut` at least; more where a head has over MAX_CHUNKS of them
 MAX_CHUNKS = 64  # (each of those programs reads every chunk's figures: more chunks cost more than they spread)
+SELECT_ALONE = 512  # blocks per head up to which one launch selects (`_select`), its last program per head alone
 
 
 @triton.jit
@@ -75,37 +83,47 @@ def _roles(COUNT, PMIN, PMAX, blk, NB, first, last, window, sink, recent, HAS_WI
 
 
 @triton.jit
-def _bounds(
-    Q, K, KMIN, KMAX, COUNT, PMIN, PMAX, QPOS, KVPOS, LEFT, U, PLSE, BEST_U, BEST_I, BEST_LSE, VIS,
+def _last_position(QPOS, T, BLOCK_M: tl.constexpr):
+    t = tl.arange(0, BLOCK_M)
+    return tl.max(tl.load(QPOS + t, mask=t < T, other=-1), 0)
+
+
+@triton.jit
+def _reads_everything(UNTIL, QPOS, head, T, BLOCK_M: tl.constexpr):
+    """1 where the head is in its run of steps that read every block (`attention.hsr.reads_everything`), else 0."""
+    return (tl.load(UNTIL + head) > _last_position(QPOS, T, BLOCK_M)).to(tl.int32)
+
+
+@triton.jit
+def _bounds_part(
+    Q, K, KMIN, KMAX, COUNT, PMIN, PMAX, QPOS, KVPOS, U, PLSE, BEST_U, BEST_I, BEST_LSE, head, chunk, dense,
     sqb, sqh, sqt, skb, skh, skn, smb, smh, smn, sub, suh, sut, Hkv, T, S, NB, chunks, window, sink, recent, scale,
     G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr, ITERS: tl.constexpr, BLOCK: tl.constexpr,
     D: tl.constexpr, ALWAYS: tl.constexpr, SCAN: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
-    """Visible blocks are the same for every head (positions are): head 0 counts them (VIS), whether or not it reads
-    every block this step (LEFT > 0); another head that does returns at once."""
-    head = tl.program_id(0)
-    chunk = tl.program_id(1)
+    """One program of `_bounds`: chunk < chunks takes blocks of chunk, the others an ALWAYS share. Returns the
+    chunk's visible blocks, counted whether or not the head reads every block this step (dense, 0 or 1); a head
+    that does computes nothing else."""
     b = (head // Hkv).to(tl.int64)
     h = (head % Hkv).to(tl.int64)
     rows = tl.arange(0, BLOCK_M)
     row_ok = rows < G * T
     j, t = rows // T, rows % T
     d = tl.arange(0, D)
-    left = tl.load(LEFT + head)
-    q = tl.load(Q + b * sqb + (h * G + j)[:, None] * sqh + t[:, None] * sqt + d[None, :], mask=(rows < tl.where(left <= 0, G * T, 0))[:, None], other=0.0)
+    q = tl.load(Q + b * sqb + (h * G + j)[:, None] * sqh + t[:, None] * sqt + d[None, :], mask=(rows < tl.where(dense > 0, 0, G * T))[:, None], other=0.0)
     qp = tl.load(QPOS + t, mask=row_ok, other=-1)
     first = tl.min(tl.where(row_ok, qp, 2**62), 0)
     last = tl.max(qp, 0)
     base = b * skb + h * skh
+    seen = tl.zeros([], tl.int32)
     if chunk < chunks:  # bounds
         best_u = tl.full([], float("-inf"), tl.float32)
         best = tl.full([], -1, tl.int32)
-        seen = tl.zeros([], tl.int32)
-        for it in range(0, tl.where((left <= 0) | (head == 0), ITERS, 0)):
+        for it in range(0, ITERS):
             blk = (chunk * ITERS + it) * BLOCK_B + tl.arange(0, BLOCK_B)
             visible, always = _roles(COUNT, PMIN, PMAX, blk, NB, first, last, window, sink, recent, HAS_WINDOW)
             seen += tl.sum(visible.to(tl.int32), 0)
-            if left <= 0:
+            if dense == 0:
                 at = b * smb + h * smh + blk.to(tl.int64)[:, None] * smn + d[None, :]
                 # loaded with the block figures, not after them; an empty block's +-inf must not reach the product
                 lo = tl.where(visible[:, None], tl.load(KMIN + at, mask=(blk < NB)[:, None], other=0.0), 0.0)
@@ -124,9 +142,7 @@ def _bounds(
                 better = tl.max(top, 0) > best_u
                 best = tl.where(better, (chunk * ITERS + it) * BLOCK_B + tl.argmax(top, 0), best)
                 best_u = tl.maximum(best_u, tl.max(top, 0))
-        if head == 0:
-            tl.store(VIS + chunk, seen)
-        if left <= 0:
+        if dense == 0:
             at_chunk = head * chunks + chunk
             tl.store(BEST_U + at_chunk, best_u)
             tl.store(BEST_I + at_chunk, best)
@@ -139,7 +155,7 @@ def _bounds(
         lse = tl.full([BLOCK_M], float("-inf"), tl.float32)
         before = tl.zeros([], tl.int32)
         lanes = tl.arange(0, SCAN)
-        for s0 in range(0, tl.where(left <= 0, NB, 0), SCAN):
+        for s0 in range(0, tl.where(dense > 0, 0, NB), SCAN):
             visible, always = _roles(COUNT, PMIN, PMAX, s0 + lanes, NB, first, last, window, sink, recent, HAS_WINDOW)
             always = always.to(tl.int32)
             todo = tl.where((before + tl.cumsum(always, 0) - 1) % ALWAYS == a, always, 0)
@@ -148,8 +164,29 @@ def _bounds(
                 lse = _logaddexp(lse, _row_lse(q, K, KVPOS, base, s0 + i, skn, S, qp, row_ok, window, scale, BLOCK, D, HAS_WINDOW, IEEE))
                 todo = tl.where(lanes == i, 0, todo)
             before += tl.sum(always, 0)
-        if left <= 0:
+        if dense == 0:
             tl.store(PLSE + (head * ALWAYS + a) * BLOCK_M + rows, lse)
+    return seen
+
+
+@triton.jit
+def _bounds(
+    Q, K, KMIN, KMAX, COUNT, PMIN, PMAX, QPOS, KVPOS, UNTIL, U, PLSE, BEST_U, BEST_I, BEST_LSE, VIS,
+    sqb, sqh, sqt, skb, skh, skn, smb, smh, smn, sub, suh, sut, Hkv, T, S, NB, chunks, window, sink, recent, scale,
+    G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr, ITERS: tl.constexpr, BLOCK: tl.constexpr,
+    D: tl.constexpr, ALWAYS: tl.constexpr, SCAN: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    """`_bounds_part`, and the chunk's visible blocks (VIS [heads, chunks]): the same for every head (positions
+    are), counted by each (a head may finish before another starts)."""
+    head = tl.program_id(0)
+    chunk = tl.program_id(1)
+    seen = _bounds_part(
+        Q, K, KMIN, KMAX, COUNT, PMIN, PMAX, QPOS, KVPOS, U, PLSE, BEST_U, BEST_I, BEST_LSE, head, chunk,
+        _reads_everything(UNTIL, QPOS, head, T, BLOCK_M), sqb, sqh, sqt, skb, skh, skn, smb, smh, smn, sub, suh, sut, Hkv, T, S, NB, chunks, window,
+        sink, recent, scale, G, BLOCK_M, BLOCK_B, ITERS, BLOCK, D, ALWAYS, SCAN, HAS_WINDOW, IEEE,
+    )  # fmt: skip
+    if chunk < chunks:
+        tl.store(VIS + head * chunks + chunk, seen)
 
 
 @triton.jit
@@ -196,24 +233,18 @@ def _first_lse(PLSE, BEST_U, BEST_I, BEST_LSE, head, chunks, rows, BLOCK_M: tl.c
 
 
 @triton.jit
-def _weigh(
-    U, COUNT, LEFT, PLSE, BEST_U, BEST_I, BEST_LSE, VIS, LOUT, VISIBLE, DENSE, EB, HSUM, HCNT, sub, suh, sut, Hkv, T, NB,
-    chunks, low, G: tl.constexpr, BLOCK_M: tl.constexpr, STEP: tl.constexpr, CHUNK: tl.constexpr, BINS: tl.constexpr,
-    HB: tl.constexpr, CB: tl.constexpr, ALWAYS: tl.constexpr,
+def _weigh_part(
+    U, COUNT, PLSE, BEST_U, BEST_I, BEST_LSE, EB, head, dense, start, stop, sub, suh, sut, Hkv, T, NB, chunks, low,
+    G: tl.constexpr, BLOCK_M: tl.constexpr, STEP: tl.constexpr, BINS: tl.constexpr, HB: tl.constexpr,
+    CB: tl.constexpr, ALWAYS: tl.constexpr,
 ):  # fmt: skip
-    """Per (batch x KV head, CHUNK blocks): L (every program of the head computes it; the first stores it), then
-    each block's weight bin, and the chunk's sum and count of weights per bin. The first also copies whether the
-    head reads every block this step (DENSE), for the kernels after `_cut`, which updates LEFT."""
-    head = tl.program_id(0)
-    chunk = tl.program_id(1)
-    dense = tl.load(LEFT + head) > 0
+    """The weights of blocks [start, stop) of a head: each block's bin (EB); returns (sum, count) of the weights per
+    bin, and L (`_first_lse`). A head that reads every block this step (dense) needs no weights: 0, 0, -inf."""
     b = (head // Hkv).to(tl.int64)
     h = (head % Hkv).to(tl.int64)
     rows = tl.arange(0, BLOCK_M)
     row_ok = rows < G * T
     j, t = rows // T, rows % T
-    start = chunk * CHUNK
-    stop = tl.minimum(start + CHUNK, NB)
     u_rows = U + b * sub + (h * G + j)[:, None] * suh + t[:, None] * sut
     # the first step's bounds are loaded with `_bounds`' figures, not after L is known
     blk = start + tl.arange(0, STEP)
@@ -224,14 +255,6 @@ def _weigh(
     best = tl.full([], -1, tl.int32)
     if live > start:
         L, best = _first_lse(PLSE, BEST_U, BEST_I, BEST_LSE, head, chunks, rows, BLOCK_M, ALWAYS, CB)
-    if chunk == 0:
-        visible = tl.zeros([], tl.int32)
-        for c0 in range(0, chunks, CB):
-            c = c0 + tl.arange(0, CB)
-            visible += tl.sum(tl.load(VIS + c, mask=c < chunks, other=0), 0)
-        tl.store(LOUT + head * BLOCK_M + rows, L)
-        tl.store(VISIBLE + head, visible)
-        tl.store(DENSE + head, dense.to(tl.int32))
     bins = tl.arange(0, HB)
     sums = tl.zeros([HB], tl.float32)
     counts = tl.zeros([HB], tl.int32)
@@ -250,41 +273,97 @@ def _weigh(
         hit = (e[:, None] == bins[None, :]) & ok[:, None]
         sums += tl.sum(tl.where(hit & (e[:, None] <= BINS), w[:, None], 0.0), 0)
         counts += tl.sum(hit.to(tl.int32), 0)
-    at = (head * tl.num_programs(1) + chunk) * HB + bins
+    return sums, counts, L
+
+
+@triton.jit
+def _weigh(
+    U, COUNT, UNTIL, QPOS, PLSE, BEST_U, BEST_I, BEST_LSE, VIS, LOUT, VISIBLE, DENSE, EB, HSUM, HCNT, sub, suh, sut, Hkv, T, NB,
+    chunks, low, G: tl.constexpr, BLOCK_M: tl.constexpr, STEP: tl.constexpr, CHUNK: tl.constexpr, BINS: tl.constexpr,
+    HB: tl.constexpr, CB: tl.constexpr, ALWAYS: tl.constexpr,
+):  # fmt: skip
+    """Per (batch x KV head, CHUNK blocks): `_weigh_part` of the chunk, its sums and counts stored for `_cut`
+    (which updates UNTIL). The first program also stores L, the head's visible blocks (from VIS) and whether it reads
+    every block this step (DENSE), for the kernels after."""
+    head = tl.program_id(0)
+    chunk = tl.program_id(1)
+    start = chunk * CHUNK
+    dense = _reads_everything(UNTIL, QPOS, head, T, BLOCK_M) > 0
+    sums, counts, L = _weigh_part(
+        U, COUNT, PLSE, BEST_U, BEST_I, BEST_LSE, EB, head, dense, start, tl.minimum(start + CHUNK, NB), sub, suh, sut,
+        Hkv, T, NB, chunks, low, G, BLOCK_M, STEP, BINS, HB, CB, ALWAYS,
+    )  # fmt: skip
+    if chunk == 0:
+        visible = tl.zeros([], tl.int32)
+        for c0 in range(0, chunks, CB):
+            c = c0 + tl.arange(0, CB)
+            visible += tl.sum(tl.load(VIS + head * chunks + c, mask=c < chunks, other=0), 0)
+        tl.store(LOUT + head * BLOCK_M + tl.arange(0, BLOCK_M), L)
+        tl.store(VISIBLE + head, visible)
+        tl.store(DENSE + head, dense.to(tl.int32))
+    at = (head * tl.num_programs(1) + chunk) * HB + tl.arange(0, HB)
     tl.store(HSUM + at, sums)
     tl.store(HCNT + at, counts)
 
 
 @triton.jit
+def _cut_of(sums, eps, BINS: tl.constexpr, HB: tl.constexpr):
+    """(cut, unread): the largest bin whose weights below sum to <= eps, and that sum."""
+    bins = tl.arange(0, HB)
+    # below[k]: the weights in bins < k (bin 0: under 2^low), for k = 1 .. BINS + 1 (skipping bins below k)
+    below = tl.sum(tl.where(bins[None, :] < bins[:, None], sums[None, :], 0.0), 1)
+    cut = tl.max(tl.where((below <= eps) & (bins >= 1) & (bins <= BINS + 1), bins, 1), 0)  # below[1] <= eps / 2
+    return cut, tl.sum(tl.where(bins == cut, below, 0.0), 0)
+
+
+@triton.jit
+def _finish(NREAD, READ, UNREAD, UNTIL, head, dense, read, unread, visible, state, last, T, NB,
+            NUM: tl.constexpr, DEN: tl.constexpr, PROBE: tl.constexpr):  # fmt: skip
+    """A head's blocks read (READ), units for the Lean walk (NREAD: every block's where it reads them all, the list
+    unread), unread weight, and after a selection its next state (`attention.hsr.next_dense_until`; the state of
+    a head in its run stays)."""
+    tl.store(NREAD + head, tl.where(dense, NB, read))
+    tl.store(READ + head, tl.where(dense, visible, read))
+    tl.store(UNREAD + head, tl.where(dense, 0.0, unread))
+    if not dense:
+        spread = (read * DEN >= visible * NUM) & (visible > 0)
+        tl.store(UNTIL + head, tl.where(spread, tl.where(state != 0, last + PROBE * T, -1), 0).to(tl.int32))
+
+
+@triton.jit
+def _write_list(EB, TILES, head, start, end, offset, cut, NB, BLOCK_B: tl.constexpr):
+    """Blocks [start, end) of the head whose bin is at or above the cut, to its list from `offset` on, in order."""
+    offset += tl.zeros([], tl.int32)  # (a tensor, as the loop carries it)
+    for c0 in range(start, end, BLOCK_B):
+        blk = c0 + tl.arange(0, BLOCK_B)
+        read = (tl.load(EB + head.to(tl.int64) * NB + blk, mask=blk < end, other=0).to(tl.int32) >= cut) & (blk < end)
+        at = offset + tl.cumsum(read.to(tl.int32), 0) - 1
+        tl.store(TILES + head.to(tl.int64) * NB + at, blk, mask=read)
+        offset += tl.sum(read.to(tl.int32), 0)
+
+
+@triton.jit
 def _cut(
-    EB, HSUM, HCNT, DENSE, VISIBLE, LEFT, TILES, NREAD, READ, UNREAD, NB, chunks, eps,
+    EB, HSUM, HCNT, DENSE, VISIBLE, UNTIL, QPOS, TILES, NREAD, READ, UNREAD, T, NB, chunks, eps,
+    BLOCK_M: tl.constexpr,
     BLOCK_B: tl.constexpr, CHUNK: tl.constexpr, BINS: tl.constexpr, HB: tl.constexpr, CB: tl.constexpr,
     NUM: tl.constexpr, DEN: tl.constexpr, PROBE: tl.constexpr,
 ):  # fmt: skip
-    """Per (batch x KV head, CHUNK blocks): the head's cut from all chunks' sums (the largest power of two whose
-    weights below sum to <= eps), then this chunk's blocks at or above it written to the head's list in key order.
-    The first program also writes the head's blocks read (READ), and its units for the Lean walk (NREAD: every
-    block's, for a head that reads them all), and counts LEFT down (`attention.hsr.next_dense_left`)."""
+    """Per (batch x KV head, CHUNK blocks): the head's cut from all chunks' sums, then this chunk's blocks at or
+    above it written to the head's list after those of the chunks before it. The first program `_finish`es the head."""
     head = tl.program_id(0)
     chunk = tl.program_id(1)
-    if tl.load(DENSE + head) > 0:
+    dense = tl.load(DENSE + head) > 0
+    if dense:
         if chunk == 0:
-            tl.store(NREAD + head, NB)
-            tl.store(READ + head, tl.load(VISIBLE + head))
-            tl.store(UNREAD + head, 0.0)
-            left = tl.load(LEFT + head)
-            tl.store(LEFT + head, tl.where(left > 1, left - 1, -1))
+            _finish(NREAD, READ, UNREAD, UNTIL, head, True, 0, 0.0, tl.load(VISIBLE + head), 0, 0, T, NB, NUM, DEN, PROBE)
         return
     bins = tl.arange(0, HB)
     sums = tl.zeros([HB], tl.float32)
     for c0 in range(0, chunks, CB):
         c = c0 + tl.arange(0, CB)
         sums += tl.sum(tl.load(HSUM + (head * chunks + c)[:, None] * HB + bins[None, :], mask=(c < chunks)[:, None], other=0.0), 0)
-    # below[k]: the weights in bins < k (bin 0: under 2^low), for k = 1 .. BINS + 1 (skipping bins below k)
-    below = tl.sum(tl.where(bins[None, :] < bins[:, None], sums[None, :], 0.0), 1)
-    cut = tl.max(tl.where((below <= eps) & (bins >= 1) & (bins <= BINS + 1), bins, 1), 0)  # below[1] <= eps / 2
-    unread = tl.sum(tl.where(bins == cut, below, 0.0), 0)
-    # where this chunk's blocks go: after the blocks read in the chunks before it
+    cut, unread = _cut_of(sums, eps, BINS, HB)
     offset = 0
     total = 0
     for c0 in range(0, chunks, CB):
@@ -293,69 +372,126 @@ def _cut(
         offset += tl.sum(tl.where(c < chunk, n, 0), 0)
         total += tl.sum(n, 0)
     if chunk == 0:
-        tl.store(NREAD + head, total)
-        tl.store(READ + head, total)
-        tl.store(UNREAD + head, unread)
-        visible = tl.load(VISIBLE + head)
-        spread = (total * DEN >= visible * NUM) & (visible > 0)
-        tl.store(LEFT + head, tl.where(spread, tl.where(tl.load(LEFT + head) < 0, PROBE - 1, -1), 0))
-    end = tl.minimum(chunk * CHUNK + CHUNK, NB)
-    for c0 in range(chunk * CHUNK, end, BLOCK_B):
-        blk = c0 + tl.arange(0, BLOCK_B)
-        read = (tl.load(EB + head.to(tl.int64) * NB + blk, mask=blk < end, other=0).to(tl.int32) >= cut) & (blk < end)
-        at = offset + tl.cumsum(read.to(tl.int32), 0) - 1
-        tl.store(TILES + head.to(tl.int64) * NB + at, blk, mask=read)
-        offset += tl.sum(read.to(tl.int32), 0)
+        _finish(NREAD, READ, UNREAD, UNTIL, head, False, total, unread, tl.load(VISIBLE + head), tl.load(UNTIL + head),
+                _last_position(QPOS, T, BLOCK_M), T, NB, NUM, DEN, PROBE)  # fmt: skip
+    _write_list(EB, TILES, head, chunk * CHUNK, tl.minimum(chunk * CHUNK + CHUNK, NB), offset, cut, NB, BLOCK_B)
+
+
+@triton.jit
+def _count_visible(COUNT, PMIN, PMAX, QPOS, T, NB, window, sink, recent, BLOCK_M: tl.constexpr, SCAN: tl.constexpr,
+                   HAS_WINDOW: tl.constexpr):  # fmt: skip
+    """Blocks any query token can see, counted SCAN at a time."""
+    t = tl.arange(0, BLOCK_M)
+    qp = tl.load(QPOS + t, mask=t < T, other=-1)
+    first = tl.min(tl.where(t < T, qp, 2**62), 0)
+    last = tl.max(qp, 0)
+    visible = tl.zeros([], tl.int32)
+    for s0 in range(0, NB, SCAN):
+        seen, _ = _roles(COUNT, PMIN, PMAX, s0 + tl.arange(0, SCAN), NB, first, last, window, sink, recent, HAS_WINDOW)
+        visible += tl.sum(seen.to(tl.int32), 0)
+    return visible
+
+
+@triton.jit
+def _select(
+    Q, K, KMIN, KMAX, COUNT, PMIN, PMAX, QPOS, KVPOS, UNTIL, ARRIVED, U, PLSE, BEST_U, BEST_I, BEST_LSE, LOUT, VISIBLE,
+    DENSE, EB, TILES, NREAD, READ, UNREAD,
+    sqb, sqh, sqt, skb, skh, skn, smb, smh, smn, sub, suh, sut, Hkv, T, S, NB, chunks, window, sink, recent, scale, low, eps,
+    G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr, ITERS: tl.constexpr, BLOCK: tl.constexpr,
+    D: tl.constexpr, ALWAYS: tl.constexpr, SCAN: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr,
+    STEP: tl.constexpr, BINS: tl.constexpr, HB: tl.constexpr, CB: tl.constexpr,
+    NUM: tl.constexpr, DEN: tl.constexpr, PROBE: tl.constexpr,
+):  # fmt: skip
+    """The whole selection in one launch, for caches of few blocks. A head's first program counts its visible blocks
+    (and alone finishes a head that reads every block this step); then `_bounds`' programs, the last of which to
+    finish (counted in ARRIVED, back to 0 after: its atomic acquires the others' writes) weighs, cuts and lists all
+    the head's blocks alone."""
+    head = tl.program_id(0)
+    chunk = tl.program_id(1)
+    state = tl.load(UNTIL + head)
+    last = _last_position(QPOS, T, BLOCK_M)
+    dense = (state > last).to(tl.int32)
+    if chunk == 0:  # (its loads do not wait on UNTIL's)
+        visible = _count_visible(COUNT, PMIN, PMAX, QPOS, T, NB, window, sink, recent, BLOCK_M, SCAN, HAS_WINDOW)
+        tl.store(VISIBLE + head, visible)
+        if dense > 0:
+            tl.store(DENSE + head, 1)
+            _finish(NREAD, READ, UNREAD, UNTIL, head, True, 0, 0.0, visible, state, last, T, NB, NUM, DEN, PROBE)
+    if dense == 0:
+        _bounds_part(
+            Q, K, KMIN, KMAX, COUNT, PMIN, PMAX, QPOS, KVPOS, U, PLSE, BEST_U, BEST_I, BEST_LSE, head, chunk, dense,
+            sqb, sqh, sqt, skb, skh, skn, smb, smh, smn, sub, suh, sut, Hkv, T, S, NB, chunks, window, sink, recent,
+            scale, G, BLOCK_M, BLOCK_B, ITERS, BLOCK, D, ALWAYS, SCAN, HAS_WINDOW, IEEE,
+        )  # fmt: skip
+        tl.debug_barrier()  # every thread's stores before the count (a release: the last program acquires them)
+        if tl.atomic_add(ARRIVED + head, 1, sem="acq_rel") == chunks + ALWAYS - 1:
+            tl.store(ARRIVED + head, 0)
+            visible = tl.load(VISIBLE + head)
+            sums, counts, L = _weigh_part(
+                U, COUNT, PLSE, BEST_U, BEST_I, BEST_LSE, EB, head, False, 0, NB, sub, suh, sut, Hkv, T, NB, chunks, low,
+                G, BLOCK_M, STEP, BINS, HB, CB, ALWAYS,
+            )  # fmt: skip
+            tl.store(LOUT + head * BLOCK_M + tl.arange(0, BLOCK_M), L)
+            tl.store(DENSE + head, 0)
+            cut, unread = _cut_of(sums, eps, BINS, HB)
+            read = tl.sum(tl.where(tl.arange(0, HB) >= cut, counts, 0), 0)
+            _finish(NREAD, READ, UNREAD, UNTIL, head, False, read, unread, visible, state, last, T, NB, NUM, DEN, PROBE)
+            tl.debug_barrier()  # (EB, written by all of this program's threads)
+            _write_list(EB, TILES, head, 0, NB, 0, cut, NB, SCAN)
 
 
 def hsr_attend(q: Tensor, k: Tensor, v: Tensor, mask, summary, eps: float, sink: int, recent: int, bins: int, low: int):
     """`attention.hsr.hsr_attend` on CUDA: (out, lse, certificate, blocks read [B, Hkv], blocks visible)."""
     B, Hq, T, D = q.shape
     Hkv, S, nb, block = k.shape[1], k.shape[2], summary.count.numel(), summary.block
-    G = Hq // Hkv
+    G, heads = Hq // Hkv, B * Hkv
     q = q if q.stride(-1) == 1 else q.contiguous()
     BLOCK_M = max(16, triton.next_power_of_2(G * T))
     dev = q.device
     iters = 1  # BLOCK_B steps per program of `_bounds`: each also reads its best block's keys, which few programs share
-    while iters < 8 and B * Hkv * triton.cdiv(nb, BLOCK_B * iters) > BOUNDS_PROGRAMS:
+    while iters < 8 and heads * triton.cdiv(nb, BLOCK_B * iters) > BOUNDS_PROGRAMS:
         iters *= 2
     chunks = triton.cdiv(nb, BLOCK_B * iters)
     u = torch.empty(B, Hq, T, nb, dtype=torch.float32, device=dev)
-    plse = torch.empty(B * Hkv, ALWAYS, BLOCK_M, dtype=torch.float32, device=dev)
-    best_u = torch.empty(B * Hkv, chunks, dtype=torch.float32, device=dev)
-    best_i = torch.empty(B * Hkv, chunks, dtype=torch.int32, device=dev)
-    best_lse = torch.empty(B * Hkv, chunks, BLOCK_M, dtype=torch.float32, device=dev)
-    vis = torch.empty(chunks, dtype=torch.int32, device=dev)
-    kmin, kmax = summary.kmin, summary.kmax
-    left = summary.dense_left
-    _bounds[(B * Hkv, chunks + ALWAYS)](
-        q, k, kmin, kmax, summary.count, summary.pmin, summary.pmax, mask.q_pos, mask.kv_pos, left, u, plse, best_u, best_i,
-        best_lse, vis, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), kmin.stride(0),
-        kmin.stride(1), kmin.stride(2), u.stride(0), u.stride(1), u.stride(2), Hkv, T, S, nb, chunks, mask.window or 0,
-        sink, recent, 1 / math.sqrt(D), G=G, BLOCK_M=BLOCK_M, BLOCK_B=BLOCK_B, ITERS=iters, BLOCK=block, D=D,
-        ALWAYS=ALWAYS, SCAN=min(SCAN, triton.next_power_of_2(nb)), HAS_WINDOW=mask.window is not None,
-        IEEE=q.dtype.itemsize == 4, num_stages=1,  # (ITERS is small: no shared memory for a pipeline of summaries)
-    )  # fmt: skip
-    L = torch.empty(B * Hkv, BLOCK_M, dtype=torch.float32, device=dev)
-    visible = torch.empty(B * Hkv, dtype=torch.int32, device=dev)
-    chunk = max(CHUNK, triton.next_power_of_2(triton.cdiv(nb, MAX_CHUNKS)))
-    wide = triton.cdiv(nb, chunk)
+    plse = torch.empty(heads, ALWAYS, BLOCK_M, dtype=torch.float32, device=dev)
+    best_u = torch.empty(heads, chunks, dtype=torch.float32, device=dev)
+    best_i = torch.empty(heads, chunks, dtype=torch.int32, device=dev)
+    best_lse = torch.empty(heads, chunks, BLOCK_M, dtype=torch.float32, device=dev)
+    L = torch.empty(heads, BLOCK_M, dtype=torch.float32, device=dev)
+    visible, dense, units, read = (torch.empty(heads, dtype=torch.int32, device=dev) for _ in range(4))
+    unread = torch.empty(heads, dtype=torch.float32, device=dev)
+    eb = torch.empty(heads, nb, dtype=torch.int8, device=dev)
+    tiles = torch.empty(heads, nb, dtype=torch.int32, device=dev)
+    kmin, kmax, until = summary.kmin, summary.kmax, summary.dense_until
     hb = triton.next_power_of_2(bins + 2)
-    eb = torch.empty(B * Hkv, nb, dtype=torch.int8, device=dev)
-    hsum = torch.empty(B * Hkv, wide, hb, dtype=torch.float32, device=dev)
-    hcnt = torch.empty(B * Hkv, wide, hb, dtype=torch.int32, device=dev)
-    dense = torch.empty(B * Hkv, dtype=torch.int32, device=dev)
-    _weigh[(B * Hkv, wide)](
-        u, summary.count, left, plse, best_u, best_i, best_lse, vis, L, visible, dense, eb, hsum, hcnt, u.stride(0), u.stride(1),
-        u.stride(2), Hkv, T, nb, chunks, low, G=G, BLOCK_M=BLOCK_M, STEP=min(chunk, CHUNK), CHUNK=chunk, BINS=bins, HB=hb,
-        CB=64, ALWAYS=ALWAYS,
-    )  # fmt: skip
-    tiles = torch.empty(B * Hkv, nb, dtype=torch.int32, device=dev)
-    units, read = (torch.empty(B * Hkv, dtype=torch.int32, device=dev) for _ in range(2))
-    unread = torch.empty(B * Hkv, dtype=torch.float32, device=dev)
-    _cut[(B * Hkv, wide)](
-        eb, hsum, hcnt, dense, visible, left, tiles, units, read, unread, nb, wide, eps, BLOCK_B=BLOCK_B, CHUNK=chunk,
-        BINS=bins, HB=hb, CB=64, NUM=DENSE_SHARE[0], DEN=DENSE_SHARE[1], PROBE=PROBE_EVERY,
-    )  # fmt: skip
+    cached = (q, k, kmin, kmax, summary.count, summary.pmin, summary.pmax, mask.q_pos, mask.kv_pos, until)
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), kmin.stride(0),
+               kmin.stride(1), kmin.stride(2), u.stride(0), u.stride(1), u.stride(2), Hkv, T, S, nb, chunks,
+               mask.window or 0, sink, recent, 1 / math.sqrt(D))  # fmt: skip
+    shape = dict(G=G, BLOCK_M=BLOCK_M, BLOCK_B=BLOCK_B, ITERS=iters, BLOCK=block, D=D, ALWAYS=ALWAYS,
+                 SCAN=min(SCAN, triton.next_power_of_2(nb)), HAS_WINDOW=mask.window is not None,
+                 IEEE=q.dtype.itemsize == 4, num_stages=1)  # (ITERS is small: no shared memory for a pipeline of summaries)
+    rule = dict(BINS=bins, HB=hb, CB=64, NUM=DENSE_SHARE[0], DEN=DENSE_SHARE[1], PROBE=PROBE_EVERY)
+    if nb <= SELECT_ALONE:
+        # more threads where the launch is one wave: the heads' last programs then work alone, on latency
+        one_wave = heads * (chunks + ALWAYS) <= lean.default_programs(dev)
+        _select[(heads, chunks + ALWAYS)](
+            *cached, summary.arrived, u, plse, best_u, best_i, best_lse, L, visible, dense, eb, tiles, units, read, unread,
+            *strides, low, eps, STEP=min(triton.next_power_of_2(nb), 256), **shape, **rule, num_warps=8 if one_wave else 4,
+        )  # fmt: skip
+    else:
+        vis = torch.empty(heads, chunks, dtype=torch.int32, device=dev)
+        _bounds[(heads, chunks + ALWAYS)](*cached, u, plse, best_u, best_i, best_lse, vis, *strides, **shape)
+        chunk = max(CHUNK, triton.next_power_of_2(triton.cdiv(nb, MAX_CHUNKS)))
+        wide = triton.cdiv(nb, chunk)
+        hsum = torch.empty(heads, wide, hb, dtype=torch.float32, device=dev)
+        hcnt = torch.empty(heads, wide, hb, dtype=torch.int32, device=dev)
+        _weigh[(heads, wide)](
+            u, summary.count, until, mask.q_pos, plse, best_u, best_i, best_lse, vis, L, visible, dense, eb, hsum, hcnt, u.stride(0),
+            u.stride(1), u.stride(2), Hkv, T, nb, chunks, low, G=G, BLOCK_M=BLOCK_M, STEP=min(chunk, CHUNK), CHUNK=chunk,
+            BINS=bins, HB=hb, CB=64, ALWAYS=ALWAYS,
+        )  # fmt: skip
+        _cut[(heads, wide)](eb, hsum, hcnt, dense, visible, until, mask.q_pos, tiles, units, read, unread, T, nb, wide, eps,
+                            BLOCK_M=BLOCK_M, BLOCK_B=BLOCK_B, CHUNK=chunk, **rule)  # fmt: skip
     out, lse, certificate = lean.lean_sparse_attend(q, k, v, mask, tiles, units, block, dense=dense, certify=(L, unread))
     return out, lse, certificate, read.view(B, Hkv), visible[0]

@@ -96,6 +96,16 @@ def test_equal_scores_force_reading_everything():
     assert (result.blocks_read == result.blocks_visible).all() and (result.certificate == 0).all()
 
 
+@pytest.mark.parametrize("eps", [1e-6, 1e-3, 0.5])
+@pytest.mark.parametrize("blocks", [1, 1000, 2**26])
+def test_the_top_bins_hold_no_weight_a_selection_could_leave_unread(eps, blocks):
+    """A weight at or above 2^(low + BINS - 1) exceeds eps alone, so it is read at any cut: more bins above it would
+    change no selection (up to 2^26 blocks per head)."""
+    from attention.hsr import BINS, _low
+
+    assert 2.0 ** (_low(eps, blocks) + BINS - 1) > eps
+
+
 def test_bounds_hold_for_every_key():
     k, v, kv_pos, _ = cache("random", filled=900)
     q = query(3, 8)
@@ -148,24 +158,29 @@ def test_certificate_holds_for_a_bf16_cache():
     assert_certified(q.double(), k.double(), v.double(), mask, as64, 1e-3, slack=2e-2)  # bf16 rounding of the output
 
 
-def test_spread_heads_read_everything_after_two_spread_selections_and_select_again_every_probe():
-    """The state rule of `next_dense_left`, walked through: one spread selection is not enough, two are; the run of
-    dense steps ends in a selection that goes straight back if spread, and to selecting if not."""
-    from attention.hsr import PROBE_EVERY, next_dense_left
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_spread_heads_read_everything_after_two_spread_selections_and_select_again_every_probe(tokens):
+    """The state rule of `next_dense_until`, walked through steps of `tokens` query tokens: one spread selection is
+    not enough, two are; the run of dense steps (PROBE_EVERY - 1 of them) ends in a selection that goes straight
+    back if spread, and to selecting if not."""
+    from attention.hsr import PROBE_EVERY, next_dense_until, reads_everything
 
-    def walk(spread_at: list[bool]) -> list[int]:
-        state, seen = torch.zeros(1, 1, dtype=torch.int32), []
-        for spread in spread_at:
-            dense = int(state) > 0
+    def walk(spread_at: list[bool]) -> list[bool]:
+        """Whether each step read everything without selecting."""
+        state, dense_at = torch.zeros(1, 1, dtype=torch.int32), []
+        for step, spread in enumerate(spread_at):
+            last = torch.tensor(1000 + tokens * (step + 1) - 1)
+            dense = bool(reads_everything(state, last))
             read = torch.tensor([[10 if dense or spread else 1]])
-            state = next_dense_left(state, read, torch.tensor(10))
-            seen.append(int(state))
-        return seen
+            state = next_dense_until(state, read, torch.tensor(10), last, tokens)
+            dense_at.append(dense)
+        return dense_at
 
-    assert walk([True, False, True, False]) == [-1, 0, -1, 0]  # now and then spread: always selects
-    run = walk([True] * (PROBE_EVERY + 2))
-    assert run[:2] == [-1, PROBE_EVERY - 1] and run[PROBE_EVERY] == -1 and run[PROBE_EVERY + 1] == PROBE_EVERY - 1
-    assert walk([True, True] + [False] * PROBE_EVERY)[-1] == 0  # (the dense run ignores what it reads)
+    assert not any(walk([True, False] * 10))  # now and then spread: always selects
+    run = walk([True] * (2 * PROBE_EVERY + 2))
+    assert run == [False, False] + [True] * (PROBE_EVERY - 1) + [False] + [True] * (PROBE_EVERY - 1) + [False]
+    after = walk([True, True] + [False] * (PROBE_EVERY + 1))  # (the dense run ignores what it reads)
+    assert after[-3:] == [True, False, False]
 
 
 def test_a_head_told_to_read_everything_answers_exactly():
@@ -176,12 +191,12 @@ def test_a_head_told_to_read_everything_answers_exactly():
     summary = KeySummary.of(k, kv_pos, 64)
     sparse = hsr_attend(q, k, v, mask, summary, 1e-3, sink=64, recent=64)
     assert (sparse.blocks_read < sparse.blocks_visible / 4).all()
-    summary.dense_left.fill_(3)
+    summary.dense_until.fill_(n + 3)
     every = hsr_attend(q, k, v, mask, summary, 1e-3, sink=64, recent=64)
     want, want_lse = dense_attend(q, k, v, mask, return_lse=True)
     assert (every.blocks_read == every.blocks_visible).all() and (every.certificate == 0).all()
     assert torch.allclose(every.out, want, atol=1e-12) and torch.allclose(every.lse, want_lse, atol=1e-12)
-    assert (summary.dense_left == 2).all()
+    assert (summary.dense_until == n + 3).all()  # (a step of the run leaves the state)
 
 
 # --- as the decode option of the strategies
@@ -312,19 +327,21 @@ for B, Hkv, g, T, S, block, window, filled, kind in [(1, 2, 4, 1, 1000, 16, None
         cases += 1
     # the whole step: the same blocks read, output, lse and certificate as the PyTorch path; also with small chunks,
     # so that every kernel's work on a head is spread over several programs (and the always-read blocks over two,
-    # several each, and several steps of bounds per program)
-    for eps, (hsr_triton.BLOCK_B, hsr_triton.CHUNK, hsr_triton.ALWAYS, hsr_triton.BOUNDS_PROGRAMS) in (
-            (1e-3, (64, 512, 8, 1024)), (0.1, (64, 512, 8, 1024)), (1e-3, (16, 32, 2, 2))):
+    # several each, and several steps of bounds per program); in one launch (`_select`) and in three
+    for eps, (hsr_triton.BLOCK_B, hsr_triton.CHUNK, hsr_triton.ALWAYS, hsr_triton.BOUNDS_PROGRAMS, hsr_triton.SELECT_ALONE) in (
+            (1e-3, (64, 512, 8, 1024, 0)), (0.1, (64, 512, 8, 1024, 512)), (1e-3, (16, 32, 2, 2, 0)), (1e-3, (16, 32, 2, 2, 512))):
         # three steps from every other head reading all blocks: heads of both kinds in a step, and the state's rule
-        summary.dense_left.zero_()
-        summary.dense_left.view(-1)[::2] = 2
+        summary.dense_until.zero_()
+        summary.dense_until.view(-1)[::2] = filled + 1
         for step in range(3):
-            start = summary.dense_left.clone()
-            want = hsr.hsr_attend(q, k, v, mask, summary, eps, sink=16, recent=32)
-            after = summary.dense_left.clone()
-            summary.dense_left.copy_(start)
-            got = hsr_triton.hsr_attend(q, k, v, mask, summary, eps, 16, 32, hsr.BINS, hsr._low(eps, nb))
-            assert torch.equal(summary.dense_left, after), (summary.dense_left, after)
+            step_mask = PositionMask(mask.q_pos + step * T, kv_pos, window)  # (positions advance; the cache stays)
+            start = summary.dense_until.clone()
+            want = hsr.hsr_attend(q, k, v, step_mask, summary, eps, sink=16, recent=32)
+            after = summary.dense_until.clone()
+            summary.dense_until.copy_(start)
+            got = hsr_triton.hsr_attend(q, k, v, step_mask, summary, eps, 16, 32, hsr.BINS, hsr._low(eps, nb))
+            assert torch.equal(summary.dense_until, after), (summary.dense_until, after)
+            assert not summary.arrived.any()  # (`_select`'s count, back to 0)
             assert torch.equal(got[3].long(), want.blocks_read) and int(got[4]) == int(want.blocks_visible), (got[3], want.blocks_read)
             assert torch.allclose(got[0], want.out, atol=1e-4) and torch.allclose(got[1], want.lse, atol=1e-4)
             assert torch.allclose(got[2], want.certificate.float(), rtol=1e-3, atol=1e-9)
@@ -359,4 +376,4 @@ def test_sparse_kernels_equal_the_reference_in_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     done = subprocess.run([sys.executable, "-c", textwrap.dedent(SPARSE_KERNEL_CHECK)], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "sparse kernels ok 40" in done.stdout
+    assert "sparse kernels ok 49" in done.stdout

@@ -261,9 +261,10 @@ def bench_hsr(quick: bool) -> list[Table]:
         "planted' (spread evenly) scores about +16 against the query and the rest about -16, each key with noise 0.1 "
         "per channel: what a certified selection must read is then known. 'blocks read' is what HSR read (the planted "
         "ones, the sink and recent blocks, the best-bound block). 'HSR graph' is the steady state of repeated calls "
-        f"(a graph of {PROBE_EVERY} calls replayed): a head whose selection read at least 15/16 of its blocks twice in "
+        f"(a graph of {PROBE_EVERY} calls replayed, the query position advancing by one a call, that step's own time "
+        "subtracted): a head whose selection read at least 15/16 of its blocks twice in "
         f"a row reads all of them, without selecting, for the next {PROBE_EVERY - 1} calls (attention/hsr.py). 'selecting every call' clears "
-        "that countdown before each call (the clearing's own time subtracted). 'of which selection' is that time less "
+        "that state before each call (the clearing's own time subtracted). 'of which selection' is that time less "
         "the final read's alone (score bounds, the first read, the weights' histogram and cut, the tile list). Lean and "
         "SDPA graphs replay 10 calls."
     )
@@ -276,16 +277,20 @@ def bench_hsr(quick: bool) -> list[Table]:
         dense = graph_timed(lambda: lean.lean_attend(q, k, v, mask))
         sdpa = graph_timed(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
         nb = S // block
+        advance = graph_timed(lambda: mask.q_pos.add_(1), PROBE_EVERY)
         for share in shares:
+            mask.q_pos.fill_(S - 1)
             hot = torch.arange(0, nb, max(1, round(1 / share)), device="cuda")
             summary = _planted_cache(k, direction, hot, block)
             r = hsr_attend(q, k, v, mask, summary, eps, sink, recent)
             # the final read alone, of as many blocks per head (which blocks matters little to the time)
             tiles = torch.arange(nb, device="cuda", dtype=torch.int32).expand(B * 8, nb).contiguous()
             n = r.blocks_read.view(-1).int()
-            t = graph_timed(lambda: hsr_attend(q, k, v, mask, summary, eps, sink, recent), PROBE_EVERY)
-            clear = graph_timed(summary.dense_left.zero_, PROBE_EVERY)
-            selecting = graph_timed(lambda: (summary.dense_left.zero_(), hsr_attend(q, k, v, mask, summary, eps, sink, recent)), PROBE_EVERY) - clear
+            # decode steps: the query position advances (that step's own cost subtracted), which ends the runs
+            t = graph_timed(lambda: (hsr_attend(q, k, v, mask, summary, eps, sink, recent), mask.q_pos.add_(1)), PROBE_EVERY) - advance
+            mask.q_pos.fill_(S - 1)
+            clear = graph_timed(summary.dense_until.zero_, PROBE_EVERY)
+            selecting = graph_timed(lambda: (summary.dense_until.zero_(), hsr_attend(q, k, v, mask, summary, eps, sink, recent)), PROBE_EVERY) - clear
             final = graph_timed(lambda: lean.lean_sparse_attend(q, k, v, mask, tiles, n, block))
             read = float(r.blocks_read.float().mean() / r.blocks_visible)
             diff = (r.out.float() - lean.lean_attend(q, k, v, mask)[0].float()).abs().max().item()

@@ -158,7 +158,9 @@ def check_lean() -> bool:
 
 def check_hsr() -> bool:
     """HSR sparse decode on CUDA (Triton bounds, Lean over a tile list): its certificate holds against float64 dense
-    attention, it reads what the PyTorch path reads, and it replays from a CUDA graph with the same result."""
+    attention, it reads what the PyTorch path reads, the selection in one launch and in three agree, and it replays
+    from a CUDA graph with the same result."""
+    from attention import hsr_triton
     from attention.hsr import KeySummary, error_bound, hsr_attend
 
     ok = True
@@ -195,20 +197,28 @@ def check_hsr() -> bool:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 again = hsr_attend(q, k, v, mask, summary, 1e-3, 64, 256)
-            summary.dense_left.zero_()  # (as r began)
+            summary.dense_until.zero_()  # (as r began)
             graph.replay()
             replayed = torch.equal(again.out, r.out) and torch.equal(again.blocks_read, r.blocks_read)
-            # a step of heads that read every block: exact attention, certificate 0
-            summary.dense_left.fill_(1)
+            # the selection's other launch plan (one launch where the cache has few blocks, three otherwise)
+            alone, hsr_triton.SELECT_ALONE = hsr_triton.SELECT_ALONE, (0 if summary.count.numel() <= hsr_triton.SELECT_ALONE else 1 << 30)
+            summary.dense_until.zero_()
+            other = hsr_attend(q, k, v, mask, summary, 1e-3, 64, 256)
+            hsr_triton.SELECT_ALONE = alone
+            plans_agree = torch.equal(other.blocks_read, r.blocks_read) and torch.equal(other.out, r.out)
+            plans_agree &= bool(torch.allclose(other.certificate, r.certificate, rtol=1e-4, atol=1e-12))
+            # a step of heads that read every block: exact attention, certificate 0, the state left as it was
+            until = int(q_pos.max()) + 2
+            summary.dense_until.fill_(until)
             every = hsr_attend(q, k, v, mask, summary, 1e-3, 64, 256)
             dense_ok = bool(((every.out.double() - ref).abs() <= TOLERANCE[dtype] * ref.abs().max()).all()) and float(every.certificate.max()) == 0
-            dense_ok &= bool((every.blocks_read == every.blocks_visible).all()) and bool((summary.dense_left == -1).all())
+            dense_ok &= bool((every.blocks_read == every.blocks_visible).all()) and bool((summary.dense_until == until).all())
             share = float(r.blocks_read.float().mean() / r.blocks_visible)
-            good = within and lse_ok and same_reads <= 1 and replayed and dense_ok and float(r.certificate.max()) <= 1e-3
+            good = within and lse_ok and same_reads <= 1 and replayed and plans_agree and dense_ok and float(r.certificate.max()) <= 1e-3
             ok &= good
             print(f"{'ok  ' if good else 'FAIL'} hsr {str(dtype):15} {name:36} read {share:6.1%}  within certificate {within}  "
                   f"lse {lse_ok}  reads vs CPU path differ by {same_reads}  graph replay identical {replayed}  "
-                  f"all blocks when told {dense_ok}")  # fmt: skip
+                  f"one launch and three agree {plans_agree}  all blocks when told {dense_ok}")  # fmt: skip
     return ok
 
 
