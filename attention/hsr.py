@@ -107,7 +107,16 @@ class KeySummary:
         return s
 
     def update(self, slots: Tensor, k: Tensor, positions: Tensor) -> None:
-        """Fold newly written keys k [B, Hkv, n, D] at `slots` [n] (holding `positions`) into their blocks."""
+        """Fold newly written keys k [B, Hkv, n, D] at `slots` [n] (holding `positions`) into their blocks: on CUDA,
+        a decode step's few keys in one kernel (every decode step of every layer does this), else five scatters."""
+        pow2 = k.shape[-1] & (k.shape[-1] - 1) == 0
+        if k.is_cuda and slots.numel() <= UPDATE_IN_ONE and pow2 and _triton() is not None:
+            _triton().update_summary(self, slots, k, positions)
+        else:
+            self.scatter(slots, k, positions)
+
+    def scatter(self, slots: Tensor, k: Tensor, positions: Tensor) -> None:
+        """`update` with PyTorch's scatters (any number of keys, any device)."""
         b = slots // self.block
         kf = k.to(self.kmin.dtype)
         idx = b[None, None, :, None].expand_as(kf)
@@ -116,6 +125,9 @@ class KeySummary:
         self.count.index_add_(0, b, torch.ones_like(b))
         self.pmin.scatter_reduce_(0, b, positions, "amin")
         self.pmax.scatter_reduce_(0, b, positions, "amax")
+
+
+UPDATE_IN_ONE = 16  # keys up to which a CUDA summary update is one kernel (it walks them in order, one program a head)
 
 
 def check_block(block: int) -> None:
@@ -192,17 +204,19 @@ def _low(eps: float, blocks: int) -> int:
 
 
 def hsr_attend(
-    q: Tensor, k: Tensor, v: Tensor, mask: PositionMask, summary: KeySummary, eps: float, sink: int = 64, recent: int = 256
+    q: Tensor, k: Tensor, v: Tensor, mask: PositionMask, summary: KeySummary, eps: float, sink: int = 64, recent: int = 256,
+    stats: Tensor | None = None,
 ) -> HSRResult:
     """Decode attention of q [B, Hq, T, D] (T small) over the cache k, v [B, Hkv, S, D] reading only the blocks
     needed for the certificate to be at most `eps` for every query (module docstring). One KV head's selection
-    serves all its query heads, as the kernel reads it."""
+    serves all its query heads, as the kernel reads it. `stats` (float64 [3]) accumulates the blocks read, the
+    blocks visible (per KV head, summed) and the largest certificate, in place."""
     check_eps(eps)
     B, Hq, T, D = q.shape
     Hkv, nb = k.shape[1], summary.count.numel()
     low = _low(eps, nb)
     if _triton_path(q, k, mask, summary, low):
-        return HSRResult(*_triton().hsr_attend(q, k, v, mask, summary, eps, sink, recent, BINS, low))
+        return HSRResult(*_triton().hsr_attend(q, k, v, mask, summary, eps, sink, recent, BINS, low, stats))
     visible, always = block_roles(summary, mask, sink, recent)
     u = score_bounds(q, summary).masked_fill(~visible, -math.inf)  # [B, Hq, T, nb]
     top = u.view(B, Hkv, -1, nb).amax(2).masked_fill(always, -math.inf)  # a block's best bound over its rows
@@ -227,6 +241,9 @@ def hsr_attend(
     scale = torch.exp(L - lse).nan_to_num(nan=1.0).view(B, Hkv, -1)  # (lse = -inf only where nothing is visible)
     certificate = (scale * unread).view(B, Hq, T)
     summary.dense_until.copy_(next_dense_until(summary.dense_until, read.sum(-1), visible.sum(), last, T))
+    if stats is not None:
+        stats[:2] += torch.stack([read.sum(), visible.sum() * B * Hkv]).to(stats.dtype)
+        torch.maximum(stats[2], certificate.max(), out=stats[2])
     return HSRResult(out, lse, certificate, read.sum(-1), visible.sum())
 
 

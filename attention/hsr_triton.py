@@ -317,11 +317,14 @@ def _cut_of(sums, eps, BINS: tl.constexpr, HB: tl.constexpr):
 
 
 @triton.jit
-def _finish(NREAD, READ, UNREAD, UNTIL, head, dense, read, unread, visible, state, last, T, NB,
-            NUM: tl.constexpr, DEN: tl.constexpr, PROBE: tl.constexpr):  # fmt: skip
+def _finish(NREAD, READ, UNREAD, UNTIL, STATS, head, dense, read, unread, visible, state, last, T, NB,
+            NUM: tl.constexpr, DEN: tl.constexpr, PROBE: tl.constexpr, HAS_STATS: tl.constexpr):  # fmt: skip
     """A head's blocks read (READ), units for the Lean walk (NREAD: every block's where it reads them all, the list
     unread), unread weight, and after a selection its next state (`attention.hsr.next_dense_until`; the state of
-    a head in its run stays)."""
+    a head in its run stays). HAS_STATS: also adds its blocks read and visible to STATS[0] and STATS[1]."""
+    if HAS_STATS:
+        tl.atomic_add(STATS, tl.where(dense, visible, read).to(tl.float64))
+        tl.atomic_add(STATS + 1, visible.to(tl.float64))
     tl.store(NREAD + head, tl.where(dense, NB, read))
     tl.store(READ + head, tl.where(dense, visible, read))
     tl.store(UNREAD + head, tl.where(dense, 0.0, unread))
@@ -344,10 +347,10 @@ def _write_list(EB, TILES, head, start, end, offset, cut, NB, BLOCK_B: tl.conste
 
 @triton.jit
 def _cut(
-    EB, HSUM, HCNT, DENSE, VISIBLE, UNTIL, QPOS, TILES, NREAD, READ, UNREAD, T, NB, chunks, eps,
+    EB, HSUM, HCNT, DENSE, VISIBLE, UNTIL, QPOS, TILES, NREAD, READ, UNREAD, STATS, T, NB, chunks, eps,
     BLOCK_M: tl.constexpr,
     BLOCK_B: tl.constexpr, CHUNK: tl.constexpr, BINS: tl.constexpr, HB: tl.constexpr, CB: tl.constexpr,
-    NUM: tl.constexpr, DEN: tl.constexpr, PROBE: tl.constexpr,
+    NUM: tl.constexpr, DEN: tl.constexpr, PROBE: tl.constexpr, HAS_STATS: tl.constexpr,
 ):  # fmt: skip
     """Per (batch x KV head, CHUNK blocks): the head's cut from all chunks' sums, then this chunk's blocks at or
     above it written to the head's list after those of the chunks before it. The first program `_finish`es the head."""
@@ -356,7 +359,7 @@ def _cut(
     dense = tl.load(DENSE + head) > 0
     if dense:
         if chunk == 0:
-            _finish(NREAD, READ, UNREAD, UNTIL, head, True, 0, 0.0, tl.load(VISIBLE + head), 0, 0, T, NB, NUM, DEN, PROBE)
+            _finish(NREAD, READ, UNREAD, UNTIL, STATS, head, True, 0, 0.0, tl.load(VISIBLE + head), 0, 0, T, NB, NUM, DEN, PROBE, HAS_STATS)
         return
     bins = tl.arange(0, HB)
     sums = tl.zeros([HB], tl.float32)
@@ -372,8 +375,8 @@ def _cut(
         offset += tl.sum(tl.where(c < chunk, n, 0), 0)
         total += tl.sum(n, 0)
     if chunk == 0:
-        _finish(NREAD, READ, UNREAD, UNTIL, head, False, total, unread, tl.load(VISIBLE + head), tl.load(UNTIL + head),
-                _last_position(QPOS, T, BLOCK_M), T, NB, NUM, DEN, PROBE)  # fmt: skip
+        _finish(NREAD, READ, UNREAD, UNTIL, STATS, head, False, total, unread, tl.load(VISIBLE + head), tl.load(UNTIL + head),
+                _last_position(QPOS, T, BLOCK_M), T, NB, NUM, DEN, PROBE, HAS_STATS)  # fmt: skip
     _write_list(EB, TILES, head, chunk * CHUNK, tl.minimum(chunk * CHUNK + CHUNK, NB), offset, cut, NB, BLOCK_B)
 
 
@@ -395,12 +398,12 @@ def _count_visible(COUNT, PMIN, PMAX, QPOS, T, NB, window, sink, recent, BLOCK_M
 @triton.jit
 def _select(
     Q, K, KMIN, KMAX, COUNT, PMIN, PMAX, QPOS, KVPOS, UNTIL, ARRIVED, U, PLSE, BEST_U, BEST_I, BEST_LSE, LOUT, VISIBLE,
-    DENSE, EB, TILES, NREAD, READ, UNREAD,
+    DENSE, EB, TILES, NREAD, READ, UNREAD, STATS,
     sqb, sqh, sqt, skb, skh, skn, smb, smh, smn, sub, suh, sut, Hkv, T, S, NB, chunks, window, sink, recent, scale, low, eps,
     G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr, ITERS: tl.constexpr, BLOCK: tl.constexpr,
     D: tl.constexpr, ALWAYS: tl.constexpr, SCAN: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr,
     STEP: tl.constexpr, BINS: tl.constexpr, HB: tl.constexpr, CB: tl.constexpr,
-    NUM: tl.constexpr, DEN: tl.constexpr, PROBE: tl.constexpr,
+    NUM: tl.constexpr, DEN: tl.constexpr, PROBE: tl.constexpr, HAS_STATS: tl.constexpr,
 ):  # fmt: skip
     """The whole selection in one launch, for caches of few blocks. A head's first program counts its visible blocks
     (and alone finishes a head that reads every block this step); then `_bounds`' programs, the last of which to
@@ -416,7 +419,7 @@ def _select(
         tl.store(VISIBLE + head, visible)
         if dense > 0:
             tl.store(DENSE + head, 1)
-            _finish(NREAD, READ, UNREAD, UNTIL, head, True, 0, 0.0, visible, state, last, T, NB, NUM, DEN, PROBE)
+            _finish(NREAD, READ, UNREAD, UNTIL, STATS, head, True, 0, 0.0, visible, state, last, T, NB, NUM, DEN, PROBE, HAS_STATS)
     if dense == 0:
         _bounds_part(
             Q, K, KMIN, KMAX, COUNT, PMIN, PMAX, QPOS, KVPOS, U, PLSE, BEST_U, BEST_I, BEST_LSE, head, chunk, dense,
@@ -435,13 +438,50 @@ def _select(
             tl.store(DENSE + head, 0)
             cut, unread = _cut_of(sums, eps, BINS, HB)
             read = tl.sum(tl.where(tl.arange(0, HB) >= cut, counts, 0), 0)
-            _finish(NREAD, READ, UNREAD, UNTIL, head, False, read, unread, visible, state, last, T, NB, NUM, DEN, PROBE)
+            _finish(NREAD, READ, UNREAD, UNTIL, STATS, head, False, read, unread, visible, state, last, T, NB, NUM, DEN, PROBE, HAS_STATS)
             tl.debug_barrier()  # (EB, written by all of this program's threads)
             _write_list(EB, TILES, head, 0, NB, 0, cut, NB, SCAN)
 
 
-def hsr_attend(q: Tensor, k: Tensor, v: Tensor, mask, summary, eps: float, sink: int, recent: int, bins: int, low: int):
-    """`attention.hsr.hsr_attend` on CUDA: (out, lse, certificate, blocks read [B, Hkv], blocks visible)."""
+@triton.jit
+def _update_summary(
+    K, SLOTS, POS, KMIN, KMAX, COUNT, PMIN, PMAX, n, Hkv, skb, skh, skn, smb, smh, smn,
+    BLOCK: tl.constexpr, D: tl.constexpr,
+):  # fmt: skip
+    """One program per (batch, KV head): its keys folded into their blocks' minimum and maximum, one after another
+    (several may share a block); the first program also counts them and keeps the blocks' positions."""
+    head = tl.program_id(0)
+    b = (head // Hkv).to(tl.int64)
+    h = (head % Hkv).to(tl.int64)
+    d = tl.arange(0, D)
+    for i in range(0, n):
+        blk = tl.load(SLOTS + i) // BLOCK
+        key = tl.load(K + b * skb + h * skh + i * skn + d).to(KMIN.dtype.element_ty)
+        at = b * smb + h * smh + blk * smn + d
+        tl.store(KMIN + at, tl.minimum(tl.load(KMIN + at), key))
+        tl.store(KMAX + at, tl.maximum(tl.load(KMAX + at), key))
+        if head == 0:
+            pos = tl.load(POS + i)
+            tl.store(COUNT + blk, tl.load(COUNT + blk) + 1)
+            tl.store(PMIN + blk, tl.minimum(tl.load(PMIN + blk), pos))
+            tl.store(PMAX + blk, tl.maximum(tl.load(PMAX + blk), pos))
+        tl.debug_barrier()  # (the next key may fall in the same block: its loads after these stores)
+
+
+def update_summary(summary, slots: Tensor, k: Tensor, positions: Tensor) -> None:
+    """`attention.hsr.KeySummary.update` in one launch, for a few keys k [B, Hkv, n, D] at `slots` [n]."""
+    B, Hkv, n, D = k.shape
+    kmin = summary.kmin
+    _update_summary[(B * Hkv,)](
+        k, slots, positions, kmin, summary.kmax, summary.count, summary.pmin, summary.pmax, n, Hkv, k.stride(0),
+        k.stride(1), k.stride(2), kmin.stride(0), kmin.stride(1), kmin.stride(2), BLOCK=summary.block, D=D,
+    )  # fmt: skip
+
+
+def hsr_attend(q: Tensor, k: Tensor, v: Tensor, mask, summary, eps: float, sink: int, recent: int, bins: int, low: int,
+               stats: Tensor | None = None):  # fmt: skip
+    """`attention.hsr.hsr_attend` on CUDA: (out, lse, certificate, blocks read [B, Hkv], blocks visible); `stats` as
+    there, counted by the kernels (their atomics: no launch of its own)."""
     B, Hq, T, D = q.shape
     Hkv, S, nb, block = k.shape[1], k.shape[2], summary.count.numel(), summary.block
     G, heads = Hq // Hkv, B * Hkv
@@ -471,13 +511,14 @@ def hsr_attend(q: Tensor, k: Tensor, v: Tensor, mask, summary, eps: float, sink:
     shape = dict(G=G, BLOCK_M=BLOCK_M, BLOCK_B=BLOCK_B, ITERS=iters, BLOCK=block, D=D, ALWAYS=ALWAYS,
                  SCAN=min(SCAN, triton.next_power_of_2(nb)), HAS_WINDOW=mask.window is not None,
                  IEEE=q.dtype.itemsize == 4, num_stages=1)  # (ITERS is small: no shared memory for a pipeline of summaries)
-    rule = dict(BINS=bins, HB=hb, CB=64, NUM=DENSE_SHARE[0], DEN=DENSE_SHARE[1], PROBE=PROBE_EVERY)
+    rule = dict(BINS=bins, HB=hb, CB=64, NUM=DENSE_SHARE[0], DEN=DENSE_SHARE[1], PROBE=PROBE_EVERY, HAS_STATS=stats is not None)
+    counted = stats if stats is not None else unread  # (an unused pointer without stats)
     if nb <= SELECT_ALONE:
         # more threads where the launch is one wave: the heads' last programs then work alone, on latency
         one_wave = heads * (chunks + ALWAYS) <= lean.default_programs(dev)
         _select[(heads, chunks + ALWAYS)](
             *cached, summary.arrived, u, plse, best_u, best_i, best_lse, L, visible, dense, eb, tiles, units, read, unread,
-            *strides, low, eps, STEP=min(triton.next_power_of_2(nb), 256), **shape, **rule, num_warps=8 if one_wave else 4,
+            counted, *strides, low, eps, STEP=min(triton.next_power_of_2(nb), 256), **shape, **rule, num_warps=8 if one_wave else 4,
         )  # fmt: skip
     else:
         vis = torch.empty(heads, chunks, dtype=torch.int32, device=dev)
@@ -491,7 +532,8 @@ def hsr_attend(q: Tensor, k: Tensor, v: Tensor, mask, summary, eps: float, sink:
             u.stride(1), u.stride(2), Hkv, T, nb, chunks, low, G=G, BLOCK_M=BLOCK_M, STEP=min(chunk, CHUNK), CHUNK=chunk,
             BINS=bins, HB=hb, CB=64, ALWAYS=ALWAYS,
         )  # fmt: skip
-        _cut[(heads, wide)](eb, hsum, hcnt, dense, visible, until, mask.q_pos, tiles, units, read, unread, T, nb, wide, eps,
+        _cut[(heads, wide)](eb, hsum, hcnt, dense, visible, until, mask.q_pos, tiles, units, read, unread, counted, T, nb, wide, eps,
                             BLOCK_M=BLOCK_M, BLOCK_B=BLOCK_B, CHUNK=chunk, **rule)  # fmt: skip
-    out, lse, certificate = lean.lean_sparse_attend(q, k, v, mask, tiles, units, block, dense=dense, certify=(L, unread))
+    worst = None if stats is None else stats[2:].view(torch.int64)
+    out, lse, certificate = lean.lean_sparse_attend(q, k, v, mask, tiles, units, block, dense=dense, certify=(L, unread), worst=worst)
     return out, lse, certificate, read.view(B, Hkv), visible[0]

@@ -217,7 +217,7 @@ def lean_attend(q: Tensor, k: Tensor, v: Tensor, mask: PositionMask, programs: i
 
 def lean_sparse_attend(
     q: Tensor, k: Tensor, v: Tensor, mask: PositionMask, tiles: Tensor, counts: Tensor, block: int,
-    dense: Tensor | None = None, certify: tuple[Tensor, Tensor] | None = None,
+    dense: Tensor | None = None, certify: tuple[Tensor, Tensor] | None = None, worst: Tensor | None = None,
 ):  # fmt: skip
     """Lean decode over, for each (batch, KV head) h, the blocks (of `block` slots) tiles[h, :counts[h]]
     (tiles [B * Hkv, blocks] int32, counts [B * Hkv] int32): those tiles laid end to end and cut into equal shares
@@ -225,7 +225,8 @@ def lean_sparse_attend(
     its list unread). Fixed-size buffers and no host sync (the number of tiles stays on the device), so a
     captured CUDA graph replays it for any selection. Returns (output in q's dtype, lse fp32), and with `certify` =
     (L [B * Hkv, rows], unread [B * Hkv]) also HSR's certificate exp(L - lse) * unread per query row (0 where
-    unread is 0; rows are a KV head's query heads x tokens, padded), written by the combine. A head with no tiles
+    unread is 0; rows are a KV head's query heads x tokens, padded), written by the combine, which also raises
+    `worst` (a float64 [1] seen as int64, non-negative: its bits order as its values) to the largest. A head with no tiles
     gets output 0 and lse -inf. Runs on CUDA, or under TRITON_INTERPRET=1 (tests)."""
     group = q.shape[1] // k.shape[1]
     per_chunk = _ROWS.get((q.shape[-1], q.dtype), MAX_ROWS) // group
@@ -243,7 +244,11 @@ def lean_sparse_attend(
         L, unread = (x.view(B, -1, *x.shape[1:]) for x in certify)
         gap = L[..., : group * T].view(B, -1, group, T) - lse.view(B, -1, group, T)
         unread = unread[..., None, None]
-        return out, lse, torch.where(unread > 0, gap.exp() * unread, 0.0).view_as(lse)
+        cert = torch.where(unread > 0, gap.exp() * unread, 0.0).view_as(lse)
+        if worst is not None:
+            top = worst.view(torch.float64)
+            torch.maximum(top, cert.max(), out=top)
+        return out, lse, cert
     heads, nb = tiles.shape
     programs = min(default_programs(q.device), -(-heads * nb // CONFIG.min_tiles))
     out = torch.empty(B, Hq, T, D, dtype=q.dtype, device=q.device)
@@ -255,8 +260,8 @@ def lean_sparse_attend(
     try:
         _triton().run(q, k, v, mask, out, lse, parts_out, parts_lse, programs, programs, replace(CONFIG, block_n=block),
                       (tiles, counts, torch.empty_like(counts), dense),
-                      None if certify is None else (*certify, cert))  # fmt: skip
+                      None if certify is None else (*certify, cert), worst)  # fmt: skip
     except _triton().OutOfResources:
         _ROWS[(q.shape[-1], q.dtype)] = (_ROWS.get((q.shape[-1], q.dtype), MAX_ROWS) // 2) if T > 1 else 0
-        return lean_sparse_attend(q, k, v, mask, tiles, counts, block, dense, certify)
+        return lean_sparse_attend(q, k, v, mask, tiles, counts, block, dense, certify, worst)
     return (out, lse) if certify is None else (out, lse, cert)

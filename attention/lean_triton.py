@@ -163,13 +163,15 @@ def _merge_parts(PO, PL, at_o, at_l, spo_r, row, has, m, total_w, acc, D: tl.con
 
 @triton.jit
 def _lean_combine(
-    OUT, LSE, PO, PL, COUNTS, NPARTS, L, UNREAD, CERT, sob, soh, sot, slb, slh, spo_p, spo_s, spo_r, spl_p, spl_s,
+    OUT, LSE, PO, PL, COUNTS, NPARTS, L, UNREAD, CERT, WORST, sob, soh, sot, slb, slh, spo_p, spo_s, spo_r, spl_p, spl_s,
     Hkv, T, total, programs, tiles,
     G: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, SPARSE: tl.constexpr, CERTIFY: tl.constexpr, L_ROWS: tl.constexpr,
+    HAS_WORST: tl.constexpr,
 ):  # fmt: skip
     """One (head, query row) per program: merge the head's partials in one pass (online, CHUNK at a time), or
     nothing if one program held the head (a head with no units at all, SPARSE only, gets output 0 and lse -inf).
-    CERTIFY: also HSR's certificate exp(L - lse) * UNREAD[head] (0 where nothing is unread), L [heads, L_ROWS]."""
+    CERTIFY: also HSR's certificate exp(L - lse) * UNREAD[head] (0 where nothing is unread), L [heads, L_ROWS];
+    HAS_WORST: the largest raised into WORST (a non-negative float64's bits as int64, which order as its values)."""
     head = tl.program_id(0)
     row = tl.program_id(1)
     b = (head // Hkv).to(tl.int64)
@@ -220,13 +222,18 @@ def _lean_combine(
         tl.store(at_out, (acc / denom).to(OUT.dtype.element_ty))
         tl.store(at_lse, lse)
     if CERTIFY:
-        tl.store(CERT + b * slb + (h * G + j) * slh + t, tl.where(unread > 0, tl.exp(L_row - lse) * unread, 0.0))
+        cert = tl.where(unread > 0, tl.exp(L_row - lse) * unread, 0.0)
+        tl.store(CERT + b * slb + (h * G + j) * slh + t, cert)
+        if HAS_WORST:
+            tl.atomic_max(WORST, cert.to(tl.float64).to(tl.int64, bitcast=True))
 
 
-def run(q, k, v, mask, out, lse, parts_out, parts_lse, programs: int, max_parts: int, config, tile_list=None, certify=None) -> None:
+def run(q, k, v, mask, out, lse, parts_out, parts_lse, programs: int, max_parts: int, config, tile_list=None, certify=None,
+        worst=None) -> None:  # fmt: skip
     """Both launches; `tile_list` = (LIST [heads, tiles], COUNTS [heads], NPARTS [heads], DENSE [heads] or None) for
     the SPARSE walk (a DENSE head walks all its tiles in order, with COUNTS = tiles, no list), with config.block_n keys per tile (partials by head: parts_out [heads, programs, rows, D]); `certify` = (L [heads, L_ROWS], UNREAD
-    [heads], CERT like lse) for the combine to write HSR's certificate."""
+    [heads], CERT like lse) for the combine to write HSR's certificate, and raise `worst` to the largest
+    (`lean.lean_sparse_attend`)."""
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     G = Hq // Hkv
@@ -252,7 +259,7 @@ def run(q, k, v, mask, out, lse, parts_out, parts_lse, programs: int, max_parts:
     )  # fmt: skip
     if max_parts > 1 or sparse:
         _lean_combine[(B * Hkv, G * T)](
-            out, lse, parts_out, parts_lse, counts, nparts, L, unread, cert, *strides_out, *strides_parts, Hkv, T, total,
+            out, lse, parts_out, parts_lse, counts, nparts, L, unread, cert, worst if worst is not None else counts, *strides_out, *strides_parts, Hkv, T, total,
             programs, tiles, G=G, D=D, CHUNK=min(COMBINE_CHUNK, triton.next_power_of_2(max_parts)), SPARSE=sparse,
-            CERTIFY=certify is not None, L_ROWS=L.shape[-1] if certify is not None else 1,
+            CERTIFY=certify is not None, L_ROWS=L.shape[-1] if certify is not None else 1, HAS_WORST=worst is not None,
         )  # fmt: skip

@@ -130,18 +130,20 @@ class AttentionStrategy:
 
     def sparse_attend(self, q: Tensor, cache, mask: PositionMask) -> Tensor:
         """HSR over this rank's cache; across ranks the partials merge as dense ones do and the certificates compose
-        as the read-mass-weighted mean (attention/hsr.py), counted in `hsr_stats`."""
-        r = hsr_attend(q, cache.k_cache, cache.v_cache, mask, cache.summary, self.hsr_eps, self.hsr_sink, self.hsr_recent)
-        out, lse, cert = r.out, r.lse, r.certificate
-        if self.world > 1:
-            lses = [torch.empty_like(lse) for _ in range(self.world)]
-            certs = [torch.empty_like(cert) for _ in range(self.world)]
-            dist.all_gather(lses, lse.contiguous(), group=self.group)
-            dist.all_gather(certs, cert.contiguous(), group=self.group)
-            cert = merge_certificates(torch.stack(lses), torch.stack(certs))
-            out, lse = all_gather_merge(out, lse, self.group)
+        as the read-mass-weighted mean (attention/hsr.py), counted in `hsr_stats` (by the kernels on one rank)."""
         if self.hsr_stats is None:
             self.hsr_stats = torch.zeros(3, dtype=torch.float64, device=q.device)
+        alone = self.world == 1
+        r = hsr_attend(q, cache.k_cache, cache.v_cache, mask, cache.summary, self.hsr_eps, self.hsr_sink, self.hsr_recent,
+                       self.hsr_stats if alone else None)  # fmt: skip
+        if alone:
+            return r.out.to(q.dtype)
+        lses = [torch.empty_like(r.lse) for _ in range(self.world)]
+        certs = [torch.empty_like(r.certificate) for _ in range(self.world)]
+        dist.all_gather(lses, r.lse.contiguous(), group=self.group)
+        dist.all_gather(certs, r.certificate.contiguous(), group=self.group)
+        cert = merge_certificates(torch.stack(lses), torch.stack(certs))
+        out, _ = all_gather_merge(r.out, r.lse, self.group)
         self.hsr_stats[0] += r.blocks_read.sum()
         self.hsr_stats[1] += r.blocks_visible * r.blocks_read.numel()
         torch.maximum(self.hsr_stats[2], cert.max(), out=self.hsr_stats[2])

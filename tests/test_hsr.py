@@ -199,6 +199,18 @@ def test_a_head_told_to_read_everything_answers_exactly():
     assert (summary.dense_until == n + 3).all()  # (a step of the run leaves the state)
 
 
+def test_stats_accumulate_what_the_steps_return():
+    """`stats` adds up each step's blocks read and visible (per KV head) and keeps the largest certificate."""
+    k, v, kv_pos, n = cache("clustered", S=2048)
+    summary, stats, results = KeySummary.of(k, kv_pos, 64), torch.zeros(3, dtype=torch.float64), []
+    for step in range(3):
+        q = query(1, 8, aligned=step != 1)
+        results.append(hsr_attend(q, k, v, PositionMask(torch.tensor([n + step]), kv_pos), summary, 1e-3, 64, 64, stats))
+    assert stats[0] == sum(int(r.blocks_read.sum()) for r in results)
+    assert stats[1] == sum(int(r.blocks_visible) * r.blocks_read.numel() for r in results)
+    assert stats[2] == max(float(r.certificate.max()) for r in results) > 0
+
+
 # --- as the decode option of the strategies
 
 
@@ -333,13 +345,15 @@ for B, Hkv, g, T, S, block, window, filled, kind in [(1, 2, 4, 1, 1000, 16, None
         # three steps from every other head reading all blocks: heads of both kinds in a step, and the state's rule
         summary.dense_until.zero_()
         summary.dense_until.view(-1)[::2] = filled + 1
+        want_stats, got_stats = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
         for step in range(3):
             step_mask = PositionMask(mask.q_pos + step * T, kv_pos, window)  # (positions advance; the cache stays)
             start = summary.dense_until.clone()
-            want = hsr.hsr_attend(q, k, v, step_mask, summary, eps, sink=16, recent=32)
+            want = hsr.hsr_attend(q, k, v, step_mask, summary, eps, sink=16, recent=32, stats=want_stats)
             after = summary.dense_until.clone()
             summary.dense_until.copy_(start)
-            got = hsr_triton.hsr_attend(q, k, v, step_mask, summary, eps, 16, 32, hsr.BINS, hsr._low(eps, nb))
+            got = hsr_triton.hsr_attend(q, k, v, step_mask, summary, eps, 16, 32, hsr.BINS, hsr._low(eps, nb), got_stats)
+            assert torch.equal(got_stats[:2], want_stats[:2]) and torch.allclose(got_stats[2], want_stats[2], rtol=1e-3, atol=1e-9), (got_stats, want_stats)
             assert torch.equal(summary.dense_until, after), (summary.dense_until, after)
             assert not summary.arrived.any()  # (`_select`'s count, back to 0)
             assert torch.equal(got[3].long(), want.blocks_read) and int(got[4]) == int(want.blocks_visible), (got[3], want.blocks_read)
@@ -351,13 +365,28 @@ for B, Hkv, g, T, S, block, window, filled, kind in [(1, 2, 4, 1, 1000, 16, None
         tiles = torch.arange(nb, dtype=torch.int32).expand(B * Hkv, nb).contiguous()
         n = torch.full((B * Hkv,), nb, dtype=torch.int32)
         L, unread = torch.randn(B * Hkv, 16), torch.rand(B * Hkv) * (torch.arange(B * Hkv) > 0)
-        whole = lean.lean_sparse_attend(q, k, v, mask, tiles, n, block, certify=(L, unread))
+        worst = torch.zeros(2, dtype=torch.float64)  # (the largest certificate, raised by each path)
+        whole = lean.lean_sparse_attend(q, k, v, mask, tiles, n, block, certify=(L, unread), worst=worst[:1].view(torch.int64))
         lean._ROWS[(D, q.dtype)] = g
-        split = lean.lean_sparse_attend(q, k, v, mask, tiles, n, block, certify=(L, unread))
+        split = lean.lean_sparse_attend(q, k, v, mask, tiles, n, block, certify=(L, unread), worst=worst[1:].view(torch.int64))
         del lean._ROWS[(D, q.dtype)]
         assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(split, whole))
+        assert torch.allclose(worst, whole[2].max().double(), rtol=1e-5)
         assert (whole[2][0] == 0).all() and (whole[2][1:] > 0).all()
         cases += 1
+# a decode step's summary update in one kernel equals the scatters: keys in a block already filled, several in one
+# block, in a new one (fp32: the interpreter's bf16 is not the GPU's; tools/check_cuda.py compares bf16 there)
+for dtype in (torch.float32,):
+    keys = torch.randn(2, 3, 80, 32).to(dtype)
+    got, want = (hsr.KeySummary.empty(2, 3, 80, 32, 16, dtype=dtype) for _ in range(2))
+    for summary in (got, want):
+        summary.scatter(torch.arange(20), keys[:, :, :20], torch.arange(20) + 100)
+    slots = torch.tensor([20, 21, 37, 5])
+    hsr_triton.update_summary(got, slots, keys[:, :, slots], slots + 100)
+    want.scatter(slots, keys[:, :, slots], slots + 100)
+    for name in ("kmin", "kmax", "count", "pmin", "pmax"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    cases += 1
 print("sparse kernels ok", cases)
 """
 
@@ -376,4 +405,4 @@ def test_sparse_kernels_equal_the_reference_in_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     done = subprocess.run([sys.executable, "-c", textwrap.dedent(SPARSE_KERNEL_CHECK)], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "sparse kernels ok 49" in done.stdout
+    assert "sparse kernels ok 50" in done.stdout

@@ -213,12 +213,19 @@ def check_hsr() -> bool:
             every = hsr_attend(q, k, v, mask, summary, 1e-3, 64, 256)
             dense_ok = bool(((every.out.double() - ref).abs() <= TOLERANCE[dtype] * ref.abs().max()).all()) and float(every.certificate.max()) == 0
             dense_ok &= bool((every.blocks_read == every.blocks_visible).all()) and bool((summary.dense_until == until).all())
+            # a decode step's summary update in one kernel, as the scatters
+            slots = torch.tensor([S - 3, S - 2, S // 2], device="cuda")
+            fresh = torch.randn(B, hkv, 3, D, device="cuda", generator=g).to(dtype)
+            one, scattered = (KeySummary.of(k, mask.kv_pos, block) for _ in range(2))
+            one.update(slots, fresh, slots + 7)
+            scattered.scatter(slots, fresh, slots + 7)
+            update_ok = all(torch.equal(getattr(one, f), getattr(scattered, f)) for f in ("kmin", "kmax", "count", "pmin", "pmax"))
             share = float(r.blocks_read.float().mean() / r.blocks_visible)
-            good = within and lse_ok and same_reads <= 1 and replayed and plans_agree and dense_ok and float(r.certificate.max()) <= 1e-3
+            good = within and lse_ok and same_reads <= 1 and replayed and plans_agree and dense_ok and update_ok and float(r.certificate.max()) <= 1e-3
             ok &= good
             print(f"{'ok  ' if good else 'FAIL'} hsr {str(dtype):15} {name:36} read {share:6.1%}  within certificate {within}  "
                   f"lse {lse_ok}  reads vs CPU path differ by {same_reads}  graph replay identical {replayed}  "
-                  f"one launch and three agree {plans_agree}  all blocks when told {dense_ok}")  # fmt: skip
+                  f"one launch and three agree {plans_agree}  all blocks when told {dense_ok}  summary update {update_ok}")  # fmt: skip
     return ok
 
 
