@@ -83,15 +83,18 @@ def _roles(COUNT, PMIN, PMAX, blk, NB, first, last, window, sink, recent, HAS_WI
 
 
 @triton.jit
-def _last_position(QPOS, T, BLOCK_M: tl.constexpr):
+def _query_span(QPOS, T, BLOCK_M: tl.constexpr):
+    """(first, last) position of the step's query tokens."""
     t = tl.arange(0, BLOCK_M)
-    return tl.max(tl.load(QPOS + t, mask=t < T, other=-1), 0)
+    qp = tl.load(QPOS + t, mask=t < T, other=-1)
+    return tl.min(tl.where(t < T, qp, 2**62), 0), tl.max(qp, 0)
 
 
 @triton.jit
 def _reads_everything(UNTIL, QPOS, head, T, BLOCK_M: tl.constexpr):
     """1 where the head is in its run of steps that read every block (`attention.hsr.reads_everything`), else 0."""
-    return (tl.load(UNTIL + head) > _last_position(QPOS, T, BLOCK_M)).to(tl.int32)
+    _, last = _query_span(QPOS, T, BLOCK_M)
+    return (tl.load(UNTIL + head) > last).to(tl.int32)
 
 
 @triton.jit
@@ -375,8 +378,9 @@ def _cut(
         offset += tl.sum(tl.where(c < chunk, n, 0), 0)
         total += tl.sum(n, 0)
     if chunk == 0:
+        _, last = _query_span(QPOS, T, BLOCK_M)
         _finish(NREAD, READ, UNREAD, UNTIL, STATS, head, False, total, unread, tl.load(VISIBLE + head), tl.load(UNTIL + head),
-                _last_position(QPOS, T, BLOCK_M), T, NB, NUM, DEN, PROBE, HAS_STATS)  # fmt: skip
+                last, T, NB, NUM, DEN, PROBE, HAS_STATS)  # fmt: skip
     _write_list(EB, TILES, head, chunk * CHUNK, tl.minimum(chunk * CHUNK + CHUNK, NB), offset, cut, NB, BLOCK_B)
 
 
@@ -384,10 +388,7 @@ def _cut(
 def _count_visible(COUNT, PMIN, PMAX, QPOS, T, NB, window, sink, recent, BLOCK_M: tl.constexpr, SCAN: tl.constexpr,
                    HAS_WINDOW: tl.constexpr):  # fmt: skip
     """Blocks any query token can see, counted SCAN at a time."""
-    t = tl.arange(0, BLOCK_M)
-    qp = tl.load(QPOS + t, mask=t < T, other=-1)
-    first = tl.min(tl.where(t < T, qp, 2**62), 0)
-    last = tl.max(qp, 0)
+    first, last = _query_span(QPOS, T, BLOCK_M)
     visible = tl.zeros([], tl.int32)
     for s0 in range(0, NB, SCAN):
         seen, _ = _roles(COUNT, PMIN, PMAX, s0 + tl.arange(0, SCAN), NB, first, last, window, sink, recent, HAS_WINDOW)
@@ -412,7 +413,7 @@ def _select(
     head = tl.program_id(0)
     chunk = tl.program_id(1)
     state = tl.load(UNTIL + head)
-    last = _last_position(QPOS, T, BLOCK_M)
+    _, last = _query_span(QPOS, T, BLOCK_M)
     dense = (state > last).to(tl.int32)
     if chunk == 0:  # (its loads do not wait on UNTIL's)
         visible = _count_visible(COUNT, PMIN, PMAX, QPOS, T, NB, window, sink, recent, BLOCK_M, SCAN, HAS_WINDOW)
