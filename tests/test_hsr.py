@@ -359,7 +359,7 @@ for B, Hkv, g, T, S, block, window, filled, kind in [(1, 2, 4, 1, 1000, 16, None
             assert torch.equal(got[3].long(), want.blocks_read) and int(got[4]) == int(want.blocks_visible), (got[3], want.blocks_read)
             assert torch.allclose(got[0], want.out, atol=1e-4) and torch.allclose(got[1], want.lse, atol=1e-4)
             assert torch.allclose(got[2], want.certificate.float(), rtol=1e-3, atol=1e-9)
-            print(kind, eps, "read", got[3].tolist(), "of", int(got[4]), "dense left", start.tolist(), "->", after.tolist())
+            print(kind, eps, "read", got[3].tolist(), "of", int(got[4]), "dense until", start.tolist(), "->", after.tolist())
             cases += 1
     if T > 1:  # query tokens in separate launches (as when fewer rows fit): the certificate from the joined lse
         tiles = torch.arange(nb, dtype=torch.int32).expand(B * Hkv, nb).contiguous()
@@ -376,17 +376,16 @@ for B, Hkv, g, T, S, block, window, filled, kind in [(1, 2, 4, 1, 1000, 16, None
         cases += 1
 # a decode step's summary update in one kernel equals the scatters: keys in a block already filled, several in one
 # block, in a new one (fp32: the interpreter's bf16 is not the GPU's; tools/check_cuda.py compares bf16 there)
-for dtype in (torch.float32,):
-    keys = torch.randn(2, 3, 80, 32).to(dtype)
-    got, want = (hsr.KeySummary.empty(2, 3, 80, 32, 16, dtype=dtype) for _ in range(2))
-    for summary in (got, want):
-        summary.scatter(torch.arange(20), keys[:, :, :20], torch.arange(20) + 100)
-    slots = torch.tensor([20, 21, 37, 5])
-    hsr_triton.update_summary(got, slots, keys[:, :, slots], slots + 100)
-    want.scatter(slots, keys[:, :, slots], slots + 100)
-    for name in ("kmin", "kmax", "count", "pmin", "pmax"):
-        assert torch.equal(getattr(got, name), getattr(want, name)), name
-    cases += 1
+keys = torch.randn(2, 3, 80, 32)
+got, want = (hsr.KeySummary.empty(2, 3, 80, 32, 16) for _ in range(2))
+for summary in (got, want):
+    summary.scatter(torch.arange(20), keys[:, :, :20], torch.arange(20) + 100)
+slots = torch.tensor([20, 21, 37, 5])
+hsr_triton.update_summary(got, slots, keys[:, :, slots], slots + 100)
+want.scatter(slots, keys[:, :, slots], slots + 100)
+for name in ("kmin", "kmax", "count", "pmin", "pmax"):
+    assert torch.equal(getattr(got, name), getattr(want, name)), name
+cases += 1
 print("sparse kernels ok", cases)
 """
 
