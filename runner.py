@@ -24,11 +24,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from parallel.launch import RankFailed, init_ranks, launch, under_torchrun
-from parallel.layout import make_layout
-from preflight import memory, options
-from tasks import BENCH_SETUP_STEPS, TASKS, Context, task_plan
-
+from longctx.parallel.launch import RankFailed, init_ranks, launch, under_torchrun
+from longctx.parallel.layout import make_layout
+from longctx.preflight import memory, options
+from longctx.tasks import BENCH_SETUP_STEPS, TASKS, Context, task_plan
 
 # --- configuration
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from attention.ring import RingAttention
-from attention.star import StarAttention, star_block_size
-from attention.strategy import AttentionStrategy, GlobalAttention
+from longctx.attention.ring import RingAttention
+from longctx.attention.star import StarAttention, star_block_size
+from longctx.attention.strategy import AttentionStrategy, GlobalAttention
 
 REGISTRY: dict[str, type[AttentionStrategy]] = {cls.name: cls for cls in (GlobalAttention, RingAttention, StarAttention)}
 

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from attention.merge import merge_partials
+from longctx.attention.merge import merge_partials
 
 # Most kernel calls a mask may take before FlexAttention (one call, any mask) is the better choice.
 MAX_CALLS = 16

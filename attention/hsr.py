@@ -53,8 +53,8 @@ from functools import cache
 import torch
 from torch import Tensor
 
-from attention import lean
-from attention.kernels import PositionMask
+from longctx.attention import lean
+from longctx.attention.kernels import PositionMask
 
 
 @dataclass

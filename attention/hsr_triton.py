@@ -35,9 +35,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from attention import lean
-from attention.hsr import DENSE_SHARE, PROBE_EVERY
-from attention.lean_triton import masked_scores
+from longctx.attention import lean
+from longctx.attention.hsr import DENSE_SHARE, PROBE_EVERY
+from longctx.attention.lean_triton import masked_scores
 
 BLOCK_B = 64  # blocks per step of every kernel's loop over blocks
 ALWAYS = 8  # programs per head that read the always-read blocks in `_bounds`

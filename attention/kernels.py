@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from attention import fused
+from longctx.attention import fused
 
 # Queries are processed in chunks whose [chunk, keys] mask has at most this many elements.
 MASK_CHUNK_ELEMENTS = 1 << 22
@@ -177,7 +177,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: PositionMask, return_lse: bool
         out, lse = out[:, :, :T], lse[:, :, :T]
         return (out, lse.float()) if return_lse else out
     if q.is_cuda:
-        from attention import lean
+        from longctx.attention import lean
 
         if lean.supports(q, k, mask):  # decode: the KV cache split evenly over all SMs
             try:

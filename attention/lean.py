@@ -27,8 +27,8 @@ from functools import cache
 import torch
 from torch import Tensor
 
-from attention.kernels import PositionMask, dense_attend
-from attention.merge import merge_partials
+from longctx.attention.kernels import PositionMask, dense_attend
+from longctx.attention.merge import merge_partials
 
 MAX_ROWS = 64  # query rows (query heads per KV head x query tokens) one program holds, where they fit (`_ROWS`)
 # Query rows a program holds, per (head dim, dtype), where MAX_ROWS overflowed shared memory: Triton says what a
@@ -156,7 +156,7 @@ def triton_module(name: str):
         import triton  # noqa: F401
     except ImportError:
         return None
-    return importlib.import_module(f"attention.{name}")
+    return importlib.import_module(f"{__package__}.{name}")
 
 
 @cache

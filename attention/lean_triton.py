@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources  # noqa: F401  (lean.lean_attend catches it)
 
-from attention import lean
+from longctx.attention import lean
 
 COMBINE_CHUNK = 32  # partials the combine merges per step, at most
 

@@ -16,9 +16,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from attention.kernels import PositionMask, attend
-from attention.merge import merge_into
-from attention.strategy import AttentionStrategy, Step
+from longctx.attention.kernels import PositionMask, attend
+from longctx.attention.merge import merge_into
+from longctx.attention.strategy import AttentionStrategy, Step
 
 
 def zigzag_shards(n_ctx: int, world: int) -> list[Tensor]:

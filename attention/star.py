@@ -17,8 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from attention.kernels import PositionMask, attend
-from attention.strategy import AttentionStrategy, Step
+from longctx.attention.kernels import PositionMask, attend
+from longctx.attention.strategy import AttentionStrategy, Step
 
 ANCHOR_MODES = ("broadcast", "recompute")
 

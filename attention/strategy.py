@@ -20,9 +20,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from attention.hsr import check_block, check_eps, hsr_attend, merge_certificates
-from attention.kernels import PositionMask, attend
-from attention.merge import all_gather_merge
+from longctx.attention.hsr import check_block, check_eps, hsr_attend, merge_certificates
+from longctx.attention.kernels import PositionMask, attend
+from longctx.attention.merge import all_gather_merge
 
 PHASES = ("context", "query")
 

@@ -12,15 +12,15 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from attention import AttentionStrategy
-from models.config import SUPPORTED_ARCHITECTURES, ModelArgs
-from models.generate import Generation, Sampling, chat_prompt, generate, generate_tokens
-from models.loading import load_model, random_model
-from models.tokenizer import Tokenizer
-from models.transformer import Transformer
+from longctx.attention import AttentionStrategy
+from longctx.models.config import SUPPORTED_ARCHITECTURES, ModelArgs
+from longctx.models.generate import Generation, Sampling, chat_prompt, generate, generate_tokens
+from longctx.models.loading import load_model, random_model
+from longctx.models.tokenizer import Tokenizer
+from longctx.models.transformer import Transformer
 
 if TYPE_CHECKING:
-    from parallel.tensor import TensorParallel
+    from longctx.parallel.tensor import TensorParallel
 
 
 def load(

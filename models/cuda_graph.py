@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from models.transformer import Transformer
+from longctx.models.transformer import Transformer
 
 
 class GraphedDecoder:

@@ -9,9 +9,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from models.cuda_graph import GraphedDecoder
-from models.tokenizer import Tokenizer
-from models.transformer import Transformer
+from longctx.models.cuda_graph import GraphedDecoder
+from longctx.models.tokenizer import Tokenizer
+from longctx.models.transformer import Transformer
 
 
 @dataclass

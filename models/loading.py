@@ -16,12 +16,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
-from attention import AttentionStrategy
-from models.config import ModelArgs
-from models.transformer import Transformer
+from longctx.attention import AttentionStrategy
+from longctx.models.config import ModelArgs
+from longctx.models.transformer import Transformer
 
 if TYPE_CHECKING:
-    from parallel.tensor import TensorParallel
+    from longctx.parallel.tensor import TensorParallel
 
 # Hugging Face module -> ours, and which part of a fused projection (`FusedLinear`) it is.
 _LAYER_NAMES = {

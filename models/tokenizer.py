@@ -13,7 +13,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from models.config import read_json
+from longctx.models.config import read_json
 
 # Meta's Llama 3 release: split pattern and special tokens (ids follow the base vocabulary in this order).
 LLAMA3_PATTERN = (

@@ -14,10 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attention import AttentionStrategy, GlobalAttention
-from attention.hsr import KeySummary
-from models.config import ModelArgs, rope_inv_freq
-
+from longctx.attention import AttentionStrategy, GlobalAttention
+from longctx.attention.hsr import KeySummary
+from longctx.models.config import ModelArgs, rope_inv_freq
 
 # Whether the elementwise chains below run compiled on CUDA (tools/benchmarks.py model turns it off for one row, to
 # measure what the fusion gains).

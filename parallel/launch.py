@@ -15,7 +15,6 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-
 # NVLink multicast stays off in NCCL, PyTorch and NVSHMEM: on shared machines it can take the host's GPUs out of
 # service (the device notes, KINDS.md). Set in every rank before its process group starts.
 MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}

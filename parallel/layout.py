@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from models.config import ModelArgs
-from parallel.tensor import TensorParallel
+from longctx.models.config import ModelArgs
+from longctx.parallel.tensor import TensorParallel
 
 
 @dataclass(frozen=True)

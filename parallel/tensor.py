@@ -24,8 +24,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.config import ModelArgs
-from models.transformer import FusedLinear
+from longctx.models.config import ModelArgs
+from longctx.models.transformer import FusedLinear
 
 
 def valid_degrees(args: ModelArgs, limit: int = 64) -> list[int]:

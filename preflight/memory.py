@@ -21,13 +21,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-import attention
-from attention.kernels import CPU_FLASH_MIN_QUERIES, FLEX_MIN_QUERIES, MASK_CHUNK_ELEMENTS, flex_bucket
-from attention.fused import MAX_CAUSAL_SQUARE
-from attention.merge import MERGE_CHUNK_ELEMENTS
-from models.config import ModelArgs
-from models.transformer import FeedForward, Transformer
-from parallel.tensor import TensorParallel, local_args, valid_degrees
+from longctx import attention
+from longctx.attention.fused import MAX_CAUSAL_SQUARE
+from longctx.attention.kernels import CPU_FLASH_MIN_QUERIES, FLEX_MIN_QUERIES, MASK_CHUNK_ELEMENTS, flex_bucket
+from longctx.attention.merge import MERGE_CHUNK_ELEMENTS
+from longctx.models.config import ModelArgs
+from longctx.models.transformer import FeedForward, Transformer
+from longctx.parallel.tensor import TensorParallel, local_args, valid_degrees
 
 GiB = 2**30
 # Not tensors: the CUDA context with cuBLAS/Triton modules; on CPU the interpreter with torch, Hydra and a tokenizer,
@@ -299,7 +299,7 @@ QUERY_ALLOWANCE = 256  # tokens of a question and chat template after the contex
 
 def plan_config(cfg, world: int | None = None, n_ctx: int | None = None, dtype: torch.dtype | None = None) -> Plan:
     """The plan of the run `cfg` describes (a runner config), optionally with another rank count, context or dtype."""
-    from preflight.options import resolve_device, resolve_dtype
+    from longctx.preflight.options import resolve_device, resolve_dtype
 
     world = world or cfg.parallel.nproc
     tp = cfg.parallel.get("tp", 1)

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from models.config import DTYPES, ModelArgs
+from longctx.models.config import DTYPES, ModelArgs
 
 
 class OptionError(ValueError):
@@ -182,8 +182,7 @@ def jsonl_records(path: Path, key: str) -> list[dict]:
 
 def check(cfg, tasks) -> None:
     """Every check that can run before a process or a model is started (see the module docstring)."""
-    import attention
-
+    from longctx import attention
     whole(cfg, "parallel.nproc")
     tp = whole(cfg, "parallel.tp")
     if cfg.parallel.nproc % tp:
@@ -234,9 +233,9 @@ def _check_device(cfg) -> None:
 
 
 def _check_attention(cfg) -> None:
-    import attention
-    from attention.star import ANCHOR_MODES
-    from attention.strategy import AttentionStrategy
+    from longctx import attention
+    from longctx.attention.star import ANCHOR_MODES
+    from longctx.attention.strategy import AttentionStrategy
 
     name = cfg.attention.name
     params = _get(cfg, "attention.params") or {}
@@ -282,7 +281,7 @@ def _token_counts(lengths) -> bool:
 
 
 def _check_decode(cfg) -> None:
-    from attention.strategy import DECODE_MODES
+    from longctx.attention.strategy import DECODE_MODES
 
     params = cfg.attention.params
     if params.get("decode", "dense") not in DECODE_MODES:
@@ -304,7 +303,7 @@ def _check_decode(cfg) -> None:
 
 
 def _check_model(cfg) -> ModelArgs:
-    from preflight.memory import preset_args
+    from longctx.preflight.memory import preset_args
 
     path = text(cfg, "model.path")
     if path is not None:
@@ -330,7 +329,7 @@ def _check_model(cfg) -> ModelArgs:
 
 
 def _check_tensor_parallel(cfg, args: ModelArgs) -> None:
-    from parallel.tensor import check_degree
+    from longctx.parallel.tensor import check_degree
 
     try:
         check_degree(args, cfg.parallel.tp, f"model={cfg.model.name}")
@@ -361,7 +360,7 @@ def _check_generate(cfg) -> None:
 
 
 def _check_ruler(cfg) -> None:
-    from evaluation import ruler
+    from longctx.evaluation import ruler
 
     whole(cfg, "task.max_new_tokens")
     whole(cfg, "task.samples")

@@ -11,10 +11,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-import models
-from preflight import memory
-from tasks.context import Context, gather
-
+from longctx import models
+from longctx.preflight import memory
+from longctx.tasks.context import Context, gather
 
 # Decode steps bench leaves out of the decode rate: on CUDA the first runs eagerly and the second captures the CUDA
 # graph that later steps replay (models.cuda_graph).

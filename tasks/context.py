@@ -11,12 +11,11 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-import attention
-import models
-from models.tokenizer import Tokenizer
-from models.transformer import Transformer
-from parallel.layout import Layout
-from preflight import options
+from longctx import attention, models
+from longctx.models.tokenizer import Tokenizer
+from longctx.models.transformer import Transformer
+from longctx.parallel.layout import Layout
+from longctx.preflight import options
 
 
 def build_model(preset: DictConfig, dtype: torch.dtype, device: torch.device, layout: Layout) -> tuple[Transformer, Tokenizer | None]:
@@ -28,7 +27,7 @@ def build_model(preset: DictConfig, dtype: torch.dtype, device: torch.device, la
     placeholder = attention.build("ring")  # valid on any number of ranks
     path = preset.get("path")
     if path is None and preset.get("builtin"):
-        from tools.convert import BUILTINS
+        from longctx.tools.convert import BUILTINS
 
         if preset.builtin not in BUILTINS:
             raise ValueError(f"model.builtin={preset.builtin!r} is not a built-in model; built-in: {', '.join(BUILTINS)}")

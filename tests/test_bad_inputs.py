@@ -8,7 +8,6 @@ runner and the converter as subprocesses, for the exit code and the one-line mes
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -20,12 +19,11 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-import models
-import runner
+from longctx import models, runner
+from longctx.tools import convert
+from longctx.tools.checkpoint_writer import prepare_target
 from tests.conftest import REPO
 from tests.test_runner import _run
-from tools import convert
-from tools.checkpoint_writer import prepare_target
 
 
 def compose_cfg(*overrides: str):
@@ -328,8 +326,8 @@ def test_stale_temporary_directories_of_killed_runs_are_removed(tmp_path):
 SLOW_WRITER = """
 import signal, sys, time, torch
 from pathlib import Path
-from tools import convert
-from tools.checkpoint_writer import write_checkpoint
+from longctx.tools import convert
+from longctx.tools.checkpoint_writer import write_checkpoint
 signal.signal(signal.SIGTERM, convert._terminated)
 def tensors():
     for i in range(1000):
@@ -341,7 +339,7 @@ write_checkpoint(Path(sys.argv[1]), tensors(), {}, {}, max_shard_size="4KB")
 
 def test_sigterm_during_conversion_leaves_nothing(tmp_path):
     out = tmp_path / "model"
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_WRITER, str(out)], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_WRITER, str(out)], cwd=REPO)
     deadline = time.time() + 60
     while not any(p.glob("*.safetensors") for p in tmp_path.glob(".model.tmp-*")) and time.time() < deadline:
         time.sleep(0.1)

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from tools import benchmarks
+from longctx.tools import benchmarks
 
 
 def test_a_table_names_date_device_torch_and_command():
@@ -57,9 +57,9 @@ def test_a_new_table_replaces_its_figure_and_the_old_one_moves_to_the_history():
 )  # fmt: skip
 def test_phase1_flops_count_the_pairs_each_rank_attends(name, params, world, windows):
     """The MFU count against the pairs the strategies' own phase-1 masks let attend, rank by rank."""
-    import attention
-    from models import ModelArgs, random_model
-    from tasks.bench import phase1_flops
+    from longctx import attention
+    from longctx.models import ModelArgs, random_model
+    from longctx.tasks.bench import phase1_flops
 
     args = ModelArgs(vocab_size=64, dim=32, n_layers=len(windows), n_heads=4, n_kv_heads=2, head_dim=8,
                      intermediate_size=64, max_seq_len=512, layer_windows=windows)  # fmt: skip
@@ -86,9 +86,9 @@ def test_a_planted_cache_makes_hsr_read_the_planted_share_and_answer_as_dense():
     """The premise of `hsr-model`'s planted rows, on a tiny model on CPU: after planting, a certified selection
     reads the planted blocks, the sink and the recent tokens' blocks and nothing else, and its greedy tokens equal
     dense decode's over the same cache."""
-    import attention
-    from models import ModelArgs, random_model
-    from models.generate import generate_tokens
+    from longctx import attention
+    from longctx.models import ModelArgs, random_model
+    from longctx.models.generate import generate_tokens
 
     args = ModelArgs(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, intermediate_size=64, max_seq_len=4096)
     prompt = torch.randint(0, 64, (3000,), generator=torch.Generator().manual_seed(0)).tolist()

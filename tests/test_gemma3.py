@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-import models
+from longctx import models
 from tests.conftest import TINY, _randomize_norms
 
 # Shapes of their own: 3 KV heads under 6 query heads, a window of 8, the older `sliding_window_pattern`
@@ -102,7 +102,7 @@ def test_loading_refuses_a_config_that_is_not_an_object(tmp_path):
 
 
 def _licence_texts() -> dict[str, str]:
-    from evaluation.ruler import DEFAULT_PROSE
+    from longctx.evaluation.ruler import DEFAULT_PROSE
 
     return {f.name: f.read_text(encoding="utf-8") for f in sorted(DEFAULT_PROSE.iterdir()) if f.is_file()}
 
@@ -135,7 +135,7 @@ def test_gemma3_270m_logits_and_tokens_match_transformers(gemma3_dir, gemma3_ggu
 
 def _needle_prompt(tok) -> tuple[list[int], int, str]:
     """A number hidden at 60% of about 2,500 tokens of prose: (token ids, context tokens, the number)."""
-    from evaluation import ruler
+    from longctx.evaluation import ruler
 
     count = lambda text: len(tok.encode(text, add_special_tokens=False))  # noqa: E731
     sample = ruler.make_sample("niah_single", count, 2500, 0.6, 0, ruler.Haystack.from_file(ruler.DEFAULT_PROSE))
@@ -143,8 +143,7 @@ def _needle_prompt(tok) -> tuple[list[int], int, str]:
 
 
 def _ranks_worker(rank, world, path):
-    import attention
-
+    from longctx import attention
     model, tok = models.load(path, dtype=torch.float32, attention=attention.build("ring"))
     ids, n_ctx, _ = _needle_prompt(tok)
     answers = {}
@@ -157,7 +156,7 @@ def _ranks_worker(rank, world, path):
 def test_gemma3_270m_finds_a_number_in_prose_on_one_and_two_ranks(gemma3_dir):
     """Global finds the number; ring on 2 gloo ranks generates global's tokens; star (blocks of 700, recompute) on
     2 ranks generates what star with the same blocks does on one rank, and finds the number too."""
-    import attention
+    from longctx import attention
     from tests.distributed import run_ranks
 
     model, tok = models.load(gemma3_dir, dtype=torch.float32)

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from attention.hsr import HSRResult, KeySummary, error_bound, hsr_attend, merge_certificates, score_bounds
-from attention.kernels import PositionMask, dense_attend
-from attention.merge import merge_partials
+from longctx.attention.hsr import HSRResult, KeySummary, error_bound, hsr_attend, merge_certificates, score_bounds
+from longctx.attention.kernels import PositionMask, dense_attend
+from longctx.attention.merge import merge_partials
 
 D = 32
 
@@ -101,7 +101,7 @@ def test_equal_scores_force_reading_everything():
 def test_the_top_bins_hold_no_weight_a_selection_could_leave_unread(eps, blocks):
     """A weight at or above 2^(low + BINS - 1) exceeds eps alone, so it is read at any cut: more bins above it would
     change no selection (up to 2^26 blocks per head)."""
-    from attention.hsr import BINS, _low
+    from longctx.attention.hsr import BINS, _low
 
     assert 2.0 ** (_low(eps, blocks) + BINS - 1) > eps
 
@@ -163,7 +163,7 @@ def test_spread_heads_read_everything_after_two_spread_selections_and_select_aga
     """The state rule of `next_dense_until`, walked through steps of `tokens` query tokens: one spread selection is
     not enough, two are; the run of dense steps (PROBE_EVERY - 1 of them) ends in a selection that goes straight
     back if spread, and to selecting if not."""
-    from attention.hsr import PROBE_EVERY, next_dense_until, reads_everything
+    from longctx.attention.hsr import PROBE_EVERY, next_dense_until, reads_everything
 
     def walk(spread_at: list[bool]) -> list[bool]:
         """Whether each step read everything without selecting."""
@@ -215,7 +215,7 @@ def test_stats_accumulate_what_the_steps_return():
 
 
 def _tiny(family: str = "llama3", strategy=None):
-    from models import random_model
+    from longctx.models import random_model
     from tests.test_memory_plan import family_args
 
     return random_model(family_args(family), dtype=torch.float32, attention=strategy, seed=3)
@@ -239,8 +239,7 @@ def _decode_logits(model, strategy, prompt, steps):
 
 @pytest.mark.parametrize("family", ["llama3", "gemma3"])
 def test_hsr_decode_of_global_matches_dense_within_its_certificate(family):
-    import attention
-
+    from longctx import attention
     model = _tiny(family)
     prompt = [(7 * i) % 96 for i in range(700)]
     dense = _decode_logits(model, attention.build("global"), prompt, 6)
@@ -256,9 +255,8 @@ def test_hsr_decode_of_global_matches_dense_within_its_certificate(family):
 
 
 def _star_hsr_rank(rank, world, decode):
-    import attention
-
-    from models import generate_tokens
+    from longctx import attention
+    from longctx.models import generate_tokens
 
     strategy = attention.build("star", block_size=150, decode=decode, hsr_eps=1e-4, hsr_block=32, hsr_sink=32, hsr_recent=32)
     model = _tiny(strategy=strategy)
@@ -282,7 +280,7 @@ def test_hsr_decode_over_star_ranks_composes():
 def test_structure_tool_measures_the_floor_any_certificate_needs():
     """tools/hsr_structure.py: the oracle never reads more than hsr, the certificate holds, and structured keys need
     few blocks while equal scores need them all."""
-    from tools.hsr_structure import _oracle_blocks, measure
+    from longctx.tools.hsr_structure import _oracle_blocks, measure
 
     rows = {}
     for kind in ("clustered", "equal"):
@@ -303,8 +301,8 @@ def test_structure_tool_measures_the_floor_any_certificate_needs():
 
 SPARSE_KERNEL_CHECK = """
 import torch
-from attention import hsr, hsr_triton, lean, lean_triton
-from attention.kernels import PositionMask
+from longctx.attention import hsr, hsr_triton, lean, lean_triton
+from longctx.attention.kernels import PositionMask
 
 torch.manual_seed(0)
 cases = 0
@@ -398,10 +396,9 @@ def test_sparse_kernels_equal_the_reference_in_the_interpreter():
     import subprocess
     import sys
     import textwrap
-    from pathlib import Path
 
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, "-c", textwrap.dedent(SPARSE_KERNEL_CHECK)], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "sparse kernels ok 50" in done.stdout

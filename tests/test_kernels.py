@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from attention.kernels import PositionMask, attend, cpu_flash_attend, dense_attend
+from longctx.attention.kernels import PositionMask, attend, cpu_flash_attend, dense_attend
 
 
 def reference(q, k, v, q_pos, kv_pos, window, block=None, anchor=0):
@@ -70,8 +70,7 @@ def test_float64_inputs_stay_float64():
 def test_query_chunking_is_seamless(monkeypatch, window, block, anchor):
     """Chunks of 64 queries: the CPU kernel reads a key range (causal, window) or scattered keys (a star block and
     its anchor) per chunk; every row must still see exactly its keys."""
-    import attention.kernels as kernels
-
+    from longctx.attention import kernels
     monkeypatch.setattr(kernels, "MASK_CHUNK_ELEMENTS", 64 * 10)  # force several chunks of 64 rows
     pos = torch.arange(150)
     q, k, v = torch.randn(1, 4, 150, 8), torch.randn(1, 2, 150, 8), torch.randn(1, 2, 150, 8)
@@ -84,7 +83,7 @@ def test_query_chunking_is_seamless(monkeypatch, window, block, anchor):
 
 
 def test_cpu_kernel_reads_only_the_keys_a_chunk_sees():
-    from attention.kernels import _visible_keys
+    from longctx.attention.kernels import _visible_keys
 
     rows = torch.arange(64, 128)
     causal = PositionMask(rows, torch.arange(150)).dense()
@@ -97,7 +96,7 @@ def test_cpu_kernel_reads_only_the_keys_a_chunk_sees():
 
 
 def test_flex_buckets_are_few_and_waste_little():
-    from attention.kernels import FLEX_BUCKETS, FLEX_MAX_STEP, flex_bucket
+    from longctx.attention.kernels import FLEX_BUCKETS, FLEX_MAX_STEP, flex_bucket
 
     lengths = range(100, 70000, 7)
     buckets = [flex_bucket(n) for n in lengths]

@@ -7,13 +7,20 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
-from attention.kernels import PositionMask
-from attention.lean import CONFIG, head_parts, lean_reference, lean_schedule, max_slots, program_of, stages_that_fit
+from longctx.attention.kernels import PositionMask
+from longctx.attention.lean import (
+    CONFIG,
+    head_parts,
+    lean_reference,
+    lean_schedule,
+    max_slots,
+    program_of,
+    stages_that_fit,
+)
 from tests.test_kernels import reference
 
 
@@ -81,8 +88,8 @@ def test_reference_path_equals_dense_attention(case, programs):
 
 KERNEL_CHECK = """
 import torch
-from attention import lean
-from attention.kernels import PositionMask, dense_attend
+from longctx.attention import lean
+from longctx.attention.kernels import PositionMask, dense_attend
 
 ar = torch.arange
 cases = [  # B, Hq, Hkv, q_pos, kv_pos, window, programs
@@ -134,7 +141,7 @@ print("shrink ok")
 def test_triton_kernel_equals_dense_attention_in_the_interpreter():
     """The CUDA kernels themselves, run by Triton's CPU interpreter (fp32): stream-K walk, direct writes, combine."""
     pytest.importorskip("triton")  # a dev dependency on Linux x86-64, where CI runs
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, "-c", textwrap.dedent(KERNEL_CHECK)], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "kernel ok 7" in done.stdout and "shrink ok" in done.stdout

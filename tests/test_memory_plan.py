@@ -9,12 +9,12 @@ import torch
 import transformers
 from omegaconf import OmegaConf
 
-import attention
-from models import generate_tokens, random_model
-from models.config import ModelArgs
-from models.transformer import FeedForward
-from preflight import memory
-from preflight.memory import RunShape, plan_run
+from longctx import attention
+from longctx.models import generate_tokens, random_model
+from longctx.models.config import ModelArgs
+from longctx.models.transformer import FeedForward
+from longctx.preflight import memory
+from longctx.preflight.memory import RunShape, plan_run
 from tests.conftest import FAMILIES, REPO, TINY
 from tests.distributed import run_ranks
 from tests.live_bytes import LiveBytes

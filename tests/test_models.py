@@ -8,8 +8,8 @@ import shutil
 import pytest
 import torch
 
-import models
-from models.generate import Sampling, generate_tokens, sample
+from longctx import models
+from longctx.models.generate import Sampling, generate_tokens, sample
 from tests.conftest import FAMILIES
 
 
@@ -203,8 +203,8 @@ def test_unknown_architecture(hf_checkpoint, tmp_path):
 
 
 def test_long_inputs_run_the_mlp_in_chunks_with_the_same_result(monkeypatch):
-    from models.config import ModelArgs
-    from models.transformer import FeedForward
+    from longctx.models.config import ModelArgs
+    from longctx.models.transformer import FeedForward
 
     args = ModelArgs(vocab_size=64, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=8, intermediate_size=48)
     torch.manual_seed(0)
@@ -217,7 +217,15 @@ def test_long_inputs_run_the_mlp_in_chunks_with_the_same_result(monkeypatch):
 
 def test_fused_elementwise_chains_compile_without_graph_breaks():
     """On CUDA these run compiled: a graph break would split a chain into several kernels, so check for none here."""
-    from models.transformer import add_rms_norm, apply_rotary, gelu_mul, gelu_tanh_mul, rms_norm, silu_mul, write_kv
+    from longctx.models.transformer import (
+        add_rms_norm,
+        apply_rotary,
+        gelu_mul,
+        gelu_tanh_mul,
+        rms_norm,
+        silu_mul,
+        write_kv,
+    )
 
     torch._dynamo.reset()
     x, w = torch.randn(2, 5, 16), torch.randn(16)
@@ -242,7 +250,7 @@ def test_fused_elementwise_chains_compile_without_graph_breaks():
 def test_column_major_weights_change_memory_not_results(family, hf_checkpoint):
     """Weights re-stored column-major (the layout decode GEMVs read faster on Hopper) keep their values: same logits,
     same cached decode; a weight tied to the embedding table keeps its row-major storage; off CUDA nothing moves."""
-    from models.loading import store_column_major
+    from longctx.models.loading import store_column_major
 
     _, path = hf_checkpoint(family)
     tokens = torch.randint(0, 90, (1, 12), generator=torch.Generator().manual_seed(5))

@@ -6,8 +6,8 @@ import pytest
 import torch
 import yaml
 
-import models
-from models.transformer import Transformer
+from longctx import models
+from longctx.models.transformer import Transformer
 from tests.conftest import REPO
 
 # Parameter counts published with each checkpoint (safetensors metadata on the model cards).

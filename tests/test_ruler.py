@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-
 import pytest
 
-from evaluation import ruler
+from longctx.evaluation import ruler
 
 
 def count(text: str) -> int:
@@ -73,7 +72,7 @@ def test_common_words_answers_are_the_most_common(prose):
 
 
 def test_accuracy_cells_run_every_task_once_with_one_budget_per_task():
-    from tools import accuracy
+    from longctx.tools import accuracy
 
     for cell in accuracy.plan():
         runs = cell.runs()

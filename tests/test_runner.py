@@ -231,7 +231,7 @@ def test_joins_a_torchrun_group_as_one_host_of_tensor_parallel_ranks(tmp_path):
 
 
 def test_star_default_blocks():
-    from attention.star import star_block_size
+    from longctx.attention.star import star_block_size
 
     assert star_block_size(3000, 1, 4096) == 3000  # below the floor: one exact block
     assert star_block_size(10_000, 1, 4096) == 4096  # 3 blocks of 4096, not 4 of 2500

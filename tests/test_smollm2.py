@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-import models
+from longctx import models
 from tests.test_tokenizer import _corpus
 
 

@@ -9,10 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import attention
-import models
-from models.generate import generate_tokens
-from parallel.tensor import TensorParallel, check_degree, local_args, valid_degrees
+from longctx import attention, models
+from longctx.models.generate import generate_tokens
+from longctx.parallel.tensor import TensorParallel, check_degree, local_args, valid_degrees
 from tests.distributed import run_ranks
 from tests.live_bytes import LiveBytes
 
@@ -63,7 +62,7 @@ def _reference(path: str, kind: str) -> dict:
 
 
 def _tp_worker(rank, world, paths: dict, layouts: list[tuple[int, list[str]]]) -> dict:
-    from parallel.layout import make_layout
+    from longctx.parallel.layout import make_layout
 
     out = {}
     for tp, kinds in layouts:
@@ -171,21 +170,21 @@ class _Allocated(LiveBytes):
 
 @pytest.mark.parametrize("family", ["llama3", "gemma3"])
 def test_each_rank_copies_out_and_holds_only_its_slices(family, hf_checkpoint, monkeypatch):
-    import models.loading
+    from longctx.models import loading
 
     _, path = hf_checkpoint(family)
     args = models.ModelArgs.from_json(path / "config.json")
     whole = models.load_model(path, dtype=torch.bfloat16)
     whole_bytes = sum(p.nbytes for p in whole.parameters())
     maps: list[tuple[int, int]] = []
-    opened = models.loading.MappedSafetensors.__init__
+    opened = loading.MappedSafetensors.__init__
 
     def record(self, file):
         opened(self, file)
         start = torch.frombuffer(self.map, dtype=torch.uint8, count=1).data_ptr()
         maps.append((start, start + len(self.map)))
 
-    monkeypatch.setattr(models.loading.MappedSafetensors, "__init__", record)
+    monkeypatch.setattr(loading.MappedSafetensors, "__init__", record)
     for rank in range(2):
         with _Allocated(maps) as live:  # (the fp32 file is read into bf16 parameters: every copy is an op)
             model = models.load_model(path, dtype=torch.bfloat16, attention=attention.build("ring"), tp=TensorParallel(args, 2, rank))
@@ -203,8 +202,8 @@ def test_each_rank_copies_out_and_holds_only_its_slices(family, hf_checkpoint, m
 def test_the_70b_command_is_valid_and_planned_per_rank(tmp_path):
     import json
 
-    import runner
-    from preflight import memory
+    from longctx import runner
+    from longctx.preflight import memory
     from tests.test_bad_inputs import compose_cfg
 
     ckpt = tmp_path / "llama3_70b"
@@ -226,7 +225,7 @@ def test_the_70b_command_is_valid_and_planned_per_rank(tmp_path):
 
 
 def test_a_model_too_large_for_one_gpu_is_told_the_tensor_parallel_degree_that_fits():
-    from preflight import memory
+    from longctx.preflight import memory
     from tests.test_bad_inputs import compose_cfg
 
     cfg = compose_cfg("model=llama3_70b", "attention=global", "ctx=8k", "task=bench", "device=cuda", "memory.limit_gib=80")

@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-import models
-from models.tokenizer import LLAMA3_PATTERN, LLAMA3_SPECIAL
+from longctx import models
+from longctx.models.tokenizer import LLAMA3_PATTERN, LLAMA3_SPECIAL
 
 SAMPLES = [
     "Hello world",

@@ -36,12 +36,10 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
-if __package__ in (None, ""):
-    sys.path.insert(0, str(ROOT))
 
-from attention import lean  # noqa: E402
-from parallel.launch import MULTICAST_OFF  # noqa: E402
-from attention.kernels import PositionMask, _compiled_flex, flex_options  # noqa: E402
+from longctx.attention import lean
+from longctx.attention.kernels import PositionMask, _compiled_flex, flex_options
+from longctx.parallel.launch import MULTICAST_OFF
 
 K = 1024
 
@@ -124,7 +122,7 @@ def timed_generation(model, prompt: list[int], new: int, context_len: int, after
     third captures the step's CUDA graph; every later one replays it. `after_first(model)` runs after the first
     token, untimed, before the first decode step.
     """
-    from models.generate import generate_tokens
+    from longctx.models.generate import generate_tokens
 
     if new < 4:
         raise ValueError(f"timed_generation needs at least 4 new tokens to time a replayed decode step; got {new}")
@@ -231,7 +229,7 @@ def bench_decode(quick: bool) -> list[Table]:
 def _planted_cache(k: torch.Tensor, direction: torch.Tensor, hot: torch.Tensor, block: int, strength: float = 16.0):
     """Keys (in place) whose blocks `hot` score about +strength against a query along `direction` [B, Hkv, 1, D]
     and the others about -strength, with per-channel noise 0.1; and the summary of the whole (full) cache."""
-    from attention.hsr import KeySummary
+    from longctx.attention.hsr import KeySummary
 
     B, H, S, D = k.shape
     nb = S // block
@@ -244,7 +242,7 @@ def _planted_cache(k: torch.Tensor, direction: torch.Tensor, hot: torch.Tensor, 
 
 
 def bench_hsr(quick: bool) -> list[Table]:
-    from attention.hsr import PROBE_EVERY, hsr_attend
+    from longctx.attention.hsr import PROBE_EVERY, hsr_attend
 
     eps, block, sink, recent = 1e-3, 64, 64, 256
     table = Table(
@@ -340,9 +338,9 @@ def bench_hsr_model(quick: bool) -> list[Table]:
     """Batch-1 decode of Llama-3.1-8B shapes (random weights) with decode=dense and decode=hsr after the same
     prompt: over the cache as the model computed it (not with `quick`), and over one planted so that 5% of key
     blocks matter."""
-    import attention
-    from models.generate import generate_tokens
-    from models.loading import random_model
+    from longctx import attention
+    from longctx.models.generate import generate_tokens
+    from longctx.models.loading import random_model
 
     new, planted = 32, 0.05
     table = Table(
@@ -388,11 +386,12 @@ def bench_hsr_model(quick: bool) -> list[Table]:
 def bench_shapes(quick: bool) -> list[Table]:
     """A run over prompts of many lengths, phase 1 on FlexAttention with exact or bucketed shapes, or on the fused
     kernels (the default where they run): graphs compiled, wall time."""
-    import attention
-    from attention import fused, kernels
-    from models.generate import generate_tokens
-    from models.loading import random_model
     from torch._dynamo.utils import counters
+
+    from longctx import attention
+    from longctx.attention import fused, kernels
+    from longctx.models.generate import generate_tokens
+    from longctx.models.loading import random_model
 
     n = 30 if quick else 100
     args, _ = _llama3_args(16 * K)
@@ -477,8 +476,8 @@ FLEX_VARIANTS = {  # kernel_options tried against the default (Hopper bf16 d128 
 def bench_prefill(quick: bool) -> list[Table]:
     """Phase-1 attention by shape: each fused kernel and FlexAttention alone, then the project's `attend`, which
     picks one (attention.fused.FUSED_KERNELS) and splits star's mask into pieces."""
-    from attention import fused
-    from attention.kernels import attend, fused_plan
+    from longctx.attention import fused
+    from longctx.attention.kernels import attend, fused_plan
 
     table = Table(
         "phase-1 attention by shape: fused SDPA kernels vs compiled FlexAttention, and the path attend() takes",
@@ -587,7 +586,7 @@ def tune_flex(quick: bool) -> Table:
 def _llama3_args(max_seq_len: int):
     from omegaconf import OmegaConf
 
-    from models.config import ModelArgs
+    from longctx.models.config import ModelArgs
 
     preset = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/model/llama3.yaml").config)
     args = ModelArgs.from_hf(preset)
@@ -597,9 +596,9 @@ def _llama3_args(max_seq_len: int):
 def bench_model(quick: bool) -> list[Table]:
     """Batch-1 decode of Llama-3.1-8B shapes (random weights) after prompts of each `--ctx` length; transformers in
     the same run."""
-    import attention
-    from models import transformer
-    from models.loading import random_model
+    from longctx import attention
+    from longctx.models import transformer
+    from longctx.models.loading import random_model
 
     contexts, new = [int(c) for c in str(ARGS.ctx).split(",")], 64
     args, preset = _llama3_args(max(contexts) + 4096)
@@ -660,7 +659,7 @@ def bench_model(quick: bool) -> list[Table]:
 def bench_gemv(quick: bool) -> list[Table]:
     """Batch-1 projections of Llama-3.1-8B shapes with the weight stored row-major (as checkpoints are) or
     column-major: the measurement behind `models.loading.COLUMN_MAJOR`."""
-    from models.loading import COLUMN_MAJOR
+    from longctx.models.loading import COLUMN_MAJOR
 
     args, _ = _llama3_args(0)
     q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
@@ -698,7 +697,7 @@ def _hf_copy(model, preset: dict):
     """A transformers LlamaForCausalLM with the same weights, on the GPU."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from models.loading import fused_rows, hf_to_ours
+    from longctx.models.loading import fused_rows, hf_to_ours
 
     config = LlamaConfig(**{k: v for k, v in preset.items() if k != "architectures"})
     config._attn_implementation = "sdpa"
@@ -721,8 +720,7 @@ def profile_decode(model, S: int) -> str:
     """GPU time per kernel kind over eager decode steps after S cached tokens: where a token's time goes."""
     from torch.profiler import ProfilerActivity, profile
 
-    import attention
-
+    from longctx import attention
     model.attention = attention.build("global")
     model.setup_cache(1, S + 8)  # an empty cache of the benchmark's size: decode reads every slot all the same
     tok = torch.zeros(1, 1, dtype=torch.long, device="cuda")
@@ -786,7 +784,7 @@ def graph_kernels(model, S: int) -> int:
     """Kernels one replay of the model's captured decode step launches (CUDA graph kernels, counted by the profiler)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from models.generate import generate_tokens
+    from longctx.models.generate import generate_tokens
 
     prompt = torch.randint(0, model.args.vocab_size, (S,), generator=torch.Generator().manual_seed(0)).tolist()
     it = generate_tokens(model, prompt, 6)
@@ -804,11 +802,11 @@ def bench_tp(quick: bool) -> list[Table]:
     For a model that fits one GPU, first the decode-graph kernels of tp=1 against the untouched model."""
     from omegaconf import OmegaConf
 
-    import attention
-    from models.loading import random_model
-    from parallel.layout import Layout
-    from parallel.tensor import valid_degrees
-    from preflight.memory import preset_args, weight_bytes
+    from longctx import attention
+    from longctx.models.loading import random_model
+    from longctx.parallel.layout import Layout
+    from longctx.parallel.tensor import valid_degrees
+    from longctx.preflight.memory import preset_args, weight_bytes
 
     name = ARGS.models.split(",")[0]
     args = preset_args(OmegaConf.load(ROOT / f"conf/model/{name}.yaml"))
@@ -867,7 +865,7 @@ def _bench_runs(runs: list[list[str]], results: Path, model: str, part: str) -> 
     commands, with why a run is missing, are returned for the table."""
     from hydra import compose, initialize_config_dir
 
-    from preflight import memory
+    from longctx.preflight import memory
 
     commands = []
     for run in runs:

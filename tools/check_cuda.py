@@ -9,16 +9,12 @@ Prints one line per case with the largest error relative to the reference's larg
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import torch
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import attention  # noqa: E402
-from attention.kernels import PositionMask, attend, dense_attend  # noqa: E402
-from models import ModelArgs, random_model, transformer  # noqa: E402
+from longctx import attention
+from longctx.attention.kernels import PositionMask, attend, dense_attend
+from longctx.models import ModelArgs, random_model, transformer
 
 TOLERANCE = {torch.bfloat16: 1e-2, torch.float32: 1e-4}
 
@@ -49,7 +45,7 @@ def kernel_cases() -> list[tuple[str, PositionMask, int, int]]:
 
 
 def check_kernels() -> bool:
-    from attention import fused
+    from longctx.attention import fused
 
     fused.FUSED_MIN_MERGED_QUERIES = 0  # these masks are short: merged pieces at any length
     ok = True
@@ -75,7 +71,7 @@ def check_kernels() -> bool:
 
 
 def _path(q, k, mask: PositionMask) -> str:
-    from attention.kernels import fused_plan, use_flex
+    from longctx.attention.kernels import fused_plan, use_flex
 
     if not use_flex(q):
         return "decode"
@@ -86,7 +82,7 @@ def _path(q, k, mask: PositionMask) -> str:
 def check_fused_model() -> bool:
     """bf16 models whose phase 1 runs on the fused kernels (full-attention layers; Gemma's windows stay on Flex)
     against the same models on FlexAttention alone, relative to the logits' scale."""
-    from attention import fused
+    from longctx.attention import fused
 
     fused.FUSED_MIN_MERGED_QUERIES = 0  # merged pieces at any length
     tokens = torch.randint(0, 1000, (1, 1500))
@@ -115,7 +111,7 @@ def check_lean() -> bool:
     Many programs share each head on the larger cases; 20 launches must give identical bits (the split and the
     merge order are fixed, so the result must not depend on which program finishes first).
     """
-    from attention import lean
+    from longctx.attention import lean
 
     ok = True
     g = torch.Generator(device="cuda").manual_seed(1)
@@ -160,8 +156,8 @@ def check_hsr() -> bool:
     """HSR sparse decode on CUDA (Triton bounds, Lean over a tile list): its certificate holds against float64 dense
     attention, it reads what the PyTorch path reads, the selection in one launch and in three agree, and it replays
     from a CUDA graph with the same result."""
-    from attention import hsr_triton
-    from attention.hsr import KeySummary, error_bound, hsr_attend
+    from longctx.attention import hsr_triton
+    from longctx.attention.hsr import KeySummary, error_bound, hsr_attend
 
     ok = True
     g = torch.Generator(device="cuda").manual_seed(2)
@@ -239,7 +235,7 @@ GEMMA_LIKE = dict(vocab_size=1000, dim=256, n_layers=3, n_heads=4, n_kv_heads=1,
 
 def check_graphs() -> bool:
     """Decode replayed from a CUDA graph generates the tokens of eager decode, for global and star."""
-    from models.generate import generate_tokens
+    from longctx.models.generate import generate_tokens
 
     llama = ModelArgs(vocab_size=1000, dim=256, n_layers=2, n_heads=8, n_kv_heads=2, head_dim=64,
                       intermediate_size=512, max_seq_len=8192, layer_windows=(None, 300))  # fmt: skip
@@ -330,8 +326,8 @@ def check_ranks() -> bool:
     parallelism over all GPUs (global on one host) and, on 4 or more, 2 hosts × tp=world/2 for ring and star."""
     import torch.distributed as dist
 
-    from parallel.launch import init_ranks
-    from parallel.layout import make_layout
+    from longctx.parallel.launch import init_ranks
+    from longctx.parallel.layout import make_layout
 
     rank, world, device = init_ranks("nccl", 120)
     star = {"block_size": 300}
@@ -356,7 +352,7 @@ def _compare_to_one_gpu(layout, name: str, params: dict, rank: int, world: int, 
     """Phase-1 logits and greedy tokens (eager and CUDA-graph decode) of `name` on this layout against one GPU."""
     import torch.distributed as dist
 
-    from models.generate import generate_tokens
+    from longctx.models.generate import generate_tokens
 
     args, n_ctx = RANKS_MODEL, 2000
     prompt = torch.randint(0, 1000, (2100,), generator=torch.Generator().manual_seed(0)).tolist()

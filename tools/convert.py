@@ -25,12 +25,9 @@ from typing import Iterator
 
 import torch
 
-if __package__ in (None, ""):  # run as a script: make the project importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from models.config import DTYPES, read_json  # noqa: E402
-from tools.checkpoint_writer import DEFAULT_SHARD_SIZE, write_checkpoint  # noqa: E402
-from tools.gguf_import import GGUFCheckpoint  # noqa: E402
+from longctx.models.config import DTYPES, read_json
+from longctx.tools.checkpoint_writer import DEFAULT_SHARD_SIZE, write_checkpoint
+from longctx.tools.gguf_import import GGUFCheckpoint
 
 CACHE_HOME = Path(os.environ.get("LONGCTX_HOME", Path.home() / ".cache" / "longctx"))
 SMOLLM2_DIR = CACHE_HOME / "models" / "SmolLM2-135M-Instruct"
@@ -193,7 +190,7 @@ def convert_meta(src: Path, out: Path, dtype: torch.dtype | None = None, **write
 def convert_hf(src: Path, out: Path, dtype: torch.dtype | None = None, **write) -> Path:
     from safetensors import safe_open
 
-    from models.loading import checkpoint_files
+    from longctx.models.loading import checkpoint_files
 
     config_file = src / "config.json"
     if not config_file.is_file():

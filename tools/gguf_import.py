@@ -136,7 +136,7 @@ class GGUFCheckpoint:
 
     def _llama3_rope_scaling(self, cfg: dict[str, Any]) -> dict[str, Any]:
         """llama.cpp stores Llama 3.1's rope scaling as per-frequency factors: recover the standard parameters."""
-        from models.config import ModelArgs, rope_inv_freq
+        from longctx.models.config import ModelArgs, rope_inv_freq
 
         stored = torch.from_numpy(self._dequantized("rope_freqs.weight").astype(np.float32))
         scaling = {"rope_type": "llama3", "factor": float(stored.max()), "low_freq_factor": 1.0,

@@ -28,11 +28,9 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-if __package__ in (None, ""):
-    sys.path.insert(0, str(REPO))
 
-from attention.hsr import KeySummary, hsr_attend, score_bounds  # noqa: E402
-from attention.strategy import GlobalAttention  # noqa: E402
+from longctx.attention.hsr import KeySummary, hsr_attend, score_bounds
+from longctx.attention.strategy import GlobalAttention
 
 RESULTS = REPO / "accuracy" / "hsr"
 DOC = REPO / "ACCURACY.md"
@@ -57,9 +55,9 @@ class _Capture(GlobalAttention):
 
 def capture(model_name: str, length: int) -> tuple[list[tuple], torch.Tensor]:
     """Every layer's (q, k, v, mask) at the decode query of a `length`-token prose prompt, and the cache positions."""
-    import models
-    from evaluation.ruler import DEFAULT_PROSE
-    from tools.convert import BUILTINS
+    from longctx import models
+    from longctx.evaluation.ruler import DEFAULT_PROSE
+    from longctx.tools.convert import BUILTINS
 
     model, tok = models.load(BUILTINS[BUILTIN[model_name]](), dtype=torch.float32)
     text = "\n\n".join(p.read_text(errors="replace") for p in sorted(DEFAULT_PROSE.iterdir()) if p.is_file())
