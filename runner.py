@@ -27,19 +27,32 @@ from omegaconf import DictConfig, OmegaConf
 from longctx.parallel.launch import RankFailed, init_ranks, launch, under_torchrun
 from longctx.parallel.layout import make_layout
 from longctx.preflight import memory, options
-from longctx.tasks import BENCH_SETUP_STEPS, TASKS, Context, task_plan
+from longctx.tasks import TASKS, Context
 
 # --- configuration
 
 
+CONF = Path(__file__).resolve().parent / "conf"
+
+
+def check_choices(argv: list[str], conf: Path = CONF) -> None:
+    """A config group's choice that has no yaml (`decode=sparse`) stops with one line naming the group and its
+    choices, before Hydra (whose own error takes a page) composes anything."""
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        if not value or key.startswith(("-", "+", "~")) or "." in key or "/" in key or not (conf / key).is_dir():
+            continue
+        choices = sorted(p.stem for p in (conf / key).glob("*.yaml"))
+        for choice in value.split(","):  # (a -m sweep lists several; Hydra's sweep functions are left to it)
+            if choice not in choices and not any(c in choice for c in "()*"):
+                raise options.OptionError(
+                    f"{key}={choice} is not a choice of {key}; choices: {', '.join(choices)} (conf/{key}/)"
+                )
+
+
 def validate(cfg: DictConfig) -> None:
     """Errors a user can fix, caught before any process or model is started (preflight.options has the checks)."""
-    options.check(cfg, (*TASKS, "plan"))
-    if cfg.task.name == "bench" and cfg.task.new_tokens < BENCH_SETUP_STEPS + 2:
-        raise ValueError(
-            f"task.new_tokens={cfg.task.new_tokens} leaves no decode step to time: bench times decode after the first "
-            f"token and {BENCH_SETUP_STEPS} set-up steps; use task.new_tokens >= {BENCH_SETUP_STEPS + 2}"
-        )
+    options.check(cfg, TASKS)
 
 
 # --- running, on one rank or many
@@ -53,14 +66,24 @@ def report(cfg: DictConfig, run_dir: Path, result: dict, samples: list[dict]) ->
     import wandb
 
     run = wandb.init(
-        mode=cfg.wandb.mode, project=cfg.wandb.project, entity=cfg.wandb.entity,
-        config=OmegaConf.to_container(cfg, resolve=True), dir=os.environ.get("WANDB_DIR") or str(run_dir),
+        mode=cfg.wandb.mode,
+        project=cfg.wandb.project,
+        entity=cfg.wandb.entity,
+        config=OmegaConf.to_container(cfg, resolve=True),
+        dir=os.environ.get("WANDB_DIR") or str(run_dir),
         name=f"{cfg.task.name}-{cfg.model.name}-{cfg.attention.name}-{cfg.ctx.name}",
-    )  # fmt: skip
+    )
     run.log({k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
     if samples:
         columns = list(samples[0])
-        run.log({"samples": wandb.Table(columns=columns, data=[[json.dumps(r[k]) if isinstance(r[k], list) else r[k] for k in columns] for r in samples])})
+        run.log(
+            {
+                "samples": wandb.Table(
+                    columns=columns,
+                    data=[[json.dumps(r[k]) if isinstance(r[k], list) else r[k] for k in columns] for r in samples],
+                )
+            }
+        )
     if result.get("plot"):
         run.log({"ruler_heatmap": wandb.Image(result["plot"])})
     run.finish()
@@ -80,7 +103,7 @@ def worker(cfg_dict: dict, run_dir: str) -> dict:
         if cfg.memory.check:  # self-launched GPU ranks: each checks its own GPU before loading
             memory.check_fits(cfg, device)
         c = Context(cfg, Path(run_dir), rank, layout, device)
-        result = TASKS[cfg.task.name](c)
+        result = TASKS[cfg.task.name].run(c)
         if rank == 0:
             report(cfg, Path(run_dir), result, c.samples)
         return result
@@ -96,8 +119,8 @@ def main(cfg: DictConfig) -> None:
         if under_torchrun():
             options.take_launcher_world(cfg, int(os.environ["WORLD_SIZE"]))
         validate(cfg)
-        if cfg.task.name == "plan":
-            task_plan(cfg, Path(run_dir))
+        if not TASKS[cfg.task.name].needs_model:
+            TASKS[cfg.task.name].run(cfg, Path(run_dir))
             return
         # Self-launched GPU ranks check their own GPUs (asking here would hold a CUDA context on each meanwhile).
         in_ranks = cfg.parallel.nproc > 1 and not under_torchrun() and options.resolve_device(cfg.device).type == "cuda"
@@ -157,4 +180,9 @@ def _cell(v: Any) -> str:
 
 
 if __name__ == "__main__":
+    try:
+        check_choices(sys.argv[1:])
+    except options.OptionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     main()

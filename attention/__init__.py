@@ -1,32 +1,46 @@
-"""Attention strategies, chosen by name (`attention=` in the configs): global, ring and star."""
+"""Attention strategies (`attention=`: global, ring, star) and decode methods (`decode=`: dense, hsr, window), by name.
+
+A new strategy or decode method is a new module attention/NAME.py whose class registers itself under NAME, and a
+conf/attention/NAME.yaml or conf/decode/NAME.yaml: attention/README.md walks through one.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
 
+from longctx.attention.decode import DECODE_METHODS, DecodeMethod, DenseDecode, build_decode, decode_class
 from longctx.attention.ring import RingAttention
-from longctx.attention.star import StarAttention, star_block_size
-from longctx.attention.strategy import AttentionStrategy, GlobalAttention
-
-REGISTRY: dict[str, type[AttentionStrategy]] = {cls.name: cls for cls in (GlobalAttention, RingAttention, StarAttention)}
+from longctx.attention.star import StarAttention
+from longctx.attention.strategy import STRATEGIES, AttentionStrategy, GlobalAttention, strategy_class
 
 
-def build(name: str, **params: Any) -> AttentionStrategy:
-    """The strategy registered as `name`, constructed with its parameters (on the current process group)."""
-    if name not in REGISTRY:
-        raise ValueError(f"unknown attention {name!r}; available: {', '.join(sorted(REGISTRY))}")
-    return REGISTRY[name](**params)
+def build(name: str, decode: DecodeMethod | None = None, **params: Any) -> AttentionStrategy:
+    """The strategy registered as `name`, constructed with its parameters and decode method (default: dense), on
+    the current process group."""
+    return strategy_class(name)(decode=decode, **params)
 
 
-def from_config(cfg: Mapping, n_ctx: int, world: int, group=None) -> AttentionStrategy:
-    """The strategy an `attention=` config group describes, for a context of `n_ctx` tokens over `world` ranks (the
-    ranks of `group`, the context-parallel group; None: all ranks): star's block size, where the config leaves it
-    null, is the default rule's (`star_block_size`)."""
-    params = dict(cfg.get("params") or {})
-    if cfg["name"] == "star" and params.get("block_size") is None:
-        params["block_size"] = star_block_size(n_ctx, world, cfg.get("min_block_size") or 0)
-    return build(cfg["name"], group=group, **params)
+def from_config(attention: Mapping, decode: Mapping | None, n_ctx: int, world: int, group=None) -> AttentionStrategy:
+    """The strategy an `attention` config node and a `decode` one describe, for a context of `n_ctx` tokens over
+    `world` ranks (the ranks of `group`, the context-parallel group; None: all ranks)."""
+    return strategy_class(attention["name"]).from_config(
+        attention, n_ctx, world, group=group, decode=build_decode(decode)
+    )
 
 
-__all__ = ["REGISTRY", "AttentionStrategy", "GlobalAttention", "RingAttention", "StarAttention", "build", "from_config"]
+__all__ = [
+    "DECODE_METHODS",
+    "STRATEGIES",
+    "AttentionStrategy",
+    "DecodeMethod",
+    "DenseDecode",
+    "GlobalAttention",
+    "RingAttention",
+    "StarAttention",
+    "build",
+    "build_decode",
+    "decode_class",
+    "from_config",
+    "strategy_class",
+]

@@ -10,7 +10,7 @@ same keys for adjacent query runs run as one.
 
 Sliding windows that cut, layouts of more than MAX_CALLS pieces and masks of several pieces over fewer than
 FUSED_MIN_MERGED_QUERIES queries stay on FlexAttention (`split` gives None).
-Which kernel runs the pieces is data: FUSED_KERNELS, by GPU capability, from `tools/benchmarks.py prefill`.
+Which kernel runs the pieces is data: FUSED_KERNELS, by GPU capability (BENCHMARKS.md, figure `prefill`).
 """
 
 from __future__ import annotations
@@ -23,20 +23,21 @@ import torch
 from torch import Tensor
 
 from longctx.attention.merge import merge_partials
+from longctx.attention.settings import Setting
 
 # Most kernel calls a mask may take before FlexAttention (one call, any mask) is the better choice.
 MAX_CALLS = 16
 
-# GPU capability -> the fused kernel measured fastest for both shapes there (tools/benchmarks.py prefill). On an H100
-# (torch 2.11, bf16, 32/8 heads, D=128) cuDNN ran 594-681 TFLOP/s over 8K-64K tokens, causal and full, against
-# 449-475 for compiled FlexAttention and 308-359 for the flash op; at D=256 with one KV head 380-741 against 220-381.
-# The memory-efficient op needs K/V repeated to every query head and ran at 157-180. Unmeasured GPUs keep Flex.
-FUSED_KERNELS: dict[tuple[int, int], str] = {(9, 0): "cudnn"}
-# Masks of several pieces run fused from this many queries; below, merging costs more than the kernels gain (star's
-# 4 blocks at 8K tokens: 0.84x of Flex's speed at 32/8 heads and 0.70x at 4/1, head dim 256; at 32K 1.29x and 1.69x).
-FUSED_MIN_MERGED_QUERIES = 16384
+# GPU capability -> the fused kernel measured fastest for both shapes there (BENCHMARKS.md, figure `prefill`: on an
+# H100 cuDNN beat compiled FlexAttention and the flash op, causal and full, at both head dims; the memory-efficient op
+# needs K/V repeated to every query head and was slowest). Unmeasured GPUs keep Flex. A measurement that compares
+# kernels changes it for a scope: `with FUSED_KERNELS.scoped({}): ...` runs everything on Flex.
+FUSED_KERNELS: Setting[dict[tuple[int, int], str]] = Setting("fused_kernels", {(9, 0): "cudnn"})
+# Masks of several pieces run fused from this many queries; below, merging costs more than the kernels gain (figure
+# `prefill`: star's 4 blocks at 8K tokens ran slower than on Flex, at 32K faster).
+FUSED_MIN_MERGED_QUERIES: Setting[int] = Setting("fused_min_merged_queries", 16384)
 # Longer causal runs are cut into equal squares (batched) and the full pieces between them: cuDNN's causal kernel
-# slows past 64K tokens (H100: 650 TFLOP/s at 32K, 619 at 64K, 540 at 128K, where full attention keeps 611).
+# slows past 64K tokens, where full attention does not (figure `prefill`).
 MAX_CAUSAL_SQUARE = 65536
 FUSED_DTYPES = (torch.bfloat16, torch.float16)
 FUSED_MAX_HEAD_DIM = 256
@@ -112,7 +113,7 @@ def split(q_pos: Tensor, kv_pos: Tensor, window: int | None, block: int | None, 
             elif kp == qp:  # identical positions (the cuts make overlapping runs identical)
                 causal.append((qa, qb, ka, kb))
     pieces = _merge_full(full) + _batch_causal(causal)
-    if len(pieces) > MAX_CALLS or (len(pieces) > 1 and q_pos.numel() < FUSED_MIN_MERGED_QUERIES):
+    if len(pieces) > MAX_CALLS or (len(pieces) > 1 and q_pos.numel() < FUSED_MIN_MERGED_QUERIES.get()):
         return None
     return pieces
 
@@ -148,7 +149,12 @@ def _batch_causal(causal: list[tuple[int, int, int, int]]) -> list[Piece]:
     for qa, qb, ka, kb in sorted(causal):
         n = qb - qa
         last = out[-1] if out else None
-        if last is not None and (last.rows[1] - last.rows[0]) // last.count == n and last.rows[1] == qa and last.keys[1] == ka:
+        if (
+            last is not None
+            and (last.rows[1] - last.rows[0]) // last.count == n
+            and last.rows[1] == qa
+            and last.keys[1] == ka
+        ):
             out[-1] = Piece((last.rows[0], qb), (last.keys[0], kb), True, last.count + 1)
         else:
             out.append(Piece((qa, qb), (ka, kb), True))
@@ -177,7 +183,7 @@ def fused_kernel(q: Tensor, k: Tensor) -> Kernel | None:
     """The fused kernel for these inputs on this GPU (FUSED_KERNELS), or None: FlexAttention then."""
     if not q.is_cuda or q.dtype not in FUSED_DTYPES or q.shape[-1] > FUSED_MAX_HEAD_DIM or q.shape[-1] % 8:
         return None
-    name = FUSED_KERNELS.get(torch.cuda.get_device_capability(q.device))
+    name = FUSED_KERNELS.get().get(torch.cuda.get_device_capability(q.device))
     return KERNELS[name] if name is not None and _available(name) else None
 
 
@@ -211,7 +217,9 @@ def fused_attend(q: Tensor, k: Tensor, v: Tensor, pieces: list[Piece], kernel: K
             for a, b, seen in _segments(written, *piece.rows):
                 rows, part = slice(a, b), slice(a - first, b - first)
                 if seen:
-                    out[:, :, rows], lse[:, :, rows] = _merge_pair(out[:, :, rows], lse[:, :, rows], o[:, :, part], l[:, :, part])
+                    out[:, :, rows], lse[:, :, rows] = _merge_pair(
+                        out[:, :, rows], lse[:, :, rows], o[:, :, part], l[:, :, part]
+                    )
                 else:
                     out[:, :, rows], lse[:, :, rows] = o[:, :, part], l[:, :, part]
         written.append(piece.rows)

@@ -46,15 +46,22 @@ over each head's list of blocks (`attention.lean.lean_sparse_attend`). Elsewhere
 
 from __future__ import annotations
 
+import importlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from functools import cache
+from typing import ClassVar
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from longctx.attention import lean
-from longctx.attention.kernels import PositionMask
+from longctx.attention.cache import LayerKV, Summarize
+from longctx.attention.decode import DecodeMethod
+from longctx.attention.mask import PositionMask
+from longctx.attention.merge import all_gather_merge
+from longctx.conf.schema import check_value, option
 
 
 @dataclass
@@ -80,15 +87,23 @@ class KeySummary:
             self.arrived = torch.zeros_like(self.dense_until)
 
     @classmethod
-    def empty(cls, batch: int, kv_heads: int, slots: int, head_dim: int, block: int, device=None, dtype=torch.float32) -> "KeySummary":
+    def empty(
+        cls, batch: int, kv_heads: int, slots: int, head_dim: int, block: int, device=None, dtype=torch.float32
+    ) -> "KeySummary":
         """A summary of an empty cache of keys of `dtype`."""
         check_block(block)
         n = -(-slots // block)
         inf = torch.full((batch, kv_heads, n, head_dim), math.inf, device=device, dtype=dtype)
         big = torch.iinfo(torch.long).max
-        return cls(block, inf.clone(), -inf, torch.zeros(n, dtype=torch.long, device=device),
-                   torch.full((n,), big, dtype=torch.long, device=device), torch.full((n,), -1, dtype=torch.long, device=device),
-                   torch.zeros(batch, kv_heads, dtype=torch.int32, device=device))  # fmt: skip
+        return cls(
+            block,
+            inf.clone(),
+            -inf,
+            torch.zeros(n, dtype=torch.long, device=device),
+            torch.full((n,), big, dtype=torch.long, device=device),
+            torch.full((n,), -1, dtype=torch.long, device=device),
+            torch.zeros(batch, kv_heads, dtype=torch.int32, device=device),
+        )
 
     def reset(self) -> None:
         """Back to the summary of an empty cache."""
@@ -130,14 +145,19 @@ class KeySummary:
 UPDATE_IN_ONE = 16  # keys up to which a CUDA summary update is one kernel (it walks them in order, one program a head)
 
 
+def power_of_two(n: int) -> str | None:
+    """The problem with `n` as a block size (every block's slots are one aligned run): None if it is a power of two."""
+    return None if n >= 1 and n & (n - 1) == 0 else "must be a power of two"
+
+
 def check_block(block: int) -> None:
-    if block < 1 or block & (block - 1):
-        raise ValueError(f"hsr_block must be a power of two; got {block}")
+    if power_of_two(block):
+        raise ValueError(f"the HSR block {block} {power_of_two(block)}")
 
 
 def check_eps(eps: float) -> None:
-    if not 0 < eps < 1:
-        raise ValueError(f"hsr_eps bounds the unread share of the softmax mass: it must be in (0, 1); got {eps}")
+    """`eps` within the range HSRDecode declares for it (a ValueError naming it otherwise)."""
+    check_value("HSR's eps", eps, float, next(f.metadata for f in fields(HSRDecode) if f.name == "eps"))
 
 
 def score_bounds(q: Tensor, summary: KeySummary) -> Tensor:
@@ -204,7 +224,14 @@ def _low(eps: float, blocks: int) -> int:
 
 
 def hsr_attend(
-    q: Tensor, k: Tensor, v: Tensor, mask: PositionMask, summary: KeySummary, eps: float, sink: int = 64, recent: int = 256,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: PositionMask,
+    summary: KeySummary,
+    eps: float,
+    sink: int = 64,
+    recent: int = 256,
     stats: Tensor | None = None,
 ) -> HSRResult:
     """Decode attention of q [B, Hq, T, D] (T small) over the cache k, v [B, Hkv, S, D] reading only the blocks
@@ -216,7 +243,7 @@ def hsr_attend(
     Hkv, nb = k.shape[1], summary.count.numel()
     low = _low(eps, nb)
     if _triton_path(q, k, mask, summary, low):
-        return HSRResult(*_triton().hsr_attend(q, k, v, mask, summary, eps, sink, recent, BINS, low, stats))
+        return _triton_attend(q, k, v, mask, summary, eps, sink, recent, low, stats)
     visible, always = block_roles(summary, mask, sink, recent)
     u = score_bounds(q, summary).masked_fill(~visible, -math.inf)  # [B, Hq, T, nb]
     top = u.view(B, Hkv, -1, nb).amax(2).masked_fill(always, -math.inf)  # a block's best bound over its rows
@@ -247,7 +274,34 @@ def hsr_attend(
     return HSRResult(out, lse, certificate, read.sum(-1), visible.sum())
 
 
-def attend_blocks(q: Tensor, k: Tensor, v: Tensor, mask: PositionMask, chosen: Tensor, block: int) -> tuple[Tensor, Tensor]:
+def _triton_attend(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: PositionMask,
+    summary: KeySummary,
+    eps: float,
+    sink: int,
+    recent: int,
+    low: int,
+    stats: Tensor | None = None,
+) -> HSRResult:
+    """`hsr_attend` on the Triton kernels: the selection (`hsr_triton.select`), then the Lean walk over each head's
+    list of blocks, whose combine writes the certificate (and raises the largest in `stats`)."""
+    rule = (*DENSE_SHARE, PROBE_EVERY)
+    tiles, units, dense, L, unread, read, visible = _triton().select(
+        q, k, mask, summary, eps, sink, recent, BINS, low, rule, lean.default_programs(q.device), stats
+    )
+    worst = None if stats is None else stats[2:].view(torch.int64)
+    out, lse, cert = lean.lean_sparse_attend(
+        q, k, v, mask, tiles, units, summary.block, dense=dense, certify=(L, unread), worst=worst
+    )
+    return HSRResult(out, lse, cert, read.view(q.shape[0], k.shape[1]), visible[0])
+
+
+def attend_blocks(
+    q: Tensor, k: Tensor, v: Tensor, mask: PositionMask, chosen: Tensor, block: int
+) -> tuple[Tensor, Tensor]:
     """Exact attention over the visible keys of the chosen blocks [B, Hkv, nb] of each KV head: (output in q's
     dtype, lse fp32; float64 for float64 inputs)."""
     B, Hq, T, D = q.shape
@@ -270,15 +324,20 @@ def _triton_path(q: Tensor, k: Tensor, mask: PositionMask, summary: KeySummary, 
     summaries in the keys' dtype."""
     rows = q.shape[1] // k.shape[1] * q.shape[2]
     return (
-        q.dtype != torch.float64 and q.dtype == k.dtype == summary.kmin.dtype and summary.block >= 16 and rows <= 64
+        q.dtype != torch.float64
+        and q.dtype == k.dtype == summary.kmin.dtype
+        and summary.block >= 16
+        and rows <= 64
         and q.shape[0] * k.shape[1] <= 1024
-        and low > -126 and lean.supports(q, k, mask) and _triton() is not None
-    )  # fmt: skip
+        and low > -126
+        and lean.supports(q, k, mask)
+        and _triton() is not None
+    )
 
 
 @cache
 def _triton():
-    return lean.triton_module("hsr_triton")
+    return importlib.import_module("longctx.attention.hsr_triton") if lean.triton_available() else None
 
 
 def merge_certificates(lses: Tensor, certificates: Tensor) -> Tensor:
@@ -290,3 +349,88 @@ def merge_certificates(lses: Tensor, certificates: Tensor) -> Tensor:
 def error_bound(certificate: Tensor, v_range: Tensor) -> Tensor:
     """The largest |o - o_read| per channel that a certificate allows, given the values' range per channel."""
     return (certificate / (1 + certificate))[..., None] * v_range
+
+
+@dataclass
+class HSRDecode(DecodeMethod):
+    """Phase 2 reads only the key blocks needed for the unread softmax mass to be certified below `eps` (the module
+    docstring), always the first `sink` and the latest `recent` tokens' blocks: Triton kernels on CUDA (inside
+    CUDA-graph decode), PyTorch elsewhere. Each layer's cache keeps a `KeySummary` per block of `block` slots."""
+
+    name: ClassVar[str] = "hsr"
+    eps: float = option(
+        1e-3, "the unread share of the softmax mass is at most this", low=0, high=1, low_open=True, high_open=True
+    )
+    block: int = option(64, "keys per summarized block (a power of two)", check=power_of_two)
+    sink: int = option(64, "the first tokens, always read", low=0)
+    recent: int = option(256, "the latest tokens, always read", low=0)
+    # over a phase 2, on the device (a CUDA graph's replays add to it): this rank's blocks read and visible (summed
+    # over layers, KV heads and steps) and the largest composed certificate
+    stats: Tensor | None = field(default=None, init=False, repr=False)
+
+    @property
+    def summarize(self) -> Summarize:
+        block = self.block
+        return lambda batch, kv_heads, slots, head_dim, device, dtype: KeySummary.empty(
+            batch, kv_heads, slots, head_dim, block, device, dtype
+        )
+
+    def attend(self, q: Tensor, kv: LayerKV, mask: PositionMask, group: dist.ProcessGroup | None, world: int) -> Tensor:
+        """HSR over this rank's cache; across ranks the partials merge as dense ones do and the certificates compose
+        as the read-mass-weighted mean (`merge_certificates`), counted in `stats` (by the kernels on one rank)."""
+        if self.stats is None:
+            self.stats = torch.zeros(3, dtype=torch.float64, device=q.device)
+        alone = world == 1
+        r = hsr_attend(q, kv.k, kv.v, mask, kv.summary, self.eps, self.sink, self.recent, self.stats if alone else None)
+        if alone:
+            return r.out.to(q.dtype)
+        lses = [torch.empty_like(r.lse) for _ in range(world)]
+        certs = [torch.empty_like(r.certificate) for _ in range(world)]
+        dist.all_gather(lses, r.lse.contiguous(), group=group)
+        dist.all_gather(certs, r.certificate.contiguous(), group=group)
+        cert = merge_certificates(torch.stack(lses), torch.stack(certs))
+        out, _ = all_gather_merge(r.out, r.lse, group)
+        self.stats[0] += r.blocks_read.sum()
+        self.stats[1] += r.blocks_visible * r.blocks_read.numel()
+        torch.maximum(self.stats[2], cert.max(), out=self.stats[2])
+        return out.to(q.dtype)
+
+    def reset(self) -> None:
+        self.stats = None
+
+    def report(self, group: dist.ProcessGroup | None, world: int) -> dict | None:
+        """The share of key blocks phase 2 read (over all ranks) and its largest certificate; None before any."""
+        if self.stats is None:
+            return None
+        stats = self.stats.clone()
+        if world > 1:
+            dist.all_reduce(stats[:2], group=group)
+        read, visible, worst = stats.tolist()
+        return {"hsr_blocks_read_share": read / max(visible, 1), "hsr_max_certificate": worst}
+
+    def describe(self, report: dict) -> str:
+        return (
+            f"hsr: phase 2 read {report['hsr_blocks_read_share']:.1%} of the key blocks; unread softmax mass at "
+            f"most {report['hsr_max_certificate']:.2e} of the read"
+        )
+
+    def check_context(self, n_ctx: int, what: str) -> None:
+        if self.block > n_ctx:
+            raise ValueError(f"decode.block must be a power of two no larger than {what}={n_ctx}; got {self.block}")
+
+    def cache_bytes(self, slots: int, kv_heads: int, head_dim: int, itemsize: int) -> int:
+        """Each layer's key summaries (minimum and maximum per channel in the keys' dtype; count and positions)."""
+        blocks = -(-slots // self.block)
+        return 2 * kv_heads * blocks * head_dim * itemsize + 3 * blocks * 8
+
+    def workspace_bytes(self, heads: int, kv_heads: int, head_dim: int, queries: int, slots: int, itemsize: int) -> int:
+        """Bytes `hsr_attend`'s PyTorch path holds beyond its inputs for T queries over S slots in `blocks` blocks (the
+        CUDA kernels hold less): the larger of the bounds (q and its two parts, the summaries in the exact dtype, two
+        products and their sum [Hq, T, blocks]) and the attention over the chosen blocks (the dense mask and chosen
+        keys, fp32 scores and probabilities, K and V in the exact dtype), next to the bounds and the weights
+        [Hq, T, blocks] and the per-block bins and sums."""
+        D, Hq, Hkv, T, S = head_dim, heads, kv_heads, queries, slots
+        blocks, e = -(-S // self.block), max(itemsize, 4)
+        bounds = 3 * Hq * T * D * e + 2 * Hkv * blocks * D * e + 3 * Hq * T * blocks * e
+        attend = T * S + Hkv * T * S + 2 * Hq * T * S * e + 2 * Hkv * S * D * e + Hq * T * D * (e + 4)
+        return max(bounds, attend) + 3 * Hq * T * blocks * e + Hkv * blocks * 32

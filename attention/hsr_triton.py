@@ -35,9 +35,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from longctx.attention import lean
-from longctx.attention.hsr import DENSE_SHARE, PROBE_EVERY
 from longctx.attention.lean_triton import masked_scores
+from longctx.attention.settings import Setting
 
 BLOCK_B = 64  # blocks per step of every kernel's loop over blocks
 ALWAYS = 8  # programs per head that read the always-read blocks in `_bounds`
@@ -45,7 +44,9 @@ SCAN = 1024  # blocks those programs look at per step, to find theirs
 BOUNDS_PROGRAMS = 128  # `_bounds` programs per launch at most (up to 8 x BLOCK_B blocks each), beyond ALWAYS
 CHUNK = 128  # blocks per program of `_weigh` and `_cut` at least; more where a head has over MAX_CHUNKS of them
 MAX_CHUNKS = 64  # (each of those programs reads every chunk's figures: more chunks cost more than they spread)
-SELECT_ALONE = 512  # blocks per head up to which one launch selects (`_select`), its last program per head alone
+# blocks per head up to which one launch selects (`_select`), its last program per head alone (a check of both launch
+# plans changes it for a scope: `with SELECT_ALONE.scoped(0): ...`)
+SELECT_ALONE: Setting[int] = Setting("select_alone", 512)
 
 
 @triton.jit
@@ -113,7 +114,11 @@ def _bounds_part(
     row_ok = rows < G * T
     j, t = rows // T, rows % T
     d = tl.arange(0, D)
-    q = tl.load(Q + b * sqb + (h * G + j)[:, None] * sqh + t[:, None] * sqt + d[None, :], mask=(rows < tl.where(dense > 0, 0, G * T))[:, None], other=0.0)
+    q = tl.load(
+        Q + b * sqb + (h * G + j)[:, None] * sqh + t[:, None] * sqt + d[None, :],
+        mask=(rows < tl.where(dense > 0, 0, G * T))[:, None],
+        other=0.0,
+    )
     qp = tl.load(QPOS + t, mask=row_ok, other=-1)
     first = tl.min(tl.where(row_ok, qp, 2**62), 0)
     last = tl.max(qp, 0)
@@ -139,7 +144,11 @@ def _bounds_part(
                     u += tl.dot(tl.minimum(q, 0.0).to(lo.dtype), tl.trans(lo))
                 u = tl.where(visible[None, :], u * scale, float("-inf"))
                 u = tl.where(always[None, :], float("inf"), u)
-                tl.store(U + b * sub + (h * G + j)[:, None] * suh + t[:, None] * sut + blk[None, :], u, mask=row_ok[:, None] & (blk < NB)[None, :])
+                tl.store(
+                    U + b * sub + (h * G + j)[:, None] * suh + t[:, None] * sut + blk[None, :],
+                    u,
+                    mask=row_ok[:, None] & (blk < NB)[None, :],
+                )
                 # the block of highest bound among the visible ones not always read
                 top = tl.where(always, float("-inf"), tl.max(tl.where(row_ok[:, None], u, float("-inf")), 0))
                 better = tl.max(top, 0) > best_u
@@ -164,7 +173,10 @@ def _bounds_part(
             todo = tl.where((before + tl.cumsum(always, 0) - 1) % ALWAYS == a, always, 0)
             while tl.sum(todo, 0) > 0:  # (a step per block: most programs have one or none)
                 i = tl.argmax(todo, 0)
-                lse = _logaddexp(lse, _row_lse(q, K, KVPOS, base, s0 + i, skn, S, qp, row_ok, window, scale, BLOCK, D, HAS_WINDOW, IEEE))
+                lse = _logaddexp(
+                    lse,
+                    _row_lse(q, K, KVPOS, base, s0 + i, skn, S, qp, row_ok, window, scale, BLOCK, D, HAS_WINDOW, IEEE),
+                )
                 todo = tl.where(lanes == i, 0, todo)
             before += tl.sum(always, 0)
         if dense == 0:
@@ -211,7 +223,9 @@ def _bins(w, low, BINS: tl.constexpr):
 
 
 @triton.jit
-def _first_lse(PLSE, BEST_U, BEST_I, BEST_LSE, head, chunks, rows, BLOCK_M: tl.constexpr, ALWAYS: tl.constexpr, CB: tl.constexpr):
+def _first_lse(
+    PLSE, BEST_U, BEST_I, BEST_LSE, head, chunks, rows, BLOCK_M: tl.constexpr, ALWAYS: tl.constexpr, CB: tl.constexpr
+):
     """L per row, the log-sum-exp of the always-read blocks and of the head's other block of highest bound; and that
     block (-1: none): reduced from `_bounds`' figures, with no load waiting on another."""
     part = tl.load(PLSE + (head * ALWAYS + tl.arange(0, ALWAYS))[:, None] * BLOCK_M + rows[None, :])
@@ -226,7 +240,9 @@ def _first_lse(PLSE, BEST_U, BEST_I, BEST_LSE, head, chunks, rows, BLOCK_M: tl.c
         ok = c < chunks
         top = tl.load(BEST_U + head * chunks + c, mask=ok, other=float("-inf"))
         idx = tl.load(BEST_I + head * chunks + c, mask=ok, other=-1)
-        lses = tl.load(BEST_LSE + (head * chunks + c)[:, None] * BLOCK_M + rows[None, :], mask=ok[:, None], other=float("-inf"))
+        lses = tl.load(
+            BEST_LSE + (head * chunks + c)[:, None] * BLOCK_M + rows[None, :], mask=ok[:, None], other=float("-inf")
+        )
         i = tl.argmax(top, 0)
         better = tl.max(top, 0) > best_u
         best = tl.where(better, tl.sum(tl.where(c == c0 + i, idx, 0), 0), best)
@@ -362,19 +378,47 @@ def _cut(
     dense = tl.load(DENSE + head) > 0
     if dense:
         if chunk == 0:
-            _finish(NREAD, READ, UNREAD, UNTIL, STATS, head, True, 0, 0.0, tl.load(VISIBLE + head), 0, 0, T, NB, NUM, DEN, PROBE, HAS_STATS)
+            _finish(
+                NREAD,
+                READ,
+                UNREAD,
+                UNTIL,
+                STATS,
+                head,
+                True,
+                0,
+                0.0,
+                tl.load(VISIBLE + head),
+                0,
+                0,
+                T,
+                NB,
+                NUM,
+                DEN,
+                PROBE,
+                HAS_STATS,
+            )
         return
     bins = tl.arange(0, HB)
     sums = tl.zeros([HB], tl.float32)
     for c0 in range(0, chunks, CB):
         c = c0 + tl.arange(0, CB)
-        sums += tl.sum(tl.load(HSUM + (head * chunks + c)[:, None] * HB + bins[None, :], mask=(c < chunks)[:, None], other=0.0), 0)
+        sums += tl.sum(
+            tl.load(HSUM + (head * chunks + c)[:, None] * HB + bins[None, :], mask=(c < chunks)[:, None], other=0.0), 0
+        )
     cut, unread = _cut_of(sums, eps, BINS, HB)
     offset = 0
     total = 0
     for c0 in range(0, chunks, CB):
         c = c0 + tl.arange(0, CB)
-        n = tl.sum(tl.load(HCNT + (head * chunks + c)[:, None] * HB + bins[None, :], mask=(c < chunks)[:, None] & (bins >= cut)[None, :], other=0), 1)
+        n = tl.sum(
+            tl.load(
+                HCNT + (head * chunks + c)[:, None] * HB + bins[None, :],
+                mask=(c < chunks)[:, None] & (bins >= cut)[None, :],
+                other=0,
+            ),
+            1,
+        )
         offset += tl.sum(tl.where(c < chunk, n, 0), 0)
         total += tl.sum(n, 0)
     if chunk == 0:
@@ -420,7 +464,26 @@ def _select(
         tl.store(VISIBLE + head, visible)
         if dense > 0:
             tl.store(DENSE + head, 1)
-            _finish(NREAD, READ, UNREAD, UNTIL, STATS, head, True, 0, 0.0, visible, state, last, T, NB, NUM, DEN, PROBE, HAS_STATS)
+            _finish(
+                NREAD,
+                READ,
+                UNREAD,
+                UNTIL,
+                STATS,
+                head,
+                True,
+                0,
+                0.0,
+                visible,
+                state,
+                last,
+                T,
+                NB,
+                NUM,
+                DEN,
+                PROBE,
+                HAS_STATS,
+            )
     if dense == 0:
         _bounds_part(
             Q, K, KMIN, KMAX, COUNT, PMIN, PMAX, QPOS, KVPOS, U, PLSE, BEST_U, BEST_I, BEST_LSE, head, chunk, dense,
@@ -439,7 +502,26 @@ def _select(
             tl.store(DENSE + head, 0)
             cut, unread = _cut_of(sums, eps, BINS, HB)
             read = tl.sum(tl.where(tl.arange(0, HB) >= cut, counts, 0), 0)
-            _finish(NREAD, READ, UNREAD, UNTIL, STATS, head, False, read, unread, visible, state, last, T, NB, NUM, DEN, PROBE, HAS_STATS)
+            _finish(
+                NREAD,
+                READ,
+                UNREAD,
+                UNTIL,
+                STATS,
+                head,
+                False,
+                read,
+                unread,
+                visible,
+                state,
+                last,
+                T,
+                NB,
+                NUM,
+                DEN,
+                PROBE,
+                HAS_STATS,
+            )
             tl.debug_barrier()  # (EB, written by all of this program's threads)
             _write_list(EB, TILES, head, 0, NB, 0, cut, NB, SCAN)
 
@@ -479,10 +561,13 @@ def update_summary(summary, slots: Tensor, k: Tensor, positions: Tensor) -> None
     )  # fmt: skip
 
 
-def hsr_attend(q: Tensor, k: Tensor, v: Tensor, mask, summary, eps: float, sink: int, recent: int, bins: int, low: int,
-               stats: Tensor | None = None):  # fmt: skip
-    """`attention.hsr.hsr_attend` on CUDA: (out, lse, certificate, blocks read [B, Hkv], blocks visible); `stats` as
-    there, counted by the kernels (their atomics: no launch of its own)."""
+def select(q: Tensor, k: Tensor, mask, summary, eps: float, sink: int, recent: int, bins: int, low: int,
+           rule: tuple[int, int, int], programs: int, stats: Tensor | None = None):  # fmt: skip
+    """The selection of `attention.hsr.hsr_attend` on CUDA, for its final read (`lean.lean_sparse_attend`): per
+    (batch, KV head) the tiles to read and their count, whether it reads every block, the first read's lse per row and
+    the unread weight; then the blocks read [B * Hkv] and the blocks visible [B * Hkv]. `rule` is the dense-run rule
+    (DENSE_SHARE's two parts, PROBE_EVERY), `programs` the SMs' programs a wave holds; `stats` as there, counted by
+    the kernels (their atomics: no launch of its own)."""
     B, Hq, T, D = q.shape
     Hkv, S, nb, block = k.shape[1], k.shape[2], summary.count.numel(), summary.block
     G, heads = Hq // Hkv, B * Hkv
@@ -509,14 +594,24 @@ def hsr_attend(q: Tensor, k: Tensor, v: Tensor, mask, summary, eps: float, sink:
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), kmin.stride(0),
                kmin.stride(1), kmin.stride(2), u.stride(0), u.stride(1), u.stride(2), Hkv, T, S, nb, chunks,
                mask.window or 0, sink, recent, 1 / math.sqrt(D))  # fmt: skip
-    shape = dict(G=G, BLOCK_M=BLOCK_M, BLOCK_B=BLOCK_B, ITERS=iters, BLOCK=block, D=D, ALWAYS=ALWAYS,
-                 SCAN=min(SCAN, triton.next_power_of_2(nb)), HAS_WINDOW=mask.window is not None,
-                 IEEE=q.dtype.itemsize == 4, num_stages=1)  # (ITERS is small: no shared memory for a pipeline of summaries)
-    rule = dict(BINS=bins, HB=hb, CB=64, NUM=DENSE_SHARE[0], DEN=DENSE_SHARE[1], PROBE=PROBE_EVERY, HAS_STATS=stats is not None)
+    shape = dict(
+        G=G,
+        BLOCK_M=BLOCK_M,
+        BLOCK_B=BLOCK_B,
+        ITERS=iters,
+        BLOCK=block,
+        D=D,
+        ALWAYS=ALWAYS,
+        SCAN=min(SCAN, triton.next_power_of_2(nb)),
+        HAS_WINDOW=mask.window is not None,
+        IEEE=q.dtype.itemsize == 4,
+        num_stages=1,
+    )  # (ITERS is small: no shared memory for a pipeline of summaries)
+    rule = dict(BINS=bins, HB=hb, CB=64, NUM=rule[0], DEN=rule[1], PROBE=rule[2], HAS_STATS=stats is not None)
     counted = stats if stats is not None else unread  # (an unused pointer without stats)
-    if nb <= SELECT_ALONE:
+    if nb <= SELECT_ALONE.get():
         # more threads where the launch is one wave: the heads' last programs then work alone, on latency
-        one_wave = heads * (chunks + ALWAYS) <= lean.default_programs(dev)
+        one_wave = heads * (chunks + ALWAYS) <= programs
         _select[(heads, chunks + ALWAYS)](
             *cached, summary.arrived, u, plse, best_u, best_i, best_lse, L, visible, dense, eb, tiles, units, read, unread,
             counted, *strides, low, eps, STEP=min(triton.next_power_of_2(nb), 256), **shape, **rule, num_warps=8 if one_wave else 4,
@@ -535,6 +630,4 @@ def hsr_attend(q: Tensor, k: Tensor, v: Tensor, mask, summary, eps: float, sink:
         )  # fmt: skip
         _cut[(heads, wide)](eb, hsum, hcnt, dense, visible, until, mask.q_pos, tiles, units, read, unread, counted, T, nb, wide, eps,
                             BLOCK_M=BLOCK_M, BLOCK_B=BLOCK_B, CHUNK=chunk, **rule)  # fmt: skip
-    worst = None if stats is None else stats[2:].view(torch.int64)
-    out, lse, certificate = lean.lean_sparse_attend(q, k, v, mask, tiles, units, block, dense=dense, certify=(L, unread), worst=worst)
-    return out, lse, certificate, read.view(B, Hkv), visible[0]
+    return tiles, units, dense, L, unread, read, visible

@@ -27,8 +27,10 @@ from functools import cache
 import torch
 from torch import Tensor
 
-from longctx.attention.kernels import PositionMask, dense_attend
+from longctx.attention.dense import dense_attend
+from longctx.attention.mask import PositionMask
 from longctx.attention.merge import merge_partials
+from longctx.attention.settings import Setting
 
 MAX_ROWS = 64  # query rows (query heads per KV head x query tokens) one program holds, where they fit (`_ROWS`)
 # Query rows a program holds, per (head dim, dtype), where MAX_ROWS overflowed shared memory: Triton says what a
@@ -43,7 +45,7 @@ class LeanDoesNotFit(RuntimeError):
 
 @dataclass(frozen=True)
 class LeanConfig:
-    """Launch settings of the Triton kernel (measured on an H100 by `tools/benchmarks.py decode --tune`)."""
+    """Launch settings of the Triton kernel (BENCHMARKS.md, figure `lean-tune`: `decode --tune` on an H100)."""
 
     block_n: int = 128  # keys per tile
     warps: int = 4
@@ -52,7 +54,8 @@ class LeanConfig:
     min_tiles: int = 4  # tiles a program takes at least: a small cache goes to fewer programs, with fewer partials
 
 
-CONFIG = LeanConfig()
+# The settings every launch uses; a sweep of them (`decode --tune`) runs each with `CONFIG.scoped(config)`.
+CONFIG: Setting[LeanConfig] = Setting("lean_config", LeanConfig())
 
 
 @dataclass(frozen=True)
@@ -93,10 +96,14 @@ def head_parts(head: int, tiles: int, total: int, programs: int) -> list[tuple[i
 def max_slots(heads: int, tiles: int, programs: int) -> int:
     """Partials the busiest program writes: the heads its share touches."""
     total = heads * tiles
-    return max((((p + 1) * total // programs - 1) // tiles) - (p * total // programs) // tiles + 1 for p in range(programs))
+    return max(
+        (((p + 1) * total // programs - 1) // tiles) - (p * total // programs) // tiles + 1 for p in range(programs)
+    )
 
 
-def lean_reference(q: Tensor, k: Tensor, v: Tensor, mask: PositionMask, programs: int, block_n: int = CONFIG.block_n):
+def lean_reference(
+    q: Tensor, k: Tensor, v: Tensor, mask: PositionMask, programs: int, block_n: int = LeanConfig.block_n
+):
     """The Lean schedule executed in PyTorch: every segment is attention over its tiles, then the merge."""
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
@@ -108,7 +115,13 @@ def lean_reference(q: Tensor, k: Tensor, v: Tensor, mask: PositionMask, programs
         b, h = divmod(s.head, Hkv)
         keys = slice(s.tiles[0] * block_n, min(s.tiles[1] * block_n, S))
         part = PositionMask(mask.q_pos, mask.kv_pos[keys], mask.window)
-        o, l = dense_attend(q[b : b + 1, h * g : (h + 1) * g], k[b : b + 1, h : h + 1, keys], v[b : b + 1, h : h + 1, keys], part, return_lse=True)
+        o, l = dense_attend(
+            q[b : b + 1, h * g : (h + 1) * g],
+            k[b : b + 1, h : h + 1, keys],
+            v[b : b + 1, h : h + 1, keys],
+            part,
+            return_lse=True,
+        )
         parts_out[s.program, s.slot] = o[0].reshape(g * T, D).float()
         parts_lse[s.program, s.slot] = l[0].reshape(g * T).float()
     outs, lses = [], []
@@ -121,12 +134,13 @@ def lean_reference(q: Tensor, k: Tensor, v: Tensor, mask: PositionMask, programs
     return out.view(B, Hkv, g, T, D).reshape(B, Hq, T, D).to(q.dtype), lse.view(B, Hq, T)
 
 
-def stages_that_fit(head_dim: int, itemsize: int, shared_memory: int, config: LeanConfig = CONFIG) -> int:
+def stages_that_fit(head_dim: int, itemsize: int, shared_memory: int, config: LeanConfig | None = None) -> int:
     """`config.stages`, or fewer where the K/V tiles of that many stages overflow shared memory; 0 if none fit.
 
     Triton holds the K and V tiles of max(1, stages - 1) steps in shared memory, plus up to about 32 KB of its own:
     at 128 keys x 128 dims in fp32 (or head dim 256 in bf16) three stages need 274 KB, over an H100's 227 KB.
     """
+    config = config or CONFIG.get()
     ahead = (shared_memory - 32 * 1024) // (2 * config.block_n * head_dim * itemsize)
     return min(config.stages, 1 + ahead) if ahead > 0 else 0
 
@@ -144,31 +158,43 @@ def supports(q: Tensor, k: Tensor, mask: PositionMask) -> bool:
     memory, no star block mask."""
     group = q.shape[1] // k.shape[1]
     return (
-        q.is_cuda and mask.block_size is None and group <= _ROWS.get((q.shape[-1], q.dtype), MAX_ROWS)
+        q.is_cuda
+        and mask.block_size is None
+        and group <= _ROWS.get((q.shape[-1], q.dtype), MAX_ROWS)
         and q.shape[-1] in (16, 32, 64, 128, 256)
-        and stages_that_fit(q.shape[-1], q.element_size(), shared_memory(q.device)) > 0 and _triton() is not None
-    )  # fmt: skip
+        and stages_that_fit(q.shape[-1], q.element_size(), shared_memory(q.device)) > 0
+        and _triton() is not None
+    )
 
 
-def triton_module(name: str):
-    """attention.`name` (a module of Triton kernels), or None where Triton is not installed."""
+def _stages(q: Tensor, config: LeanConfig) -> int:
+    return stages_that_fit(q.shape[-1], q.element_size(), shared_memory(q.device), config)
+
+
+@cache
+def triton_available() -> bool:
+    """Whether Triton can be imported (the kernel modules need it)."""
     try:
         import triton  # noqa: F401
     except ImportError:
-        return None
-    return importlib.import_module(f"{__package__}.{name}")
+        return False
+    return True
 
 
 @cache
 def _triton():
-    return triton_module("lean_triton")
+    return importlib.import_module("longctx.attention.lean_triton") if triton_available() else None
+
+
+def default_programs(device: torch.device) -> int:
+    """One share per SM (times the configured programs per SM); a fixed 16 off CUDA, where only the interpreter runs
+    it."""
+    return _processors(device) * CONFIG.get().programs_per_sm
 
 
 @cache
-def default_programs(device: torch.device) -> int:
-    """One share per SM (times CONFIG.programs_per_sm); a fixed 16 off CUDA, where only the interpreter runs it."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 16
-    return sms * CONFIG.programs_per_sm
+def _processors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 16
 
 
 @cache
@@ -192,22 +218,44 @@ def lean_attend(q: Tensor, k: Tensor, v: Tensor, mask: PositionMask, programs: i
         raise LeanDoesNotFit(f"{group} query rows of head dim {q.shape[-1]} in {q.dtype} overflow shared memory")
     if q.shape[2] > per_chunk:
         parts = [
-            lean_attend(q[:, :, i : i + per_chunk], k, v, PositionMask(mask.q_pos[i : i + per_chunk], mask.kv_pos, mask.window), programs)
+            lean_attend(
+                q[:, :, i : i + per_chunk],
+                k,
+                v,
+                PositionMask(mask.q_pos[i : i + per_chunk], mask.kv_pos, mask.window),
+                programs,
+            )
             for i in range(0, q.shape[2], per_chunk)
         ]
         return torch.cat([o for o, _ in parts], dim=2), torch.cat([l for _, l in parts], dim=2)
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
-    heads, tiles = B * Hkv, -(-S // CONFIG.block_n)
+    config = CONFIG.get()
+    heads, tiles = B * Hkv, -(-S // config.block_n)
     if programs is None:
-        programs = min(default_programs(q.device), -(-heads * tiles // CONFIG.min_tiles))
+        programs = min(default_programs(q.device), -(-heads * tiles // config.min_tiles))
     programs = min(programs, heads * tiles)
     out = torch.empty(B, Hq, T, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, T, dtype=torch.float32, device=q.device)
-    parts_out = torch.empty(programs, max_slots(heads, tiles, programs), Hq // Hkv * T, D, dtype=torch.float32, device=q.device)
+    parts_out = torch.empty(
+        programs, max_slots(heads, tiles, programs), Hq // Hkv * T, D, dtype=torch.float32, device=q.device
+    )
     parts_lse = torch.empty(parts_out.shape[:3], dtype=torch.float32, device=q.device)
     try:
-        _triton().run(q, k, v, mask, out, lse, parts_out, parts_lse, programs, max_parts(heads, tiles, programs), CONFIG)
+        _triton().run(
+            q,
+            k,
+            v,
+            mask,
+            out,
+            lse,
+            parts_out,
+            parts_lse,
+            programs,
+            max_parts(heads, tiles, programs),
+            config,
+            _stages(q, config),
+        )
     except _triton().OutOfResources:
         # Nothing was launched: retry with half the rows per program (chunks of fewer query tokens).
         _ROWS[key] = (_ROWS.get(key, MAX_ROWS) // 2) if q.shape[2] > 1 else 0
@@ -216,9 +264,17 @@ def lean_attend(q: Tensor, k: Tensor, v: Tensor, mask: PositionMask, programs: i
 
 
 def lean_sparse_attend(
-    q: Tensor, k: Tensor, v: Tensor, mask: PositionMask, tiles: Tensor, counts: Tensor, block: int,
-    dense: Tensor | None = None, certify: tuple[Tensor, Tensor] | None = None, worst: Tensor | None = None,
-):  # fmt: skip
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: PositionMask,
+    tiles: Tensor,
+    counts: Tensor,
+    block: int,
+    dense: Tensor | None = None,
+    certify: tuple[Tensor, Tensor] | None = None,
+    worst: Tensor | None = None,
+):
     """Lean decode over, for each (batch, KV head) h, the blocks (of `block` slots) tiles[h, :counts[h]]
     (tiles [B * Hkv, blocks] int32, counts [B * Hkv] int32): those tiles laid end to end and cut into equal shares
     as a dense cache's are; a head with dense[h] > 0 (int32) walks all its blocks in order instead (counts[h] = blocks,
@@ -235,7 +291,16 @@ def lean_sparse_attend(
     B, Hq, T, D = q.shape
     if T > per_chunk:
         parts = [
-            lean_sparse_attend(q[:, :, i : i + per_chunk], k, v, PositionMask(mask.q_pos[i : i + per_chunk], mask.kv_pos, mask.window), tiles, counts, block, dense)
+            lean_sparse_attend(
+                q[:, :, i : i + per_chunk],
+                k,
+                v,
+                PositionMask(mask.q_pos[i : i + per_chunk], mask.kv_pos, mask.window),
+                tiles,
+                counts,
+                block,
+                dense,
+            )
             for i in range(0, T, per_chunk)
         ]
         out, lse = torch.cat([o for o, _ in parts], dim=2), torch.cat([l for _, l in parts], dim=2)
@@ -250,7 +315,8 @@ def lean_sparse_attend(
             torch.maximum(top, cert.max(), out=top)
         return out, lse, cert
     heads, nb = tiles.shape
-    programs = min(default_programs(q.device), -(-heads * nb // CONFIG.min_tiles))
+    config = replace(CONFIG.get(), block_n=block)
+    programs = min(default_programs(q.device), -(-heads * nb // config.min_tiles))
     out = torch.empty(B, Hq, T, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, T, dtype=torch.float32, device=q.device)
     # partials by (head, its n-th program): a head's units may span every program
@@ -258,9 +324,23 @@ def lean_sparse_attend(
     parts_lse = torch.empty(parts_out.shape[:3], dtype=torch.float32, device=q.device)
     cert = torch.empty_like(lse) if certify is not None else None
     try:
-        _triton().run(q, k, v, mask, out, lse, parts_out, parts_lse, programs, programs, replace(CONFIG, block_n=block),
-                      (tiles, counts, torch.empty_like(counts), dense),
-                      None if certify is None else (*certify, cert), worst)  # fmt: skip
+        _triton().run(
+            q,
+            k,
+            v,
+            mask,
+            out,
+            lse,
+            parts_out,
+            parts_lse,
+            programs,
+            programs,
+            config,
+            _stages(q, config),
+            (tiles, counts, torch.empty_like(counts), dense),
+            None if certify is None else (*certify, cert),
+            worst,
+        )
     except _triton().OutOfResources:
         _ROWS[(q.shape[-1], q.dtype)] = (_ROWS.get((q.shape[-1], q.dtype), MAX_ROWS) // 2) if T > 1 else 0
         return lean_sparse_attend(q, k, v, mask, tiles, counts, block, dense, certify, worst)

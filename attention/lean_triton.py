@@ -21,8 +21,6 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources  # noqa: F401  (lean.lean_attend catches it)
 
-from longctx.attention import lean
-
 COMBINE_CHUNK = 32  # partials the combine merges per step, at most
 
 
@@ -98,7 +96,9 @@ def _lean_decode(
         stop = tl.minimum(end, head_end)
         b = (head // Hkv).to(tl.int64)
         h = (head % Hkv).to(tl.int64)
-        q = tl.load(Q + b * sqb + (h * G + j)[:, None] * sqh + t[:, None] * sqt + d[None, :], mask=row_ok[:, None], other=0.0)
+        q = tl.load(
+            Q + b * sqb + (h * G + j)[:, None] * sqh + t[:, None] * sqt + d[None, :], mask=row_ok[:, None], other=0.0
+        )
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D], tl.float32)
@@ -117,13 +117,19 @@ def _lean_decode(
             else:
                 tile = u - head_start
             n = tile * BLOCK_N + r
-            m_i, l_i, acc = _fold_tile(q, K, V, KVPOS, kv, n, n < S, sks, svs, qp, row_ok, window, scale, m_i, l_i, acc, D, HAS_WINDOW, IEEE)
+            m_i, l_i, acc = _fold_tile(
+                q, K, V, KVPOS, kv, n, n < S, sks, svs, qp, row_ok, window, scale, m_i, l_i, acc, D, HAS_WINDOW, IEEE
+            )
         seen = l_i > 0
         denom = tl.where(seen, l_i, 1.0)
         out = acc / denom[:, None]
         lse = tl.where(seen, m_i + tl.log(denom), float("-inf"))
         if (unit == head_start) & (stop == head_end):  # the whole head in this program
-            tl.store(OUT + b * sob + (h * G + j)[:, None] * soh + t[:, None] * sot + d[None, :], out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
+            tl.store(
+                OUT + b * sob + (h * G + j)[:, None] * soh + t[:, None] * sot + d[None, :],
+                out.to(OUT.dtype.element_ty),
+                mask=row_ok[:, None],
+            )
             tl.store(LSE + b * slb + (h * G + j) * slh + t, lse, mask=row_ok)
             if SPARSE:
                 tl.store(NPARTS + head, 1)
@@ -187,7 +193,9 @@ def _lean_combine(
     if SPARSE:  # the first CHUNK partials are loaded with NPARTS and COUNTS, not after them
         ahead = i < programs
         lse_c = tl.load(PL + head * spl_p + i * spl_s + row, mask=ahead, other=float("-inf"))
-        part = tl.load(PO + (head * spo_p + i * spo_s + row * spo_r)[:, None] + d[None, :], mask=ahead[:, None], other=0.0)
+        part = tl.load(
+            PO + (head * spo_p + i * spo_s + row * spo_r)[:, None] + d[None, :], mask=ahead[:, None], other=0.0
+        )
         n = tl.where(tl.load(COUNTS + head) > 0, tl.load(NPARTS + head), 0)
         lse_c = tl.where(i < n, lse_c, float("-inf"))
         m = tl.max(lse_c, 0)
@@ -196,7 +204,19 @@ def _lean_combine(
         total_w = tl.sum(w, 0)
         acc = tl.sum(w[:, None] * tl.where((i < n)[:, None], part, 0.0), 0)
         for c in range(CHUNK, n, CHUNK):
-            m, total_w, acc = _merge_parts(PO, PL, head * spo_p + (c + i) * spo_s, head * spl_p + (c + i) * spl_s, spo_r, row, c + i < n, m, total_w, acc, D)
+            m, total_w, acc = _merge_parts(
+                PO,
+                PL,
+                head * spo_p + (c + i) * spo_s,
+                head * spl_p + (c + i) * spl_s,
+                spo_r,
+                row,
+                c + i < n,
+                m,
+                total_w,
+                acc,
+                D,
+            )
     else:
         start = head * tiles
         p_first = _first_program(start, total, programs)
@@ -205,7 +225,19 @@ def _lean_combine(
             for c in range(0, n, CHUNK):
                 p = p_first + c + i
                 slot = head - (p.to(tl.int64) * total // programs).to(tl.int32) // tiles
-                m, total_w, acc = _merge_parts(PO, PL, p * spo_p + slot * spo_s, p * spl_p + slot * spl_s, spo_r, row, c + i < n, m, total_w, acc, D)
+                m, total_w, acc = _merge_parts(
+                    PO,
+                    PL,
+                    p * spo_p + slot * spo_s,
+                    p * spl_p + slot * spl_s,
+                    spo_r,
+                    row,
+                    c + i < n,
+                    m,
+                    total_w,
+                    acc,
+                    D,
+                )
     lse = tl.full([], float("-inf"), tl.float32)
     if CERTIFY:
         unread = tl.load(UNREAD + head)
@@ -228,9 +260,9 @@ def _lean_combine(
             tl.atomic_max(WORST, cert.to(tl.float64).to(tl.int64, bitcast=True))
 
 
-def run(q, k, v, mask, out, lse, parts_out, parts_lse, programs: int, max_parts: int, config, tile_list=None, certify=None,
-        worst=None) -> None:  # fmt: skip
-    """Both launches; `tile_list` = (LIST [heads, tiles], COUNTS [heads], NPARTS [heads], DENSE [heads] or None) for
+def run(q, k, v, mask, out, lse, parts_out, parts_lse, programs: int, max_parts: int, config, stages: int, tile_list=None,
+        certify=None, worst=None) -> None:  # fmt: skip
+    """Both launches, the first with `stages` pipeline stages (`lean.stages_that_fit`); `tile_list` = (LIST [heads, tiles], COUNTS [heads], NPARTS [heads], DENSE [heads] or None) for
     the SPARSE walk (a DENSE head walks all its tiles in order, with COUNTS = tiles, no list), with config.block_n keys per tile (partials by head: parts_out [heads, programs, rows, D]); `certify` = (L [heads, L_ROWS], UNREAD
     [heads], CERT like lse) for the combine to write HSR's certificate, and raise `worst` to the largest
     (`lean.lean_sparse_attend`)."""
@@ -240,7 +272,13 @@ def run(q, k, v, mask, out, lse, parts_out, parts_lse, programs: int, max_parts:
     tiles = triton.cdiv(S, config.block_n)
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     strides_out = (out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1))
-    strides_parts = (parts_out.stride(0), parts_out.stride(1), parts_out.stride(2), parts_lse.stride(0), parts_lse.stride(1))
+    strides_parts = (
+        parts_out.stride(0),
+        parts_out.stride(1),
+        parts_out.stride(2),
+        parts_lse.stride(0),
+        parts_lse.stride(1),
+    )
     total = B * Hkv * tiles
     sparse = tile_list is not None
     units, counts, nparts, dense = tile_list if sparse else (mask.q_pos,) * 4  # (unused pointers when dense)
@@ -255,7 +293,7 @@ def run(q, k, v, mask, out, lse, parts_out, parts_lse, programs: int, max_parts:
         Hkv, S, T, total, programs, tiles, mask.window or 0, D**-0.5,
         G=G, BLOCK_M=max(16, triton.next_power_of_2(G * T)), BLOCK_N=config.block_n, D=D,
         HAS_WINDOW=mask.window is not None, IEEE=q.dtype.itemsize == 4, SPARSE=sparse, HEADS=heads, WALK=walk,
-        num_warps=config.warps, num_stages=lean.stages_that_fit(D, q.element_size(), lean.shared_memory(q.device), config),
+        num_warps=config.warps, num_stages=stages,
     )  # fmt: skip
     if max_parts > 1 or sparse:
         _lean_combine[(B * Hkv, G * T)](

@@ -22,7 +22,9 @@ def merge_partials(outs: Tensor, lses: Tensor) -> tuple[Tensor, Tensor]:
     top = torch.where(torch.isinf(top), torch.zeros_like(top), top)  # all parts empty: avoid inf - inf
     weights = torch.exp(lses - top)  # [N, ...]; 0 for empty parts
     total = weights.sum(dim=0)
-    out = (outs.float() * weights.unsqueeze(-1)).sum(dim=0) / total.clamp_min(torch.finfo(total.dtype).tiny).unsqueeze(-1)
+    out = (outs.float() * weights.unsqueeze(-1)).sum(dim=0) / total.clamp_min(torch.finfo(total.dtype).tiny).unsqueeze(
+        -1
+    )
     return out, top + torch.log(total)
 
 

@@ -16,9 +16,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from longctx.attention.kernels import PositionMask, attend
-from longctx.attention.merge import merge_into
-from longctx.attention.strategy import AttentionStrategy, Step
+from longctx.attention.cache import KVCache, LayerKV
+from longctx.attention.decode import DecodeMethod
+from longctx.attention.kernels import attend
+from longctx.attention.mask import PositionMask
+from longctx.attention.merge import MERGE_CHUNK_ELEMENTS, merge_into
+from longctx.attention.strategy import AttentionStrategy, Phase1Memory, Step
 
 
 def zigzag_shards(n_ctx: int, world: int) -> list[Tensor]:
@@ -31,30 +34,50 @@ def zigzag_shards(n_ctx: int, world: int) -> list[Tensor]:
 class RingAttention(AttentionStrategy):
     name = "ring"
 
-    def __init__(self, group: dist.ProcessGroup | None = None, **decode_options):
-        super().__init__(group, **decode_options)
+    def __init__(self, group: dist.ProcessGroup | None = None, decode: DecodeMethod | None = None):
+        super().__init__(group, decode)
         self.layout: list[Tensor] | None = None
 
     def context_indices(self, n_ctx: int) -> Tensor:
         if n_ctx < 2 * self.world:
-            raise ValueError(f"ring on {self.world} ranks needs a context of at least {2 * self.world} tokens; got {n_ctx}")
+            raise ValueError(
+                f"ring on {self.world} ranks needs a context of at least {2 * self.world} tokens; got {n_ctx}"
+            )
         self.layout = zigzag_shards(n_ctx, self.world)
         return self.layout[self.rank]
 
-    def begin_context(self, model, positions: Tensor, windows: set[int | None]) -> Step:
+    def phase1_memory(
+        self, n_ctx: int, tokens: int, heads: int, kv_heads: int, head_dim: int, itemsize: int
+    ) -> Phase1Memory:
+        """The shard held and the one arriving (the last step receives nothing) and the fp32 (output, lse) merged so
+        far; merging a step's partial stacks both in fp32 and weighs them, a chunk of `merge_into`'s rows at a time."""
+        if self.world == 1:
+            return Phase1Memory()
+        shard = max(len(x) for x in zigzag_shards(n_ctx, self.world)) * 2 * kv_heads * head_dim * itemsize
+        running = tokens * heads * (head_dim + 1) * 4
+        held = shard + (max(shard, running) if self.world == 2 else shard + running)
+        merging = 6 * min(tokens * heads * head_dim, MERGE_CHUNK_ELEMENTS) * 4 + tokens * heads * head_dim * itemsize
+        return Phase1Memory(buffers=held, merging=merging)
+
+    def begin_context(self, cache: KVCache | None, positions: Tensor, windows: set[int | None]) -> Step:
         if self.world > 1 and self.layout is None:
             raise ValueError("ring phase 1 needs the context layout: call context_indices(n_ctx) first")
-        if model.has_cache and model.cache_len:
-            raise ValueError("ring phase 1 starts from an empty KV cache; call model.reset_cache() first")
-        slots = model.reserve(positions) if model.has_cache else None
+        self._starts_empty(cache, "ring")
+        slots = cache.reserve(positions) if cache is not None else None
         # step s holds the shard that started on rank (rank - s) mod N
-        shards = [positions] if self.world == 1 else [self.layout[(self.rank - s) % self.world].to(positions.device) for s in range(self.world)]
+        shards = (
+            [positions]
+            if self.world == 1
+            else [self.layout[(self.rank - s) % self.world].to(positions.device) for s in range(self.world)]
+        )
         masks = {w: [PositionMask(positions, kv, w) for kv in shards] for w in windows}
         return Step("context", masks, slots)
 
-    def attend_context(self, q: Tensor, k: Tensor, v: Tensor, cache, step: Step, window: int | None) -> Tensor:
+    def attend_context(
+        self, q: Tensor, k: Tensor, v: Tensor, kv: LayerKV | None, step: Step, window: int | None
+    ) -> Tensor:
         if step.slots is not None:
-            cache.update(step.slots, k, v)
+            kv.write(step.slots, k, v)
         D = k.shape[-1]
         held = torch.cat([k, v], dim=-1).contiguous()
         nxt, prev = (self.rank + 1) % self.world, (self.rank - 1) % self.world

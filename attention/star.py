@@ -13,12 +13,19 @@ Phase 2 is the shared sharded query phase of `AttentionStrategy`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from longctx.attention.kernels import PositionMask, attend
-from longctx.attention.strategy import AttentionStrategy, Step
+from longctx.attention.cache import KVCache, LayerKV
+from longctx.attention.decode import DecodeMethod
+from longctx.attention.kernels import attend
+from longctx.attention.mask import PositionMask
+from longctx.attention.strategy import AttentionStrategy, Phase1Memory, Step, attended_pairs
+from longctx.conf.schema import check_fields, option
 
 ANCHOR_MODES = ("broadcast", "recompute")
 
@@ -31,8 +38,38 @@ def star_block_size(n_ctx: int, world: int, min_block: int) -> int:
     return max(1, quarter, min(min_block, -(-n_ctx // world)))
 
 
+@dataclass
+class StarParams:
+    block_size: int | None = option(
+        None,
+        "tokens per block; null: a quarter of the context (context / ranks beyond 4 ranks), at least attention.min_block_size",
+        low=1,
+    )
+    anchor_size: int | None = option(None, "the anchor's tokens, the first of the context; null: block_size", low=1)
+    anchor_mode: str = option("broadcast", "broadcast (exact, cheaper) or recompute (the paper)", choices=ANCHOR_MODES)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.block_size is not None and self.anchor_size is not None and self.anchor_size > self.block_size:
+            raise ValueError(
+                f"attention.params.anchor_size={self.anchor_size} is larger than block_size={self.block_size}; use "
+                "at most the block"
+            )
+
+
+@dataclass
+class StarRule:
+    min_block_size: int = option(
+        4096,
+        "the default blocks' floor: a context of up to this many tokens runs as one exact block on one rank",
+        low=0,
+    )
+
+
 class StarAttention(AttentionStrategy):
     name = "star"
+    Params = StarParams
+    NodeOptions = StarRule
 
     def __init__(
         self,
@@ -40,17 +77,32 @@ class StarAttention(AttentionStrategy):
         anchor_size: int | None = None,
         anchor_mode: str = "broadcast",
         group: dist.ProcessGroup | None = None,
-        **decode_options,
+        decode: DecodeMethod | None = None,
     ):
-        super().__init__(group, **decode_options)
-        anchor_size = block_size if anchor_size is None else anchor_size
-        if block_size <= 0:
-            raise ValueError(f"star block_size must be > 0; got {block_size}")
-        if not 0 < anchor_size <= block_size:
-            raise ValueError(f"star anchor_size must be in 1..block_size ({block_size}); got {anchor_size}")
-        if anchor_mode not in ANCHOR_MODES:
-            raise ValueError(f"star anchor_mode must be one of {ANCHOR_MODES}; got {anchor_mode!r}")
-        self.block_size, self.anchor_size, self.anchor_mode = block_size, anchor_size, anchor_mode
+        super().__init__(group, decode)
+        if block_size is None:
+            raise ValueError("star needs a block_size (a config's null is the default rule: `resolve_params`)")
+        p = StarParams(block_size, block_size if anchor_size is None else anchor_size, anchor_mode)
+        self.block_size, self.anchor_size, self.anchor_mode = p.block_size, p.anchor_size, p.anchor_mode
+
+    @classmethod
+    def resolve_params(cls, node: Mapping, n_ctx: int, world: int) -> dict:
+        """Star's blocks where the config leaves block_size null follow the default rule (`star_block_size`)."""
+        params = dict(node.get("params") or {})
+        if params.get("block_size") is None:
+            params["block_size"] = star_block_size(n_ctx, world, node.get("min_block_size") or 0)
+        return params
+
+    @classmethod
+    def check(cls, node: Mapping, n_ctx: int, what: str, nproc: int, tp: int) -> None:
+        block = (node.get("params") or {}).get("block_size")
+        hosts = nproc // tp
+        if block is not None and -(-n_ctx // block) < hosts:
+            where = f"parallel.nproc={nproc}" + (f" / parallel.tp={tp} = {hosts} hosts" if tp > 1 else "")
+            raise ValueError(
+                f"attention.params.block_size={block} cuts {what}={n_ctx} into {-(-n_ctx // block)} blocks, "
+                f"fewer than {where}; use a smaller block_size or fewer ranks"
+            )
 
     def own_range(self, n_ctx: int) -> tuple[int, int]:
         """[start, end) of the context tokens in this rank's blocks."""
@@ -82,19 +134,57 @@ class StarAttention(AttentionStrategy):
         start, end = self.own_range(n_ctx)
         return end - start
 
-    def begin_context(self, model, positions: Tensor, windows: set[int | None]) -> Step:
-        if model.has_cache and model.cache_len:
-            raise ValueError("star phase 1 starts from an empty KV cache; call model.reset_cache() first")
+    def phase1_tokens(self, n_ctx: int) -> int:
+        """The context, and the anchor again on every rank that recomputes it."""
+        return n_ctx + self._recomputing(n_ctx) * min(self.anchor_size, n_ctx)
+
+    def attended_pairs(self, n_ctx: int, window: int | None) -> int:
+        """Each block's triangle and, past the first, block × anchor; the anchor's triangle again on every rank
+        that recomputes it."""
+        anchor = min(self.anchor_size, n_ctx)
+        return attended_pairs(n_ctx, window, self.block_size, anchor) + self._recomputing(n_ctx) * attended_pairs(
+            anchor, window
+        )
+
+    def _recomputing(self, n_ctx: int) -> int:
+        """Ranks that encode the anchor again."""
+        return min(self.world, -(-n_ctx // self.block_size)) - 1 if self.anchor_mode == "recompute" else 0
+
+    def phase1_memory(
+        self, n_ctx: int, tokens: int, heads: int, kv_heads: int, head_dim: int, itemsize: int
+    ) -> Phase1Memory:
+        """The received anchor (broadcast mode), before it is joined to the rank's own K/V; a query sees its block
+        and the anchor."""
+        seen = self.anchor_size + self.block_size
+        if not self.receives_anchor:
+            return Phase1Memory(keys_seen=seen)
+        anchor = min(self.anchor_size, n_ctx)
+        return Phase1Memory(extra_keys=anchor, buffers=anchor * 2 * kv_heads * head_dim * itemsize, keys_seen=seen)
+
+    def describe(self, n_ctx: int, where: str) -> str:
+        n_blocks = -(-n_ctx // self.block_size)
+        return (
+            f"star: context of {n_ctx} tokens in {n_blocks} block{'s' * (n_blocks > 1)} of {self.block_size} over "
+            f"{where}, anchor {min(self.anchor_size, n_ctx)} tokens ({self.anchor_mode})"
+        )
+
+    def record(self) -> dict:
+        return {"block_size": self.block_size, "anchor_size": self.anchor_size, "anchor_mode": self.anchor_mode}
+
+    def begin_context(self, cache: KVCache | None, positions: Tensor, windows: set[int | None]) -> Step:
+        self._starts_empty(cache, "star")
         skip = int((positions < self.anchor_size).sum()) if self.recomputes_anchor else 0
         anchor = torch.arange(self.anchor_size, device=positions.device)
         kv_pos = torch.cat([anchor, positions]) if self.receives_anchor else positions
-        slots = model.reserve(positions[skip:]) if model.has_cache else None
+        slots = cache.reserve(positions[skip:]) if cache is not None else None
         masks = {w: PositionMask(positions, kv_pos, w, self.block_size, self.anchor_size) for w in windows}
         return Step("context", masks, slots, skip)
 
-    def attend_context(self, q: Tensor, k: Tensor, v: Tensor, cache, step: Step, window: int | None) -> Tensor:
+    def attend_context(
+        self, q: Tensor, k: Tensor, v: Tensor, kv: LayerKV | None, step: Step, window: int | None
+    ) -> Tensor:
         if step.slots is not None:
-            cache.update(step.slots, k[:, :, step.skip :], v[:, :, step.skip :])
+            kv.write(step.slots, k[:, :, step.skip :], v[:, :, step.skip :])
         if self.anchor_mode == "broadcast" and self.world > 1:
             k, v = self._share_anchor(k, v)
         return attend(q, k, v, step.masks[window])
@@ -104,7 +194,9 @@ class StarAttention(AttentionStrategy):
         B, H, _, D = k.shape
         src = dist.get_global_rank(self.group, 0) if self.group is not None else 0
         if not self.receives_anchor:
-            dist.broadcast(torch.cat([k[:, :, : self.anchor_size], v[:, :, : self.anchor_size]], -1).contiguous(), src, self.group)
+            dist.broadcast(
+                torch.cat([k[:, :, : self.anchor_size], v[:, :, : self.anchor_size]], -1).contiguous(), src, self.group
+            )
             return k, v
         anchor = torch.empty(B, H, self.anchor_size, 2 * D, dtype=k.dtype, device=k.device)
         dist.broadcast(anchor, src, self.group)

@@ -6,25 +6,37 @@ queries attend to. The model calls `begin` once per forward pass (masks are buil
 
 * phase 1, "context": each rank feeds the context tokens `context_indices` names (its shard) and keeps their KV;
 * phase 2, "query": the query and generated tokens go to every rank; each attends to its local KV and the
-  partials are merged; the new tokens' KV is kept on the last rank.
+  partials are merged; the new tokens' KV is kept on the last rank. How phase 2 reads a rank's cache is the
+  strategy's decode method (attention/decode.py).
 
 On one rank with `global` both phases are plain causal attention over the cache.
+
+A strategy also answers every question the rest of the project has about it: its options (`Params`, the
+`attention.params` of its conf/attention/NAME.yaml), whether a run can use it (`check`), how it is built from a
+config (`from_config`), what phase 1 costs (`phase1_tokens`, `attended_pairs`) and holds (`phase1_memory`), and how
+it describes itself (`describe`, `record`). Each class registers itself under its `name` when it is defined; a name
+not yet registered is looked for in attention/NAME.py (attention/registry.py).
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from longctx.attention.hsr import check_block, check_eps, hsr_attend, merge_certificates
-from longctx.attention.kernels import PositionMask, attend
-from longctx.attention.merge import all_gather_merge
+from longctx.attention.cache import KVCache, LayerKV, Summarize
+from longctx.attention.decode import DecodeMethod, DenseDecode
+from longctx.attention.kernels import attend
+from longctx.attention.mask import PositionMask
+from longctx.attention.registry import lookup
 
 PHASES = ("context", "query")
+STRATEGIES: dict[str, type[AttentionStrategy]] = {}
 
 
 @dataclass
@@ -37,41 +49,80 @@ class Step:
     skip: int = 0  # leading new tokens this rank computes but does not keep (a recomputed anchor)
 
 
-DECODE_MODES = ("dense", "hsr")
+@dataclass
+class NoOptions:
+    """A strategy (or a config node) without options of its own."""
+
+
+@dataclass
+class Phase1Memory:
+    """What one layer of a rank's phase 1 holds for the strategy beyond the model's own tensors (the memory plan)."""
+
+    extra_keys: int = 0  # keys attended beyond the rank's own tokens (star's received anchor)
+    buffers: int = 0  # bytes of the strategy's own buffers during the layer's attention
+    merging: int = 0  # bytes of the temporaries of merging a partial into them
+    keys_seen: int | None = None  # the most keys of earlier blocks and its own a query sees (None: all)
+    one_piece: bool = False  # the mask is one causal square, which a fused kernel runs without merging
+
+
+def attended_pairs(n: int, window: int | None, block: int | None = None, anchor: int = 0) -> int:
+    """(query, key) pairs causal attention over n tokens attends: each query sees the keys of its own block (all
+    tokens without `block`) and, past the first block, the anchor's `anchor` tokens, at most `window` back."""
+    p = torch.arange(n, dtype=torch.int64)
+    start = p - p % block if block else torch.zeros_like(p)
+    lo = (p - window + 1).clamp_min(0) if window is not None else torch.zeros_like(p)
+    own = p - torch.maximum(start, lo) + 1
+    seen_anchor = torch.where(start > 0, (min(anchor, n) - lo).clamp_min(0), 0)
+    return int(own.sum() + seen_anchor.sum())
 
 
 class AttentionStrategy:
-    """Every strategy also chooses how phase 2 (query and decode) reads each rank's KV cache: `decode="dense"` reads
-    all of it; `decode="hsr"` reads only the key blocks needed for the unread softmax mass to be certified below
-    `hsr_eps` (attention/hsr.py), always reading the first `hsr_sink` and the latest `hsr_recent` tokens' blocks."""
+    name: ClassVar[str] = ""
+    Params: ClassVar[type] = NoOptions  # the dataclass of `attention.params`
+    NodeOptions: ClassVar[type] = NoOptions  # the dataclass of the `attention` node's other keys
+    # where a strategy runs on one host only: the strategy to suggest when more hosts would make a run fit
+    across_hosts: ClassVar[str | None] = None
 
-    name: str = ""
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get(
+            "name"
+        ):  # (a subclass that keeps its parent's name, e.g. to record calls, is no new strategy)
+            STRATEGIES[cls.name] = cls
 
-    def __init__(
-        self,
-        group: dist.ProcessGroup | None = None,
-        decode: str = "dense",
-        hsr_eps: float = 1e-3,
-        hsr_block: int = 64,
-        hsr_sink: int = 64,
-        hsr_recent: int = 256,
-    ):
-        if decode not in DECODE_MODES:
-            raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}; got {decode!r}")
-        if decode == "hsr":
-            check_eps(hsr_eps)
-            check_block(hsr_block)
-        self.decode, self.hsr_eps, self.hsr_block, self.hsr_sink, self.hsr_recent = decode, hsr_eps, hsr_block, hsr_sink, hsr_recent
-        # over a phase 2, on the device (a CUDA graph's replays add to it): this rank's blocks read and visible
-        # (summed over layers, KV heads and steps) and the largest composed certificate
-        self.hsr_stats: Tensor | None = None
+    def __init__(self, group: dist.ProcessGroup | None = None, decode: DecodeMethod | None = None):
+        self.decode = decode if decode is not None else DenseDecode()
         self.group = group
         distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank(group) if distributed else 0
         self.world = dist.get_world_size(group) if distributed else 1
         self.phase = "context"
 
-    def at(self, rank: int, world: int) -> "AttentionStrategy":
+    # --- built from a config, checked against a run
+    @classmethod
+    def from_config(
+        cls,
+        node: Mapping,
+        n_ctx: int,
+        world: int,
+        group: dist.ProcessGroup | None = None,
+        decode: DecodeMethod | None = None,
+    ) -> AttentionStrategy:
+        """The strategy an `attention` config node describes, for a context of `n_ctx` tokens over `world` ranks."""
+        return cls(group=group, decode=decode, **cls.resolve_params(node, n_ctx, world))
+
+    @classmethod
+    def resolve_params(cls, node: Mapping, n_ctx: int, world: int) -> dict:
+        """The constructor's parameters from a config node's `params` (where a null stands for a rule of the
+        strategy's, the rule's value for this context and rank count)."""
+        return dict(node.get("params") or {})
+
+    @classmethod
+    def check(cls, node: Mapping, n_ctx: int, what: str, nproc: int, tp: int) -> None:
+        """A ValueError naming the option and the fix if the strategy cannot run a context of `n_ctx` tokens (`what`
+        says where that length comes from) on `nproc` ranks in hosts of `tp`."""
+
+    def at(self, rank: int, world: int) -> AttentionStrategy:
         """A copy of this strategy as rank `rank` of `world` holds it: to plan a run without starting its ranks."""
         placed = copy.copy(self)
         placed.rank, placed.world = rank, world
@@ -91,101 +142,124 @@ class AttentionStrategy:
         """Whether this rank keeps the KV of query and generated tokens."""
         return self.rank == self.world - 1
 
-    @property
-    def summary_block(self) -> int | None:
-        """Block size of the key summaries the KV cache must keep for this strategy's decode (None: none)."""
-        return self.hsr_block if self.decode == "hsr" else None
-
     def cache_slots(self, n_ctx: int, n_after: int) -> int:
         return self.kept_context(n_ctx) + (n_after if self.keeps_new_tokens else 0)
+
+    @property
+    def summarize(self) -> Summarize | None:
+        """What the KV cache must keep per block of slots for this strategy's decode method (None: nothing)."""
+        return self.decode.summarize
 
     def set_phase(self, phase: str) -> None:
         if phase not in PHASES:
             raise ValueError(f"phase must be one of {PHASES}; got {phase!r}")
         self.phase = phase
         if phase == "context":
-            self.hsr_stats = None
+            self.decode.reset()
+
+    def decode_report(self) -> dict | None:
+        """What the decode method did over the last phase 2, over all ranks (every rank calls it)."""
+        return self.decode.report(self.group, self.world)
+
+    # --- what the rest of the project asks
+    def phase1_tokens(self, n_ctx: int) -> int:
+        """Tokens phase 1 feeds through the model, over all ranks."""
+        return n_ctx
+
+    def attended_pairs(self, n_ctx: int, window: int | None) -> int:
+        """(query, key) pairs phase 1 attends in a layer of this window, over all ranks."""
+        return attended_pairs(n_ctx, window)
+
+    def phase1_memory(
+        self, n_ctx: int, tokens: int, heads: int, kv_heads: int, head_dim: int, itemsize: int
+    ) -> Phase1Memory:
+        """What a phase-1 layer of this rank holds for the strategy, feeding `tokens` of a context of `n_ctx`."""
+        return Phase1Memory()
+
+    def describe(self, n_ctx: int, where: str) -> str | None:
+        """One line on how the context is laid out over `where` (the ranks), said once per layout; None: nothing."""
+        return None
+
+    def record(self) -> dict:
+        """The strategy's options, as a results row records them."""
+        return {}
 
     # --- per forward pass
-    def begin(self, model, positions: Tensor) -> Step:
-        windows = set(model.args.layer_windows)
+    def begin(self, cache: KVCache | None, positions: Tensor, windows: set[int | None]) -> Step:
         if self.phase == "query":
-            if not model.has_cache:
+            if cache is None:
                 raise ValueError("phase 2 (query) attends to the KV cache: call model.setup_cache first")
-            slots = model.reserve(positions) if self.keeps_new_tokens else None
-            return Step("query", {w: PositionMask(positions, model.kv_pos, w) for w in windows}, slots)
-        return self.begin_context(model, positions, windows)
+            slots = cache.reserve(positions) if self.keeps_new_tokens else None
+            return Step("query", {w: PositionMask(positions, cache.positions, w) for w in windows}, slots)
+        return self.begin_context(cache, positions, windows)
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, cache, step: Step, window: int | None) -> Tensor:
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, kv: LayerKV | None, step: Step, window: int | None) -> Tensor:
         if step.phase == "query":
             if step.slots is not None:
-                cache.update(step.slots, k, v)
-            if self.decode == "hsr":
-                return self.sparse_attend(q, cache, step.masks[window])
-            out, lse = attend(q, cache.k_cache, cache.v_cache, step.masks[window], return_lse=True)
-            if self.world > 1:
-                out, lse = all_gather_merge(out, lse, self.group)
-            return out.to(q.dtype)
-        return self.attend_context(q, k, v, cache, step, window)
-
-    def sparse_attend(self, q: Tensor, cache, mask: PositionMask) -> Tensor:
-        """HSR over this rank's cache; across ranks the partials merge as dense ones do and the certificates compose
-        as the read-mass-weighted mean (attention/hsr.py), counted in `hsr_stats` (by the kernels on one rank)."""
-        if self.hsr_stats is None:
-            self.hsr_stats = torch.zeros(3, dtype=torch.float64, device=q.device)
-        alone = self.world == 1
-        r = hsr_attend(q, cache.k_cache, cache.v_cache, mask, cache.summary, self.hsr_eps, self.hsr_sink, self.hsr_recent,
-                       self.hsr_stats if alone else None)  # fmt: skip
-        if alone:
-            return r.out.to(q.dtype)
-        lses = [torch.empty_like(r.lse) for _ in range(self.world)]
-        certs = [torch.empty_like(r.certificate) for _ in range(self.world)]
-        dist.all_gather(lses, r.lse.contiguous(), group=self.group)
-        dist.all_gather(certs, r.certificate.contiguous(), group=self.group)
-        cert = merge_certificates(torch.stack(lses), torch.stack(certs))
-        out, _ = all_gather_merge(r.out, r.lse, self.group)
-        self.hsr_stats[0] += r.blocks_read.sum()
-        self.hsr_stats[1] += r.blocks_visible * r.blocks_read.numel()
-        torch.maximum(self.hsr_stats[2], cert.max(), out=self.hsr_stats[2])
-        return out.to(q.dtype)
-
-    def hsr_report(self) -> dict | None:
-        """The share of key blocks phase 2 read (over all ranks) and its largest certificate; None before any."""
-        if self.hsr_stats is None:
-            return None
-        stats = self.hsr_stats.clone()
-        if self.world > 1:
-            dist.all_reduce(stats[:2], group=self.group)
-        read, visible, worst = stats.tolist()
-        return {"hsr_blocks_read_share": read / max(visible, 1), "hsr_max_certificate": worst}
+                kv.write(step.slots, k, v)
+            return self.decode.attend(q, kv, step.masks[window], self.group, self.world)
+        return self.attend_context(q, k, v, kv, step, window)
 
     # --- phase 1, what each strategy defines
-    def begin_context(self, model, positions: Tensor, windows: set[int | None]) -> Step:
+    def begin_context(self, cache: KVCache | None, positions: Tensor, windows: set[int | None]) -> Step:
         raise NotImplementedError
 
-    def attend_context(self, q: Tensor, k: Tensor, v: Tensor, cache, step: Step, window: int | None) -> Tensor:
+    def attend_context(
+        self, q: Tensor, k: Tensor, v: Tensor, kv: LayerKV | None, step: Step, window: int | None
+    ) -> Tensor:
         raise NotImplementedError
+
+    @staticmethod
+    def _starts_empty(cache: KVCache | None, name: str) -> None:
+        if cache is not None and cache.used:
+            raise ValueError(f"{name} phase 1 starts from an empty KV cache; call model.cache.reset() first")
+
+
+def strategy_class(name: str) -> type[AttentionStrategy]:
+    """The strategy registered as `name`, looked for in attention/`name`.py if it is not registered yet."""
+    return lookup(STRATEGIES, name, "attention")
 
 
 class GlobalAttention(AttentionStrategy):
     """Exact causal attention on one rank: new tokens are cached and attend to everything cached."""
 
     name = "global"
+    across_hosts = "star"
 
-    def begin(self, model, positions: Tensor) -> Step:
+    @classmethod
+    def check(cls, node: Mapping, n_ctx: int, what: str, nproc: int, tp: int) -> None:
+        hosts = nproc // tp
+        if hosts == 1:
+            return
+        if tp > 1:
+            raise ValueError(
+                f"attention=global runs on one host, but parallel.nproc={nproc} with parallel.tp={tp} makes {hosts} "
+                f"hosts; use parallel.tp={nproc} (one host), or attention=ring (exact) or attention=star across hosts"
+            )
+        raise ValueError(
+            f"attention=global runs on one rank, but parallel.nproc={nproc}; use attention=ring (exact) or "
+            f"attention=star across ranks, or parallel.tp={nproc} (tensor parallel on one host)"
+        )
+
+    def phase1_memory(
+        self, n_ctx: int, tokens: int, heads: int, kv_heads: int, head_dim: int, itemsize: int
+    ) -> Phase1Memory:
+        return Phase1Memory(one_piece=True)
+
+    def begin(self, cache: KVCache | None, positions: Tensor, windows: set[int | None]) -> Step:
         # (checked here, not when built: a memory plan builds strategies inside a run of any size, see `at`)
         if self.world > 1:
             raise ValueError(
                 f"attention=global runs on one rank, but {self.world} ranks are running; "
                 "use attention=ring (exact) or attention=star across ranks"
             )
-        slots = model.reserve(positions) if model.has_cache else None
-        kv_pos = model.kv_pos if model.has_cache else positions
-        return Step(self.phase, {w: PositionMask(positions, kv_pos, w) for w in set(model.args.layer_windows)}, slots)
+        slots = cache.reserve(positions) if cache is not None else None
+        kv_pos = cache.positions if cache is not None else positions
+        return Step(self.phase, {w: PositionMask(positions, kv_pos, w) for w in windows}, slots)
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, cache, step: Step, window: int | None) -> Tensor:
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, kv: LayerKV | None, step: Step, window: int | None) -> Tensor:
         if step.slots is not None:
-            k, v = cache.update(step.slots, k, v)
-        if self.phase == "query" and self.decode == "hsr":
-            return self.sparse_attend(q, cache, step.masks[window])
+            k, v = kv.write(step.slots, k, v)
+        if self.phase == "query" and kv is not None:
+            return self.decode.attend(q, kv, step.masks[window], self.group, 1)
         return attend(q, k, v, step.masks[window])

@@ -114,7 +114,9 @@ def _needle(key: str, value: str) -> str:
     return f"One of the special magic numbers for {key} is: {value}. "
 
 
-def make_sample(task: str, count_tokens, length: int, depth: float | None, seed: int, hay: Haystack | None = None) -> Sample:
+def make_sample(
+    task: str, count_tokens, length: int, depth: float | None, seed: int, hay: Haystack | None = None
+) -> Sample:
     hay = hay or Haystack()
     rng = random.Random(f"{task}-{length}-{depth}-{seed}")
     if task.startswith("niah"):
@@ -174,13 +176,19 @@ def make_sample(task: str, count_tokens, length: int, depth: float | None, seed:
     raise ValueError(f"unknown RULER task {task!r}; available: {', '.join(TASKS)}")
 
 
-def make_samples(tasks, count_tokens, lengths: list[int], depths: list[float], samples: int, hay: Haystack | None = None) -> list[Sample]:
+def make_samples(
+    tasks, count_tokens, lengths: list[int], depths: list[float], samples: int, hay: Haystack | None = None
+) -> list[Sample]:
     """Every task at every length and needle depth, `samples` seeds each. Common-words extraction has no needle, so
     no depth: it gets as many seeds as a needle task has (depth, seed) pairs, so that every task weighs the same."""
     out = []
     for task in tasks:
         for length in lengths:
-            cells = [(d, s) for d in depths for s in range(samples)] if task != "cwe" else [(None, s) for s in range(len(depths) * samples)]
+            cells = (
+                [(d, s) for d in depths for s in range(samples)]
+                if task != "cwe"
+                else [(None, s) for s in range(len(depths) * samples)]
+            )
             out += [make_sample(task, count_tokens, length, depth, seed, hay) for depth, seed in cells]
     return out
 

@@ -1,26 +1,22 @@
 """Models: one parametrized decoder-only Transformer, its loading, tokenizers and generation.
 
-    model, tokenizer = models.load("path/to/hf-checkpoint", dtype=torch.bfloat16, device="cuda")
-    logits = model(tokens, positions)
-    print(models.generate(model, tokenizer, [{"role": "user", "content": "Hi"}]).text)
+model, tokenizer = models.load("path/to/hf-checkpoint", dtype=torch.bfloat16, device="cuda")
+logits = model(tokens, positions)
+print(models.generate(model, tokenizer, [{"role": "user", "content": "Hi"}]).text)
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from longctx.attention import AttentionStrategy
 from longctx.models.config import SUPPORTED_ARCHITECTURES, ModelArgs
-from longctx.models.generate import Generation, Sampling, chat_prompt, generate, generate_tokens
-from longctx.models.loading import load_model, random_model
+from longctx.models.generate import Generation, Sampling, SamplingOptions, chat_prompt, generate, generate_tokens
+from longctx.models.loading import Slicing, load_model, random_model
 from longctx.models.tokenizer import Tokenizer
 from longctx.models.transformer import Transformer
-
-if TYPE_CHECKING:
-    from longctx.parallel.tensor import TensorParallel
 
 
 def load(
@@ -28,7 +24,7 @@ def load(
     dtype: torch.dtype = torch.bfloat16,
     device: torch.device | str = "cpu",
     attention: AttentionStrategy | None = None,
-    tp: TensorParallel | None = None,
+    tp: Slicing | None = None,
 ) -> tuple[Transformer, Tokenizer]:
     """The model and tokenizer of a Hugging Face-layout checkpoint directory (with `tp`, one rank's slices of the
     model: parallel/tensor.py)."""
@@ -41,6 +37,7 @@ __all__ = [
     "Generation",
     "ModelArgs",
     "Sampling",
+    "SamplingOptions",
     "Tokenizer",
     "Transformer",
     "chat_prompt",

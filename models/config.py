@@ -27,7 +27,13 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # the names configs and tools use
 MLP_ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
 # Hugging Face activation names -> ours.
-_HF_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu": "gelu"}
+_HF_ACTIVATIONS = {
+    "silu": "silu",
+    "swish": "silu",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_new": "gelu_tanh",
+    "gelu": "gelu",
+}
 
 
 @dataclass
@@ -138,6 +144,15 @@ class ModelArgs:
         )
 
     @classmethod
+    def from_preset(cls, preset: Any) -> "ModelArgs":
+        """The shape a model preset (conf/model/) runs: its checkpoint's config.json where it names one, else the
+        preset's own config."""
+        path = preset.get("path")
+        if path is not None and (Path(path).expanduser() / "config.json").is_file():
+            return cls.from_json(Path(path).expanduser() / "config.json")
+        return cls.from_hf(dict(preset["config"]))
+
+    @classmethod
     def from_json(cls, path: str | Path) -> "ModelArgs":
         path = Path(path)
         if not path.is_file():
@@ -205,14 +220,18 @@ def _gemma_fields(cfg: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"Gemma 3 config key {key}={cfg[key]!r} is not supported (only {supported!r})")
     act = cfg["hidden_activation"]
     if act not in _HF_ACTIVATIONS:
-        raise ValueError(f"Gemma 3 config: hidden_activation {act!r} is not supported; supported: {', '.join(_HF_ACTIVATIONS)}")
+        raise ValueError(
+            f"Gemma 3 config: hidden_activation {act!r} is not supported; supported: {', '.join(_HF_ACTIVATIONS)}"
+        )
     # Full-attention and sliding-window layers each have their rope: transformers 5 keys `rope_parameters` by layer
     # type; 4.x checkpoints carry rope_theta + rope_scaling (full) and rope_local_base_freq (sliding).
     params = cfg.get("rope_parameters") or {}
     by_type = params if "full_attention" in params or "sliding_attention" in params else None
     if by_type is not None:
         full = _rope_settings({"rope_parameters": {"rope_theta": 1_000_000.0, **(by_type.get("full_attention") or {})}})
-        local = _rope_settings({"rope_parameters": {"rope_theta": 10_000.0, **(by_type.get("sliding_attention") or {})}})
+        local = _rope_settings(
+            {"rope_parameters": {"rope_theta": 10_000.0, **(by_type.get("sliding_attention") or {})}}
+        )
     else:
         full = _rope_settings({"rope_theta": 1_000_000.0, **cfg})
         local = (float(cfg.get("rope_local_base_freq", 10_000.0)), None)

@@ -1,9 +1,9 @@
 """Decode steps captured once as a CUDA graph and replayed: one launch per token instead of hundreds.
 
 The step's inputs (token, position) live in static buffers; the KV cache claims its next slot from a counter on the
-device (`Transformer.cache_fill`), so every replay appends where the last one stopped. Across ranks (NCCL), every
-rank captures and replays its step together with the others, the phase-2 all-gather of (output, lse) included;
-a replay advances the host's count of cache slots by what the captured step claimed.
+device (`KVCache.fill`), so every replay appends where the last one stopped. Across ranks (NCCL), every rank
+captures and replays its step together with the others, the phase-2 all-gather of (output, lse) included; a replay
+advances the cache's host count by what the captured step claimed (`KVCache.capture`, `replayed`).
 """
 
 from __future__ import annotations
@@ -33,13 +33,9 @@ class GraphedDecoder:
             return self.model(self.token, self.position)
         if self.graph is None:
             self.graph = torch.cuda.CUDAGraph()
-            filled = self.model.cache_len
-            with torch.cuda.graph(self.graph):
+            # what the step claims (1 slot, or 0 on a rank that does not keep new tokens) is what each replay claims
+            with self.model.cache.capture() as self.claim, torch.cuda.graph(self.graph):
                 self.logits = self.model(self.token, self.position)
-            # Capture recorded the step without running it; what it claimed (1 slot, or 0 on a rank that does not
-            # keep new tokens) is what each replay claims.
-            self.claimed = self.model.cache_len - filled
-            self.model.cache_len = filled
         self.graph.replay()
-        self.model.cache_len += self.claimed
+        self.model.cache.replayed(self.claim)
         return self.logits

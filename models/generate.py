@@ -9,25 +9,29 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from longctx.conf.schema import check_fields, option
 from longctx.models.cuda_graph import GraphedDecoder
 from longctx.models.tokenizer import Tokenizer
 from longctx.models.transformer import Transformer
 
 
 @dataclass
-class Sampling:
-    temperature: float = 0.0  # 0 means greedy
-    top_k: int | None = None
-    top_p: float | None = None
-    seed: int | None = None
+class SamplingOptions:
+    """How a token is drawn from the logits: the options of task=generate as well (tasks/generate.py)."""
+
+    temperature: float = option(0.0, "0 is greedy", low=0)
+    top_k: int | None = option(None, "sample among the k likeliest tokens", low=1)
+    top_p: float | None = option(
+        None, "sample within the smallest set of tokens of this much probability", low=0, high=1, low_open=True
+    )
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 is greedy); got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1 or None; got {self.top_k}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1] or None; got {self.top_p}")
+        check_fields(self)
+
+
+@dataclass
+class Sampling(SamplingOptions):
+    seed: int | None = None
 
 
 def sample(logits: Tensor, s: Sampling, generator: torch.Generator | None = None) -> int:
@@ -77,7 +81,9 @@ def generate_tokens(
     generator = None
     if sampling.seed is not None:
         generator = torch.Generator(device=device).manual_seed(sampling.seed)
-    model.setup_cache(1, strategy.cache_slots(n_ctx, len(prompt) - n_ctx + max_new_tokens), summary_block=strategy.summary_block)
+    model.setup_cache(
+        1, strategy.cache_slots(n_ctx, len(prompt) - n_ctx + max_new_tokens), summarize=strategy.summarize
+    )
     tokens = torch.tensor(prompt, device=device)
     with torch.inference_mode():
         if n_ctx:
@@ -87,7 +93,9 @@ def generate_tokens(
         strategy.set_phase("query")
         logits = model(tokens[None, n_ctx:], torch.arange(n_ctx, len(prompt), device=device), last_only=True)
         last = len(prompt) + max_new_tokens - 1
-        graphed = GraphedDecoder(model) if cuda_graphs and device.type == "cuda" and _graph_capturable(strategy) else None
+        graphed = (
+            GraphedDecoder(model) if cuda_graphs and device.type == "cuda" and _graph_capturable(strategy) else None
+        )
         for pos in range(len(prompt), last + 1):
             if not bool(torch.isfinite(logits[0, -1]).all()):
                 raise ValueError(

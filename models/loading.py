@@ -10,7 +10,7 @@ import json
 import mmap
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -20,8 +20,17 @@ from longctx.attention import AttentionStrategy
 from longctx.models.config import ModelArgs
 from longctx.models.transformer import Transformer
 
-if TYPE_CHECKING:
-    from longctx.parallel.tensor import TensorParallel
+
+class Slicing(Protocol):
+    """Which slice of each weight a rank keeps, and the rewrite of a built model to hold only those
+    (`parallel.tensor.TensorParallel`: tensor parallelism is applied from outside the model)."""
+
+    def parallelize(self, model: torch.nn.Module) -> torch.nn.Module: ...
+
+    def index(self, name: str, part: int | None) -> tuple[slice, ...]: ...
+
+    def take(self, name: str, whole: torch.Tensor, splits: tuple[int, ...] | None = None) -> torch.Tensor: ...
+
 
 # Hugging Face module -> ours, and which part of a fused projection (`FusedLinear`) it is.
 _LAYER_NAMES = {
@@ -45,7 +54,11 @@ _SANDWICH_NAMES = _LAYER_NAMES | {
     "post_feedforward_layernorm": ("ffn_post_norm", None),
 }
 # Where text models nested in a multimodal checkpoint keep their tensors (transformers 5, 4.x).
-_NESTED_PREFIXES = {"model.language_model.": "model.", "language_model.model.": "model.", "language_model.lm_head.": "lm_head."}
+_NESTED_PREFIXES = {
+    "model.language_model.": "model.",
+    "language_model.model.": "model.",
+    "language_model.lm_head.": "lm_head.",
+}
 _TOP_NAMES = {"model.embed_tokens": "tok_embeddings", "model.norm": "norm", "lm_head": "output"}
 _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
 # Tensors some checkpoints carry that the model recomputes.
@@ -130,7 +143,9 @@ class MappedSafetensors:
             pass
 
 
-def load_weights(model: Transformer, path: Path, dtype: torch.dtype, device: torch.device | str, tp: TensorParallel | None = None) -> None:
+def load_weights(
+    model: Transformer, path: Path, dtype: torch.dtype, device: torch.device | str, tp: Slicing | None = None
+) -> None:
     """Fill a meta-device model of the whole shape with the checkpoint's tensors, checking each is known, unique and
     well shaped. With `tp`, the model is first rewritten to that rank's slices and only they are copied out of the
     files (`MappedSafetensors`): no rank holds the whole model, or even a whole tensor it slices, at any time."""
@@ -146,7 +161,9 @@ def load_weights(model: Transformer, path: Path, dtype: torch.dtype, device: tor
             try:
                 handle = safe_open(file, framework="pt", device="cpu")
             except (SafetensorError, OSError) as e:
-                raise ValueError(f"{file} is not a readable safetensors file ({e}); re-download or re-convert it") from e
+                raise ValueError(
+                    f"{file} is not a readable safetensors file ({e}); re-download or re-convert it"
+                ) from e
             with handle as f, MappedSafetensors(file) as mapped:
                 for hf_name in f.keys():
                     if _IGNORED_RE.fullmatch(hf_name):
@@ -168,10 +185,14 @@ def load_weights(model: Transformer, path: Path, dtype: torch.dtype, device: tor
                     try:
                         tensor = mapped.view(hf_name)[tp.index(name, part) if tp is not None else ()]
                     except (KeyError, ValueError, RuntimeError) as e:
-                        raise ValueError(f"{file.name}: tensor {hf_name!r} cannot be read ({e}); is the file truncated?") from e
+                        raise ValueError(
+                            f"{file.name}: tensor {hf_name!r} cannot be read ({e}); is the file truncated?"
+                        ) from e
                     if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                        raise ValueError(f"{file}: tensor {hf_name!r} holds NaN or infinite values; the file is corrupt: "
-                                         "re-download or re-convert it")  # fmt: skip
+                        raise ValueError(
+                            f"{file}: tensor {hf_name!r} holds NaN or infinite values; the file is corrupt: "
+                            "re-download or re-convert it"
+                        )
                     if part is None:  # (a copy of its own: never a view of the file's map)
                         _set_param(model, name, tensor.to(device=device, dtype=dtype, copy=True))
                     else:  # one part of a fused weight: allocate the whole on its first part, then fill rows
@@ -183,7 +204,9 @@ def load_weights(model: Transformer, path: Path, dtype: torch.dtype, device: tor
     expected = [(n, p) for n, p in whole if not (n == "output.weight" and model.args.tie_embeddings)]
     missing = [n if p is None else f"{n} (part {p})" for n, p in expected if (n, p) not in loaded]
     if missing:
-        raise ValueError(f"checkpoint in {path} lacks tensors: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+        raise ValueError(
+            f"checkpoint in {path} lacks tensors: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}"
+        )
     model.tie_weights()
 
 
@@ -198,9 +221,11 @@ def _set_param(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
 
 
 # Projections whose weights are stored column-major (input features contiguous) on a GPU of this capability, so
-# that F.linear runs cuBLAS's NN GEMM. Measured by `python tools/benchmarks.py gemv` (figure `gemv`): batch-1 decode
-# on an H100 reads wo 12% faster and w13, w2 and the output projection 3-5% faster that way; wqkv stays row-major.
-COLUMN_MAJOR: dict[tuple[int, int], tuple[str, ...]] = {(9, 0): ("attention.wo", "feed_forward.w13", "feed_forward.w2", "output")}
+# that F.linear runs cuBLAS's NN GEMM: BENCHMARKS.md, figure `gemv` (batch-1 decode reads these faster that way on
+# an H100; wqkv does not).
+COLUMN_MAJOR: dict[tuple[int, int], tuple[str, ...]] = {
+    (9, 0): ("attention.wo", "feed_forward.w13", "feed_forward.w2", "output")
+}
 
 
 def store_column_major(model: Transformer, modules: tuple[str, ...] | None = None) -> None:
@@ -227,13 +252,17 @@ def load_model(
     dtype: torch.dtype = torch.bfloat16,
     device: torch.device | str = "cpu",
     attention: AttentionStrategy | None = None,
-    tp: TensorParallel | None = None,
+    tp: Slicing | None = None,
 ) -> Transformer:
     """The checkpoint's model; with `tp`, only that tensor-parallel rank's slices of it (parallel/tensor.py)."""
     path = Path(path)
     check_dtype(dtype)
     if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {path} is not a directory" if path.exists() else f"checkpoint directory {path} does not exist")
+        raise FileNotFoundError(
+            f"checkpoint directory {path} is not a directory"
+            if path.exists()
+            else f"checkpoint directory {path} does not exist"
+        )
     args = ModelArgs.from_json(path / "config.json")
     with torch.device("meta"):
         model = Transformer(args, attention)
@@ -249,7 +278,7 @@ def random_model(
     device: torch.device | str = "cpu",
     attention: AttentionStrategy | None = None,
     seed: int = 0,
-    tp: TensorParallel | None = None,
+    tp: Slicing | None = None,
 ) -> Transformer:
     """A model of `args`' shape with random weights (std 0.02; norms the identity, biases 0), for benchmarks and tests.
 
@@ -260,7 +289,10 @@ def random_model(
     check_dtype(dtype)
     with torch.device("meta"):
         model = Transformer(args, attention)
-    wholes = [(name, p.shape, getattr(model.get_submodule(name.rpartition(".")[0]), "splits", None)) for name, p in model.named_parameters()]
+    wholes = [
+        (name, p.shape, getattr(model.get_submodule(name.rpartition(".")[0]), "splits", None))
+        for name, p in model.named_parameters()
+    ]
     if tp is not None:
         tp.parallelize(model)
     gen = torch.Generator(device).manual_seed(seed)

@@ -16,9 +16,7 @@ from typing import Any
 from longctx.models.config import read_json
 
 # Meta's Llama 3 release: split pattern and special tokens (ids follow the base vocabulary in this order).
-LLAMA3_PATTERN = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
+LLAMA3_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 LLAMA3_SPECIAL = [
     "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
     "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>",
@@ -104,9 +102,13 @@ class Tokenizer:
             raise ValueError("this tokenizer has no chat template; pass a plain prompt instead of messages")
         return _render(self.chat_template, self.config, messages, add_generation_prompt, **kwargs)
 
-    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any) -> list[int]:
+    def encode_chat(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any
+    ) -> list[int]:
         """Token ids of the rendered chat; like transformers, the template itself supplies any BOS."""
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt, **kwargs), add_special_tokens=False)
+        return self.encode(
+            self.apply_chat_template(messages, add_generation_prompt, **kwargs), add_special_tokens=False
+        )
 
     @classmethod
     def from_dir(cls, path: str | Path) -> "Tokenizer":
@@ -166,7 +168,10 @@ class SentencePieceTokenizer(Tokenizer):
         for tok in (config.get("added_tokens_decoder") or {}).values():
             if tok.get("special"):
                 special.setdefault(tok["content"], self.sp.piece_to_id(tok["content"]))
-        config = {"bos_token": self.sp.id_to_piece(self.sp.bos_id()), "eos_token": self.sp.id_to_piece(self.sp.eos_id())} | config
+        config = {
+            "bos_token": self.sp.id_to_piece(self.sp.bos_id()),
+            "eos_token": self.sp.id_to_piece(self.sp.eos_id()),
+        } | config
         super().__init__(special, config, chat_template)
         self._unk = self.sp.id_to_piece(self.sp.unk_id())
         self._unk_len = len(self.sp.encode(self._unk))
@@ -220,7 +225,9 @@ def _opened(cls: type, file: Path, config: dict[str, Any], template: str | None)
     try:
         return cls(file, config, template)
     except Exception as e:  # tokenizers, sentencepiece and tiktoken each raise their own types
-        raise ValueError(f"{file} cannot be read as a tokenizer ({type(e).__name__}: {e}); re-download or re-convert it") from None
+        raise ValueError(
+            f"{file} cannot be read as a tokenizer ({type(e).__name__}: {e}); re-download or re-convert it"
+        ) from None
 
 
 def _check_template(template: str, source: Path) -> None:

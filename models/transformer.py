@@ -1,43 +1,23 @@
 """One decoder-only Transformer for Llama 2/3, Mistral, Qwen2/2.5, Qwen3 and Gemma 3.
 
 RMSNorm, rotary embeddings, grouped-query attention and a gated MLP; which biases, norms, activations, windows and
-rotary bases a family uses comes from `ModelArgs`. Attention itself is delegated to an `AttentionStrategy` held by the model, so
-parallelism (ring, star) is applied from outside by swapping the strategy, never by editing this file.
+rotary bases a family uses comes from `ModelArgs`. Attention itself is delegated to an `AttentionStrategy` held by
+the model, so parallelism (ring, star) is applied from outside by swapping the strategy, never by editing this file.
+The model holds the KV cache (`attention.cache.KVCache`, made by `setup_cache`) and hands each layer's part to the
+strategy; what the cache keeps beyond keys and values, and how phase 2 reads it, is the strategy's business.
 """
 
 from __future__ import annotations
-
-import functools
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from longctx.attention import AttentionStrategy, GlobalAttention
-from longctx.attention.hsr import KeySummary
+from longctx.attention.cache import KVCache, LayerKV, Summarize
+from longctx.attention.fusion import fused_on_cuda
+from longctx.attention.strategy import Step
 from longctx.models.config import ModelArgs, rope_inv_freq
-
-# Whether the elementwise chains below run compiled on CUDA (tools/benchmarks.py model turns it off for one row, to
-# measure what the fusion gains).
-COMPILE_ELEMENTWISE = True
-
-
-def fused_on_cuda(fn: Callable) -> Callable:
-    """`fn` compiled by Inductor when its first argument is a CUDA tensor, eager otherwise.
-
-    In a decode step each op of an RMSNorm, a rotary embedding or a SwiGLU is its own kernel of a few microseconds,
-    so an 8B model spends more time launching them than computing; compiled, each chain is one fused kernel.
-    Not `fullgraph=True`: past dynamo's recompile limit (many shapes in one process) that fails hard, where this
-    falls back to eager; tests/test_models.py checks that each chain traces as one graph.
-    """
-    compiled = torch.compile(fn)
-
-    @functools.wraps(fn)
-    def run(x: Tensor, *args):
-        return compiled(x, *args) if x.is_cuda and COMPILE_ELEMENTWISE else fn(x, *args)
-
-    return run
 
 
 def _rms_norm(x: Tensor, weight: Tensor, eps: float, offset: float = 0.0) -> Tensor:
@@ -58,12 +38,6 @@ def add_rms_norm(x: Tensor, y: Tensor, weight: Tensor, eps: float, offset: float
     """The residual sum x + y and its RMSNorm, in one pass."""
     h = x + y
     return h, _rms_norm(h, weight, eps, offset)
-
-
-@fused_on_cuda
-def write_kv(k_cache: Tensor, v_cache: Tensor, slots: Tensor, k: Tensor, v: Tensor) -> None:
-    k_cache[:, :, slots] = k.to(k_cache.dtype)
-    v_cache[:, :, slots] = v.to(v_cache.dtype)
 
 
 @fused_on_cuda
@@ -106,30 +80,6 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps, self.offset)
 
 
-class KVCache(nn.Module):
-    """Preallocated keys and values of one layer, [batch, kv_heads, slots, head_dim].
-
-    With `summary_block`, a `KeySummary` of every block of that many slots is kept up to date as keys are written
-    (for sparse decode, attention/hsr.py); `positions` is the model's slot -> position table it reads then.
-    """
-
-    def __init__(self, batch: int, n_kv_heads: int, slots: int, head_dim: int, dtype: torch.dtype, device=None,
-                 summary_block: int | None = None, positions: Tensor | None = None):  # fmt: skip
-        super().__init__()
-        shape = (batch, n_kv_heads, slots, head_dim)
-        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.summary, self.positions = None, positions
-        if summary_block is not None:
-            self.summary = KeySummary.empty(batch, n_kv_heads, slots, head_dim, summary_block, device, dtype)
-
-    def update(self, slots: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        write_kv(self.k_cache, self.v_cache, slots, k, v)
-        if self.summary is not None:
-            self.summary.update(slots, k, self.positions[slots])
-        return self.k_cache, self.v_cache
-
-
 class FusedLinear(nn.Linear):
     """Several projections of one input in a single matmul (one weight read, one launch in decode).
 
@@ -160,9 +110,17 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(args.head_dim, args.norm_eps, args.norm_offset)
         # Every kernel scales scores by head_dim**-0.5; a family with another query scale pre-scales q.
         self.q_scale = 1.0 if args.attn_scale is None else args.attn_scale * args.head_dim**0.5
-        self.kv_cache: KVCache | None = None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, strategy: AttentionStrategy, step, window: int | None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        strategy: AttentionStrategy,
+        step: Step,
+        window: int | None,
+        kv: LayerKV | None,
+    ) -> Tensor:
         B, T, _ = x.shape
         q, k, v = self.wqkv(x)
         q = q.view(B, T, self.n_heads, self.head_dim)
@@ -174,7 +132,7 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, k, cos, sin)
         if self.q_scale != 1.0:
             q = q * self.q_scale
-        y = strategy.attend(q, k, v, self.kv_cache, step, window)
+        y = strategy.attend(q, k, v, kv, step, window)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -213,8 +171,8 @@ class TransformerBlock(nn.Module):
             self.attention_post_norm = RMSNorm(args.dim, args.norm_eps, args.norm_offset)
             self.ffn_post_norm = RMSNorm(args.dim, args.norm_eps, args.norm_offset)
 
-    def forward(self, x, cos, sin, strategy, step, window) -> Tensor:
-        attended = self.attention(self.attention_norm(x), cos, sin, strategy, step, window)
+    def forward(self, x, cos, sin, strategy, step, window, kv) -> Tensor:
+        attended = self.attention(self.attention_norm(x), cos, sin, strategy, step, window, kv)
         if hasattr(self, "attention_post_norm"):
             attended = self.attention_post_norm(attended)
         h, normed = add_rms_norm(x, attended, self.ffn_norm.weight, self.ffn_norm.eps, self.ffn_norm.offset)
@@ -235,7 +193,7 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.tie_weights()
         self.init_buffers(None)
-        self.cache_len = 0  # slots of the KV cache in use
+        self.cache: KVCache | None = None
 
     def tie_weights(self) -> None:
         if self.args.tie_embeddings:
@@ -251,47 +209,24 @@ class Transformer(nn.Module):
         # Which row of inv_freq each layer uses.
         self.layer_rope = [int(w is not None and len(ropes) > 1) for w in self.args.layer_windows]
 
-    @property
-    def has_cache(self) -> bool:
-        return hasattr(self, "kv_pos")
-
-    def setup_cache(self, batch: int, slots: int, dtype: torch.dtype | None = None, summary_block: int | None = None) -> None:
-        """Allocate a KV cache of `slots` tokens per layer; positions of the slots are tracked in `kv_pos`. With
-        `summary_block`, each layer also keeps key summaries per block of that many slots (`KVCache`)."""
+    def setup_cache(
+        self, batch: int, slots: int, dtype: torch.dtype | None = None, summarize: Summarize | None = None
+    ) -> KVCache:
+        """Allocate a KV cache of `slots` tokens per layer (in the weights' dtype unless `dtype` says otherwise), with
+        the per-block summaries a strategy's decode method asks for (`summarize`)."""
         ref = self.tok_embeddings.weight
-        for layer in self.layers:  # the old cache goes before the new one is made: never two at once
-            layer.attention.kv_cache = None
-        self.register_buffer("kv_pos", torch.full((slots,), -1, dtype=torch.long, device=ref.device), persistent=False)
-        for layer in self.layers:
-            layer.attention.kv_cache = KVCache(
-                batch, self.args.n_kv_heads, slots, self.args.head_dim, dtype or ref.dtype, ref.device, summary_block, self.kv_pos
-            )
-        # The fill level lives on the device too, so that a captured decode step (CUDA graph) claims the next slot
-        # on every replay; `cache_len` mirrors it on the host for capacity checks.
-        self.register_buffer("cache_fill", torch.zeros((), dtype=torch.long, device=ref.device), persistent=False)
-        self.cache_len = 0
-
-    def reset_cache(self) -> None:
-        for layer in self.layers:
-            if layer.attention.kv_cache.summary is not None:
-                layer.attention.kv_cache.summary.reset()
-        self.kv_pos.fill_(-1)
-        self.cache_fill.zero_()
-        self.cache_len = 0
-
-    def reserve(self, positions: Tensor) -> Tensor:
-        """Claim the next cache slots for tokens at `positions`; returns the slot indices."""
-        n = positions.numel()
-        if self.cache_len + n > self.kv_pos.numel():
-            raise ValueError(
-                f"KV cache holds {self.kv_pos.numel()} tokens: {self.cache_len} used, {n} more do not fit; "
-                "call setup_cache with more slots"
-            )
-        slots = self.cache_fill + torch.arange(n, device=positions.device)
-        self.kv_pos.index_copy_(0, slots, positions)
-        self.cache_fill += n
-        self.cache_len += n
-        return slots
+        self.cache = None  # the old cache goes before the new one is made: never two at once
+        self.cache = KVCache(
+            self.args.n_layers,
+            batch,
+            self.args.n_kv_heads,
+            slots,
+            self.args.head_dim,
+            dtype or ref.dtype,
+            ref.device,
+            summarize,
+        )
+        return self.cache
 
     def forward(self, tokens: Tensor, positions: Tensor, last_only: bool = False) -> Tensor:
         """Logits [B, T, vocab] (or [B, 1, vocab] with `last_only`) of `tokens` [B, T] at `positions` [T].
@@ -303,15 +238,16 @@ class Transformer(nn.Module):
         T = tokens.shape[1]
         if positions.shape != (T,):
             raise ValueError(f"positions must have shape ({T},), one per token; got {tuple(positions.shape)}")
-        step = self.attention.begin(self, positions)
+        step = self.attention.begin(self.cache, positions, set(self.args.layer_windows))
         h = self.tok_embeddings(tokens)
         if self.args.embed_scale != 1.0:  # rounded to the activations' dtype first, as Gemma's reference does
             h = h * float(torch.tensor(self.args.embed_scale, dtype=h.dtype))
         freqs = positions[None, :, None].float() * self.inv_freq[:, None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos().to(h.dtype), emb.sin().to(h.dtype)
-        for layer, window, rope in zip(self.layers, self.args.layer_windows, self.layer_rope):
-            h = layer(h, cos[rope], sin[rope], self.attention, step, window)
+        kvs = self.cache.layers if self.cache is not None else [None] * len(self.layers)
+        for layer, window, rope, kv in zip(self.layers, self.args.layer_windows, self.layer_rope, kvs):
+            h = layer(h, cos[rope], sin[rope], self.attention, step, window, kv)
         h = self.norm(h)
         if last_only:
             h = h[:, -1:]

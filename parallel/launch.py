@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 # NVLink multicast stays off in NCCL, PyTorch and NVSHMEM: on shared machines it can take the host's GPUs out of
-# service (the device notes, KINDS.md). Set in every rank before its process group starts.
+# service. Set in every rank before its process group starts.
 MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
@@ -58,15 +58,24 @@ def launch(nproc: int, fn: Callable[..., Any], *args: Any) -> Any:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     config = LaunchConfig(
-        min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=uuid.uuid4().hex, rdzv_backend="c10d",
-        rdzv_endpoint=f"127.0.0.1:{port}", max_restarts=0, monitor_interval=0.2, start_method="spawn",
-    )  # fmt: skip
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=uuid.uuid4().hex,
+        rdzv_backend="c10d",
+        rdzv_endpoint=f"127.0.0.1:{port}",
+        max_restarts=0,
+        monitor_interval=0.2,
+        start_method="spawn",
+    )
     try:
         results = elastic_launch(config, fn)(*args)
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
         detail = failure.message if isinstance(failure.message, str) else failure.message.get("message", "")
         if not detail or detail.startswith("To enable traceback"):
-            detail = f"exit code {failure.exitcode}" + (f" (signal {failure.signal_name()})" if failure.exitcode < 0 else "")
+            detail = f"exit code {failure.exitcode}" + (
+                f" (signal {failure.signal_name()})" if failure.exitcode < 0 else ""
+            )
         raise RankFailed(f"rank {rank} failed: {detail}") from None
     return results[0]

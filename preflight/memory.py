@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 import torch
 
 from longctx import attention
+from longctx.attention.dense import MASK_CHUNK_ELEMENTS
 from longctx.attention.fused import MAX_CAUSAL_SQUARE
-from longctx.attention.kernels import CPU_FLASH_MIN_QUERIES, FLEX_MIN_QUERIES, MASK_CHUNK_ELEMENTS, flex_bucket
-from longctx.attention.merge import MERGE_CHUNK_ELEMENTS
+from longctx.attention.kernels import CPU_FLASH_MIN_QUERIES, FLEX_MIN_QUERIES, flex_bucket
 from longctx.models.config import ModelArgs
 from longctx.models.transformer import FeedForward, Transformer
 from longctx.parallel.tensor import TensorParallel, local_args, valid_degrees
@@ -92,21 +92,36 @@ class Plan:
         rows = [["term", *(c for c, _ in cols)]]
         rows += [[n, *(fmt(t.get(n, 0)) for _, t in cols)] for n in names]
         rows += [["total (tensors)", *(fmt(sum(t.values())) for _, t in cols)]]
-        rows += [[f"needed free: + {SLACK:.0%} slack + {self.device} runtime", *(fmt(int(sum(t.values()) * (1 + SLACK)) + RUNTIME_BYTES[self.device]) for _, t in cols)]]
+        rows += [
+            [
+                f"needed free: + {SLACK:.0%} slack + {self.device} runtime",
+                *(fmt(int(sum(t.values()) * (1 + SLACK)) + RUNTIME_BYTES[self.device]) for _, t in cols),
+            ]
+        ]
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths))) for r in rows]
+        lines = [
+            "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths))) for r in rows
+        ]
         lines.insert(1, "-" * len(lines[0]))
-        where = f"{self.world} rank{'s' * (self.world > 1)}" + (f" ({self.world // self.tp} hosts × tp={self.tp})" if self.tp > 1 else "")
-        head = (f"memory plan ({unit} per rank): {self.model}, {self.strategy} on {where}, "
-                f"{self.shape.n_ctx} context + {self.shape.n_after} more tokens, {str(self.dtype).removeprefix('torch.')} "
-                f"on {self.device}")  # fmt: skip
+        where = f"{self.world} rank{'s' * (self.world > 1)}" + (
+            f" ({self.world // self.tp} hosts × tp={self.tp})" if self.tp > 1 else ""
+        )
+        head = (
+            f"memory plan ({unit} per rank): {self.model}, {self.strategy} on {where}, "
+            f"{self.shape.n_ctx} context + {self.shape.n_after} more tokens, {str(self.dtype).removeprefix('torch.')} "
+            f"on {self.device}"
+        )
         return head + "\n" + "\n".join(lines)
 
 
 def _ranks_label(ranks: list[int]) -> str:
     if len(ranks) == 1:
         return f"rank {ranks[0]}"
-    return f"ranks {ranks[0]}-{ranks[-1]}" if ranks == list(range(ranks[0], ranks[-1] + 1)) else "ranks " + ",".join(map(str, ranks))
+    return (
+        f"ranks {ranks[0]}-{ranks[-1]}"
+        if ranks == list(range(ranks[0], ranks[-1] + 1))
+        else "ranks " + ",".join(map(str, ranks))
+    )
 
 
 def weight_bytes(args: ModelArgs, dtype: torch.dtype, tp: int = 1) -> int:
@@ -115,7 +130,7 @@ def weight_bytes(args: ModelArgs, dtype: torch.dtype, tp: int = 1) -> int:
     key = (repr(args), dtype, tp)
     if key not in _WEIGHTS:  # (a plan searching for what fits asks many times)
         with torch.device("meta"):
-            model = Transformer(args, attention.build("ring"))  # (ring: valid inside a run of any rank count)
+            model = Transformer(args)
         TensorParallel(args, tp, 0).parallelize(model)
         params = sum(p.numel() for p in model.parameters()) * dtype.itemsize
         _WEIGHTS[key] = params + sum(b.numel() * b.element_size() for b in model.buffers())
@@ -143,25 +158,26 @@ def plan_run(
     return Plan(model_name or args.architecture, strategy.name, world * tp, device, dtype, shape, ranks, tp)
 
 
-def _rank_plan(args: ModelArgs, s: attention.AttentionStrategy, shape: RunShape, dtype: torch.dtype, device: str, weights: int) -> RankPlan:
+def _rank_plan(
+    args: ModelArgs, s: attention.AttentionStrategy, shape: RunShape, dtype: torch.dtype, device: str, weights: int
+) -> RankPlan:
     b = dtype.itemsize
-    D, Hkv = args.head_dim, args.n_kv_heads
+    D, Hkv, Hq = args.head_dim, args.n_kv_heads, args.n_heads
     slots = s.cache_slots(shape.n_ctx, shape.n_after)
-    kv = args.n_layers * 2 * Hkv * D * slots * b + 2 * slots * 8  # + kv_pos (and its index)
+    # keys and values, the slots' positions (and their index), what the decode method keeps beside them
+    kv = args.n_layers * (2 * Hkv * D * slots * b + s.decode.cache_bytes(slots, Hkv, D, b)) + 2 * slots * 8
     # phase 1: T tokens fed, attending to S keys
     T = len(s.context_indices(shape.n_ctx)) if shape.n_ctx else 0
-    extra_keys, buffers, merging = _phase1_strategy_buffers(s, shape.n_ctx, T, args, b)
-    seen = s.anchor_size + s.block_size if s.name == "star" else None
-    one_piece = s.name == "global"  # a causal square; ring's steps and star's blocks are several pieces
-    phase1 = _layer_peak(args, T, T + extra_keys, b, device, seen, buffers, merging, one_piece=one_piece) if T else 0
+    m = s.phase1_memory(shape.n_ctx, T, Hq, Hkv, D, b)
+    phase1 = (
+        _layer_peak(args, T, T + m.extra_keys, b, device, m.keys_seen, m.buffers, m.merging, one_piece=m.one_piece)
+        if T
+        else 0
+    )
     rotary = _rotary_bytes(args, T, b)
     # phase 2: the query tokens (at most n_after), then one token at a time, attending to the whole local cache
     Q = max(1, shape.n_after if shape.n_query is None else min(shape.n_query, shape.n_after))
-    workspace = None
-    if s.decode == "hsr":  # each layer's key summaries (in the keys' dtype) live with its cache
-        blocks, exact = -(-slots // s.hsr_block), torch.promote_types(dtype, torch.float32).itemsize
-        kv += args.n_layers * (2 * Hkv * blocks * D * b + 3 * blocks * 8)
-        workspace = _hsr_workspace(args, Q, slots, blocks, exact)
+    workspace = s.decode.workspace_bytes(Hq, Hkv, D, Q, slots, b)
     phase2 = _layer_peak(args, Q, slots, b, device, workspace=workspace) + _rotary_bytes(args, Q, b)
     logits = args.vocab_size * (b + 4) * 2  # the last position's logits, and their fp32 copy for sampling
     terms = {"weights": weights, "KV cache": kv}
@@ -175,23 +191,6 @@ def _rank_plan(args: ModelArgs, s: attention.AttentionStrategy, shape: RunShape,
     return RankPlan(s.rank, terms)
 
 
-def _phase1_strategy_buffers(s: attention.AttentionStrategy, n_ctx: int, T: int, args: ModelArgs, b: int) -> tuple[int, int, int]:
-    """(keys attended beyond the rank's own tokens, bytes of the strategy's own buffers during a phase-1 layer's
-    attention, bytes of the temporaries of merging a partial into them)."""
-    Hkv, Hq, D = args.n_kv_heads, args.n_heads, args.head_dim
-    if s.name == "star" and s.receives_anchor:
-        A = min(s.anchor_size, n_ctx)
-        return A, A * 2 * Hkv * D * b, 0  # the received anchor, before it is joined to the rank's own K/V
-    if s.name == "ring" and s.world > 1:
-        shard = max(len(x) for x in attention.ring.zigzag_shards(n_ctx, s.world)) * 2 * Hkv * D * b
-        running = T * Hq * (D + 1) * 4  # the fp32 (output, lse) merged so far
-        # the shard held and the one arriving (the last step receives nothing) and the running partial; merging a
-        # step's partial stacks both in fp32 and weighs them, a chunk of `merge_into`'s rows at a time
-        held = shard + (max(shard, running) if s.world == 2 else shard + running)
-        return 0, held, 6 * min(T * Hq * D, MERGE_CHUNK_ELEMENTS) * 4 + T * Hq * D * b
-    return 0, 0, 0
-
-
 def _rotary_bytes(args: ModelArgs, T: int, b: int) -> int:
     """Frequencies (fp32), their doubled copy (fp32), cos and sin: live through the whole forward pass."""
     ropes = 2 if args.local_rope_theta is not None else 1
@@ -199,9 +198,17 @@ def _rotary_bytes(args: ModelArgs, T: int, b: int) -> int:
 
 
 def _layer_peak(
-    args: ModelArgs, T: int, S: int, b: int, device: str, seen: int | None = None, extra: int = 0, merging: int = 0,
-    workspace: int | None = None, one_piece: bool = False,
-) -> int:  # fmt: skip
+    args: ModelArgs,
+    T: int,
+    S: int,
+    b: int,
+    device: str,
+    seen: int | None = None,
+    extra: int = 0,
+    merging: int = 0,
+    workspace: int | None = None,
+    one_piece: bool = False,
+) -> int:
     """The most bytes one layer holds at once over T tokens attending to S keys (star: `seen`, the block and anchor
     sizes, bounds the keys beyond its own a query sees): the largest of the moments below, as `models.transformer`
     allocates them; `extra`: the strategy's own buffers during attention, `merging`: its merge's temporaries,
@@ -226,19 +233,9 @@ def _layer_peak(
     return max(rotary, kernel, output, mlp, block_out)
 
 
-def _hsr_workspace(args: ModelArgs, T: int, S: int, blocks: int, e: int) -> int:
-    """Bytes `attention.hsr.hsr_attend`'s PyTorch path holds beyond its inputs for T queries over S slots in
-    `blocks` blocks (the CUDA kernels hold less): the larger of the bounds (q and its two parts, the summaries in
-    the exact dtype, two products and their sum [Hq, T, blocks]) and the attention over the chosen blocks (the
-    dense mask and chosen keys, fp32 scores and probabilities, K and V in the exact dtype), next to the bounds and
-    the weights [Hq, T, blocks] and the per-block bins and sums."""
-    D, Hq, Hkv = args.head_dim, args.n_heads, args.n_kv_heads
-    bounds = 3 * Hq * T * D * e + 2 * Hkv * blocks * D * e + 3 * Hq * T * blocks * e
-    attend = T * S + Hkv * T * S + 2 * Hq * T * S * e + 2 * Hkv * S * D * e + Hq * T * D * (e + 4)
-    return max(bounds, attend) + 3 * Hq * T * blocks * e + Hkv * blocks * 32
-
-
-def _kernel_workspace(args: ModelArgs, T: int, S: int, b: int, device: str, seen: int | None, one_piece: bool = False) -> int:
+def _kernel_workspace(
+    args: ModelArgs, T: int, S: int, b: int, device: str, seen: int | None, one_piece: bool = False
+) -> int:
     """Bytes the attention kernel holds beyond its inputs, for T queries over S keys (`attention.kernels.attend`);
     `one_piece`: the mask is one causal square (global phase 1), which the fused path runs without merging."""
     D, Hq, Hkv = args.head_dim, args.n_heads, args.n_kv_heads
@@ -274,16 +271,6 @@ def _kernel_workspace(args: ModelArgs, T: int, S: int, b: int, device: str, seen
 # --- a run's plan from its config, and the check before loading
 
 
-def preset_args(preset) -> ModelArgs:
-    """The model shape a preset runs: its checkpoint's config.json where it names one, else the preset's config."""
-    from pathlib import Path
-
-    path = preset.get("path")
-    if path is not None and (Path(path).expanduser() / "config.json").is_file():
-        return ModelArgs.from_json(Path(path).expanduser() / "config.json")
-    return ModelArgs.from_hf(dict(preset.config))
-
-
 def run_shape(task, ctx_length: int) -> RunShape:
     """The tokens a task feeds: bench and plan a prompt of `prompt_tokens` (default the ctx length) whose last
     `query_tokens` go through phase 2; generate and ruler the ctx length, a query, and `max_new_tokens`."""
@@ -310,8 +297,8 @@ def plan_config(cfg, world: int | None = None, n_ctx: int | None = None, dtype: 
     shape = run_shape(cfg.task, cfg.ctx.length)
     if n_ctx is not None:
         shape = RunShape(n_ctx, shape.n_after, shape.n_query)
-    args = preset_args(cfg.model)
-    strategy = attention.from_config(cfg.attention, shape.n_ctx, world // tp)
+    args = ModelArgs.from_preset(cfg.model)
+    strategy = attention.from_config(cfg.attention, cfg.get("decode"), shape.n_ctx, world // tp)
     return plan_run(args, strategy, shape, world // tp, dtype, device.type, cfg.model.name, tp)
 
 
@@ -355,7 +342,11 @@ def check_fits(cfg, device: torch.device) -> Plan:
     terms = max(plan.ranks, key=lambda r: r.total).terms
     parts = ", ".join(f"{name.split(':')[0]} {n / GiB:.1f}" for name, n in terms.items() if n >= 0.05 * GiB)
     fixes = fits_with(cfg, avail)
-    advice = f"; fits with {' or '.join(fixes)}" if fixes else "; no rank count, shorter ctx or dtype fits: use a smaller model"
+    advice = (
+        f"; fits with {' or '.join(fixes)}"
+        if fixes
+        else "; no rank count, shorter ctx or dtype fits: use a smaller model"
+    )
     raise DoesNotFit(
         f"memory: {cfg.model.name} with {plan.strategy} at {plan.shape.n_ctx} tokens on {plan.world} "
         f"rank{'s' * (plan.world > 1)} needs {plan.need / GiB:.1f} GiB per rank ({parts} GiB, plus slack and runtime; "
@@ -372,16 +363,19 @@ def fits_with(cfg, avail: int) -> list[str]:
 
     fixes = []
     base = plan_config(cfg)
-    spread = cfg if cfg.attention.name != "global" else OmegaConf.merge(cfg, {"attention": {"name": "star"}})
+    alternative = attention.strategy_class(cfg.attention.name).across_hosts  # (a strategy of one host names another)
+    spread = cfg if alternative is None else OmegaConf.merge(cfg, {"attention": {"name": alternative}})
     for n in (n for n in RANK_COUNTS if n > base.world and n % base.tp == 0):  # more hosts
         try:
             if plan_config(spread, world=n).need <= avail:
-                fixes.append(("attention=star " if spread is not cfg else "") + f"parallel.nproc={n}")
+                fixes.append((f"attention={alternative} " if spread is not cfg else "") + f"parallel.nproc={n}")
                 break
-        except ValueError:  # e.g. more ranks than star blocks
+        except ValueError:  # e.g. more ranks than the strategy cuts the context into
             continue
     hosts = base.world // base.tp
-    for tp in (d for d in valid_degrees(preset_args(cfg.model)) if d > base.tp and hosts * d <= RANK_COUNTS[-1]):  # more GPUs per host
+    for tp in (
+        d for d in valid_degrees(ModelArgs.from_preset(cfg.model)) if d > base.tp and hosts * d <= RANK_COUNTS[-1]
+    ):  # more GPUs per host
         wider = OmegaConf.merge(cfg, {"parallel": {"tp": tp}})
         if plan_config(wider, world=hosts * tp).need <= avail:
             fixes.append(f"parallel.nproc={hosts * tp} parallel.tp={tp}")

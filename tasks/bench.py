@@ -6,12 +6,15 @@ import itertools
 import json
 import resource
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from longctx import models
+from longctx.conf.schema import OptionError, option
+from longctx.models.config import ModelArgs
 from longctx.preflight import memory
 from longctx.tasks.context import Context, gather
 
@@ -20,36 +23,47 @@ from longctx.tasks.context import Context, gather
 BENCH_SETUP_STEPS = 2
 
 
-def attended_pairs(n: int, window: int | None, block: int | None = None, anchor: int = 0) -> int:
-    """(query, key) pairs causal attention over n tokens attends: each query sees the keys of its own block (all
-    tokens without `block`) and, past the first block, the anchor's `anchor` tokens, at most `window` back."""
-    p = torch.arange(n, dtype=torch.int64)
-    start = p - p % block if block else torch.zeros_like(p)
-    lo = (p - window + 1).clamp_min(0) if window is not None else torch.zeros_like(p)
-    own = p - torch.maximum(start, lo) + 1
-    seen_anchor = torch.where(start > 0, (min(anchor, n) - lo).clamp_min(0), 0)
-    return int(own.sum() + seen_anchor.sum())
+def _timed_steps(n: int) -> str | None:
+    if n >= BENCH_SETUP_STEPS + 2:
+        return None
+    return (
+        f"leaves no decode step to time: bench times decode after the first token and {BENCH_SETUP_STEPS} set-up "
+        f"steps; use task.new_tokens >= {BENCH_SETUP_STEPS + 2}"
+    )
+
+
+@dataclass
+class PlanOptions:
+    prompt_tokens: int | None = option(None, "null: the ctx group's length", low=1)
+    query_tokens: int = option(64, "the tail of the prompt that goes through phase 2", low=1)
+    new_tokens: int = option(32, "tokens generated after the prompt", low=1)
+
+
+@dataclass
+class BenchOptions(PlanOptions):
+    new_tokens: int = option(32, "tokens generated after the prompt", low=1, check=_timed_steps)
+    warmup: int = option(1, "untimed runs first", low=0)
+    repeats: int = option(2, "timed runs: the best TTFT and decode rate are kept", low=1)
+    results_file: str = option("outputs/bench_results.jsonl", "each run's record is appended here")
+
+
+def check(cfg, args: ModelArgs) -> None:
+    """The prompt leaves context before its query tokens."""
+    n, query = cfg.task.prompt_tokens or cfg.ctx.length, cfg.task.query_tokens
+    if query >= n:
+        raise OptionError(
+            f"task.query_tokens={query} leaves no context in a prompt of {n} tokens; use fewer query tokens"
+        )
 
 
 def phase1_flops(model, strategy, n_ctx: int, tp: int = 1) -> int:
-    """Phase 1's FLOPs over all ranks, counted as issue 15 states them: 2 per block parameter per token for the
-    linear layers, and 4·head_dim·query heads per (query, key) pair each layer attends: the causal triangle for
-    global and ring; for star each block's triangle and, past the first, block × anchor, and the anchor again (its
-    tokens and its triangle) on every rank that recomputes it. `model` holds one tensor-parallel rank's slice."""
+    """Phase 1's FLOPs over all ranks: 2 per block parameter per token the strategy feeds through the model for the
+    linear layers, and 4·head_dim·query heads per (query, key) pair each layer attends (`strategy.attended_pairs`).
+    `model` holds one tensor-parallel rank's slice."""
     args = model.args
     params = sum(p.numel() for p in model.layers.parameters()) * tp  # the blocks' (the last norm's are a rounding)
-    star = strategy.name == "star"
-    anchor = min(strategy.anchor_size, n_ctx) if star else 0
-    recomputing = 0  # ranks that encode the anchor again
-    if star and strategy.anchor_mode == "recompute":
-        recomputing = min(strategy.world, -(-n_ctx // strategy.block_size)) - 1
-    pairs = 0
-    for window in args.layer_windows:
-        if star:
-            pairs += attended_pairs(n_ctx, window, strategy.block_size, anchor) + recomputing * attended_pairs(anchor, window)
-        else:
-            pairs += attended_pairs(n_ctx, window)
-    return 2 * params * (n_ctx + recomputing * anchor) + 4 * args.head_dim * args.n_heads * tp * pairs
+    pairs = sum(strategy.attended_pairs(n_ctx, window) for window in args.layer_windows)
+    return 2 * params * strategy.phase1_tokens(n_ctx) + 4 * args.head_dim * args.n_heads * tp * pairs
 
 
 def task_bench(c: Context) -> dict:
@@ -97,22 +111,37 @@ def task_bench(c: Context) -> dict:
     planned = memory.plan_config(c.cfg)
     planned_peaks = [r.total + (0 if c.device.type == "cuda" else memory.RUNTIME_BYTES["cpu"]) for r in planned.ranks]
     record = {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "model": c.cfg.model.name, "attention": c.cfg.attention.name,
-        "ctx": n, "ranks": c.world, "hosts": c.layout.hosts, "tp": c.layout.tp, "device": torch.cuda.get_device_name() if c.device.type == "cuda" else "cpu",
-        "dtype": str(c.dtype).removeprefix("torch."), "torch": torch.__version__, "random_weights": c.tok is None,
-        "ttft_s": ttft, "prefill_tok_s": n / ttft, "decode_tok_s": decode,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "model": c.cfg.model.name,
+        "attention": c.cfg.attention.name,
+        "ctx": n,
+        "ranks": c.world,
+        "hosts": c.layout.hosts,
+        "tp": c.layout.tp,
+        "device": torch.cuda.get_device_name() if c.device.type == "cuda" else "cpu",
+        "dtype": str(c.dtype).removeprefix("torch."),
+        "torch": torch.__version__,
+        "random_weights": c.tok is None,
+        "ttft_s": ttft,
+        "prefill_tok_s": n / ttft,
+        "decode_tok_s": decode,
         "phase1_flops": phase1_flops(c.model, c.model.attention, n_ctx, c.layout.tp),
-        "peak_mem_bytes_per_rank": peaks, "peak_mem_kind": "cuda allocated" if c.device.type == "cuda" else "process max RSS",
-        "planned_peak_bytes_per_rank": planned_peaks, "peak_host_bytes_per_rank": host_peaks,
-        **{k: v for k, v in c.strategy_params().items() if k in ("block_size", "anchor_size", "anchor_mode")},
-    }  # fmt: skip
+        "peak_mem_bytes_per_rank": peaks,
+        "peak_mem_kind": "cuda allocated" if c.device.type == "cuda" else "process max RSS",
+        "planned_peak_bytes_per_rank": planned_peaks,
+        "peak_host_bytes_per_rank": host_peaks,
+        **c.model.attention.record(),
+        "decode": c.model.attention.decode.options(),
+    }
     if c.lead:
         path = Path(t.results_file)
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        c.say(f"time to first token {ttft:.3f} s · prefill {n / ttft:.0f} tok/s · decode {decode:.1f} tok/s · "
-              f"peak memory per rank {', '.join(f'{p / 2**30:.2f} GiB' for p in peaks)} (planned "
-              f"{', '.join(f'{p / 2**30:.2f}' for p in planned_peaks)}) · peak host memory per rank "
-              f"{', '.join(f'{p / 2**30:.2f} GiB' for p in host_peaks)} → {path}")  # fmt: skip
+        c.say(
+            f"time to first token {ttft:.3f} s · prefill {n / ttft:.0f} tok/s · decode {decode:.1f} tok/s · "
+            f"peak memory per rank {', '.join(f'{p / 2**30:.2f} GiB' for p in peaks)} (planned "
+            f"{', '.join(f'{p / 2**30:.2f}' for p in planned_peaks)}) · peak host memory per rank "
+            f"{', '.join(f'{p / 2**30:.2f} GiB' for p in host_peaks)} → {path}"
+        )
     return record

@@ -4,15 +4,55 @@ from __future__ import annotations
 
 import random
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig
 
 from longctx import models
+from longctx.conf.schema import OptionError, option
+from longctx.models.config import ModelArgs
 from longctx.models.tokenizer import Tokenizer
 from longctx.preflight import options
 from longctx.tasks.context import Context
 from longctx.tasks.rows import append_row, read_rows
+
+
+@dataclass
+class GenerateOptions(models.SamplingOptions):
+    prompt: str | None = option(None, "the prompt's text")
+    prompt_file: str | None = option(None, "a UTF-8 text file holding the prompt; - for stdin")
+    input_jsonl: str | None = option(None, "records {input_context, input_query, output}, one JSON object a line")
+    output_jsonl: str | None = option(
+        None, "each answer is appended as it is made; null: answers.jsonl in the run directory"
+    )
+    resume: bool = option(False, "skip the records output_jsonl already answers")
+    on_error: str = option(
+        "skip", "a record that cannot run (too long): skip (reported, counted) or stop", choices=("skip", "stop")
+    )
+    chat: bool = option(True, "wrap prompts in the model's chat template")
+    max_new_tokens: int = option(48, "tokens generated at most", low=1)
+    stop: list[str] = option(doc="stop strings", factory=list)
+
+
+def check(cfg: DictConfig, args: ModelArgs) -> None:
+    """One prompt source at most; its files readable; the output writable; the demo within the model's positions."""
+    t = cfg.task
+    given = [k for k in ("prompt", "prompt_file", "input_jsonl") if t[k] is not None]
+    if len(given) > 1:
+        raise OptionError(f"{' and '.join(f'task.{k}' for k in given)} are both set; give one prompt source")
+    if t.prompt_file not in (None, "-"):
+        options.input_file(cfg, "task.prompt_file")
+    if t.input_jsonl is not None:
+        options.jsonl_records(options.input_file(cfg, "task.input_jsonl"), "task.input_jsonl")
+    out = options.results_file(cfg, "task.output_jsonl")
+    if out is not None and t.input_jsonl is not None and Path(t.input_jsonl).expanduser().resolve() == out.resolve():
+        raise OptionError("task.output_jsonl is the input file task.input_jsonl; name another file")
+    # a prompt's own length is checked once it is tokenized (`check_prompt_length`); the demo fills the model's
+    # window where ctx.length is longer, leaving room for its question and answer
+    n = cfg.ctx.length
+    if not given and not (n <= args.max_seq_len and options.demo_context(n, args.max_seq_len, t.max_new_tokens) > 0):
+        options.check_positions(cfg, args, n, "ctx.length")
 
 
 def demo_prompt(tokenizer: Tokenizer, n_tokens: int, seed: int) -> tuple[str, str, str]:
@@ -42,7 +82,9 @@ def task_generate(c: Context) -> dict:
         if t.prompt_file == "-":
             text = sys.stdin.read()
         else:
-            text = options.read_text(Path(t.prompt_file).expanduser(), "task.prompt_file") if t.prompt_file else t.prompt
+            text = (
+                options.read_text(Path(t.prompt_file).expanduser(), "task.prompt_file") if t.prompt_file else t.prompt
+            )
         if t.chat and c.tok.chat_template:
             ids = c.tok.encode_chat([{"role": "user", "content": text}])
         else:
@@ -52,8 +94,10 @@ def task_generate(c: Context) -> dict:
     else:
         n_demo = options.demo_context(c.cfg.ctx.length, c.max_seq_len, t.max_new_tokens)
         if n_demo < c.cfg.ctx.length:
-            c.say(f"demo context of {n_demo} tokens: ctx.length={c.cfg.ctx.length} would leave no room for the question "
-                  f"and {t.max_new_tokens} new tokens in the model's {c.max_seq_len} positions")  # fmt: skip
+            c.say(
+                f"demo context of {n_demo} tokens: ctx.length={c.cfg.ctx.length} would leave no room for the question "
+                f"and {t.max_new_tokens} new tokens in the model's {c.max_seq_len} positions"
+            )
         context, query, expected = demo_prompt(c.tok, n_demo, c.cfg.seed)
         ids, n_ctx = c.prompt_ids(context, query, t.chat)
         options.check_prompt_length(len(ids), t.max_new_tokens, c.max_seq_len, "the demo prompt")
@@ -65,9 +109,15 @@ def task_generate(c: Context) -> dict:
         f"{len(ids)} tokens · time to first token {ttft:.2f} s · decode {tps:.1f} tok/s · KV cache per rank: "
         + ", ".join(f"{b / 2**20:.1f} MiB" for b in kv)
     )
-    result = {"prompt_tokens": len(ids), "new_tokens": len(out.token_ids), "ttft_s": ttft, "decode_tok_s": tps,
-              "kv_bytes_per_rank": kv, "answer": out.text}  # fmt: skip
-    result |= c.hsr_summary()
+    result = {
+        "prompt_tokens": len(ids),
+        "new_tokens": len(out.token_ids),
+        "ttft_s": ttft,
+        "decode_tok_s": tps,
+        "kv_bytes_per_rank": kv,
+        "answer": out.text,
+    }
+    result |= c.decode_report()
     if expected is not None:
         result["demo_fact_found"] = expected in out.text
         c.say(f"hidden pass key {expected}: {'found' if result['demo_fact_found'] else 'NOT found'} in the answer")
@@ -94,7 +144,9 @@ def generate_jsonl(c: Context, sampling: models.Sampling) -> dict:
             continue
         ids, n_ctx = c.prompt_ids(rec["input_context"], rec["input_query"], t.chat)
         try:
-            options.check_prompt_length(len(ids), t.max_new_tokens, c.max_seq_len, f"task.input_jsonl={t.input_jsonl}, record {i}")
+            options.check_prompt_length(
+                len(ids), t.max_new_tokens, c.max_seq_len, f"task.input_jsonl={t.input_jsonl}, record {i}"
+            )
         except options.OptionError as e:
             if t.on_error == "stop":
                 raise
@@ -109,5 +161,10 @@ def generate_jsonl(c: Context, sampling: models.Sampling) -> dict:
     c.say(f"{len(rows)} answers in {out_path}" + (f"; {len(failed)} records failed: {failed}" if failed else ""))
     c.samples = rows
     timed = [r["ttft_s"] for r in rows]
-    return {"samples": len(rows), "failed": len(failed), "failed_indices": failed,
-            "mean_ttft_s": sum(timed) / len(timed) if timed else None, "answers_file": str(out_path)}  # fmt: skip
+    return {
+        "samples": len(rows),
+        "failed": len(failed),
+        "failed_indices": failed,
+        "mean_ttft_s": sum(timed) / len(timed) if timed else None,
+        "answers_file": str(out_path),
+    }

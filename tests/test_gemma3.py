@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from longctx import models
-from tests.conftest import TINY, _randomize_norms
+from tests.helpers import TINY, randomize_norms
 
 # Shapes of their own: 3 KV heads under 6 query heads, a window of 8, the older `sliding_window_pattern`
 # (every 2nd layer full), transformers-4 style rope keys with scaling on the full layers; one KV head, a 12-token
@@ -35,7 +35,7 @@ def _gemma(tmp_path, seed=0, **config):
     cfg = transformers.Gemma3TextConfig(**(TINY | config))
     torch.manual_seed(seed)
     hf = transformers.Gemma3ForCausalLM(cfg).eval()
-    _randomize_norms(hf, seed)
+    randomize_norms(hf, seed)
     hf.save_pretrained(tmp_path)
     return hf, tmp_path
 
@@ -59,14 +59,26 @@ def test_cached_decode_equals_full_forward(tmp_path):
     with torch.no_grad():
         full = model(tokens, torch.arange(40))
         model.setup_cache(1, 40)
-        steps = [model(tokens[:, :25], torch.arange(25))] + [model(tokens[:, i : i + 1], torch.tensor([i])) for i in range(25, 40)]
+        steps = [model(tokens[:, :25], torch.arange(25))] + [
+            model(tokens[:, i : i + 1], torch.tensor([i])) for i in range(25, 40)
+        ]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-4, rtol=0)
 
 
 def test_text_config_nesting_reads_as_the_text_model():
-    text = {"hidden_size": 64, "intermediate_size": 112, "num_hidden_layers": 2, "num_attention_heads": 4,
-            "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 96, "sliding_window": 8}  # fmt: skip
-    nested = models.ModelArgs.from_hf({"model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"], "text_config": text})
+    text = {
+        "hidden_size": 64,
+        "intermediate_size": 112,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "vocab_size": 96,
+        "sliding_window": 8,
+    }
+    nested = models.ModelArgs.from_hf(
+        {"model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"], "text_config": text}
+    )
     plain = models.ModelArgs.from_hf({"model_type": "gemma3_text", **text})
     assert nested == plain and plain.architecture == "Gemma3ForCausalLM" and plain.layer_windows == (8, 8)
 
@@ -83,9 +95,18 @@ def test_text_config_nesting_reads_as_the_text_model():
     ],
 )
 def test_unsupported_keys_are_refused_by_name(change, message):
-    cfg = {"model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"], "hidden_size": 64, "intermediate_size": 112,
-           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
-           "vocab_size": 96, "sliding_window": 8}  # fmt: skip
+    cfg = {
+        "model_type": "gemma3_text",
+        "architectures": ["Gemma3ForCausalLM"],
+        "hidden_size": 64,
+        "intermediate_size": 112,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "vocab_size": 96,
+        "sliding_window": 8,
+    }
     if "vision_config" in change:
         cfg = {"model_type": "gemma3", "text_config": cfg}
     with pytest.raises(ValueError, match=message):
@@ -144,6 +165,7 @@ def _needle_prompt(tok) -> tuple[list[int], int, str]:
 
 def _ranks_worker(rank, world, path):
     from longctx import attention
+
     model, tok = models.load(path, dtype=torch.float32, attention=attention.build("ring"))
     ids, n_ctx, _ = _needle_prompt(tok)
     answers = {}

@@ -7,8 +7,17 @@ import math
 import pytest
 import torch
 
-from longctx.attention.hsr import HSRResult, KeySummary, error_bound, hsr_attend, merge_certificates, score_bounds
-from longctx.attention.kernels import PositionMask, dense_attend
+from longctx.attention.dense import dense_attend
+from longctx.attention.hsr import (
+    HSRDecode,
+    HSRResult,
+    KeySummary,
+    error_bound,
+    hsr_attend,
+    merge_certificates,
+    score_bounds,
+)
+from longctx.attention.mask import PositionMask
 from longctx.attention.merge import merge_partials
 
 D = 32
@@ -21,7 +30,10 @@ def cache(kind: str, S: int = 1024, Hkv: int = 2, B: int = 1, seed: int = 0, fil
     v = torch.randn(B, Hkv, S, D, generator=g, dtype=torch.float64)
     if kind == "clustered":  # runs of 64 keys near one of 8 centres (text has topics), one planted key
         centres = torch.randn(8, D, generator=g, dtype=torch.float64) * 3
-        k = centres[torch.randint(0, 8, (B, Hkv, S // 64 + 1), generator=g)].repeat_interleave(64, dim=2)[:, :, :S] + 0.1 * k
+        k = (
+            centres[torch.randint(0, 8, (B, Hkv, S // 64 + 1), generator=g)].repeat_interleave(64, dim=2)[:, :, :S]
+            + 0.1 * k
+        )
         k[:, :, S // 3] = 6.0
     elif kind == "outlier":  # one key of huge norm in an otherwise quiet block
         k = 0.1 * k
@@ -92,7 +104,9 @@ def test_structured_keys_are_read_sparsely():
 def test_equal_scores_force_reading_everything():
     k, v, kv_pos, n = cache("equal")
     q = query(1, 8)
-    result = hsr_attend(q, k, v, PositionMask(torch.tensor([n]), kv_pos), KeySummary.of(k, kv_pos, 32), 0.01, sink=32, recent=32)
+    result = hsr_attend(
+        q, k, v, PositionMask(torch.tensor([n]), kv_pos), KeySummary.of(k, kv_pos, 32), 0.01, sink=32, recent=32
+    )
     assert (result.blocks_read == result.blocks_visible).all() and (result.certificate == 0).all()
 
 
@@ -134,7 +148,9 @@ def test_certificates_compose_over_ranks():
     parts = []
     for rank_slots in (slice(0, 1024), slice(1024, 2048)):  # each rank holds half the cache and its summary
         kr, vr, pr = k[:, :, rank_slots], v[:, :, rank_slots], kv_pos[rank_slots]
-        parts.append(hsr_attend(q, kr, vr, PositionMask(mask.q_pos, pr), KeySummary.of(kr, pr, 32), 0.01, sink=32, recent=32))
+        parts.append(
+            hsr_attend(q, kr, vr, PositionMask(mask.q_pos, pr), KeySummary.of(kr, pr, 32), 0.01, sink=32, recent=32)
+        )
     out, lse = merge_partials(torch.stack([p.out for p in parts]), torch.stack([p.lse for p in parts]))
     cert = merge_certificates(torch.stack([p.lse for p in parts]), torch.stack([p.certificate for p in parts]))
     merged = HSRResult(out.double(), lse.double(), cert, parts[0].blocks_read + parts[1].blocks_read, 0)
@@ -142,7 +158,7 @@ def test_certificates_compose_over_ranks():
     assert merged.certificate.max() <= 0.01
 
 
-@pytest.mark.parametrize("eps,block,match", [(0.0, 32, "hsr_eps"), (1.0, 32, "hsr_eps"), (0.1, 48, "power of two")])
+@pytest.mark.parametrize("eps,block,match", [(0.0, 32, "HSR's eps"), (1.0, 32, "HSR's eps"), (0.1, 48, "power of two")])
 def test_bad_settings_are_refused(eps, block, match):
     k, v, kv_pos, n = cache("random", S=1024)
     with pytest.raises(ValueError, match=match):
@@ -154,7 +170,9 @@ def test_certificate_holds_for_a_bf16_cache():
     k, v, q = k.bfloat16(), v.bfloat16(), query(1, 8, aligned=True).bfloat16()
     mask = PositionMask(torch.tensor([n]), kv_pos)
     result = hsr_attend(q, k, v, mask, KeySummary.of(k, kv_pos, 32), 1e-3, sink=32, recent=32)
-    as64 = HSRResult(result.out.double(), result.lse.double(), result.certificate.double(), result.blocks_read, result.blocks_visible)
+    as64 = HSRResult(
+        result.out.double(), result.lse.double(), result.certificate.double(), result.blocks_read, result.blocks_visible
+    )
     assert_certified(q.double(), k.double(), v.double(), mask, as64, 1e-3, slack=2e-2)  # bf16 rounding of the output
 
 
@@ -205,7 +223,9 @@ def test_stats_accumulate_what_the_steps_return():
     summary, stats, results = KeySummary.of(k, kv_pos, 64), torch.zeros(3, dtype=torch.float64), []
     for step in range(3):
         q = query(1, 8, aligned=step != 1)
-        results.append(hsr_attend(q, k, v, PositionMask(torch.tensor([n + step]), kv_pos), summary, 1e-3, 64, 64, stats))
+        results.append(
+            hsr_attend(q, k, v, PositionMask(torch.tensor([n + step]), kv_pos), summary, 1e-3, 64, 64, stats)
+        )
     assert stats[0] == sum(int(r.blocks_read.sum()) for r in results)
     assert stats[1] == sum(int(r.blocks_visible) * r.blocks_read.numel() for r in results)
     assert stats[2] == max(float(r.certificate.max()) for r in results) > 0
@@ -216,7 +236,7 @@ def test_stats_accumulate_what_the_steps_return():
 
 def _tiny(family: str = "llama3", strategy=None):
     from longctx.models import random_model
-    from tests.test_memory_plan import family_args
+    from tests.helpers import family_args
 
     return random_model(family_args(family), dtype=torch.float32, attention=strategy, seed=3)
 
@@ -224,7 +244,7 @@ def _tiny(family: str = "llama3", strategy=None):
 def _decode_logits(model, strategy, prompt, steps):
     """Logits of `steps` greedy decode steps after `prompt`, with `strategy` on this model."""
     model.attention = strategy
-    model.setup_cache(1, len(prompt) + steps, summary_block=strategy.summary_block)
+    model.setup_cache(1, len(prompt) + steps, summarize=strategy.summarize)
     out = []
     with torch.inference_mode():
         strategy.set_phase("context")
@@ -240,28 +260,31 @@ def _decode_logits(model, strategy, prompt, steps):
 @pytest.mark.parametrize("family", ["llama3", "gemma3"])
 def test_hsr_decode_of_global_matches_dense_within_its_certificate(family):
     from longctx import attention
+
     model = _tiny(family)
     prompt = [(7 * i) % 96 for i in range(700)]
     dense = _decode_logits(model, attention.build("global"), prompt, 6)
-    hsr = attention.build("global", decode="hsr", hsr_eps=1e-4, hsr_block=32, hsr_sink=32, hsr_recent=32)
+    hsr = attention.build("global", decode=HSRDecode(eps=1e-4, block=32, sink=32, recent=32))
     sparse = _decode_logits(model, hsr, prompt, 6)
-    report = hsr.hsr_report()
+    report = hsr.decode_report()
     assert report["hsr_max_certificate"] <= 1e-4 and 0 < report["hsr_blocks_read_share"] <= 1
     assert torch.allclose(sparse, dense, atol=1e-2, rtol=0)
-    for layer in model.layers:  # the summaries kept while writing equal those of the final cache
-        cache = layer.attention.kv_cache
-        whole = KeySummary.of(cache.k_cache, model.kv_pos, 32)
-        assert torch.equal(cache.summary.kmax, whole.kmax) and torch.equal(cache.summary.count, whole.count)
+    for layer in model.cache.layers:  # the summaries kept while writing equal those of the final cache
+        whole = KeySummary.of(layer.k, model.cache.positions, 32)
+        assert torch.equal(layer.summary.kmax, whole.kmax) and torch.equal(layer.summary.count, whole.count)
 
 
 def _star_hsr_rank(rank, world, decode):
     from longctx import attention
     from longctx.models import generate_tokens
 
-    strategy = attention.build("star", block_size=150, decode=decode, hsr_eps=1e-4, hsr_block=32, hsr_sink=32, hsr_recent=32)
+    method = attention.build_decode(
+        {"name": decode} | ({"eps": 1e-4, "block": 32, "sink": 32, "recent": 32} if decode == "hsr" else {})
+    )
+    strategy = attention.build("star", block_size=150, decode=method)
     model = _tiny(strategy=strategy)
     tokens = list(generate_tokens(model, [(5 * i) % 96 for i in range(600)], 8))
-    return {"tokens": tokens, "report": strategy.hsr_report()}
+    return {"tokens": tokens, "report": strategy.decode_report()}
 
 
 def test_hsr_decode_over_star_ranks_composes():
@@ -302,7 +325,7 @@ def test_structure_tool_measures_the_floor_any_certificate_needs():
 SPARSE_KERNEL_CHECK = """
 import torch
 from longctx.attention import hsr, hsr_triton, lean, lean_triton
-from longctx.attention.kernels import PositionMask
+from longctx.attention.mask import PositionMask
 
 torch.manual_seed(0)
 cases = 0
@@ -338,7 +361,7 @@ for B, Hkv, g, T, S, block, window, filled, kind in [(1, 2, 4, 1, 1000, 16, None
     # the whole step: the same blocks read, output, lse and certificate as the PyTorch path; also with small chunks,
     # so that every kernel's work on a head is spread over several programs (and the always-read blocks over two,
     # several each, and several steps of bounds per program); in one launch (`_select`) and in three
-    for eps, (hsr_triton.BLOCK_B, hsr_triton.CHUNK, hsr_triton.ALWAYS, hsr_triton.BOUNDS_PROGRAMS, hsr_triton.SELECT_ALONE) in (
+    for eps, (hsr_triton.BLOCK_B, hsr_triton.CHUNK, hsr_triton.ALWAYS, hsr_triton.BOUNDS_PROGRAMS, select_alone) in (
             (1e-3, (64, 512, 8, 1024, 0)), (0.1, (64, 512, 8, 1024, 512)), (1e-3, (16, 32, 2, 2, 0)), (1e-3, (16, 32, 2, 2, 512))):
         # three steps from every other head reading all blocks: heads of both kinds in a step, and the state's rule
         summary.dense_until.zero_()
@@ -350,14 +373,16 @@ for B, Hkv, g, T, S, block, window, filled, kind in [(1, 2, 4, 1, 1000, 16, None
             want = hsr.hsr_attend(q, k, v, step_mask, summary, eps, sink=16, recent=32, stats=want_stats)
             after = summary.dense_until.clone()
             summary.dense_until.copy_(start)
-            got = hsr_triton.hsr_attend(q, k, v, step_mask, summary, eps, 16, 32, hsr.BINS, hsr._low(eps, nb), got_stats)
+            with hsr_triton.SELECT_ALONE.scoped(select_alone):
+                got = hsr._triton_attend(q, k, v, step_mask, summary, eps, 16, 32, hsr._low(eps, nb), got_stats)
             assert torch.equal(got_stats[:2], want_stats[:2]) and torch.allclose(got_stats[2], want_stats[2], rtol=1e-3, atol=1e-9), (got_stats, want_stats)
             assert torch.equal(summary.dense_until, after), (summary.dense_until, after)
             assert not summary.arrived.any()  # (`_select`'s count, back to 0)
-            assert torch.equal(got[3].long(), want.blocks_read) and int(got[4]) == int(want.blocks_visible), (got[3], want.blocks_read)
-            assert torch.allclose(got[0], want.out, atol=1e-4) and torch.allclose(got[1], want.lse, atol=1e-4)
-            assert torch.allclose(got[2], want.certificate.float(), rtol=1e-3, atol=1e-9)
-            print(kind, eps, "read", got[3].tolist(), "of", int(got[4]), "dense until", start.tolist(), "->", after.tolist())
+            read = got.blocks_read.long()
+            assert torch.equal(read, want.blocks_read) and int(got.blocks_visible) == int(want.blocks_visible), (read, want.blocks_read)
+            assert torch.allclose(got.out, want.out, atol=1e-4) and torch.allclose(got.lse, want.lse, atol=1e-4)
+            assert torch.allclose(got.certificate, want.certificate.float(), rtol=1e-3, atol=1e-9)
+            print(kind, eps, "read", read.tolist(), "of", int(got.blocks_visible), "dense until", start.tolist(), "->", after.tolist())
             cases += 1
     if T > 1:  # query tokens in separate launches (as when fewer rows fit): the certificate from the joined lse
         tiles = torch.arange(nb, dtype=torch.int32).expand(B * Hkv, nb).contiguous()
@@ -399,6 +424,12 @@ def test_sparse_kernels_equal_the_reference_in_the_interpreter():
 
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(SPARSE_KERNEL_CHECK)], env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(SPARSE_KERNEL_CHECK)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "sparse kernels ok 50" in done.stdout

@@ -2,39 +2,23 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
-from longctx.attention.kernels import PositionMask, attend, cpu_flash_attend, dense_attend
-
-
-def reference(q, k, v, q_pos, kv_pos, window, block=None, anchor=0):
-    """Per query, per head: softmax over the visible keys, in float64, written out one row at a time (star phase 1:
-    only keys of the query's own block of `block` positions or among the first `anchor` positions)."""
-    B, Hq, T, D = q.shape
-    g = Hq // k.shape[1]
-    out = torch.zeros(B, Hq, T, D, dtype=torch.float64)
-    lse = torch.full((B, Hq, T), -math.inf, dtype=torch.float64)
-    for t in range(T):
-        keys = [s for s in range(len(kv_pos)) if 0 <= kv_pos[s] <= q_pos[t] and (window is None or q_pos[t] - kv_pos[s] < window)
-                and (block is None or kv_pos[s] // block == q_pos[t] // block or kv_pos[s] < anchor)]  # fmt: skip
-        if not keys:
-            continue
-        for h in range(Hq):
-            kk, vv = k[:, h // g, keys].double(), v[:, h // g, keys].double()
-            scores = (kk @ q[:, h, t].double().unsqueeze(-1)).squeeze(-1) / math.sqrt(D)
-            lse[:, h, t] = torch.logsumexp(scores, -1)
-            out[:, h, t] = (scores.softmax(-1).unsqueeze(-1) * vv).sum(1)
-    return out, lse
-
+from longctx.attention.dense import cpu_flash_attend, dense_attend
+from longctx.attention.kernels import attend
+from longctx.attention.mask import PositionMask
+from tests.helpers import reference
 
 CASES = {
     "causal": (torch.arange(24), torch.arange(24), None),
     "window": (torch.arange(24), torch.arange(24), 5),
     # a cache holding a star-style block: anchor positions 0..5, own block 30..39, empty slots at the end
-    "sparse_cache": (torch.arange(30, 40), torch.cat([torch.arange(6), torch.arange(30, 40), torch.full((4,), -1)]), None),
+    "sparse_cache": (
+        torch.arange(30, 40),
+        torch.cat([torch.arange(6), torch.arange(30, 40), torch.full((4,), -1)]),
+        None,
+    ),
     # queries before every key see nothing: output 0, lse -inf
     "empty_rows": (torch.tensor([0, 1, 2, 50]), torch.arange(3, 20), None),
 }
@@ -70,8 +54,9 @@ def test_float64_inputs_stay_float64():
 def test_query_chunking_is_seamless(monkeypatch, window, block, anchor):
     """Chunks of 64 queries: the CPU kernel reads a key range (causal, window) or scattered keys (a star block and
     its anchor) per chunk; every row must still see exactly its keys."""
-    from longctx.attention import kernels
-    monkeypatch.setattr(kernels, "MASK_CHUNK_ELEMENTS", 64 * 10)  # force several chunks of 64 rows
+    from longctx.attention import dense
+
+    monkeypatch.setattr(dense, "MASK_CHUNK_ELEMENTS", 64 * 10)  # force several chunks of 64 rows
     pos = torch.arange(150)
     q, k, v = torch.randn(1, 4, 150, 8), torch.randn(1, 2, 150, 8), torch.randn(1, 2, 150, 8)
     mask = PositionMask(pos, pos, window, block, anchor)
@@ -83,7 +68,7 @@ def test_query_chunking_is_seamless(monkeypatch, window, block, anchor):
 
 
 def test_cpu_kernel_reads_only_the_keys_a_chunk_sees():
-    from longctx.attention.kernels import _visible_keys
+    from longctx.attention.dense import _visible_keys
 
     rows = torch.arange(64, 128)
     causal = PositionMask(rows, torch.arange(150)).dense()
@@ -98,14 +83,15 @@ def test_cpu_kernel_reads_only_the_keys_a_chunk_sees():
 def test_flex_buckets_are_few_and_waste_little():
     from longctx.attention.kernels import FLEX_BUCKETS, FLEX_MAX_STEP, flex_bucket
 
+    per_octave = FLEX_BUCKETS.get()
     lengths = range(100, 70000, 7)
     buckets = [flex_bucket(n) for n in lengths]
-    assert all(n <= b <= n * (1 + 1 / FLEX_BUCKETS) for n, b in zip(lengths, buckets))
+    assert all(n <= b <= n * (1 + 1 / per_octave) for n, b in zip(lengths, buckets))
     assert all(flex_bucket(b) == b for b in buckets)  # a bucket is its own bucket: padding is done once
     assert buckets == sorted(buckets)
     octaves = {(b.bit_length(), b) for b in buckets}
     for k in {o for o, _ in octaves}:  # per octave [2^(k-1), 2^k): FLEX_BUCKETS, or one per FLEX_MAX_STEP tokens
-        assert sum(1 for o, _ in octaves if o == k) <= max(FLEX_BUCKETS, (1 << (k - 1)) // FLEX_MAX_STEP)
+        assert sum(1 for o, _ in octaves if o == k) <= max(per_octave, (1 << (k - 1)) // FLEX_MAX_STEP)
     assert all(b - n < FLEX_MAX_STEP for n, b in zip(lengths, buckets))
     assert [flex_bucket(1 << k) for k in range(7, 21)] == [1 << k for k in range(7, 21)]  # powers of two stay
 

@@ -11,7 +11,6 @@ import textwrap
 import pytest
 import torch
 
-from longctx.attention.kernels import PositionMask
 from longctx.attention.lean import (
     CONFIG,
     head_parts,
@@ -21,7 +20,8 @@ from longctx.attention.lean import (
     program_of,
     stages_that_fit,
 )
-from tests.test_kernels import reference
+from longctx.attention.mask import PositionMask
+from tests.helpers import reference
 
 
 @pytest.mark.parametrize("heads,tiles,programs", [(1, 1, 1), (8, 100, 132), (16, 7, 5), (3, 2, 50), (64, 2048, 132)])
@@ -42,7 +42,9 @@ def test_schedule_covers_every_tile_once_in_equal_shares(heads, tiles, programs)
     assert all(v == list(range(len(v))) for v in slots.values())
 
 
-@pytest.mark.parametrize("heads,tiles,programs", [(1, 1, 1), (8, 100, 132), (16, 7, 5), (3, 2, 6), (64, 2048, 264), (5, 3, 15)])
+@pytest.mark.parametrize(
+    "heads,tiles,programs", [(1, 1, 1), (8, 100, 132), (16, 7, 5), (3, 2, 6), (64, 2048, 264), (5, 3, 15)]
+)
 def test_closed_forms_locate_every_partial(heads, tiles, programs):
     """The kernel finds a head's partials and a program's slots by formula; they must match the explicit split."""
     segments = lean_schedule(heads, tiles, programs)
@@ -59,14 +61,23 @@ def test_closed_forms_locate_every_partial(heads, tiles, programs):
 def test_a_share_spans_head_boundaries():
     segments = lean_schedule(heads=4, tiles=10, programs=3)  # 40 units: shares of 13, 13, 14
     assert [(s.program, s.head, s.tiles) for s in segments] == [
-        (0, 0, (0, 10)), (0, 1, (0, 3)), (1, 1, (3, 10)), (1, 2, (0, 6)), (2, 2, (6, 10)), (2, 3, (0, 10)),
-    ]  # fmt: skip
+        (0, 0, (0, 10)),
+        (0, 1, (0, 3)),
+        (1, 1, (3, 10)),
+        (1, 2, (0, 6)),
+        (2, 2, (6, 10)),
+        (2, 3, (0, 10)),
+    ]
 
 
 CASES = {
     "decode": (torch.tensor([299]), torch.arange(300), None),
     "window": (torch.tensor([299]), torch.arange(300), 50),
-    "phase2 queries over a sparse cache": (torch.arange(500, 503), torch.cat([torch.arange(0, 400, 2), torch.full((37,), -1)]), None),
+    "phase2 queries over a sparse cache": (
+        torch.arange(500, 503),
+        torch.cat([torch.arange(0, 400, 2), torch.full((37,), -1)]),
+        None,
+    ),
 }
 
 
@@ -89,7 +100,8 @@ def test_reference_path_equals_dense_attention(case, programs):
 KERNEL_CHECK = """
 import torch
 from longctx.attention import lean
-from longctx.attention.kernels import PositionMask, dense_attend
+from longctx.attention.dense import dense_attend
+from longctx.attention.mask import PositionMask
 
 ar = torch.arange
 cases = [  # B, Hq, Hkv, q_pos, kv_pos, window, programs
@@ -142,14 +154,16 @@ def test_triton_kernel_equals_dense_attention_in_the_interpreter():
     """The CUDA kernels themselves, run by Triton's CPU interpreter (fp32): stream-K walk, direct writes, combine."""
     pytest.importorskip("triton")  # a dev dependency on Linux x86-64, where CI runs
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(KERNEL_CHECK)], env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(KERNEL_CHECK)], env=env, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "kernel ok 7" in done.stdout and "shrink ok" in done.stdout
 
 
 def test_pipeline_stages_shrink_to_fit_shared_memory():
     h100 = 227 * 1024
-    assert stages_that_fit(128, 2, h100) == CONFIG.stages  # bf16: 64 KB of K/V per stage
+    assert stages_that_fit(128, 2, h100) == CONFIG.get().stages  # bf16: 64 KB of K/V per stage
     assert stages_that_fit(128, 4, h100) == 2  # fp32: three stages would need 280 KB
     assert stages_that_fit(256, 2, h100) == 2
     assert stages_that_fit(256, 4, h100) == 0  # one stage of fp32 K/V at head dim 256 is already 256 KB

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-import transformers
 from omegaconf import OmegaConf
 
 from longctx import attention
@@ -15,27 +14,25 @@ from longctx.models.config import ModelArgs
 from longctx.models.transformer import FeedForward
 from longctx.preflight import memory
 from longctx.preflight.memory import RunShape, plan_run
-from tests.conftest import FAMILIES, REPO, TINY
 from tests.distributed import run_ranks
+from tests.helpers import FAMILIES, REPO, family_args, run_runner
 from tests.live_bytes import LiveBytes
-from tests.test_runner import _run
 
 # The plan may overshoot what is allocated (it is what a run is refused on), but by little; it must not fall short.
 OVER, UNDER = 0.10, 0.05
 
 
-def family_args(family: str) -> ModelArgs:
-    config_cls, arch, extra = FAMILIES[family]
-    args = ModelArgs.from_hf(getattr(transformers, config_cls)(**(TINY | extra)).to_dict() | {"architectures": [arch]})
-    args.max_seq_len = 1 << 20
-    return args
+def _strategy(name: str, params: dict) -> attention.AttentionStrategy:
+    """The strategy `name` with `params`, whose `decode` (a decode config node) gives its decode method."""
+    params = dict(params)
+    return attention.build(name, decode=attention.build_decode(params.pop("decode", None)), **params)
 
 
 def measured_peak(rank: int, world: int, args: ModelArgs, name: str, params: dict, n: int, new: int, dtype) -> int:
     """Bytes live at once over building the model and one generation, on this rank."""
     torch.set_num_threads(1)
     with LiveBytes() as live:
-        model = random_model(args, dtype=dtype, attention=attention.build(name, **params))
+        model = random_model(args, dtype=dtype, attention=_strategy(name, params))
         ids = [i % args.vocab_size for i in range(n)]
         list(generate_tokens(model, ids, new, context_len=n - 16, max_seq_len=n + new))
     return live.peak
@@ -44,7 +41,7 @@ def measured_peak(rank: int, world: int, args: ModelArgs, name: str, params: dic
 def assert_plan_matches(args, name, params, world, n=1024, new=8, dtype=torch.float32):
     run = (args, name, params, n, new, dtype)
     peaks = run_ranks(world, measured_peak, *run) if world > 1 else [measured_peak(0, 1, *run)]
-    plan = plan_run(args, attention.build(name, **params), RunShape(n - 16, 16 + new, 16), world, dtype, "cpu")
+    plan = plan_run(args, _strategy(name, params), RunShape(n - 16, 16 + new, 16), world, dtype, "cpu")
     for r, peak in zip(plan.ranks, peaks):
         assert peak * (1 - UNDER) <= r.total <= peak * (1 + OVER), f"rank {r.rank}: planned {r.total}, allocated {peak}"
 
@@ -62,7 +59,9 @@ def test_plan_of_star_on_one_rank(params):
 @pytest.mark.parametrize("name", ["global", "star"])
 def test_plan_of_sparse_decode_counts_its_summaries_and_workspace(name):
     # small blocks and many query tokens: the key summaries and the reference's bounds are the largest terms
-    params = {"decode": "hsr", "hsr_block": 2, "hsr_sink": 2, "hsr_recent": 2} | ({"block_size": 256} if name == "star" else {})
+    params = {"decode": {"name": "hsr", "block": 2, "sink": 2, "recent": 2}} | (
+        {"block_size": 256} if name == "star" else {}
+    )
     assert_plan_matches(family_args("llama3"), name, params, 1, n=512, new=64)
 
 
@@ -107,13 +106,18 @@ def test_plan_terms_follow_each_strategys_layout():
         assert kv(p)[3] > kv(p)[0]
         assert all(r.terms["weights"] == one.ranks[0].terms["weights"] for r in p.ranks)
     assert "CUDA graph pool" in one.ranks[0].terms
-    assert "CUDA graph pool" not in plan_run(args, attention.build("global"), shape, 1, torch.bfloat16, "cpu").ranks[0].terms
+    assert (
+        "CUDA graph pool"
+        not in plan_run(args, attention.build("global"), shape, 1, torch.bfloat16, "cpu").ranks[0].terms
+    )
 
 
 def _cfg(groups: dict | None = None, **over):
     base = OmegaConf.load(REPO / "conf" / "config.yaml")
     cfg = OmegaConf.create({k: v for k, v in base.items() if k not in ("defaults", "hydra")})
-    chosen = {"model": "llama3", "attention": "star", "ctx": "1m", "parallel": "single", "task": "bench"} | (groups or {})
+    chosen = {"model": "llama3", "attention": "star", "ctx": "1m", "parallel": "single", "task": "bench"} | (
+        groups or {}
+    )
     for group, name in chosen.items():
         cfg[group] = OmegaConf.merge(cfg.get(group) or {}, OmegaConf.load(REPO / "conf" / group / f"{name}.yaml"))
     cfg.device = "cuda"
@@ -131,7 +135,9 @@ def test_what_fits_is_what_the_plan_says_fits():
     length = int(next(f for f in fixes if f.startswith("ctx.length=")).split("=")[1])
     assert memory.plan_config(cfg, n_ctx=length).need <= avail < memory.plan_config(cfg, n_ctx=length + 16384).need
     assert "dtype=bf16" not in fixes  # already bf16
-    with pytest.raises(memory.DoesNotFit, match=r"needs \d+\.\d GiB per rank .* fits with parallel\.nproc=\d+ or ctx\.length="):
+    with pytest.raises(
+        memory.DoesNotFit, match=r"needs \d+\.\d GiB per rank .* fits with parallel\.nproc=\d+ or ctx\.length="
+    ):
         memory.check_fits(cfg, torch.device("cuda"))
 
 
@@ -141,14 +147,16 @@ def test_global_is_told_to_spread_over_ranks():
 
 
 def _runner(tmp_path, *overrides):
-    return _run(tmp_path, *overrides, "wandb.mode=disabled", timeout=120)
+    return run_runner(tmp_path, *overrides, "wandb.mode=disabled", timeout=120)
 
 
 def test_runner_refuses_a_run_that_does_not_fit_before_loading(tmp_path):
     res = _runner(tmp_path, "task=bench", "model=llama3", "ctx=128k", "device=cpu", "memory.limit_gib=40")
     assert res.returncode == 2
     line = res.stderr.strip().splitlines()[-1]
-    assert line.startswith("error: memory: llama3 with star at") and "memory.limit_gib=40" in line and "fits with" in line
+    assert (
+        line.startswith("error: memory: llama3 with star at") and "memory.limit_gib=40" in line and "fits with" in line
+    )
     assert "Traceback" not in res.stderr and "random weights" not in res.stderr  # refused before building the model
     assert not (tmp_path / "run" / "results.json").exists()
 

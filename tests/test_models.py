@@ -10,7 +10,7 @@ import torch
 
 from longctx import models
 from longctx.models.generate import Sampling, generate_tokens, sample
-from tests.conftest import FAMILIES
+from tests.helpers import FAMILIES
 
 
 def _logits_pair(hf, ours, tokens):
@@ -44,7 +44,12 @@ def test_family_features_are_read_from_config(hf_checkpoint):
     gemma = args["gemma3"]
     assert gemma.layer_windows == (16, None, 16) and gemma.sandwich_norms and gemma.qk_norm and gemma.norm_offset == 1.0
     assert gemma.attn_scale == 24**-0.5 and gemma.embed_scale == 64**0.5 and gemma.final_softcap == 30.0
-    assert (gemma.rope_theta, gemma.rope_scaling["factor"], gemma.local_rope_theta, gemma.local_rope_scaling) == (5000.0, 2.0, 100.0, None)
+    assert (gemma.rope_theta, gemma.rope_scaling["factor"], gemma.local_rope_theta, gemma.local_rope_scaling) == (
+        5000.0,
+        2.0,
+        100.0,
+        None,
+    )
     assert gemma.mlp_act == "gelu_tanh"
 
 
@@ -187,7 +192,9 @@ def test_fused_projections_hold_each_checkpoint_tensor_in_its_rows(hf_checkpoint
     model = models.load_model(path, dtype=torch.float32)
     tensors = load_file(path / "model.safetensors")
     attn, ffn = model.layers[1].attention, model.layers[1].feed_forward
-    assert torch.equal(attn.wqkv.weight, torch.cat([tensors[f"model.layers.1.self_attn.{p}_proj.weight"] for p in "qkv"]))
+    assert torch.equal(
+        attn.wqkv.weight, torch.cat([tensors[f"model.layers.1.self_attn.{p}_proj.weight"] for p in "qkv"])
+    )
     assert torch.equal(attn.wqkv.bias, torch.cat([tensors[f"model.layers.1.self_attn.{p}_proj.bias"] for p in "qkv"]))
     assert torch.equal(ffn.w13.weight[ffn.w13.rows(1)], tensors["model.layers.1.mlp.up_proj.weight"])
 
@@ -217,22 +224,22 @@ def test_long_inputs_run_the_mlp_in_chunks_with_the_same_result(monkeypatch):
 
 def test_fused_elementwise_chains_compile_without_graph_breaks():
     """On CUDA these run compiled: a graph break would split a chain into several kernels, so check for none here."""
-    from longctx.models.transformer import (
-        add_rms_norm,
-        apply_rotary,
-        gelu_mul,
-        gelu_tanh_mul,
-        rms_norm,
-        silu_mul,
-        write_kv,
-    )
+    from longctx.attention.cache import write_kv
+    from longctx.models.transformer import add_rms_norm, apply_rotary, gelu_mul, gelu_tanh_mul, rms_norm, silu_mul
 
     torch._dynamo.reset()
     x, w = torch.randn(2, 5, 16), torch.randn(16)
     q, k, cos, sin = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 5, 8), torch.randn(5, 8), torch.randn(5, 8)
-    cases = [(rms_norm, (x, w, 1e-5)), (add_rms_norm, (x, x.flip(0), w, 1e-5)), (apply_rotary, (q, k, cos, sin)),
-             (silu_mul, (x, x.flip(0))), (gelu_tanh_mul, (x, x.flip(0))), (gelu_mul, (x, x.flip(0))), (rms_norm, (x, w, 1e-6, 1.0)),
-             (add_rms_norm, (x, x.flip(0), w, 1e-6, 1.0))]  # fmt: skip
+    cases = [
+        (rms_norm, (x, w, 1e-5)),
+        (add_rms_norm, (x, x.flip(0), w, 1e-5)),
+        (apply_rotary, (q, k, cos, sin)),
+        (silu_mul, (x, x.flip(0))),
+        (gelu_tanh_mul, (x, x.flip(0))),
+        (gelu_mul, (x, x.flip(0))),
+        (rms_norm, (x, w, 1e-6, 1.0)),
+        (add_rms_norm, (x, x.flip(0), w, 1e-6, 1.0)),
+    ]
     for fn, args in cases:
         traced = torch.compile(fn.__wrapped__, fullgraph=True, backend="aot_eager")
         torch.testing.assert_close(traced(*args), fn(*args))
@@ -270,4 +277,6 @@ def test_column_major_weights_change_memory_not_results(family, hf_checkpoint):
         for model in (base, moved):
             model.setup_cache(1, 16)
             model(tokens[:, :11], positions[:11])
-        torch.testing.assert_close(moved(tokens[:, 11:], positions[11:]), base(tokens[:, 11:], positions[11:]), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            moved(tokens[:, 11:], positions[11:]), base(tokens[:, 11:], positions[11:]), rtol=1e-5, atol=1e-5
+        )

@@ -8,7 +8,7 @@ import yaml
 
 from longctx import models
 from longctx.models.transformer import Transformer
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 # Parameter counts published with each checkpoint (safetensors metadata on the model cards).
 PUBLISHED = {
@@ -45,9 +45,11 @@ def test_preset_features():
     g = load("gemma3_270m")
     assert g.layer_windows == ((512,) * 5 + (None,)) * 3 and g.local_rope_theta == 10000.0 and g.max_seq_len == 32768
     g = load("gemma3_27b")
-    assert g.attn_scale == 168**-0.5 and g.rope_scaling == {"rope_type": "linear", "factor": 8.0} and g.local_rope_scaling is None
-
-
+    assert (
+        g.attn_scale == 168**-0.5
+        and g.rope_scaling == {"rope_type": "linear", "factor": 8.0}
+        and g.local_rope_scaling is None
+    )
 
 
 @pytest.mark.parametrize("name", sorted(GEMMA3_REPORT))

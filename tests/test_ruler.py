@@ -28,7 +28,10 @@ def test_prose_haystack_reads_a_folder_once_per_file(prose, tmp_path):
 
 @pytest.mark.parametrize(
     "content,message",
-    [(b"\xff\xfe latin-1 \xe9", "not a readable UTF-8 text file"), (b"Too short. Really.", "a haystack needs some prose")],
+    [
+        (b"\xff\xfe latin-1 \xe9", "not a readable UTF-8 text file"),
+        (b"Too short. Really.", "a haystack needs some prose"),
+    ],
 )
 def test_bad_haystack_files_are_clear_errors(content, message, tmp_path):
     (tmp_path / "hay.txt").write_bytes(content)

@@ -13,20 +13,11 @@ import time
 import psutil
 import pytest
 
-from tests.conftest import REPO
-
-
-def _run(tmp_path, *overrides, timeout=300, env=None):
-    env = {**os.environ, "WANDB_DIR": str(tmp_path / "wandb-root"), **(env or {})}
-    (tmp_path / "wandb-root").mkdir(exist_ok=True)
-    return subprocess.run(
-        [sys.executable, "runner.py", *overrides, f"hydra.run.dir={tmp_path / 'run'}"],
-        cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env,
-    )  # fmt: skip
+from tests.helpers import REPO, run_runner
 
 
 def test_default_run_finds_the_hidden_fact_and_logs_offline(smollm2_dir, tmp_path):
-    res = _run(tmp_path)
+    res = run_runner(tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "found in the answer" in res.stderr and "NOT found" not in res.stderr
     assert "· star ·" in res.stderr and "time to first token" in res.stderr and "KV cache per rank" in res.stderr
@@ -44,12 +35,16 @@ def _answer(stdout: str) -> str:
 
 
 def test_two_ranks_ring_and_star_answer_like_global(smollm2_dir, tmp_path):
-    common = ("task.prompt=What is the capital of France? Answer in one sentence.", "task.max_new_tokens=16", "wandb.mode=disabled")
-    ref = _run(tmp_path, "attention=global", *common)
+    common = (
+        "task.prompt=What is the capital of France? Answer in one sentence.",
+        "task.max_new_tokens=16",
+        "wandb.mode=disabled",
+    )
+    ref = run_runner(tmp_path, "attention=global", *common)
     assert ref.returncode == 0, ref.stderr[-3000:]
     assert "Paris" in ref.stdout
     for strategy in ("ring", "star"):
-        res = _run(tmp_path, "parallel.nproc=2", f"attention={strategy}", *common)
+        res = run_runner(tmp_path, "parallel.nproc=2", f"attention={strategy}", *common)
         assert res.returncode == 0, res.stderr[-3000:]
         assert "2 ranks" in res.stderr
         assert _answer(res.stdout) == _answer(ref.stdout)
@@ -57,9 +52,13 @@ def test_two_ranks_ring_and_star_answer_like_global(smollm2_dir, tmp_path):
 
 def test_tensor_parallel_on_one_host_answers_like_one_rank(smollm2_dir, tmp_path):
     # SmolLM2's 9 query heads and 3 KV heads split over tp=3
-    common = ("task.prompt=What is the capital of France? Answer in one sentence.", "task.max_new_tokens=16", "wandb.mode=disabled")
-    ref = _run(tmp_path, "attention=global", *common)
-    res = _run(tmp_path, "attention=global", "parallel.nproc=3", "parallel.tp=3", *common)
+    common = (
+        "task.prompt=What is the capital of France? Answer in one sentence.",
+        "task.max_new_tokens=16",
+        "wandb.mode=disabled",
+    )
+    ref = run_runner(tmp_path, "attention=global", *common)
+    res = run_runner(tmp_path, "attention=global", "parallel.nproc=3", "parallel.tp=3", *common)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "1 host × tp=3" in res.stderr and "Paris" in res.stdout
     assert _answer(res.stdout) == _answer(ref.stdout)
@@ -68,8 +67,18 @@ def test_tensor_parallel_on_one_host_answers_like_one_rank(smollm2_dir, tmp_path
 def test_hosts_of_tensor_parallel_ranks_bench_from_the_command_line(tmp_path):
     # the layout of `model=llama3_70b attention=star ctx=128k parallel.nproc=8 parallel.tp=4`, at tiny scale
     results = tmp_path / "bench.jsonl"
-    res = _run(tmp_path, "task=bench", "model=tiny", "attention=star", "ctx=2k", "parallel.nproc=4", "parallel.tp=2",
-               "attention.params.anchor_mode=recompute", f"task.results_file={results}", "wandb.mode=disabled")  # fmt: skip
+    res = run_runner(
+        tmp_path,
+        "task=bench",
+        "model=tiny",
+        "attention=star",
+        "ctx=2k",
+        "parallel.nproc=4",
+        "parallel.tp=2",
+        "attention.params.anchor_mode=recompute",
+        f"task.results_file={results}",
+        "wandb.mode=disabled",
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "over 2 hosts × tp=2" in res.stderr and "peak host memory per rank" in res.stderr
     record = json.loads(results.read_text().splitlines()[-1])
@@ -78,11 +87,19 @@ def test_hosts_of_tensor_parallel_ranks_bench_from_the_command_line(tmp_path):
 
 
 def test_generate_from_jsonl(smollm2_dir, tmp_path):
-    records = [{"input_context": "Alice lives in Paris. Bob lives in Rome. ", "input_query": "Where does Bob live?", "output": "Rome"},
-               {"input_context": "The box is red. ", "input_query": "What color is the box?", "output": "red"}]  # fmt: skip
+    records = [
+        {
+            "input_context": "Alice lives in Paris. Bob lives in Rome. ",
+            "input_query": "Where does Bob live?",
+            "output": "Rome",
+        },
+        {"input_context": "The box is red. ", "input_query": "What color is the box?", "output": "red"},
+    ]
     src = tmp_path / "in.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in records))
-    res = _run(tmp_path, f"task.input_jsonl={src}", "attention=global", "task.max_new_tokens=12", "wandb.mode=disabled")
+    res = run_runner(
+        tmp_path, f"task.input_jsonl={src}", "attention=global", "task.max_new_tokens=12", "wandb.mode=disabled"
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "run" / "answers.jsonl").read_text().splitlines()]
     assert [r["output"] for r in rows] == ["Rome", "red"]
@@ -90,8 +107,15 @@ def test_generate_from_jsonl(smollm2_dir, tmp_path):
 
 
 def test_ruler_writes_table_results_and_heatmap(smollm2_dir, tmp_path):
-    res = _run(tmp_path, "task=ruler", "task.lengths=[300,600]", "task.tasks=[niah_single,cwe]", "task.depths=[0.5]",
-               "task.max_new_tokens=24", "wandb.mode=disabled")  # fmt: skip
+    res = run_runner(
+        tmp_path,
+        "task=ruler",
+        "task.lengths=[300,600]",
+        "task.tasks=[niah_single,cwe]",
+        "task.depths=[0.5]",
+        "task.max_new_tokens=24",
+        "wandb.mode=disabled",
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     run = tmp_path / "run"
     table = (run / "ruler_table.txt").read_text()
@@ -109,41 +133,68 @@ def test_ruler_writes_table_results_and_heatmap(smollm2_dir, tmp_path):
 def test_ruler_resumes_where_a_run_stopped(smollm2_dir, tmp_path):
     """Rows are written as samples finish; with task.resume=true the samples already written are not run again."""
     out = tmp_path / "samples.jsonl"
-    common = ("task=ruler", "task.lengths=[300]", "task.tasks=[niah_single,vt]", "task.depths=[0.2,0.8]",
-              "task.max_new_tokens=12", "wandb.mode=disabled", f"task.output_jsonl={out}", "attention=global")  # fmt: skip
-    res = _run(tmp_path, *common)
+    common = (
+        "task=ruler",
+        "task.lengths=[300]",
+        "task.tasks=[niah_single,vt]",
+        "task.depths=[0.2,0.8]",
+        "task.max_new_tokens=12",
+        "wandb.mode=disabled",
+        f"task.output_jsonl={out}",
+        "attention=global",
+    )
+    res = run_runner(tmp_path, *common)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = out.read_text().splitlines()
     assert len(rows) == 4
     out.write_text("\n".join(rows[:3]) + "\n")  # as if killed during the last sample
-    res = _run(tmp_path, *common, "task.resume=true")
+    res = run_runner(tmp_path, *common, "task.resume=true")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resuming: 3 of 4 samples" in res.stderr
     again = out.read_text().splitlines()
     assert again[:3] == rows[:3] and len(again) == 4 and json.loads(again[3])["key"] == json.loads(rows[3])["key"]
     result = json.loads((tmp_path / "run" / "results.json").read_text())
     assert result["ruler/mean"] == sum(json.loads(r)["score"] for r in again) / 4
-    res = _run(tmp_path, *common)  # without resume, rows already there are not mixed with new ones
+    res = run_runner(tmp_path, *common)  # without resume, rows already there are not mixed with new ones
     assert res.returncode != 0 and "already holds results" in res.stderr and out.read_text().splitlines() == again
 
 
 @pytest.mark.parametrize(
     "override,message",
-    [("task.haystack=essays", "task.haystack must be one of prose, noise"), ("task.depths=[1.5]", "task.depths are fractions"),
-     ("task.haystack_file=/nonexistent/text.txt", "task.haystack_file=/nonexistent/text.txt: no such file or folder")],
-)  # fmt: skip
+    [
+        ("task.haystack=essays", "task.haystack must be one of prose, noise"),
+        ("task.depths=[1.5]", "task.depths are fractions"),
+        (
+            "task.haystack_file=/nonexistent/text.txt",
+            "task.haystack_file=/nonexistent/text.txt: no such file or folder",
+        ),
+    ],
+)
 def test_ruler_bad_options_are_clear_errors(override, message, smollm2_dir, tmp_path):
-    res = _run(tmp_path, "task=ruler", "task.lengths=[300]", override, "wandb.mode=disabled")
+    res = run_runner(tmp_path, "task=ruler", "task.lengths=[300]", override, "wandb.mode=disabled")
     assert res.returncode != 0 and message in res.stderr, res.stderr[-2000:]
 
 
 def test_bench_appends_a_record_and_multirun_compares(tmp_path):
     results = tmp_path / "bench.jsonl"
     res = subprocess.run(
-        [sys.executable, "runner.py", "-m", "task=bench", "model=tiny", "ctx=2k", "attention=global,star",
-         f"task.results_file={results}", "wandb.mode=disabled", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "runner.py",
+            "-m",
+            "task=bench",
+            "model=tiny",
+            "ctx=2k",
+            "attention=global,star",
+            f"task.results_file={results}",
+            "wandb.mode=disabled",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     records = [json.loads(line) for line in results.read_text().splitlines()]
     assert [r["attention"] for r in records] == ["global", "star"]
@@ -156,10 +207,23 @@ def test_bench_appends_a_record_and_multirun_compares(tmp_path):
 def test_a_killed_rank_ends_the_run(smollm2_dir, tmp_path):
     env = {**os.environ, "WANDB_DIR": str(tmp_path)}
     proc = subprocess.Popen(
-        [sys.executable, "runner.py", "parallel.nproc=2", "attention=ring", "ctx=4k", "parallel.timeout_s=60",
-         "task.max_new_tokens=400", "wandb.mode=disabled", f"hydra.run.dir={tmp_path / 'run'}"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "runner.py",
+            "parallel.nproc=2",
+            "attention=ring",
+            "ctx=4k",
+            "parallel.timeout_s=60",
+            "task.max_new_tokens=400",
+            "wandb.mode=disabled",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         deadline = time.time() + 120
         workers = []
@@ -190,28 +254,53 @@ def test_a_killed_rank_ends_the_run(smollm2_dir, tmp_path):
     ],
 )
 def test_bad_overrides_are_clear_errors(overrides, message, tmp_path):
-    res = _run(tmp_path, *overrides, "wandb.mode=disabled", timeout=120)
+    res = run_runner(tmp_path, *overrides, "wandb.mode=disabled", timeout=120)
     assert res.returncode != 0
     assert message in res.stderr, res.stderr[-2000:]
 
 
 def test_prompt_from_stdin(smollm2_dir, tmp_path):
     res = subprocess.run(
-        [sys.executable, "runner.py", "task.prompt_file=-", "attention=global", "task.max_new_tokens=12",
-         "wandb.mode=disabled", f"hydra.run.dir={tmp_path}"],
-        cwd=REPO, input="What is the capital of France?", capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "runner.py",
+            "task.prompt_file=-",
+            "attention=global",
+            "task.max_new_tokens=12",
+            "wandb.mode=disabled",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        cwd=REPO,
+        input="What is the capital of France?",
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "Paris" in res.stdout
 
 
 def test_joins_a_torchrun_group(smollm2_dir, tmp_path):
     res = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "runner.py",
-         "attention=star", "task.prompt=What is the capital of France?", "task.max_new_tokens=12",
-         "wandb.mode=disabled", f"hydra.run.dir={tmp_path}"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "runner.py",
+            "attention=star",
+            "task.prompt=What is the capital of France?",
+            "task.max_new_tokens=12",
+            "wandb.mode=disabled",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "2 ranks" in res.stderr and "Paris" in res.stdout
     assert json.loads((tmp_path / "results.json").read_text())["answer"].count("Paris") >= 1
@@ -220,11 +309,28 @@ def test_joins_a_torchrun_group(smollm2_dir, tmp_path):
 def test_joins_a_torchrun_group_as_one_host_of_tensor_parallel_ranks(tmp_path):
     results = tmp_path / "bench.jsonl"
     res = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "runner.py",
-         "task=bench", "model=tiny", "attention=global", "ctx=2k", "parallel.tp=2", f"task.results_file={results}",
-         "wandb.mode=disabled", f"hydra.run.dir={tmp_path}"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "runner.py",
+            "task=bench",
+            "model=tiny",
+            "attention=global",
+            "ctx=2k",
+            "parallel.tp=2",
+            f"task.results_file={results}",
+            "wandb.mode=disabled",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     record = json.loads(results.read_text())
     assert (record["ranks"], record["hosts"], record["tp"]) == (2, 1, 2)

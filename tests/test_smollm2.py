@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from longctx import models
-from tests.test_tokenizer import _corpus
+from tests.helpers import corpus
 
 
 def test_answers_capital_of_france(smollm2_dir):
@@ -22,7 +22,7 @@ def test_answers_capital_of_france(smollm2_dir):
 def test_logits_match_transformers_on_a_long_prompt(smollm2_dir, smollm2_reference):
     hf, hf_tok = smollm2_reference
     model, tok = models.load(smollm2_dir, dtype=torch.float32)
-    doc = _corpus()
+    doc = corpus()
     messages = [{"role": "user", "content": f"Summarize this code:\n{doc}"}]
     ids = tok.encode_chat(messages)[:1000]
     assert len(ids) == 1000

@@ -19,9 +19,14 @@ N_CTX, N_QUERY, N_NEW = 37, 5, 6
 BLOCK, ANCHOR = 10, 6
 # Every family; a Llama with biases on o_proj and the MLP (added once, after the all-reduce); tied embeddings.
 FAMILIES = {
-    "llama3": {}, "mistral": {}, "qwen2": {}, "qwen3": {}, "gemma3": {}, "llama_linear_tied": {},
+    "llama3": {},
+    "mistral": {},
+    "qwen2": {},
+    "qwen3": {},
+    "gemma3": {},
+    "llama_linear_tied": {},
     "llama3_biases": {"attention_bias": True, "mlp_bias": True},
-}  # fmt: skip
+}
 
 
 def _path(hf_checkpoint, name: str) -> str:
@@ -35,7 +40,9 @@ def _prompt() -> list[int]:
 
 def _strategy(kind: str, group=None) -> attention.AttentionStrategy:
     if kind.startswith("star"):
-        return attention.build("star", block_size=BLOCK, anchor_size=ANCHOR, anchor_mode=kind.split("-")[1], group=group)
+        return attention.build(
+            "star", block_size=BLOCK, anchor_size=ANCHOR, anchor_mode=kind.split("-")[1], group=group
+        )
     return attention.build(kind, group=group)
 
 
@@ -69,7 +76,9 @@ def _tp_worker(rank, world, paths: dict, layouts: list[tuple[int, list[str]]]) -
         layout = make_layout(tp, torch.device("cpu"))
         for name, path in paths.items():
             args = models.ModelArgs.from_json(f"{path}/config.json")
-            model = models.load_model(path, dtype=torch.float32, attention=attention.build("ring"), tp=layout.tensor_parallel(args))
+            model = models.load_model(
+                path, dtype=torch.float32, attention=attention.build("ring"), tp=layout.tensor_parallel(args)
+            )
             for kind in kinds:
                 out[tp, name, kind] = _run(model, _strategy(kind, layout.cp_group))
     return out
@@ -84,7 +93,9 @@ def _check(results: list[dict], paths: dict, layouts) -> None:
                 for r in results:
                     mine = r[tp, name, kind]
                     got[mine["idx"]] = mine["context"]  # (every tp rank of a host holds the host's tokens' logits)
-                    torch.testing.assert_close(mine["query"], ref["query"], atol=1e-4, rtol=0, msg=f"{name} {kind} tp={tp}")
+                    torch.testing.assert_close(
+                        mine["query"], ref["query"], atol=1e-4, rtol=0, msg=f"{name} {kind} tp={tp}"
+                    )
                     assert mine["generated"].tolist() == ref["generated"].tolist(), f"{name} {kind} tp={tp}"
                 torch.testing.assert_close(got, ref["context"], atol=1e-4, rtol=0, msg=f"{name} {kind} tp={tp}")
 
@@ -104,13 +115,17 @@ def test_tp4_on_one_host_and_two_hosts_of_tp2_equal_one_rank(hf_checkpoint):
 
 # --- the cut, without processes
 
-LLAMA_70B = models.ModelArgs(vocab_size=128256, dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, head_dim=128,
-                             intermediate_size=28672)  # fmt: skip
+LLAMA_70B = models.ModelArgs(
+    vocab_size=128256, dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, head_dim=128, intermediate_size=28672
+)
 
 
 def test_degrees_that_do_not_divide_are_refused_by_name():
     assert valid_degrees(LLAMA_70B) == [1, 2, 4, 8, 16, 32, 64]  # past 8, the 8 KV heads are replicated
-    with pytest.raises(ValueError, match=r"parallel.tp=3 does not divide llama: its 64 query heads; valid tensor-parallel degrees: 1, 2, 4, 8, 16"):
+    with pytest.raises(
+        ValueError,
+        match=r"parallel.tp=3 does not divide llama: its 64 query heads; valid tensor-parallel degrees: 1, 2, 4, 8, 16",
+    ):
         check_degree(LLAMA_70B, 3, "llama")
     odd_kv = models.ModelArgs(n_heads=12, n_kv_heads=3, head_dim=8, dim=96, intermediate_size=48)
     with pytest.raises(ValueError, match="its 3 KV heads"):
@@ -122,13 +137,24 @@ def test_degrees_that_do_not_divide_are_refused_by_name():
 
 @pytest.mark.parametrize("heads,kv,tp", [(4, 2, 2), (8, 2, 4), (4, 1, 2), (4, 4, 4)])
 def test_each_rank_keeps_its_heads_and_the_kv_heads_they_use(heads, kv, tp):
-    args = models.ModelArgs(vocab_size=32, dim=16, n_layers=1, n_heads=heads, n_kv_heads=kv, head_dim=4, intermediate_size=24,
-                            qkv_bias=True, o_bias=True)  # fmt: skip
+    args = models.ModelArgs(
+        vocab_size=32,
+        dim=16,
+        n_layers=1,
+        n_heads=heads,
+        n_kv_heads=kv,
+        head_dim=4,
+        intermediate_size=24,
+        qkv_bias=True,
+        o_bias=True,
+    )
     whole = models.random_model(args, torch.float32)
     w = whole.layers[0]
     q, k, v = w.attention.wqkv.weight.split((heads * 4, kv * 4, kv * 4))
     gate, up = w.feed_forward.w13.weight.split((24, 24))
-    parts = [TensorParallel(args, tp, r).parallelize(models.random_model(args, torch.float32)).layers[0] for r in range(tp)]
+    parts = [
+        TensorParallel(args, tp, r).parallelize(models.random_model(args, torch.float32)).layers[0] for r in range(tp)
+    ]
     hq = heads // tp
     for r, p in enumerate(parts):
         lq, lk, lv = p.attention.wqkv.weight.split(p.attention.wqkv.splits)
@@ -187,7 +213,9 @@ def test_each_rank_copies_out_and_holds_only_its_slices(family, hf_checkpoint, m
     monkeypatch.setattr(loading.MappedSafetensors, "__init__", record)
     for rank in range(2):
         with _Allocated(maps) as live:  # (the fp32 file is read into bf16 parameters: every copy is an op)
-            model = models.load_model(path, dtype=torch.bfloat16, attention=attention.build("ring"), tp=TensorParallel(args, 2, rank))
+            model = models.load_model(
+                path, dtype=torch.bfloat16, attention=attention.build("ring"), tp=TensorParallel(args, 2, rank)
+            )
         held = sum(p.nbytes for p in model.parameters())
         assert all(p.untyped_storage().nbytes() == p.nbytes for p in model.parameters())  # nothing views a whole
         # beyond the parameters, less than one parameter's worth of copies in flight (reading a whole tensor to
@@ -204,30 +232,47 @@ def test_the_70b_command_is_valid_and_planned_per_rank(tmp_path):
 
     from longctx import runner
     from longctx.preflight import memory
-    from tests.test_bad_inputs import compose_cfg
+    from tests.helpers import compose_cfg
 
     ckpt = tmp_path / "llama3_70b"
     ckpt.mkdir()
-    (ckpt / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "vocab_size": 128256, "hidden_size": 8192, "intermediate_size": 28672,
-        "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8, "max_position_embeddings": 131072,
-        "rope_theta": 500000.0}))  # fmt: skip
-    cfg = compose_cfg("model=llama3_70b", f"model.path={ckpt}", "attention=star", "ctx=128k", "parallel.nproc=8", "parallel.tp=4")
+    (ckpt / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["LlamaForCausalLM"],
+                "vocab_size": 128256,
+                "hidden_size": 8192,
+                "intermediate_size": 28672,
+                "num_hidden_layers": 80,
+                "num_attention_heads": 64,
+                "num_key_value_heads": 8,
+                "max_position_embeddings": 131072,
+                "rope_theta": 500000.0,
+            }
+        )
+    )
+    cfg = compose_cfg(
+        "model=llama3_70b", f"model.path={ckpt}", "attention=star", "ctx=128k", "parallel.nproc=8", "parallel.tp=4"
+    )
     runner.validate(cfg)
     plan = memory.plan_config(cfg)
     assert plan.world == 8 and plan.tp == 4 and len(plan.ranks) == 8
     per_rank = plan.ranks[0].terms["weights"]
-    full = memory.weight_bytes(memory.preset_args(cfg.model), plan.dtype)
+    full = memory.weight_bytes(models.ModelArgs.from_preset(cfg.model), plan.dtype)
     embeddings = 2 * 128256 * 8192 * plan.dtype.itemsize  # input and output embeddings stay whole on every rank
     assert per_rank == pytest.approx((full - embeddings) / 4 + embeddings, rel=1e-3)
-    hosts_only = memory.plan_config(compose_cfg("model=llama3_70b", f"model.path={ckpt}", "attention=star", "ctx=128k", "parallel.nproc=2"))
+    hosts_only = memory.plan_config(
+        compose_cfg("model=llama3_70b", f"model.path={ckpt}", "attention=star", "ctx=128k", "parallel.nproc=2")
+    )
     assert plan.ranks[0].terms["KV cache"] == pytest.approx(hosts_only.ranks[0].terms["KV cache"] / 4, rel=1e-3)
 
 
 def test_a_model_too_large_for_one_gpu_is_told_the_tensor_parallel_degree_that_fits():
     from longctx.preflight import memory
-    from tests.test_bad_inputs import compose_cfg
+    from tests.helpers import compose_cfg
 
-    cfg = compose_cfg("model=llama3_70b", "attention=global", "ctx=8k", "task=bench", "device=cuda", "memory.limit_gib=80")
+    cfg = compose_cfg(
+        "model=llama3_70b", "attention=global", "ctx=8k", "task=bench", "device=cuda", "memory.limit_gib=80"
+    )
     with pytest.raises(memory.DoesNotFit, match=r"fits with parallel.nproc=2 parallel.tp=2$"):
         memory.check_fits(cfg, torch.device("cpu"))

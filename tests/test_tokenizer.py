@@ -10,37 +10,14 @@ import pytest
 
 from longctx import models
 from longctx.models.tokenizer import LLAMA3_PATTERN, LLAMA3_SPECIAL
-
-SAMPLES = [
-    "Hello world",
-    " leading space and  double  spaces",
-    "def forward(self, x):\n    return x  # ünïcode 漢字 🙂\n\n\ttab",
-    "12345 numbers's they'll",
-]
-CHAT = [
-    {"role": "system", "content": "Be brief."},
-    {"role": "user", "content": "Hi there"},
-    {"role": "assistant", "content": "Hello!"},
-    {"role": "user", "content": "What is 2+2?"},
-]
-CORPUS = (models.__file__, models.loading.__file__, models.transformer.__file__)
-
-
-def _corpus() -> str:
-    return "".join(open(f).read() for f in CORPUS)
+from tests.helpers import CHAT, SAMPLES, corpus, train_sentencepiece
 
 
 @pytest.fixture(scope="module")
 def sentencepiece_dir(tmp_path_factory):
     """A Llama-2-style sentencepiece BPE model (byte fallback) trained here, with a Llama-2-style chat template."""
-    import sentencepiece as spm
-
     d = tmp_path_factory.mktemp("spm")
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_corpus().splitlines()), model_prefix=str(d / "tokenizer"), vocab_size=600,
-        model_type="bpe", byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
-        split_digits=True, unk_id=0, bos_id=1, eos_id=2, minloglevel=2,
-    )  # fmt: skip
+    train_sentencepiece(d, 600)
     (d / "tokenizer.vocab").unlink()
     template = (
         "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
@@ -48,8 +25,15 @@ def sentencepiece_dir(tmp_path_factory):
         "{{ '<<SYS>>' + message['content'] + '<</SYS>>' }}{% else %}{{ message['content'] + eos_token }}{% endif %}"
         "{% endfor %}"
     )
-    config = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-              "add_bos_token": True, "add_eos_token": False, "chat_template": template}  # fmt: skip
+    config = {
+        "tokenizer_class": "LlamaTokenizer",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "chat_template": template,
+    }
     (d / "tokenizer_config.json").write_text(json.dumps(config))
     return d
 
@@ -85,10 +69,14 @@ def _train_byte_bpe(text: str, n_merges: int) -> list[bytes]:
 def tiktoken_dir(tmp_path_factory):
     """A tokenizer.model in the tiktoken format of Meta's Llama 3 release, with its special tokens."""
     d = tmp_path_factory.mktemp("tiktoken")
-    vocab = _train_byte_bpe(_corpus(), 300)
+    vocab = _train_byte_bpe(corpus(), 300)
     (d / "tokenizer.model").write_text("".join(f"{base64.b64encode(t).decode()} {i}\n" for i, t in enumerate(vocab)))
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>",
-              "eos_token": "<|eot_id|>", "extra_special_tokens": LLAMA3_SPECIAL}  # fmt: skip
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<|begin_of_text|>",
+        "eos_token": "<|eot_id|>",
+        "extra_special_tokens": LLAMA3_SPECIAL,
+    }
     (d / "tokenizer_config.json").write_text(json.dumps(config))
     return d
 
@@ -138,7 +126,7 @@ def test_tokenizer_json_matches_transformers(smollm2_dir, smollm2_reference):
     hf, ours = AutoTokenizer.from_pretrained(smollm2_dir), models.Tokenizer.from_dir(smollm2_dir)
     gguf_tok = smollm2_reference[1]
     assert type(ours).__name__ == "HFTokenizer"
-    for text in [*SAMPLES, _corpus()[:3000]]:
+    for text in [*SAMPLES, corpus()[:3000]]:
         ids = ours.encode(text)
         assert ids == hf.encode(text) == gguf_tok.encode(text)
         assert ours.decode(ids) == hf.decode(ids)

@@ -48,17 +48,19 @@ STRATEGIES = {
     "star4": Strategy("star, block L/4", ("attention=star", "attention.params.block_size={L4}")),
     "star4-recompute": Strategy(
         "star, block L/4, recompute, 2 ranks",
-        ("attention=star", "attention.params.block_size={L4}", "attention.params.anchor_mode=recompute"), ranks=2,
+        ("attention=star", "attention.params.block_size={L4}", "attention.params.anchor_mode=recompute"),
+        ranks=2,
     ),
     "star8": Strategy("star, block L/8", ("attention=star", "attention.params.block_size={L8}")),
     # The runner's default blocks (attention.star.star_block_size): a quarter of the context, at least 4096 tokens.
     "star-default": Strategy("star, default blocks", ("attention=star",)),
     "star8-recompute": Strategy(
         "star, block L/8, recompute, 2 ranks",
-        ("attention=star", "attention.params.block_size={L8}", "attention.params.anchor_mode=recompute"), ranks=2,
+        ("attention=star", "attention.params.block_size={L8}", "attention.params.anchor_mode=recompute"),
+        ranks=2,
     ),
     # HSR sparse decode (attention/hsr.py) at its defaults: phase 1 dense, every decode step certified to eps 1e-3
-    "hsr": Strategy("global, decode=hsr", ("attention=global", "attention.params.decode=hsr")),
+    "hsr": Strategy("global, decode=hsr", ("attention=global", "decode=hsr")),
 }
 ALL = ("global", "ring", "star4", "star4-recompute", "star8", "star8-recompute")
 
@@ -105,7 +107,9 @@ def plan() -> list[Cell]:
     cells += [Cell(s, n, st, D4) for n in (1024, 2048, 4096, 8192) for st in ("global", "star4", "star8")]
     cells += [Cell(s, 8192, "star-default", D4), Cell(s, 2048, "hsr", D4), Cell(g, 4096, "hsr", D4)]
     cells += [Cell(g, n, st, D4) for st in ("ring", "star4-recompute", "star8-recompute") for n in (4096, 8192, 16384)]
-    cells += [Cell(s, n, st, D4) for st in ("ring", "star4-recompute", "star8-recompute") for n in (1024, 2048, 4096, 8192)]
+    cells += [
+        Cell(s, n, st, D4) for st in ("ring", "star4-recompute", "star8-recompute") for n in (1024, 2048, 4096, 8192)
+    ]
     return cells
 
 
@@ -114,13 +118,25 @@ def run_cell(cell: Cell) -> int:
     code = 0
     for tasks, new_tokens in cell.runs():
         cmd = [
-            sys.executable, "runner.py", "task=ruler", f"model={cell.model}", f"task.lengths=[{cell.length - ROOM}]",
-            f"task.tasks=[{','.join(tasks)}]", f"task.depths=[{','.join(map(str, cell.depths))}]", "task.samples=1",
-            f"task.max_new_tokens={new_tokens}", f"task.output_jsonl={cell.path}", "task.resume=true", "task.haystack=prose",
-            "wandb.mode=disabled", f"hydra.run.dir={REPO / 'outputs' / 'accuracy' / cell.model / f'{cell.length}-{cell.strategy}'}",
+            sys.executable,
+            "runner.py",
+            "task=ruler",
+            f"model={cell.model}",
+            f"task.lengths=[{cell.length - ROOM}]",
+            f"task.tasks=[{','.join(tasks)}]",
+            f"task.depths=[{','.join(map(str, cell.depths))}]",
+            "task.samples=1",
+            f"task.max_new_tokens={new_tokens}",
+            f"task.output_jsonl={cell.path}",
+            "task.resume=true",
+            "task.haystack=prose",
+            "wandb.mode=disabled",
+            f"hydra.run.dir={REPO / 'outputs' / 'accuracy' / cell.model / f'{cell.length}-{cell.strategy}'}",
             *STRATEGIES[cell.strategy].args(cell.length),
-        ]  # fmt: skip
-        print(f"[{time.strftime('%H:%M:%S')}] {cell.model} {cell.length} {cell.strategy}: {' '.join(cmd[2:])}", flush=True)
+        ]
+        print(
+            f"[{time.strftime('%H:%M:%S')}] {cell.model} {cell.length} {cell.strategy}: {' '.join(cmd[2:])}", flush=True
+        )
         code = code or subprocess.run(cmd, cwd=REPO).returncode
     return code
 
@@ -130,7 +146,9 @@ def status(cells: list[Cell]) -> str:
     for c in cells:
         rows = _rows(c)
         secs = sum(r["ttft_s"] for r in rows) / len(rows) if rows else float("nan")
-        lines.append(f"{c.model:12} {c.length:>6} {c.strategy:16} {len(rows):>3}/{c.samples}  {secs:7.1f} s/sample to first token")
+        lines.append(
+            f"{c.model:12} {c.length:>6} {c.strategy:16} {len(rows):>3}/{c.samples}  {secs:7.1f} s/sample to first token"
+        )
     return "\n".join(lines)
 
 
@@ -195,9 +213,10 @@ def model_table(model: str, cells: list[Cell]) -> list[str]:
                 continue
             per = [[r for r in rows if r["task"] == t] for t in TASKS]
             out.append(
-                f"| {STRATEGIES[s].name} | {_label(n)} | " + " | ".join(f"{_score(p):.0f}" if p else "–" for p in per)
+                f"| {STRATEGIES[s].name} | {_label(n)} | "
+                + " | ".join(f"{_score(p):.0f}" if p else "–" for p in per)
                 + f" | {sum(r['prompt_tokens'] for r in rows) / len(rows):.0f} | {sum(r['ttft_s'] for r in rows) / len(rows):.1f} |"
-            )  # fmt: skip
+            )
     return out
 
 
@@ -212,10 +231,20 @@ def plot(cells: list[Cell], path: Path) -> Path:
     colors = dict(zip(STRATEGIES, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     for ax, model in zip(axes[0], models):
         for s in STRATEGIES:  # complete cells only: a partial one's mean covers some tasks only
-            pts = sorted((c.length, _score(_rows(c))) for c in cells if c.model == model and c.strategy == s and c.done() == c.samples)
+            pts = sorted(
+                (c.length, _score(_rows(c)))
+                for c in cells
+                if c.model == model and c.strategy == s and c.done() == c.samples
+            )
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=STRATEGIES[s].name, color=colors[s],
-                        linestyle="-" if "recompute" not in s else "--")  # fmt: skip
+                ax.plot(
+                    [p[0] for p in pts],
+                    [p[1] for p in pts],
+                    marker="o",
+                    label=STRATEGIES[s].name,
+                    color=colors[s],
+                    linestyle="-" if "recompute" not in s else "--",
+                )
         ax.set_xscale("log", base=2)
         ax.set_xticks(sorted({c.length for c in cells if c.model == model}))
         ax.set_xticklabels([_label(n) for n in sorted({c.length for c in cells if c.model == model})])
@@ -243,16 +272,24 @@ def report(cells: list[Cell]) -> str:
         lines += [f"### {model}", ""] + model_table(model, cells) + [""]
     sparse = [c for c in cells if c.strategy == "hsr" and c.done()]
     if sparse:
-        lines += ["Sparse decode (`decode=hsr`, eps 1e-3): what its steps read, per cell (from each sample's run):", "",
-                  "| model | length | samples | score vs global | blocks read (mean of samples) | largest certificate |", "|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "Sparse decode (`decode=hsr`, eps 1e-3): what its steps read, per cell (from each sample's run):",
+            "",
+            "| model | length | samples | score vs global | blocks read (mean of samples) | largest certificate |",
+            "|---|---|---|---|---|---|",
+        ]
         for c in sparse:
             rows = _rows(c)
-            base = next((_rows(g) for g in cells if (g.model, g.length, g.strategy) == (c.model, c.length, "global")), [])
+            base = next(
+                (_rows(g) for g in cells if (g.model, g.length, g.strategy) == (c.model, c.length, "global")), []
+            )
             ratio = _of_global(rows, base)
             share = sum(r.get("hsr_blocks_read_share", float("nan")) for r in rows) / len(rows)
             worst = max(r.get("hsr_max_certificate", float("nan")) for r in rows)
-            lines.append(f"| {c.model} | {_label(c.length)} | {len(rows)}/{c.samples} | "
-                         f"{'–' if ratio is None else f'{ratio:.0f}%'} | {share:.1%} | {worst:.1e} |")  # fmt: skip
+            lines.append(
+                f"| {c.model} | {_label(c.length)} | {len(rows)}/{c.samples} | "
+                f"{'–' if ratio is None else f'{ratio:.0f}%'} | {share:.1%} | {worst:.1e} |"
+            )
         lines.append("")
     lines += [
         f"Made by `python tools/accuracy.py run` then `python tools/accuracy.py report` on {time.strftime('%Y-%m-%d')}, "
@@ -271,13 +308,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=("run", "status", "report"))
     parser.add_argument("--model", action="append", help="only cells of this model (repeatable)")
     parser.add_argument("--length", type=int, action="append", help="only cells of this nominal length (repeatable)")
-    parser.add_argument("--strategy", action="append", choices=sorted(STRATEGIES), help="only this strategy (repeatable)")
+    parser.add_argument(
+        "--strategy", action="append", choices=sorted(STRATEGIES), help="only this strategy (repeatable)"
+    )
     args = parser.parse_args(argv)
     cells = [
-        c for c in plan()
-        if (not args.model or c.model in args.model) and (not args.length or c.length in args.length)
+        c
+        for c in plan()
+        if (not args.model or c.model in args.model)
+        and (not args.length or c.length in args.length)
         and (not args.strategy or c.strategy in args.strategy)
-    ]  # fmt: skip
+    ]
     if args.command == "status":
         print(status(cells))
     elif args.command == "run":

@@ -36,38 +36,57 @@ def kernel_cases() -> list[tuple[str, PositionMask, int, int]]:
         ("window 300 over 2500", PositionMask(ar(2500), ar(2500), 300), 28, 4),
         ("star blocks 777, anchor 512", PositionMask(ar(3000), ar(3000), None, 777, 512), 32, 8),
         ("decode 1 query over 5000", PositionMask(ar(4999, 5000), ar(5000)), 32, 8),
-        ("query over cache with empty slots", PositionMask(ar(900, 905), torch.cat([ar(900), torch.full((100,), -1)])), 32, 8),
+        (
+            "query over cache with empty slots",
+            PositionMask(ar(900, 905), torch.cat([ar(900), torch.full((100,), -1)])),
+            32,
+            8,
+        ),
         ("queries before all keys", PositionMask(ar(0, 130), ar(200, 400)), 8, 8),
         ("ring diagonal step (zig-zag chunks)", PositionMask(*[torch.cat([ar(700), ar(2100, 2800)])] * 2), 32, 8),
-        ("star 2nd rank, anchor received", PositionMask(ar(2000, 3000), torch.cat([ar(500), ar(2000, 3000)]), None, 500, 500), 32, 8),
-        ("queries over a cache, empty slots", PositionMask(ar(900, 1100), torch.cat([ar(1100), torch.full((60,), -1)])), 32, 8),
+        (
+            "star 2nd rank, anchor received",
+            PositionMask(ar(2000, 3000), torch.cat([ar(500), ar(2000, 3000)]), None, 500, 500),
+            32,
+            8,
+        ),
+        (
+            "queries over a cache, empty slots",
+            PositionMask(ar(900, 1100), torch.cat([ar(1100), torch.full((60,), -1)])),
+            32,
+            8,
+        ),
     ]
 
 
 def check_kernels() -> bool:
     from longctx.attention import fused
 
-    fused.FUSED_MIN_MERGED_QUERIES = 0  # these masks are short: merged pieces at any length
-    ok = True
-    g = torch.Generator(device="cuda").manual_seed(0)
-    for dtype in (torch.bfloat16, torch.float32):
-        for name, mask, hq, hkv in kernel_cases():
-            T, S = mask.q_pos.numel(), mask.kv_pos.numel()
-            q = torch.randn(1, hq, T, 128, device="cuda", generator=g).to(dtype)
-            k = torch.randn(1, hkv, S, 128, device="cuda", generator=g).to(dtype)
-            v = torch.randn(1, hkv, S, 128, device="cuda", generator=g).to(dtype)
-            cuda_mask = PositionMask(mask.q_pos.cuda(), mask.kv_pos.cuda(), mask.window, mask.block_size, mask.anchor_size)
-            out, lse = attend(q, k, v, cuda_mask, return_lse=True)
-            ref, ref_lse = dense_attend(q.double(), k.double(), v.double(), cuda_mask, return_lse=True)
-            err = ((out.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
-            seen = torch.isfinite(ref_lse)
-            lse_err = (lse.double()[seen] - ref_lse[seen]).abs().max().item() if seen.any() else 0.0
-            empty_ok = bool(torch.isinf(lse[~seen]).all() and (out[~seen.unsqueeze(-1).expand_as(out)] == 0).all())
-            good = err <= TOLERANCE[dtype] and lse_err <= 1e-2 and empty_ok
-            ok &= good
-            print(f"{'ok  ' if good else 'FAIL'} {str(dtype):15} {name:36} rel err {err:.2e}  lse err {lse_err:.2e}  empty rows {empty_ok}"
-                  f"  path {_path(q, k, cuda_mask)}")  # fmt: skip
-    return ok
+    with fused.FUSED_MIN_MERGED_QUERIES.scoped(0):  # these masks are short: merged pieces at any length
+        ok = True
+        g = torch.Generator(device="cuda").manual_seed(0)
+        for dtype in (torch.bfloat16, torch.float32):
+            for name, mask, hq, hkv in kernel_cases():
+                T, S = mask.q_pos.numel(), mask.kv_pos.numel()
+                q = torch.randn(1, hq, T, 128, device="cuda", generator=g).to(dtype)
+                k = torch.randn(1, hkv, S, 128, device="cuda", generator=g).to(dtype)
+                v = torch.randn(1, hkv, S, 128, device="cuda", generator=g).to(dtype)
+                cuda_mask = PositionMask(
+                    mask.q_pos.cuda(), mask.kv_pos.cuda(), mask.window, mask.block_size, mask.anchor_size
+                )
+                out, lse = attend(q, k, v, cuda_mask, return_lse=True)
+                ref, ref_lse = dense_attend(q.double(), k.double(), v.double(), cuda_mask, return_lse=True)
+                err = ((out.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+                seen = torch.isfinite(ref_lse)
+                lse_err = (lse.double()[seen] - ref_lse[seen]).abs().max().item() if seen.any() else 0.0
+                empty_ok = bool(torch.isinf(lse[~seen]).all() and (out[~seen.unsqueeze(-1).expand_as(out)] == 0).all())
+                good = err <= TOLERANCE[dtype] and lse_err <= 1e-2 and empty_ok
+                ok &= good
+                print(
+                    f"{'ok  ' if good else 'FAIL'} {str(dtype):15} {name:36} rel err {err:.2e}  lse err {lse_err:.2e}  empty rows {empty_ok}"
+                    f"  path {_path(q, k, cuda_mask)}"
+                )
+        return ok
 
 
 def _path(q, k, mask: PositionMask) -> str:
@@ -84,25 +103,24 @@ def check_fused_model() -> bool:
     against the same models on FlexAttention alone, relative to the logits' scale."""
     from longctx.attention import fused
 
-    fused.FUSED_MIN_MERGED_QUERIES = 0  # merged pieces at any length
-    tokens = torch.randint(0, 1000, (1, 1500))
-    args = ModelArgs(vocab_size=1000, dim=256, n_layers=2, n_heads=8, n_kv_heads=2, head_dim=64, intermediate_size=512, max_seq_len=4096)
-    ok = True
-    for family, shape in (("llama", args), ("gemma", ModelArgs(**GEMMA_LIKE, max_seq_len=4096))):
-        for name, params in (("global", {}), ("star", {"block_size": 384}), ("ring", {})):
-            model = _random_on(shape, torch.bfloat16, attention.build(name, **params), "cuda")
-            outs, kernels = [], dict(fused.FUSED_KERNELS)
-            for table in (kernels, {}):
-                fused.FUSED_KERNELS.clear()
-                fused.FUSED_KERNELS.update(table)
-                with torch.no_grad():
-                    outs.append(model(tokens.cuda(), torch.arange(1500, device="cuda")).float())
-            fused.FUSED_KERNELS.update(kernels)
-            err = ((outs[0] - outs[1]).abs().max() / outs[1].abs().max()).item()
-            good = err < 3e-2 and bool(kernels)
-            ok &= good
-            print(f"{'ok  ' if good else 'FAIL'} model {family} {name:8} bf16 logits, fused pieces vs FlexAttention: rel diff {err:.2e}")
-    return ok
+    with fused.FUSED_MIN_MERGED_QUERIES.scoped(0):  # merged pieces at any length
+        tokens = torch.randint(0, 1000, (1, 1500))
+        args = _llama_like(head_dim=64, max_seq_len=4096)
+        ok = True
+        for family, shape in (("llama", args), ("gemma", ModelArgs(**GEMMA_LIKE, max_seq_len=4096))):
+            for name, params in (("global", {}), ("star", {"block_size": 384}), ("ring", {})):
+                model = _random_on(shape, torch.bfloat16, attention.build(name, **params), "cuda")
+                outs, kernels = [], fused.FUSED_KERNELS.get()
+                for table in (kernels, {}):
+                    with torch.no_grad(), fused.FUSED_KERNELS.scoped(table):
+                        outs.append(model(tokens.cuda(), torch.arange(1500, device="cuda")).float())
+                err = ((outs[0] - outs[1]).abs().max() / outs[1].abs().max()).item()
+                good = err < 3e-2 and bool(kernels)
+                ok &= good
+                print(
+                    f"{'ok  ' if good else 'FAIL'} model {family} {name:8} bf16 logits, fused pieces vs FlexAttention: rel diff {err:.2e}"
+                )
+        return ok
 
 
 def check_lean() -> bool:
@@ -122,7 +140,16 @@ def check_lean() -> bool:
         ("decode, 1M keys, GQA 4", 1, 32, 8, ar(2**20 - 1, 2**20), ar(2**20), None, 128),
         ("decode, 1 KV head, 300001 keys, GQA 8", 1, 8, 1, ar(300000, 300001), ar(300001), None, 128),
         ("decode, window 4096", 2, 28, 4, ar(20000, 20001), ar(20001), 4096, 128),
-        ("3 queries over a cache with empty slots", 1, 32, 8, ar(5000, 5003), torch.cat([ar(5003), torch.full((997,), -1)]), None, 128),
+        (
+            "3 queries over a cache with empty slots",
+            1,
+            32,
+            8,
+            ar(5000, 5003),
+            torch.cat([ar(5003), torch.full((997,), -1)]),
+            None,
+            128,
+        ),
         ("8 queries, GQA 8", 1, 64, 8, ar(3000, 3008), ar(3008), None, 128),
         ("64 queries in chunks, GQA 4", 1, 32, 8, ar(9000, 9064), ar(9064), None, 128),
         ("head dim 256, 20000 keys", 1, 16, 4, ar(19999, 20000), ar(20000), None, 256),
@@ -136,7 +163,9 @@ def check_lean() -> bool:
             if not lean.supports(q, k, mask):  # fp32 tiles of head dim 256 overflow shared memory: the dense path
                 good = dtype == torch.float32 and D == 256
                 ok &= good
-                print(f"{'ok  ' if good else 'FAIL'} lean {str(dtype):15} {name:42} not taken (tiles exceed shared memory)")
+                print(
+                    f"{'ok  ' if good else 'FAIL'} lean {str(dtype):15} {name:42} not taken (tiles exceed shared memory)"
+                )
                 continue
             out, lse = lean.lean_attend(q, k, v, mask)
             repeats = [lean.lean_attend(q, k, v, mask) for _ in range(20)]
@@ -146,8 +175,10 @@ def check_lean() -> bool:
             lse_err = (lse.double() - ref_lse).abs().max().item()
             good = err <= TOLERANCE[dtype] and lse_err <= 1e-2 and same
             ok &= good
-            print(f"{'ok  ' if good else 'FAIL'} lean {str(dtype):15} {name:42} rel err {err:.2e}  lse err {lse_err:.2e}  "
-                  f"20 launches identical {same}")  # fmt: skip
+            print(
+                f"{'ok  ' if good else 'FAIL'} lean {str(dtype):15} {name:42} rel err {err:.2e}  lse err {lse_err:.2e}  "
+                f"20 launches identical {same}"
+            )
             del q, k, v, ref
     return ok
 
@@ -165,7 +196,17 @@ def check_hsr() -> bool:
     cases = [  # name, batch, query heads, kv heads, query positions, slot positions, window, head dim, block
         ("1 query, 100000 keys, GQA 4", 1, 32, 8, ar(99999, 100000), ar(100000), None, 128, 64),
         ("batch 2, window 4096, 30000 keys", 2, 28, 4, ar(29999, 30000), ar(30000), 4096, 128, 32),
-        ("3 queries, empty slots", 1, 32, 8, ar(5000, 5003), torch.cat([ar(5003), torch.full((997,), -1)]), None, 128, 128),
+        (
+            "3 queries, empty slots",
+            1,
+            32,
+            8,
+            ar(5000, 5003),
+            torch.cat([ar(5003), torch.full((997,), -1)]),
+            None,
+            128,
+            128,
+        ),
         ("head dim 256, 1 KV head, 20000 keys", 1, 4, 1, ar(19999, 20000), ar(20000), None, 256, 16),
     ]
     for dtype in (torch.bfloat16, torch.float32):
@@ -175,12 +216,24 @@ def check_hsr() -> bool:
             # keys in runs of 64 near one of 16 centres (text has topics), the query near one of them
             centres = torch.randn(16, D, device="cuda", generator=g) * 2
             pick = torch.randint(0, 16, (B, hkv, S // 64 + 1), device="cuda", generator=g)
-            k = (centres[pick].repeat_interleave(64, 2)[:, :, :S] + 0.3 * torch.randn(B, hkv, S, D, device="cuda", generator=g)).to(dtype)
+            k = (
+                centres[pick].repeat_interleave(64, 2)[:, :, :S]
+                + 0.3 * torch.randn(B, hkv, S, D, device="cuda", generator=g)
+            ).to(dtype)
             v = torch.randn(B, hkv, S, D, device="cuda", generator=g).to(dtype)
             q = (centres[3] + 0.3 * torch.randn(B, hq, len(q_pos), D, device="cuda", generator=g)).to(dtype)
             summary = KeySummary.of(k, mask.kv_pos, block)
             r = hsr_attend(q, k, v, mask, summary, 1e-3, 64, 256)
-            cpu = hsr_attend(q.cpu(), k.cpu(), v.cpu(), PositionMask(q_pos, kv_pos, window), KeySummary.of(k.cpu(), kv_pos, block), 1e-3, 64, 256)
+            cpu = hsr_attend(
+                q.cpu(),
+                k.cpu(),
+                v.cpu(),
+                PositionMask(q_pos, kv_pos, window),
+                KeySummary.of(k.cpu(), kv_pos, block),
+                1e-3,
+                64,
+                256,
+            )
             ref, ref_lse = dense_attend(q.double(), k.double(), v.double(), mask, return_lse=True)
             seen = mask.dense()[None, None, :, :, None]
             vv = v.double().repeat_interleave(hq // hkv, 1)[:, :, None]
@@ -197,65 +250,120 @@ def check_hsr() -> bool:
             graph.replay()
             replayed = torch.equal(again.out, r.out) and torch.equal(again.blocks_read, r.blocks_read)
             # the selection's other launch plan (one launch where the cache has few blocks, three otherwise)
-            alone, hsr_triton.SELECT_ALONE = hsr_triton.SELECT_ALONE, (0 if summary.count.numel() <= hsr_triton.SELECT_ALONE else 1 << 30)
             summary.dense_until.zero_()
-            other = hsr_attend(q, k, v, mask, summary, 1e-3, 64, 256)
-            hsr_triton.SELECT_ALONE = alone
+            with hsr_triton.SELECT_ALONE.scoped(
+                0 if summary.count.numel() <= hsr_triton.SELECT_ALONE.get() else 1 << 30
+            ):
+                other = hsr_attend(q, k, v, mask, summary, 1e-3, 64, 256)
             plans_agree = torch.equal(other.blocks_read, r.blocks_read) and torch.equal(other.out, r.out)
             plans_agree &= bool(torch.allclose(other.certificate, r.certificate, rtol=1e-4, atol=1e-12))
             # a step of heads that read every block: exact attention, certificate 0, the state left as it was
             until = int(q_pos.max()) + 2
             summary.dense_until.fill_(until)
             every = hsr_attend(q, k, v, mask, summary, 1e-3, 64, 256)
-            dense_ok = bool(((every.out.double() - ref).abs() <= TOLERANCE[dtype] * ref.abs().max()).all()) and float(every.certificate.max()) == 0
-            dense_ok &= bool((every.blocks_read == every.blocks_visible).all()) and bool((summary.dense_until == until).all())
+            dense_ok = (
+                bool(((every.out.double() - ref).abs() <= TOLERANCE[dtype] * ref.abs().max()).all())
+                and float(every.certificate.max()) == 0
+            )
+            dense_ok &= bool((every.blocks_read == every.blocks_visible).all()) and bool(
+                (summary.dense_until == until).all()
+            )
             # a decode step's summary update in one kernel, as the scatters
             slots = torch.tensor([S - 3, S - 2, S // 2], device="cuda")
             fresh = torch.randn(B, hkv, 3, D, device="cuda", generator=g).to(dtype)
             one, scattered = (KeySummary.of(k, mask.kv_pos, block) for _ in range(2))
             one.update(slots, fresh, slots + 7)
             scattered.scatter(slots, fresh, slots + 7)
-            update_ok = all(torch.equal(getattr(one, f), getattr(scattered, f)) for f in ("kmin", "kmax", "count", "pmin", "pmax"))
+            update_ok = all(
+                torch.equal(getattr(one, f), getattr(scattered, f)) for f in ("kmin", "kmax", "count", "pmin", "pmax")
+            )
             share = float(r.blocks_read.float().mean() / r.blocks_visible)
-            good = within and lse_ok and same_reads <= 1 and replayed and plans_agree and dense_ok and update_ok and float(r.certificate.max()) <= 1e-3
+            good = (
+                within
+                and lse_ok
+                and same_reads <= 1
+                and replayed
+                and plans_agree
+                and dense_ok
+                and update_ok
+                and float(r.certificate.max()) <= 1e-3
+            )
             ok &= good
-            print(f"{'ok  ' if good else 'FAIL'} hsr {str(dtype):15} {name:36} read {share:6.1%}  within certificate {within}  "
-                  f"lse {lse_ok}  reads vs CPU path differ by {same_reads}  graph replay identical {replayed}  "
-                  f"one launch and three agree {plans_agree}  all blocks when told {dense_ok}  summary update {update_ok}")  # fmt: skip
+            print(
+                f"{'ok  ' if good else 'FAIL'} hsr {str(dtype):15} {name:36} read {share:6.1%}  within certificate {within}  "
+                f"lse {lse_ok}  reads vs CPU path differ by {same_reads}  graph replay identical {replayed}  "
+                f"one launch and three agree {plans_agree}  all blocks when told {dense_ok}  summary update {update_ok}"
+            )
     return ok
+
+
+def _llama_like(head_dim: int, max_seq_len: int, n_layers: int = 2, layer_windows: tuple = ()) -> ModelArgs:
+    """A small Llama-shaped model: 8 query heads over 2 KV heads, the layers' sliding windows as given."""
+    return ModelArgs(
+        vocab_size=1000,
+        dim=256,
+        n_layers=n_layers,
+        n_heads=8,
+        n_kv_heads=2,
+        head_dim=head_dim,
+        intermediate_size=512,
+        max_seq_len=max_seq_len,
+        layer_windows=layer_windows,
+    )
 
 
 # Gemma 3's features: head dim 256 with one KV head, sliding layers with their own rope base around a full layer,
 # offset norms before and after attention and MLP, scaled embeddings, a GELU MLP, another query scale, capped logits.
-GEMMA_LIKE = dict(vocab_size=1000, dim=256, n_layers=3, n_heads=4, n_kv_heads=1, head_dim=256, intermediate_size=512,
-                  layer_windows=(200, None, 200), rope_theta=1e6, local_rope_theta=1e4, embed_scale=16.0,
-                  norm_offset=1.0, sandwich_norms=True, mlp_act="gelu_tanh", qk_norm=True, attn_scale=0.08,
-                  final_softcap=30.0)  # fmt: skip
+GEMMA_LIKE = dict(
+    vocab_size=1000,
+    dim=256,
+    n_layers=3,
+    n_heads=4,
+    n_kv_heads=1,
+    head_dim=256,
+    intermediate_size=512,
+    layer_windows=(200, None, 200),
+    rope_theta=1e6,
+    local_rope_theta=1e4,
+    embed_scale=16.0,
+    norm_offset=1.0,
+    sandwich_norms=True,
+    mlp_act="gelu_tanh",
+    qk_norm=True,
+    attn_scale=0.08,
+    final_softcap=30.0,
+)
 
 
 def check_graphs() -> bool:
     """Decode replayed from a CUDA graph generates the tokens of eager decode, for global and star."""
     from longctx.models.generate import generate_tokens
 
-    llama = ModelArgs(vocab_size=1000, dim=256, n_layers=2, n_heads=8, n_kv_heads=2, head_dim=64,
-                      intermediate_size=512, max_seq_len=8192, layer_windows=(None, 300))  # fmt: skip
+    llama = _llama_like(head_dim=64, max_seq_len=8192, layer_windows=(None, 300))
     prompt = torch.randint(0, 1000, (700,), generator=torch.Generator().manual_seed(3)).tolist()
     ok = True
     for family, args in (("llama", llama), ("gemma", ModelArgs(**GEMMA_LIKE, max_seq_len=8192))):
-        hsr = {"decode": "hsr", "hsr_eps": 1e-3, "hsr_block": 32, "hsr_sink": 32, "hsr_recent": 64}
-        for name, params in (("global", {}), ("star", {"block_size": 200}), ("global", hsr), ("star", {"block_size": 200, **hsr})):
-            model = _random_on(args, torch.bfloat16, attention.build(name, **params), "cuda")
+        hsr = {"name": "hsr", "eps": 1e-3, "block": 32, "sink": 32, "recent": 64}
+        for name, params, decode in (
+            ("global", {}, None),
+            ("star", {"block_size": 200}, None),
+            ("global", {}, hsr),
+            ("star", {"block_size": 200}, hsr),
+        ):
+            strategy = attention.build(name, decode=attention.build_decode(decode), **params)
+            model = _random_on(args, torch.bfloat16, strategy, "cuda")
             runs = [list(generate_tokens(model, prompt, 40, context_len=650, cuda_graphs=g)) for g in (False, True)]
             good = runs[0] == runs[1] and len(runs[0]) == 40
             ok &= good
-            print(f"{'ok  ' if good else 'FAIL'} CUDA-graph decode ({family}, {name}, {params.get('decode', 'dense')}) generates the eager tokens: {good}")
+            print(
+                f"{'ok  ' if good else 'FAIL'} CUDA-graph decode ({family}, {name}, {strategy.decode.name}) generates the eager tokens: {good}"
+            )
     return ok
 
 
 def check_model() -> bool:
     """Random Llama- and Gemma-shaped models: CUDA fp32 logits (global, star, ring) equal the CPU's."""
-    args = ModelArgs(vocab_size=1000, dim=256, n_layers=2, n_heads=8, n_kv_heads=2, head_dim=32,
-                     intermediate_size=512, max_seq_len=4096, layer_windows=(None, 200))  # fmt: skip
+    args = _llama_like(head_dim=32, max_seq_len=4096, layer_windows=(None, 200))
     tokens = torch.randint(0, 1000, (1, 700))
     ok = True
     for family, shape in (("llama", args), ("gemma", ModelArgs(**GEMMA_LIKE, max_seq_len=4096))):
@@ -268,7 +376,9 @@ def check_model() -> bool:
             err = (outs[0] - outs[1]).abs().max().item()
             good = err < 1e-3
             ok &= good
-            print(f"{'ok  ' if good else 'FAIL'} model {family} {name:8} CUDA vs CPU fp32 logits: max abs diff {err:.2e}")
+            print(
+                f"{'ok  ' if good else 'FAIL'} model {family} {name:8} CUDA vs CPU fp32 logits: max abs diff {err:.2e}"
+            )
     # bf16: the compiled norm/rotary/SwiGLU keep fp32 intermediates where eager rounds each op to bf16, so compare
     # the two on the same GPU relative to the logits' scale.
     model = _random_on(args, torch.bfloat16, attention.build("global"), "cuda")
@@ -289,8 +399,7 @@ def check_recompiles() -> bool:
     """Compiled FlexAttention compiles once per mask kind and shape: not once per layer, not again on the next forward."""
     from torch._dynamo.utils import counters
 
-    args = ModelArgs(vocab_size=1000, dim=256, n_layers=6, n_heads=8, n_kv_heads=2, head_dim=64,
-                     intermediate_size=512, max_seq_len=8192, layer_windows=(None, 300) * 3)  # fmt: skip
+    args = _llama_like(head_dim=64, max_seq_len=8192, n_layers=6, layer_windows=(None, 300) * 3)
     tokens = torch.randint(0, 1000, (1, 2048), device="cuda")
     ok = True
     for name, params in (("global", {}), ("star", {"block_size": 512})):
@@ -305,8 +414,10 @@ def check_recompiles() -> bool:
         # the first time they see this shape; once per layer would be 12 or more.
         good = graphs[0] <= 9 and graphs[1] == 0
         ok &= good
-        print(f"{'ok  ' if good else 'FAIL'} {name}: compiled graphs in the first forward {graphs[0]} (2 windows, 6 layers: at most 9), "
-              f"in the second {graphs[1]}")  # fmt: skip
+        print(
+            f"{'ok  ' if good else 'FAIL'} {name}: compiled graphs in the first forward {graphs[0]} (2 windows, 6 layers: at most 9), "
+            f"in the second {graphs[1]}"
+        )
         # ten lengths within one bucket (2049..2304): the first compiles that bucket's shapes (and turns the
         # elementwise chains dynamic); FlexAttention's shapes are padded to it, so the other nine compile nothing
         compiled = []
@@ -317,7 +428,9 @@ def check_recompiles() -> bool:
                 compiled.append(counters["stats"]["unique_graphs"] - before)
         good = sum(compiled[1:]) == 0
         ok &= good
-        print(f"{'ok  ' if good else 'FAIL'} {name}: ten lengths in one bucket compiled {compiled[0]} graphs, then {compiled[1:]}")
+        print(
+            f"{'ok  ' if good else 'FAIL'} {name}: ten lengths in one bucket compiled {compiled[0]} graphs, then {compiled[1:]}"
+        )
     return ok
 
 
@@ -331,8 +444,12 @@ def check_ranks() -> bool:
 
     rank, world, device = init_ranks("nccl", 120)
     star = {"block_size": 300}
-    cases = [(1, "ring", {}), (1, "star", star | {"anchor_mode": "broadcast"}), (1, "star", star | {"anchor_mode": "recompute"}),
-             (world, "global", {})]  # fmt: skip
+    cases = [
+        (1, "ring", {}),
+        (1, "star", star | {"anchor_mode": "broadcast"}),
+        (1, "star", star | {"anchor_mode": "recompute"}),
+        (world, "global", {}),
+    ]
     if world >= 4 and world % 2 == 0:
         cases += [(world // 2, name, params) for _, name, params in cases[:3]]
     ok = True
@@ -344,8 +461,7 @@ def check_ranks() -> bool:
     return flags[0]
 
 
-RANKS_MODEL = ModelArgs(vocab_size=1000, dim=256, n_layers=2, n_heads=8, n_kv_heads=2, head_dim=32, intermediate_size=512,
-                        max_seq_len=8192, layer_windows=(None, 300))  # fmt: skip
+RANKS_MODEL = _llama_like(head_dim=32, max_seq_len=8192, layer_windows=(None, 300))
 
 
 def _compare_to_one_gpu(layout, name: str, params: dict, rank: int, world: int, device) -> bool:
@@ -382,8 +498,10 @@ def _compare_to_one_gpu(layout, name: str, params: dict, rank: int, world: int, 
     same = all(p[2] == ref_gen for p in parts)
     same_graphed = all(p[3] == ref_gen for p in parts)
     good = err < 1e-3 and same and same_graphed
-    print(f"{'ok  ' if good else 'FAIL'} {name} {params} on {layout.describe()} (NCCL) vs 1 GPU: max logit diff {err:.2e}, "
-          f"same tokens {same}, same tokens with CUDA-graph decode {same_graphed}")  # fmt: skip
+    print(
+        f"{'ok  ' if good else 'FAIL'} {name} {params} on {layout.describe()} (NCCL) vs 1 GPU: max logit diff {err:.2e}, "
+        f"same tokens {same}, same tokens with CUDA-graph decode {same_graphed}"
+    )
     return good
 
 

@@ -35,7 +35,7 @@ from longctx.attention.strategy import GlobalAttention
 RESULTS = REPO / "accuracy" / "hsr"
 DOC = REPO / "ACCURACY.md"
 BEGIN, END = "<!-- hsr structure: tools/hsr_structure.py -->", "<!-- end of hsr structure -->"
-BUILTIN = {"smollm2": "smollm2", "gemma3_270m": "gemma3-270m"}  # preset -> tools/convert.py built-in
+BUILTIN = {"smollm2": "smollm2", "gemma3_270m": "gemma3-270m"}  # preset -> built-in model (models/builtin.py)
 QUESTION = "\n\nThe pass key is 48213. Remember it. What is the pass key?"
 
 
@@ -46,10 +46,10 @@ class _Capture(GlobalAttention):
         super().__init__()
         self.layers: list[tuple] = []
 
-    def attend(self, q, k, v, cache, step, window):
-        out = super().attend(q, k, v, cache, step, window)
+    def attend(self, q, k, v, kv, step, window):
+        out = super().attend(q, k, v, kv, step, window)
         if self.phase == "query":
-            self.layers.append((q.clone(), cache.k_cache.clone(), cache.v_cache.clone(), step.masks[window]))
+            self.layers.append((q.clone(), kv.k.clone(), kv.v.clone(), step.masks[window]))
         return out
 
 
@@ -57,7 +57,7 @@ def capture(model_name: str, length: int) -> tuple[list[tuple], torch.Tensor]:
     """Every layer's (q, k, v, mask) at the decode query of a `length`-token prose prompt, and the cache positions."""
     from longctx import models
     from longctx.evaluation.ruler import DEFAULT_PROSE
-    from longctx.tools.convert import BUILTINS
+    from longctx.models.builtin import BUILTINS
 
     model, tok = models.load(BUILTINS[BUILTIN[model_name]](), dtype=torch.float32)
     text = "\n\n".join(p.read_text(errors="replace") for p in sorted(DEFAULT_PROSE.iterdir()) if p.is_file())
@@ -65,13 +65,13 @@ def capture(model_name: str, length: int) -> tuple[list[tuple], torch.Tensor]:
     ids = tok.encode(text)[: length - len(question)] + question
     strategy = _Capture()
     model.attention = strategy
-    model.setup_cache(1, len(ids))
+    cache = model.setup_cache(1, len(ids))
     with torch.inference_mode():
         strategy.set_phase("context")
         model(torch.tensor(ids[:-1])[None], torch.arange(len(ids) - 1))
         strategy.set_phase("query")
         model(torch.tensor(ids[-1:])[None], torch.tensor([len(ids) - 1]))
-    return strategy.layers, model.kv_pos.clone()
+    return strategy.layers, cache.positions.clone()
 
 
 def _oracle_blocks(scores: torch.Tensor, block: int, eps: float, always: torch.Tensor) -> int:
@@ -122,38 +122,61 @@ def measure(layers: list[tuple], kv_pos: torch.Tensor, block: int, eps: float, s
         u = score_bounds(q, summary)[0, :, 0]  # [Hq, nb]
         for h in range(Hkv):
             oracle += _oracle_blocks(scores[0, h].reshape(g, -1), block, eps, always)
-            s = torch.nn.functional.pad(scores[0, h].reshape(g, -1), (0, nb * block - scores.shape[-1]), value=-math.inf)
+            s = torch.nn.functional.pad(
+                scores[0, h].reshape(g, -1), (0, nb * block - scores.shape[-1]), value=-math.inf
+            )
             best = s.view(g, nb, block).amax(-1)  # [g, nb]
             finite = torch.isfinite(best)
             gaps.append((u[h * g : (h + 1) * g] - best)[finite])
-    return {"block": block, "eps": eps, "hsr_share": read / visible, "oracle_share": oracle / visible,
-            "looseness_nats": float(torch.cat(gaps).median()), "certificate_holds": holds, "max_certificate": worst,
-            "layers": len(layers)}  # fmt: skip
+    return {
+        "block": block,
+        "eps": eps,
+        "hsr_share": read / visible,
+        "oracle_share": oracle / visible,
+        "looseness_nats": float(torch.cat(gaps).median()),
+        "certificate_holds": holds,
+        "max_certificate": worst,
+        "layers": len(layers),
+    }
 
 
 def table(rows: list[dict]) -> str:
     lines = [
-        BEGIN, "",
+        BEGIN,
+        "",
         "| model | context | block | eps | blocks read, hsr (box bound) | fewest any certified selection reads | bound looseness (median, nats) | certificate held |",
         "|---|---|---|---|---|---|---|---|",
-    ]  # fmt: skip
+    ]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['length']:,} | {r['block']} | {r['eps']:g} | {r['hsr_share']:.1%} | "
-                     f"{r['oracle_share']:.1%} | {r['looseness_nats']:.1f} | {'yes' if r['certificate_holds'] else 'NO'} |")  # fmt: skip
-    lines += ["", "`python tools/hsr_structure.py --model MODEL --length N` (CPU, fp32; sink 64 and recent 256 tokens always read; "
-              "shares over every layer and KV head at one decode query).", END]  # fmt: skip
+        lines.append(
+            f"| {r['model']} | {r['length']:,} | {r['block']} | {r['eps']:g} | {r['hsr_share']:.1%} | "
+            f"{r['oracle_share']:.1%} | {r['looseness_nats']:.1f} | {'yes' if r['certificate_holds'] else 'NO'} |"
+        )
+    lines += [
+        "",
+        "`python tools/hsr_structure.py --model MODEL --length N` (CPU, fp32; sink 64 and recent 256 tokens always read; "
+        "shares over every layer and KV head at one decode query).",
+        END,
+    ]
     return "\n".join(lines)
 
 
 def report() -> None:
-    rows = sorted((row for p in sorted(RESULTS.glob("*.json")) for row in json.loads(p.read_text())),
-                  key=lambda r: (r["model"], r["length"], r["block"], r["eps"]))  # fmt: skip
+    rows = sorted(
+        (row for p in sorted(RESULTS.glob("*.json")) for row in json.loads(p.read_text())),
+        key=lambda r: (r["model"], r["length"], r["block"], r["eps"]),
+    )
     text = DOC.read_text()
     if BEGIN in text:
         head, rest = text.split(BEGIN, 1)
         text = head + table(rows) + rest.split(END, 1)[1]
     else:
-        text = text.rstrip("\n") + "\n\n## HSR: what a certified sparse decode can skip on real attention\n\n" + table(rows) + "\n"
+        text = (
+            text.rstrip("\n")
+            + "\n\n## HSR: what a certified sparse decode can skip on real attention\n\n"
+            + table(rows)
+            + "\n"
+        )
     DOC.write_text(text)
     print(table(rows))
 
@@ -170,8 +193,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.report:
         layers, kv_pos = capture(args.model, args.length)
-        rows = [measure(layers, kv_pos, int(b), float(e), args.sink, args.recent) | {"model": args.model, "length": args.length}
-                for b in args.block.split(",") for e in args.eps.split(",")]  # fmt: skip
+        rows = [
+            measure(layers, kv_pos, int(b), float(e), args.sink, args.recent)
+            | {"model": args.model, "length": args.length}
+            for b in args.block.split(",")
+            for e in args.eps.split(",")
+        ]
         RESULTS.mkdir(parents=True, exist_ok=True)
         out = RESULTS / f"{args.model}-{args.length}.json"
         tmp = out.with_suffix(".tmp")

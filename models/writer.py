@@ -110,7 +110,9 @@ def _digest(t: torch.Tensor) -> str:
     return hashlib.blake2b(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
 
 
-def _write_shards(tmp: Path, tensors, limit: int, total: int | None) -> tuple[dict[str, tuple[str, int]], dict[str, str]]:
+def _write_shards(
+    tmp: Path, tensors, limit: int, total: int | None
+) -> tuple[dict[str, tuple[str, int]], dict[str, str]]:
     """Returns name -> (file, bytes) and name -> digest; holds one shard's tensors at a time."""
     shards: list[dict[str, torch.Tensor]] = [{}]
     sizes = [0]
@@ -139,7 +141,9 @@ def _write_shards(tmp: Path, tensors, limit: int, total: int | None) -> tuple[di
         where[name] = (len(shards) - 1, n)
     flush(len(shards) - 1)
     count = len(files)
-    final = ["model.safetensors"] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+    final = (
+        ["model.safetensors"] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+    )
     for src, dst in zip(files, final):
         (tmp / src).rename(tmp / dst)
     result = {name: (final[i], n) for name, (i, n) in where.items()}
@@ -157,7 +161,9 @@ def verify_checkpoint(path: Path, written: dict[str, tuple[str, int]], digests: 
     for file, names in tqdm(by_file.items(), desc="verifying", unit="shard", disable=None):
         with safe_open(path / file, framework="pt") as f:
             if set(f.keys()) != set(names):
-                raise RuntimeError(f"verification failed: {file} holds {sorted(set(f.keys()) ^ set(names))} unexpectedly")
+                raise RuntimeError(
+                    f"verification failed: {file} holds {sorted(set(f.keys()) ^ set(names))} unexpectedly"
+                )
             for name in names:
                 if _digest(f.get_tensor(name)) != digests[name]:
                     raise RuntimeError(f"verification failed: tensor {name!r} in {file} differs from what was written")

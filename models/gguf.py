@@ -21,6 +21,8 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from longctx.models.config import ModelArgs, rope_inv_freq
+
 ARCHITECTURES = {
     "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "gemma3": "Gemma3ForCausalLM",
 }  # fmt: skip
@@ -38,15 +40,18 @@ _GEMMA3_LAYER = _LAYER | {
 }  # fmt: skip
 _TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 # Pre-tokenizer split patterns by `tokenizer.ggml.pre`; others use GPT-2's byte-level regex.
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
+_LLAMA3_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 _SPLIT_PATTERNS = {
     "llama-bpe": _LLAMA3_SPLIT,
     "llama3": _LLAMA3_SPLIT,
     "qwen2": _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}"),
 }
-_UNKNOWN, _CONTROL, _USER_DEFINED, _BYTE = 2, 3, 4, 6  # llama.cpp token types (SentencePiece's piece types use the same numbers)
+_UNKNOWN, _CONTROL, _USER_DEFINED, _BYTE = (
+    2,
+    3,
+    4,
+    6,
+)  # llama.cpp token types (SentencePiece's piece types use the same numbers)
 # Gemma 3 hyperparameters that llama.cpp does not store but fixes in its code: every 6th layer attends fully, the
 # sliding-window layers use rope base 10,000, queries are scaled by head_dim**-0.5 (27B, the one 62-layer model:
 # (hidden / heads)**-0.5).
@@ -67,7 +72,9 @@ class GGUFCheckpoint:
         try:
             self.reader = gguf.GGUFReader(self.path)
         except Exception as e:  # the reader raises assorted errors on damaged files
-            raise GGUFError(f"{self.path} cannot be read as GGUF ({type(e).__name__}: {e}); is it truncated or damaged?") from e
+            raise GGUFError(
+                f"{self.path} cannot be read as GGUF ({type(e).__name__}: {e}); is it truncated or damaged?"
+            ) from e
         self.arch = self.meta("general.architecture")
         if self.arch not in ARCHITECTURES:
             raise GGUFError(
@@ -136,16 +143,21 @@ class GGUFCheckpoint:
 
     def _llama3_rope_scaling(self, cfg: dict[str, Any]) -> dict[str, Any]:
         """llama.cpp stores Llama 3.1's rope scaling as per-frequency factors: recover the standard parameters."""
-        from longctx.models.config import ModelArgs, rope_inv_freq
-
         stored = torch.from_numpy(self._dequantized("rope_freqs.weight").astype(np.float32))
-        scaling = {"rope_type": "llama3", "factor": float(stored.max()), "low_freq_factor": 1.0,
-                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}  # fmt: skip
+        scaling = {
+            "rope_type": "llama3",
+            "factor": float(stored.max()),
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        }
         probe = {**cfg, "rope_scaling": scaling}
         base = rope_inv_freq(ModelArgs.from_hf({**cfg, "rope_scaling": None}))
         scaled = rope_inv_freq(ModelArgs.from_hf(probe))
         if not torch.allclose(base / scaled, stored, rtol=1e-3):
-            raise GGUFError(f"{self.path.name}: rope_freqs.weight does not match Llama 3.1's rope scaling; cannot convert")
+            raise GGUFError(
+                f"{self.path.name}: rope_freqs.weight does not match Llama 3.1's rope scaling; cannot convert"
+            )
         return scaling
 
     def _dequantized(self, name: str) -> np.ndarray:
@@ -155,7 +167,9 @@ class GGUFCheckpoint:
         try:
             return dequantize(t.data, t.tensor_type)
         except NotImplementedError as e:
-            raise GGUFError(f"{self.path.name}: tensor {name!r} has quantization {t.tensor_type.name}, which cannot be dequantized") from e
+            raise GGUFError(
+                f"{self.path.name}: tensor {name!r} has quantization {t.tensor_type.name}, which cannot be dequantized"
+            ) from e
 
     def hf_name(self, name: str) -> str | None:
         if name == "rope_freqs.weight":
@@ -241,10 +255,15 @@ def build_bpe_tokenizer(
 ) -> dict[str, str]:
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
-    tk = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=[tuple(m.split(" ", 1)) for m in merges]))
+    tk = Tokenizer(
+        models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=[tuple(m.split(" ", 1)) for m in merges])
+    )
     if pattern := _SPLIT_PATTERNS.get(pre):
         tk.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Split(Regex(pattern), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+            [
+                pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
         )
     else:
         tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -252,7 +271,9 @@ def build_bpe_tokenizer(
     types = token_types or [0] * len(tokens)
     specials = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == _CONTROL]
     tk.add_special_tokens(specials)
-    tk.add_tokens([AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == _USER_DEFINED])
+    tk.add_tokens(
+        [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == _USER_DEFINED]
+    )
     name = {k: tokens[i] for k, i in special_ids.items() if i is not None and 0 <= i < len(tokens)}
     if add_bos and "bos" in name:
         bos = name["bos"]

@@ -1,0 +1,83 @@
+"""Who attends to whom, defined on token positions: one rule for global, ring shards, star blocks and sliding windows.
+
+A key is visible to a query when it holds a real token (position >= 0), is not in the query's future, and, for
+sliding-window layers, lies within the window; in star's phase 1 it must also be in the query's block or the anchor.
+Masks are defined on *positions*, not on indices, so a KV cache whose slots hold non-contiguous positions (a star
+rank's block, a ring shard) needs no special case. A mask is built once per forward pass and shared by every layer,
+and so are the forms the kernels take it in (`dense`, `pieces`, `block_mask`).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from longctx.attention import fused
+
+
+@dataclass
+class PositionMask:
+    """Who attends to whom, for one forward pass and one window size; shared by every layer that uses it."""
+
+    q_pos: Tensor  # [T] positions of the queries
+    kv_pos: Tensor  # [S] positions held by the key slots; -1 marks an empty slot
+    window: int | None = None
+    # Star phase 1: a query sees only keys of its own block (positions // block_size) or of the anchor.
+    block_size: int | None = None
+    anchor_size: int = 0
+    _block_mask: object = field(default=None, repr=False)
+    _padded: dict = field(default_factory=dict, repr=False)
+    _pieces: tuple = field(default=(), repr=False)
+
+    def mask_mod(self) -> Callable:
+        q_pos, kv_pos, window, block, anchor = self.q_pos, self.kv_pos, self.window, self.block_size, self.anchor_size
+
+        def visible(b, h, q_idx, kv_idx):
+            qp, kp = q_pos[q_idx], kv_pos[kv_idx]
+            ok = (kp >= 0) & (kp <= qp)
+            if window is not None:  # qp - kp < window, without a [queries, keys] difference in int64
+                ok = ok & (kp > qp - window)
+            if block is not None:
+                ok = ok & ((kp // block == qp // block) | (kp < anchor))
+            return ok
+
+        return visible
+
+    def dense(self, q_slice: slice = slice(None)) -> Tensor:
+        """Boolean [T, S] (or the rows of `q_slice`)."""
+        q_idx = torch.arange(self.q_pos.numel(), device=self.q_pos.device)[q_slice, None]
+        kv_idx = torch.arange(self.kv_pos.numel(), device=self.kv_pos.device)[None, :]
+        return self.mask_mod()(None, None, q_idx, kv_idx)
+
+    def padded(self, queries: int, keys: int) -> "PositionMask":
+        """This mask over `queries` and `keys` slots, the added ones at position -1 (nothing sees them and they see
+        nothing); built once and shared by every layer, like the block mask."""
+        if (queries, keys) not in self._padded:
+            q_pos = torch.nn.functional.pad(self.q_pos, (0, queries - self.q_pos.numel()), value=-1)
+            kv_pos = torch.nn.functional.pad(self.kv_pos, (0, keys - self.kv_pos.numel()), value=-1)
+            self._padded[queries, keys] = PositionMask(q_pos, kv_pos, self.window, self.block_size, self.anchor_size)
+        return self._padded[queries, keys]
+
+    def pieces(self):
+        """This mask as full and causal pieces for the fused kernels (`attention.fused.split`), or None; found once
+        and shared by every layer, like the block mask."""
+        if not self._pieces:
+            self._pieces = (fused.split(self.q_pos, self.kv_pos, self.window, self.block_size, self.anchor_size),)
+        return self._pieces[0]
+
+    def block_mask(self):
+        """The FlexAttention `BlockMask`, built on first use and reused by every layer."""
+        if self._block_mask is None:
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            # _compile: build the mask block by block instead of evaluating mask_mod on the whole
+            # [queries, keys] grid, which at 64K tokens takes tens of GB.
+            extra = {"_compile": True} if "_compile" in inspect.signature(create_block_mask).parameters else {}
+            self._block_mask = create_block_mask(
+                self.mask_mod(), None, None, self.q_pos.numel(), self.kv_pos.numel(), device=self.q_pos.device, **extra
+            )
+        return self._block_mask

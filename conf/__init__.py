@@ -1,0 +1,1 @@
+"""Hydra configs (the YAML files, one folder per group) and how an option is declared and checked (schema.py)."""
