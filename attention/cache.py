@@ -8,6 +8,10 @@ CUDA graph claims the next slot on every replay; `used` mirrors it on the host f
 A decode method that reads the cache selectively may ask for a summary of every block of slots (`summarize`): an
 object made per layer, told of every write (`update(slots, k, positions)`) and of a reset (`reset()`). The cache
 does not know what it summarizes.
+
+How the layer's tokens are stored is the cache's alone: they are written through `LayerKV.write` and read from the
+layer's tensors, so a stored dtype other than the model's, with whatever per-block scales it needs, lives in
+`LayerKV` beside `k` and `v`.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ queries, this rank's part of the cache for the layer, the mask, and the group of
 `DenseDecode` reads every slot; `attention.hsr.HSRDecode` reads only the key blocks its certificate needs;
 `attention.window.WindowDecode` only the first and the latest tokens. A method is a dataclass of its options (the
 keys of conf/decode/NAME.yaml besides `name`), registered under its `name` when its class is defined; a method
-named NAME not yet registered is looked for in the module attention/NAME.py.
+named NAME not yet registered is looked for in attention/ (attention/registry.py).
 
 A method may keep a summary of every block of cache slots (`summarize`, given to the cache), state across steps and
 statistics over a phase 2 (`report`); the memory plan asks it for its extra bytes (`cache_bytes`, `workspace_bytes`).
@@ -96,7 +96,7 @@ class DenseDecode(DecodeMethod):
 
 
 def decode_class(name: str) -> type[DecodeMethod]:
-    """The method registered as `name`, looked for in attention/`name`.py if it is not registered yet."""
+    """The method registered as `name`, looked for in attention/ if it is not registered yet."""
     return lookup(DECODE_METHODS, name, "decode")
 
 

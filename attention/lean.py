@@ -167,8 +167,9 @@ def supports(q: Tensor, k: Tensor, mask: PositionMask) -> bool:
     )
 
 
-def _stages(q: Tensor, config: LeanConfig) -> int:
-    return stages_that_fit(q.shape[-1], q.element_size(), shared_memory(q.device), config)
+def _fitted(q: Tensor, config: LeanConfig) -> LeanConfig:
+    """`config` with as many pipeline stages as fit this GPU's shared memory for q's head dim and dtype."""
+    return replace(config, stages=stages_that_fit(q.shape[-1], q.element_size(), shared_memory(q.device), config))
 
 
 @cache
@@ -242,20 +243,8 @@ def lean_attend(q: Tensor, k: Tensor, v: Tensor, mask: PositionMask, programs: i
     )
     parts_lse = torch.empty(parts_out.shape[:3], dtype=torch.float32, device=q.device)
     try:
-        _triton().run(
-            q,
-            k,
-            v,
-            mask,
-            out,
-            lse,
-            parts_out,
-            parts_lse,
-            programs,
-            max_parts(heads, tiles, programs),
-            config,
-            _stages(q, config),
-        )
+        parts = (parts_out, parts_lse, programs, max_parts(heads, tiles, programs))
+        _triton().run(q, k, v, mask, out, lse, *parts, _fitted(q, config))
     except _triton().OutOfResources:
         # Nothing was launched: retry with half the rows per program (chunks of fewer query tokens).
         _ROWS[key] = (_ROWS.get(key, MAX_ROWS) // 2) if q.shape[2] > 1 else 0
@@ -324,23 +313,10 @@ def lean_sparse_attend(
     parts_lse = torch.empty(parts_out.shape[:3], dtype=torch.float32, device=q.device)
     cert = torch.empty_like(lse) if certify is not None else None
     try:
-        _triton().run(
-            q,
-            k,
-            v,
-            mask,
-            out,
-            lse,
-            parts_out,
-            parts_lse,
-            programs,
-            programs,
-            config,
-            _stages(q, config),
-            (tiles, counts, torch.empty_like(counts), dense),
-            None if certify is None else (*certify, cert),
-            worst,
-        )
+        tile_list = (tiles, counts, torch.empty_like(counts), dense)
+        certified = None if certify is None else (*certify, cert)
+        parts = (parts_out, parts_lse, programs, programs)
+        _triton().run(q, k, v, mask, out, lse, *parts, _fitted(q, config), tile_list, certified, worst)
     except _triton().OutOfResources:
         _ROWS[(q.shape[-1], q.dtype)] = (_ROWS.get((q.shape[-1], q.dtype), MAX_ROWS) // 2) if T > 1 else 0
         return lean_sparse_attend(q, k, v, mask, tiles, counts, block, dense, certify, worst)

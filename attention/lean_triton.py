@@ -260,11 +260,14 @@ def _lean_combine(
             tl.atomic_max(WORST, cert.to(tl.float64).to(tl.int64, bitcast=True))
 
 
-def run(q, k, v, mask, out, lse, parts_out, parts_lse, programs: int, max_parts: int, config, stages: int, tile_list=None,
-        certify=None, worst=None) -> None:  # fmt: skip
-    """Both launches, the first with `stages` pipeline stages (`lean.stages_that_fit`); `tile_list` = (LIST [heads, tiles], COUNTS [heads], NPARTS [heads], DENSE [heads] or None) for
-    the SPARSE walk (a DENSE head walks all its tiles in order, with COUNTS = tiles, no list), with config.block_n keys per tile (partials by head: parts_out [heads, programs, rows, D]); `certify` = (L [heads, L_ROWS], UNREAD
-    [heads], CERT like lse) for the combine to write HSR's certificate, and raise `worst` to the largest
+def run(q, k, v, mask, out, lse, parts_out, parts_lse, programs: int, max_parts: int, config, tile_list=None, certify=None,
+        worst=None) -> None:  # fmt: skip
+    """Both launches, with `config`'s settings (its stages already fitted to shared memory: `lean._fitted`).
+
+    `tile_list` = (LIST [heads, tiles], COUNTS [heads], NPARTS [heads], DENSE [heads] or None) for the SPARSE walk (a
+    DENSE head walks all its tiles in order, with COUNTS = tiles, no list), with config.block_n keys per tile
+    (partials by head: parts_out [heads, programs, rows, D]); `certify` = (L [heads, L_ROWS], UNREAD [heads], CERT
+    like lse) for the combine to write HSR's certificate, and raise `worst` to the largest
     (`lean.lean_sparse_attend`)."""
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
@@ -293,7 +296,7 @@ def run(q, k, v, mask, out, lse, parts_out, parts_lse, programs: int, max_parts:
         Hkv, S, T, total, programs, tiles, mask.window or 0, D**-0.5,
         G=G, BLOCK_M=max(16, triton.next_power_of_2(G * T)), BLOCK_N=config.block_n, D=D,
         HAS_WINDOW=mask.window is not None, IEEE=q.dtype.itemsize == 4, SPARSE=sparse, HEADS=heads, WALK=walk,
-        num_warps=config.warps, num_stages=stages,
+        num_warps=config.warps, num_stages=config.stages,
     )  # fmt: skip
     if max_parts > 1 or sparse:
         _lean_combine[(B * Hkv, G * T)](

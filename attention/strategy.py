@@ -15,7 +15,7 @@ A strategy also answers every question the rest of the project has about it: its
 `attention.params` of its conf/attention/NAME.yaml), whether a run can use it (`check`), how it is built from a
 config (`from_config`), what phase 1 costs (`phase1_tokens`, `attended_pairs`) and holds (`phase1_memory`), and how
 it describes itself (`describe`, `record`). Each class registers itself under its `name` when it is defined; a name
-not yet registered is looked for in attention/NAME.py (attention/registry.py).
+not yet registered is looked for in attention/NAME.py, then in every module of attention/ (attention/registry.py).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from longctx.attention.decode import DecodeMethod, DenseDecode
 from longctx.attention.kernels import attend
 from longctx.attention.mask import PositionMask
 from longctx.attention.registry import lookup
+from longctx.conf.schema import schema_of
 
 PHASES = ("context", "query")
 STRATEGIES: dict[str, type[AttentionStrategy]] = {}
@@ -99,6 +100,12 @@ class AttentionStrategy:
         self.phase = "context"
 
     # --- built from a config, checked against a run
+    @classmethod
+    def params_schema(cls) -> type:
+        """The dataclass of `attention.params`: `Params` where the strategy declares it, else one made from its
+        constructor's parameters."""
+        return cls.Params if cls.Params is not NoOptions else schema_of(cls, exclude=("group", "decode"))
+
     @classmethod
     def from_config(
         cls,
@@ -216,7 +223,7 @@ class AttentionStrategy:
 
 
 def strategy_class(name: str) -> type[AttentionStrategy]:
-    """The strategy registered as `name`, looked for in attention/`name`.py if it is not registered yet."""
+    """The strategy registered as `name`, looked for in attention/ if it is not registered yet."""
     return lookup(STRATEGIES, name, "attention")
 
 

@@ -13,10 +13,11 @@ than with Hydra's own error.
 
 from __future__ import annotations
 
+import inspect
 import math
 import types
 import typing
-from dataclasses import MISSING, field, fields, is_dataclass
+from dataclasses import MISSING, field, fields, is_dataclass, make_dataclass
 from typing import Any, Callable
 
 
@@ -72,9 +73,30 @@ def check_node(schema: type, node: Any, path: str, owner: str | None = None, ski
     for name, f in known.items():
         if name in node:
             values[name] = check_value(_join(path, name), node[name], hints[name], f.metadata)
-        else:
+        elif f.default_factory is not MISSING or f.default is not MISSING:
             values[name] = f.default_factory() if f.default_factory is not MISSING else f.default
     return values
+
+
+def schema_of(cls: type, exclude: tuple[str, ...] = ()) -> type:
+    """The dataclass of the options `cls` takes: `cls` itself where its constructor is a dataclass's, else one made
+    from its constructor's parameters (their annotations as types, no ranges), less those named in `exclude`."""
+    owner = next(c for c in cls.__mro__ if "__init__" in vars(c))
+    if "__dataclass_fields__" in vars(owner) and not exclude:
+        return cls
+    try:
+        hints = typing.get_type_hints(owner.__init__)
+    except (NameError, TypeError):  # an annotation that does not resolve here: that option takes any value
+        hints = {}
+    params = [
+        p for p in inspect.signature(cls).parameters.values() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
+    specs = [
+        (p.name, hints.get(p.name, Any), field(default=p.default) if p.default is not p.empty else field())
+        for p in params
+        if p.name not in exclude
+    ]
+    return make_dataclass(f"{cls.__name__}Options", specs)
 
 
 def _join(path: str, key: str) -> str:
@@ -165,7 +187,11 @@ _NAMES = {int: "whole numbers", float: "numbers", str: "strings", bool: "true/fa
 def _describe(kind: Any, meta: dict) -> str:
     low, high = meta.get("low"), meta.get("high")
     if kind is int:
-        return f"a whole number >= {low if low is not None else 0}" + (f" and <= {high}" if high is not None else "")
+        return (
+            "a whole number"
+            + (f" >= {low}" if low is not None else "")
+            + (f" and <= {high}" if high is not None else "")
+        )
     if kind is float:
         if low is None and high is None:
             return "a finite number"

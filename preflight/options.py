@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from longctx import attention
-from longctx.conf.schema import OptionError, check_node, option
+from longctx.conf.schema import OptionError, check_node, option, schema_of
 from longctx.models.builtin import BUILTINS
 from longctx.models.config import DTYPES, ModelArgs
 
@@ -237,12 +237,13 @@ def check(cfg, tasks: Mapping[str, TaskSpec]) -> None:
     task = check_node(spec.options, raw["task"], "task", f"task={raw['task']['name']}", skip=("name",))
     strategy = _group_choice(raw, "attention", attention.strategy_class)
     node = raw["attention"]
-    params = check_node(strategy.Params, node.get("params"), "attention.params", f"attention={node['name']}")
+    schema = strategy.params_schema()
+    params = check_node(schema, node.get("params"), "attention.params", f"attention={node['name']}")
     check_node(strategy.NodeOptions, node, "attention", f"attention={node['name']}", skip=("name", "params"))
     method = _group_choice(raw, "decode", attention.decode_class)
-    decode = check_node(method, raw["decode"], "decode", f"decode={raw['decode']['name']}", skip=("name",))
+    decode = check_node(schema_of(method), raw["decode"], "decode", f"decode={raw['decode']['name']}", skip=("name",))
     try:
-        spec.options(**task), strategy.Params(**params)
+        spec.options(**task), schema(**params)
         decode = method(**decode)
     except ValueError as e:
         raise OptionError(str(e)) from None

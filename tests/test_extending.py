@@ -18,7 +18,7 @@ from longctx.attention.decode import DecodeMethod, DenseDecode
 from longctx.attention.kernels import attend
 from longctx.attention.mask import PositionMask
 from longctx.attention.strategy import AttentionStrategy, Step
-from longctx.conf.schema import OptionError, check_node, option
+from longctx.conf.schema import OptionError, check_node, option, schema_of
 from longctx.models.generate import generate_tokens
 from tests.distributed import run_ranks
 from tests.helpers import compose_cfg, reference, run_runner
@@ -59,6 +59,24 @@ def test_a_decode_method_is_one_class_found_by_name_and_checked_by_its_schema():
         check_node(LastBlocks, {"name": "x", "stride": 2}, "decode", "decode=last_blocks_example", skip=("name",))
     with pytest.raises(OptionError, match="blocks must be a whole number"):
         LastBlocks(blocks=0)  # the constructor checks what the schema declares
+
+
+class Plain(DenseDecode):
+    """A method written without the dataclass: its options are its constructor's parameters, typed, without ranges."""
+
+    name = "plain_example"
+
+    def __init__(self, blocks: int = 4):
+        self.blocks = blocks
+
+
+def test_a_method_without_a_dataclass_takes_its_constructors_options():
+    schema = schema_of(attention.decode_class("plain_example"))
+    assert check_node(schema, {"name": "plain_example", "blocks": 3}, "decode", skip=("name",)) == {"blocks": 3}
+    with pytest.raises(OptionError, match="decode.blocks must be a whole number; got 'x'"):
+        check_node(schema, {"blocks": "x"}, "decode")
+    with pytest.raises(OptionError, match="decode.stride is not an option"):
+        check_node(schema, {"stride": 1}, "decode")
 
 
 def test_a_new_decode_method_reads_what_it_says():

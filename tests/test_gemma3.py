@@ -65,17 +65,21 @@ def test_cached_decode_equals_full_forward(tmp_path):
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-4, rtol=0)
 
 
+# A two-layer Gemma 3 text config (both layers sliding, windows of 8).
+SMALL_TEXT = {
+    "hidden_size": 64,
+    "intermediate_size": 112,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "vocab_size": 96,
+    "sliding_window": 8,
+}
+
+
 def test_text_config_nesting_reads_as_the_text_model():
-    text = {
-        "hidden_size": 64,
-        "intermediate_size": 112,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "head_dim": 16,
-        "vocab_size": 96,
-        "sliding_window": 8,
-    }
+    text = SMALL_TEXT
     nested = models.ModelArgs.from_hf(
         {"model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"], "text_config": text}
     )
@@ -95,18 +99,7 @@ def test_text_config_nesting_reads_as_the_text_model():
     ],
 )
 def test_unsupported_keys_are_refused_by_name(change, message):
-    cfg = {
-        "model_type": "gemma3_text",
-        "architectures": ["Gemma3ForCausalLM"],
-        "hidden_size": 64,
-        "intermediate_size": 112,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "head_dim": 16,
-        "vocab_size": 96,
-        "sliding_window": 8,
-    }
+    cfg = {"model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"], **SMALL_TEXT}
     if "vision_config" in change:
         cfg = {"model_type": "gemma3", "text_config": cfg}
     with pytest.raises(ValueError, match=message):

@@ -280,16 +280,14 @@ def test_prompt_from_stdin(smollm2_dir, tmp_path):
     assert "Paris" in res.stdout
 
 
+# runner.py under torchrun, two processes on this machine
+TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "runner.py"]
+
+
 def test_joins_a_torchrun_group(smollm2_dir, tmp_path):
     res = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node",
-            "2",
-            "runner.py",
+            *TORCHRUN_2,
             "attention=star",
             "task.prompt=What is the capital of France?",
             "task.max_new_tokens=12",
@@ -310,13 +308,7 @@ def test_joins_a_torchrun_group_as_one_host_of_tensor_parallel_ranks(tmp_path):
     results = tmp_path / "bench.jsonl"
     res = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node",
-            "2",
-            "runner.py",
+            *TORCHRUN_2,
             "task=bench",
             "model=tiny",
             "attention=global",

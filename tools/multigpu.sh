@@ -15,6 +15,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder the records and logs go to}"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+# longctx importable on a machine where it is not installed: a folder whose `longctx` is this checkout
+if ! python3 -c "import longctx.models" 2>/dev/null; then
+  mkdir -p /tmp/longctx-ns && ln -sfn "$PWD" /tmp/longctx-ns/longctx
+  export PYTHONPATH="/tmp/longctx-ns${PYTHONPATH:+:$PYTHONPATH}"
+fi
 N=$(python3 -c "import torch; print(torch.cuda.device_count())")
 what=${1:?which measurement: check, hosts CTX or tp MODEL CTXS}
 case "$what" in
