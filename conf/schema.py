@@ -13,6 +13,7 @@ than with Hydra's own error.
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import math
 import types
@@ -65,8 +66,12 @@ def check_node(schema: type, node: Any, path: str, owner: str | None = None, ski
     known = {f.name: f for f in fields(schema) if f.init}
     for key in node:
         if key not in known and key not in skip:
+            keys = sorted({*known, *skip})
+            near = difflib.get_close_matches(str(key), keys, n=1)
+            hint = f"did you mean {_join(path, near[0])}? " if near else ""
             raise OptionError(
-                f"{_join(path, key)} is not an option of {owner or path}; its options: {', '.join(sorted(known)) or 'none'}"
+                f"{_join(path, key)} is not an option of {owner or path or 'the run'}; {hint}its options: "
+                f"{', '.join(keys) or 'none'}"
             )
     hints = typing.get_type_hints(schema)
     values = {}

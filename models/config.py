@@ -12,9 +12,11 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
+
+from longctx.conf.schema import check_value
 
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",
@@ -150,7 +152,7 @@ class ModelArgs:
         path = preset.get("path")
         if path is not None and (Path(path).expanduser() / "config.json").is_file():
             return cls.from_json(Path(path).expanduser() / "config.json")
-        return cls.from_hf(dict(preset["config"]))
+        return cls.from_hf(_plain(preset["config"]))
 
     @classmethod
     def from_json(cls, path: str | Path) -> "ModelArgs":
@@ -162,6 +164,15 @@ class ModelArgs:
             return cls.from_hf(cfg)
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
+
+
+def _plain(value: Any) -> Any:
+    """A mapping (a composed config's node too) as plain dicts and lists, all the way down."""
+    if hasattr(value, "items"):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) or (hasattr(value, "__iter__") and not isinstance(value, (str, bytes))):
+        return [_plain(v) for v in value]
+    return value
 
 
 def read_json(path: Path) -> Any:
@@ -185,6 +196,53 @@ def _check_shape_keys(cfg: dict[str, Any]) -> None:
         value = cfg[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"the model config's {key} must be a positive whole number; got {value!r}")
+    for key, (kind, meta) in _VALUE_KEYS.items():
+        if key in cfg:  # present but invalid is an error, never a silent default
+            check_value(f"the model config's {key}", cfg[key], kind, meta)
+
+
+_POSITIVE = {"low": 0, "low_open": True}
+# Other keys the loader reads, where a config has them: their types and ranges (null allowed where it means "none").
+_VALUE_KEYS: dict[str, tuple[Any, dict]] = {
+    "rms_norm_eps": (float, _POSITIVE),
+    "rope_theta": (Optional[float], _POSITIVE),
+    "rope_local_base_freq": (float, _POSITIVE),
+    "query_pre_attn_scalar": (float, _POSITIVE),
+    "final_logit_softcapping": (Optional[float], _POSITIVE),
+    "rope_scaling": (Optional[dict], {}),
+    "rope_parameters": (Optional[dict], {}),
+    "tie_word_embeddings": (bool, {}),
+    "attention_bias": (bool, {}),
+    "mlp_bias": (bool, {}),
+    "use_sliding_window": (bool, {}),
+    "max_window_layers": (int, {"low": 0}),
+    "sliding_window_pattern": (int, {"low": 1}),
+    "bos_token_id": (Optional[int], {"low": 0}),
+    "eos_token_id": (Any, {"check": lambda v: _token_ids(v)}),
+}
+
+
+def _token_ids(value: Any) -> str | None:
+    ids = value if isinstance(value, list) else [value]
+    if value is None or all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        return None
+    return "{key} must be a token id or a list of them; got {value}"
+
+
+# What each rope scaling type needs besides its name: positive numbers.
+_ROPE_KEYS = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+
+
+def _check_rope_scaling(scaling: dict[str, Any]) -> None:
+    for key in _ROPE_KEYS.get(scaling["rope_type"], ()):
+        if key not in scaling:
+            raise ValueError(f"the model config's rope scaling of type {scaling['rope_type']!r} lacks {key}")
+        check_value(f"the model config's rope scaling {key}", scaling[key], float, _POSITIVE)
+    if scaling["rope_type"] == "llama3" and not scaling["low_freq_factor"] < scaling["high_freq_factor"]:
+        raise ValueError("the model config's rope scaling low_freq_factor must be below its high_freq_factor")
 
 
 def _text_part(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -252,12 +310,16 @@ def _gemma_fields(cfg: dict[str, Any]) -> dict[str, Any]:
 def _rope_settings(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     # transformers 5 writes `rope_parameters`; released checkpoints carry `rope_theta` + `rope_scaling`.
     params = dict(cfg.get("rope_parameters") or {})
-    theta = float(cfg.get("rope_theta") or params.get("rope_theta") or 10000.0)
+    theta = cfg["rope_theta"] if cfg.get("rope_theta") is not None else params.get("rope_theta", 10000.0)
+    check_value("the model config's rope_theta", theta, float, _POSITIVE)
     scaling = dict(cfg.get("rope_scaling") or params)
     scaling.pop("rope_theta", None)
     rope_type = scaling.pop("type", None) or scaling.get("rope_type", "default")
     scaling["rope_type"] = rope_type
-    return theta, (None if rope_type == "default" else scaling)
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(f"rope scaling type {rope_type!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}")
+    _check_rope_scaling(scaling)
+    return float(theta), (None if rope_type == "default" else scaling)
 
 
 def _layer_windows(arch: str, cfg: dict[str, Any], n_layers: int) -> tuple[int | None, ...]:

@@ -38,7 +38,7 @@ def build_model(
         path = Path(path).expanduser()
         tp = layout.tensor_parallel(models.ModelArgs.from_json(path / "config.json"))
         return models.load(path, dtype=dtype, device=device, tp=tp)
-    args = models.ModelArgs.from_hf(OmegaConf.to_container(preset.config))
+    args = models.ModelArgs.from_preset(preset)
     return models.random_model(args, dtype=dtype, device=device, tp=layout.tensor_parallel(args)), None
 
 

@@ -149,6 +149,31 @@ CASES = {
         lambda t: bad_config_dir(t, json.dumps(GOOD_CONFIG | {"architectures": ["BertModel"]})),
         "unsupported architecture",
     ),
+    "config rope_theta zero": (
+        ["model.path={f}"],
+        lambda t: bad_config_dir(t, json.dumps(GOOD_CONFIG | {"rope_theta": 0})),
+        "config.json: the model config's rope_theta must be a finite number in (0, inf) or null; got 0",
+    ),
+    "config eps a string": (
+        ["model.path={f}"],
+        lambda t: bad_config_dir(t, json.dumps(GOOD_CONFIG | {"rms_norm_eps": "1e-5"})),
+        "rms_norm_eps must be a finite number",
+    ),
+    "config rope scaling a string": (
+        ["model.path={f}"],
+        lambda t: bad_config_dir(t, json.dumps(GOOD_CONFIG | {"rope_scaling": "linear"})),
+        "rope_scaling must be a mapping",
+    ),
+    "config linear scaling without factor": (
+        ["model.path={f}"],
+        lambda t: bad_config_dir(t, json.dumps(GOOD_CONFIG | {"rope_scaling": {"rope_type": "linear"}})),
+        "rope scaling of type 'linear' lacks factor",
+    ),
+    "config eos not a token": (
+        ["model.path={f}"],
+        lambda t: bad_config_dir(t, json.dumps(GOOD_CONFIG | {"eos_token_id": "</s>"})),
+        "eos_token_id must be a token id",
+    ),
     # generate
     "new tokens zero": (["task.max_new_tokens=0"], None, "task.max_new_tokens"),
     "new tokens negative": (["task.max_new_tokens=-5"], None, "task.max_new_tokens"),
