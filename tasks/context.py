@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,9 @@ from longctx.models.builtin import BUILTINS
 from longctx.models.tokenizer import Tokenizer
 from longctx.models.transformer import Transformer
 from longctx.parallel.layout import Layout
+from longctx.conf.schema import OptionError
 from longctx.preflight import options
+from longctx.tasks import rows
 
 
 def build_model(
@@ -126,6 +130,36 @@ class Context:
         if line is not None and line != getattr(self, "_layout", None):
             self._layout = line
             self.say(line)
+
+    def results(self, name: str, made: dict) -> tuple[Path, list[dict]]:
+        """Where the task's rows go (task.output_jsonl, or `name` in the run directory) and, with task.resume=true,
+        the rows already there, once the file's header says it answers `made` (tasks/rows.py). Resuming without
+        task.output_jsonl goes on from the newest earlier run's file (outputs/DATE/TIME/`name`) that answers `made`."""
+        t = self.cfg.task
+        path = Path(t.output_jsonl).expanduser() if t.output_jsonl else self.run_dir / name
+        if not t.resume:
+            return path, []
+        if not t.output_jsonl:
+            root = self.run_dir.parent.parent
+            earlier = rows.latest(root, name, made, exclude=path)
+            if earlier is None:
+                raise OptionError(
+                    f"task.resume=true without task.output_jsonl goes on from the newest run's {name} under {root} "
+                    "made from the same input and options, and there is none; name the file with task.output_jsonl="
+                )
+            path = earlier
+        return path, rows.check_resumable(path, "task.output_jsonl", made).rows
+
+    @contextmanager
+    def results_writer(self, path: Path, made: dict) -> Iterator[rows.Writer | None]:
+        """The file's one writer on the lead rank (None on the others), for as long as the task appends rows."""
+        if not self.lead:
+            yield None
+            return
+        with rows.Writer(path, "task.output_jsonl", made) as writer:
+            if writer.cut:
+                self.say(f"{path}: cut off a torn last line ({writer.cut} bytes) before appending")
+            yield writer
 
     def prompt_ids(self, context: str, query: str, chat: bool) -> tuple[list[int], int]:
         if chat and self.tok.chat_template:

@@ -15,7 +15,7 @@ from longctx.models.config import ModelArgs
 from longctx.models.tokenizer import Tokenizer
 from longctx.preflight import options
 from longctx.tasks.context import Context
-from longctx.tasks.rows import append_row, read_rows
+from longctx.tasks import rows
 
 
 @dataclass
@@ -35,8 +35,18 @@ class GenerateOptions(models.SamplingOptions):
     stop: list[str] = option(doc="stop strings", factory=list)
 
 
+# The task's options that change an answer (an answers file records them: tasks/rows.py).
+ANSWER_OPTIONS = ("chat", "max_new_tokens", "temperature", "top_k", "top_p", "stop")
+
+
+def answers_made(cfg: DictConfig) -> dict:
+    """What the answers to task.input_jsonl under these options are made from (an answers file's header)."""
+    return rows.made_from(cfg, ANSWER_OPTIONS, {"task.input_jsonl": Path(cfg.task.input_jsonl).expanduser()})
+
+
 def check(cfg: DictConfig, args: ModelArgs) -> None:
-    """One prompt source at most; its files readable; the output writable; the demo within the model's positions."""
+    """One prompt source at most; its files readable; the output writable and, to resume, made from the same input
+    and options; the demo within the model's positions."""
     t = cfg.task
     given = [k for k in ("prompt", "prompt_file", "input_jsonl") if t[k] is not None]
     if len(given) > 1:
@@ -45,9 +55,12 @@ def check(cfg: DictConfig, args: ModelArgs) -> None:
         options.input_file(cfg, "task.prompt_file")
     if t.input_jsonl is not None:
         options.jsonl_records(options.input_file(cfg, "task.input_jsonl"), "task.input_jsonl")
-    out = options.results_file(cfg, "task.output_jsonl")
+    out = options.output_file(cfg, "task.output_jsonl")
     if out is not None and t.input_jsonl is not None and Path(t.input_jsonl).expanduser().resolve() == out.resolve():
         raise OptionError("task.output_jsonl is the input file task.input_jsonl; name another file")
+    options.results_file(cfg, "task.output_jsonl")
+    if out is not None and t.input_jsonl is not None and t.resume:
+        rows.check_resumable(out, "task.output_jsonl", answers_made(cfg))
     # a prompt's own length is checked once it is tokenized (`check_prompt_length`); the demo fills the model's
     # window where ctx.length is longer, leaving room for its question and answer
     n = cfg.ctx.length
@@ -133,36 +146,38 @@ def generate_jsonl(c: Context, sampling: models.Sampling) -> dict:
 
     t = c.cfg.task
     records = options.jsonl_records(Path(t.input_jsonl).expanduser(), "task.input_jsonl")
-    out_path = Path(t.output_jsonl).expanduser() if t.output_jsonl else c.run_dir / "answers.jsonl"
-    done = {r["index"]: r for r in read_rows(out_path)} if t.resume else {}
+    made = answers_made(c.cfg)
+    out_path, held = c.results("answers.jsonl", made)
+    done = {r.get("index"): r for r in held}
     if done:
         c.say(f"resuming: {len(done)} of {len(records)} records already answered in {out_path}")
-    rows, failed = [], []
-    for i, rec in enumerate(tqdm(records, desc="samples", disable=not c.lead or None)):
-        if i in done:
-            rows.append(done[i])
-            continue
-        ids, n_ctx = c.prompt_ids(rec["input_context"], rec["input_query"], t.chat)
-        try:
-            options.check_prompt_length(
-                len(ids), t.max_new_tokens, c.max_seq_len, f"task.input_jsonl={t.input_jsonl}, record {i}"
-            )
-        except options.OptionError as e:
-            if t.on_error == "stop":
-                raise
-            failed.append(i)
-            c.say(f"skipped: {e}")
-            continue
-        out, ttft, _ = c.answer(ids, n_ctx, t.max_new_tokens, sampling, t.stop)
-        row = {"index": i, "pred": out.text, "output": rec.get("output"), "prompt_tokens": len(ids), "ttft_s": ttft}
-        rows.append(row)
-        if c.lead:
-            append_row(out_path, row)
-    c.say(f"{len(rows)} answers in {out_path}" + (f"; {len(failed)} records failed: {failed}" if failed else ""))
-    c.samples = rows
-    timed = [r["ttft_s"] for r in rows]
+    answers, failed = [], []
+    with c.results_writer(out_path, made) as writer:
+        for i, rec in enumerate(tqdm(records, desc="samples", disable=not c.lead or None)):
+            if i in done:
+                answers.append(done[i])
+                continue
+            ids, n_ctx = c.prompt_ids(rec["input_context"], rec["input_query"], t.chat)
+            try:
+                options.check_prompt_length(
+                    len(ids), t.max_new_tokens, c.max_seq_len, f"task.input_jsonl={t.input_jsonl}, record {i}"
+                )
+            except options.OptionError as e:
+                if t.on_error == "stop":
+                    raise
+                failed.append(i)
+                c.say(f"skipped: {e}")
+                continue
+            out, ttft, _ = c.answer(ids, n_ctx, t.max_new_tokens, sampling, t.stop)
+            row = {"index": i, "pred": out.text, "output": rec.get("output"), "prompt_tokens": len(ids), "ttft_s": ttft}
+            answers.append(row)
+            if writer is not None:
+                writer.append(row)
+    c.say(f"{len(answers)} answers in {out_path}" + (f"; {len(failed)} records failed: {failed}" if failed else ""))
+    c.samples = answers
+    timed = [r["ttft_s"] for r in answers]
     return {
-        "samples": len(rows),
+        "samples": len(answers),
         "failed": len(failed),
         "failed_indices": failed,
         "mean_ttft_s": sum(timed) / len(timed) if timed else None,

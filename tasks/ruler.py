@@ -13,7 +13,7 @@ from longctx.evaluation import ruler
 from longctx.models.config import ModelArgs
 from longctx.preflight import options
 from longctx.tasks.context import Context
-from longctx.tasks.rows import append_row, read_rows
+from longctx.tasks import rows as results
 
 
 def _tasks(names: list[str]) -> str | None:
@@ -59,14 +59,49 @@ class RulerOptions:
     resume: bool = option(False, "skip the samples output_jsonl already holds")
 
 
+# The task's options that change an answer (a samples file records them: tasks/rows.py).
+ANSWER_OPTIONS = ("chat", "max_new_tokens", "haystack")
+
+
+def samples_made(cfg: DictConfig) -> dict:
+    """What the sample rows under these options are made from (a samples file's header)."""
+    prose = cfg.task.haystack == "prose"
+    haystack = Path(cfg.task.haystack_file).expanduser() if cfg.task.haystack_file else ruler.DEFAULT_PROSE
+    return results.made_from(cfg, ANSWER_OPTIONS, {"task.haystack_file": haystack} if prose else {})
+
+
 def check(cfg: DictConfig, args: ModelArgs) -> None:
-    """The haystack file exists, the output is writable, the longest length fits the model's positions."""
+    """The haystack file exists, the output is writable and, to resume, made from the same haystack and options,
+    the longest length fits the model's positions."""
     if cfg.task.haystack_file is not None and not Path(cfg.task.haystack_file).expanduser().exists():
         raise OptionError(f"task.haystack_file={Path(cfg.task.haystack_file).expanduser()}: no such file or folder")
-    options.results_file(cfg, "task.output_jsonl")
+    out = options.results_file(cfg, "task.output_jsonl")
+    if out is not None and cfg.task.resume:
+        results.check_resumable(out, "task.output_jsonl", samples_made(cfg))
     lengths = cfg.task.lengths
     what, n = ("task.lengths", max(lengths)) if lengths else ("ctx.length", cfg.ctx.length)
     options.check_positions(cfg, args, n, what)
+
+
+def _answer(c: Context, s: ruler.Sample, haystack: str) -> dict:
+    """One sample answered and scored: its row."""
+    ids, n_ctx = c.prompt_ids(s.context, s.query, c.cfg.task.chat)
+    out, ttft, _ = c.answer(ids, n_ctx, c.cfg.task.max_new_tokens, models.Sampling())
+    return {
+        "key": s.key,
+        "task": s.task,
+        "length": s.length,
+        "depth": s.depth,
+        "seed": s.seed,
+        "score": ruler.score(out.text, s.answers),
+        "pred": out.text,
+        "answers": s.answers,
+        "prompt_tokens": len(ids),
+        "ttft_s": ttft,
+        "haystack": haystack,
+        "strategy": c.strategy_params(),
+        **(c.model.attention.decode_report() or {}),
+    }
 
 
 def task_ruler(c: Context) -> dict:
@@ -81,33 +116,18 @@ def task_ruler(c: Context) -> dict:
         ruler.Haystack() if t.haystack == "noise" else ruler.Haystack.from_file(t.haystack_file or ruler.DEFAULT_PROSE)
     )
     samples = ruler.make_samples(list(t.tasks), count, lengths, list(t.depths), t.samples, hay)
-    out_path = Path(t.output_jsonl).expanduser() if t.output_jsonl else c.run_dir / "ruler_samples.jsonl"
-    done = {r["key"]: r for r in read_rows(out_path) if r.get("haystack") == hay.name} if t.resume else {}
+    made = samples_made(c.cfg)
+    out_path, held = c.results("ruler_samples.jsonl", made)
+    done = {r.get("key"): r for r in held}
     rows = [done[s.key] for s in samples if s.key in done]
     todo = [s for s in samples if s.key not in done]
     if done:
         c.say(f"resuming: {len(rows)} of {len(samples)} samples already in {out_path}")
-    for s in tqdm(todo, desc="ruler samples", disable=not c.lead or None):
-        ids, n_ctx = c.prompt_ids(s.context, s.query, t.chat)
-        out, ttft, _ = c.answer(ids, n_ctx, t.max_new_tokens, models.Sampling())
-        row = {
-            "key": s.key,
-            "task": s.task,
-            "length": s.length,
-            "depth": s.depth,
-            "seed": s.seed,
-            "score": ruler.score(out.text, s.answers),
-            "pred": out.text,
-            "answers": s.answers,
-            "prompt_tokens": len(ids),
-            "ttft_s": ttft,
-            "haystack": hay.name,
-            "strategy": c.strategy_params(),
-            **(c.model.attention.decode_report() or {}),
-        }
-        rows.append(row)
-        if c.lead:
-            append_row(out_path, row)
+    with c.results_writer(out_path, made) as writer:
+        for s in tqdm(todo, desc="ruler samples", disable=not c.lead or None):
+            rows.append(_answer(c, s, hay.name))
+            if writer is not None:
+                writer.append(rows[-1])
     c.samples = rows
     if not c.lead:
         return {}

@@ -20,6 +20,7 @@ import torch
 
 from longctx import models, runner
 from longctx.models.writer import prepare_target
+from longctx.tasks.rows import read_rows
 from longctx.tools import convert as cli
 from tests.helpers import REPO, compose_cfg, run_runner, to_meta
 
@@ -238,6 +239,11 @@ CASES = {
         "already holds results",
     ),
     "on error": (["task.on_error=ignore"], None, "task.on_error"),
+    "output is the input": (
+        ["task.input_jsonl={f}", "task.output_jsonl={f}"],
+        lambda t: write(t / "in.jsonl", json.dumps(RECORD)),
+        "task.output_jsonl is the input file task.input_jsonl",
+    ),
     "past positions": (["ctx=16k"], None, "past the 8192 positions"),
     # ruler
     "depth past 1": (["task=ruler", "task.depths=[1.5]"], None, "task.depths"),
@@ -483,17 +489,16 @@ def test_jsonl_answers_are_kept_as_made_and_resumed(smollm2_dir, tmp_path):
     res = _runner(tmp_path, *common)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "record 1" in res.stderr and "past the model's 8192 positions" in res.stderr
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["index"] for r in rows] == [0, 2]
+    assert [r["index"] for r in read_rows(out)] == [0, 2]
     result = json.loads((tmp_path / "run" / "results.json").read_text())
     assert result["failed"] == 1 and result["failed_indices"] == [1] and result["samples"] == 2
     again = _runner(tmp_path, *common)
     assert again.returncode == 2 and "task.resume=true" in again.stderr
     resumed = _runner(tmp_path, *common, "task.resume=true")
     assert resumed.returncode == 0 and "2 of 3 records already answered" in resumed.stderr
-    assert out.read_text().count("\n") == 2  # nothing answered twice
+    assert len(read_rows(out)) == 2 and out.read_text().count("\n") == 3  # the header and two rows: nothing twice
     stopped = _runner(
         tmp_path, *common[:1], f"task.output_jsonl={tmp_path / 'b.jsonl'}", *common[2:], "task.on_error=stop"
     )
     assert stopped.returncode == 2 and "record 1" in stopped.stderr
-    assert [json.loads(line)["index"] for line in (tmp_path / "b.jsonl").read_text().splitlines()] == [0]
+    assert [r["index"] for r in read_rows(tmp_path / "b.jsonl")] == [0]

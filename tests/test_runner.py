@@ -13,6 +13,7 @@ import time
 import psutil
 import pytest
 
+from longctx.tasks.rows import read_rows
 from tests.helpers import REPO, run_runner
 
 
@@ -101,7 +102,7 @@ def test_generate_from_jsonl(smollm2_dir, tmp_path):
         tmp_path, f"task.input_jsonl={src}", "attention=global", "task.max_new_tokens=12", "wandb.mode=disabled"
     )
     assert res.returncode == 0, res.stderr[-3000:]
-    rows = [json.loads(line) for line in (tmp_path / "run" / "answers.jsonl").read_text().splitlines()]
+    rows = read_rows(tmp_path / "run" / "answers.jsonl")
     assert [r["output"] for r in rows] == ["Rome", "red"]
     assert "Rome" in rows[0]["pred"]
 
@@ -124,7 +125,7 @@ def test_ruler_writes_table_results_and_heatmap(smollm2_dir, tmp_path):
     assert 0 <= result["ruler/mean"] <= 1 and set(result) >= {"ruler/niah_single", "ruler/cwe"}
     assert (run / "ruler_heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (tmp_path / "wandb-root" / "wandb").exists()  # disabled: no W&B directory
-    rows = [json.loads(line) for line in (run / "ruler_samples.jsonl").read_text().splitlines()]
+    rows = read_rows(run / "ruler_samples.jsonl")
     assert len(rows) == 4 and all(r["haystack"].endswith("common-licenses") for r in rows)  # prose by default
     assert rows[0]["strategy"]["name"] == "star" and rows[0]["strategy"]["block_size"] > 0
     assert re.search(r"star: context of \d+ tokens in 1 block of \d+ over 1 rank, anchor", res.stderr)  # the floor
@@ -145,16 +146,16 @@ def test_ruler_resumes_where_a_run_stopped(smollm2_dir, tmp_path):
     )
     res = run_runner(tmp_path, *common)
     assert res.returncode == 0, res.stderr[-3000:]
-    rows = out.read_text().splitlines()
-    assert len(rows) == 4
-    out.write_text("\n".join(rows[:3]) + "\n")  # as if killed during the last sample
+    lines = out.read_text().splitlines()
+    assert len(lines) == 5 and len(read_rows(out)) == 4  # the header, then a row a sample
+    out.write_text("\n".join(lines[:4]) + "\n" + lines[4][:20])  # killed while writing the last row: a torn line
     res = run_runner(tmp_path, *common, "task.resume=true")
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "resuming: 3 of 4 samples" in res.stderr
+    assert "resuming: 3 of 4 samples" in res.stderr and "cut off a torn last line (20 bytes)" in res.stderr
     again = out.read_text().splitlines()
-    assert again[:3] == rows[:3] and len(again) == 4 and json.loads(again[3])["key"] == json.loads(rows[3])["key"]
+    assert again[:4] == lines[:4] and len(again) == 5 and json.loads(again[4])["key"] == json.loads(lines[4])["key"]
     result = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert result["ruler/mean"] == sum(json.loads(r)["score"] for r in again) / 4
+    assert result["ruler/mean"] == sum(r["score"] for r in read_rows(out)) / 4
     res = run_runner(tmp_path, *common)  # without resume, rows already there are not mixed with new ones
     assert res.returncode != 0 and "already holds results" in res.stderr and out.read_text().splitlines() == again
 

@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from longctx.tasks.rows import read_rows
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "accuracy" / "results"
 PLOT = REPO / "accuracy" / "accuracy.png"
@@ -155,8 +157,7 @@ def status(cells: list[Cell]) -> str:
 def _rows(cell: Cell) -> list[dict]:
     """A cell's samples, each once (the first row of a key: two runs of one cell append the same samples)."""
     rows = {}
-    for line in cell.path.read_text().splitlines() if cell.path.is_file() else []:
-        row = json.loads(line)
+    for row in read_rows(cell.path):
         rows.setdefault(row["key"], row)
     return list(rows.values())
 
