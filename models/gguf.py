@@ -67,6 +67,8 @@ class GGUFCheckpoint:
         import gguf
 
         self.path = Path(path)
+        if self.path.is_dir():
+            raise IsADirectoryError(f"{self.path} is a directory; name the .gguf file in it")
         if not self.path.is_file():
             raise FileNotFoundError(f"{self.path} not found")
         try:

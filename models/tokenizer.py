@@ -125,13 +125,22 @@ class Tokenizer:
         if template is not None:
             _check_template(template, source)
         if (path / "tokenizer.json").is_file():
-            return _opened(HFTokenizer, path / "tokenizer.json", config, template)
-        model_file = path / "tokenizer.model"
-        if model_file.is_file():
+            tok = _opened(HFTokenizer, path / "tokenizer.json", config, template)
+        elif (model_file := path / "tokenizer.model").is_file():
             if _is_tiktoken_file(model_file):
-                return _opened(TiktokenTokenizer, model_file, config, template or LLAMA3_CHAT_TEMPLATE)
-            return _opened(SentencePieceTokenizer, model_file, config, template)
-        raise FileNotFoundError(f"no tokenizer in {path}: expected tokenizer.json or tokenizer.model")
+                tok = _opened(TiktokenTokenizer, model_file, config, template or LLAMA3_CHAT_TEMPLATE)
+            else:
+                tok = _opened(SentencePieceTokenizer, model_file, config, template)
+        else:
+            raise FileNotFoundError(f"no tokenizer in {path}: expected tokenizer.json or tokenizer.model")
+        if template is not None:  # a template that parses may still fail on a message: try one now, not mid-run
+            try:
+                tok.apply_chat_template([{"role": "user", "content": "Hello"}])
+            except Exception as e:  # jinja2 raises assorted types; the template's raise_exception, ValueError
+                raise ValueError(
+                    f"{source}: the chat template fails on a user message ({type(e).__name__}: {e})"
+                ) from None
+        return tok
 
 
 class HFTokenizer(Tokenizer):

@@ -41,7 +41,14 @@ def init_ranks(backend: str, timeout_s: float) -> tuple[int, int, torch.device]:
         if backend == "auto":
             backend = "nccl" if cuda else "gloo"
         kwargs = {"device_id": device} if backend == "nccl" else {}
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), **kwargs)
+        try:
+            dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), **kwargs)
+        except (RuntimeError, TimeoutError) as e:  # (torch's store and backend errors are RuntimeErrors)
+            raise ValueError(
+                f"the ranks could not join their process group within parallel.timeout_s={timeout_s} "
+                f"({' '.join(str(e).split())[:200]}); raise parallel.timeout_s, or check that every rank can reach "
+                "MASTER_ADDR:MASTER_PORT"
+            ) from None
     return (dist.get_rank() if world > 1 else 0), world, device
 
 
@@ -49,8 +56,17 @@ class RankFailed(RuntimeError):
     pass
 
 
+class Interrupted(Exception):
+    """A signal (Ctrl-C, SIGTERM) stopped the run; its ranks are ended. `signum`: which."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by signal {signum}")
+        self.signum = signum
+
+
 def launch(nproc: int, fn: Callable[..., Any], *args: Any) -> Any:
     """Run fn(*args) on `nproc` local worker processes; returns rank 0's result or raises the first failure."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -70,6 +86,8 @@ def launch(nproc: int, fn: Callable[..., Any], *args: Any) -> Any:
     )
     try:
         results = elastic_launch(config, fn)(*args)
+    except SignalException as e:  # the launcher ended the ranks already
+        raise Interrupted(int(e.sigval)) from None
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
         detail = failure.message if isinstance(failure.message, str) else failure.message.get("message", "")

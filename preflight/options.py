@@ -151,14 +151,18 @@ def input_file(cfg, key: str) -> Path:
 
 def read_text(path: Path, key: str) -> str:
     """The file's text; binary or non-UTF-8 content is an error naming the option and the byte."""
-    data = path.read_bytes()
+    return text_of(path.read_bytes(), f"{key}={path}")
+
+
+def text_of(data: bytes, what: str) -> str:
+    """`data` as UTF-8 text; binary or other content is an error naming `what` (an option and its file) and the byte."""
     if b"\0" in data[:65536]:
-        raise OptionError(f"{key}={path} is a binary file, not text")
+        raise OptionError(f"{what} is a binary file, not text")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise OptionError(
-            f"{key}={path} is not UTF-8 text (byte {e.start}: {data[e.start : e.start + 1]!r}); convert it, e.g. "
+            f"{what} is not UTF-8 text (byte {e.start}: {data[e.start : e.start + 1]!r}); convert it, e.g. "
             "`iconv -f latin1 -t utf-8`"
         ) from None
 
@@ -193,9 +197,10 @@ def output_file(cfg, key: str) -> Path | None:
 JSONL_FIELDS = ("input_context", "input_query")
 
 
-def jsonl_records(path: Path, key: str) -> list[dict]:
-    """The records of an input jsonl file: one JSON object per non-blank line with string `input_context` and
-    `input_query` (and optionally `output`); a bad line is named by its line number."""
+def jsonl_records(path: Path, key: str) -> list[tuple[int, dict]]:
+    """The records of an input jsonl file, each with its line number: one JSON object per non-blank line with string
+    `input_context` and `input_query` (and optionally `output`). Every message about a record names it as
+    `FILE:LINE`, the line an editor jumps to."""
     records = []
     for number, line in enumerate(read_text(path, key).splitlines(), start=1):
         if not line.strip():
@@ -210,7 +215,7 @@ def jsonl_records(path: Path, key: str) -> list[dict]:
             if not isinstance(record.get(field), str):
                 got = "missing" if field not in record else f"a {type(record[field]).__name__}"
                 raise OptionError(f"{path}:{number}: {field} must be a string; it is {got}")
-        records.append(record)
+        records.append((number, record))
     if not records:
         raise OptionError(f'{key}={path} holds no records; each line is {{"input_context": ..., "input_query": ...}}')
     return records

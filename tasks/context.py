@@ -6,44 +6,36 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from longctx import attention, models
+from longctx.conf.schema import OptionError
 from longctx.models.builtin import BUILTINS
 from longctx.models.tokenizer import Tokenizer
 from longctx.models.transformer import Transformer
 from longctx.parallel.layout import Layout
-from longctx.conf.schema import OptionError
 from longctx.preflight import options
 from longctx.tasks import rows
 
 
-def build_model(
-    preset: DictConfig, dtype: torch.dtype, device: torch.device, layout: Layout
-) -> tuple[Transformer, Tokenizer | None]:
-    """The preset's checkpoint (or the built-in one); without one, random weights of its shape (`validate` allows that
-    only for tasks that measure speed). With tensor parallelism, this rank's slices of it only.
-
-    The model starts with the default strategy; each task sets the real one once it knows the context length.
-    """
+def checkpoint_path(preset: DictConfig) -> Path | None:
+    """The preset's checkpoint directory, the built-in one made first where it names one (rank 0 converts once, the
+    others wait for it); None: random weights of the preset's shape (`validate` allows that only for tasks that
+    measure speed)."""
     path = preset.get("path")
     if path is None and preset.get("builtin"):
         path = BUILTINS[preset.builtin]() if not dist.is_initialized() or dist.get_rank() == 0 else None
-        if dist.is_initialized():  # rank 0 converts once; the others wait for it
+        if dist.is_initialized():
             box = [str(path) if path else None]
             dist.broadcast_object_list(box, src=0)
             path = box[0]
-    if path is not None:
-        path = Path(path).expanduser()
-        tp = layout.tensor_parallel(models.ModelArgs.from_json(path / "config.json"))
-        return models.load(path, dtype=dtype, device=device, tp=tp)
-    args = models.ModelArgs.from_preset(preset)
-    return models.random_model(args, dtype=dtype, device=device, tp=layout.tensor_parallel(args)), None
+    return None if path is None else Path(path).expanduser()
 
 
 class Context:
@@ -53,13 +45,28 @@ class Context:
         self.cfg, self.run_dir, self.rank, self.layout, self.device = cfg, run_dir, rank, layout, device
         self.world = layout.world
         self.dtype = options.resolve_dtype(cfg.dtype, device)
-        self.model, self.tok = build_model(cfg.model, self.dtype, device, layout)
+        self.path = checkpoint_path(cfg.model)
+        self.args = (
+            models.ModelArgs.from_json(self.path / "config.json")
+            if self.path
+            else models.ModelArgs.from_preset(cfg.model)
+        )
+        self.tok = Tokenizer.from_dir(self.path) if self.path else None
         # Past the model's positions only where answers do not matter (bench) or the user accepts extrapolation.
         past = cfg.task.name == "bench" or cfg.model.get("extrapolate")
-        self.max_seq_len = (
-            max(self.model.args.max_seq_len, cfg.ctx.length + 4096) if past else self.model.args.max_seq_len
-        )
+        self.max_seq_len = max(self.args.max_seq_len, cfg.ctx.length + 4096) if past else self.args.max_seq_len
         self.samples: list[dict] = []
+
+    @cached_property
+    def model(self) -> Transformer:
+        """The model, loaded on first use, so that a task checks what it can first (its prompts against the model's
+        positions, the strategy against them) without waiting for the weights. With tensor parallelism, this rank's
+        slices only; it starts with the default strategy, and each task sets the real one once it knows the
+        context length."""
+        tp = self.layout.tensor_parallel(self.args)
+        if self.path is not None:
+            return models.load_model(self.path, dtype=self.dtype, device=self.device, tp=tp)
+        return models.random_model(self.args, dtype=self.dtype, device=self.device, tp=tp)
 
     @property
     def lead(self) -> bool:

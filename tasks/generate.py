@@ -51,8 +51,11 @@ def check(cfg: DictConfig, args: ModelArgs) -> None:
     given = [k for k in ("prompt", "prompt_file", "input_jsonl") if t[k] is not None]
     if len(given) > 1:
         raise OptionError(f"{' and '.join(f'task.{k}' for k in given)} are both set; give one prompt source")
+    if t.prompt is not None and not t.prompt.strip():
+        raise OptionError("task.prompt is empty; give the prompt's text")
     if t.prompt_file not in (None, "-"):
-        options.input_file(cfg, "task.prompt_file")
+        if not options.read_text(options.input_file(cfg, "task.prompt_file"), "task.prompt_file").strip():
+            raise OptionError(f"task.prompt_file={t.prompt_file} is empty; give the prompt's text")
     if t.input_jsonl is not None:
         options.jsonl_records(options.input_file(cfg, "task.input_jsonl"), "task.input_jsonl")
     out = options.output_file(cfg, "task.output_jsonl")
@@ -93,11 +96,13 @@ def task_generate(c: Context) -> dict:
     if t.prompt_file or t.prompt is not None:
         source = "task.prompt" if t.prompt is not None else f"task.prompt_file={t.prompt_file}"
         if t.prompt_file == "-":
-            text = sys.stdin.read()
+            text = options.text_of(sys.stdin.buffer.read(), "task.prompt_file=- (standard input)")
         else:
             text = (
                 options.read_text(Path(t.prompt_file).expanduser(), "task.prompt_file") if t.prompt_file else t.prompt
             )
+        if not text.strip():
+            raise OptionError(f"{source} is empty; give the prompt's text")
         if t.chat and c.tok.chat_template:
             ids = c.tok.encode_chat([{"role": "user", "content": text}])
         else:
@@ -137,6 +142,20 @@ def task_generate(c: Context) -> dict:
     return result
 
 
+def _fits(c: Context, rec: dict, where: str) -> bool:
+    """Whether a record's prompt leaves room for its answer in the model's positions; if not, said (`where`: its
+    FILE:LINE) and False, or with task.on_error=stop the run stops."""
+    ids, _ = c.prompt_ids(rec["input_context"], rec["input_query"], c.cfg.task.chat)
+    try:
+        options.check_prompt_length(len(ids), c.cfg.task.max_new_tokens, c.max_seq_len, where)
+    except OptionError as e:
+        if c.cfg.task.on_error == "stop":
+            raise
+        c.say(f"skipped: {e}")
+        return False
+    return True
+
+
 def generate_jsonl(c: Context, sampling: models.Sampling) -> dict:
     """Answer every record of task.input_jsonl. Each answer is appended to the output as it is made, so a crash loses
     only the record in flight, and task.resume=true skips the records already answered there. A record that cannot
@@ -151,35 +170,38 @@ def generate_jsonl(c: Context, sampling: models.Sampling) -> dict:
     done = {r.get("index"): r for r in held}
     if done:
         c.say(f"resuming: {len(done)} of {len(records)} records already answered in {out_path}")
-    answers, failed = [], []
+    # every record's length first: one past the model's positions stops the run (on_error=stop) before the weights load
+    failed = []
+    for i, (line, rec) in enumerate(records):
+        if i not in done and not _fits(c, rec, f"{t.input_jsonl}:{line}"):
+            failed.append(i)
+    answers = []
     with c.results_writer(out_path, made) as writer:
-        for i, rec in enumerate(tqdm(records, desc="samples", disable=not c.lead or None)):
+        for i, (line, rec) in enumerate(tqdm(records, desc="samples", disable=not c.lead or None)):
             if i in done:
                 answers.append(done[i])
                 continue
-            ids, n_ctx = c.prompt_ids(rec["input_context"], rec["input_query"], t.chat)
-            try:
-                options.check_prompt_length(
-                    len(ids), t.max_new_tokens, c.max_seq_len, f"task.input_jsonl={t.input_jsonl}, record {i}"
-                )
-            except options.OptionError as e:
-                if t.on_error == "stop":
-                    raise
-                failed.append(i)
-                c.say(f"skipped: {e}")
+            if i in failed:
                 continue
+            ids, n_ctx = c.prompt_ids(rec["input_context"], rec["input_query"], t.chat)
             out, ttft, _ = c.answer(ids, n_ctx, t.max_new_tokens, sampling, t.stop)
-            row = {"index": i, "pred": out.text, "output": rec.get("output"), "prompt_tokens": len(ids), "ttft_s": ttft}
+            row = {"index": i, "line": line, "pred": out.text, "output": rec.get("output")}
+            row |= {"prompt_tokens": len(ids), "ttft_s": ttft}
             answers.append(row)
             if writer is not None:
                 writer.append(row)
-    c.say(f"{len(answers)} answers in {out_path}" + (f"; {len(failed)} records failed: {failed}" if failed else ""))
+    lines = [records[i][0] for i in failed]
+    c.say(
+        f"{len(answers)} answers in {out_path}"
+        + (f"; {len(failed)} records failed, at lines {lines}" if failed else "")
+    )
     c.samples = answers
     timed = [r["ttft_s"] for r in answers]
     return {
         "samples": len(answers),
         "failed": len(failed),
         "failed_indices": failed,
+        "failed_lines": lines,
         "mean_ttft_s": sum(timed) / len(timed) if timed else None,
         "answers_file": str(out_path),
     }

@@ -488,10 +488,15 @@ def test_jsonl_answers_are_kept_as_made_and_resumed(smollm2_dir, tmp_path):
     common = [f"task.input_jsonl={jsonl}", f"task.output_jsonl={out}", "task.max_new_tokens=8", "attention=global"]
     res = _runner(tmp_path, *common)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert "record 1" in res.stderr and "past the model's 8192 positions" in res.stderr
+    assert f"{jsonl}:2: " in res.stderr and "past the model's 8192 positions" in res.stderr  # the record's line
     assert [r["index"] for r in read_rows(out)] == [0, 2]
     result = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert result["failed"] == 1 and result["failed_indices"] == [1] and result["samples"] == 2
+    assert (
+        result["failed"] == 1
+        and result["failed_indices"] == [1]
+        and result["failed_lines"] == [2]
+        and result["samples"] == 2
+    )
     again = _runner(tmp_path, *common)
     assert again.returncode == 2 and "task.resume=true" in again.stderr
     resumed = _runner(tmp_path, *common, "task.resume=true")
@@ -500,5 +505,5 @@ def test_jsonl_answers_are_kept_as_made_and_resumed(smollm2_dir, tmp_path):
     stopped = _runner(
         tmp_path, *common[:1], f"task.output_jsonl={tmp_path / 'b.jsonl'}", *common[2:], "task.on_error=stop"
     )
-    assert stopped.returncode == 2 and "record 1" in stopped.stderr
-    assert [r["index"] for r in read_rows(tmp_path / "b.jsonl")] == [0]
+    assert stopped.returncode == 2 and f"{jsonl}:2: " in stopped.stderr
+    assert not (tmp_path / "b.jsonl").exists()  # every record's length is checked before the first answer

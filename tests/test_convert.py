@@ -251,7 +251,7 @@ def test_existing_target_needs_force(hf_checkpoint, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    assert cli.main(["hf", str(src), str(out)]) == 1
+    assert cli.main(["hf", str(src), str(out)]) == 2
     assert "--force" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "mine"
     assert cli.main(["hf", str(src), str(out), "--force"]) == 0

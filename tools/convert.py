@@ -68,7 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=GEMMA3_DIR, help=f"target directory (default: {GEMMA3_DIR})")
     p.add_argument("--force", action="store_true", help="re-make it even if it exists")
 
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse: usage errors exit 2 (bad input), --help 0
+        return int(e.code or 0)
     # SIGTERM (a job scheduler, `kill`) unwinds like Ctrl-C, so the temporary directories are removed
     signal.signal(signal.SIGTERM, _terminated)
     try:
@@ -86,7 +89,10 @@ def main(argv: list[str] | None = None) -> int:
                 force=args.force,
                 verify=args.verify,
             )
-    except Exception as e:  # one line naming the input at fault; the traceback on request
+    except KeyboardInterrupt:  # Ctrl-C (and SIGTERM, `_terminated`): the partial target is already removed
+        print("interrupted: nothing was written", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except Exception as e:  # one line naming the input at fault (exit 2), or what went wrong (1); a traceback on request
         if os.environ.get("LONGCTX_TRACEBACK"):
             raise
         known = isinstance(e, (ValueError, OSError, subprocess.CalledProcessError))
@@ -94,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             f"error: {e if known else f'{type(e).__name__}: {e}'} (LONGCTX_TRACEBACK=1 shows the traceback)",
             file=sys.stderr,
         )
-        return 1
+        return 2 if known else 1
     print(out)
     return 0
 
