@@ -24,11 +24,22 @@ from longctx.attention.merge import MERGE_CHUNK_ELEMENTS, merge_into
 from longctx.attention.strategy import AttentionStrategy, Phase1Memory, Step
 
 
+def _bounds(n_ctx: int, world: int) -> list[int]:
+    """Where the 2N near-equal chunks of the context start (and the last one ends)."""
+    return [i * n_ctx // (2 * world) for i in range(2 * world + 1)]
+
+
 def zigzag_shards(n_ctx: int, world: int) -> list[Tensor]:
     """Context indices held by each rank: chunks r and 2N-1-r of 2N near-equal chunks."""
-    bounds = [i * n_ctx // (2 * world) for i in range(2 * world + 1)]
+    bounds = _bounds(n_ctx, world)
     chunk = lambda i: torch.arange(bounds[i], bounds[i + 1])  # noqa: E731
     return [torch.cat([chunk(r), chunk(2 * world - 1 - r)]) for r in range(world)]
+
+
+def shard_length(n_ctx: int, world: int, rank: int) -> int:
+    """`len(zigzag_shards(n_ctx, world)[rank])`, counted."""
+    b = _bounds(n_ctx, world)
+    return b[rank + 1] - b[rank] + b[2 * world - rank] - b[2 * world - 1 - rank]
 
 
 class RingAttention(AttentionStrategy):
@@ -37,6 +48,9 @@ class RingAttention(AttentionStrategy):
     def __init__(self, group: dist.ProcessGroup | None = None, decode: DecodeMethod | None = None):
         super().__init__(group, decode)
         self.layout: list[Tensor] | None = None
+
+    def fed_tokens(self, n_ctx: int) -> int:
+        return shard_length(n_ctx, self.world, self.rank)
 
     def context_indices(self, n_ctx: int) -> Tensor:
         if n_ctx < 2 * self.world:
@@ -53,7 +67,7 @@ class RingAttention(AttentionStrategy):
         far; merging a step's partial stacks both in fp32 and weighs them, a chunk of `merge_into`'s rows at a time."""
         if self.world == 1:
             return Phase1Memory()
-        shard = max(len(x) for x in zigzag_shards(n_ctx, self.world)) * 2 * kv_heads * head_dim * itemsize
+        shard = max(shard_length(n_ctx, self.world, r) for r in range(self.world)) * 2 * kv_heads * head_dim * itemsize
         running = tokens * heads * (head_dim + 1) * 4
         held = shard + (max(shard, running) if self.world == 2 else shard + running)
         merging = 6 * min(tokens * heads * head_dim, MERGE_CHUNK_ELEMENTS) * 4 + tokens * heads * head_dim * itemsize

@@ -130,6 +130,10 @@ class StarAttention(AttentionStrategy):
         own = torch.arange(start, end)
         return torch.cat([torch.arange(self.anchor_size), own]) if self.recomputes_anchor else own
 
+    def fed_tokens(self, n_ctx: int) -> int:
+        start, end = self.own_range(n_ctx)
+        return end - start + (self.anchor_size if self.recomputes_anchor else 0)
+
     def kept_context(self, n_ctx: int) -> int:
         start, end = self.own_range(n_ctx)
         return end - start

@@ -140,9 +140,14 @@ class AttentionStrategy:
         """Indices (= positions) of the context tokens this rank feeds in phase 1."""
         return torch.arange(n_ctx)
 
+    def fed_tokens(self, n_ctx: int) -> int:
+        """How many tokens this rank feeds in phase 1: `len(context_indices(n_ctx))`, counted without them (a plan
+        of a context of any length holds no tensor of its length)."""
+        return n_ctx
+
     def kept_context(self, n_ctx: int) -> int:
         """How many context tokens this rank's KV cache keeps."""
-        return len(self.context_indices(n_ctx))
+        return self.fed_tokens(n_ctx)
 
     @property
     def keeps_new_tokens(self) -> bool:

@@ -133,3 +133,4 @@ def ensure_gemma3(out: Path = GEMMA3_DIR, source: Path | None = None, force: boo
 
 # The built-in models: what `model.builtin` in a preset names, and the function that makes each on first use.
 BUILTINS = {"smollm2": ensure_smollm2, "gemma3-270m": ensure_gemma3}
+BUILTIN_DIRS = {"smollm2": SMOLLM2_DIR, "gemma3-270m": GEMMA3_DIR}  # where each is, once made

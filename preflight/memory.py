@@ -167,7 +167,7 @@ def _rank_plan(
     # keys and values, the slots' positions (and their index), what the decode method keeps beside them
     kv = args.n_layers * (2 * Hkv * D * slots * b + s.decode.cache_bytes(slots, Hkv, D, b)) + 2 * slots * 8
     # phase 1: T tokens fed, attending to S keys
-    T = len(s.context_indices(shape.n_ctx)) if shape.n_ctx else 0
+    T = s.fed_tokens(shape.n_ctx) if shape.n_ctx else 0
     m = s.phase1_memory(shape.n_ctx, T, Hq, Hkv, D, b)
     phase1 = (
         _layer_peak(args, T, T + m.extra_keys, b, device, m.keys_seen, m.buffers, m.merging, one_piece=m.one_piece)
@@ -341,7 +341,8 @@ def check_fits(cfg, device: torch.device) -> Plan:
         return plan
     terms = max(plan.ranks, key=lambda r: r.total).terms
     parts = ", ".join(f"{name.split(':')[0]} {n / GiB:.1f}" for name, n in terms.items() if n >= 0.05 * GiB)
-    fixes = fits_with(cfg, avail)
+    shared = avail * plan.world if device.type == "cpu" and cfg.memory.get("limit_gib") is None else None
+    fixes = fits_with(cfg, avail, shared)
     advice = (
         f"; fits with {' or '.join(fixes)}"
         if fixes
@@ -357,12 +358,21 @@ def check_fits(cfg, device: torch.device) -> Plan:
 RANK_COUNTS = (2, 4, 8, 16, 32, 64, 128)
 
 
-def fits_with(cfg, avail: int) -> list[str]:
-    """The smallest change of each kind that fits in `avail` bytes per rank: more ranks, a shorter context, bf16."""
+def fits_with(cfg, avail: int, shared: int | None = None) -> list[str]:
+    """The smallest change of each kind that fits in `avail` bytes per rank: more ranks, a shorter context, bf16.
+    `shared`: the bytes all ranks share (CPU ranks on one host), where fewer ranks leave each more."""
     from omegaconf import OmegaConf
 
     fixes = []
     base = plan_config(cfg)
+    if shared is not None:  # the most ranks below the requested that fit the shared memory
+        for n in range(base.world - base.tp, 0, -base.tp):
+            try:
+                if plan_config(cfg, world=n).need <= shared // n:
+                    fixes.append(f"parallel.nproc={n}")
+                    break
+            except ValueError:  # (a layout the strategy refuses)
+                continue
     alternative = attention.strategy_class(cfg.attention.name).across_hosts  # (a strategy of one host names another)
     spread = cfg if alternative is None else OmegaConf.merge(cfg, {"attention": {"name": alternative}})
     for n in (n for n in RANK_COUNTS if n > base.world and n % base.tp == 0):  # more hosts

@@ -356,7 +356,19 @@ def _check_tensor_parallel(cfg, args: ModelArgs) -> None:
         raise OptionError(str(e)) from None
 
 
-# --- prompts against the model's positions (tasks that answer call these)
+# --- prompts against the model's positions and the strategy's layout (tasks that answer call these)
+
+
+def check_layout(cfg, n_ctx: int, what: str) -> None:
+    """The strategy can lay a context of `n_ctx` tokens (`what`: whose) out over the hosts (star: at least a block
+    for each), checked before any rank starts."""
+    hosts = cfg.parallel.nproc // cfg.parallel.tp
+    strategy = attention.from_config(cfg.attention, cfg.get("decode"), n_ctx, hosts)
+    try:
+        for rank in range(hosts):
+            strategy.at(rank, hosts).fed_tokens(n_ctx)
+    except ValueError as e:
+        raise OptionError(f"{what} ({n_ctx} context tokens): {e}") from None
 
 
 def check_positions(cfg, args: ModelArgs, n: int, what: str) -> None:

@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from longctx import attention, models
 from longctx.conf.schema import OptionError
-from longctx.models.builtin import BUILTINS
+from longctx.models.builtin import BUILTIN_DIRS, BUILTINS
 from longctx.models.tokenizer import Tokenizer
 from longctx.models.transformer import Transformer
 from longctx.parallel.layout import Layout
@@ -36,6 +36,28 @@ def checkpoint_path(preset: DictConfig) -> Path | None:
             dist.broadcast_object_list(box, src=0)
             path = box[0]
     return None if path is None else Path(path).expanduser()
+
+
+def prompt_ids(tok: Tokenizer, context: str, query: str, chat: bool) -> tuple[list[int], int]:
+    """A prompt's token ids and how many of them are the context (phase 1): in the chat template where `chat` and
+    the tokenizer has one."""
+    if chat and tok.chat_template:
+        return models.chat_prompt(tok, context, query)
+    ctx_ids = tok.encode(context)
+    return ctx_ids + tok.encode(query, add_special_tokens=False), len(ctx_ids)
+
+
+def text_ids(tok: Tokenizer, text: str, chat: bool) -> tuple[list[int], int]:
+    """A whole-text prompt's token ids and its context: all but the last token."""
+    ids = tok.encode_chat([{"role": "user", "content": text}]) if chat and tok.chat_template else tok.encode(text)
+    return ids, len(ids) - 1
+
+
+def local_tokenizer(preset: DictConfig) -> Tokenizer | None:
+    """The preset's tokenizer where its checkpoint is on disk already (a built-in one not made yet: None)."""
+    path = preset.get("path") or (BUILTIN_DIRS.get(preset.get("builtin")) if preset.get("builtin") else None)
+    path = Path(path).expanduser() if path is not None else None
+    return Tokenizer.from_dir(path) if path is not None and (path / "config.json").is_file() else None
 
 
 class Context:
@@ -169,10 +191,7 @@ class Context:
             yield writer
 
     def prompt_ids(self, context: str, query: str, chat: bool) -> tuple[list[int], int]:
-        if chat and self.tok.chat_template:
-            return models.chat_prompt(self.tok, context, query)
-        ctx_ids = self.tok.encode(context)
-        return ctx_ids + self.tok.encode(query, add_special_tokens=False), len(ctx_ids)
+        return prompt_ids(self.tok, context, query, chat)
 
     def kv_per_rank(self) -> list[int]:
         return gather(self.kv_bytes, self.world)

@@ -14,8 +14,8 @@ from longctx.conf.schema import OptionError, option
 from longctx.models.config import ModelArgs
 from longctx.models.tokenizer import Tokenizer
 from longctx.preflight import options
-from longctx.tasks.context import Context
 from longctx.tasks import rows
+from longctx.tasks.context import Context, local_tokenizer, prompt_ids, text_ids
 
 
 @dataclass
@@ -64,6 +64,8 @@ def check(cfg: DictConfig, args: ModelArgs) -> None:
     options.results_file(cfg, "task.output_jsonl")
     if out is not None and t.input_jsonl is not None and t.resume:
         rows.check_resumable(out, "task.output_jsonl", answers_made(cfg))
+    if cfg.parallel.nproc > cfg.parallel.tp:  # several hosts: each prompt must reach every one (ranks not started yet)
+        _check_layouts(cfg)
     # a prompt's own length is checked once it is tokenized (`check_prompt_length`); the demo fills the model's
     # window where ctx.length is longer, leaving room for its question and answer
     n = cfg.ctx.length
@@ -103,11 +105,7 @@ def task_generate(c: Context) -> dict:
             )
         if not text.strip():
             raise OptionError(f"{source} is empty; give the prompt's text")
-        if t.chat and c.tok.chat_template:
-            ids = c.tok.encode_chat([{"role": "user", "content": text}])
-        else:
-            ids = c.tok.encode(text)
-        n_ctx = len(ids) - 1
+        ids, n_ctx = text_ids(c.tok, text, t.chat)
         options.check_prompt_length(len(ids), t.max_new_tokens, c.max_seq_len, source)
     else:
         n_demo = options.demo_context(c.cfg.ctx.length, c.max_seq_len, t.max_new_tokens)
@@ -140,6 +138,27 @@ def task_generate(c: Context) -> dict:
         result["demo_fact_found"] = expected in out.text
         c.say(f"hidden pass key {expected}: {'found' if result['demo_fact_found'] else 'NOT found'} in the answer")
     return result
+
+
+def _check_layouts(cfg: DictConfig) -> None:
+    """Each given prompt's context (task.prompt, task.prompt_file, every record of task.input_jsonl) against the
+    strategy's layout over the hosts, where the tokenizer is on disk already (standard input is read later)."""
+    tok = local_tokenizer(cfg.model)
+    if tok is None:
+        return
+    t = cfg.task
+    if t.prompt is not None or t.prompt_file not in (None, "-"):
+        text = (
+            t.prompt
+            if t.prompt is not None
+            else options.read_text(Path(t.prompt_file).expanduser(), "task.prompt_file")
+        )
+        what = "task.prompt" if t.prompt is not None else f"task.prompt_file={t.prompt_file}"
+        options.check_layout(cfg, text_ids(tok, text, t.chat)[1], what)
+    if t.input_jsonl is not None:
+        for line, rec in options.jsonl_records(Path(t.input_jsonl).expanduser(), "task.input_jsonl"):
+            n_ctx = prompt_ids(tok, rec["input_context"], rec["input_query"], t.chat)[1]
+            options.check_layout(cfg, n_ctx, f"{t.input_jsonl}:{line}")
 
 
 def _fits(c: Context, rec: dict, where: str) -> bool:

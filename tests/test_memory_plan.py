@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -94,6 +95,34 @@ def test_a_new_cache_replaces_the_old_one_without_holding_both():
     assert one_cache <= live.peak < 1.5 * one_cache
 
 
+@pytest.mark.parametrize(
+    "name,params",
+    [
+        ("global", {}),
+        ("ring", {}),
+        ("star", {"block_size": 100}),
+        ("star", {"block_size": 100, "anchor_size": 30, "anchor_mode": "recompute"}),
+    ],
+)
+def test_fed_tokens_count_the_context_indices_without_them(name, params):
+    for world, n in ((1, 430), (2, 1001), (3, 430), (4, 1001)):
+        for rank in range(world):
+            s = attention.build(name, **params).at(rank, world)
+            assert s.fed_tokens(n) == len(s.context_indices(n))
+
+
+def test_a_plan_of_any_context_holds_no_tensor_of_its_length():
+    from tests.helpers import compose_cfg
+
+    for strategy in ("star", "ring"):
+        cfg = compose_cfg(
+            "task=plan", "model=llama3", f"attention={strategy}", "ctx.length=1000000000000", "parallel.nproc=4"
+        )
+        with LiveBytes() as live:
+            plan = memory.plan_config(cfg)
+        assert plan.shape.n_ctx > 10**11 and live.peak < 2**26  # (the meta-device model and small tables only)
+
+
 def test_plan_terms_follow_each_strategys_layout():
     args = family_args("llama3")
     shape = RunShape(4096, 64)
@@ -168,3 +197,15 @@ def test_task_plan_prints_every_rank_without_loading(tmp_path):
     assert "star on 8 ranks" in res.stdout and "ranks 1-6" in res.stdout and "KV cache" in res.stdout
     result = json.loads((tmp_path / "run" / "results.json").read_text())
     assert len(result["ranks"]) == 8 and result["need_bytes"] > result["peak_bytes"]
+
+
+def test_cpu_ranks_that_share_the_host_are_told_how_many_fit(monkeypatch):
+    from tests.helpers import compose_cfg
+
+    monkeypatch.setattr(memory, "_host_available", lambda: 20 * memory.GiB)
+    cfg = compose_cfg("model=smollm2", "attention=ring", "parallel.nproc=64", "device=cpu")
+    with pytest.raises(memory.DoesNotFit, match=r"fits with parallel.nproc=(\d+)") as err:
+        memory.check_fits(cfg, torch.device("cpu"))
+    fewer = int(re.search(r"parallel.nproc=(\d+)", str(err.value)).group(1))
+    assert 1 <= fewer < 64 and memory.plan_config(cfg, world=fewer).need <= 20 * memory.GiB // fewer
+    assert memory.plan_config(cfg, world=fewer + 1).need > 20 * memory.GiB // (fewer + 1)
