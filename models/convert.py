@@ -7,6 +7,7 @@ without `force`.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Iterator
 
@@ -14,6 +15,7 @@ import torch
 
 from longctx.models.config import read_json
 from longctx.models.gguf import GGUFCheckpoint
+from longctx.models.loading import ST_DTYPES
 from longctx.models.writer import write_checkpoint
 
 TOKENIZER_FILES = (
@@ -35,7 +37,9 @@ def convert_gguf(src: Path, out: Path, dtype: torch.dtype | None = None, **write
     config = ckpt.config()
     files = ckpt.tokenizer_files()
     n = sum(1 for name in ckpt.tensor_names() if name != "rope_freqs.weight")
-    return write_checkpoint(out, ckpt.tensors(), config, files, dtype=dtype or torch.float32, total=n, **write)
+    dtype = dtype or torch.float32
+    size = ckpt.elements() * dtype.itemsize
+    return write_checkpoint(out, ckpt.tensors(), config, files, dtype=dtype, total=n, size=size, **write)
 
 
 # --- Meta's original release
@@ -170,7 +174,10 @@ def convert_meta(src: Path, out: Path, dtype: torch.dtype | None = None, **write
                     w = permute_to_hf(w, n_kv)
                 yield f"model.layers.{layer}.{_META_NAMES[module]}.{kind}", w
 
-    return write_checkpoint(out, tensors(), config, files, dtype=dtype, total=len(names), **write)
+    size = sum(
+        s[n].numel() * (dtype or s[n].dtype).itemsize for s in shards for n in names if not n.endswith("rope.freqs")
+    )
+    return write_checkpoint(out, tensors(), config, files, dtype=dtype, total=len(names), size=size, **write)
 
 
 # --- Hugging Face -> Hugging Face (dtype, sharding)
@@ -186,11 +193,14 @@ def convert_hf(src: Path, out: Path, dtype: torch.dtype | None = None, **write) 
         raise FileNotFoundError(f"{config_file} not found: not a Hugging Face checkpoint directory")
     config = _read_json_object(config_file)
     files = checkpoint_files(src)
+    size = 0
     for file in files:  # a truncated or foreign file is found before anything is written
         try:
             with safe_open(file, framework="pt") as f:
                 for name in f.keys():
-                    f.get_slice(name)
+                    piece = f.get_slice(name)
+                    stored = ST_DTYPES.get(piece.get_dtype(), torch.float32)
+                    size += math.prod(piece.get_shape()) * (dtype or stored).itemsize
         except Exception as e:  # safetensors raises its own error types
             raise ValueError(f"{file} is not a readable safetensors file ({e}); re-download it") from None
 
@@ -206,4 +216,4 @@ def convert_hf(src: Path, out: Path, dtype: torch.dtype | None = None, **write) 
                         ) from None
 
     extra = {n: src / n for n in TOKENIZER_FILES if (src / n).is_file()}
-    return write_checkpoint(out, tensors(), config, extra, dtype=dtype, **write)
+    return write_checkpoint(out, tensors(), config, extra, dtype=dtype, size=size, **write)

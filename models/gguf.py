@@ -93,6 +93,10 @@ class GGUFCheckpoint:
     def tensor_names(self) -> list[str]:
         return [t.name for t in self.reader.tensors]
 
+    def elements(self) -> int:
+        """Elements of every tensor that `tensors` yields."""
+        return sum(int(t.n_elements) for t in self.reader.tensors if self.hf_name(t.name) is not None)
+
     def config(self) -> dict[str, Any]:
         n_heads = self._arch_meta("attention.head_count")
         hidden = self._arch_meta("embedding_length")

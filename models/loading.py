@@ -105,7 +105,7 @@ def checkpoint_files(path: Path) -> list[Path]:
 
 
 # safetensors dtype names (https://github.com/huggingface/safetensors, the format's header) -> torch.
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
               "BOOL": torch.bool}  # fmt: skip
 
@@ -127,7 +127,7 @@ class MappedSafetensors:
 
     def view(self, name: str) -> torch.Tensor:
         meta = self.header[name]
-        dtype, (begin, end) = _ST_DTYPES[meta["dtype"]], meta["data_offsets"]
+        dtype, (begin, end) = ST_DTYPES[meta["dtype"]], meta["data_offsets"]
         if end == begin:
             return torch.empty(meta["shape"], dtype=dtype)
         flat = torch.frombuffer(self.map, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=self.start + begin)

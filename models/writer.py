@@ -7,6 +7,7 @@ meant to be written.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -77,9 +78,13 @@ def write_checkpoint(
     force: bool = False,
     verify: bool | None = None,
     total: int | None = None,
+    size: int | None = None,
 ) -> Path:
-    """Write `tensors` (HF names) as safetensors shards with `config` and `extra_files` into `out`."""
+    """Write `tensors` (HF names) as safetensors shards with `config` and `extra_files` into `out`; `size`: the
+    bytes the tensors will take, checked against the free space before anything is written."""
     limit = parse_size(max_shard_size)
+    if size is not None:
+        check_space(out, size)
     tmp = prepare_target(out, force)
     try:
         written, digests = _write_shards(tmp, _cast(tensors, dtype), limit, total)
@@ -95,10 +100,28 @@ def write_checkpoint(
         if verify if verify is not None else nbytes <= VERIFY_AUTO_LIMIT:
             verify_checkpoint(tmp, written, digests)
         finish_target(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno == errno.ENOSPC:
+            raise OSError(
+                f"the disk filled while writing {out} (nothing of it was kept); free space or write elsewhere"
+            ) from None
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def check_space(out: Path, size: int) -> None:
+    """An error naming the target unless its file system has room for `size` bytes (and 1% more for the rest)."""
+    parent = out.parent if out.parent.is_dir() else Path.cwd()
+    free = shutil.disk_usage(parent).free
+    if size * 1.01 > free:
+        raise OSError(
+            f"{out}: the checkpoint takes about {size / 1e9:.2f} GB and {parent} has {free / 1e9:.2f} GB free; free "
+            "space, write it elsewhere, or choose a smaller --dtype"
+        )
 
 
 def _cast(tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:

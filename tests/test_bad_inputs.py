@@ -587,3 +587,13 @@ def test_jsonl_answers_are_kept_as_made_and_resumed(smollm2_dir, tmp_path):
     )
     assert stopped.returncode == 2 and f"{jsonl}:2: " in stopped.stderr
     assert not (tmp_path / "b.jsonl").exists()  # every record's length is checked before the first answer
+
+
+def test_a_conversion_that_does_not_fit_the_disk_is_refused_before_writing(hf_checkpoint, tmp_path, capsys, monkeypatch):
+    from longctx.models import writer
+
+    _, src = hf_checkpoint("llama3")
+    monkeypatch.setattr(writer.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    out = tmp_path / "out"
+    _fails_cleanly(["hf", str(src), str(out)], out, capsys, "the checkpoint takes about")
+    assert not out.exists()
