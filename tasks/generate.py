@@ -143,10 +143,11 @@ def task_generate(c: Context) -> dict:
 def _check_layouts(cfg: DictConfig) -> None:
     """Each given prompt's context (task.prompt, task.prompt_file, every record of task.input_jsonl) against the
     strategy's layout over the hosts, where the tokenizer is on disk already (standard input is read later)."""
-    tok = local_tokenizer(cfg.model)
+    t = cfg.task
+    given = t.prompt is not None or t.prompt_file not in (None, "-") or t.input_jsonl is not None
+    tok = local_tokenizer(cfg.model) if given else None
     if tok is None:
         return
-    t = cfg.task
     if t.prompt is not None or t.prompt_file not in (None, "-"):
         text = (
             t.prompt
