@@ -9,7 +9,6 @@ family.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -17,6 +16,7 @@ from typing import Any, Optional
 import torch
 
 from longctx.conf.schema import check_value
+from longctx.models import rope
 
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",
@@ -24,8 +24,8 @@ SUPPORTED_ARCHITECTURES = (
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
     "Gemma3ForCausalLM",
+    "Phi3ForCausalLM",
 )
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # the names configs and tools use
 MLP_ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
 # Hugging Face activation names -> ours.
@@ -50,7 +50,10 @@ class ModelArgs:
     intermediate_size: int = 11008
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    # A checked scaling block (models/rope.py `read_scaling`), or None for plain rope.
     rope_scaling: dict[str, Any] | None = None
+    # The share of each head the rotary embedding turns (Phi-4-mini: 0.75); the rest passes through unrotated.
+    partial_rotary_factor: float = 1.0
     max_seq_len: int = 4096
     tie_embeddings: bool = False
     qkv_bias: bool = False
@@ -73,6 +76,10 @@ class ModelArgs:
     mlp_act: str = "silu"
     attn_scale: float | None = None  # None: head_dim**-0.5
     final_softcap: float | None = None
+    # Phi-3: generation re-encodes the whole sequence once, when it first runs past the original context, so that
+    # every key is rotated with LongRoPE's long factors (as transformers' Phi3ForCausalLM generates); other families
+    # keep the keys they cached.
+    reencode_past_original: bool = False
 
     def __post_init__(self) -> None:
         if not self.layer_windows:
@@ -85,14 +92,42 @@ class ModelArgs:
             raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
         for scaling in (self.rope_scaling, self.local_rope_scaling):
             rope_type = (scaling or {}).get("rope_type", "default")
-            if rope_type not in SUPPORTED_ROPE_TYPES:
-                raise ValueError(f"rope scaling type {rope_type!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}")
+            if rope_type not in rope.ROPE_TYPES:
+                raise ValueError(f"rope scaling type {rope_type!r} is not supported; supported: {rope.ROPE_TYPES}")
+        if not (0 < self.partial_rotary_factor <= 1) or self.rotary_dim < 2 or self.rotary_dim % 2:
+            raise ValueError(
+                f"partial_rotary_factor={self.partial_rotary_factor} of {self.head_dim}-dim heads turns "
+                f"{self.rotary_dim} dims; it must be in (0, 1] and turn an even number of them"
+            )
         if self.mlp_act not in MLP_ACTIVATIONS:
             raise ValueError(f"MLP activation {self.mlp_act!r} is not supported; supported: {MLP_ACTIVATIONS}")
 
     @property
     def family(self) -> str:
         return self.architecture.removesuffix("ForCausalLM").lower()
+
+    @property
+    def rotary_dim(self) -> int:
+        """Dims of each head the rotary embedding turns (the first ones)."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    def ropes(self) -> list[tuple[float, dict[str, Any] | None]]:
+        """(theta, scaling) of each distinct rope: the full-attention layers', then the sliding-window layers' where
+        theirs differs (`layer_rope` says which a layer uses)."""
+        full = (self.rope_theta, self.rope_scaling)
+        return [full] if self.local_rope_theta is None else [full, (self.local_rope_theta, self.local_rope_scaling)]
+
+    def reencode_position(self) -> int | None:
+        """The position whose token, when generated, makes the model re-encode its sequence (None: never)."""
+        scaling = self.rope_scaling or {}
+        if self.reencode_past_original and scaling.get("rope_type") == "longrope":
+            return scaling["original_max_position_embeddings"]
+        return None
+
+    @property
+    def layer_rope(self) -> list[int]:
+        """Which of `ropes()` each layer uses."""
+        return [int(w is not None and self.local_rope_theta is not None) for w in self.layer_windows]
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> "ModelArgs":
@@ -115,10 +150,14 @@ class ModelArgs:
         n_heads = cfg["num_attention_heads"]
         n_layers = cfg["num_hidden_layers"]
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_heads
-        rope_theta, rope_scaling = _rope_settings(cfg)
+        partial = _partial_rotary_factor(cfg)
+        rotary_dim = int(head_dim * partial)
+        if arch == "Phi3ForCausalLM":
+            cfg = {"original_max_position_embeddings": 4096, **cfg}  # transformers' Phi3Config default
+        rope_theta, rope_scaling = _rope_settings(cfg, rotary_dim, arch)
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
-        gemma = _gemma_fields(cfg) if arch == "Gemma3ForCausalLM" else {}
+        gemma = _gemma_fields(cfg, rotary_dim) if arch == "Gemma3ForCausalLM" else {}
         if gemma:
             rope_theta, rope_scaling = gemma.pop("rope")
         return cls(
@@ -133,15 +172,17 @@ class ModelArgs:
             norm_eps=cfg.get("rms_norm_eps", 1e-6),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
-            max_seq_len=cfg.get("max_position_embeddings", 4096),
+            partial_rotary_factor=partial,
+            max_seq_len=rope.context_of(rope_scaling, cfg.get("max_position_embeddings", 4096)),
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             qkv_bias=arch == "Qwen2ForCausalLM" or bool(cfg.get("attention_bias", False)),
-            o_bias=arch != "Qwen2ForCausalLM" and bool(cfg.get("attention_bias", False)),
-            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            o_bias=arch not in ("Qwen2ForCausalLM", "Phi3ForCausalLM") and bool(cfg.get("attention_bias", False)),
+            mlp_bias=arch != "Phi3ForCausalLM" and bool(cfg.get("mlp_bias", False)),
             qk_norm=arch in ("Qwen3ForCausalLM", "Gemma3ForCausalLM"),
             layer_windows=_layer_windows(arch, cfg, n_layers),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
+            reencode_past_original=arch == "Phi3ForCausalLM",
             **gemma,
         )
 
@@ -211,6 +252,8 @@ _VALUE_KEYS: dict[str, tuple[Any, dict]] = {
     "final_logit_softcapping": (Optional[float], _POSITIVE),
     "rope_scaling": (Optional[dict], {}),
     "rope_parameters": (Optional[dict], {}),
+    "partial_rotary_factor": (Optional[float], {"low": 0, "low_open": True, "high": 1}),
+    "original_max_position_embeddings": (Optional[int], {"low": 1}),
     "tie_word_embeddings": (bool, {}),
     "attention_bias": (bool, {}),
     "mlp_bias": (bool, {}),
@@ -227,22 +270,6 @@ def _token_ids(value: Any) -> str | None:
     if value is None or all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
         return None
     return "{key} must be a token id or a list of them; got {value}"
-
-
-# What each rope scaling type needs besides its name: positive numbers.
-_ROPE_KEYS = {
-    "linear": ("factor",),
-    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
-}
-
-
-def _check_rope_scaling(scaling: dict[str, Any]) -> None:
-    for key in _ROPE_KEYS.get(scaling["rope_type"], ()):
-        if key not in scaling:
-            raise ValueError(f"the model config's rope scaling of type {scaling['rope_type']!r} lacks {key}")
-        check_value(f"the model config's rope scaling {key}", scaling[key], float, _POSITIVE)
-    if scaling["rope_type"] == "llama3" and not scaling["low_freq_factor"] < scaling["high_freq_factor"]:
-        raise ValueError("the model config's rope scaling low_freq_factor must be below its high_freq_factor")
 
 
 def _text_part(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -272,7 +299,7 @@ _GEMMA_UNSUPPORTED = {
 }
 
 
-def _gemma_fields(cfg: dict[str, Any]) -> dict[str, Any]:
+def _gemma_fields(cfg: dict[str, Any], rotary_dim: int) -> dict[str, Any]:
     for key, supported in _GEMMA_UNSUPPORTED.items():
         if cfg.get(key, supported) not in (supported,):
             raise ValueError(f"Gemma 3 config key {key}={cfg[key]!r} is not supported (only {supported!r})")
@@ -286,12 +313,18 @@ def _gemma_fields(cfg: dict[str, Any]) -> dict[str, Any]:
     params = cfg.get("rope_parameters") or {}
     by_type = params if "full_attention" in params or "sliding_attention" in params else None
     if by_type is not None:
-        full = _rope_settings({"rope_parameters": {"rope_theta": 1_000_000.0, **(by_type.get("full_attention") or {})}})
-        local = _rope_settings(
-            {"rope_parameters": {"rope_theta": 10_000.0, **(by_type.get("sliding_attention") or {})}}
+        rest = {k: v for k, v in cfg.items() if k not in ("rope_theta", "rope_scaling", "rope_parameters")}
+        full, local = (
+            _rope_settings(
+                {**rest, "rope_parameters": {"rope_theta": theta, **(by_type.get(kind) or {})}},
+                rotary_dim,
+                "Gemma3ForCausalLM",
+                f"rope_parameters.{kind}",
+            )
+            for kind, theta in (("full_attention", 1_000_000.0), ("sliding_attention", 10_000.0))
         )
     else:
-        full = _rope_settings({"rope_theta": 1_000_000.0, **cfg})
+        full = _rope_settings({"rope_theta": 1_000_000.0, **cfg}, rotary_dim, "Gemma3ForCausalLM")
         local = (float(cfg.get("rope_local_base_freq", 10_000.0)), None)
     cap = cfg.get("final_logit_softcapping")
     return {
@@ -307,19 +340,37 @@ def _gemma_fields(cfg: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _rope_settings(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+# Old names some families' configs give their rope type.
+_ROPE_ALIASES = {"Phi3ForCausalLM": {"su": "longrope", "yarn": "longrope"}}
+# Families whose reference implementation takes only some rope types.
+_FAMILY_ROPES = {"Phi3ForCausalLM": ("default", "longrope")}
+
+
+def _rope_settings(
+    cfg: dict[str, Any], rotary_dim: int, arch: str, where: str | None = None
+) -> tuple[float, dict[str, Any] | None]:
     # transformers 5 writes `rope_parameters`; released checkpoints carry `rope_theta` + `rope_scaling`.
     params = dict(cfg.get("rope_parameters") or {})
     theta = cfg["rope_theta"] if cfg.get("rope_theta") is not None else params.get("rope_theta", 10000.0)
     check_value("the model config's rope_theta", theta, float, _POSITIVE)
-    scaling = dict(cfg.get("rope_scaling") or params)
-    scaling.pop("rope_theta", None)
-    rope_type = scaling.pop("type", None) or scaling.get("rope_type", "default")
-    scaling["rope_type"] = rope_type
-    if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise ValueError(f"rope scaling type {rope_type!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}")
-    _check_rope_scaling(scaling)
-    return float(theta), (None if rope_type == "default" else scaling)
+    block = cfg.get("rope_scaling") or params
+    where = where or ("rope_scaling" if cfg.get("rope_scaling") else "rope_parameters")
+    family = (arch, _FAMILY_ROPES[arch]) if arch in _FAMILY_ROPES else None
+    return float(theta), rope.read_scaling(block, where, cfg, rotary_dim, _ROPE_ALIASES.get(arch), family)
+
+
+def _partial_rotary_factor(cfg: dict[str, Any]) -> float:
+    """The share of each head that is rotated: a top-level key, or (transformers 5) one in `rope_parameters`."""
+    value = cfg.get("partial_rotary_factor")
+    if value is None:
+        value = (cfg.get("rope_parameters") or {}).get("partial_rotary_factor", 1.0)
+        check_value(
+            "the model config's rope_parameters.partial_rotary_factor",
+            value,
+            float,
+            {"low": 0, "low_open": True, "high": 1},
+        )
+    return float(value)
 
 
 def _layer_windows(arch: str, cfg: dict[str, Any], n_layers: int) -> tuple[int | None, ...]:
@@ -339,30 +390,7 @@ def _layer_windows(arch: str, cfg: dict[str, Any], n_layers: int) -> tuple[int |
     if arch == "Gemma3ForCausalLM":  # older configs: every `sliding_window_pattern`-th layer attends fully
         pattern = cfg.get("sliding_window_pattern", 6)
         return tuple(window if (i + 1) % pattern else None for i in range(n_layers))
-    if arch == "MistralForCausalLM":
+    if arch in ("MistralForCausalLM", "Phi3ForCausalLM"):
         return (window,) * n_layers
     first = cfg.get("max_window_layers", n_layers)  # Qwen: layers from this index on use the window
     return tuple(window if i >= first else None for i in range(n_layers))
-
-
-def rope_inv_freq(args: ModelArgs, device: torch.device | str | None = None, local: bool = False) -> torch.Tensor:
-    """Inverse rotary frequencies (fp32), with linear or Llama-3 scaling applied; `local`: those of the
-    sliding-window layers (which differ only where `local_rope_theta` is set)."""
-    d = args.head_dim
-    theta, scaling = (args.local_rope_theta, args.local_rope_scaling) if local else (args.rope_theta, args.rope_scaling)
-    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
-    scaling = scaling or {}
-    kind = scaling.get("rope_type", "default")
-    if kind == "linear":
-        return inv_freq / scaling["factor"]
-    if kind == "llama3":
-        factor = scaling["factor"]
-        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
-        old_len = scaling["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv_freq
-        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
-        smooth = (old_len / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
-        return torch.where(medium, smoothed, scaled)
-    return inv_freq

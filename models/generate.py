@@ -64,7 +64,9 @@ def generate_tokens(
 
     The prompt's first `context_len` tokens (default: all but the last) are the context, encoded in phase 1 by the
     model's attention strategy, shard by shard over ranks; the rest is the query, which with the generated tokens
-    goes through phase 2. Every rank runs this same loop and yields the same tokens.
+    goes through phase 2. Every rank runs this same loop and yields the same tokens. The prompt's pieces are
+    rotated as one forward pass over the whole prompt would rotate them, each new token as its own step; a model
+    that re-encodes its sequence when it first runs past its rope's switch (`ModelArgs.reencode_position`) does so.
     """
     sampling = sampling or Sampling()
     limit = max_seq_len or model.args.max_seq_len
@@ -84,14 +86,10 @@ def generate_tokens(
     model.setup_cache(
         1, strategy.cache_slots(n_ctx, len(prompt) - n_ctx + max_new_tokens), summarize=strategy.summarize
     )
-    tokens = torch.tensor(prompt, device=device)
+    seq = list(prompt)
+    reencode_at = model.args.reencode_position()
     with torch.inference_mode():
-        if n_ctx:
-            strategy.set_phase("context")
-            local = strategy.context_indices(n_ctx).to(device)
-            model(tokens[local][None], local, last_only=True)
-        strategy.set_phase("query")
-        logits = model(tokens[None, n_ctx:], torch.arange(n_ctx, len(prompt), device=device), last_only=True)
+        logits = _prefill(model, torch.tensor(seq, device=device), n_ctx)
         last = len(prompt) + max_new_tokens - 1
         graphed = (
             GraphedDecoder(model) if cuda_graphs and device.type == "cuda" and _graph_capturable(strategy) else None
@@ -106,10 +104,28 @@ def generate_tokens(
             yield tok
             if tok in stop_ids or pos == last:
                 return
-            if graphed is not None:
+            seq.append(tok)
+            if pos == reencode_at:  # the sequence runs past the rope's switch: every key again, as the model does
+                model.cache.reset()
+                logits = _prefill(model, torch.tensor(seq, device=device), n_ctx)
+                graphed = GraphedDecoder(model) if graphed is not None else None
+            elif graphed is not None:
                 logits = graphed.step(tok, pos)
             else:
                 logits = model(torch.tensor([[tok]], device=device), torch.tensor([pos], device=device))
+
+
+def _prefill(model: Transformer, tokens: Tensor, n_ctx: int) -> Tensor:
+    """The last logits of `tokens` fed as a prompt: its first `n_ctx` through phase 1, the rest through phase 2,
+    rotated as one forward pass over all of them would rotate them (`span`)."""
+    strategy, n = model.attention, tokens.numel()
+    if n_ctx:
+        strategy.set_phase("context")
+        local = strategy.context_indices(n_ctx).to(tokens.device)
+        model(tokens[local][None], local, last_only=True, span=n)
+    strategy.set_phase("query")
+    query = torch.arange(n_ctx, n, device=tokens.device)
+    return model(tokens[None, n_ctx:], query, last_only=True, span=n)
 
 
 def _graph_capturable(strategy) -> bool:

@@ -21,10 +21,11 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from longctx.models.config import ModelArgs, rope_inv_freq
+from longctx.models import rope
 
 ARCHITECTURES = {
     "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "gemma3": "Gemma3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
 }  # fmt: skip
 # GGUF tensor name -> Hugging Face name; `{}` is the layer index.
 _LAYER = {
@@ -38,7 +39,12 @@ _GEMMA3_LAYER = _LAYER | {
     "post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
     "post_ffw_norm": "post_feedforward_layernorm",
 }  # fmt: skip
+# Phi-3 keeps Hugging Face's fused projections: q, k and v in one tensor, gate and up in another.
+_PHI3_LAYER = _LAYER | {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}
+_LAYER_NAMES = {"gemma3": _GEMMA3_LAYER, "phi3": _PHI3_LAYER}
 _TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+# Tensors llama.cpp stores for the rope: folded into config.json's rope scaling.
+_ROPE_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
 # Pre-tokenizer split patterns by `tokenizer.ggml.pre`; others use GPT-2's byte-level regex.
 _LLAMA3_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 _SPLIT_PATTERNS = {
@@ -119,13 +125,61 @@ class GGUFCheckpoint:
             "bos_token_id": self.meta("tokenizer.ggml.bos_token_id"),
             "eos_token_id": self.meta("tokenizer.ggml.eos_token_id"),
         }
-        if self._arch_meta("rope.scaling.type") == "linear":
-            cfg["rope_scaling"] = {"rope_type": "linear", "factor": self._arch_meta("rope.scaling.factor")}
-        if "rope_freqs.weight" in names:
-            cfg["rope_scaling"] = self._llama3_rope_scaling(cfg)
+        dims = self._arch_meta("rope.dimension_count")
+        if dims and dims != cfg["head_dim"]:  # Phi-4-mini turns only part of each head
+            cfg["partial_rotary_factor"] = dims / cfg["head_dim"]
+        if window := self._arch_meta("attention.sliding_window"):
+            cfg["sliding_window"] = window
+        if scaling := self._rope_scaling(cfg, names):
+            cfg["rope_scaling"] = scaling
         if self.arch == "gemma3":
             cfg.update(self._gemma3_config(cfg))
         return cfg
+
+    def _rope_scaling(self, cfg: dict[str, Any], names: set[str]) -> dict[str, Any] | None:
+        """The rope scaling block of config.json from llama.cpp's `rope.scaling.*` keys and rope tensors."""
+        key = f"{self.arch}.rope.scaling.type"
+        kind = self.meta(key)
+        if "rope_factors_long.weight" in names:
+            kind = "longrope"
+        elif "rope_freqs.weight" in names:
+            return self._llama3_rope_scaling(cfg)
+        if kind in (None, "none"):
+            return None
+        original = self._arch_meta("rope.scaling.original_context_length")
+        if kind == "linear":
+            return {"rope_type": "linear", "factor": self._arch_meta("rope.scaling.factor")}
+        if kind == "yarn":
+            if self._arch_meta("rope.scaling.yarn_log_multiplier"):
+                raise GGUFError(
+                    f"{self.path.name}: {self.arch}.rope.scaling.yarn_log_multiplier (DeepSeek's YaRN) is not "
+                    f"understood for {self.arch}; convert the original Hugging Face checkpoint instead"
+                )
+            optional = {
+                "beta_fast": "yarn_beta_fast", "beta_slow": "yarn_beta_slow", "attention_factor": "yarn_attn_factor",
+            }  # fmt: skip
+            scaling = {"rope_type": "yarn", "factor": self._arch_meta("rope.scaling.factor")}
+            scaling["original_max_position_embeddings"] = original
+            for ours, theirs in optional.items():
+                if (value := self._arch_meta(f"rope.scaling.{theirs}")) is not None:
+                    scaling[ours] = value
+            return scaling
+        if kind == "longrope":
+            if not {"rope_factors_long.weight", "rope_factors_short.weight"} <= names:
+                raise GGUFError(
+                    f"{self.path.name}: {key} is longrope but the rope_factors_long / rope_factors_short tensors "
+                    "are missing"
+                )
+            scaling = {"rope_type": "longrope", "original_max_position_embeddings": original}
+            for which in ("long", "short"):
+                scaling[f"{which}_factor"] = self._dequantized(f"rope_factors_{which}.weight").astype(float).tolist()
+            if (factor := self._arch_meta("rope.scaling.attn_factor")) is not None:
+                scaling["attention_factor"] = factor
+            return scaling
+        raise GGUFError(
+            f"{self.path.name}: {key}={kind!r} is not understood (understood: none, linear, yarn, longrope); "
+            "convert the original Hugging Face checkpoint instead"
+        )
 
     def _gemma3_config(self, cfg: dict[str, Any]) -> dict[str, Any]:
         n_layers = cfg["num_hidden_layers"]
@@ -157,9 +211,8 @@ class GGUFCheckpoint:
             "high_freq_factor": 4.0,
             "original_max_position_embeddings": 8192,
         }
-        probe = {**cfg, "rope_scaling": scaling}
-        base = rope_inv_freq(ModelArgs.from_hf({**cfg, "rope_scaling": None}))
-        scaled = rope_inv_freq(ModelArgs.from_hf(probe))
+        theta, dim = cfg["rope_theta"], cfg["head_dim"]
+        base, scaled = rope.inv_freq(theta, None, dim), rope.inv_freq(theta, scaling, dim)
         if not torch.allclose(base / scaled, stored, rtol=1e-3):
             raise GGUFError(
                 f"{self.path.name}: rope_freqs.weight does not match Llama 3.1's rope scaling; cannot convert"
@@ -178,11 +231,11 @@ class GGUFCheckpoint:
             ) from e
 
     def hf_name(self, name: str) -> str | None:
-        if name == "rope_freqs.weight":
+        if name in _ROPE_TENSORS:
             return None  # folded into config.json's rope_scaling
         if m := re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name):
             layer, part, kind = m.groups()
-            names = _GEMMA3_LAYER if self.arch == "gemma3" else _LAYER
+            names = _LAYER_NAMES.get(self.arch, _LAYER)
             if part in names:
                 return f"model.layers.{layer}.{names[part]}.{kind}"
         else:

@@ -45,6 +45,9 @@ _LAYER_NAMES = {
     "mlp.down_proj": ("feed_forward.w2", None),
     "input_layernorm": ("attention_norm", None),
     "post_attention_layernorm": ("ffn_norm", None),
+    # Phi-3 checkpoints store the projections fused already: one tensor fills several parts.
+    "self_attn.qkv_proj": ("attention.wqkv", (0, 1, 2)),
+    "mlp.gate_up_proj": ("feed_forward.w13", (0, 1)),
 }
 # Gemma's blocks have four norms: its post_attention_layernorm norms the attention output, and the norm in front of
 # the MLP (Llama's post_attention_layernorm) is pre_feedforward_layernorm.
@@ -65,9 +68,12 @@ _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
 _IGNORED_RE = re.compile(r".*rotary_emb\.inv_freq")
 
 
-def hf_to_ours(name: str, sandwich_norms: bool = False) -> tuple[str, int | None] | None:
-    """Our parameter name for a Hugging Face tensor name and, for a fused projection, the part it fills; None if the
-    name is not a model weight. `sandwich_norms`: the model has Gemma's four norms per block."""
+Part = int | tuple[int, ...] | None
+
+
+def hf_to_ours(name: str, sandwich_norms: bool = False) -> tuple[str, Part] | None:
+    """Our parameter name for a Hugging Face tensor name and, for a fused projection, the part (or the run of parts)
+    it fills; None if the name is not a model weight. `sandwich_norms`: the model has Gemma's four norms per block."""
     for prefix, plain in _NESTED_PREFIXES.items():
         if name.startswith(prefix):
             name = plain + name.removeprefix(prefix)
@@ -82,9 +88,15 @@ def hf_to_ours(name: str, sandwich_norms: bool = False) -> tuple[str, int | None
     return (f"{_TOP_NAMES[module]}.{kind}", None) if module in _TOP_NAMES else None
 
 
-def fused_rows(model: torch.nn.Module, name: str, part: int | None) -> slice:
-    """Rows of parameter `name` that a checkpoint tensor fills: all of them, or one part of a fused projection."""
-    return model.get_submodule(name.rpartition(".")[0]).rows(part) if part is not None else slice(None)
+def fused_rows(model: torch.nn.Module, name: str, part: Part) -> slice:
+    """Rows of parameter `name` that a checkpoint tensor fills: all of them, or one part (or a run of parts) of a
+    fused projection."""
+    if part is None:
+        return slice(None)
+    module = model.get_submodule(name.rpartition(".")[0])
+    if isinstance(part, tuple):
+        return slice(module.rows(part[0]).start, module.rows(part[-1]).stop)
+    return module.rows(part)
 
 
 def checkpoint_files(path: Path) -> list[Path]:
@@ -150,7 +162,8 @@ def load_weights(
     well shaped. With `tp`, the model is first rewritten to that rank's slices and only they are copied out of the
     files (`MappedSafetensors`): no rank holds the whole model, or even a whole tensor it slices, at any time."""
     params = dict(model.named_parameters())
-    whole = {(n, p): tuple(params[n][fused_rows(model, n, p)].shape) for n in params for p in _parts(model, n)}
+    rows_of = {(n, p): fused_rows(model, n, p) for n in params for p in _parts(model, n)}  # of the whole model
+    whole = {(n, p): tuple(params[n][rows].shape) for (n, p), rows in rows_of.items()}
     if tp is not None:
         tp.parallelize(model)
         params = dict(model.named_parameters())
@@ -168,38 +181,45 @@ def load_weights(
                 for hf_name in f.keys():
                     if _IGNORED_RE.fullmatch(hf_name):
                         continue
-                    name, part = hf_to_ours(hf_name, model.args.sandwich_norms) or (None, None)
+                    name, fused = hf_to_ours(hf_name, model.args.sandwich_norms) or (None, None)
                     if name == "output.weight" and model.args.tie_embeddings:
                         continue  # tied: the embedding serves as the output projection
                     if name not in params:
                         raise ValueError(f"{file.name}: tensor {hf_name!r} is not used by a {model.args.architecture}")
-                    if (name, part) in loaded:
-                        raise ValueError(f"tensor {hf_name!r} appears twice: in {loaded[name, part]} and {file.name}")
-                    expected = whole[name, part]
                     shape = tuple(f.get_slice(hf_name).get_shape())
+                    expected = (
+                        (sum(whole[name, p][0] for p in fused), *whole[name, fused[0]][1:])
+                        if isinstance(fused, tuple)
+                        else whole[name, fused]
+                    )
                     if shape != expected:
                         raise ValueError(
                             f"{file.name}: tensor {hf_name!r} has shape {shape}, the config implies "
                             f"{expected}; does config.json belong to these weights?"
                         )
-                    try:
-                        tensor = mapped.view(hf_name)[tp.index(name, part) if tp is not None else ()]
-                    except (KeyError, ValueError, RuntimeError) as e:
-                        raise ValueError(
-                            f"{file.name}: tensor {hf_name!r} cannot be read ({e}); is the file truncated?"
-                        ) from e
-                    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                        raise ValueError(
-                            f"{file}: tensor {hf_name!r} holds NaN or infinite values; the file is corrupt: "
-                            "re-download or re-convert it"
-                        )
-                    if part is None:  # (a copy of its own: never a view of the file's map)
-                        _set_param(model, name, tensor.to(device=device, dtype=dtype, copy=True))
-                    else:  # one part of a fused weight: allocate the whole on its first part, then fill rows
-                        if model.get_parameter(name).is_meta:
-                            _set_param(model, name, torch.empty(params[name].shape, device=device, dtype=dtype))
-                        model.get_parameter(name).data[fused_rows(model, name, part)] = tensor
-                    loaded[name, part] = file.name
+                    start = rows_of[name, fused[0] if isinstance(fused, tuple) else fused].start or 0
+                    for part in fused if isinstance(fused, tuple) else (fused,):
+                        if (name, part) in loaded:
+                            raise ValueError(
+                                f"tensor {hf_name!r} appears twice: in {loaded[name, part]} and {file.name}"
+                            )
+                        span = rows_of[name, part]  # this part's rows in the checkpoint tensor
+                        own = slice(span.start - start, span.stop - start) if part is not None else slice(None)
+                        rows = fused_rows(model, name, part)  # ... and in this rank's parameter
+                        try:
+                            tensor = mapped.view(hf_name)[own][tp.index(name, part) if tp is not None else ()]
+                        except (KeyError, ValueError, RuntimeError) as e:
+                            raise ValueError(
+                                f"{file.name}: tensor {hf_name!r} cannot be read ({e}); is the file truncated?"
+                            ) from e
+                        _check_finite(tensor, file, hf_name)
+                        if part is None:  # (a copy of its own: never a view of the file's map)
+                            _set_param(model, name, tensor.to(device=device, dtype=dtype, copy=True))
+                        else:  # one part of a fused weight: allocate the whole on its first part, then fill rows
+                            if model.get_parameter(name).is_meta:
+                                _set_param(model, name, torch.empty(params[name].shape, device=device, dtype=dtype))
+                            model.get_parameter(name).data[rows] = tensor
+                        loaded[name, part] = file.name
                     bar.update()
     expected = [(n, p) for n, p in whole if not (n == "output.weight" and model.args.tie_embeddings)]
     missing = [n if p is None else f"{n} (part {p})" for n, p in expected if (n, p) not in loaded]
@@ -208,6 +228,13 @@ def load_weights(
             f"checkpoint in {path} lacks tensors: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}"
         )
     model.tie_weights()
+
+
+def _check_finite(tensor: torch.Tensor, file: Path, hf_name: str) -> None:
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise ValueError(
+            f"{file}: tensor {hf_name!r} holds NaN or infinite values; the file is corrupt: re-download or re-convert it"
+        )
 
 
 def _parts(model: torch.nn.Module, name: str) -> list[int | None]:

@@ -17,7 +17,8 @@ from longctx.attention import AttentionStrategy, GlobalAttention
 from longctx.attention.cache import KVCache, LayerKV, Summarize
 from longctx.attention.fusion import fused_on_cuda
 from longctx.attention.strategy import Step
-from longctx.models.config import ModelArgs, rope_inv_freq
+from longctx.models.config import ModelArgs
+from longctx.models.rope import Rotary
 
 
 def _rms_norm(x: Tensor, weight: Tensor, eps: float, offset: float = 0.0) -> Tensor:
@@ -42,7 +43,13 @@ def add_rms_norm(x: Tensor, y: Tensor, weight: Tensor, eps: float, offset: float
 
 @fused_on_cuda
 def apply_rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-    """Rotary embedding of q and k in the half-split layout of Hugging Face checkpoints; cos/sin are [T, head_dim]."""
+    """Rotary embedding of q and k in the half-split layout of Hugging Face checkpoints; cos/sin are [T, rotary dims]:
+    the first that many dims of each head turn, the rest pass through."""
+    r = cos.shape[-1]
+    if r < q.shape[-1]:
+        (q, q_pass), (k, k_pass) = q.split((r, q.shape[-1] - r), -1), k.split((r, k.shape[-1] - r), -1)
+        q, k = apply_rotary(q, k, cos, sin)
+        return torch.cat((q, q_pass), -1), torch.cat((k, k_pass), -1)
 
     def rotate(x: Tensor) -> Tensor:
         x1, x2 = x.chunk(2, dim=-1)
@@ -200,14 +207,10 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
 
     def init_buffers(self, device: torch.device | str | None) -> None:
-        """(Re)compute the non-persistent buffers, e.g. after building on the meta device: the rotary frequencies,
-        one row per distinct rope (full-attention layers first, then sliding-window layers where theirs differs)."""
-        ropes = [rope_inv_freq(self.args, device)]
-        if self.args.local_rope_theta is not None:
-            ropes.append(rope_inv_freq(self.args, device, local=True))
-        self.register_buffer("inv_freq", torch.stack(ropes), persistent=False)
-        # Which row of inv_freq each layer uses.
-        self.layer_rope = [int(w is not None and len(ropes) > 1) for w in self.args.layer_windows]
+        """(Re)compute the non-persistent buffers, e.g. after building on the meta device: the rotary frequencies of
+        each distinct rope (`ModelArgs.ropes`)."""
+        dim = self.args.rotary_dim
+        self.rotary = nn.ModuleList(Rotary(theta, scaling, dim, device) for theta, scaling in self.args.ropes())
 
     def setup_cache(
         self, batch: int, slots: int, dtype: torch.dtype | None = None, summarize: Summarize | None = None
@@ -228,12 +231,13 @@ class Transformer(nn.Module):
         )
         return self.cache
 
-    def forward(self, tokens: Tensor, positions: Tensor, last_only: bool = False) -> Tensor:
+    def forward(self, tokens: Tensor, positions: Tensor, last_only: bool = False, span: int | None = None) -> Tensor:
         """Logits [B, T, vocab] (or [B, 1, vocab] with `last_only`) of `tokens` [B, T] at `positions` [T].
 
         What the tokens attend to, and which of them the KV cache keeps, is the attention strategy's business:
         with `global` and a cache, they are appended and attend to everything cached; without a cache, they attend
-        among themselves.
+        among themselves. `span`: the length of the sequence these tokens are a piece of (a prompt fed as shards,
+        blocks or context then query), for ropes that depend on it (models/rope.py); default: the last position + 1.
         """
         T = tokens.shape[1]
         if positions.shape != (T,):
@@ -242,12 +246,13 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens)
         if self.args.embed_scale != 1.0:  # rounded to the activations' dtype first, as Gemma's reference does
             h = h * float(torch.tensor(self.args.embed_scale, dtype=h.dtype))
-        freqs = positions[None, :, None].float() * self.inv_freq[:, None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos().to(h.dtype), emb.sin().to(h.dtype)
+        length = None
+        if span is not None and any(r.length_dependent for r in self.rotary):
+            length = torch.tensor(span, device=positions.device)
+        rotations = [tuple(t.to(h.dtype) for t in rotary(positions, length)) for rotary in self.rotary]
         kvs = self.cache.layers if self.cache is not None else [None] * len(self.layers)
-        for layer, window, rope, kv in zip(self.layers, self.args.layer_windows, self.layer_rope, kvs):
-            h = layer(h, cos[rope], sin[rope], self.attention, step, window, kv)
+        for layer, window, rope, kv in zip(self.layers, self.args.layer_windows, self.args.layer_rope, kvs):
+            h = layer(h, *rotations[rope], self.attention, step, window, kv)
         h = self.norm(h)
         if last_only:
             h = h[:, -1:]

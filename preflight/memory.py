@@ -193,8 +193,7 @@ def _rank_plan(
 
 def _rotary_bytes(args: ModelArgs, T: int, b: int) -> int:
     """Frequencies (fp32), their doubled copy (fp32), cos and sin: live through the whole forward pass."""
-    ropes = 2 if args.local_rope_theta is not None else 1
-    return ropes * T * args.head_dim * (2 + 4 + 2 * b) + T * 8 * 2
+    return len(args.ropes()) * T * args.rotary_dim * (2 + 4 + 2 * b) + T * 8 * 2
 
 
 def _layer_peak(

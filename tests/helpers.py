@@ -82,6 +82,81 @@ FAMILIES = {
 }
 
 
+# Rope scalings that depend on an original context of 32 positions (prompts of 80 tokens run past it), in the
+# configs' old (`rope_scaling` + `type`) and new (`rope_parameters` + `rope_type`) spellings; Phi-3's LongRoPE on half
+# of each head; a Mistral-Nemo-like head_dim set apart from hidden_size / heads.
+SCALED = {
+    "llama_yarn": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(
+            rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
+            rope_theta=5000.0,
+            max_position_embeddings=32,
+        ),
+    ),
+    "qwen2_yarn": (
+        "Qwen2Config",
+        "Qwen2ForCausalLM",
+        dict(
+            rope_parameters={
+                "rope_type": "yarn",
+                "rope_theta": 20000.0,
+                "factor": 8.0,
+                "original_max_position_embeddings": 32,
+                "beta_fast": 16.0,
+                "beta_slow": 2.0,
+                "mscale": 1.2,
+                "mscale_all_dim": 0.8,
+            },
+            tie_word_embeddings=False,
+        ),
+    ),
+    "qwen3_yarn": (
+        "Qwen3Config",
+        "Qwen3ForCausalLM",
+        dict(
+            head_dim=24,
+            rope_scaling={"rope_type": "yarn", "factor": 3.0, "original_max_position_embeddings": 32},
+            max_position_embeddings=40,
+        ),
+    ),
+    "llama_dynamic": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(rope_scaling={"type": "dynamic", "factor": 2.0}, max_position_embeddings=32),
+    ),
+    "phi3_longrope": (
+        "Phi3Config",
+        "Phi3ForCausalLM",
+        dict(
+            max_position_embeddings=128,
+            original_max_position_embeddings=32,
+            partial_rotary_factor=0.5,
+            rope_scaling={
+                "type": "longrope",
+                "short_factor": [1.0, 1.1, 1.3, 2.0],
+                "long_factor": [1.0, 1.5, 3.0, 6.0],
+            },
+            sliding_window=24,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        ),
+    ),
+    "phi3": (
+        "Phi3Config",
+        "Phi3ForCausalLM",
+        dict(bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=True),
+    ),
+    "mistral_nemo": (
+        "MistralConfig",
+        "MistralForCausalLM",
+        dict(head_dim=24, rope_theta=1_000_000.0, sliding_window=None),
+    ),
+}
+
+
 def randomize_norms(model: torch.nn.Module, seed: int) -> None:
     """transformers initializes norm weights to 1 and biases to 0; make them matter."""
     g = torch.Generator().manual_seed(seed)
@@ -98,7 +173,7 @@ def randomize_norms(model: torch.nn.Module, seed: int) -> None:
 def make_hf_model(family: str, seed: int = 0, **overrides):
     import transformers
 
-    config_cls, model_cls, extra = FAMILIES[family]
+    config_cls, model_cls, extra = (FAMILIES | SCALED)[family]
     config = getattr(transformers, config_cls)(**(TINY | extra | overrides))
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config).eval()

@@ -95,7 +95,7 @@ def test_text_config_nesting_reads_as_the_text_model():
         ({"use_bidirectional_attention": True}, "use_bidirectional_attention"),
         ({"hidden_activation": "relu"}, "hidden_activation"),
         ({"layer_types": ["sliding_attention", "chunked_attention"]}, "layer_types"),
-        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "yarn"),
+        ({"rope_scaling": {"rope_type": "ntk-by-parts", "factor": 4.0}}, "ntk-by-parts"),
     ],
 )
 def test_unsupported_keys_are_refused_by_name(change, message):

@@ -17,8 +17,10 @@ from tests.live_bytes import LiveBytes
 
 N_CTX, N_QUERY, N_NEW = 37, 5, 6
 BLOCK, ANCHOR = 10, 6
-# Every family; a Llama with biases on o_proj and the MLP (added once, after the all-reduce); tied embeddings.
+# Every family; a Llama with biases on o_proj and the MLP (added once, after the all-reduce); tied embeddings; Phi-3's
+# fused checkpoint tensors, LongRoPE and rope on half of each head.
 FAMILIES = {
+    "phi3_longrope": {},
     "llama3": {},
     "mistral": {},
     "qwen2": {},
@@ -55,9 +57,9 @@ def _run(model: models.Transformer, strategy: attention.AttentionStrategy) -> di
     with torch.no_grad():
         strategy.set_phase("context")
         skip = strategy.recomputes_anchor * ANCHOR if strategy.name == "star" else 0
-        context = model(prompt[idx][None], idx)[0][skip:]
+        context = model(prompt[idx][None], idx, span=len(prompt))[0][skip:]
         strategy.set_phase("query")
-        query = model(prompt[None, N_CTX:], torch.arange(N_CTX, N_CTX + N_QUERY))[0]
+        query = model(prompt[None, N_CTX:], torch.arange(N_CTX, N_CTX + N_QUERY), span=len(prompt))[0]
     generated = torch.tensor(list(generate_tokens(model, prompt.tolist(), N_NEW, context_len=N_CTX)))
     return {"idx": idx[skip:], "context": context, "query": query, "generated": generated}
 
