@@ -160,6 +160,7 @@ class ModelArgs:
         gemma = _gemma_fields(cfg, rotary_dim) if arch == "Gemma3ForCausalLM" else {}
         if gemma:
             rope_theta, rope_scaling = gemma.pop("rope")
+        max_seq_len = rope.context_of(rope_scaling, cfg.get("max_position_embeddings", 4096))
         return cls(
             architecture=arch,
             vocab_size=cfg["vocab_size"],
@@ -173,13 +174,13 @@ class ModelArgs:
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
             partial_rotary_factor=partial,
-            max_seq_len=rope.context_of(rope_scaling, cfg.get("max_position_embeddings", 4096)),
+            max_seq_len=max_seq_len,
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             qkv_bias=arch == "Qwen2ForCausalLM" or bool(cfg.get("attention_bias", False)),
             o_bias=arch not in ("Qwen2ForCausalLM", "Phi3ForCausalLM") and bool(cfg.get("attention_bias", False)),
             mlp_bias=arch != "Phi3ForCausalLM" and bool(cfg.get("mlp_bias", False)),
             qk_norm=arch in ("Qwen3ForCausalLM", "Gemma3ForCausalLM"),
-            layer_windows=_layer_windows(arch, cfg, n_layers),
+            layer_windows=_binding(_layer_windows(arch, cfg, n_layers), max_seq_len),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
             reencode_past_original=arch == "Phi3ForCausalLM",
@@ -187,24 +188,27 @@ class ModelArgs:
         )
 
     @classmethod
-    def from_preset(cls, preset: Any) -> "ModelArgs":
+    def from_preset(cls, preset: Any) -> ModelArgs:
         """The shape a model preset (conf/model/) runs: its checkpoint's config.json where it names one, else the
-        preset's own config."""
-        path = preset.get("path")
+        preset's own config; its `overrides` set over either."""
+        path, overrides = preset.get("path"), _plain(preset.get("overrides") or {})
         if path is not None and (Path(path).expanduser() / "config.json").is_file():
-            return cls.from_json(Path(path).expanduser() / "config.json")
-        return cls.from_hf(_plain(preset["config"]))
+            return cls.from_json(Path(path).expanduser() / "config.json", overrides)
+        return cls.from_hf({**_plain(preset["config"]), **overrides})
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "ModelArgs":
+    def from_json(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> ModelArgs:
+        """The config.json at `path`, with `overrides` (top-level keys, as a model card asks one to edit them: a
+        rope_scaling block for YaRN) set over it."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: a checkpoint directory needs the config.json of the model")
         cfg = read_json(path)
         try:
-            return cls.from_hf(cfg)
+            return cls.from_hf({**cfg, **_plain(overrides)} if overrides and isinstance(cfg, dict) else cfg)
         except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
+            where = f"{path} with model.overrides {sorted(overrides)}" if overrides else str(path)
+            raise ValueError(f"{where}: {e}") from None
 
 
 def _plain(value: Any) -> Any:
@@ -371,6 +375,12 @@ def _partial_rotary_factor(cfg: dict[str, Any]) -> float:
             {"low": 0, "low_open": True, "high": 1},
         )
     return float(value)
+
+
+def _binding(windows: tuple[int | None, ...], positions: int) -> tuple[int | None, ...]:
+    """Windows that can bind within the model's positions; one no shorter than them (Phi-3.5's 262,144 at 128K) is
+    full attention there, and runs as such."""
+    return tuple(None if w is not None and w >= positions else w for w in windows)
 
 
 def _layer_windows(arch: str, cfg: dict[str, Any], n_layers: int) -> tuple[int | None, ...]:

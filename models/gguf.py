@@ -132,6 +132,8 @@ class GGUFCheckpoint:
             cfg["sliding_window"] = window
         if scaling := self._rope_scaling(cfg, names):
             cfg["rope_scaling"] = scaling
+            if self.arch == "phi3":  # Phi-3 configs keep their original context at the top level (default: 4096)
+                cfg["original_max_position_embeddings"] = scaling["original_max_position_embeddings"]
         if self.arch == "gemma3":
             cfg.update(self._gemma3_config(cfg))
         return cfg

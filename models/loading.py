@@ -10,7 +10,7 @@ import json
 import mmap
 import re
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -280,8 +280,10 @@ def load_model(
     device: torch.device | str = "cpu",
     attention: AttentionStrategy | None = None,
     tp: Slicing | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> Transformer:
-    """The checkpoint's model; with `tp`, only that tensor-parallel rank's slices of it (parallel/tensor.py)."""
+    """The checkpoint's model; with `tp`, only that tensor-parallel rank's slices of it (parallel/tensor.py);
+    `overrides`: config.json keys set over the checkpoint's (`ModelArgs.from_json`)."""
     path = Path(path)
     check_dtype(dtype)
     if not path.is_dir():
@@ -290,7 +292,7 @@ def load_model(
             if path.exists()
             else f"checkpoint directory {path} does not exist"
         )
-    args = ModelArgs.from_json(path / "config.json")
+    args = ModelArgs.from_json(path / "config.json", overrides)
     with torch.device("meta"):
         model = Transformer(args, attention)
     load_weights(model, path, dtype, device, tp)

@@ -205,7 +205,7 @@ class Rotary(nn.Module):
             )
         if self.kind == "dynamic":
             ref, factor = self.scaling["max_position_embeddings"], self.scaling["factor"]
-            seq = torch.maximum(span, torch.tensor(ref, dtype=span.dtype, device=span.device))
+            seq = span.clamp(min=ref)  # (no new tensor from the host: capturable in a CUDA graph)
             base = self.theta * ((factor * seq / ref) - (factor - 1)) ** (self.dim / (self.dim - 2))
             return 1.0 / (base ** _powers(self.dim, span.device))
         return self.inv_freq

@@ -1,7 +1,7 @@
-"""One decoder-only Transformer for Llama 2/3, Mistral, Qwen2/2.5, Qwen3 and Gemma 3.
+"""One decoder-only Transformer for Llama 2/3, Mistral, Qwen2/2.5, Qwen3, Gemma 3 and Phi-3.
 
-RMSNorm, rotary embeddings, grouped-query attention and a gated MLP; which biases, norms, activations, windows and
-rotary bases a family uses comes from `ModelArgs`. Attention itself is delegated to an `AttentionStrategy` held by
+RMSNorm, rotary embeddings (models/rope.py), grouped-query attention and a gated MLP; which biases, norms,
+activations, windows and ropes a family uses comes from `ModelArgs`. Attention itself is delegated to an `AttentionStrategy` held by
 the model, so parallelism (ring, star) is applied from outside by swapping the strategy, never by editing this file.
 The model holds the KV cache (`attention.cache.KVCache`, made by `setup_cache`) and hands each layer's part to the
 strategy; what the cache keeps beyond keys and values, and how phase 2 reads it, is the strategy's business.
@@ -46,14 +46,12 @@ def apply_rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor
     """Rotary embedding of q and k in the half-split layout of Hugging Face checkpoints; cos/sin are [T, rotary dims]:
     the first that many dims of each head turn, the rest pass through."""
     r = cos.shape[-1]
-    if r < q.shape[-1]:
-        (q, q_pass), (k, k_pass) = q.split((r, q.shape[-1] - r), -1), k.split((r, k.shape[-1] - r), -1)
-        q, k = apply_rotary(q, k, cos, sin)
-        return torch.cat((q, q_pass), -1), torch.cat((k, k_pass), -1)
 
     def rotate(x: Tensor) -> Tensor:
-        x1, x2 = x.chunk(2, dim=-1)
-        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+        turned, rest = x[..., :r], x[..., r:]
+        x1, x2 = turned.chunk(2, dim=-1)
+        out = turned * cos + torch.cat((-x2, x1), dim=-1) * sin
+        return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out
 
     return rotate(q), rotate(k)
 

@@ -64,6 +64,11 @@ class ModelOptions:
         False, "allow prompts past the model's trained positions in generate/ruler (answers degrade)"
     )
     config: dict[str, Any] = option(doc="the preset's Hugging Face config.json: its shape", factory=dict)
+    overrides: dict[str, Any] = option(
+        doc="config.json keys set over the checkpoint's (or config's), as a model card asks: a rope_scaling block "
+        "for YaRN past the trained context",
+        factory=dict,
+    )
 
 
 @dataclass

@@ -68,8 +68,9 @@ class Context:
         self.world = layout.world
         self.dtype = options.resolve_dtype(cfg.dtype, device)
         self.path = checkpoint_path(cfg.model)
+        self.overrides = dict(cfg.model.get("overrides") or {})
         self.args = (
-            models.ModelArgs.from_json(self.path / "config.json")
+            models.ModelArgs.from_json(self.path / "config.json", self.overrides)
             if self.path
             else models.ModelArgs.from_preset(cfg.model)
         )
@@ -87,7 +88,7 @@ class Context:
         context length."""
         tp = self.layout.tensor_parallel(self.args)
         if self.path is not None:
-            return models.load_model(self.path, dtype=self.dtype, device=self.device, tp=tp)
+            return models.load_model(self.path, self.dtype, self.device, tp=tp, overrides=self.overrides)
         return models.random_model(self.args, dtype=self.dtype, device=self.device, tp=tp)
 
     @property

@@ -17,7 +17,7 @@ def hf_checkpoint(tmp_path_factory):
     made: dict = {}
 
     def make(family: str, shard_size: str | None = None, **overrides):
-        key = (family, shard_size, tuple(sorted(overrides.items())))
+        key = (family, shard_size, repr(sorted(overrides.items())))
         if key not in made:
             model = make_hf_model(family, **overrides)
             path = tmp_path_factory.mktemp(family)

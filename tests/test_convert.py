@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import subprocess
 import sys
@@ -33,6 +34,8 @@ GGUF_NAMES = {
 }
 
 
+# Phi-3's fused projections keep their fusion in llama.cpp's names.
+PHI3_GGUF_NAMES = GGUF_NAMES | {"self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"}
 # llama.cpp's names for Gemma 3's four norms per block.
 GEMMA3_GGUF_NAMES = GGUF_NAMES | {
     "post_attention_layernorm": "post_attention_norm",
@@ -44,7 +47,8 @@ GEMMA3_GGUF_NAMES = GGUF_NAMES | {
 def _gguf_name(hf: str, arch: str = "llama") -> str:
     if m := re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", hf):
         layer, module, kind = m.groups()
-        return f"blk.{layer}.{(GEMMA3_GGUF_NAMES if arch == 'gemma3' else GGUF_NAMES)[module]}.{kind}"
+        names = {"gemma3": GEMMA3_GGUF_NAMES, "phi3": PHI3_GGUF_NAMES}.get(arch, GGUF_NAMES)
+        return f"blk.{layer}.{names[module]}.{kind}"
     return {
         "model.embed_tokens.weight": "token_embd.weight",
         "model.norm.weight": "output_norm.weight",
@@ -64,8 +68,9 @@ def _byte_level_vocab(w, cfg) -> None:
 
 
 def write_gguf(path, hf_model, arch: str, qtype: str = "F32", vocab=_byte_level_vocab):
-    """Write a transformers model as llama.cpp would: permuted q/k for `llama`, Gemma's norms stored as 1 + w,
-    optional Q8_0 matrices; `vocab(writer, config)` writes the tokenizer keys."""
+    """Write a transformers model as llama.cpp would: permuted q/k for `llama`, Gemma's norms stored as 1 + w, rope
+    scaling as keys (YaRN) or tensors (LongRoPE), optional Q8_0 matrices; `vocab(writer, config)` writes the
+    tokenizer keys."""
     import gguf
 
     cfg = hf_model.config
@@ -83,7 +88,28 @@ def write_gguf(path, hf_model, arch: str, qtype: str = "F32", vocab=_byte_level_
     if rope.get("rope_type") == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(rope["factor"])
+    if rope.get("rope_type") == "yarn":
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(rope["factor"])
+        w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+        for key in ("beta_fast", "beta_slow"):
+            if rope.get(key) is not None:
+                getattr(w, f"add_rope_scaling_yarn_{key}")(rope[key])
+    rotary = int(head_dim * rope.get("partial_rotary_factor", 1.0))
+    if rotary != head_dim:
+        w.add_rope_dimension_count(rotary)
+    if rope.get("rope_type") == "longrope":  # Phi-3: the factors as tensors, the attention factor as a key
+        w.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE)
+        w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+        scale = cfg.max_position_embeddings / rope["original_max_position_embeddings"]
+        w.add_rope_scaling_attn_factors(
+            math.sqrt(1 + math.log(scale) / math.log(rope["original_max_position_embeddings"]))
+        )
+        for which in ("long", "short"):
+            w.add_tensor(f"rope_factors_{which}.weight", np.array(rope[f"{which}_factor"], dtype=np.float32))
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    if arch == "phi3" and cfg.sliding_window:
+        w.add_sliding_window(cfg.sliding_window)
     if arch == "gemma3":
         w.add_sliding_window(cfg.sliding_window)
         if cfg.final_logit_softcapping:
@@ -127,6 +153,66 @@ def test_gguf_f32_round_trip_is_exact(family, arch, hf_checkpoint, tmp_path):
     tok = models.Tokenizer.from_dir(out)
     assert tok.encode("hi", add_special_tokens=False) == [ord("h") - 33, ord("i") - 33]  # byte-level alphabet order
     assert (tok.bos_id, tok.eos_id) == (94, 95)
+
+
+@pytest.mark.parametrize(
+    "family,arch,overrides",
+    [
+        ("phi3_longrope", "phi3", {}),
+        (
+            "qwen2",
+            "qwen2",
+            dict(
+                rope_scaling={"rope_type": "yarn", "factor": 4.0, "beta_fast": 16.0},
+                max_position_embeddings=32,
+                use_sliding_window=False,  # (llama.cpp's qwen2 keeps no sliding window)
+            ),
+        ),
+    ],
+)
+def test_gguf_rope_scalings_convert_to_the_same_model(family, arch, overrides, hf_checkpoint, tmp_path):
+    """LongRoPE's factor tensors and attention factor, YaRN's keys, Phi-3's fused tensors and partial rotary come
+    back as the config.json and weights transformers computes the same logits from."""
+    hf, path = hf_checkpoint(family, **overrides)
+    out = convert.convert_gguf(write_gguf(tmp_path / "m.gguf", hf, arch), tmp_path / "out")
+    want, got = (models.ModelArgs.from_json(p / "config.json") for p in (path, out))
+    assert got.rope_scaling["rope_type"] == want.rope_scaling["rope_type"]
+    assert (got.rotary_dim, got.layer_windows, got.max_seq_len) == (
+        want.rotary_dim,
+        want.layer_windows,
+        want.max_seq_len,
+    )
+    tokens = torch.randint(0, 94, (1, 60), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = hf(tokens).logits
+    model = models.load_model(out, dtype=torch.float32)
+    torch.testing.assert_close(model(tokens, torch.arange(60)), ref, atol=1e-4, rtol=0)
+
+
+def test_gguf_rope_type_not_understood_names_the_key(hf_checkpoint, tmp_path, capsys):
+    import gguf
+
+    hf, _ = hf_checkpoint("qwen2")
+    src = write_gguf(tmp_path / "m.gguf", hf, "qwen2")
+    reader = gguf.GGUFReader(src)
+    w = gguf.GGUFWriter(str(tmp_path / "n.gguf"), "qwen2")
+    for name, f in reader.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        w.add_key_value(name, f.contents(), f.types[0], sub_type=f.types[-1] if len(f.types) > 1 else None)
+    w.add_string("qwen2.rope.scaling.type", "ntk-aware")
+    for t in reader.tensors:
+        w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    _fails_cleanly(
+        ["gguf", str(tmp_path / "n.gguf"), str(tmp_path / "out")],
+        tmp_path / "out",
+        capsys,
+        "qwen2.rope.scaling.type='ntk-aware' is not understood",
+    )
 
 
 def test_gguf_q8_0_within_quantization_error(hf_checkpoint, tmp_path):

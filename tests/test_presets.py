@@ -20,6 +20,12 @@ PUBLISHED = {
     "qwen3": 8_190_735_360,
     "smollm2": 134_515_008,
     "gemma3_270m": 268_098_176,
+    "qwen2_5_128k": 7_615_616_512,
+    "qwen3_128k": 8_190_735_360,
+    "phi3_5_mini": 3_821_079_552,
+    "mistral_nemo": 12_247_782_400,
+    "llama3_2_1b": 1_235_814_400,
+    "llama3_2_3b": 3_212_749_824,
 }
 # Gemma 3's technical report (Table 1) gives the text models' embedding and non-embedding parameters in millions
 # (the released 4B/12B/27B checkpoints also hold a 417M vision tower, so their totals do not apply).
@@ -30,10 +36,44 @@ GEMMA3_REPORT = {"gemma3_4b": (675, 3_209), "gemma3_12b": (1_012, 10_759), "gemm
 def test_preset_shapes_match_published_parameter_counts(name):
     preset = yaml.safe_load((REPO / "conf" / "model" / f"{name}.yaml").read_text())
     assert preset["name"] == name
-    args = models.ModelArgs.from_hf(preset["config"])
+    args = models.ModelArgs.from_preset(preset)
     with torch.device("meta"):
         model = Transformer(args)
     assert sum(p.numel() for p in model.parameters()) == PUBLISHED[name]
+
+
+def test_long_context_presets_run_at_their_context_with_their_scaling():
+    """README's model table: each preset's positions and rope scaling."""
+    want = {
+        "qwen2_5": (32768, None),
+        "qwen2_5_128k": (131072, "yarn"),
+        "qwen3": (40960, None),
+        "qwen3_128k": (131072, "yarn"),
+        "phi3_5_mini": (131072, "longrope"),
+        "mistral_nemo": (131072, None),
+        "llama3_2_1b": (131072, "llama3"),
+        "llama3_2_3b": (131072, "llama3"),
+    }
+    for name, (positions, rope) in want.items():
+        args = models.ModelArgs.from_preset(yaml.safe_load((REPO / "conf/model" / f"{name}.yaml").read_text()))
+        assert (args.max_seq_len, (args.rope_scaling or {}).get("rope_type")) == (positions, rope), name
+        assert f"`{name}`" in (REPO / "README.md").read_text(), f"README's model table lacks {name}"
+    phi = models.ModelArgs.from_preset(yaml.safe_load((REPO / "conf/model/phi3_5_mini.yaml").read_text()))
+    assert phi.rope_scaling["original_max_position_embeddings"] == 4096 and phi.reencode_position() == 4096
+    assert (
+        models.ModelArgs.from_preset(yaml.safe_load((REPO / "conf/model/mistral_nemo.yaml").read_text())).head_dim
+        == 128
+    )
+
+
+def test_overrides_apply_over_a_checkpoints_config(hf_checkpoint):
+    """A 128K preset pointed at a real checkpoint (whose config.json has no YaRN) still runs YaRN."""
+    _, path = hf_checkpoint("qwen2")
+    preset = yaml.safe_load((REPO / "conf/model/qwen2_5_128k.yaml").read_text()) | {"path": str(path)}
+    args = models.ModelArgs.from_preset(preset)
+    assert args.rope_scaling["rope_type"] == "yarn" and args.vocab_size == 96  # the checkpoint's shape
+    model = models.load_model(path, dtype=torch.float32, overrides=preset["overrides"])
+    assert model.args == args
 
 
 def test_preset_features():

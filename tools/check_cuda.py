@@ -14,7 +14,8 @@ import torch
 
 from longctx import attention
 from longctx.attention.kernels import PositionMask, attend, dense_attend
-from longctx.models import ModelArgs, random_model, transformer
+from longctx.attention.fusion import COMPILE_ELEMENTWISE
+from longctx.models import ModelArgs, random_model
 
 TOLERANCE = {torch.bfloat16: 1e-2, torch.float32: 1e-4}
 
@@ -384,14 +385,69 @@ def check_model() -> bool:
     model = _random_on(args, torch.bfloat16, attention.build("global"), "cuda")
     outs = []
     for fused in (True, False):
-        transformer.COMPILE_ELEMENTWISE = fused
-        with torch.no_grad():
+        with COMPILE_ELEMENTWISE.scoped(fused), torch.no_grad():
             outs.append(model(tokens.cuda(), torch.arange(700, device="cuda")).float())
-    transformer.COMPILE_ELEMENTWISE = True
     err = ((outs[0] - outs[1]).abs().max() / outs[1].abs().max()).item()
     good = err < 3e-2
     ok &= good
     print(f"{'ok  ' if good else 'FAIL'} model bf16 logits, compiled vs eager norm/rotary/SwiGLU: rel diff {err:.2e}")
+    return ok
+
+
+# Length-dependent and partial ropes: LongRoPE on half of each head (Phi-3's re-encode when generation first runs
+# past the original context), dynamic NTK (new frequencies every step), YaRN; an original context of 256 positions.
+SCALED = {
+    "longrope": dict(
+        partial_rotary_factor=0.5,
+        reencode_past_original=True,
+        rope_scaling={
+            "rope_type": "longrope",
+            "original_max_position_embeddings": 256,
+            "short_factor": [1.0 + i / 16 for i in range(16)],
+            "long_factor": [1.0 + i for i in range(16)],
+            "attention_factor": 1.2,
+        },
+    ),
+    "dynamic": dict(rope_scaling={"rope_type": "dynamic", "factor": 4.0, "max_position_embeddings": 256}),
+    "yarn": dict(
+        rope_scaling={
+            "rope_type": "yarn",
+            "factor": 8.0,
+            "original_max_position_embeddings": 256,
+            "attention_factor": 1.2,
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "truncate": True,
+        }
+    ),
+}
+
+
+def check_scaled() -> bool:
+    """Scaled ropes on CUDA: fp32 logits past the original context equal the CPU's (global, star, ring); CUDA-graph
+    decode across it generates the eager tokens."""
+    from longctx.models.generate import generate_tokens
+
+    tokens = torch.randint(0, 1000, (1, 700), generator=torch.Generator().manual_seed(4))
+    ok = True
+    for kind, extra in SCALED.items():
+        args = ModelArgs(**{**vars(_llama_like(head_dim=64, max_seq_len=4096)), **extra})
+        for name, params in (("global", {}), ("star", {"block_size": 256}), ("ring", {})):
+            outs = []
+            for device in ("cpu", "cuda"):
+                model = _random_on(args, torch.float32, attention.build(name, **params), device)
+                with torch.no_grad():
+                    outs.append(model(tokens.to(device), torch.arange(700, device=device)).cpu())
+            err = (outs[0] - outs[1]).abs().max().item()
+            good = err < 1e-3
+            ok &= good
+            print(f"{'ok  ' if good else 'FAIL'} {kind} rope {name:6} CUDA vs CPU fp32 logits: max abs diff {err:.2e}")
+        model = _random_on(args, torch.bfloat16, attention.build("star", block_size=100), "cuda")
+        prompt = tokens[0, :200].tolist()
+        runs = [list(generate_tokens(model, prompt, 100, context_len=180, cuda_graphs=g)) for g in (False, True)]
+        good = runs[0] == runs[1] and len(runs[0]) == 100
+        ok &= good
+        print(f"{'ok  ' if good else 'FAIL'} {kind} rope: CUDA-graph decode past the original context = eager: {good}")
     return ok
 
 
@@ -522,13 +578,13 @@ def main() -> int:
         return 0 if check_ranks() else 1
     print(f"{torch.cuda.get_device_name()} · torch {torch.__version__}")
     if "--quick" in sys.argv:  # the decode paths only
-        return 0 if check_lean() & check_hsr() & check_graphs() else 1
+        return 0 if check_lean() & check_hsr() & check_graphs() & check_scaled() else 1
     if "--flex" in sys.argv:  # the prefill kernels: fused pieces and padded Flex shapes against float64, compiles
         return 0 if check_kernels() & check_fused_model() & check_recompiles() else 1
     if "--hsr" in sys.argv:
         return 0 if check_hsr() & check_graphs() else 1
     ok = check_kernels() & check_lean() & check_hsr() & check_graphs()
-    ok &= check_model() & check_fused_model() & check_recompiles()
+    ok &= check_model() & check_scaled() & check_fused_model() & check_recompiles()
     return 0 if ok else 1
 
 
