@@ -64,6 +64,9 @@ class ModelOptions:
         False, "allow prompts past the model's trained positions in generate/ruler (answers degrade)"
     )
     config: dict[str, Any] = option(doc="the preset's Hugging Face config.json: its shape", factory=dict)
+    longer: str | None = option(
+        None, "a preset of the same checkpoint at more positions (qwen2_5_128k), named where a context is past these"
+    )
     overrides: dict[str, Any] = option(
         doc="config.json keys set over the checkpoint's (or config's), as a model card asks: a rope_scaling block "
         "for YaRN past the trained context",
@@ -382,11 +385,27 @@ def check_positions(cfg, args: ModelArgs, n: int, what: str) -> None:
     new = cfg.task.max_new_tokens
     if cfg.model.extrapolate or n + new <= args.max_seq_len:
         return
+    longer = ""
+    if cfg.model.get("longer"):
+        other = longer_preset(cfg.model.longer)
+        longer = (
+            f"model={cfg.model.longer} ({(other.rope_scaling or {}).get('rope_type')} rope to {other.max_seq_len}), "
+        )
     raise OptionError(
         f"{what}={n} plus task.max_new_tokens={new} is past the {args.max_seq_len} positions {cfg.model.name} was "
-        f"trained for; use ctx <= {args.max_seq_len - new}, or model.extrapolate=true to run past them anyway (answers "
-        "degrade)"
+        f"trained for; use ctx <= {args.max_seq_len - new}, {longer}or model.extrapolate=true to run past them anyway "
+        "(answers degrade)"
     )
+
+
+def longer_preset(name: str) -> ModelArgs:
+    """The shape of the preset a preset names as its checkpoint at more positions (`model.longer`)."""
+    from omegaconf import OmegaConf
+
+    path = Path(__file__).resolve().parent.parent / "conf" / "model" / f"{name}.yaml"
+    if not path.is_file():
+        raise OptionError(f"model.longer={name} names no preset; use one of conf/model/ or null")
+    return ModelArgs.from_preset(OmegaConf.load(path))
 
 
 DEMO_QUERY_ROOM = 256  # tokens of the demo's question and chat template after its context

@@ -168,7 +168,7 @@ CASES = {
     "config linear scaling without factor": (
         ["model.path={f}"],
         lambda t: bad_config_dir(t, json.dumps(GOOD_CONFIG | {"rope_scaling": {"rope_type": "linear"}})),
-        "rope scaling of type 'linear' lacks factor",
+        "rope_scaling of type 'linear' lacks factor",
     ),
     "config eos not a token": (
         ["model.path={f}"],

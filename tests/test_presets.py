@@ -76,6 +76,19 @@ def test_overrides_apply_over_a_checkpoints_config(hf_checkpoint):
     assert model.args == args
 
 
+def test_a_context_past_the_positions_names_the_longer_presets():
+    from omegaconf import OmegaConf
+
+    from longctx.conf.schema import OptionError
+    from longctx.preflight import options
+
+    preset = yaml.safe_load((REPO / "conf/model/qwen3.yaml").read_text())
+    cfg = OmegaConf.create({"model": preset | {"extrapolate": False}, "task": {"max_new_tokens": 64}})
+    args = models.ModelArgs.from_preset(yaml.safe_load((REPO / "conf/model/qwen3.yaml").read_text()))
+    with pytest.raises(OptionError, match=r"use ctx <= 40896, model=qwen3_128k \(yarn rope to 131072\), or model"):
+        options.check_positions(cfg, args, 65536, "ctx")
+
+
 def test_preset_features():
     load = lambda n: models.ModelArgs.from_hf(yaml.safe_load((REPO / "conf/model" / f"{n}.yaml").read_text())["config"])  # noqa: E731
     assert load("llama3").rope_scaling["rope_type"] == "llama3" and load("llama3").max_seq_len == 131072
