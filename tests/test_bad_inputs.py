@@ -589,7 +589,9 @@ def test_jsonl_answers_are_kept_as_made_and_resumed(smollm2_dir, tmp_path):
     assert not (tmp_path / "b.jsonl").exists()  # every record's length is checked before the first answer
 
 
-def test_a_conversion_that_does_not_fit_the_disk_is_refused_before_writing(hf_checkpoint, tmp_path, capsys, monkeypatch):
+def test_a_conversion_that_does_not_fit_the_disk_is_refused_before_writing(
+    hf_checkpoint, tmp_path, capsys, monkeypatch
+):
     from longctx.models import writer
 
     _, src = hf_checkpoint("llama3")

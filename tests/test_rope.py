@@ -11,7 +11,7 @@ import torch
 from longctx import attention, models
 from longctx.models.generate import generate_tokens
 from tests.distributed import run_ranks
-from tests.helpers import SCALED
+from tests.helpers import SCALED, star_reference
 
 ORIGINAL = 32  # the original context of the scaled test configs
 N_CTX, N_QUERY, N_NEW = 37, 5, 6  # a prompt past the original context
@@ -124,15 +124,9 @@ def test_star_blocks_are_rotated_as_the_whole_prompt(family, hf_checkpoint):
         rotary = hf64.model.rotary_emb
         hf64(tokens[None, :1], position_ids=torch.tensor([[N_CTX + N_QUERY - 1]]))  # sets the prompt's frequencies
         rotary.rope_type = "default"  # ... and keeps them for the shorter calls below
-        want = []
-        for start in range(0, N_CTX, block):
-            idx = torch.arange(start, min(start + block, N_CTX))
-            if start:
-                idx = torch.cat([torch.arange(anchor), idx])
-            logits = hf64(tokens[idx][None], position_ids=idx[None]).logits[0]
-            want.append(logits[anchor:] if start else logits)
-        hf.float()
-    torch.testing.assert_close(got.double(), torch.cat(want), atol=1e-4, rtol=0)
+    want = star_reference(hf64, tokens, block, anchor)
+    hf.float()
+    torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=0)
 
 
 def _multi_rank_worker(rank, world, paths):
@@ -193,11 +187,19 @@ def _config(hf_checkpoint, family: str, tmp_path, change) -> str:
             "rope type 'ntk-by-parts' is not",
         ),
         ("llama_yarn", lambda c: c["rope_parameters"].pop("factor"), r"rope_parameters of type 'yarn' lacks factor"),
-        ("llama_dynamic", lambda c: c["rope_parameters"].update(factor=-2), r"rope_parameters.factor must be a finite number in \(0, inf\)"),
+        (
+            "llama_dynamic",
+            lambda c: c["rope_parameters"].update(factor=-2),
+            r"rope_parameters.factor must be a finite number in \(0, inf\)",
+        ),
         ("phi3_longrope", lambda c: c["rope_parameters"]["long_factor"].pop(), r"long_factor has 3 entries; .* need 4"),
         ("phi3_longrope", lambda c: c["rope_parameters"].update(short_factor="1.0"), r"short_factor must be a list"),
         ("phi3_longrope", lambda c: c["rope_parameters"].update(rope_type="dynamic"), r"Phi3ForCausalLM takes rope"),
-        ("phi3_longrope", lambda c: c.update(partial_rotary_factor=1.5), r"partial_rotary_factor must be a finite number in \(0, 1\]"),
+        (
+            "phi3_longrope",
+            lambda c: c.update(partial_rotary_factor=1.5),
+            r"partial_rotary_factor must be a finite number in \(0, 1\]",
+        ),
         ("qwen2_yarn", lambda c: c["rope_parameters"].update(truncate="yes"), r"rope_parameters.truncate must be"),
     ],
 )

@@ -363,11 +363,13 @@ def check_graphs() -> bool:
 
 
 def check_model() -> bool:
-    """Random Llama- and Gemma-shaped models: CUDA fp32 logits (global, star, ring) equal the CPU's."""
+    """Random Llama- and Gemma-shaped models, and scaled ropes past their original context: CUDA fp32 logits
+    (global, star, ring) equal the CPU's."""
     args = _llama_like(head_dim=32, max_seq_len=4096, layer_windows=(None, 200))
     tokens = torch.randint(0, 1000, (1, 700))
     ok = True
-    for family, shape in (("llama", args), ("gemma", ModelArgs(**GEMMA_LIKE, max_seq_len=4096))):
+    shapes = [("llama", args), ("gemma", ModelArgs(**GEMMA_LIKE, max_seq_len=4096))]
+    for family, shape in shapes + [(f"{kind} rope", _scaled(kind)) for kind in SCALED]:
         for name, params in (("global", {}), ("star", {"block_size": 256}), ("ring", {})):
             outs = []
             for device in ("cpu", "cuda"):
@@ -423,27 +425,19 @@ SCALED = {
 }
 
 
+def _scaled(kind: str) -> ModelArgs:
+    return ModelArgs(**{**vars(_llama_like(head_dim=64, max_seq_len=4096)), **SCALED[kind]})
+
+
 def check_scaled() -> bool:
-    """Scaled ropes on CUDA: fp32 logits past the original context equal the CPU's (global, star, ring); CUDA-graph
-    decode across it generates the eager tokens."""
+    """Scaled ropes on CUDA: CUDA-graph decode across the original context generates the eager tokens (check_model
+    compares their logits with the CPU's)."""
     from longctx.models.generate import generate_tokens
 
-    tokens = torch.randint(0, 1000, (1, 700), generator=torch.Generator().manual_seed(4))
+    prompt = torch.randint(0, 1000, (200,), generator=torch.Generator().manual_seed(4)).tolist()
     ok = True
-    for kind, extra in SCALED.items():
-        args = ModelArgs(**{**vars(_llama_like(head_dim=64, max_seq_len=4096)), **extra})
-        for name, params in (("global", {}), ("star", {"block_size": 256}), ("ring", {})):
-            outs = []
-            for device in ("cpu", "cuda"):
-                model = _random_on(args, torch.float32, attention.build(name, **params), device)
-                with torch.no_grad():
-                    outs.append(model(tokens.to(device), torch.arange(700, device=device)).cpu())
-            err = (outs[0] - outs[1]).abs().max().item()
-            good = err < 1e-3
-            ok &= good
-            print(f"{'ok  ' if good else 'FAIL'} {kind} rope {name:6} CUDA vs CPU fp32 logits: max abs diff {err:.2e}")
-        model = _random_on(args, torch.bfloat16, attention.build("star", block_size=100), "cuda")
-        prompt = tokens[0, :200].tolist()
+    for kind in SCALED:
+        model = _random_on(_scaled(kind), torch.bfloat16, attention.build("star", block_size=100), "cuda")
         runs = [list(generate_tokens(model, prompt, 100, context_len=180, cuda_graphs=g)) for g in (False, True)]
         good = runs[0] == runs[1] and len(runs[0]) == 100
         ok &= good

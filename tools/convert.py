@@ -92,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C (and SIGTERM, `_terminated`): the partial target is already removed
         print("interrupted: nothing was written", file=sys.stderr)
         return 128 + signal.SIGINT
-    except Exception as e:  # one line naming the input at fault (exit 2), or what went wrong (1); a traceback on request
+    except (
+        Exception
+    ) as e:  # one line naming the input at fault (exit 2), or what went wrong (1); a traceback on request
         if os.environ.get("LONGCTX_TRACEBACK"):
             raise
         known = isinstance(e, (ValueError, OSError, subprocess.CalledProcessError))
