@@ -89,7 +89,7 @@ def generate_tokens(
     seq = list(prompt)
     reencode_at = model.args.reencode_position()
     with torch.inference_mode():
-        logits = _prefill(model, torch.tensor(seq, device=device), n_ctx)
+        logits = prefill(model, torch.tensor(seq, device=device), n_ctx)
         last = len(prompt) + max_new_tokens - 1
         graphed = (
             GraphedDecoder(model) if cuda_graphs and device.type == "cuda" and _graph_capturable(strategy) else None
@@ -107,7 +107,7 @@ def generate_tokens(
             seq.append(tok)
             if pos == reencode_at:  # the sequence runs past the rope's switch: every key again, as the model does
                 model.cache.reset()
-                logits = _prefill(model, torch.tensor(seq, device=device), n_ctx)
+                logits = prefill(model, torch.tensor(seq, device=device), n_ctx)
                 graphed = GraphedDecoder(model) if graphed is not None else None
             elif graphed is not None:
                 logits = graphed.step(tok, pos)
@@ -115,7 +115,7 @@ def generate_tokens(
                 logits = model(torch.tensor([[tok]], device=device), torch.tensor([pos], device=device))
 
 
-def _prefill(model: Transformer, tokens: Tensor, n_ctx: int) -> Tensor:
+def prefill(model: Transformer, tokens: Tensor, n_ctx: int) -> Tensor:
     """The last logits of `tokens` fed as a prompt: its first `n_ctx` through phase 1, the rest through phase 2,
     rotated as one forward pass over all of them would rotate them (`span`)."""
     strategy, n = model.attention, tokens.numel()

@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -353,12 +354,16 @@ def test_an_interrupted_run_says_where_its_results_are_in_one_line(smollm2_dir, 
         stderr=subprocess.PIPE,
         text=True,
     )
+    err_parts: list[str] = []
+    reader = threading.Thread(target=lambda: err_parts.extend(iter(lambda: proc.stderr.read(1), "")), daemon=True)
+    reader.start()
     deadline = time.time() + 120
-    while not list(tmp_path.glob(".hydra/config.yaml")) and time.time() < deadline:
-        time.sleep(0.2)
-    time.sleep(6)  # into the run
+    while "phase 1 (context)" not in "".join(err_parts) and time.time() < deadline:  # into the run, however slow
+        time.sleep(0.1)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    proc.wait(timeout=120)
+    reader.join(timeout=10)
+    err = "".join(err_parts)
     last = err.replace("\r", "\n").strip().splitlines()[-1]
     assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
     assert last.endswith(f"interrupted (signal 2): what was written is kept in {tmp_path}"), last

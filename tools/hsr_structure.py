@@ -31,6 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 from longctx.attention.hsr import KeySummary, hsr_attend, score_bounds
 from longctx.attention.strategy import GlobalAttention
+from longctx.models.generate import prefill
 
 RESULTS = REPO / "accuracy" / "hsr"
 DOC = REPO / "ACCURACY.md"
@@ -67,10 +68,7 @@ def capture(model_name: str, length: int) -> tuple[list[tuple], torch.Tensor]:
     model.attention = strategy
     cache = model.setup_cache(1, len(ids))
     with torch.inference_mode():
-        strategy.set_phase("context")
-        model(torch.tensor(ids[:-1])[None], torch.arange(len(ids) - 1))
-        strategy.set_phase("query")
-        model(torch.tensor(ids[-1:])[None], torch.tensor([len(ids) - 1]))
+        prefill(model, torch.tensor(ids), len(ids) - 1)
     return strategy.layers, cache.positions.clone()
 
 
