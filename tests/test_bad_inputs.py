@@ -353,6 +353,8 @@ def test_an_interrupted_run_says_where_its_results_are_in_one_line(smollm2_dir, 
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # a suite started in the background inherits SIGINT ignored, and Python keeps it so: give the run Ctrl-C
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     err_parts: list[str] = []
     reader = threading.Thread(target=lambda: err_parts.extend(iter(lambda: proc.stderr.read(1), "")), daemon=True)
