@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import torch
+
 from longctx.attention.decode import DECODE_METHODS, DecodeMethod, DenseDecode, build_decode, decode_class
 from longctx.attention.ring import RingAttention
 from longctx.attention.star import StarAttention
@@ -21,12 +23,23 @@ def build(name: str, decode: DecodeMethod | None = None, **params: Any) -> Atten
     return strategy_class(name)(decode=decode, **params)
 
 
-def from_config(attention: Mapping, decode: Mapping | None, n_ctx: int, world: int, group=None) -> AttentionStrategy:
+def from_config(
+    attention: Mapping,
+    decode: Mapping | None,
+    n_ctx: int,
+    world: int,
+    group=None,
+    kv_dtype: torch.dtype | None = None,
+    chunk: int | None = None,
+) -> AttentionStrategy:
     """The strategy an `attention` config node and a `decode` one describe, for a context of `n_ctx` tokens over
-    `world` ranks (the ranks of `group`, the context-parallel group; None: all ranks)."""
-    return strategy_class(attention["name"]).from_config(
+    `world` ranks (the ranks of `group`, the context-parallel group; None: all ranks), its KV cache stored in
+    `kv_dtype` (None: the model's) and its phase 1 fed `chunk` tokens per pass (None: the strategy's default)."""
+    strategy = strategy_class(attention["name"]).from_config(
         attention, n_ctx, world, group=group, decode=build_decode(decode)
     )
+    strategy.kv_dtype, strategy.chunk = kv_dtype, chunk
+    return strategy
 
 
 __all__ = [

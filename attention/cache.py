@@ -9,9 +9,11 @@ A decode method that reads the cache selectively may ask for a summary of every 
 object made per layer, told of every write (`update(slots, k, positions)`) and of a reset (`reset()`). The cache
 does not know what it summarizes.
 
-How the layer's tokens are stored is the cache's alone: they are written through `LayerKV.write` and read from the
-layer's tensors, so a stored dtype other than the model's, with whatever per-block scales it needs, lives in
-`LayerKV` beside `k` and `v`.
+How the layer's tokens are stored is the cache's alone: they are written through `LayerKV.write`, and a reader takes
+the layer's tensors with their `scales`. In FP8 (attention/quant.py) each token's keys and values keep one scale per
+KV head beside them; the kernels read them as they are stored (`attention.kernels.attend(..., scales=)`), never
+from a full-width copy of the cache, and phase 1 attends to its new tokens as the cache will give them back
+(`LayerKV.stored`), so that every strategy, chunk and rank count reads the same numbers.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 from torch import Tensor
 
 from longctx.attention.fusion import fused_on_cuda
+from longctx.attention.quant import dequantize, is_fp8, pack, quantize
 
 
 class BlockSummary(Protocol):
@@ -49,23 +52,59 @@ def write_kv(k_cache: Tensor, v_cache: Tensor, slots: Tensor, k: Tensor, v: Tens
     v_cache[:, :, slots] = v.to(v_cache.dtype)
 
 
+@fused_on_cuda
+def write_kv_fp8(
+    k_cache: Tensor, v_cache: Tensor, k_scale: Tensor, v_scale: Tensor, slots: Tensor, k: Tensor, v: Tensor
+) -> None:
+    for cache, scale, x in ((k_cache, k_scale, k), (v_cache, v_scale, v)):
+        cache[:, :, slots], scale[:, :, slots] = quantize(x)
+
+
 @dataclass
 class LayerKV:
     """One layer's keys and values [batch, kv_heads, slots, head_dim], the positions of the slots (shared by every
-    layer) and the summary a decode method asked for."""
+    layer), the summary a decode method asked for, and in FP8 the scales [batch, kv_heads, slots] of each slot."""
 
     k: Tensor
     v: Tensor
     positions: Tensor
     summary: Any = None
+    k_scale: Tensor | None = None
+    v_scale: Tensor | None = None
+
+    @property
+    def scales(self) -> tuple[Tensor, Tensor] | None:
+        """(key scales, value scales) where the slots are stored in FP8; None at full width."""
+        return None if self.k_scale is None else (self.k_scale, self.v_scale)
 
     def write(self, slots: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store the new tokens' k, v [B, Hkv, n, D] at `slots` (claimed by `KVCache.reserve`); returns the whole
-        layer's keys and values."""
-        write_kv(self.k, self.v, slots, k, v)
-        if self.summary is not None:
-            self.summary.update(slots, k, self.positions[slots])
+        layer's keys and values (as stored: read them with `scales`)."""
+        if self.k_scale is None:
+            write_kv(self.k, self.v, slots, k, v)
+        else:
+            write_kv_fp8(self.k, self.v, self.k_scale, self.v_scale, slots, k, v)
+        if self.summary is not None:  # of the keys as they will be read
+            self.summary.update(slots, self.stored(k, v)[0] if self.k_scale is not None else k, self.positions[slots])
         return self.k, self.v
+
+    def pack_new(self, k: Tensor, v: Tensor) -> Tensor:
+        """New tokens' k, v as this cache stores them, in one tensor to send (`attention.quant.pack`)."""
+        if self.k_scale is None:
+            return pack(k.to(self.k.dtype), v.to(self.v.dtype))
+        (k8, ks), (v8, vs) = quantize(k), quantize(v)
+        return pack(k8, v8, (ks, vs))
+
+    def pack_slots(self, n: int) -> Tensor:
+        """The first n slots as stored, in one tensor to send."""
+        scales = None if self.k_scale is None else (self.k_scale[:, :, :n], self.v_scale[:, :, :n])
+        return pack(self.k[:, :, :n], self.v[:, :, :n], scales)
+
+    def stored(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """k, v as this cache gives them back once written, in their own dtype."""
+        if self.k_scale is None:
+            return k.to(self.k.dtype).to(k.dtype), v.to(self.v.dtype).to(v.dtype)
+        return dequantize(*quantize(k), k.dtype), dequantize(*quantize(v), v.dtype)
 
 
 @dataclass
@@ -86,18 +125,25 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device | str | None = None,
         summarize: Summarize | None = None,
+        compute_dtype: torch.dtype | None = None,
     ):
+        """`dtype`: how keys and values are stored (FP8 with per-token scales, attention/quant.py); `compute_dtype`:
+        the model's, in which summaries are kept (default: `dtype`)."""
         device = torch.device(device) if device is not None else torch.device("cpu")
+        compute_dtype = compute_dtype or dtype
         self.positions = torch.full((slots,), -1, dtype=torch.long, device=device)  # -1: empty
         self.fill = torch.zeros((), dtype=torch.long, device=device)
         self.used = 0
         shape = (batch, kv_heads, slots, head_dim)
+        scaled = lambda: torch.ones(shape[:3], device=device) if is_fp8(dtype) else None  # noqa: E731
         self.layers = [
             LayerKV(
                 torch.zeros(shape, dtype=dtype, device=device),
                 torch.zeros(shape, dtype=dtype, device=device),
                 self.positions,
-                summarize(batch, kv_heads, slots, head_dim, device, dtype) if summarize else None,
+                summarize(batch, kv_heads, slots, head_dim, device, compute_dtype) if summarize else None,
+                scaled(),
+                scaled(),
             )
             for _ in range(layers)
         ]
@@ -143,5 +189,5 @@ class KVCache:
         self.used += claim.slots
 
     def kv_bytes(self) -> int:
-        """Bytes of the keys and values themselves."""
-        return sum(layer.k.nbytes + layer.v.nbytes for layer in self.layers)
+        """Bytes of the keys and values themselves, with their scales."""
+        return sum(sum(t.nbytes for t in (layer.k, layer.v, *(layer.scales or ()))) for layer in self.layers)

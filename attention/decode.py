@@ -90,8 +90,8 @@ class DenseDecode(DecodeMethod):
 
     def attend(self, q: Tensor, kv: LayerKV, mask: PositionMask, group: dist.ProcessGroup | None, world: int) -> Tensor:
         if world == 1:
-            return attend(q, kv.k, kv.v, mask).to(q.dtype)
-        out, lse = attend(q, kv.k, kv.v, mask, return_lse=True)
+            return attend(q, kv.k, kv.v, mask, scales=kv.scales).to(q.dtype)
+        out, lse = attend(q, kv.k, kv.v, mask, return_lse=True, scales=kv.scales)
         return all_gather_merge(out, lse, group)[0].to(q.dtype)
 
 

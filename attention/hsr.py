@@ -61,6 +61,7 @@ from longctx.attention.cache import LayerKV, Summarize
 from longctx.attention.decode import DecodeMethod
 from longctx.attention.mask import PositionMask
 from longctx.attention.merge import all_gather_merge
+from longctx.attention.quant import dequantize
 from longctx.conf.schema import check_value, option
 
 
@@ -233,16 +234,18 @@ def hsr_attend(
     sink: int = 64,
     recent: int = 256,
     stats: Tensor | None = None,
+    scales: tuple[Tensor, Tensor] | None = None,
 ) -> HSRResult:
     """Decode attention of q [B, Hq, T, D] (T small) over the cache k, v [B, Hkv, S, D] reading only the blocks
     needed for the certificate to be at most `eps` for every query (module docstring). One KV head's selection
     serves all its query heads, as the kernel reads it. `stats` (float64 [3]) accumulates the blocks read, the
-    blocks visible (per KV head, summed) and the largest certificate, in place."""
+    blocks visible (per KV head, summed) and the largest certificate, in place. `scales`: those of k, v stored in
+    FP8 (the PyTorch path reads them; the summaries are of the keys as stored)."""
     check_eps(eps)
     B, Hq, T, D = q.shape
     Hkv, nb = k.shape[1], summary.count.numel()
     low = _low(eps, nb)
-    if _triton_path(q, k, mask, summary, low):
+    if scales is None and _triton_path(q, k, mask, summary, low):
         return _triton_attend(q, k, v, mask, summary, eps, sink, recent, low, stats)
     visible, always = block_roles(summary, mask, sink, recent)
     u = score_bounds(q, summary).masked_fill(~visible, -math.inf)  # [B, Hq, T, nb]
@@ -250,7 +253,7 @@ def hsr_attend(
     best = top.argmax(-1, keepdim=True)
     first = always.expand(B, Hkv, nb).clone()
     first.scatter_(2, best, top.gather(2, best) > -math.inf)
-    _, L = attend_blocks(q, k, v, mask, first, summary.block)
+    _, L = attend_blocks(q, k, v, mask, first, summary.block, scales)
     weight = (summary.count * torch.exp(u - L[..., None])).nan_to_num(nan=0.0)  # (L = -inf: nothing visible)
     weight = weight.view(B, Hkv, -1, nb).amax(2).masked_fill(~visible, 0.0)
     # bins: floor(log2 w) - low from the exponent, -1 below 2^low (and 0), BINS at or above 2^(low + BINS)
@@ -263,7 +266,7 @@ def hsr_attend(
     last = mask.q_pos.max()
     dense = reads_everything(summary.dense_until, last)[..., None]  # [B, Hkv, 1]: this head reads every visible block
     read = torch.where(dense, visible, bins >= cut)
-    out, lse = attend_blocks(q, k, v, mask, read, summary.block)
+    out, lse = attend_blocks(q, k, v, mask, read, summary.block, scales)
     unread = below.gather(-1, cut.clamp(min=0)).to(lse.dtype).masked_fill(dense, 0.0)  # (cut >= 0: below[0] <= eps / 2)
     scale = torch.exp(L - lse).nan_to_num(nan=1.0).view(B, Hkv, -1)  # (lse = -inf only where nothing is visible)
     certificate = (scale * unread).view(B, Hq, T)
@@ -300,10 +303,16 @@ def _triton_attend(
 
 
 def attend_blocks(
-    q: Tensor, k: Tensor, v: Tensor, mask: PositionMask, chosen: Tensor, block: int
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: PositionMask,
+    chosen: Tensor,
+    block: int,
+    scales: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Exact attention over the visible keys of the chosen blocks [B, Hkv, nb] of each KV head: (output in q's
-    dtype, lse fp32; float64 for float64 inputs)."""
+    dtype, lse fp32; float64 for float64 inputs). `scales`: those of k, v stored in FP8."""
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
     g = Hq // Hkv
@@ -311,10 +320,11 @@ def attend_blocks(
     allowed = mask.dense()[None, None, None] & keep[:, :, None, None, :]  # [B, Hkv, 1, T, S]
     acc = torch.promote_types(q.dtype, torch.float32)
     qf = q.to(acc).reshape(B, Hkv, g, T, D) * D**-0.5
-    scores = torch.einsum("bhgtd,bhsd->bhgts", qf, k.to(acc)).masked_fill(~allowed, -math.inf)
+    kf, vf = (k.to(acc), v.to(acc)) if scales is None else (dequantize(x, s, acc) for x, s in zip((k, v), scales))
+    scores = torch.einsum("bhgtd,bhsd->bhgts", qf, kf).masked_fill(~allowed, -math.inf)
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - lse.unsqueeze(-1).masked_fill(lse.isinf().unsqueeze(-1), 0.0))
-    out = torch.einsum("bhgts,bhsd->bhgtd", probs, v.to(acc))
+    out = torch.einsum("bhgts,bhsd->bhgtd", probs, vf)
     return out.reshape(B, Hq, T, D).to(q.dtype), lse.reshape(B, Hq, T)
 
 
@@ -381,7 +391,8 @@ class HSRDecode(DecodeMethod):
         if self.stats is None:
             self.stats = torch.zeros(3, dtype=torch.float64, device=q.device)
         alone = world == 1
-        r = hsr_attend(q, kv.k, kv.v, mask, kv.summary, self.eps, self.sink, self.recent, self.stats if alone else None)
+        stats = self.stats if alone else None
+        r = hsr_attend(q, kv.k, kv.v, mask, kv.summary, self.eps, self.sink, self.recent, stats, kv.scales)
         if alone:
             return r.out.to(q.dtype)
         lses = [torch.empty_like(r.lse) for _ in range(world)]

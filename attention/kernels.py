@@ -7,6 +7,10 @@ FLEX_BUCKETS per octave, finer past 8K tokens) with position -1, which no mask l
 hundred lengths compile a handful of shapes. On CPU it is PyTorch's fused CPU attention with the same `mask_mod`
 evaluated densely, a chunk of queries at a time (compiled CPU FlexAttention does not return the
 log-sum-exp; attention.dense); the plain reference `dense_attend` takes float64 and decode steps.
+
+Keys and values stored in FP8 (attention/quant.py) come with their scales: the Lean kernel applies them inside its
+loop; every other path dequantizes DEQUANT_SLOTS slots at a time into the queries' dtype and merges the partials, so
+no full-width copy of a cache is ever made.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from torch import Tensor
 from longctx.attention import fused, lean
 from longctx.attention.dense import cpu_flash_attend, cpu_flash_available, dense_attend
 from longctx.attention.mask import PositionMask
+from longctx.attention.merge import merge_into
+from longctx.attention.quant import dequantize
 from longctx.attention.settings import Setting
 
 FLEX_MIN_QUERIES = 128
@@ -29,6 +35,9 @@ CPU_FLASH_MIN_QUERIES = 16
 # (BENCHMARKS.md, figure `shapes`).
 FLEX_BUCKETS: Setting[int | None] = Setting("flex_buckets", 4)
 FLEX_MAX_STEP = 2048
+# Slots of an FP8 cache dequantized at once where the Lean kernel does not read it: the transient is this many
+# slots' keys and values at full width.
+DEQUANT_SLOTS = 1 << 16
 
 
 def flex_bucket(n: int) -> int:
@@ -80,12 +89,23 @@ def fused_plan(q: Tensor, k: Tensor, mask: PositionMask) -> tuple[fused.Kernel, 
     return None if pieces is None else (kernel, pieces)
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, mask: PositionMask, return_lse: bool = False):
-    """Softmax attention of q [B, Hq, T, D] over k, v [B, Hkv, S, D] (Hq a multiple of Hkv).
+def attend(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: PositionMask,
+    return_lse: bool = False,
+    scales: tuple[Tensor, Tensor] | None = None,
+):
+    """Softmax attention of q [B, Hq, T, D] over k, v [B, Hkv, S, D] (Hq a multiple of Hkv); `scales`: the
+    [B, Hkv, S] scales of k and v stored in FP8.
 
     Returns the output [B, Hq, T, D] in q's dtype and, if asked, the natural-log log-sum-exp [B, Hq, T] in fp32
     (-inf on rows that see no key; their output is 0).
     """
+    if scales is not None:
+        out, lse = _attend_stored(q, k, v, scales, mask)
+        return (out, lse) if return_lse else out
     if use_flex(q):
         plan = fused_plan(q, k, mask)
         if plan is not None:  # full and causal pieces on a fused kernel
@@ -121,3 +141,27 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: PositionMask, return_lse: bool
     ):
         return cpu_flash_attend(q, k, v, mask, return_lse)
     return dense_attend(q, k, v, mask, return_lse)
+
+
+def _attend_stored(q: Tensor, k: Tensor, v: Tensor, scales: tuple[Tensor, Tensor], mask: PositionMask):
+    """`attend` over FP8 keys and values: on the Lean kernel, which scales in its loop, or DEQUANT_SLOTS slots at a
+    time dequantized and merged."""
+    if q.is_cuda and lean.supports(q, k, mask):
+        try:
+            return lean.lean_attend(q, k, v, mask, scales=scales)
+        except lean.LeanDoesNotFit:
+            pass
+    out = lse = None
+    for start, end in mask.key_ranges(DEQUANT_SLOTS):
+        keys = slice(start, end)
+        k_part, v_part = (dequantize(x[:, :, keys], s[:, :, keys], q.dtype) for x, s in zip((k, v), scales))
+        o, l = attend(q, k_part, v_part, mask.keys(start, end), return_lse=True)
+        del k_part, v_part
+        if out is None:
+            out, lse = o, l.float()
+        else:
+            out, lse = (out.float(), lse) if out.dtype != torch.float32 else (out, lse)
+            merge_into(out, lse, o, l)
+    if out is None:  # no slot holds a token
+        return q.new_zeros(q.shape), torch.full(q.shape[:3], float("-inf"), device=q.device)
+    return out.to(q.dtype), lse

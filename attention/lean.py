@@ -205,8 +205,16 @@ def max_parts(heads: int, tiles: int, programs: int) -> int:
     return max(len(head_parts(h, tiles, total, programs)) for h in range(heads))
 
 
-def lean_attend(q: Tensor, k: Tensor, v: Tensor, mask: PositionMask, programs: int | None = None):
-    """Decode attention with the Lean schedule; returns (output in q's dtype, lse fp32).
+def lean_attend(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: PositionMask,
+    programs: int | None = None,
+    scales: tuple[Tensor, Tensor] | None = None,
+):
+    """Decode attention with the Lean schedule; returns (output in q's dtype, lse fp32). `scales`: those of k, v
+    stored in FP8 ([B, Hkv, S] each), applied inside the kernel.
 
     A program holds at most MAX_ROWS query rows (GQA group x query tokens; fewer where they overflow shared memory):
     more query tokens run in chunks. Raises LeanDoesNotFit where not even one query token's rows fit.
@@ -225,6 +233,7 @@ def lean_attend(q: Tensor, k: Tensor, v: Tensor, mask: PositionMask, programs: i
                 v,
                 PositionMask(mask.q_pos[i : i + per_chunk], mask.kv_pos, mask.window),
                 programs,
+                scales,
             )
             for i in range(0, q.shape[2], per_chunk)
         ]
@@ -244,11 +253,11 @@ def lean_attend(q: Tensor, k: Tensor, v: Tensor, mask: PositionMask, programs: i
     parts_lse = torch.empty(parts_out.shape[:3], dtype=torch.float32, device=q.device)
     try:
         parts = (parts_out, parts_lse, programs, max_parts(heads, tiles, programs))
-        _triton().run(q, k, v, mask, out, lse, *parts, _fitted(q, config))
+        _triton().run(q, k, v, mask, out, lse, *parts, _fitted(q, config), scales=scales)
     except _triton().OutOfResources:
         # Nothing was launched: retry with half the rows per program (chunks of fewer query tokens).
         _ROWS[key] = (_ROWS.get(key, MAX_ROWS) // 2) if q.shape[2] > 1 else 0
-        return lean_attend(q, k, v, mask, programs)
+        return lean_attend(q, k, v, mask, programs, scales)
     return out, lse
 
 

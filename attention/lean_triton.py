@@ -38,33 +38,43 @@ def masked_scores(q, k, kp, qp, row_ok, window, scale, HAS_WINDOW: tl.constexpr,
 
 
 @triton.jit
-def _fold_tile(q, K, V, KVPOS, kv, n, n_ok, sks, svs, qp, row_ok, window, scale, m_i, l_i, acc,
-               D: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
-    """The online softmax (running max m_i, sum l_i, weighted values acc) after the keys at slots n (where n_ok)."""
+def _fold_tile(q, K, V, KVPOS, kv, n, n_ok, sks, svs, qp, row_ok, window, scale, m_i, l_i, acc, KS, VS, sc, sss,
+               D: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr, SCALED: tl.constexpr):  # fmt: skip
+    """The online softmax (running max m_i, sum l_i, weighted values acc) after the keys at slots n (where n_ok).
+    SCALED: K and V hold FP8 with a scale per slot (KS, VS at sc + n * sss), converted to q's dtype in registers
+    (exact) and the scales applied to the scores and to the weights of the values, with products summed in fp32."""
     d = tl.arange(0, D)
     n64 = n.to(tl.int64)
     k = tl.load(K + kv[0] + n64[:, None] * sks + d[None, :], mask=n_ok[:, None], other=0.0)
     v = tl.load(V + kv[1] + n64[:, None] * svs + d[None, :], mask=n_ok[:, None], other=0.0)
     kp = tl.load(KVPOS + n, mask=n_ok, other=-1)
+    if SCALED:
+        k, v = k.to(q.dtype), v.to(q.dtype)
     s = masked_scores(q, k, kp, qp, row_ok, window, scale, HAS_WINDOW, IEEE)
+    if SCALED:
+        s = s * tl.load(KS + sc + n64 * sss, mask=n_ok, other=1.0)[None, :]
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp(m_i - m_safe)
     p = tl.exp(s - m_safe[:, None])
+    pv = p
+    if SCALED:
+        pv = p * tl.load(VS + sc + n64 * sss, mask=n_ok, other=1.0)[None, :]
     if IEEE:
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        acc = acc * alpha[:, None] + tl.dot(pv, v, input_precision="ieee")
     else:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(pv.to(v.dtype), v)
     return m_new, l_i * alpha + tl.sum(p, 1), acc
 
 
 @triton.jit
 def _lean_decode(
-    Q, K, V, QPOS, KVPOS, OUT, LSE, PO, PL, LIST, COUNTS, NPARTS, DENSE,
+    Q, K, V, QPOS, KVPOS, OUT, LSE, PO, PL, LIST, COUNTS, NPARTS, DENSE, KS, VS,
     sqb, sqh, sqt, skb, skh, sks, svb, svh, svs, sob, soh, sot, slb, slh, spo_p, spo_s, spo_r, spl_p, spl_s,
-    Hkv, S, T, total, programs, tiles, window, scale,
+    ssb, ssh, sss, Hkv, S, T, total, programs, tiles, window, scale,
     G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
     HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr, SPARSE: tl.constexpr, HEADS: tl.constexpr, WALK: tl.constexpr,
+    SCALED: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     if SPARSE:
@@ -118,8 +128,9 @@ def _lean_decode(
                 tile = u - head_start
             n = tile * BLOCK_N + r
             m_i, l_i, acc = _fold_tile(
-                q, K, V, KVPOS, kv, n, n < S, sks, svs, qp, row_ok, window, scale, m_i, l_i, acc, D, HAS_WINDOW, IEEE
-            )
+                q, K, V, KVPOS, kv, n, n < S, sks, svs, qp, row_ok, window, scale, m_i, l_i, acc,
+                KS, VS, b * ssb + h * ssh, sss, D, HAS_WINDOW, IEEE, SCALED,
+            )  # fmt: skip
         seen = l_i > 0
         denom = tl.where(seen, l_i, 1.0)
         out = acc / denom[:, None]
@@ -261,14 +272,14 @@ def _lean_combine(
 
 
 def run(q, k, v, mask, out, lse, parts_out, parts_lse, programs: int, max_parts: int, config, tile_list=None, certify=None,
-        worst=None) -> None:  # fmt: skip
+        worst=None, scales=None) -> None:  # fmt: skip
     """Both launches, with `config`'s settings (its stages already fitted to shared memory: `lean._fitted`).
 
     `tile_list` = (LIST [heads, tiles], COUNTS [heads], NPARTS [heads], DENSE [heads] or None) for the SPARSE walk (a
     DENSE head walks all its tiles in order, with COUNTS = tiles, no list), with config.block_n keys per tile
     (partials by head: parts_out [heads, programs, rows, D]); `certify` = (L [heads, L_ROWS], UNREAD [heads], CERT
     like lse) for the combine to write HSR's certificate, and raise `worst` to the largest
-    (`lean.lean_sparse_attend`)."""
+    (`lean.lean_sparse_attend`). `scales`: (key scales, value scales) [B, Hkv, S] of k, v stored in FP8."""
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     G = Hq // Hkv
@@ -289,14 +300,18 @@ def run(q, k, v, mask, out, lse, parts_out, parts_lse, programs: int, max_parts:
     dense = dense if walk else counts
     L, unread, cert = certify if certify is not None else (lse,) * 3
     heads = triton.next_power_of_2(B * Hkv)
+    ks, vs = scales if scales is not None else (lse, lse)  # (unused pointers at full width)
+    if scales is not None and (ks.stride() != vs.stride() or ks.stride(-1) != 1):
+        ks, vs = ks.contiguous(), vs.contiguous()
     _lean_decode[(programs,)](
-        q, k, v, mask.q_pos, mask.kv_pos, out, lse, parts_out, parts_lse, units, counts, nparts, dense,
+        q, k, v, mask.q_pos, mask.kv_pos, out, lse, parts_out, parts_lse, units, counts, nparts, dense, ks, vs,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), *strides_out, *strides_parts,
+        *((ks.stride(0), ks.stride(1), ks.stride(2)) if scales is not None else (0, 0, 0)),
         Hkv, S, T, total, programs, tiles, mask.window or 0, D**-0.5,
         G=G, BLOCK_M=max(16, triton.next_power_of_2(G * T)), BLOCK_N=config.block_n, D=D,
         HAS_WINDOW=mask.window is not None, IEEE=q.dtype.itemsize == 4, SPARSE=sparse, HEADS=heads, WALK=walk,
-        num_warps=config.warps, num_stages=config.stages,
+        SCALED=scales is not None, num_warps=config.warps, num_stages=config.stages,
     )  # fmt: skip
     if max_parts > 1 or sparse:
         _lean_combine[(B * Hkv, G * T)](

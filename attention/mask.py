@@ -32,6 +32,7 @@ class PositionMask:
     _block_mask: object = field(default=None, repr=False)
     _padded: dict = field(default_factory=dict, repr=False)
     _pieces: tuple = field(default=(), repr=False)
+    _keys: dict = field(default_factory=dict, repr=False)
 
     def mask_mod(self) -> Callable:
         q_pos, kv_pos, window, block, anchor = self.q_pos, self.kv_pos, self.window, self.block_size, self.anchor_size
@@ -61,6 +62,25 @@ class PositionMask:
             kv_pos = torch.nn.functional.pad(self.kv_pos, (0, keys - self.kv_pos.numel()), value=-1)
             self._padded[queries, keys] = PositionMask(q_pos, kv_pos, self.window, self.block_size, self.anchor_size)
         return self._padded[queries, keys]
+
+    def key_ranges(self, size: int) -> list[tuple[int, int]]:
+        """[start, end) of the runs of `size` slots that hold a real token (every run while a CUDA graph is being
+        captured, which cannot ask); found once and shared by every layer."""
+        S = self.kv_pos.numel()
+        runs = [(s, min(s + size, S)) for s in range(0, S, size)]
+        if self.kv_pos.is_cuda and torch.cuda.is_current_stream_capturing():
+            return runs
+        if ("ranges", size) not in self._keys:
+            held = torch.nn.functional.pad(self.kv_pos >= 0, (0, len(runs) * size - S)).view(-1, size).any(1)
+            self._keys["ranges", size] = [r for r, h in zip(runs, held.tolist()) if h]
+        return self._keys["ranges", size]
+
+    def keys(self, start: int, end: int) -> "PositionMask":
+        """This mask over the key slots [start, end); built once and shared by every layer."""
+        if (start, end) not in self._keys:
+            kv_pos = self.kv_pos[start:end]
+            self._keys[start, end] = PositionMask(self.q_pos, kv_pos, self.window, self.block_size, self.anchor_size)
+        return self._keys[start, end]
 
     def pieces(self):
         """This mask as full and causal pieces for the fused kernels (`attention.fused.split`), or None; found once

@@ -21,6 +21,7 @@ from longctx.attention.decode import DecodeMethod
 from longctx.attention.kernels import attend
 from longctx.attention.mask import PositionMask
 from longctx.attention.merge import MERGE_CHUNK_ELEMENTS, merge_into
+from longctx.attention.quant import pack, packed_width, unpack
 from longctx.attention.strategy import AttentionStrategy, Phase1Memory, Step
 
 
@@ -63,37 +64,61 @@ class RingAttention(AttentionStrategy):
     def phase1_memory(
         self, n_ctx: int, tokens: int, heads: int, kv_heads: int, head_dim: int, itemsize: int
     ) -> Phase1Memory:
-        """The shard held and the one arriving (the last step receives nothing) and the fp32 (output, lse) merged so
-        far; merging a step's partial stacks both in fp32 and weighs them, a chunk of `merge_into`'s rows at a time."""
+        """The shard held and the one arriving (the last step receives nothing), as stored (FP8: its bytes and
+        scales, read back at full width per step) and the fp32 (output, lse) merged so far; merging a step's partial
+        stacks both in fp32 and weighs them, a chunk of `merge_into`'s rows at a time."""
         if self.world == 1:
-            return Phase1Memory()
-        shard = max(shard_length(n_ctx, self.world, r) for r in range(self.world)) * 2 * kv_heads * head_dim * itemsize
+            return Phase1Memory(one_piece=tokens >= self.fed_tokens(n_ctx))
+        keys = max(shard_length(n_ctx, self.world, r) for r in range(self.world))
+        width, wire = packed_width(head_dim, self.kv_dtype or torch.float32)
+        shard = keys * kv_heads * width * (1 if wire == torch.uint8 else itemsize)
+        read = 2 * keys * kv_heads * head_dim * itemsize if wire == torch.uint8 else 0
         running = tokens * heads * (head_dim + 1) * 4
-        held = shard + (max(shard, running) if self.world == 2 else shard + running)
+        held = shard + read + (max(shard, running) if self.world == 2 else shard + running)
         merging = 6 * min(tokens * heads * head_dim, MERGE_CHUNK_ELEMENTS) * 4 + tokens * heads * head_dim * itemsize
-        return Phase1Memory(buffers=held, merging=merging)
+        return Phase1Memory(keys=keys, buffers=held, merging=merging)
+
+    def context_passes(self, n_ctx: int) -> list[Tensor | None]:
+        """On one rank, chunks as global's; over several, each rank's shard in one pass: a zig-zag shard's late
+        chunk needs keys of every rank's shard that a chunked pass would not have made yet."""
+        if self.world == 1:
+            return super().context_passes(n_ctx)
+        if self.chunk is not None and self.chunk < self.fed_tokens(n_ctx):
+            raise ValueError(
+                f"attention=ring over {self.world} ranks feeds each rank's shard in one pass, but ctx.chunk="
+                f"{self.chunk} is shorter than its {self.fed_tokens(n_ctx)} tokens; leave ctx.chunk unset, or use "
+                "attention=star, which feeds its blocks in chunks"
+            )
+        return [self.context_indices(n_ctx)]
+
+    def pass_tokens(self, n_ctx: int) -> int:
+        return super().pass_tokens(n_ctx) if self.world == 1 else self.fed_tokens(n_ctx)
 
     def begin_context(self, cache: KVCache | None, positions: Tensor, windows: set[int | None]) -> Step:
-        if self.world > 1 and self.layout is None:
+        if self.world == 1:  # global's: what the cache holds so far
+            slots = cache.reserve(positions) if cache is not None else None
+            kv_pos = cache.positions if cache is not None else positions
+            return Step("context", {w: [PositionMask(positions, kv_pos, w)] for w in windows}, slots)
+        if self.layout is None:
             raise ValueError("ring phase 1 needs the context layout: call context_indices(n_ctx) first")
         self._starts_empty(cache, "ring")
         slots = cache.reserve(positions) if cache is not None else None
         # step s holds the shard that started on rank (rank - s) mod N
-        shards = (
-            [positions]
-            if self.world == 1
-            else [self.layout[(self.rank - s) % self.world].to(positions.device) for s in range(self.world)]
-        )
+        shards = [self.layout[(self.rank - s) % self.world].to(positions.device) for s in range(self.world)]
         masks = {w: [PositionMask(positions, kv, w) for kv in shards] for w in windows}
         return Step("context", masks, slots)
 
     def attend_context(
         self, q: Tensor, k: Tensor, v: Tensor, kv: LayerKV | None, step: Step, window: int | None
     ) -> Tensor:
-        if step.slots is not None:
+        if kv is not None:
             kv.write(step.slots, k, v)
+        if self.world == 1:
+            mask = step.masks[window][0]
+            return attend(q, kv.k, kv.v, mask, scales=kv.scales) if kv is not None else attend(q, k, v, mask)
+        # the shard as the cache stores it (FP8 with its scales: half the bytes on the wire), read back at q's dtype
         D = k.shape[-1]
-        held = torch.cat([k, v], dim=-1).contiguous()
+        held = kv.pack_new(k, v) if kv is not None else pack(k, v)
         nxt, prev = (self.rank + 1) % self.world, (self.rank - 1) % self.world
         if self.group is not None:
             nxt, prev = dist.get_global_rank(self.group, nxt), dist.get_global_rank(self.group, prev)
@@ -101,12 +126,12 @@ class RingAttention(AttentionStrategy):
         masks = step.masks[window]
         for s, mask in enumerate(masks):
             if s + 1 < self.world:  # start passing the shard on before computing with it
-                incoming = held.new_empty(*held.shape[:2], masks[s + 1].kv_pos.numel(), 2 * D)
+                incoming = held.new_empty(*held.shape[:2], masks[s + 1].kv_pos.numel(), held.shape[-1])
                 # one batch, so NCCL pairs each rank's send with its neighbour's receive instead of deadlocking
                 reqs = dist.batch_isend_irecv(
                     [dist.P2POp(dist.isend, held, nxt, self.group), dist.P2POp(dist.irecv, incoming, prev, self.group)]
                 )
-            o, l = attend(q, held[..., :D], held[..., D:], mask, return_lse=True)
+            o, l = attend(q, *unpack(held, D, q.dtype), mask, return_lse=True)
             if out is None:
                 out, lse = o.float(), l.float()
             else:

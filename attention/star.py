@@ -24,6 +24,8 @@ from longctx.attention.cache import KVCache, LayerKV
 from longctx.attention.decode import DecodeMethod
 from longctx.attention.kernels import attend
 from longctx.attention.mask import PositionMask
+from longctx.attention.merge import MERGE_CHUNK_ELEMENTS, merge_into
+from longctx.attention.quant import pack, packed_width, unpack
 from longctx.attention.strategy import AttentionStrategy, Phase1Memory, Step, attended_pairs
 from longctx.conf.schema import check_fields, option
 
@@ -157,13 +159,18 @@ class StarAttention(AttentionStrategy):
     def phase1_memory(
         self, n_ctx: int, tokens: int, heads: int, kv_heads: int, head_dim: int, itemsize: int
     ) -> Phase1Memory:
-        """The received anchor (broadcast mode), before it is joined to the rank's own K/V; a query sees its block
-        and the anchor."""
+        """A pass attends to the cache; where the anchor is not in it (received in broadcast mode), the anchor as
+        received and read back, and the fp32 output it is merged into. A query sees its block and the anchor."""
         seen = self.anchor_size + self.block_size
         if not self.receives_anchor:
             return Phase1Memory(keys_seen=seen)
-        anchor = min(self.anchor_size, n_ctx)
-        return Phase1Memory(extra_keys=anchor, buffers=anchor * 2 * kv_heads * head_dim * itemsize, keys_seen=seen)
+        anchor = min(self.anchor_size, n_ctx) * kv_heads
+        width, wire = packed_width(head_dim, self.kv_dtype or torch.float32)
+        received = anchor * width * (wire.itemsize if wire == torch.uint8 else itemsize)
+        read = 2 * anchor * head_dim * itemsize if wire == torch.uint8 else 0
+        # after the attention over the cache: its output in fp32 and the merge's temporaries
+        merging = tokens * heads * (head_dim + 1) * 4 + 6 * min(tokens * heads * head_dim, MERGE_CHUNK_ELEMENTS) * 4
+        return Phase1Memory(buffers=received + read, merging=merging, keys_seen=seen)
 
     def describe(self, n_ctx: int, where: str) -> str:
         n_blocks = -(-n_ctx // self.block_size)
@@ -175,33 +182,101 @@ class StarAttention(AttentionStrategy):
     def record(self) -> dict:
         return {"block_size": self.block_size, "anchor_size": self.anchor_size, "anchor_mode": self.anchor_mode}
 
+    def context_passes(self, n_ctx: int) -> list[Tensor | None]:
+        """Chunks of this rank's tokens, as many passes on every rank: in broadcast mode the first rank sends the
+        anchor in every pass, so its first pass holds the whole anchor. Recomputing ranks feed the anchor in front of
+        their tokens and keep none of it, so they take one pass."""
+        if self.world == 1 or self.anchor_mode == "recompute":
+            if self.recomputes_anchor and self.pass_tokens(n_ctx) < self.fed_tokens(n_ctx):
+                raise ValueError(
+                    "star with attention.params.anchor_mode=recompute feeds each rank's blocks in one pass; use "
+                    "anchor_mode=broadcast to feed them in chunks (ctx.chunk)"
+                )
+            return super().context_passes(n_ctx)
+        mine = self._chunks(n_ctx)
+        passes = max(len(self.at(r, self.world)._chunks(n_ctx)) for r in range(self.world))
+        return mine + [None] * (passes - len(mine))
+
+    def _chunks(self, n_ctx: int) -> list[Tensor]:
+        idx, size = self.context_indices(n_ctx), self.pass_tokens(n_ctx)
+        first = max(size, min(self.anchor_size, len(idx))) if self.rank == 0 else size
+        return [idx[:first]] + [idx[i : i + size] for i in range(first, len(idx), size)]
+
+    def pass_tokens(self, n_ctx: int) -> int:
+        """The chunk; on the first rank in broadcast mode at least the anchor (its first pass sends it whole)."""
+        size = super().pass_tokens(n_ctx)
+        if self.rank == 0 and self.world > 1 and self.anchor_mode == "broadcast":
+            return max(size, min(self.anchor_size, self.fed_tokens(n_ctx)))
+        return size
+
+    def idle_pass(self, cache: KVCache) -> None:
+        """The anchor of every layer, sent by the first rank from its cache and taken by the others, as in a pass."""
+        if self.anchor_mode == "broadcast" and self.world > 1:
+            for kv in cache.layers:
+                self._share_anchor(kv)
+
     def begin_context(self, cache: KVCache | None, positions: Tensor, windows: set[int | None]) -> Step:
-        self._starts_empty(cache, "star")
         skip = int((positions < self.anchor_size).sum()) if self.recomputes_anchor else 0
         anchor = torch.arange(self.anchor_size, device=positions.device)
-        kv_pos = torch.cat([anchor, positions]) if self.receives_anchor else positions
-        slots = cache.reserve(positions[skip:]) if cache is not None else None
-        masks = {w: PositionMask(positions, kv_pos, w, self.block_size, self.anchor_size) for w in windows}
+        if cache is None:  # the pass's own tokens, and the anchor's received K/V in front of them
+            kv_pos = torch.cat([anchor, positions]) if self.receives_anchor else positions
+            masks = {w: (PositionMask(positions, kv_pos, w, self.block_size, self.anchor_size), None) for w in windows}
+            return Step("context", masks, None, skip)
+        # what the cache holds so far, and the anchor where it is not in this rank's cache (received or recomputed)
+        slots = cache.reserve(positions[skip:])
+        outside = self.receives_anchor or skip > 0
+        masks = {
+            w: (
+                PositionMask(positions, cache.positions, w, self.block_size, self.anchor_size),
+                PositionMask(positions, anchor, w, self.block_size, self.anchor_size) if outside else None,
+            )
+            for w in windows
+        }
         return Step("context", masks, slots, skip)
 
     def attend_context(
         self, q: Tensor, k: Tensor, v: Tensor, kv: LayerKV | None, step: Step, window: int | None
     ) -> Tensor:
-        if step.slots is not None:
-            kv.write(step.slots, k[:, :, step.skip :], v[:, :, step.skip :])
-        if self.anchor_mode == "broadcast" and self.world > 1:
-            k, v = self._share_anchor(k, v)
-        return attend(q, k, v, step.masks[window])
+        held, outside = step.masks[window]
+        broadcast = self.anchor_mode == "broadcast" and self.world > 1
+        if kv is None:
+            if broadcast:
+                k, v = self._share_anchor_of(k, v)
+            return attend(q, k, v, held)
+        kv.write(step.slots, k[:, :, step.skip :], v[:, :, step.skip :])
+        received = self._share_anchor(kv) if broadcast else None
+        if outside is None:
+            return attend(q, kv.k, kv.v, held, scales=kv.scales)
+        if received is not None:
+            anchor = unpack(received, k.shape[-1], q.dtype)
+        else:  # recomputed here: as the cache would give it back
+            anchor = kv.stored(k[:, :, : step.skip], v[:, :, : step.skip])
+        out, lse = attend(q, kv.k, kv.v, held, return_lse=True, scales=kv.scales)
+        out = out.float()
+        merge_into(out, lse.float(), *attend(q, *anchor, outside, return_lse=True))
+        return out.to(q.dtype)
 
-    def _share_anchor(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Rank 0 sends the anchor's K/V of this layer; the others put it in front of their own."""
-        B, H, _, D = k.shape
-        src = dist.get_global_rank(self.group, 0) if self.group is not None else 0
+    def _source(self) -> int:
+        return dist.get_global_rank(self.group, 0) if self.group is not None else 0
+
+    def _share_anchor(self, kv: LayerKV) -> Tensor | None:
+        """The first rank sends the anchor's K/V of this layer as its cache stores them (FP8 with its scales: half
+        the bytes); the others receive it, packed (`attention.quant.unpack`)."""
+        B, H, _, D = kv.k.shape
         if not self.receives_anchor:
-            dist.broadcast(
-                torch.cat([k[:, :, : self.anchor_size], v[:, :, : self.anchor_size]], -1).contiguous(), src, self.group
-            )
+            dist.broadcast(kv.pack_slots(self.anchor_size), self._source(), self.group)
+            return None
+        width, wire = packed_width(D, kv.k.dtype)
+        anchor = torch.empty(B, H, self.anchor_size, width, dtype=wire, device=kv.k.device)
+        dist.broadcast(anchor, self._source(), self.group)
+        return anchor
+
+    def _share_anchor_of(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Without a KV cache: rank 0 sends the anchor's K/V of this pass; the others put it in front of their own."""
+        B, H, _, D = k.shape
+        if not self.receives_anchor:
+            dist.broadcast(pack(k[:, :, : self.anchor_size], v[:, :, : self.anchor_size]), self._source(), self.group)
             return k, v
         anchor = torch.empty(B, H, self.anchor_size, 2 * D, dtype=k.dtype, device=k.device)
-        dist.broadcast(anchor, src, self.group)
+        dist.broadcast(anchor, self._source(), self.group)
         return torch.cat([anchor[..., :D], k], 2), torch.cat([anchor[..., D:], v], 2)

@@ -4,7 +4,9 @@ A strategy decides, for each forward pass on its rank, which of the new tokens t
 queries attend to. The model calls `begin` once per forward pass (masks are built there, once for all layers) and
 `attend` in every layer. Long prompts run in two phases, driven by `models.generate`:
 
-* phase 1, "context": each rank feeds the context tokens `context_indices` names (its shard) and keeps their KV;
+* phase 1, "context": each rank feeds the context tokens `context_indices` names (its shard) and keeps their KV,
+  `chunk` tokens per forward pass (`context_passes`), so that its activations are bounded by the chunk and not the
+  context; a pass attends to what the cache holds so far;
 * phase 2, "query": the query and generated tokens go to every rank; each attends to its local KV and the
   partials are merged; the new tokens' KV is kept on the last rank. How phase 2 reads a rank's cache is the
   strategy's decode method (attention/decode.py).
@@ -38,6 +40,8 @@ from longctx.conf.schema import schema_of
 
 PHASES = ("context", "query")
 STRATEGIES: dict[str, type[AttentionStrategy]] = {}
+# Context tokens a rank feeds per phase-1 pass where `chunk` is left unset (BENCHMARKS.md, figure `chunked`).
+AUTO_CHUNK = 65536
 
 
 @dataclass
@@ -59,7 +63,7 @@ class NoOptions:
 class Phase1Memory:
     """What one layer of a rank's phase 1 holds for the strategy beyond the model's own tensors (the memory plan)."""
 
-    extra_keys: int = 0  # keys attended beyond the rank's own tokens (star's received anchor)
+    keys: int | None = None  # keys a pass's attention call reads (None: the context the rank's cache keeps)
     buffers: int = 0  # bytes of the strategy's own buffers during the layer's attention
     merging: int = 0  # bytes of the temporaries of merging a partial into them
     keys_seen: int | None = None  # the most keys of earlier blocks and its own a query sees (None: all)
@@ -90,6 +94,11 @@ class AttentionStrategy:
             "name"
         ):  # (a subclass that keeps its parent's name, e.g. to record calls, is no new strategy)
             STRATEGIES[cls.name] = cls
+
+    # How the KV cache stores keys and values (None: in the model's dtype), and the context tokens a rank feeds per
+    # phase-1 pass (None: AUTO_CHUNK, where the strategy can cut its tokens): set by `attention.from_config`.
+    kv_dtype: torch.dtype | None = None
+    chunk: int | None = None
 
     def __init__(self, group: dist.ProcessGroup | None = None, decode: DecodeMethod | None = None):
         self.decode = decode if decode is not None else DenseDecode()
@@ -145,6 +154,20 @@ class AttentionStrategy:
         of a context of any length holds no tensor of its length)."""
         return n_ctx
 
+    def pass_tokens(self, n_ctx: int) -> int:
+        """The most context tokens this rank feeds in one phase-1 pass."""
+        return min(self.fed_tokens(n_ctx), self.chunk or AUTO_CHUNK)
+
+    def context_passes(self, n_ctx: int) -> list[Tensor | None]:
+        """The context indices this rank feeds in each phase-1 pass, in order; None: a pass in which it feeds
+        nothing but takes part in the others' collectives (`idle_pass`). Every rank of a strategy that communicates
+        in phase 1 makes as many passes."""
+        idx, size = self.context_indices(n_ctx), self.pass_tokens(n_ctx)
+        return [idx[i : i + size] for i in range(0, max(len(idx), 1), size)]
+
+    def idle_pass(self, cache: KVCache) -> None:
+        """This rank's part of the others' collectives in a pass where it feeds nothing (`context_passes`)."""
+
     def kept_context(self, n_ctx: int) -> int:
         """How many context tokens this rank's KV cache keeps."""
         return self.fed_tokens(n_ctx)
@@ -185,7 +208,8 @@ class AttentionStrategy:
     def phase1_memory(
         self, n_ctx: int, tokens: int, heads: int, kv_heads: int, head_dim: int, itemsize: int
     ) -> Phase1Memory:
-        """What a phase-1 layer of this rank holds for the strategy, feeding `tokens` of a context of `n_ctx`."""
+        """What a phase-1 layer of this rank holds for the strategy, feeding `tokens` (a pass's) of a context of
+        `n_ctx`."""
         return Phase1Memory()
 
     def describe(self, n_ctx: int, where: str) -> str | None:
@@ -256,7 +280,7 @@ class GlobalAttention(AttentionStrategy):
     def phase1_memory(
         self, n_ctx: int, tokens: int, heads: int, kv_heads: int, head_dim: int, itemsize: int
     ) -> Phase1Memory:
-        return Phase1Memory(one_piece=True)
+        return Phase1Memory(one_piece=tokens >= self.fed_tokens(n_ctx))
 
     def begin(self, cache: KVCache | None, positions: Tensor, windows: set[int | None]) -> Step:
         # (checked here, not when built: a memory plan builds strategies inside a run of any size, see `at`)
@@ -270,8 +294,9 @@ class GlobalAttention(AttentionStrategy):
         return Step(self.phase, {w: PositionMask(positions, kv_pos, w) for w in windows}, slots)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, kv: LayerKV | None, step: Step, window: int | None) -> Tensor:
-        if step.slots is not None:
-            k, v = kv.write(step.slots, k, v)
-        if self.phase == "query" and kv is not None:
+        if kv is None:
+            return attend(q, k, v, step.masks[window])
+        kv.write(step.slots, k, v)
+        if self.phase == "query":
             return self.decode.attend(q, kv, step.masks[window], self.group, 1)
-        return attend(q, k, v, step.masks[window])
+        return attend(q, kv.k, kv.v, step.masks[window], scales=kv.scales)

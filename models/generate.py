@@ -83,9 +83,8 @@ def generate_tokens(
     generator = None
     if sampling.seed is not None:
         generator = torch.Generator(device=device).manual_seed(sampling.seed)
-    model.setup_cache(
-        1, strategy.cache_slots(n_ctx, len(prompt) - n_ctx + max_new_tokens), summarize=strategy.summarize
-    )
+    slots = strategy.cache_slots(n_ctx, len(prompt) - n_ctx + max_new_tokens)
+    model.setup_cache(1, slots, dtype=strategy.kv_dtype, summarize=strategy.summarize)
     seq = list(prompt)
     reencode_at = model.args.reencode_position()
     with torch.inference_mode():
@@ -116,13 +115,18 @@ def generate_tokens(
 
 
 def prefill(model: Transformer, tokens: Tensor, n_ctx: int) -> Tensor:
-    """The last logits of `tokens` fed as a prompt: its first `n_ctx` through phase 1, the rest through phase 2,
-    rotated as one forward pass over all of them would rotate them (`span`)."""
+    """The last logits of `tokens` fed as a prompt: its first `n_ctx` through phase 1, a chunk of this rank's tokens
+    per pass (`AttentionStrategy.context_passes`), the rest through phase 2, rotated as one forward pass over all of
+    them would rotate them (`span`)."""
     strategy, n = model.attention, tokens.numel()
     if n_ctx:
         strategy.set_phase("context")
-        local = strategy.context_indices(n_ctx).to(tokens.device)
-        model(tokens[local][None], local, last_only=True, span=n)
+        for local in strategy.context_passes(n_ctx):
+            if local is None:
+                strategy.idle_pass(model.cache)
+                continue
+            local = local.to(tokens.device)
+            model(tokens[local][None], local, last_only=True, span=n)
     strategy.set_phase("query")
     query = torch.arange(n_ctx, n, device=tokens.device)
     return model(tokens[None, n_ctx:], query, last_only=True, span=n)

@@ -213,8 +213,9 @@ class Transformer(nn.Module):
     def setup_cache(
         self, batch: int, slots: int, dtype: torch.dtype | None = None, summarize: Summarize | None = None
     ) -> KVCache:
-        """Allocate a KV cache of `slots` tokens per layer (in the weights' dtype unless `dtype` says otherwise), with
-        the per-block summaries a strategy's decode method asks for (`summarize`)."""
+        """Allocate a KV cache of `slots` tokens per layer, stored in the weights' dtype unless `dtype` says otherwise
+        (FP8 keeps per-token scales beside it: attention/cache.py), with the per-block summaries a strategy's decode
+        method asks for (`summarize`)."""
         ref = self.tok_embeddings.weight
         self.cache = None  # the old cache goes before the new one is made: never two at once
         self.cache = KVCache(
@@ -226,6 +227,7 @@ class Transformer(nn.Module):
             dtype or ref.dtype,
             ref.device,
             summarize,
+            ref.dtype,
         )
         return self.cache
 

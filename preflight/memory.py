@@ -24,7 +24,9 @@ import torch
 from longctx import attention
 from longctx.attention.dense import MASK_CHUNK_ELEMENTS
 from longctx.attention.fused import MAX_CAUSAL_SQUARE
-from longctx.attention.kernels import CPU_FLASH_MIN_QUERIES, FLEX_MIN_QUERIES, flex_bucket
+from longctx.attention.kernels import CPU_FLASH_MIN_QUERIES, DEQUANT_SLOTS, FLEX_MIN_QUERIES, flex_bucket
+from longctx.attention.merge import MERGE_CHUNK_ELEMENTS
+from longctx.attention.quant import is_fp8
 from longctx.models.config import ModelArgs
 from longctx.models.transformer import FeedForward, Transformer
 from longctx.parallel.tensor import TensorParallel, local_args, valid_degrees
@@ -164,13 +166,17 @@ def _rank_plan(
     b = dtype.itemsize
     D, Hkv, Hq = args.head_dim, args.n_kv_heads, args.n_heads
     slots = s.cache_slots(shape.n_ctx, shape.n_after)
-    # keys and values, the slots' positions (and their index), what the decode method keeps beside them
-    kv = args.n_layers * (2 * Hkv * D * slots * b + s.decode.cache_bytes(slots, Hkv, D, b)) + 2 * slots * 8
-    # phase 1: T tokens fed, attending to S keys
-    T = s.fed_tokens(shape.n_ctx) if shape.n_ctx else 0
+    fp8 = is_fp8(s.kv_dtype) if s.kv_dtype is not None else False
+    # keys and values as stored (FP8: a byte each and an fp32 scale per token and KV head), the slots' positions
+    # (and their index), what the decode method keeps beside them
+    per_slot = 2 * Hkv * (D + 4) if fp8 else 2 * Hkv * D * (s.kv_dtype or dtype).itemsize
+    kv = args.n_layers * (per_slot * slots + s.decode.cache_bytes(slots, Hkv, D, b)) + 2 * slots * 8
+    # phase 1: a pass of T tokens, attending to the cache (or what the strategy says)
+    T = s.pass_tokens(shape.n_ctx) if shape.n_ctx else 0
     m = s.phase1_memory(shape.n_ctx, T, Hq, Hkv, D, b)
+    keys = s.kept_context(shape.n_ctx) if m.keys is None else m.keys
     phase1 = (
-        _layer_peak(args, T, T + m.extra_keys, b, device, m.keys_seen, m.buffers, m.merging, one_piece=m.one_piece)
+        _layer_peak(args, T, keys, b, device, m.keys_seen, m.buffers, m.merging, one_piece=m.one_piece, fp8=fp8)
         if T
         else 0
     )
@@ -178,7 +184,7 @@ def _rank_plan(
     # phase 2: the query tokens (at most n_after), then one token at a time, attending to the whole local cache
     Q = max(1, shape.n_after if shape.n_query is None else min(shape.n_query, shape.n_after))
     workspace = s.decode.workspace_bytes(Hq, Hkv, D, Q, slots, b)
-    phase2 = _layer_peak(args, Q, slots, b, device, workspace=workspace) + _rotary_bytes(args, Q, b)
+    phase2 = _layer_peak(args, Q, slots, b, device, workspace=workspace, fp8=fp8) + _rotary_bytes(args, Q, b)
     logits = args.vocab_size * (b + 4) * 2  # the last position's logits, and their fp32 copy for sampling
     terms = {"weights": weights, "KV cache": kv}
     transient = {"phase 1: one layer's activations": phase1 + rotary, "phase 2: one layer's activations": phase2}
@@ -187,7 +193,7 @@ def _rank_plan(
     terms["logits"] = logits
     if device == "cuda":
         # a decode step's own tensors live on in the CUDA graph's private pool
-        terms["CUDA graph pool"] = _layer_peak(args, DECODE_QUERY_TOKENS, slots, b, device) + logits
+        terms["CUDA graph pool"] = _layer_peak(args, DECODE_QUERY_TOKENS, slots, b, device, fp8=fp8) + logits
     return RankPlan(s.rank, terms)
 
 
@@ -207,12 +213,21 @@ def _layer_peak(
     merging: int = 0,
     workspace: int | None = None,
     one_piece: bool = False,
+    fp8: bool = False,
 ) -> int:
     """The most bytes one layer holds at once over T tokens attending to S keys (star: `seen`, the block and anchor
     sizes, bounds the keys beyond its own a query sees): the largest of the moments below, as `models.transformer`
     allocates them; `extra`: the strategy's own buffers during attention, `merging`: its merge's temporaries,
-    `workspace`: the attention's own (default: the dense kernel's, `_kernel_workspace`, with `one_piece`)."""
+    `workspace`: the attention's own (default: the dense kernel's, `_kernel_workspace`, with `one_piece`); `fp8`:
+    the S keys are stored in FP8, which the kernels read DEQUANT_SLOTS at a time (but the Lean kernel in place)."""
     D, Hq, Hkv, dim, inter = args.head_dim, args.n_heads, args.n_kv_heads, args.dim, args.intermediate_size
+    if fp8 and not (device == "cuda" and T < FLEX_MIN_QUERIES):
+        piece = min(S, DEQUANT_SLOTS)
+        extra += 2 * piece * Hkv * D * b  # a piece's keys and values at full width
+        if S > piece:  # the pieces' partials merged into fp32
+            extra += T * Hq * (D + 1) * 4
+            merging = max(merging, 6 * min(T * Hq * D, MERGE_CHUNK_ELEMENTS) * 4)
+        S = piece
     row = T * b
     eager = device != "cuda"  # on CUDA the elementwise chains are fused kernels without temporaries
     qkv = (Hq + 2 * Hkv) * D
@@ -285,7 +300,7 @@ QUERY_ALLOWANCE = 256  # tokens of a question and chat template after the contex
 
 def plan_config(cfg, world: int | None = None, n_ctx: int | None = None, dtype: torch.dtype | None = None) -> Plan:
     """The plan of the run `cfg` describes (a runner config), optionally with another rank count, context or dtype."""
-    from longctx.preflight.options import resolve_device, resolve_dtype
+    from longctx.preflight.options import resolve_device, resolve_dtype, resolve_kv_dtype
 
     world = world or cfg.parallel.nproc
     tp = cfg.parallel.get("tp", 1)
@@ -297,7 +312,15 @@ def plan_config(cfg, world: int | None = None, n_ctx: int | None = None, dtype: 
     if n_ctx is not None:
         shape = RunShape(n_ctx, shape.n_after, shape.n_query)
     args = ModelArgs.from_preset(cfg.model)
-    strategy = attention.from_config(cfg.attention, cfg.get("decode"), shape.n_ctx, world // tp)
+    kv = cfg.get("kv") or {}
+    strategy = attention.from_config(
+        cfg.attention,
+        cfg.get("decode"),
+        shape.n_ctx,
+        world // tp,
+        kv_dtype=resolve_kv_dtype(kv.get("dtype", "auto")),
+        chunk=(cfg.get("ctx") or {}).get("chunk"),
+    )
     return plan_run(args, strategy, shape, world // tp, dtype, device.type, cfg.model.name, tp)
 
 
@@ -341,7 +364,11 @@ def check_fits(cfg, device: torch.device) -> Plan:
     terms = max(plan.ranks, key=lambda r: r.total).terms
     parts = ", ".join(f"{name.split(':')[0]} {n / GiB:.1f}" for name, n in terms.items() if n >= 0.05 * GiB)
     shared = avail * plan.world if device.type == "cpu" and cfg.memory.get("limit_gib") is None else None
-    fixes = fits_with(cfg, avail, shared)
+    # (a GPU run planned where there is none may name FP8)
+    fp8_ok = (
+        device.type != "cuda" or not torch.cuda.is_available() or torch.cuda.get_device_capability(device) >= (8, 9)
+    )
+    fixes = fits_with(cfg, avail, shared, fp8_ok)
     advice = (
         f"; fits with {' or '.join(fixes)}"
         if fixes
@@ -357,13 +384,42 @@ def check_fits(cfg, device: torch.device) -> Plan:
 RANK_COUNTS = (2, 4, 8, 16, 32, 64, 128)
 
 
-def fits_with(cfg, avail: int, shared: int | None = None) -> list[str]:
-    """The smallest change of each kind that fits in `avail` bytes per rank: more ranks, a shorter context, bf16.
-    `shared`: the bytes all ranks share (CPU ranks on one host), where fewer ranks leave each more."""
+def _largest_chunk(cfg, avail: int, n_ctx: int) -> int | None:
+    """The largest of CHUNKS below the configured chunk that fits in `avail`, if any."""
+    from omegaconf import OmegaConf
+
+    current = min(cfg.get("ctx", {}).get("chunk") or attention.strategy.AUTO_CHUNK, n_ctx)
+    for chunk in (c for c in CHUNKS if c < current):
+        try:
+            if plan_config(OmegaConf.merge(cfg, {"ctx": {"chunk": chunk}})).need <= avail:
+                return chunk
+        except ValueError:  # a layout that cannot be chunked (ring across ranks)
+            return None
+    return None
+
+
+CHUNKS = (32768, 16384, 8192, 4096)  # phase-1 chunks a fix may name
+
+
+def fits_with(cfg, avail: int, shared: int | None = None, fp8_ok: bool = True) -> list[str]:
+    """The smallest change of each kind that fits in `avail` bytes per rank: the KV cache in FP8 (where `fp8_ok`,
+    the device can compute with it) or a smaller phase-1 chunk (both, where neither alone fits), before more ranks,
+    a shorter context, bf16. `shared`: the bytes all ranks share (CPU ranks on one host), where fewer ranks leave
+    each more."""
     from omegaconf import OmegaConf
 
     fixes = []
     base = plan_config(cfg)
+    fp8 = fp8_ok and cfg.get("kv", {}).get("dtype", "auto") != "fp8"
+    if fp8 and plan_config(OmegaConf.merge(cfg, {"kv": {"dtype": "fp8"}})).need <= avail:
+        fixes.append("kv.dtype=fp8")
+    for over in ({}, {"kv": {"dtype": "fp8"}}) if fp8 else ({},):
+        if not over and fixes:
+            continue
+        chunk = _largest_chunk(OmegaConf.merge(cfg, over), avail, base.shape.n_ctx)
+        if chunk is not None:
+            fixes.append(" ".join(["kv.dtype=fp8"] * bool(over) + [f"ctx.chunk={chunk}"]))
+            break
     if shared is not None:  # the most ranks below the requested that fit the shared memory
         for n in range(base.world - base.tp, 0, -base.tp):
             try:

@@ -19,11 +19,13 @@ from typing import Any
 import torch
 
 from longctx import attention
+from longctx.attention.quant import FP8
+from longctx.attention.strategy import AUTO_CHUNK
 from longctx.conf.schema import OptionError, check_node, option, schema_of
 from longctx.models.builtin import BUILTINS
 from longctx.models.config import DTYPES, ModelArgs
 
-__all__ = ["OptionError", "RunOptions", "TaskSpec", "check", "resolve_device", "resolve_dtype"]
+__all__ = ["OptionError", "RunOptions", "TaskSpec", "check", "resolve_device", "resolve_dtype", "resolve_kv_dtype"]
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -78,6 +80,30 @@ class ModelOptions:
 class CtxOptions:
     name: str = option("", "the preset's name")
     length: int = option(2048, "context tokens: the demo prompt's, ruler's default length, bench's prompt", low=1)
+    chunk: int | None = option(
+        None,
+        "context tokens a rank feeds through the model per phase-1 pass, which bounds its activations; null: "
+        f"{AUTO_CHUNK} (ring across ranks: its whole shard)",
+        low=1,
+    )
+
+
+KV_DTYPES = ("auto", *DTYPES, "fp8")
+
+
+@dataclass
+class KVOptions:
+    dtype: str = option(
+        "auto",
+        "how the KV cache stores keys and values: auto (the model's dtype), fp8 (e4m3 with a scale per token and KV "
+        "head: half of bf16's bytes; GPUs of compute capability 8.9 or newer, or the CPU), or a dtype",
+        choices=KV_DTYPES,
+    )
+
+
+def resolve_kv_dtype(name: str) -> torch.dtype | None:
+    """`kv.dtype` as a torch dtype; None for auto (the model's)."""
+    return None if name == "auto" else FP8 if name == "fp8" else DTYPES[name]
 
 
 @dataclass
@@ -125,6 +151,7 @@ class RunOptions:
     seed: int = option(0, "seed of sampling and of random weights", low=0)
     model: ModelOptions = option(doc="the model preset (conf/model/)", factory=ModelOptions)
     ctx: CtxOptions = option(doc="the context length preset (conf/ctx/)", factory=CtxOptions)
+    kv: KVOptions = option(doc="the KV cache", factory=KVOptions)
     parallel: ParallelOptions = option(doc="ranks (conf/parallel/)", factory=ParallelOptions)
     memory: MemoryOptions = option(doc="the check before loading", factory=MemoryOptions)
     wandb: WandbOptions = option(doc="W&B logging", factory=WandbOptions)
@@ -274,6 +301,7 @@ def check(cfg, tasks: Mapping[str, TaskSpec]) -> None:
         decode.check_context(n, what)
     except ValueError as e:
         raise OptionError(str(e)) from None
+    check_chunk(cfg, *_longest_context(cfg)[::-1])
     args = _check_model(cfg, spec)
     _check_tensor_parallel(cfg, args)
     if spec.check is not None:
@@ -301,6 +329,14 @@ def _shortest_context(cfg) -> tuple[str, int]:
     return ("task.lengths", min(lengths)) if lengths else ("ctx.length", cfg.ctx.length)
 
 
+def _longest_context(cfg) -> tuple[str, int]:
+    """The longest context the task feeds, and where its length comes from."""
+    lengths, prompt = cfg.task.get("lengths"), cfg.task.get("prompt_tokens")
+    if lengths:
+        return "task.lengths", max(lengths)
+    return ("task.prompt_tokens", prompt) if prompt else ("ctx.length", cfg.ctx.length)
+
+
 def take_launcher_world(cfg, world: int) -> None:
     """Under torchrun the launcher fixes the number of ranks: `parallel.nproc` follows it (where left at 1) or must
     equal it, so that every check and the memory plan see the real layout."""
@@ -312,7 +348,11 @@ def take_launcher_world(cfg, world: int) -> None:
     cfg.parallel.nproc = world
 
 
+FP8_CAPABILITY = (8, 9)  # Ada and Hopper: the first GPUs that convert e4m3 in hardware
+
+
 def _check_device(cfg, spec: TaskSpec) -> None:
+    _check_kv_device(cfg, spec)
     if not cfg.device.startswith("cuda") or not spec.needs_model:
         return
     if not torch.cuda.is_available():
@@ -325,6 +365,42 @@ def _check_device(cfg, spec: TaskSpec) -> None:
             f"parallel.nproc={cfg.parallel.nproc} but this machine has {torch.cuda.device_count()} "
             "GPUs; use at most that many ranks here, or torchrun across machines"
         )
+
+
+def _check_kv_device(cfg, spec: TaskSpec) -> None:
+    """FP8 KV on a GPU that cannot compute with it stops here, naming the GPU and the choices."""
+    if cfg.kv.dtype != "fp8" or not spec.needs_model:
+        return
+    device = resolve_device(cfg.device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return
+    capability = torch.cuda.get_device_capability(device)
+    if capability < FP8_CAPABILITY:
+        raise OptionError(
+            f"kv.dtype=fp8 needs a GPU of compute capability {'.'.join(map(str, FP8_CAPABILITY))} or newer, but "
+            f"{torch.cuda.get_device_name(device)} is {'.'.join(map(str, capability))}; use kv.dtype="
+            f"{' or '.join(d for d in KV_DTYPES if d != 'fp8')}"
+        )
+
+
+def check_chunk(cfg, n_ctx: int, what: str) -> None:
+    """`ctx.chunk` against the longest context the task feeds (`what` names where its length comes from) and the
+    strategy's layout of it (ring across ranks feeds whole shards)."""
+    chunk = cfg.ctx.get("chunk")
+    if chunk is None:
+        return
+    if chunk > n_ctx:
+        raise OptionError(
+            f"ctx.chunk={chunk} is larger than the context ({what}={n_ctx}); use at most {n_ctx}, or leave ctx.chunk "
+            f"unset (null: {AUTO_CHUNK} tokens per pass)"
+        )
+    hosts = cfg.parallel.nproc // cfg.parallel.tp
+    strategy = attention.from_config(cfg.attention, cfg.get("decode"), n_ctx, hosts, chunk=chunk)
+    try:
+        for rank in range(hosts):
+            strategy.at(rank, hosts).context_passes(n_ctx)
+    except ValueError as e:
+        raise OptionError(str(e)) from None
 
 
 def _check_model(cfg, spec: TaskSpec) -> ModelArgs:

@@ -146,13 +146,27 @@ class Context:
     def strategy(self, n_ctx: int) -> attention.AttentionStrategy:
         """The configured strategy and decode method over the hosts (each rank in its context-parallel group)."""
         return attention.from_config(
-            self.cfg.attention, self.cfg.decode, n_ctx, self.layout.hosts, group=self.layout.cp_group
+            self.cfg.attention,
+            self.cfg.decode,
+            n_ctx,
+            self.layout.hosts,
+            group=self.layout.cp_group,
+            kv_dtype=options.resolve_kv_dtype(self.cfg.kv.dtype),
+            chunk=self.cfg.ctx.get("chunk"),
         )
 
     def strategy_params(self) -> dict:
         """The strategy of the last answer, as a results row records it."""
         s = self.model.attention
-        return {"name": s.name, "ranks": self.world, "tp": self.layout.tp, **s.record(), "decode": s.decode.options()}
+        return {
+            "name": s.name,
+            "ranks": self.world,
+            "tp": self.layout.tp,
+            **s.record(),
+            "decode": s.decode.options(),
+            "kv_dtype": self.cfg.kv.dtype,
+            "chunk": self.cfg.ctx.get("chunk"),
+        }
 
     def describe_blocks(self, n_ctx: int) -> None:
         """Say how the strategy laid the context out (once per distinct line)."""

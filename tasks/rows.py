@@ -33,8 +33,8 @@ def digest(path: Path) -> str:
 
 
 # The run's options that change an answer, whatever the task (the tasks add their own).
-ANSWER_OPTIONS = ("model.name", "model.path", "model.builtin", "model.config", "dtype", "seed", "attention", "decode",
-                  "parallel.nproc", "parallel.tp")  # fmt: skip
+ANSWER_OPTIONS = ("model.name", "model.path", "model.builtin", "model.config", "dtype", "kv.dtype", "seed", "attention",
+                  "decode", "parallel.nproc", "parallel.tp")  # fmt: skip
 
 
 def made_from(cfg: Any, task_options: tuple[str, ...], inputs: dict[str, Path]) -> dict:

@@ -164,9 +164,7 @@ def test_what_fits_is_what_the_plan_says_fits():
     length = int(next(f for f in fixes if f.startswith("ctx.length=")).split("=")[1])
     assert memory.plan_config(cfg, n_ctx=length).need <= avail < memory.plan_config(cfg, n_ctx=length + 16384).need
     assert "dtype=bf16" not in fixes  # already bf16
-    with pytest.raises(
-        memory.DoesNotFit, match=r"needs \d+\.\d GiB per rank .* fits with parallel\.nproc=\d+ or ctx\.length="
-    ):
+    with pytest.raises(memory.DoesNotFit, match=r"needs \d+\.\d GiB per rank .* fits with .*parallel\.nproc=\d+ "):
         memory.check_fits(cfg, torch.device("cuda"))
 
 

@@ -1,0 +1,66 @@
+"""FP8 (e4m3) storage of keys and values: one power-of-two scale per token and KV head, set when the token is written.
+
+Why this granularity: a token's scale is fixed once it is written, so decode appends without re-quantizing a block
+that is still filling, and no calibration data is needed; its 4 bytes per `head_dim` FP8 bytes are a small share of
+what decode reads (BENCHMARKS.md, figure `fp8-scales`, sets the round-trip error of per-token scales beside per-block
+and per-tensor ones). Why a power of two: e4m3 keeps 3 mantissa bits at every exponent, so rounding the scale up to
+a power of two costs no precision, and a stored value times its scale is exact in bf16 (and fp32). Every reader
+therefore computes the same numbers whether it dequantizes first (the PyTorch paths) or applies the scale to the
+scores and weights after its matrix products (the Lean kernel), and a shard sent in FP8 reads back as it is stored.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # the largest finite e4m3fn value
+
+
+def is_fp8(dtype: torch.dtype) -> bool:
+    return dtype == FP8
+
+
+def quantize(x: Tensor) -> tuple[Tensor, Tensor]:
+    """x [..., D] as FP8 and its scales [...] (fp32 powers of two): x ≈ q * scale[..., None], |q| <= FP8_MAX."""
+    xf = x.float()
+    amax = xf.abs().amax(-1)
+    # amax / FP8_MAX = m * 2^e with m in [0.5, 1): the scale 2^e keeps every |x| / scale below FP8_MAX
+    exponent = torch.frexp(amax / FP8_MAX).exponent
+    scale = torch.where(amax > 0, torch.ldexp(torch.ones_like(amax), exponent), 1.0)
+    return (xf / scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def dequantize(q: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """The values q [..., D] stand for, in `dtype`."""
+    return (q.float() * scale.unsqueeze(-1)).to(dtype)
+
+
+def round_trip(x: Tensor) -> Tensor:
+    """x as FP8 storage gives it back, in x's dtype."""
+    return dequantize(*quantize(x), x.dtype)
+
+
+def pack(k: Tensor, v: Tensor, scales: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """Keys and values [B, H, n, D] as stored, in one tensor to send: k | v on the last dim at full width; in FP8
+    (`scales` given) their bytes and their scales' bytes, half the bytes of bf16 and a sixteenth more."""
+    if scales is None:
+        return torch.cat([k, v], -1).contiguous()
+    scale_bytes = [s.float().unsqueeze(-1).view(torch.uint8) for s in scales]
+    return torch.cat([k.view(torch.uint8), v.view(torch.uint8), *scale_bytes], -1).contiguous()
+
+
+def unpack(packed: Tensor, head_dim: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """`pack`'s keys and values, in `dtype`."""
+    D = head_dim
+    if packed.dtype != torch.uint8:
+        return packed[..., :D].to(dtype), packed[..., D:].to(dtype)
+    k, v = packed[..., :D].view(FP8), packed[..., D : 2 * D].view(FP8)
+    ks, vs = (packed[..., i : i + 4].contiguous().view(torch.float32).squeeze(-1) for i in (2 * D, 2 * D + 4))
+    return dequantize(k, ks, dtype), dequantize(v, vs, dtype)
+
+
+def packed_width(head_dim: int, dtype: torch.dtype) -> tuple[int, torch.dtype]:
+    """The last dim and dtype of `pack`'s tensor for keys stored in `dtype`."""
+    return (2 * head_dim + 8, torch.uint8) if is_fp8(dtype) else (2 * head_dim, dtype)

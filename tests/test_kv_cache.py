@@ -1,0 +1,171 @@
+"""The KV cache in FP8 and phase 1 in chunks: every reader against float64 attention over the keys as stored, chunked
+against unchunked, and several gloo ranks against one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from longctx import attention, models
+from longctx.attention import kernels
+from longctx.attention.cache import KVCache
+from longctx.attention.decode import DenseDecode
+from longctx.attention.hsr import HSRDecode
+from longctx.attention.mask import PositionMask
+from longctx.attention.quant import FP8, FP8_MAX, dequantize, pack, quantize, round_trip, unpack
+from longctx.models.generate import generate_tokens, prefill
+from tests.distributed import run_ranks
+from tests.helpers import reference
+
+N_CTX, N_QUERY, N_NEW = 45, 4, 5
+
+
+def _tokens(n: int, seed: int = 0) -> list[int]:
+    return torch.randint(0, 96, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+# --- storage
+
+
+def test_fp8_round_trip_is_within_e4m3s_rounding_with_power_of_two_scales():
+    g = torch.Generator().manual_seed(0)
+    # tokens of very different magnitudes, a zero token and values spread over many binades within a token
+    x = torch.randn(2, 3, 40, 64, generator=g) * torch.logspace(-6, 6, 40)[:, None]
+    x *= torch.rand(2, 3, 40, 64, generator=g) ** 4
+    x[0, 0, 5] = 0
+    q, scale = quantize(x)
+    assert q.dtype == FP8 and scale.dtype == torch.float32
+    assert torch.equal(torch.frexp(scale).mantissa, torch.full_like(scale, 0.5))  # powers of two
+    amax = x.abs().amax(-1)
+    used = amax / scale
+    assert bool(((used > FP8_MAX / 2) & (used <= FP8_MAX))[amax > 0].all())  # the top binade is used, never overflowed
+    back = dequantize(q, scale, torch.float32)
+    # normal e4m3 values round to 3 mantissa bits (half a step: 2^-4 relative); below 2^-6 the steps are 2^-9
+    bound = torch.maximum(x.abs() * 2**-4, scale[..., None] * 2**-10)
+    assert bool(((back - x).abs() <= bound).all())
+    assert torch.equal(back[0, 0, 5], torch.zeros(64))
+    # a stored value times its scale is exact in bf16: dequantizing there loses nothing
+    assert torch.equal(dequantize(q, scale, torch.bfloat16).float(), back)
+
+
+def test_packed_shards_read_back_as_stored():
+    k, v = torch.randn(1, 2, 7, 8), torch.randn(1, 2, 7, 8)
+    (k8, ks), (v8, vs) = quantize(k), quantize(v)
+    packed = pack(k8, v8, (ks, vs))
+    assert packed.dtype == torch.uint8 and packed.nbytes == 2 * 7 * (2 * 8 + 8)  # half of bf16's, and the scales
+    got_k, got_v = unpack(packed, 8, torch.float32)
+    assert torch.equal(got_k, round_trip(k)) and torch.equal(got_v, round_trip(v))
+    assert all(torch.equal(a, b) for a, b in zip(unpack(pack(k, v), 8, torch.float32), (k, v)))
+
+
+def _filled_cache(slots: int, n: int, dtype, summarize=None, seed: int = 0):
+    """A one-layer cache of `slots` holding n tokens at scattered positions (some slots left empty)."""
+    g = torch.Generator().manual_seed(seed)
+    cache = KVCache(1, 1, 2, slots, 16, dtype, summarize=summarize, compute_dtype=torch.float32)
+    pos = torch.randperm(3 * n, generator=g)[:n].sort().values
+    k = torch.randn(1, 2, n, 16, generator=g) * torch.rand(1, 2, n, 1, generator=g) * 8
+    v = torch.randn(1, 2, n, 16, generator=g)
+    cache.layers[0].write(cache.reserve(pos), k, v)
+    return cache, pos, k, v
+
+
+@pytest.mark.parametrize("queries", [1, 3, 24])  # decode, a short query (dense path), a long one (fused CPU kernel)
+@pytest.mark.parametrize("pieces", [None, 16])  # the whole cache at once, or 16 slots at a time merged
+def test_fp8_cache_reads_equal_float64_attention_over_the_stored_keys(queries, pieces, monkeypatch):
+    if pieces:
+        monkeypatch.setattr(kernels, "DEQUANT_SLOTS", pieces)
+    cache, pos, k, v = _filled_cache(120, 90, FP8)
+    layer = cache.layers[0]
+    q = torch.randn(1, 4, queries, 16, generator=torch.Generator().manual_seed(1))
+    q_pos = torch.arange(300, 300 + queries) - (queries > 1) * 200  # (a long query sees part of the cache)
+    mask = PositionMask(q_pos, cache.positions)
+    out = DenseDecode().attend(q, layer, mask, None, 1)
+    ref, _ = reference(q, round_trip(k), round_trip(v), q_pos.tolist(), pos.tolist(), None)
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=0)
+    # the stored bytes are FP8: no full-width copy of the cache is kept
+    assert layer.k.dtype == layer.v.dtype == FP8 and cache.kv_bytes() == 2 * 120 * 2 * (16 + 4)
+
+
+def test_hsr_reads_fp8_and_summarizes_the_keys_as_stored():
+    method = HSRDecode(eps=1e-3, block=8, sink=0, recent=8)
+    cache, pos, k, v = _filled_cache(128, 128, FP8, summarize=method.summarize, seed=2)
+    layer = cache.layers[0]
+    stored = round_trip(k)
+    assert torch.equal(layer.summary.kmax[:, :, 0].float(), stored[:, :, :8].amax(2))
+    q = torch.randn(1, 4, 1, 16, generator=torch.Generator().manual_seed(3))
+    out = method.attend(q, layer, PositionMask(torch.tensor([500]), cache.positions), None, 1)
+    ref, _ = reference(q, stored, round_trip(v), [500], pos.tolist(), None)
+    # within the certificate's bound of the exact output over the stored keys
+    bound = method.stats[2] / (1 + method.stats[2]) * (round_trip(v).amax(2) - round_trip(v).amin(2)).max()
+    assert (out.double() - ref).abs().max() <= bound + 1e-5
+
+
+# --- phase 1 in chunks, FP8 through the model
+
+
+STRATEGIES = {
+    "global": {},
+    "ring": {},
+    "star": {"block_size": 12, "anchor_size": 7},
+}
+
+
+def _run(path: str, name: str, kv_dtype, chunk, world: int = 1, rank: int = 0):
+    """The model's last prefill logits, the stored keys of every layer by position, and greedy tokens."""
+    strategy = attention.build(name, **STRATEGIES[name])
+    strategy.kv_dtype, strategy.chunk = kv_dtype, chunk
+    model = models.load_model(path, dtype=torch.float32, attention=strategy)
+    prompt = _tokens(N_CTX + N_QUERY)
+    model.setup_cache(1, strategy.cache_slots(N_CTX, N_QUERY), dtype=kv_dtype)
+    with torch.inference_mode():
+        logits = prefill(model, torch.tensor(prompt), N_CTX)[0, -1]
+    cache = model.cache
+    held = cache.positions >= 0
+    keys = torch.stack(
+        [dequantize(layer.k, layer.k_scale, torch.float32) if layer.scales else layer.k for layer in cache.layers]
+    )[:, 0, :, held]
+    out = {"logits": logits, "positions": cache.positions[held], "keys": keys}
+    out["generated"] = list(generate_tokens(model, prompt, N_NEW, context_len=N_CTX))
+    return out
+
+
+def _by_position(runs: list[dict]) -> torch.Tensor:
+    pos = torch.cat([r["positions"] for r in runs])
+    keys = torch.cat([r["keys"] for r in runs], dim=2)
+    return keys[:, :, pos.argsort()]
+
+
+@pytest.mark.parametrize("name", list(STRATEGIES))
+@pytest.mark.parametrize("kv_dtype", [None, FP8])
+@pytest.mark.parametrize("family", ["llama3", "gemma3"])
+def test_chunked_phase1_equals_unchunked(name, kv_dtype, family, hf_checkpoint):
+    _, path = hf_checkpoint(family)
+    whole = _run(str(path), name, kv_dtype, None)
+    for chunk in (1, 5, 16):  # token by token; chunks that cut star's blocks and the anchor
+        cut = _run(str(path), name, kv_dtype, chunk)
+        torch.testing.assert_close(cut["keys"], whole["keys"], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(cut["logits"], whole["logits"], atol=1e-5, rtol=0)
+        assert cut["generated"] == whole["generated"]
+
+
+def test_the_fp8_cache_holds_fp8_values(hf_checkpoint):
+    # (how close FP8 answers stay to full width is measured on real checkpoints: ACCURACY.md)
+    _, path = hf_checkpoint("llama3")
+    full, fp8 = (_run(str(path), "global", d, None) for d in (None, FP8))
+    assert (fp8["logits"] - full["logits"]).abs().max() > 0
+    assert torch.equal(fp8["keys"], round_trip(fp8["keys"])) and not torch.equal(full["keys"], round_trip(full["keys"]))
+
+
+def _ranks_worker(rank, world, path, name, kv_dtype, chunk):
+    return _run(path, name, kv_dtype, chunk, world, rank)
+
+
+@pytest.mark.parametrize("name,world,chunk", [("ring", 2, None), ("star", 2, None), ("star", 2, 5), ("star", 4, 3)])
+def test_fp8_over_gloo_ranks_equals_fp8_on_one_rank(name, world, chunk, hf_checkpoint):
+    _, path = hf_checkpoint("llama3")
+    runs = run_ranks(world, _ranks_worker, str(path), name, FP8, chunk)
+    one = _run(str(path), "global" if name == "ring" else name, FP8, None)
+    torch.testing.assert_close(_by_position(runs), one["keys"], atol=1e-5, rtol=1e-5)
+    for r in runs:
+        torch.testing.assert_close(r["logits"], one["logits"], atol=1e-5, rtol=0)
+        assert r["generated"] == one["generated"]
