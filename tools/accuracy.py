@@ -63,7 +63,12 @@ STRATEGIES = {
     ),
     # HSR sparse decode (attention/hsr.py) at its defaults: phase 1 dense, every decode step certified to eps 1e-3
     "hsr": Strategy("global, decode=hsr", ("attention=global", "decode=hsr")),
+    # the KV cache in FP8 (attention/quant.py), set beside the same strategy at full width
+    "global-fp8": Strategy("global, kv.dtype=fp8", ("attention=global", "kv.dtype=fp8")),
+    "star-default-fp8": Strategy("star, default blocks, kv.dtype=fp8", ("attention=star", "kv.dtype=fp8")),
 }
+# each FP8 strategy's full-width counterpart: the share of answers that are token for token the same
+FULL_WIDTH = {"global-fp8": "global", "star-default-fp8": "star-default"}
 ALL = ("global", "ring", "star4", "star4-recompute", "star8", "star8-recompute")
 
 
@@ -112,6 +117,11 @@ def plan() -> list[Cell]:
     cells += [
         Cell(s, n, st, D4) for st in ("ring", "star4-recompute", "star8-recompute") for n in (1024, 2048, 4096, 8192)
     ]
+    # FP8 KV: global everywhere; star at its defaults where they split the prompt (below 8K it is global's one block)
+    cells += [Cell(s, n, "global-fp8", D4) for n in (1024, 2048, 4096, 8192)] + [Cell(s, 8192, "star-default-fp8", D4)]
+    cells += [Cell(g, n, "global-fp8", D4) for n in (4096, 8192, 16384)]
+    cells += [Cell(g, n, "star-default-fp8", D4) for n in (8192, 16384)]
+    cells += [Cell(g, 32768, st, D2) for st in ("global-fp8", "star-default-fp8")]
     return cells
 
 

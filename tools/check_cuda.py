@@ -562,6 +562,82 @@ def _single_rank(name: str, params: dict) -> attention.AttentionStrategy:
     return strategy
 
 
+def check_fp8() -> bool:
+    """The FP8 KV cache on CUDA: the Lean kernel (in-kernel scales, 1M keys included) and the dequantizing paths of
+    long queries against float64 attention over the keys as stored; prefill logits against the CPU's; chunked phase
+    1 and CUDA-graph decode against eager, unchunked runs."""
+    from longctx.attention import lean
+    from longctx.attention.quant import FP8, quantize
+    from longctx.models.generate import generate_tokens, prefill
+
+    ok = True
+    g = torch.Generator(device="cuda").manual_seed(5)
+    ar = torch.arange
+    cases = [
+        ("decode, 1 query, 8191 keys", 1, 32, 8, ar(8190, 8191), ar(8191), None, 128),
+        ("decode, 1M keys, GQA 4", 1, 32, 8, ar(2**20 - 1, 2**20), ar(2**20), None, 128),
+        ("decode, window 4096", 2, 28, 4, ar(20000, 20001), ar(20001), 4096, 128),
+        ("3 queries, empty slots", 1, 32, 8, ar(5000, 5003), torch.cat([ar(5003), torch.full((997,), -1)]), None, 128),
+        ("64 queries in chunks", 1, 32, 8, ar(9000, 9064), ar(9064), None, 128),
+        ("head dim 256, 20000 keys", 1, 16, 4, ar(19999, 20000), ar(20000), None, 256),
+        ("2048 queries (fused, pieces)", 1, 32, 8, ar(150000, 152048), ar(152048), None, 128),
+        ("star block mask, 300 queries", 1, 32, 8, ar(4000, 4300), ar(4300), None, 128),
+    ]
+    for name, B, hq, hkv, q_pos, kv_pos, window, D in cases:
+        block = 1000 if name.startswith("star") else None
+        mask = PositionMask(q_pos.cuda(), kv_pos.cuda(), window, block, 500 if block else 0)
+        q = torch.randn(B, hq, len(q_pos), D, device="cuda", generator=g).bfloat16()
+        k = (torch.randn(B, hkv, len(kv_pos), D, device="cuda", generator=g) * 4).bfloat16()
+        v = torch.randn(B, hkv, len(kv_pos), D, device="cuda", generator=g).bfloat16()
+        (k8, ks), (v8, vs) = quantize(k), quantize(v)
+        del k, v
+        kernel = "lean" if lean.supports(q, k8, mask) else "pieces"
+        out, lse = attend(q, k8, v8, mask, return_lse=True, scales=(ks, vs))
+        kd, vd = (x.double() * s.double()[..., None] for x, s in ((k8, ks), (v8, vs)))
+        ref, ref_lse = dense_attend(q.double(), kd, vd, mask, return_lse=True)
+        err = ((out.double() - ref).abs().max() / ref.abs().max()).item()
+        lse_err = (lse.double() - ref_lse).abs().max().item()
+        good = err <= TOLERANCE[torch.bfloat16] and lse_err <= 1e-2
+        ok &= good
+        print(f"{'ok  ' if good else 'FAIL'} fp8 {kernel:6} {name:32} rel err {err:.2e}  lse err {lse_err:.2e}")
+        del kd, vd, ref, k8, v8
+    args = _llama_like(head_dim=64, max_seq_len=8192, layer_windows=(None, 300))
+    prompt = torch.randint(0, 1000, (900,), generator=torch.Generator().manual_seed(6))
+    for name, params in (("global", {}), ("star", {"block_size": 200})):
+        logits = []
+        for device in ("cpu", "cuda"):
+            strategy = attention.build(name, **params)
+            strategy.kv_dtype = FP8
+            model = _random_on(args, torch.float32, strategy, device)
+            model.setup_cache(1, 900, dtype=FP8)
+            with torch.inference_mode():
+                logits.append(prefill(model, prompt.to(device), 850).cpu())
+        err = (logits[0] - logits[1]).abs().max().item()
+        good = err < 1e-3
+        ok &= good
+        print(
+            f"{'ok  ' if good else 'FAIL'} fp8 model {name:6} CUDA vs CPU fp32 prefill logits: max abs diff {err:.2e}"
+        )
+        hsr = {"name": "hsr", "eps": 1e-3, "block": 32, "sink": 32, "recent": 64}
+        for decode in (None, hsr):
+            runs = {}
+            for chunk, graphs in ((None, False), (128, False), (None, True)):
+                strategy = attention.build(name, decode=attention.build_decode(decode), **params)
+                strategy.kv_dtype, strategy.chunk = FP8, chunk
+                model = _random_on(args, torch.bfloat16, strategy, "cuda")
+                runs[chunk, graphs] = list(
+                    generate_tokens(model, prompt.tolist(), 40, context_len=850, cuda_graphs=graphs)
+                )
+            good = runs[None, False] == runs[128, False] == runs[None, True]
+            ok &= good
+            method = (decode or {"name": "dense"})["name"]
+            print(
+                f"{'ok  ' if good else 'FAIL'} fp8 model {name:6} {method:5} chunked phase 1 and CUDA-graph decode "
+                f"generate the eager unchunked tokens: {good}"
+            )
+    return ok
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("no CUDA device", file=sys.stderr)
@@ -577,8 +653,10 @@ def main() -> int:
         return 0 if check_kernels() & check_fused_model() & check_recompiles() else 1
     if "--hsr" in sys.argv:
         return 0 if check_hsr() & check_graphs() else 1
+    if "--fp8" in sys.argv:
+        return 0 if check_fp8() else 1
     ok = check_kernels() & check_lean() & check_hsr() & check_graphs()
-    ok &= check_model() & check_scaled() & check_fused_model() & check_recompiles()
+    ok &= check_model() & check_scaled() & check_fused_model() & check_recompiles() & check_fp8()
     return 0 if ok else 1
 
 

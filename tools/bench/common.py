@@ -40,7 +40,7 @@ class Table:
 
 
 def device_name() -> str:
-    return torch.cuda.getdevice_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
 
 
 def fmt(x) -> str:
