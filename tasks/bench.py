@@ -132,6 +132,9 @@ def task_bench(c: Context) -> dict:
         "peak_host_bytes_per_rank": host_peaks,
         **c.model.attention.record(),
         "decode": c.model.attention.decode.options(),
+        "kv_dtype": c.cfg.kv.dtype,
+        "chunk": c.cfg.ctx.get("chunk"),
+        "kv_bytes_per_rank": gather(c.model.cache.kv_bytes(), c.world),
     }
     if c.lead:
         path = Path(t.results_file)

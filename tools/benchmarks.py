@@ -12,6 +12,9 @@
     python tools/benchmarks.py hosts --nproc 8 --ctx-names 128k,512k,1m   # star vs ring as hosts grow
     python tools/benchmarks.py memory --longest 294912   # the memory plan against the measured peak (runner.py)
     python tools/benchmarks.py memory --models smollm2,gemma3_270m --lengths 8192 --nproc 1   # the same on CPU
+    python tools/benchmarks.py kv --lengths 32768,131072 --longest 1048576   # bf16 vs FP8 KV, chunked vs one pass
+    python tools/benchmarks.py kv-fits fp8-lean       # the longest context that fits; Lean decode bf16 vs FP8
+    python tools/benchmarks.py fp8-scales             # FP8 round-trip error by scale granularity (CPU, SmolLM2)
 
 Parts combine (`decode prefill model`). Each table replaces its figure's table in `--append FILE` (default
 BENCHMARKS.md; `-` for none): one current table per figure, git keeps the ones before. `--jsonl FILE` also writes
@@ -29,7 +32,7 @@ from pathlib import Path
 import torch
 
 from longctx.parallel.launch import MULTICAST_OFF
-from longctx.tools.bench import kernels, memory, model, runs
+from longctx.tools.bench import kernels, kv, memory, model, runs
 from longctx.tools.bench.common import ROOT, K, Recorder, publish
 
 
@@ -64,6 +67,18 @@ PARTS = {
         runs.bench_hosts,
         lambda a: dict(model=_names(a.models)[0], nproc=a.nproc, ctx_names=_names(a.ctx_names), quick=a.quick),
     ),
+    "kv": (
+        kv.bench_kv,
+        lambda a: dict(
+            contexts=_ints(a.lengths) if a.lengths else [32 * K, 128 * K], longest=a.longest_kv, quick=a.quick
+        ),
+    ),
+    "kv-fits": (kv.bench_kv_fits, lambda a: dict(quick=a.quick)),
+    "fp8-lean": (
+        kv.bench_lean_fp8,
+        lambda a: dict(contexts=_ints(a.lengths) if a.lengths else [32 * K, 128 * K, 256 * K, 1024 * K], quick=a.quick),
+    ),
+    "fp8-scales": (kv.bench_fp8_scales, lambda a: dict(quick=a.quick)),
     "memory": (
         memory.bench_memory,
         lambda a: dict(
@@ -95,7 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--warmup", type=int, default=1, help="ttft: warm-up runs")
     parser.add_argument("--longest", type=int, default=256 * K, help="memory: the longest context measured")
-    parser.add_argument("--lengths", help="memory: comma-separated contexts in tokens instead of 64K, 128K, --longest")
+    parser.add_argument(
+        "--lengths", help="memory, kv, fp8-lean: comma-separated contexts in tokens instead of their defaults"
+    )
+    parser.add_argument("--longest-kv", type=int, help="kv: star with FP8 KV at this context too (1M on an H200)")
     parser.add_argument(
         "--models", default="llama3", help="memory: comma-separated model presets; tp, hosts: the first"
     )
@@ -106,8 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--jsonl", type=Path)
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available() and args.parts != ["memory"]:
-        parser.error("the benchmarks need a CUDA GPU (all but `memory`, which also runs on CPU)")
+    if not torch.cuda.is_available() and not set(args.parts) <= {"memory", "fp8-scales"}:
+        parser.error("the benchmarks need a CUDA GPU (all but `memory` and `fp8-scales`, which run on CPU)")
     for switch, off in MULTICAST_OFF.items():
         os.environ.setdefault(switch, off)
     rec = Recorder(args.jsonl)

@@ -1,0 +1,243 @@
+"""The KV cache in FP8 and phase 1 in chunks: `runner.py task=bench` for Llama-3.1-8B shapes (decode, time to first
+token, the plan against the measured peak), the longest context the plan fits on this GPU, the Lean decode kernel
+alone; and on CPU the round-trip error of FP8 scales by granularity on a real model's keys and values."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from longctx.tools.bench.common import ROOT, K, Recorder, Table, graph_timed
+
+GiB = 2**30
+CALIBRATION = 256  # tokens a fixed per-tensor scale is taken from (`bench_fp8_scales`)
+
+
+def _bench(results: Path, *options: str) -> str:
+    """runner.py -m task=bench with `options`; returns the command as a table shows it."""
+    argv = [sys.executable, "runner.py", "-m", "task=bench", "model=llama3", "task.new_tokens=40", "task.repeats=1",
+            "wandb.mode=disabled", *options, f"task.results_file={results}"]  # fmt: skip
+    subprocess.run(argv, cwd=ROOT, check=True)
+    return " ".join(["python"] + argv[1:-1])
+
+
+def bench_kv(rec: Recorder, contexts: list[int], longest: int | None = None, quick: bool = False) -> list[Table]:
+    """Global and star, bf16 against FP8 KV, at each context (star alone at `longest`); chunked phase 1 against one
+    pass. Each sweep runs in one process, a 4K run first so that compiles are not timed."""
+    results = Path(tempfile.mkdtemp()) / "kv.jsonl"
+    lengths = ",".join(map(str, [4 * K, *contexts]))
+    commands = [
+        _bench(results, "attention=global,star", "kv.dtype=auto,fp8", f"ctx.length={lengths}", "task.warmup=0"),
+        # one pass at each context, against the default chunks above; and chunks of 8K at the shortest
+        _bench(
+            results, "attention=global,star", f"ctx.length={contexts[-1]}", f"ctx.chunk={contexts[-1]}", "task.warmup=0"
+        ),  # fmt: skip
+        _bench(results, "attention=global,star", f"ctx.length={contexts[0]}", "ctx.chunk=8192", "task.warmup=0"),
+    ]
+    if longest:
+        commands.append(_bench(results, "attention=star", "kv.dtype=fp8", f"ctx.length={longest}", "task.warmup=0"))
+    records = [json.loads(line) for line in results.read_text().splitlines()]
+    for r in records:
+        rec.emit(r, part="kv")
+    records = [r for r in records if r["ctx"] > 4 * K]
+    runs = Table(
+        "Llama-3.1-8B shapes on 1 GPU: the KV cache in bf16 against FP8, global and star",
+        "\n".join(commands),
+        [
+            "attention",
+            "context",
+            "KV",
+            "chunk",
+            "TTFT (s)",
+            "decode (tok/s)",
+            "FP8 / bf16 decode",
+            "FP8 / bf16 TTFT",
+            "planned peak (GiB)",
+            "measured peak (GiB)",
+            "planned / measured",
+        ],  # fmt: skip
+    )
+    runs.figure = "fp8-runs"
+    default = [r for r in records if r.get("chunk") is None]
+    base = {(r["attention"], r["ctx"]): r for r in default if r["kv_dtype"] == "auto"}
+    for r in default:
+        b = base.get((r["attention"], r["ctx"]))
+        fp8 = r["kv_dtype"] == "fp8"
+        planned, peak = r["planned_peak_bytes_per_rank"][0], r["peak_mem_bytes_per_rank"][0]
+        runs.rows.append([
+            r["attention"], r["ctx"], "fp8" if fp8 else "bf16", "default", r["ttft_s"], r["decode_tok_s"],
+            r["decode_tok_s"] / b["decode_tok_s"] if fp8 and b else float("nan"),
+            r["ttft_s"] / b["ttft_s"] if fp8 and b else float("nan"), planned / GiB, peak / GiB, planned / peak,
+        ])  # fmt: skip
+    runs.notes.append(
+        "Random weights, bf16 activations, batch 1; TTFT covers phase 1 and phase 2 (the last 64 prompt tokens) up to "
+        "the first token, decode the 38 tokens after it and two set-up steps. Chunk `default`: 64K tokens per pass. "
+        "Peaks: the CUDA allocator's, against the plan `task=plan` prints."
+    )
+    chunked = Table(
+        "Llama-3.1-8B shapes on 1 GPU: phase 1 in chunks against one pass (bf16 KV)",
+        "\n".join(commands[:3]),
+        ["attention", "context", "chunk", "TTFT (s)", "chunked / one pass", "measured peak (GiB)"],
+    )
+    chunked.figure = "chunked"
+    bf16 = [r for r in records if r["kv_dtype"] == "auto"]
+    for r in bf16:
+        one = next(
+            (o for o in bf16 if (o["attention"], o["ctx"]) == (r["attention"], r["ctx"]) and _passes(o) == 1), None
+        )
+        chunk = r.get("chunk") or 64 * K
+        chunked.rows.append([
+            r["attention"], r["ctx"], f"{chunk} ({_passes(r)} passes)", r["ttft_s"],
+            r["ttft_s"] / one["ttft_s"] if one else float("nan"), r["peak_mem_bytes_per_rank"][0] / GiB,
+        ])  # fmt: skip
+    return [runs, chunked]
+
+
+def _passes(r: dict) -> int:
+    """Phase-1 passes of a one-rank bench record (its context less the 64 query tokens)."""
+    return -(-(r["ctx"] - 64) // (r.get("chunk") or 64 * K))
+
+
+def bench_kv_fits(rec: Recorder, quick: bool = False) -> list[Table]:
+    """The longest context the memory plan fits in this GPU's free memory: global and star, bf16 against FP8 KV, the
+    default chunks."""
+    from omegaconf import OmegaConf
+
+    from longctx.preflight import memory
+
+    free, _ = torch.cuda.mem_get_info()
+    base = OmegaConf.load(ROOT / "conf" / "config.yaml")
+    cfg = OmegaConf.create({k: v for k, v in base.items() if k not in ("defaults", "hydra")})
+    for group, name in {"model": "llama3", "ctx": "1m", "parallel": "single", "task": "bench"}.items():
+        cfg[group] = OmegaConf.merge(cfg.get(group) or {}, OmegaConf.load(ROOT / "conf" / group / f"{name}.yaml"))
+    cfg.device = "cuda"
+    table = Table(
+        "Llama-3.1-8B shapes: the longest context the memory plan fits on one GPU",
+        "python tools/benchmarks.py kv-fits",
+        ["attention", "KV", "longest context (tokens)", "KV cache (GiB)", "planned need (GiB)", "free (GiB)"],
+    )
+    table.figure = "kv-fits"
+    for attention in ("global", "star"):
+        cfg.attention = OmegaConf.load(ROOT / "conf" / "attention" / f"{attention}.yaml")
+        for kv in ("auto", "fp8"):
+            cfg.kv = {"dtype": kv}
+            lo, hi = 0, 4 << 20
+            while hi - lo > 1024:
+                mid = (lo + hi) // 2 // 1024 * 1024
+                lo, hi = (mid, hi) if memory.plan_config(cfg, n_ctx=mid).need <= free else (lo, mid)
+            plan = memory.plan_config(cfg, n_ctx=lo)
+            row = [attention, "fp8" if kv == "fp8" else "bf16", lo, plan.ranks[0].terms["KV cache"] / GiB,
+                   plan.need / GiB, free / GiB]  # fmt: skip
+            rec.emit(dict(zip(table.columns, row)), part="kv-fits")
+            table.rows.append(row)
+    table.notes.append(
+        "Need: the fullest rank's tensors, 5% slack and the CUDA runtime, as `memory.check` compares it with free "
+        "memory before loading. Figure `fp8-runs` runs the longest of them."
+    )
+    return [table]
+
+
+def bench_lean_fp8(rec: Recorder, contexts: list[int], quick: bool = False) -> list[Table]:
+    """Decode attention alone on the Lean kernel (one query, GQA 4, head dim 128, 8 KV heads): bf16 against FP8."""
+    from longctx.attention import lean
+    from longctx.attention.mask import PositionMask
+    from longctx.attention.quant import quantize
+
+    table = Table(
+        "decode attention over a long KV cache on the Lean kernel: bf16 against FP8 (in-kernel scales)",
+        "python tools/benchmarks.py fp8-lean",
+        ["keys", "bf16 (µs)", "FP8 (µs)", "speedup", "bf16 GB/s", "FP8 GB/s"],
+    )
+    table.figure = "fp8-lean"
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for S in contexts:
+        q = torch.randn(1, 32, 1, 128, device="cuda", generator=g, dtype=torch.bfloat16)
+        k, v = (torch.randn(1, 8, S, 128, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(2))
+        mask = PositionMask(torch.tensor([S - 1], device="cuda"), torch.arange(S, device="cuda"))
+        t16 = graph_timed(lambda: lean.lean_attend(q, k, v, mask))
+        (k8, ks), (v8, vs) = quantize(k), quantize(v)
+        del k, v
+        t8 = graph_timed(lambda: lean.lean_attend(q, k8, v8, mask, scales=(ks, vs)))
+        b16, b8 = 2 * 8 * S * 128 * 2, 2 * 8 * S * (128 + 4)
+        row = [S, t16 * 1e6, t8 * 1e6, t16 / t8, b16 / t16 / 1e9, b8 / t8 / 1e9]
+        rec.emit(dict(zip(table.columns, row)), part="fp8-lean")
+        table.rows.append(row)
+        del k8, v8, ks, vs
+    table.notes.append("CUDA-graph replay times; bytes: keys and values read (FP8: with their fp32 scales).")
+    return [table]
+
+
+def bench_fp8_scales(rec: Recorder, quick: bool = False) -> list[Table]:
+    """Round-trip error of the keys and values of SmolLM2 (real weights, a 2,048-token prose prompt) stored in FP8,
+    by scale granularity: one per token and KV head (what the cache keeps), one per KV head and block of 64 tokens,
+    one per tensor."""
+    from longctx import models
+    from longctx.attention.quant import FP8_MAX, round_trip
+    from longctx.models.builtin import BUILTINS
+
+    path = BUILTINS["smollm2"]()
+    model = models.load_model(path, dtype=torch.float32)
+    licences = sorted(Path("/usr/share/common-licenses").iterdir())  # the prose haystack of ACCURACY.md
+    text = " ".join(f.read_text() for f in licences if f.is_file())
+    ids = models.Tokenizer.from_dir(path).encode(text)[: 2 * K]
+    model.setup_cache(1, len(ids))
+    with torch.inference_mode():
+        model(torch.tensor([ids]), torch.arange(len(ids)))
+    kept = [(layer.k[0], layer.v[0]) for layer in model.cache.layers]
+
+    def blockwise(x: torch.Tensor, n: int) -> torch.Tensor:
+        H, S, D = x.shape
+        return round_trip(x.reshape(H, S // n, n * D)).reshape(H, S, D)
+
+    def per_tensor(x: torch.Tensor) -> torch.Tensor:
+        return round_trip(x.reshape(1, -1)).reshape(x.shape)
+
+    def static(x: torch.Tensor) -> torch.Tensor:
+        """One scale from the first CALIBRATION tokens, as a cache must fix it before later tokens arrive."""
+        amax = x[:, :CALIBRATION].abs().amax()
+        scale = 2.0 ** torch.ceil(torch.log2(amax / FP8_MAX))
+        return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() * scale
+
+    table = Table(
+        "FP8 (e4m3) keys and values of SmolLM2-135M (real weights): round-trip error by scale granularity",
+        "python tools/benchmarks.py fp8-scales",
+        [
+            "scale per",
+            "keys: median (%)",
+            "keys: 99th pct (%)",
+            "keys: largest (%)",
+            "values: median (%)",
+            "values: 99th pct (%)",
+            "values: largest (%)",
+            "scale bytes per token and KV head",
+        ],  # fmt: skip
+    )
+    table.figure = "fp8-scales"
+    S = len(ids) // 64 * 64
+    for name, fn, cost in (
+        ("token and KV head (the cache's)", round_trip, 4),
+        ("64 tokens and KV head", lambda x: blockwise(x, 64), 4 / 64),
+        ("tensor, from all tokens", per_tensor, 0),
+        (f"tensor, fixed from the first {CALIBRATION} tokens", static, 0),
+    ):
+        errs = []
+        for which in (0, 1):
+            x = [kv[which][:, :S] for kv in kept]
+            rel = torch.cat([((fn(t) - t).norm(dim=-1) / t.norm(dim=-1).clamp_min(1e-30)).flatten() for t in x])
+            errs += [100 * rel.median().item(), 100 * rel.quantile(0.99).item(), 100 * rel.max().item()]
+        row = [name, *errs, cost]
+        rec.emit(dict(zip(table.columns, row)), part="fp8-scales")
+        table.rows.append(row)
+    table.notes.append(
+        "Error: |x − FP8(x)| / |x| per token and KV head, over every layer of a 2,048-token prompt of prose. e4m3 is a "
+        "float format (3 mantissa bits over 17 binades), so any scale that leaves the largest value in range gives "
+        "the same error; a scale per token is the one fixed when the token is written (a block's would change as "
+        "decode fills it, and a tensor's is known only once every token is), and a fixed scale clips what grows "
+        f"past its calibration to {FP8_MAX:.0f}."
+    )
+    return [table]
