@@ -137,6 +137,10 @@ def worker(cfg_dict: dict, run_dir: str) -> dict:
     try:
         if cfg.memory.check:  # self-launched GPU ranks: each checks its own GPU before loading
             memory.check_fits(cfg, device)
+            if dist.is_initialized():  # a chunk chosen to fit: the smallest any rank chose, the same on all
+                chunks: list = [None] * dist.get_world_size()
+                dist.all_gather_object(chunks, cfg.ctx.get("chunk"))
+                cfg.ctx.chunk = min((c for c in chunks if c is not None), default=None)
         c = Context(cfg, Path(run_dir), rank, layout, device)
         result = TASKS[cfg.task.name].run(c)
         if rank == 0:

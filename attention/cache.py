@@ -11,7 +11,7 @@ does not know what it summarizes.
 
 How the layer's tokens are stored is the cache's alone: they are written through `LayerKV.write`, and a reader takes
 the layer's tensors with their `scales`. In FP8 (attention/quant.py) each token's keys and values keep one scale per
-KV head beside them; the kernels read them as they are stored (`attention.kernels.attend(..., scales=)`), never
+KV head beside them (its exponent, a byte); the kernels read them as they are stored (`attention.kernels.attend(..., scales=)`), never
 from a full-width copy of the cache, and phase 1 attends to its new tokens as the cache will give them back
 (`LayerKV.stored`), so that every strategy, chunk and rank count reads the same numbers.
 """
@@ -63,7 +63,8 @@ def write_kv_fp8(
 @dataclass
 class LayerKV:
     """One layer's keys and values [batch, kv_heads, slots, head_dim], the positions of the slots (shared by every
-    layer), the summary a decode method asked for, and in FP8 the scales [batch, kv_heads, slots] of each slot."""
+    layer), the summary a decode method asked for, and in FP8 the scales [batch, kv_heads, slots] of each slot (int8
+    exponents: `attention.quant`)."""
 
     k: Tensor
     v: Tensor
@@ -74,7 +75,7 @@ class LayerKV:
 
     @property
     def scales(self) -> tuple[Tensor, Tensor] | None:
-        """(key scales, value scales) where the slots are stored in FP8; None at full width."""
+        """(key scales, value scales) as exponents where the slots are stored in FP8; None at full width."""
         return None if self.k_scale is None else (self.k_scale, self.v_scale)
 
     def write(self, slots: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -135,7 +136,7 @@ class KVCache:
         self.fill = torch.zeros((), dtype=torch.long, device=device)
         self.used = 0
         shape = (batch, kv_heads, slots, head_dim)
-        scaled = lambda: torch.ones(shape[:3], device=device) if is_fp8(dtype) else None  # noqa: E731
+        scaled = lambda: torch.zeros(shape[:3], dtype=torch.int8, device=device) if is_fp8(dtype) else None  # noqa: E731
         self.layers = [
             LayerKV(
                 torch.zeros(shape, dtype=dtype, device=device),

@@ -41,8 +41,9 @@ def masked_scores(q, k, kp, qp, row_ok, window, scale, HAS_WINDOW: tl.constexpr,
 def _fold_tile(q, K, V, KVPOS, kv, n, n_ok, sks, svs, qp, row_ok, window, scale, m_i, l_i, acc, KS, VS, sc, sss,
                D: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr, SCALED: tl.constexpr):  # fmt: skip
     """The online softmax (running max m_i, sum l_i, weighted values acc) after the keys at slots n (where n_ok).
-    SCALED: K and V hold FP8 with a scale per slot (KS, VS at sc + n * sss), converted to q's dtype in registers
-    (exact) and the scales applied to the scores and to the weights of the values, with products summed in fp32."""
+    SCALED: K and V hold FP8 with a scale per slot (its int8 exponent at KS, VS + sc + n * sss), converted to q's
+    dtype in registers (exact) and the scales applied to the scores and to the weights of the values, with products
+    summed in fp32."""
     d = tl.arange(0, D)
     n64 = n.to(tl.int64)
     k = tl.load(K + kv[0] + n64[:, None] * sks + d[None, :], mask=n_ok[:, None], other=0.0)
@@ -52,14 +53,14 @@ def _fold_tile(q, K, V, KVPOS, kv, n, n_ok, sks, svs, qp, row_ok, window, scale,
         k, v = k.to(q.dtype), v.to(q.dtype)
     s = masked_scores(q, k, kp, qp, row_ok, window, scale, HAS_WINDOW, IEEE)
     if SCALED:
-        s = s * tl.load(KS + sc + n64 * sss, mask=n_ok, other=1.0)[None, :]
+        s = s * tl.exp2(tl.load(KS + sc + n64 * sss, mask=n_ok, other=0).to(tl.float32))[None, :]
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp(m_i - m_safe)
     p = tl.exp(s - m_safe[:, None])
     pv = p
     if SCALED:
-        pv = p * tl.load(VS + sc + n64 * sss, mask=n_ok, other=1.0)[None, :]
+        pv = p * tl.exp2(tl.load(VS + sc + n64 * sss, mask=n_ok, other=0).to(tl.float32))[None, :]
     if IEEE:
         acc = acc * alpha[:, None] + tl.dot(pv, v, input_precision="ieee")
     else:
@@ -279,7 +280,7 @@ def run(q, k, v, mask, out, lse, parts_out, parts_lse, programs: int, max_parts:
     DENSE head walks all its tiles in order, with COUNTS = tiles, no list), with config.block_n keys per tile
     (partials by head: parts_out [heads, programs, rows, D]); `certify` = (L [heads, L_ROWS], UNREAD [heads], CERT
     like lse) for the combine to write HSR's certificate, and raise `worst` to the largest
-    (`lean.lean_sparse_attend`). `scales`: (key scales, value scales) [B, Hkv, S] of k, v stored in FP8."""
+    (`lean.lean_sparse_attend`). `scales`: the exponents (int8 [B, Hkv, S]) of the scales of k, v stored in FP8."""
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     G = Hq // Hkv

@@ -17,6 +17,7 @@ from __future__ import annotations
 import gc
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -167,9 +168,9 @@ def _rank_plan(
     D, Hkv, Hq = args.head_dim, args.n_kv_heads, args.n_heads
     slots = s.cache_slots(shape.n_ctx, shape.n_after)
     fp8 = is_fp8(s.kv_dtype) if s.kv_dtype is not None else False
-    # keys and values as stored (FP8: a byte each and an fp32 scale per token and KV head), the slots' positions
-    # (and their index), what the decode method keeps beside them
-    per_slot = 2 * Hkv * (D + 4) if fp8 else 2 * Hkv * D * (s.kv_dtype or dtype).itemsize
+    # keys and values as stored (FP8: a byte each and a scale's exponent per token and KV head), the slots'
+    # positions (and their index), what the decode method keeps beside them
+    per_slot = 2 * Hkv * (D + 1) if fp8 else 2 * Hkv * D * (s.kv_dtype or dtype).itemsize
     kv = args.n_layers * (per_slot * slots + s.decode.cache_bytes(slots, Hkv, D, b)) + 2 * slots * 8
     # phase 1: a pass of T tokens, attending to the cache (or what the strategy says)
     T = s.pass_tokens(shape.n_ctx) if shape.n_ctx else 0
@@ -356,11 +357,22 @@ def _host_available() -> int:
 
 def check_fits(cfg, device: torch.device) -> Plan:
     """The run's plan, if its fullest rank fits in what `available_bytes` allows; else `DoesNotFit` with the
-    smallest changes that fit, each computed from the same plan."""
+    smallest changes that fit, each computed from the same plan. Where `ctx.chunk` is unset and the default chunk
+    is what does not fit, the largest chunk that fits is set in `cfg` instead (and said)."""
     plan = plan_config(cfg)
     avail, source = available_bytes(device, plan.world, cfg.memory.get("limit_gib"))
     if plan.need <= avail:
         return plan
+    chunk = _largest_chunk(cfg, avail, plan.shape.n_ctx) if cfg.get("ctx", {}).get("chunk") is None else None
+    if chunk is not None:
+        cfg.ctx.chunk = chunk
+        print(
+            f"ctx.chunk={chunk}: phase 1 feeds {chunk} tokens per pass, as {attention.strategy.AUTO_CHUNK} would not "
+            f"fit ({source})",
+            file=sys.stderr,
+            flush=True,
+        )
+        return plan_config(cfg)
     terms = max(plan.ranks, key=lambda r: r.total).terms
     parts = ", ".join(f"{name.split(':')[0]} {n / GiB:.1f}" for name, n in terms.items() if n >= 0.05 * GiB)
     shared = avail * plan.world if device.type == "cpu" and cfg.memory.get("limit_gib") is None else None

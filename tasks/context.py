@@ -103,7 +103,8 @@ class Context:
         """Generate with the configured strategy; returns (Generation, seconds to first token, decode tok/s)."""
         self.model.attention = self.strategy(n_ctx)
         self.describe_blocks(n_ctx)
-        remove_progress = phase1_progress(self.model, enabled=stream and self.lead)
+        passes = sum(p is not None for p in self.model.attention.context_passes(n_ctx)) if stream and self.lead else 0
+        remove_progress = phase1_progress(self.model, enabled=stream and self.lead, passes=passes)
         first: list[float] = []
 
         def emit(text: str) -> None:
@@ -212,13 +213,14 @@ class Context:
         return gather(self.kv_bytes, self.world)
 
 
-def phase1_progress(model: Transformer, enabled: bool):
-    """A progress bar over the layers of phase-1 (context) passes, on rank 0; returns the function removing it."""
+def phase1_progress(model: Transformer, enabled: bool, passes: int = 1):
+    """A progress bar over the layers of `passes` phase-1 (context) passes, on rank 0; returns the function removing
+    it."""
     from tqdm import tqdm
 
     if not enabled:
         return lambda: None
-    bar = tqdm(total=len(model.layers), desc="phase 1 (context)", unit="layer", leave=False)
+    bar = tqdm(total=len(model.layers) * max(passes, 1), desc="phase 1 (context)", unit="layer", leave=False)
 
     def step(module, args, output) -> None:
         if model.attention.phase == "context":

@@ -33,26 +33,26 @@ def test_fp8_round_trip_is_within_e4m3s_rounding_with_power_of_two_scales():
     x = torch.randn(2, 3, 40, 64, generator=g) * torch.logspace(-6, 6, 40)[:, None]
     x *= torch.rand(2, 3, 40, 64, generator=g) ** 4
     x[0, 0, 5] = 0
-    q, scale = quantize(x)
-    assert q.dtype == FP8 and scale.dtype == torch.float32
-    assert torch.equal(torch.frexp(scale).mantissa, torch.full_like(scale, 0.5))  # powers of two
+    q, exponent = quantize(x)
+    assert q.dtype == FP8 and exponent.dtype == torch.int8  # the scales are powers of two, kept as exponents
+    scale = torch.exp2(exponent.float())
     amax = x.abs().amax(-1)
     used = amax / scale
     assert bool(((used > FP8_MAX / 2) & (used <= FP8_MAX))[amax > 0].all())  # the top binade is used, never overflowed
-    back = dequantize(q, scale, torch.float32)
+    back = dequantize(q, exponent, torch.float32)
     # normal e4m3 values round to 3 mantissa bits (half a step: 2^-4 relative); below 2^-6 the steps are 2^-9
     bound = torch.maximum(x.abs() * 2**-4, scale[..., None] * 2**-10)
     assert bool(((back - x).abs() <= bound).all())
     assert torch.equal(back[0, 0, 5], torch.zeros(64))
     # a stored value times its scale is exact in bf16: dequantizing there loses nothing
-    assert torch.equal(dequantize(q, scale, torch.bfloat16).float(), back)
+    assert torch.equal(dequantize(q, exponent, torch.bfloat16).float(), back)
 
 
 def test_packed_shards_read_back_as_stored():
     k, v = torch.randn(1, 2, 7, 8), torch.randn(1, 2, 7, 8)
     (k8, ks), (v8, vs) = quantize(k), quantize(v)
     packed = pack(k8, v8, (ks, vs))
-    assert packed.dtype == torch.uint8 and packed.nbytes == 2 * 7 * (2 * 8 + 8)  # half of bf16's, and the scales
+    assert packed.dtype == torch.uint8 and packed.nbytes == 2 * 7 * (2 * 8 + 2)  # half of bf16's, and the exponents
     got_k, got_v = unpack(packed, 8, torch.float32)
     assert torch.equal(got_k, round_trip(k)) and torch.equal(got_v, round_trip(v))
     assert all(torch.equal(a, b) for a, b in zip(unpack(pack(k, v), 8, torch.float32), (k, v)))
@@ -83,7 +83,7 @@ def test_fp8_cache_reads_equal_float64_attention_over_the_stored_keys(queries, p
     ref, _ = reference(q, round_trip(k), round_trip(v), q_pos.tolist(), pos.tolist(), None)
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=0)
     # the stored bytes are FP8: no full-width copy of the cache is kept
-    assert layer.k.dtype == layer.v.dtype == FP8 and cache.kv_bytes() == 2 * 120 * 2 * (16 + 4)
+    assert layer.k.dtype == layer.v.dtype == FP8 and cache.kv_bytes() == 2 * 120 * 2 * (16 + 1)
 
 
 def test_hsr_reads_fp8_and_summarizes_the_keys_as_stored():

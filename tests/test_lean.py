@@ -102,6 +102,7 @@ import torch
 from longctx.attention import lean
 from longctx.attention.dense import dense_attend
 from longctx.attention.mask import PositionMask
+from longctx.attention.quant import dequantize, quantize
 
 ar = torch.arange
 cases = [  # B, Hq, Hkv, q_pos, kv_pos, window, programs
@@ -123,16 +124,23 @@ for i, (B, hq, hkv, q_pos, kv_pos, window, programs) in enumerate(cases):
     out, lse = lean.lean_attend(q, k, v, mask, programs=programs)
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=0)
     torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=0)
+    # the same cache stored in FP8: the kernel scales in its loop, as float64 over the keys as stored
+    (k8, ke), (v8, ve) = quantize(k), quantize(v)
+    out, lse = lean.lean_attend(q, k8, v8, mask, programs=programs, scales=(ke, ve))
+    kd, vd = (dequantize(x, e, torch.float64) for x, e in ((k8, ke), (v8, ve)))
+    ref, ref_lse = dense_attend(q.double(), kd, vd, mask, return_lse=True)
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=0)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=0)
 print("kernel ok", len(cases))
 
 # A GPU whose shared memory holds programs of 16 query rows at most: the launch of a larger one fails (as Triton
 # fails it, before anything runs) and the query tokens go in smaller chunks; where even one token's rows overflow,
 # LeanDoesNotFit sends the caller to the dense path.
 real = lean._triton().run
-def small_gpu(q, k, *args):
+def small_gpu(q, k, *args, **kwargs):
     if q.shape[1] // k.shape[1] * q.shape[2] > 16:
         raise lean._triton().OutOfResources(300000, 232448, "shared memory")
-    return real(q, k, *args)
+    return real(q, k, *args, **kwargs)
 lean._triton().run = small_gpu
 q, k, v = torch.randn(1, 8, 6, 16), torch.randn(1, 2, 300, 16), torch.randn(1, 2, 300, 16)
 mask = PositionMask(ar(300, 306), torch.cat([ar(300)]))
@@ -151,7 +159,8 @@ print("shrink ok")
 
 
 def test_triton_kernel_equals_dense_attention_in_the_interpreter():
-    """The CUDA kernels themselves, run by Triton's CPU interpreter (fp32): stream-K walk, direct writes, combine."""
+    """The CUDA kernels themselves, run by Triton's CPU interpreter (fp32): stream-K walk, direct writes, combine, at
+    full width and over FP8 keys and values."""
     pytest.importorskip("triton")  # a dev dependency on Linux x86-64, where CI runs
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run(

@@ -593,7 +593,7 @@ def check_fp8() -> bool:
         del k, v
         kernel = "lean" if lean.supports(q, k8, mask) else "pieces"
         out, lse = attend(q, k8, v8, mask, return_lse=True, scales=(ks, vs))
-        kd, vd = (x.double() * s.double()[..., None] for x, s in ((k8, ks), (v8, vs)))
+        kd, vd = (x.double() * torch.exp2(e.double())[..., None] for x, e in ((k8, ks), (v8, vs)))
         ref, ref_lse = dense_attend(q.double(), kd, vd, mask, return_lse=True)
         err = ((out.double() - ref).abs().max() / ref.abs().max()).item()
         lse_err = (lse.double() - ref_lse).abs().max().item()
