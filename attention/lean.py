@@ -52,6 +52,7 @@ class LeanConfig:
     stages: int = 3
     programs_per_sm: int = 1
     min_tiles: int = 4  # tiles a program takes at least: a small cache goes to fewer programs, with fewer partials
+    fp8_transposed: bool = False  # FP8 keys and values: both products transposed (lean_triton._fold_tile)
 
 
 # The settings every launch uses; a sweep of them (`decode --tune`) runs each with `CONFIG.scoped(config)`.

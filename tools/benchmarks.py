@@ -76,7 +76,9 @@ PARTS = {
     "kv-fits": (kv.bench_kv_fits, lambda a: dict(quick=a.quick)),
     "fp8-lean": (
         kv.bench_lean_fp8,
-        lambda a: dict(contexts=_ints(a.lengths) if a.lengths else [32 * K, 128 * K, 256 * K, 1024 * K], quick=a.quick),
+        lambda a: dict(
+            contexts=_ints(a.lengths) if a.lengths else [32 * K, 128 * K, 256 * K, 1024 * K], quick=a.quick, tune=a.tune
+        ),
     ),
     "fp8-scales": (kv.bench_fp8_scales, lambda a: dict(quick=a.quick)),
     "memory": (

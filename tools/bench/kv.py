@@ -4,6 +4,9 @@ alone; and on CPU the round-trip error of FP8 scales by granularity on a real mo
 
 from __future__ import annotations
 
+import contextlib
+import io
+import itertools
 import json
 import subprocess
 import sys
@@ -119,31 +122,50 @@ def bench_kv_fits(rec: Recorder, quick: bool = False) -> list[Table]:
     table = Table(
         "Llama-3.1-8B shapes: the longest context the memory plan fits on one GPU",
         "python tools/benchmarks.py kv-fits",
-        ["attention", "KV", "longest context (tokens)", "KV cache (GiB)", "planned need (GiB)", "free (GiB)"],
+        [
+            "attention",
+            "KV",
+            "longest context (tokens)",
+            "phase-1 chunk",
+            "KV cache (GiB)",
+            "planned need (GiB)",
+            "free (GiB)",
+        ],  # fmt: skip
     )
     table.figure = "kv-fits"
+    cfg.memory.limit_gib = free / GiB
     for attention in ("global", "star"):
         cfg.attention = OmegaConf.load(ROOT / "conf" / "attention" / f"{attention}.yaml")
         for kv in ("auto", "fp8"):
             cfg.kv = {"dtype": kv}
-            lo, hi = 0, 4 << 20
+            lo, hi, plan = 0, 4 << 20, None
             while hi - lo > 1024:
                 mid = (lo + hi) // 2 // 1024 * 1024
-                lo, hi = (mid, hi) if memory.plan_config(cfg, n_ctx=mid).need <= free else (lo, mid)
-            plan = memory.plan_config(cfg, n_ctx=lo)
-            row = [attention, "fp8" if kv == "fp8" else "bf16", lo, plan.ranks[0].terms["KV cache"] / GiB,
-                   plan.need / GiB, free / GiB]  # fmt: skip
+                cfg.ctx.length, cfg.ctx.chunk = mid, None
+                try:
+                    with contextlib.redirect_stderr(io.StringIO()):  # (the chunk each fitting plan chose)
+                        fitted = memory.check_fits(cfg, torch.device("cuda"))
+                    lo, plan = mid, (fitted, cfg.ctx.chunk)
+                except memory.DoesNotFit:
+                    hi = mid
+            fitted, chunk = plan
+            row = [attention, "fp8" if kv == "fp8" else "bf16", fitted.shape.n_ctx + 64, chunk or "64K (default)",
+                   fitted.ranks[0].terms["KV cache"] / GiB, fitted.need / GiB, free / GiB]  # fmt: skip
             rec.emit(dict(zip(table.columns, row)), part="kv-fits")
             table.rows.append(row)
     table.notes.append(
         "Need: the fullest rank's tensors, 5% slack and the CUDA runtime, as `memory.check` compares it with free "
-        "memory before loading. Figure `fp8-runs` runs the longest of them."
+        "memory before loading, where an unset `ctx.chunk` shrinks to the largest chunk that fits. Figure `fp8-runs` "
+        "runs the longest of them."
     )
     return [table]
 
 
-def bench_lean_fp8(rec: Recorder, contexts: list[int], quick: bool = False) -> list[Table]:
-    """Decode attention alone on the Lean kernel (one query, GQA 4, head dim 128, 8 KV heads): bf16 against FP8."""
+def bench_lean_fp8(rec: Recorder, contexts: list[int], quick: bool = False, tune: bool = False) -> list[Table]:
+    """Decode attention alone on the Lean kernel (one query, GQA 4, head dim 128, 8 KV heads): bf16 against FP8;
+    `tune`: first FP8 under other launch settings (their table is printed, not published)."""
+    from dataclasses import replace
+
     from longctx.attention import lean
     from longctx.attention.mask import PositionMask
     from longctx.attention.quant import quantize
@@ -155,6 +177,26 @@ def bench_lean_fp8(rec: Recorder, contexts: list[int], quick: bool = False) -> l
     )
     table.figure = "fp8-lean"
     g = torch.Generator(device="cuda").manual_seed(0)
+    if tune:
+        S = contexts[-1]
+        q = torch.randn(1, 32, 1, 128, device="cuda", generator=g, dtype=torch.bfloat16)
+        (k8, ks), (v8, vs) = (quantize(torch.randn(1, 8, S, 128, device="cuda", generator=g)) for _ in range(2))
+        mask = PositionMask(torch.tensor([S - 1], device="cuda"), torch.arange(S, device="cuda"))
+        base = lean.CONFIG.get()
+        settings = itertools.product((False, True), (128, 256), (4, 8), (2, 3), (1, 2))
+        for transposed, block_n, warps, stages, per_sm in settings:
+            config = replace(
+                base, block_n=block_n, warps=warps, stages=stages, programs_per_sm=per_sm, fp8_transposed=transposed
+            )
+            try:
+                with lean.CONFIG.scoped(config):
+                    t = graph_timed(lambda: lean.lean_attend(q, k8, v8, mask, scales=(ks, vs)))
+            except Exception as e:  # a setting that does not compile or fit
+                print(f"tune {config}: {type(e).__name__}", flush=True)
+                continue
+            print(f"tune {transposed=} {block_n=} {warps=} {stages=} {per_sm=}: {t * 1e6:.1f} µs, "
+                  f"{2 * 8 * S * 129 / t / 1e9:.0f} GB/s", flush=True)  # fmt: skip
+        del k8, v8
     for S in contexts:
         q = torch.randn(1, 32, 1, 128, device="cuda", generator=g, dtype=torch.bfloat16)
         k, v = (torch.randn(1, 8, S, 128, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(2))
