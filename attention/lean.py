@@ -52,11 +52,13 @@ class LeanConfig:
     stages: int = 3
     programs_per_sm: int = 1
     min_tiles: int = 4  # tiles a program takes at least: a small cache goes to fewer programs, with fewer partials
-    fp8_transposed: bool = False  # FP8 keys and values: both products transposed (lean_triton._fold_tile)
 
 
 # The settings every launch uses; a sweep of them (`decode --tune`) runs each with `CONFIG.scoped(config)`.
 CONFIG: Setting[LeanConfig] = Setting("lean_config", LeanConfig())
+# Over FP8 keys and values, whose tiles are converted in registers: longer tiles and two programs per SM (BENCHMARKS.md,
+# figure `fp8-lean`; `fp8-lean --tune` sweeps them).
+FP8_CONFIG: Setting[LeanConfig] = Setting("lean_fp8_config", LeanConfig(block_n=256, stages=2, programs_per_sm=2))
 
 
 @dataclass(frozen=True)
@@ -241,10 +243,10 @@ def lean_attend(
         return torch.cat([o for o, _ in parts], dim=2), torch.cat([l for _, l in parts], dim=2)
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
-    config = CONFIG.get()
+    config = (CONFIG if scales is None else FP8_CONFIG).get()
     heads, tiles = B * Hkv, -(-S // config.block_n)
     if programs is None:
-        programs = min(default_programs(q.device), -(-heads * tiles // config.min_tiles))
+        programs = min(_processors(q.device) * config.programs_per_sm, -(-heads * tiles // config.min_tiles))
     programs = min(programs, heads * tiles)
     out = torch.empty(B, Hq, T, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, T, dtype=torch.float32, device=q.device)

@@ -31,12 +31,6 @@ def masked_scores(q, k, kp, qp, row_ok, window, scale, HAS_WINDOW: tl.constexpr,
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
     else:
         s = tl.dot(q, tl.trans(k)) * scale
-    return _masked(s, kp, qp, row_ok, window, HAS_WINDOW)
-
-
-@triton.jit
-def _masked(s, kp, qp, row_ok, window, HAS_WINDOW: tl.constexpr):
-    """Scores s [rows, keys] with -inf where a row must not see a key."""
     ok = (kp[None, :] >= 0) & (kp[None, :] <= qp[:, None]) & row_ok[:, None]
     if HAS_WINDOW:
         ok = ok & (qp[:, None] - kp[None, :] < window)
@@ -47,10 +41,9 @@ def _masked(s, kp, qp, row_ok, window, HAS_WINDOW: tl.constexpr):
 def _fold_tile(q, K, V, KVPOS, kv, n, n_ok, sks, svs, qp, row_ok, window, scale, m_i, l_i, acc, KS, VS, sc, sss,
                D: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr, SCALED: tl.constexpr):  # fmt: skip
     """The online softmax (running max m_i, sum l_i, weighted values acc) after the keys at slots n (where n_ok).
-    SCALED (1 or 2): K and V hold FP8 with a scale per slot (its int8 exponent at KS, VS + sc + n * sss), converted
-    to q's dtype in registers (exact) and the scales applied to the scores and to the weights of the values, with
-    products summed in fp32; 2 computes both products transposed, so that the converted tile is the operand the
-    tensor cores read from registers (`LeanConfig.fp8_transposed`)."""
+    SCALED: K and V hold FP8 with a scale per slot (its int8 exponent at KS, VS + sc + n * sss), converted to q's
+    dtype in registers (exact) and the scales applied to the scores and to the weights of the values, with products
+    summed in fp32."""
     d = tl.arange(0, D)
     n64 = n.to(tl.int64)
     k = tl.load(K + kv[0] + n64[:, None] * sks + d[None, :], mask=n_ok[:, None], other=0.0)
@@ -58,14 +51,7 @@ def _fold_tile(q, K, V, KVPOS, kv, n, n_ok, sks, svs, qp, row_ok, window, scale,
     kp = tl.load(KVPOS + n, mask=n_ok, other=-1)
     if SCALED:
         k, v = k.to(q.dtype), v.to(q.dtype)
-    if SCALED == 2:
-        if IEEE:
-            s = tl.trans(tl.dot(k, tl.trans(q), input_precision="ieee")) * scale
-        else:
-            s = tl.trans(tl.dot(k, tl.trans(q))) * scale
-        s = _masked(s, kp, qp, row_ok, window, HAS_WINDOW)
-    else:
-        s = masked_scores(q, k, kp, qp, row_ok, window, scale, HAS_WINDOW, IEEE)
+    s = masked_scores(q, k, kp, qp, row_ok, window, scale, HAS_WINDOW, IEEE)
     if SCALED:
         s = s * tl.exp2(tl.load(KS + sc + n64 * sss, mask=n_ok, other=0).to(tl.float32))[None, :]
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -75,12 +61,7 @@ def _fold_tile(q, K, V, KVPOS, kv, n, n_ok, sks, svs, qp, row_ok, window, scale,
     pv = p
     if SCALED:
         pv = p * tl.exp2(tl.load(VS + sc + n64 * sss, mask=n_ok, other=0).to(tl.float32))[None, :]
-    if SCALED == 2:
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.trans(tl.dot(tl.trans(v), tl.trans(pv), input_precision="ieee"))
-        else:
-            acc = acc * alpha[:, None] + tl.trans(tl.dot(tl.trans(v), tl.trans(pv.to(v.dtype))))
-    elif IEEE:
+    if IEEE:
         acc = acc * alpha[:, None] + tl.dot(pv, v, input_precision="ieee")
     else:
         acc = acc * alpha[:, None] + tl.dot(pv.to(v.dtype), v)
@@ -331,7 +312,7 @@ def run(q, k, v, mask, out, lse, parts_out, parts_lse, programs: int, max_parts:
         Hkv, S, T, total, programs, tiles, mask.window or 0, D**-0.5,
         G=G, BLOCK_M=max(16, triton.next_power_of_2(G * T)), BLOCK_N=config.block_n, D=D,
         HAS_WINDOW=mask.window is not None, IEEE=q.dtype.itemsize == 4, SPARSE=sparse, HEADS=heads, WALK=walk,
-        SCALED=0 if scales is None else 2 if config.fp8_transposed else 1, num_warps=config.warps, num_stages=config.stages,
+        SCALED=scales is not None, num_warps=config.warps, num_stages=config.stages,
     )  # fmt: skip
     if max_parts > 1 or sparse:
         _lean_combine[(B * Hkv, G * T)](

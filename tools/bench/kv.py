@@ -182,19 +182,16 @@ def bench_lean_fp8(rec: Recorder, contexts: list[int], quick: bool = False, tune
         q = torch.randn(1, 32, 1, 128, device="cuda", generator=g, dtype=torch.bfloat16)
         (k8, ks), (v8, vs) = (quantize(torch.randn(1, 8, S, 128, device="cuda", generator=g)) for _ in range(2))
         mask = PositionMask(torch.tensor([S - 1], device="cuda"), torch.arange(S, device="cuda"))
-        base = lean.CONFIG.get()
-        settings = itertools.product((False, True), (128, 256), (4, 8), (2, 3), (1, 2))
-        for transposed, block_n, warps, stages, per_sm in settings:
-            config = replace(
-                base, block_n=block_n, warps=warps, stages=stages, programs_per_sm=per_sm, fp8_transposed=transposed
-            )
+        base = lean.FP8_CONFIG.get()
+        for block_n, warps, stages, per_sm in itertools.product((128, 256), (4, 8), (2, 3), (1, 2)):
+            config = replace(base, block_n=block_n, warps=warps, stages=stages, programs_per_sm=per_sm)
             try:
-                with lean.CONFIG.scoped(config):
+                with lean.FP8_CONFIG.scoped(config):
                     t = graph_timed(lambda: lean.lean_attend(q, k8, v8, mask, scales=(ks, vs)))
             except Exception as e:  # a setting that does not compile or fit
                 print(f"tune {config}: {type(e).__name__}", flush=True)
                 continue
-            print(f"tune {transposed=} {block_n=} {warps=} {stages=} {per_sm=}: {t * 1e6:.1f} µs, "
+            print(f"tune {block_n=} {warps=} {stages=} {per_sm=}: {t * 1e6:.1f} µs, "
                   f"{2 * 8 * S * 129 / t / 1e9:.0f} GB/s", flush=True)  # fmt: skip
         del k8, v8
     for S in contexts:
