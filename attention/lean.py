@@ -170,9 +170,11 @@ def supports(q: Tensor, k: Tensor, mask: PositionMask) -> bool:
     )
 
 
-def _fitted(q: Tensor, config: LeanConfig) -> LeanConfig:
-    """`config` with as many pipeline stages as fit this GPU's shared memory for q's head dim and dtype."""
-    return replace(config, stages=stages_that_fit(q.shape[-1], q.element_size(), shared_memory(q.device), config))
+def _fitted(q: Tensor, config: LeanConfig, itemsize: int | None = None) -> LeanConfig:
+    """`config` with as many pipeline stages as fit this GPU's shared memory for q's head dim and the K/V tiles'
+    element size (default: q's)."""
+    itemsize = itemsize or q.element_size()
+    return replace(config, stages=stages_that_fit(q.shape[-1], itemsize, shared_memory(q.device), config))
 
 
 @cache
@@ -256,7 +258,7 @@ def lean_attend(
     parts_lse = torch.empty(parts_out.shape[:3], dtype=torch.float32, device=q.device)
     try:
         parts = (parts_out, parts_lse, programs, max_parts(heads, tiles, programs))
-        _triton().run(q, k, v, mask, out, lse, *parts, _fitted(q, config), scales=scales)
+        _triton().run(q, k, v, mask, out, lse, *parts, _fitted(q, config, k.element_size()), scales=scales)
     except _triton().OutOfResources:
         # Nothing was launched: retry with half the rows per program (chunks of fewer query tokens).
         _ROWS[key] = (_ROWS.get(key, MAX_ROWS) // 2) if q.shape[2] > 1 else 0
