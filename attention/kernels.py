@@ -146,7 +146,7 @@ def attend(
 def _attend_stored(q: Tensor, k: Tensor, v: Tensor, scales: tuple[Tensor, Tensor], mask: PositionMask):
     """`attend` over FP8 keys and values: on the Lean kernel, which scales in its loop, or DEQUANT_SLOTS slots at a
     time dequantized and merged."""
-    if q.is_cuda and lean.supports(q, k, mask):
+    if q.is_cuda and not use_flex(q) and lean.supports(q, k, mask):  # decode and short queries
         try:
             return lean.lean_attend(q, k, v, mask, scales=scales)
         except lean.LeanDoesNotFit:

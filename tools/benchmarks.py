@@ -70,7 +70,11 @@ PARTS = {
     "kv": (
         kv.bench_kv,
         lambda a: dict(
-            contexts=_ints(a.lengths) if a.lengths else [32 * K, 128 * K], longest=a.longest_kv, quick=a.quick
+            contexts=_ints(a.lengths) if a.lengths else [32 * K, 128 * K],
+            strategies=_names(a.attention) if a.attention != "ring,star" else ["global", "star"],
+            longest=a.longest_kv,
+            warmup=a.warmup,
+            quick=a.quick,
         ),
     ),
     "kv-fits": (kv.bench_kv_fits, lambda a: dict(quick=a.quick)),

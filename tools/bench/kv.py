@@ -78,13 +78,13 @@ def bench_kv(rec: Recorder, contexts: list[int], longest: int | None = None, qui
             r["ttft_s"] / b["ttft_s"] if fp8 and b else float("nan"), planned / GiB, peak / GiB, planned / peak,
         ])  # fmt: skip
     runs.notes.append(
-        "Random weights, bf16 activations, batch 1; TTFT covers phase 1 and phase 2 (the last 64 prompt tokens) up to "
-        "the first token, decode the 38 tokens after it and two set-up steps. Chunk `default`: 64K tokens per pass. "
-        "Peaks: the CUDA allocator's, against the plan `task=plan` prints."
+        "Random weights, bf16 activations, batch 1, after a warm-up run; TTFT covers phase 1 and phase 2 (the last 64 "
+        "prompt tokens) up to the first token, decode the 37 tokens after it and two set-up steps. Chunk `default`: "
+        "64K tokens per pass. Peaks: the CUDA allocator's, against the plan `task=plan` prints."
     )
     chunked = Table(
         "Llama-3.1-8B shapes on 1 GPU: phase 1 in chunks against one pass (bf16 KV)",
-        "\n".join(commands[:3]),
+        "\n".join(commands),
         ["attention", "context", "chunk", "TTFT (s)", "chunked / one pass", "measured peak (GiB)"],
     )
     chunked.figure = "chunked"
