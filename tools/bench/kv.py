@@ -29,19 +29,26 @@ def _bench(results: Path, *options: str) -> str:
     return " ".join(["python"] + argv[1:-1])
 
 
-def bench_kv(rec: Recorder, contexts: list[int], longest: int | None = None, quick: bool = False) -> list[Table]:
-    """Global and star, bf16 against FP8 KV, at each context (star alone at `longest`); chunked phase 1 against one
-    pass. Each sweep runs in one process, a 4K run first so that compiles are not timed."""
+def bench_kv(
+    rec: Recorder,
+    contexts: list[int],
+    strategies: list[str],
+    longest: int | None = None,
+    warmup: int = 1,
+    quick: bool = False,
+) -> list[Table]:
+    """The strategies, bf16 against FP8 KV, at each context (star alone at `longest`); chunked phase 1 against one
+    pass at the longest context (and chunks of 8K at the shortest, where there are two). Each sweep runs in one
+    process; every timed run follows `warmup` untimed ones (0: a 4K run first, so that compiles are not timed)."""
     results = Path(tempfile.mkdtemp()) / "kv.jsonl"
-    lengths = ",".join(map(str, [4 * K, *contexts]))
+    lengths = ",".join(map(str, [4 * K] * (warmup == 0) + contexts))
+    each = (f"attention={','.join(strategies)}", f"task.warmup={warmup}")
     commands = [
-        _bench(results, "attention=global,star", "kv.dtype=auto,fp8", f"ctx.length={lengths}", "task.warmup=0"),
-        # one pass at each context, against the default chunks above; and chunks of 8K at the shortest
-        _bench(
-            results, "attention=global,star", f"ctx.length={contexts[-1]}", f"ctx.chunk={contexts[-1]}", "task.warmup=0"
-        ),  # fmt: skip
-        _bench(results, "attention=global,star", f"ctx.length={contexts[0]}", "ctx.chunk=8192", "task.warmup=0"),
+        _bench(results, *each, "kv.dtype=auto,fp8", f"ctx.length={lengths}"),
+        _bench(results, *each, f"ctx.length={contexts[-1]}", f"ctx.chunk={contexts[-1]}"),
     ]
+    if len(contexts) > 1:
+        commands.append(_bench(results, *each, f"ctx.length={contexts[0]}", "ctx.chunk=8192"))
     if longest:
         commands.append(_bench(results, "attention=star", "kv.dtype=fp8", f"ctx.length={longest}", "task.warmup=0"))
     records = [json.loads(line) for line in results.read_text().splitlines()]
