@@ -160,10 +160,11 @@ class StarAttention(AttentionStrategy):
         self, n_ctx: int, tokens: int, heads: int, kv_heads: int, head_dim: int, itemsize: int
     ) -> Phase1Memory:
         """A pass attends to the cache; where the anchor is not in it (received in broadcast mode), the anchor as
-        received and read back, and the fp32 output it is merged into. A query sees its block and the anchor."""
-        seen = self.anchor_size + self.block_size
+        received and read back, and the fp32 output it is merged into. A query sees its block and the anchor (where
+        the anchor is received, the attention over the cache sees the block alone)."""
         if not self.receives_anchor:
-            return Phase1Memory(keys_seen=seen)
+            return Phase1Memory(keys_seen=self.anchor_size + self.block_size)
+        seen = self.block_size
         anchor = min(self.anchor_size, n_ctx) * kv_heads
         width, wire = packed_width(head_dim, self.kv_dtype or torch.float32)
         received = anchor * width * (wire.itemsize if wire == torch.uint8 else itemsize)

@@ -177,7 +177,18 @@ def _rank_plan(
     m = s.phase1_memory(shape.n_ctx, T, Hq, Hkv, D, b)
     keys = s.kept_context(shape.n_ctx) if m.keys is None else m.keys
     phase1 = (
-        _layer_peak(args, T, keys, b, device, m.keys_seen, m.buffers, m.merging, one_piece=m.one_piece, fp8=fp8)
+        _layer_peak(
+            args,
+            T,
+            keys,
+            b,
+            device,
+            m.keys_seen,
+            m.buffers,
+            m.merging,
+            one_piece=m.one_piece,
+            fp8=fp8 and m.keys is None,
+        )
         if T
         else 0
     )

@@ -378,8 +378,8 @@ def _check_kv_device(cfg, spec: TaskSpec) -> None:
     if capability < FP8_CAPABILITY:
         raise OptionError(
             f"kv.dtype=fp8 needs a GPU of compute capability {'.'.join(map(str, FP8_CAPABILITY))} or newer, but "
-            f"{torch.cuda.get_device_name(device)} is {'.'.join(map(str, capability))}; use kv.dtype="
-            f"{' or '.join(d for d in KV_DTYPES if d != 'fp8')}"
+            f"{torch.cuda.get_device_name(device)} is {'.'.join(map(str, capability))}; use kv.dtype=auto or bf16 "
+            f"(kv.dtype: {', '.join(KV_DTYPES)})"
         )
 
 

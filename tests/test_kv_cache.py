@@ -15,7 +15,7 @@ from longctx.attention.mask import PositionMask
 from longctx.attention.quant import FP8, FP8_MAX, dequantize, pack, quantize, round_trip, unpack
 from longctx.models.generate import generate_tokens, prefill
 from tests.distributed import run_ranks
-from tests.helpers import reference
+from tests.helpers import compose_cfg, reference, run_runner
 
 N_CTX, N_QUERY, N_NEW = 45, 4, 5
 
@@ -169,3 +169,43 @@ def test_fp8_over_gloo_ranks_equals_fp8_on_one_rank(name, world, chunk, hf_check
     for r in runs:
         torch.testing.assert_close(r["logits"], one["logits"], atol=1e-5, rtol=0)
         assert r["generated"] == one["generated"]
+
+
+# --- bad input, before anything loads
+
+
+@pytest.mark.parametrize(
+    "overrides,words",
+    [
+        (("kv.dtype=fp4",), ["kv.dtype", "fp4", "fp8"]),
+        (("ctx.chunk=0",), ["ctx.chunk", "0"]),
+        (("ctx.chunk=99999",), ["ctx.chunk=99999", "larger than the context", "ctx.length=2048"]),
+        (
+            ("attention=ring", "parallel.nproc=2", "ctx.chunk=512"),
+            ["attention=ring", "ctx.chunk=512", "attention=star"],
+        ),
+        (
+            ("attention=star", "parallel.nproc=2", "attention.params.anchor_mode=recompute", "ctx.chunk=512"),
+            ["anchor_mode=recompute", "anchor_mode=broadcast", "ctx.chunk"],
+        ),
+    ],
+)
+def test_bad_kv_options_stop_before_loading_with_one_line(tmp_path, overrides, words):
+    res = run_runner(tmp_path, "task=plan", "model=llama3", *overrides, "wandb.mode=disabled", timeout=120)
+    assert res.returncode == 2, res.stderr[-2000:]
+    line = res.stderr.strip().splitlines()[-1]
+    assert line.startswith("error:") and all(w in line for w in words), line
+
+
+def test_fp8_on_a_gpu_that_cannot_compute_with_it_is_refused(monkeypatch):
+    from longctx.preflight import options
+    from longctx.tasks import TASKS
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    cfg = compose_cfg("kv.dtype=fp8", "device=cuda", "task=bench", "model=llama3")
+    with pytest.raises(options.OptionError, match=r"kv\.dtype=fp8 .*A100.* is 8\.0; use kv\.dtype=auto or bf16"):
+        options._check_kv_device(cfg, TASKS["bench"])
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    options._check_kv_device(cfg, TASKS["bench"])  # Hopper computes with it

@@ -10,6 +10,7 @@ import torch
 from omegaconf import OmegaConf
 
 from longctx import attention
+from longctx.attention.quant import FP8
 from longctx.models import generate_tokens, random_model
 from longctx.models.config import ModelArgs
 from longctx.models.transformer import FeedForward
@@ -24,9 +25,13 @@ OVER, UNDER = 0.10, 0.05
 
 
 def _strategy(name: str, params: dict) -> attention.AttentionStrategy:
-    """The strategy `name` with `params`, whose `decode` (a decode config node) gives its decode method."""
+    """The strategy `name` with `params`, whose `decode` (a decode config node) gives its decode method, and
+    `kv_dtype` and `chunk` its KV cache's dtype and phase-1 chunk."""
     params = dict(params)
-    return attention.build(name, decode=attention.build_decode(params.pop("decode", None)), **params)
+    kv_dtype, chunk = params.pop("kv_dtype", None), params.pop("chunk", None)
+    strategy = attention.build(name, decode=attention.build_decode(params.pop("decode", None)), **params)
+    strategy.kv_dtype, strategy.chunk = kv_dtype, chunk
+    return strategy
 
 
 def measured_peak(rank: int, world: int, args: ModelArgs, name: str, params: dict, n: int, new: int, dtype) -> int:
@@ -83,6 +88,46 @@ def test_plan_follows_the_mlp_chunks(monkeypatch):
 )
 def test_plan_of_each_rank_matches_allocation(family, name, params, world, dtype):
     assert_plan_matches(family_args(family), name, params, world, dtype=dtype)
+
+
+@pytest.mark.parametrize(
+    "name,params,world",
+    [
+        ("global", {"kv_dtype": FP8}, 1),
+        ("global", {"chunk": 128}, 1),
+        ("star", {"block_size": 256, "kv_dtype": FP8}, 1),
+        ("star", {"block_size": 256, "kv_dtype": FP8}, 2),
+        ("ring", {"kv_dtype": FP8}, 2),
+        ("global", {"kv_dtype": FP8, "decode": {"name": "hsr", "block": 16, "sink": 16, "recent": 16}}, 1),
+    ],
+)
+def test_plan_of_fp8_kv_and_chunks_matches_allocation(name, params, world):
+    assert_plan_matches(family_args("llama3"), name, params, world)
+
+
+def test_fp8_and_chunks_are_the_fixes_named_first():
+    cfg = _cfg({"ctx": "512k"}, memory={"limit_gib": 80})
+    fixes = memory.fits_with(cfg, 80 * memory.GiB)
+    assert (
+        fixes[0] == "kv.dtype=fp8"
+        and memory.plan_config(OmegaConf.merge(cfg, {"kv": {"dtype": "fp8"}})).need <= 80 * memory.GiB
+    )
+    assert not memory.fits_with(cfg, 80 * memory.GiB, fp8_ok=False)[0].startswith("kv.dtype")
+    # where only a smaller chunk fits: the largest such, named before more ranks
+    cfg = _cfg(kv={"dtype": "fp8"}, ctx={"chunk": 65536})
+    avail = (
+        memory.plan_config(OmegaConf.merge(cfg, {"ctx": {"chunk": 32768}})).need + memory.plan_config(cfg).need
+    ) // 2
+    assert memory.fits_with(cfg, avail)[0] == "ctx.chunk=32768"
+
+
+def test_an_unset_chunk_shrinks_to_the_largest_that_fits():
+    cfg = _cfg(kv={"dtype": "fp8"}, ctx={"length": 921600}, memory={"limit_gib": 79})
+    assert memory.plan_config(cfg).need > 79 * memory.GiB  # 64K tokens per pass would not fit
+    plan = memory.check_fits(cfg, torch.device("cuda"))
+    assert cfg.ctx.chunk in memory.CHUNKS and plan.need <= 79 * memory.GiB
+    bigger = OmegaConf.merge(cfg, {"ctx": {"chunk": 2 * cfg.ctx.chunk}})
+    assert memory.plan_config(bigger).need > 79 * memory.GiB
 
 
 def test_a_new_cache_replaces_the_old_one_without_holding_both():

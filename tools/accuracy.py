@@ -302,6 +302,7 @@ def report(cells: list[Cell]) -> str:
                 f"{'–' if ratio is None else f'{ratio:.0f}%'} | {share:.1%} | {worst:.1e} |"
             )
         lines.append("")
+    lines += fp8_table(cells)
     lines += [
         f"Made by `python tools/accuracy.py run` then `python tools/accuracy.py report` on {time.strftime('%Y-%m-%d')}, "
         f"CPU, fp32, torch {torch.__version__}. A cell shows the mean score over its samples, star's as a percentage of "
@@ -312,6 +313,36 @@ def report(cells: list[Cell]) -> str:
         END,
     ]
     return "\n".join(lines)
+
+
+def fp8_table(cells: list[Cell]) -> list[str]:
+    """Each FP8 KV cell next to the same strategy at full width: both scores on the samples both answered, and the
+    share of those whose greedy answer is token for token the same."""
+    fp8 = [c for c in cells if c.strategy in FULL_WIDTH and c.done()]
+    if not fp8:
+        return []
+    lines = [
+        "The KV cache in FP8 (`kv.dtype=fp8`) against the same strategy at full width (fp32), on the same samples:",
+        "",
+        "| model | length | strategy | samples | full width | FP8 | same answer, token for token |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for c in fp8:
+        base = {
+            r["key"]: r
+            for g in cells
+            if (g.model, g.length, g.strategy) == (c.model, c.length, FULL_WIDTH[c.strategy])
+            for r in _rows(g)
+        }
+        rows = [r for r in _rows(c) if r["key"] in base]
+        if not rows:
+            continue
+        same = sum(r["pred"] == base[r["key"]]["pred"] for r in rows)
+        lines.append(
+            f"| {c.model} | {_label(c.length)} | {STRATEGIES[FULL_WIDTH[c.strategy]].name} | {len(rows)}/{c.samples} | "
+            f"{_score([base[r['key']] for r in rows]):.1f} | {_score(rows):.1f} | {same / len(rows):.0%} |"
+        )
+    return lines + [""]
 
 
 def main(argv: list[str] | None = None) -> int:
