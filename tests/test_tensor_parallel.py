@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from longctx import attention, models
+from longctx.attention.quant import FP8
 from longctx.models.generate import generate_tokens
 from longctx.parallel.tensor import TensorParallel, check_degree, local_args, valid_degrees
 from tests.distributed import run_ranks
@@ -41,18 +42,23 @@ def _prompt() -> list[int]:
 
 
 def _strategy(kind: str, group=None) -> attention.AttentionStrategy:
-    if kind.startswith("star"):
-        return attention.build(
-            "star", block_size=BLOCK, anchor_size=ANCHOR, anchor_mode=kind.split("-")[1], group=group
+    """`kind`: global, ring, star-broadcast or star-recompute, with `-fp8` for a KV cache in FP8."""
+    name, fp8 = kind.removesuffix("-fp8"), kind.endswith("-fp8")
+    if name.startswith("star"):
+        strategy = attention.build(
+            "star", block_size=BLOCK, anchor_size=ANCHOR, anchor_mode=name.split("-")[1], group=group
         )
-    return attention.build(kind, group=group)
+    else:
+        strategy = attention.build(name, group=group)
+    strategy.kv_dtype = FP8 if fp8 else None
+    return strategy
 
 
 def _run(model: models.Transformer, strategy: attention.AttentionStrategy) -> dict:
     """Phase-1 logits of this rank's context tokens, the query's logits, and greedy generation."""
     prompt = torch.tensor(_prompt())
     model.attention = strategy
-    model.setup_cache(1, strategy.cache_slots(N_CTX, N_QUERY))
+    model.setup_cache(1, strategy.cache_slots(N_CTX, N_QUERY), dtype=strategy.kv_dtype)
     idx = strategy.context_indices(N_CTX)
     with torch.no_grad():
         strategy.set_phase("context")
@@ -67,7 +73,7 @@ def _run(model: models.Transformer, strategy: attention.AttentionStrategy) -> di
 def _reference(path: str, kind: str) -> dict:
     """The one-rank model: global for global and ring (exact), star with the same blocks for star."""
     model = models.load_model(path, dtype=torch.float32, attention=attention.build("global"))
-    return _run(model, _strategy("global" if kind == "ring" else kind))
+    return _run(model, _strategy(kind.replace("ring", "global")))
 
 
 def _tp_worker(rank, world, paths: dict, layouts: list[tuple[int, list[str]]]) -> dict:
@@ -112,6 +118,13 @@ def test_tp4_on_one_host_and_two_hosts_of_tp2_equal_one_rank(hf_checkpoint):
     # tp=4 with 2 KV heads: each KV head is replicated on 2 ranks
     paths = {name: _path(hf_checkpoint, name) for name in FAMILIES}
     layouts = [(4, ["global"]), (2, ["ring", "star-broadcast", "star-recompute"])]
+    _check(run_ranks(4, _tp_worker, paths, layouts), paths, layouts)
+
+
+def test_fp8_kv_over_two_hosts_of_tp2_equals_fp8_on_one_rank(hf_checkpoint):
+    # each rank's cache holds its KV heads in FP8; ring's shards and star's anchor travel in it
+    paths = {"llama3": _path(hf_checkpoint, "llama3")}
+    layouts = [(2, ["ring-fp8", "star-broadcast-fp8"])]
     _check(run_ranks(4, _tp_worker, paths, layouts), paths, layouts)
 
 
