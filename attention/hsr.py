@@ -245,8 +245,8 @@ def hsr_attend(
     B, Hq, T, D = q.shape
     Hkv, nb = k.shape[1], summary.count.numel()
     low = _low(eps, nb)
-    if scales is None and _triton_path(q, k, mask, summary, low):
-        return _triton_attend(q, k, v, mask, summary, eps, sink, recent, low, stats)
+    if _triton_path(q, k, mask, summary, low, scales):
+        return _triton_attend(q, k, v, mask, summary, eps, sink, recent, low, stats, scales)
     visible, always = block_roles(summary, mask, sink, recent)
     u = score_bounds(q, summary).masked_fill(~visible, -math.inf)  # [B, Hq, T, nb]
     top = u.view(B, Hkv, -1, nb).amax(2).masked_fill(always, -math.inf)  # a block's best bound over its rows
@@ -288,16 +288,17 @@ def _triton_attend(
     recent: int,
     low: int,
     stats: Tensor | None = None,
+    scales: tuple[Tensor, Tensor] | None = None,
 ) -> HSRResult:
     """`hsr_attend` on the Triton kernels: the selection (`hsr_triton.select`), then the Lean walk over each head's
     list of blocks, whose combine writes the certificate (and raises the largest in `stats`)."""
     rule = (*DENSE_SHARE, PROBE_EVERY)
     tiles, units, dense, L, unread, read, visible = _triton().select(
-        q, k, mask, summary, eps, sink, recent, BINS, low, rule, lean.default_programs(q.device), stats
+        q, k, mask, summary, eps, sink, recent, BINS, low, rule, lean.default_programs(q.device), stats, scales
     )
     worst = None if stats is None else stats[2:].view(torch.int64)
     out, lse, cert = lean.lean_sparse_attend(
-        q, k, v, mask, tiles, units, summary.block, dense=dense, certify=(L, unread), worst=worst
+        q, k, v, mask, tiles, units, summary.block, dense=dense, certify=(L, unread), worst=worst, scales=scales
     )
     return HSRResult(out, lse, cert, read.view(q.shape[0], k.shape[1]), visible[0])
 
@@ -328,14 +329,17 @@ def attend_blocks(
     return out.reshape(B, Hq, T, D).to(q.dtype), lse.reshape(B, Hq, T)
 
 
-def _triton_path(q: Tensor, k: Tensor, mask: PositionMask, summary: KeySummary, low: int) -> bool:
+def _triton_path(
+    q: Tensor, k: Tensor, mask: PositionMask, summary: KeySummary, low: int, scales: tuple | None = None
+) -> bool:
     """Shapes the kernels take: those of the Lean kernel, tiles of at least 16 keys (its matrix products' smallest
     side), at most 64 query rows per KV head and 1024 (batch x KV head) pairs (registers), bins in fp32's range,
-    summaries in the keys' dtype."""
+    summaries in the queries' dtype and keys in it too, or in FP8 with their `scales`."""
     rows = q.shape[1] // k.shape[1] * q.shape[2]
     return (
         q.dtype != torch.float64
-        and q.dtype == k.dtype == summary.kmin.dtype
+        and q.dtype == summary.kmin.dtype
+        and (k.dtype == q.dtype or scales is not None)
         and summary.block >= 16
         and rows <= 64
         and q.shape[0] * k.shape[1] <= 1024

@@ -50,13 +50,19 @@ SELECT_ALONE: Setting[int] = Setting("select_alone", 512)
 
 
 @triton.jit
-def _row_lse(q, K, KVPOS, base, blk, skn, S, qp, row_ok, window, scale,
-             BLOCK: tl.constexpr, D: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
-    """Exact log-sum-exp per query row of the visible keys of block `blk` (-inf where none)."""
+def _row_lse(q, K, KVPOS, base, blk, skn, S, qp, row_ok, window, scale, KS, sbase, sss,
+             BLOCK: tl.constexpr, D: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr,
+             SCALED: tl.constexpr):  # fmt: skip
+    """Exact log-sum-exp per query row of the visible keys of block `blk` (-inf where none). SCALED: the keys are
+    FP8 with a scale per slot (its int8 exponent at KS + sbase + n * sss), as the Lean kernel reads them."""
     n = blk * BLOCK + tl.arange(0, BLOCK)
     kp = tl.load(KVPOS + n, mask=n < S, other=-1)
     k = tl.load(K + base + n.to(tl.int64)[:, None] * skn + tl.arange(0, D)[None, :], mask=(n < S)[:, None], other=0.0)
+    if SCALED:
+        k = k.to(q.dtype)
     s = masked_scores(q, k, kp, qp, row_ok, window, scale, HAS_WINDOW, IEEE)
+    if SCALED:
+        s = s * tl.exp2(tl.load(KS + sbase + n.to(tl.int64) * sss, mask=n < S, other=0).to(tl.float32))[None, :]
     m = tl.max(s, 1)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     total = tl.sum(tl.exp(s - m_safe[:, None]), 1)
@@ -100,10 +106,12 @@ def _reads_everything(UNTIL, QPOS, head, T, BLOCK_M: tl.constexpr):
 
 @triton.jit
 def _bounds_part(
-    Q, K, KMIN, KMAX, COUNT, PMIN, PMAX, QPOS, KVPOS, U, PLSE, BEST_U, BEST_I, BEST_LSE, head, chunk, dense,
-    sqb, sqh, sqt, skb, skh, skn, smb, smh, smn, sub, suh, sut, Hkv, T, S, NB, chunks, window, sink, recent, scale,
+    Q, K, KS, KMIN, KMAX, COUNT, PMIN, PMAX, QPOS, KVPOS, U, PLSE, BEST_U, BEST_I, BEST_LSE, head, chunk, dense,
+    sqb, sqh, sqt, skb, skh, skn, ssb, ssh, sss, smb, smh, smn, sub, suh, sut, Hkv, T, S, NB, chunks, window, sink,
+    recent, scale,
     G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr, ITERS: tl.constexpr, BLOCK: tl.constexpr,
     D: tl.constexpr, ALWAYS: tl.constexpr, SCAN: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr,
+    SCALED: tl.constexpr,
 ):  # fmt: skip
     """One program of `_bounds`: chunk < chunks takes blocks of chunk, the others an ALWAYS share. Returns the
     chunk's visible blocks, counted whether or not the head reads every block this step (dense, 0 or 1); a head
@@ -123,6 +131,7 @@ def _bounds_part(
     first = tl.min(tl.where(row_ok, qp, 2**62), 0)
     last = tl.max(qp, 0)
     base = b * skb + h * skh
+    sbase = b * ssb + h * ssh
     seen = tl.zeros([], tl.int32)
     if chunk < chunks:  # bounds
         best_u = tl.full([], float("-inf"), tl.float32)
@@ -160,7 +169,8 @@ def _bounds_part(
             tl.store(BEST_I + at_chunk, best)
             lse = tl.full([BLOCK_M], float("-inf"), tl.float32)
             if best >= 0:
-                lse = _row_lse(q, K, KVPOS, base, best, skn, S, qp, row_ok, window, scale, BLOCK, D, HAS_WINDOW, IEEE)
+                lse = _row_lse(q, K, KVPOS, base, best, skn, S, qp, row_ok, window, scale, KS, sbase, sss, BLOCK, D,
+                               HAS_WINDOW, IEEE, SCALED)  # fmt: skip
             tl.store(BEST_LSE + at_chunk * BLOCK_M + rows, lse)
     else:  # the exact log-sum-exp of the always-read blocks of rank a mod ALWAYS
         a = chunk - chunks
@@ -175,7 +185,27 @@ def _bounds_part(
                 i = tl.argmax(todo, 0)
                 lse = _logaddexp(
                     lse,
-                    _row_lse(q, K, KVPOS, base, s0 + i, skn, S, qp, row_ok, window, scale, BLOCK, D, HAS_WINDOW, IEEE),
+                    _row_lse(
+                        q,
+                        K,
+                        KVPOS,
+                        base,
+                        s0 + i,
+                        skn,
+                        S,
+                        qp,
+                        row_ok,
+                        window,
+                        scale,
+                        KS,
+                        sbase,
+                        sss,
+                        BLOCK,
+                        D,
+                        HAS_WINDOW,
+                        IEEE,
+                        SCALED,
+                    ),  # fmt: skip
                 )
                 todo = tl.where(lanes == i, 0, todo)
             before += tl.sum(always, 0)
@@ -186,19 +216,22 @@ def _bounds_part(
 
 @triton.jit
 def _bounds(
-    Q, K, KMIN, KMAX, COUNT, PMIN, PMAX, QPOS, KVPOS, UNTIL, U, PLSE, BEST_U, BEST_I, BEST_LSE, VIS,
-    sqb, sqh, sqt, skb, skh, skn, smb, smh, smn, sub, suh, sut, Hkv, T, S, NB, chunks, window, sink, recent, scale,
+    Q, K, KS, KMIN, KMAX, COUNT, PMIN, PMAX, QPOS, KVPOS, UNTIL, U, PLSE, BEST_U, BEST_I, BEST_LSE, VIS,
+    sqb, sqh, sqt, skb, skh, skn, ssb, ssh, sss, smb, smh, smn, sub, suh, sut, Hkv, T, S, NB, chunks, window, sink,
+    recent, scale,
     G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr, ITERS: tl.constexpr, BLOCK: tl.constexpr,
     D: tl.constexpr, ALWAYS: tl.constexpr, SCAN: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr,
+    SCALED: tl.constexpr,
 ):  # fmt: skip
     """`_bounds_part`, and the chunk's visible blocks (VIS [heads, chunks]): the same for every head (positions
     are), counted by each (a head may finish before another starts)."""
     head = tl.program_id(0)
     chunk = tl.program_id(1)
     seen = _bounds_part(
-        Q, K, KMIN, KMAX, COUNT, PMIN, PMAX, QPOS, KVPOS, U, PLSE, BEST_U, BEST_I, BEST_LSE, head, chunk,
-        _reads_everything(UNTIL, QPOS, head, T, BLOCK_M), sqb, sqh, sqt, skb, skh, skn, smb, smh, smn, sub, suh, sut, Hkv, T, S, NB, chunks, window,
-        sink, recent, scale, G, BLOCK_M, BLOCK_B, ITERS, BLOCK, D, ALWAYS, SCAN, HAS_WINDOW, IEEE,
+        Q, K, KS, KMIN, KMAX, COUNT, PMIN, PMAX, QPOS, KVPOS, U, PLSE, BEST_U, BEST_I, BEST_LSE, head, chunk,
+        _reads_everything(UNTIL, QPOS, head, T, BLOCK_M), sqb, sqh, sqt, skb, skh, skn, ssb, ssh, sss, smb, smh, smn,
+        sub, suh, sut, Hkv, T, S, NB, chunks, window, sink, recent, scale, G, BLOCK_M, BLOCK_B, ITERS, BLOCK, D, ALWAYS,
+        SCAN, HAS_WINDOW, IEEE, SCALED,
     )  # fmt: skip
     if chunk < chunks:
         tl.store(VIS + head * chunks + chunk, seen)
@@ -442,12 +475,13 @@ def _count_visible(COUNT, PMIN, PMAX, QPOS, T, NB, window, sink, recent, BLOCK_M
 
 @triton.jit
 def _select(
-    Q, K, KMIN, KMAX, COUNT, PMIN, PMAX, QPOS, KVPOS, UNTIL, ARRIVED, U, PLSE, BEST_U, BEST_I, BEST_LSE, LOUT, VISIBLE,
-    DENSE, EB, TILES, NREAD, READ, UNREAD, STATS,
-    sqb, sqh, sqt, skb, skh, skn, smb, smh, smn, sub, suh, sut, Hkv, T, S, NB, chunks, window, sink, recent, scale, low, eps,
+    Q, K, KS, KMIN, KMAX, COUNT, PMIN, PMAX, QPOS, KVPOS, UNTIL, ARRIVED, U, PLSE, BEST_U, BEST_I, BEST_LSE, LOUT,
+    VISIBLE, DENSE, EB, TILES, NREAD, READ, UNREAD, STATS,
+    sqb, sqh, sqt, skb, skh, skn, ssb, ssh, sss, smb, smh, smn, sub, suh, sut, Hkv, T, S, NB, chunks, window, sink,
+    recent, scale, low, eps,
     G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr, ITERS: tl.constexpr, BLOCK: tl.constexpr,
     D: tl.constexpr, ALWAYS: tl.constexpr, SCAN: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr,
-    STEP: tl.constexpr, BINS: tl.constexpr, HB: tl.constexpr, CB: tl.constexpr,
+    SCALED: tl.constexpr, STEP: tl.constexpr, BINS: tl.constexpr, HB: tl.constexpr, CB: tl.constexpr,
     NUM: tl.constexpr, DEN: tl.constexpr, PROBE: tl.constexpr, HAS_STATS: tl.constexpr,
 ):  # fmt: skip
     """The whole selection in one launch, for caches of few blocks. A head's first program counts its visible blocks
@@ -486,9 +520,9 @@ def _select(
             )
     if dense == 0:
         _bounds_part(
-            Q, K, KMIN, KMAX, COUNT, PMIN, PMAX, QPOS, KVPOS, U, PLSE, BEST_U, BEST_I, BEST_LSE, head, chunk, dense,
-            sqb, sqh, sqt, skb, skh, skn, smb, smh, smn, sub, suh, sut, Hkv, T, S, NB, chunks, window, sink, recent,
-            scale, G, BLOCK_M, BLOCK_B, ITERS, BLOCK, D, ALWAYS, SCAN, HAS_WINDOW, IEEE,
+            Q, K, KS, KMIN, KMAX, COUNT, PMIN, PMAX, QPOS, KVPOS, U, PLSE, BEST_U, BEST_I, BEST_LSE, head, chunk, dense,
+            sqb, sqh, sqt, skb, skh, skn, ssb, ssh, sss, smb, smh, smn, sub, suh, sut, Hkv, T, S, NB, chunks, window,
+            sink, recent, scale, G, BLOCK_M, BLOCK_B, ITERS, BLOCK, D, ALWAYS, SCAN, HAS_WINDOW, IEEE, SCALED,
         )  # fmt: skip
         tl.debug_barrier()  # every thread's stores before the count (a release: the last program acquires them)
         if tl.atomic_add(ARRIVED + head, 1, sem="acq_rel") == chunks + ALWAYS - 1:
@@ -562,12 +596,12 @@ def update_summary(summary, slots: Tensor, k: Tensor, positions: Tensor) -> None
 
 
 def select(q: Tensor, k: Tensor, mask, summary, eps: float, sink: int, recent: int, bins: int, low: int,
-           rule: tuple[int, int, int], programs: int, stats: Tensor | None = None):  # fmt: skip
+           rule: tuple[int, int, int], programs: int, stats: Tensor | None = None, scales=None):  # fmt: skip
     """The selection of `attention.hsr.hsr_attend` on CUDA, for its final read (`lean.lean_sparse_attend`): per
     (batch, KV head) the tiles to read and their count, whether it reads every block, the first read's lse per row and
     the unread weight; then the blocks read [B * Hkv] and the blocks visible [B * Hkv]. `rule` is the dense-run rule
     (DENSE_SHARE's two parts, PROBE_EVERY), `programs` the SMs' programs a wave holds; `stats` as there, counted by
-    the kernels (their atomics: no launch of its own)."""
+    the kernels (their atomics: no launch of its own); `scales`: the exponents of k's scales where it is FP8."""
     B, Hq, T, D = q.shape
     Hkv, S, nb, block = k.shape[1], k.shape[2], summary.count.numel(), summary.block
     G, heads = Hq // Hkv, B * Hkv
@@ -590,10 +624,12 @@ def select(q: Tensor, k: Tensor, mask, summary, eps: float, sink: int, recent: i
     tiles = torch.empty(heads, nb, dtype=torch.int32, device=dev)
     kmin, kmax, until = summary.kmin, summary.kmax, summary.dense_until
     hb = triton.next_power_of_2(bins + 2)
-    cached = (q, k, kmin, kmax, summary.count, summary.pmin, summary.pmax, mask.q_pos, mask.kv_pos, until)
-    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), kmin.stride(0),
-               kmin.stride(1), kmin.stride(2), u.stride(0), u.stride(1), u.stride(2), Hkv, T, S, nb, chunks,
-               mask.window or 0, sink, recent, 1 / math.sqrt(D))  # fmt: skip
+    ks = scales[0] if scales is not None else until  # (an unused pointer at full width)
+    cached = (q, k, ks, kmin, kmax, summary.count, summary.pmin, summary.pmax, mask.q_pos, mask.kv_pos, until)
+    key_scales = (ks.stride(0), ks.stride(1), ks.stride(2)) if scales is not None else (0, 0, 0)
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), *key_scales,
+               kmin.stride(0), kmin.stride(1), kmin.stride(2), u.stride(0), u.stride(1), u.stride(2), Hkv, T, S, nb,
+               chunks, mask.window or 0, sink, recent, 1 / math.sqrt(D))  # fmt: skip
     shape = dict(
         G=G,
         BLOCK_M=BLOCK_M,
@@ -605,6 +641,7 @@ def select(q: Tensor, k: Tensor, mask, summary, eps: float, sink: int, recent: i
         SCAN=min(SCAN, triton.next_power_of_2(nb)),
         HAS_WINDOW=mask.window is not None,
         IEEE=q.dtype.itemsize == 4,
+        SCALED=scales is not None,
         num_stages=1,
     )  # (ITERS is small: no shared memory for a pipeline of summaries)
     rule = dict(BINS=bins, HB=hb, CB=64, NUM=rule[0], DEN=rule[1], PROBE=rule[2], HAS_STATS=stats is not None)

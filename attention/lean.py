@@ -277,6 +277,7 @@ def lean_sparse_attend(
     dense: Tensor | None = None,
     certify: tuple[Tensor, Tensor] | None = None,
     worst: Tensor | None = None,
+    scales: tuple[Tensor, Tensor] | None = None,
 ):
     """Lean decode over, for each (batch, KV head) h, the blocks (of `block` slots) tiles[h, :counts[h]]
     (tiles [B * Hkv, blocks] int32, counts [B * Hkv] int32): those tiles laid end to end and cut into equal shares
@@ -286,7 +287,8 @@ def lean_sparse_attend(
     (L [B * Hkv, rows], unread [B * Hkv]) also HSR's certificate exp(L - lse) * unread per query row (0 where
     unread is 0; rows are a KV head's query heads x tokens, padded), written by the combine, which also raises
     `worst` (a float64 [1] seen as int64, non-negative: its bits order as its values) to the largest. A head with no tiles
-    gets output 0 and lse -inf. Runs on CUDA, or under TRITON_INTERPRET=1 (tests)."""
+    gets output 0 and lse -inf. `scales`: those of k, v stored in FP8. Runs on CUDA, or under TRITON_INTERPRET=1
+    (tests)."""
     group = q.shape[1] // k.shape[1]
     per_chunk = _ROWS.get((q.shape[-1], q.dtype), MAX_ROWS) // group
     if per_chunk < 1:
@@ -303,6 +305,7 @@ def lean_sparse_attend(
                 counts,
                 block,
                 dense,
+                scales=scales,
             )
             for i in range(0, T, per_chunk)
         ]
@@ -330,8 +333,9 @@ def lean_sparse_attend(
         tile_list = (tiles, counts, torch.empty_like(counts), dense)
         certified = None if certify is None else (*certify, cert)
         parts = (parts_out, parts_lse, programs, programs)
-        _triton().run(q, k, v, mask, out, lse, *parts, _fitted(q, config), tile_list, certified, worst)
+        config = _fitted(q, config, k.element_size())
+        _triton().run(q, k, v, mask, out, lse, *parts, config, tile_list, certified, worst, scales=scales)
     except _triton().OutOfResources:
         _ROWS[(q.shape[-1], q.dtype)] = (_ROWS.get((q.shape[-1], q.dtype), MAX_ROWS) // 2) if T > 1 else 0
-        return lean_sparse_attend(q, k, v, mask, tiles, counts, block, dense, certify, worst)
+        return lean_sparse_attend(q, k, v, mask, tiles, counts, block, dense, certify, worst, scales)
     return (out, lse) if certify is None else (out, lse, cert)
