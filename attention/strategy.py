@@ -49,7 +49,7 @@ class Step:
     """What one forward pass does on this rank; shared by all layers."""
 
     phase: str
-    masks: dict  # window -> PositionMask (ring context: window -> one mask per ring step)
+    masks: dict  # window -> PositionMask (ring context: one per ring step; star context: over the cache, over the anchor)
     slots: Tensor | None = None  # cache slots of the tokens this rank keeps
     skip: int = 0  # leading new tokens this rank computes but does not keep (a recomputed anchor)
 
@@ -163,7 +163,7 @@ class AttentionStrategy:
         nothing but takes part in the others' collectives (`idle_pass`). Every rank of a strategy that communicates
         in phase 1 makes as many passes."""
         idx, size = self.context_indices(n_ctx), self.pass_tokens(n_ctx)
-        return [idx[i : i + size] for i in range(0, max(len(idx), 1), size)]
+        return [idx[i : i + size] for i in range(0, len(idx), size)]
 
     def idle_pass(self, cache: KVCache) -> None:
         """This rank's part of the others' collectives in a pass where it feeds nothing (`context_passes`)."""
