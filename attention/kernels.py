@@ -151,17 +151,17 @@ def _attend_stored(q: Tensor, k: Tensor, v: Tensor, scales: tuple[Tensor, Tensor
             return lean.lean_attend(q, k, v, mask, scales=scales)
         except lean.LeanDoesNotFit:
             pass
+    ranges = mask.key_ranges(DEQUANT_SLOTS)
+    if not ranges:  # no slot holds a token
+        return q.new_zeros(q.shape), torch.full(q.shape[:3], float("-inf"), device=q.device)
     out = lse = None
-    for start, end in mask.key_ranges(DEQUANT_SLOTS):
+    for start, end in ranges:
         keys = slice(start, end)
         k_part, v_part = (dequantize(x[:, :, keys], s[:, :, keys], q.dtype) for x, s in zip((k, v), scales))
         o, l = attend(q, k_part, v_part, mask.keys(start, end), return_lse=True)
         del k_part, v_part
-        if out is None:
-            out, lse = o, l.float()
+        if out is None:  # (one piece: its own result; more: merged in fp32)
+            out, lse = (o, l.float()) if len(ranges) == 1 else (o.float(), l.float())
         else:
-            out, lse = (out.float(), lse) if out.dtype != torch.float32 else (out, lse)
             merge_into(out, lse, o, l)
-    if out is None:  # no slot holds a token
-        return q.new_zeros(q.shape), torch.full(q.shape[:3], float("-inf"), device=q.device)
     return out.to(q.dtype), lse
