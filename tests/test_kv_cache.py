@@ -190,11 +190,20 @@ def test_fp8_over_gloo_ranks_equals_fp8_on_one_rank(name, world, chunk, hf_check
         ),
     ],
 )
-def test_bad_kv_options_stop_before_loading_with_one_line(tmp_path, overrides, words):
-    res = run_runner(tmp_path, "task=plan", "model=llama3", *overrides, "wandb.mode=disabled", timeout=120)
+def test_bad_kv_options_are_refused_by_name(overrides, words):
+    from longctx.preflight import options
+    from longctx.tasks import TASKS
+
+    with pytest.raises(options.OptionError) as e:
+        options.check(compose_cfg("task=plan", "model=llama3", *overrides), TASKS)
+    assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_a_bad_chunk_stops_the_runner_before_loading_with_one_line(tmp_path):
+    res = run_runner(tmp_path, "ctx.chunk=99999", "wandb.mode=disabled", timeout=120)
     assert res.returncode == 2, res.stderr[-2000:]
     line = res.stderr.strip().splitlines()[-1]
-    assert line.startswith("error:") and all(w in line for w in words), line
+    assert line.startswith("error: ctx.chunk=99999 is larger than the context"), line
 
 
 def test_fp8_on_a_gpu_that_cannot_compute_with_it_is_refused(monkeypatch):
