@@ -83,13 +83,14 @@ class Cell:
     def path(self) -> Path:
         return RESULTS / self.model / f"{self.length}-{self.strategy}.jsonl"
 
-    def runs(self) -> list[tuple[tuple[str, ...], int]]:
-        """(tasks, new tokens) of each runner call: NEW_TOKENS for all, except SmolLM2 at 8K, whose 8,192 positions
-        hold cwe's longest prompts (up to 8,160 tokens with the chat template) and only 32 more; there the other tasks
-        keep NEW_TOKENS, so that every strategy answers each sample with the same budget."""
+    def runs(self) -> list[tuple[tuple[str, ...], int, Path]]:
+        """(tasks, new tokens, results file) of each runner call: NEW_TOKENS for all, except SmolLM2 at 8K, whose
+        8,192 positions hold cwe's longest prompts (up to 8,160 tokens with the chat template) and only 32 more; there
+        the other tasks keep NEW_TOKENS, so that every strategy answers each sample with the same budget, and cwe's
+        rows go to a file of their own (a results file answers one set of options)."""
         if (self.model, self.length) != ("smollm2", 8192):
-            return [(TASKS, NEW_TOKENS)]
-        return [(TASKS[:-1], NEW_TOKENS), (("cwe",), 32)]
+            return [(TASKS, NEW_TOKENS, self.path)]
+        return [(TASKS[:-1], NEW_TOKENS, self.path), (("cwe",), 32, self.path.with_suffix(".cwe.jsonl"))]
 
     @property
     def samples(self) -> int:
@@ -128,7 +129,7 @@ def plan() -> list[Cell]:
 def run_cell(cell: Cell) -> int:
     cell.path.parent.mkdir(parents=True, exist_ok=True)
     code = 0
-    for tasks, new_tokens in cell.runs():
+    for tasks, new_tokens, path in cell.runs():
         cmd = [
             sys.executable,
             "runner.py",
@@ -139,7 +140,7 @@ def run_cell(cell: Cell) -> int:
             f"task.depths=[{','.join(map(str, cell.depths))}]",
             "task.samples=1",
             f"task.max_new_tokens={new_tokens}",
-            f"task.output_jsonl={cell.path}",
+            f"task.output_jsonl={path}",
             "task.resume=true",
             "task.haystack=prose",
             "wandb.mode=disabled",
@@ -167,7 +168,7 @@ def status(cells: list[Cell]) -> str:
 def _rows(cell: Cell) -> list[dict]:
     """A cell's samples, each once (the first row of a key: two runs of one cell append the same samples)."""
     rows = {}
-    for row in read_rows(cell.path):
+    for row in (row for _, _, path in cell.runs() for row in read_rows(path)):
         rows.setdefault(row["key"], row)
     return list(rows.values())
 
