@@ -79,8 +79,9 @@ def test_accuracy_cells_run_every_task_once_with_one_budget_per_task():
 
     for cell in accuracy.plan():
         runs = cell.runs()
-        assert sorted(t for tasks, _ in runs for t in tasks) == sorted(accuracy.TASKS)
-        budget = {t: n for tasks, n in runs for t in tasks}
+        assert sorted(t for tasks, _, _ in runs for t in tasks) == sorted(accuracy.TASKS)
+        budget = {t: n for tasks, n, _ in runs for t in tasks}
         assert all(n == accuracy.NEW_TOKENS for t, n in budget.items() if t != "cwe")
+        assert len({path for _, _, path in runs}) == len(runs)  # a results file answers one budget
         if (cell.model, cell.length) == ("smollm2", 8192):  # cwe's longest prompt there: 8,160 of 8,192 positions
             assert 8160 + budget["cwe"] <= 8192
