@@ -96,7 +96,7 @@ class KVOptions:
     dtype: str = option(
         "auto",
         "how the KV cache stores keys and values: auto (the model's dtype), fp8 (e4m3 with a scale per token and KV "
-        "head: half of bf16's bytes; GPUs of compute capability 8.9 or newer, or the CPU), or a dtype",
+        "head: half of bf16's bytes; GPUs of compute capability 8.9 or newer, or the CPU), or the model's dtype by name",
         choices=KV_DTYPES,
     )
 
@@ -368,10 +368,18 @@ def _check_device(cfg, spec: TaskSpec) -> None:
 
 
 def _check_kv_device(cfg, spec: TaskSpec) -> None:
-    """FP8 KV on a GPU that cannot compute with it stops here, naming the GPU and the choices."""
+    """A full-width KV dtype other than the model's, or FP8 KV on a GPU that cannot compute with it, stops here,
+    naming the GPU and the choices."""
+    device = resolve_device(cfg.device)
+    if cfg.kv.dtype not in ("auto", "fp8") and DTYPES[cfg.kv.dtype] != resolve_dtype(cfg.dtype, device):
+        model = str(resolve_dtype(cfg.dtype, device)).removeprefix("torch.")
+        raise OptionError(
+            f"kv.dtype={cfg.kv.dtype} differs from the model's {model} (dtype={cfg.dtype} on {device.type}): a "
+            "full-width cache holds keys and values as the model computes them; use kv.dtype=auto, or fp8 to store "
+            "them in half the bytes"
+        )
     if cfg.kv.dtype != "fp8" or not spec.needs_model:
         return
-    device = resolve_device(cfg.device)
     if device.type != "cuda" or not torch.cuda.is_available():
         return
     capability = torch.cuda.get_device_capability(device)

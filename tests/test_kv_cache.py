@@ -178,6 +178,7 @@ def test_fp8_over_gloo_ranks_equals_fp8_on_one_rank(name, world, chunk, hf_check
     "overrides,words",
     [
         (("kv.dtype=fp4",), ["kv.dtype", "fp4", "fp8"]),
+        (("kv.dtype=fp16", "device=cpu"), ["kv.dtype=fp16", "float32", "kv.dtype=auto"]),
         (("ctx.chunk=0",), ["ctx.chunk", "0"]),
         (("ctx.chunk=99999",), ["ctx.chunk=99999", "larger than the context", "ctx.length=2048"]),
         (
