@@ -56,7 +56,11 @@ PARTS = {
     "ttft": (
         runs.bench_ttft,
         lambda a: dict(
-            strategies=_names(a.attention), ctx_names=_names(a.ctx_names), nproc=a.nproc, warmup=a.warmup, quick=a.quick
+            strategies=_names(a.attention or "ring,star"),
+            ctx_names=_names(a.ctx_names),
+            nproc=a.nproc,
+            warmup=a.warmup,
+            quick=a.quick,
         ),
     ),
     "tp": (
@@ -71,7 +75,7 @@ PARTS = {
         kv.bench_kv,
         lambda a: dict(
             contexts=_ints(a.lengths) if a.lengths else [32 * K, 128 * K],
-            strategies=_names(a.attention) if a.attention != "ring,star" else ["global", "star"],
+            strategies=_names(a.attention or "global,star"),
             longest=a.longest_kv,
             warmup=a.warmup,
             quick=a.quick,
@@ -89,7 +93,7 @@ PARTS = {
         memory.bench_memory,
         lambda a: dict(
             models=_names(a.models),
-            strategies=_names(a.attention),
+            strategies=_names(a.attention or "ring,star"),
             nproc=a.nproc,
             lengths=_ints(a.lengths) if a.lengths else None,
             longest=a.longest,
@@ -110,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ctx", default="4096,65536", help="model: prompt tokens, comma-separated")
     parser.add_argument("--ctx-names", default="64k,128k", help="ttft, tp, hosts: ctx presets")
     parser.add_argument("--contexts", default="131072,262144", help="hsr-model: comma-separated prompt lengths")
-    parser.add_argument("--attention", default="ring,star", help="ttft, memory: strategies")
+    parser.add_argument("--attention", help="ttft, memory (default ring,star), kv (default global,star): strategies")
     parser.add_argument(
         "--nproc", type=int, default=max(1, torch.cuda.device_count()), help="ttft, tp, hosts, memory: ranks"
     )
