@@ -86,20 +86,14 @@ class LayerKV:
         else:
             write_kv_fp8(self.k, self.v, self.k_scale, self.v_scale, slots, k, v)
         if self.summary is not None:  # of the keys as they will be read
-            self.summary.update(slots, self.stored(k, v)[0] if self.k_scale is not None else k, self.positions[slots])
+            stored = k if self.k_scale is None else dequantize(self.k[:, :, slots], self.k_scale[:, :, slots], k.dtype)
+            self.summary.update(slots, stored, self.positions[slots])
         return self.k, self.v
 
-    def pack_new(self, k: Tensor, v: Tensor) -> Tensor:
-        """New tokens' k, v as this cache stores them, in one tensor to send (`attention.quant.pack`)."""
-        if self.k_scale is None:
-            return pack(k.to(self.k.dtype), v.to(self.v.dtype))
-        (k8, ks), (v8, vs) = quantize(k), quantize(v)
-        return pack(k8, v8, (ks, vs))
-
-    def pack_slots(self, n: int) -> Tensor:
-        """The first n slots as stored, in one tensor to send."""
-        scales = None if self.k_scale is None else (self.k_scale[:, :, :n], self.v_scale[:, :, :n])
-        return pack(self.k[:, :, :n], self.v[:, :, :n], scales)
+    def packed(self, slots: Tensor | slice) -> Tensor:
+        """The keys and values of `slots` as stored, in one tensor to send (`attention.quant.pack`)."""
+        scales = None if self.k_scale is None else (self.k_scale[:, :, slots], self.v_scale[:, :, slots])
+        return pack(self.k[:, :, slots], self.v[:, :, slots], scales)
 
     def stored(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """k, v as this cache gives them back once written, in their own dtype."""

@@ -192,10 +192,10 @@ def _triton():
     return importlib.import_module("longctx.attention.lean_triton") if triton_available() else None
 
 
-def default_programs(device: torch.device) -> int:
-    """One share per SM (times the configured programs per SM); a fixed 16 off CUDA, where only the interpreter runs
-    it."""
-    return _processors(device) * CONFIG.get().programs_per_sm
+def default_programs(device: torch.device, config: LeanConfig | None = None) -> int:
+    """One share per SM (times `config`'s programs per SM, default CONFIG's); a fixed 16 off CUDA, where only the
+    interpreter runs it."""
+    return _processors(device) * (config or CONFIG.get()).programs_per_sm
 
 
 @cache
@@ -248,7 +248,7 @@ def lean_attend(
     config = (CONFIG if scales is None else FP8_CONFIG).get()
     heads, tiles = B * Hkv, -(-S // config.block_n)
     if programs is None:
-        programs = min(_processors(q.device) * config.programs_per_sm, -(-heads * tiles // config.min_tiles))
+        programs = min(default_programs(q.device, config), -(-heads * tiles // config.min_tiles))
     programs = min(programs, heads * tiles)
     out = torch.empty(B, Hq, T, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, T, dtype=torch.float32, device=q.device)

@@ -17,9 +17,10 @@ from torch import Tensor
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # the largest finite e4m3fn value
+FP8_CAPABILITY = (8, 9)  # Ada and Hopper: the first GPUs that convert e4m3 in hardware
 
 
-def is_fp8(dtype: torch.dtype) -> bool:
+def is_fp8(dtype: torch.dtype | None) -> bool:
     return dtype == FP8
 
 

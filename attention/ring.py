@@ -118,7 +118,7 @@ class RingAttention(AttentionStrategy):
             return attend(q, kv.k, kv.v, mask, scales=kv.scales) if kv is not None else attend(q, k, v, mask)
         # the shard as the cache stores it (FP8 with its scales: half the bytes on the wire), read back at q's dtype
         D = k.shape[-1]
-        held = kv.pack_new(k, v) if kv is not None else pack(k, v)
+        held = kv.packed(step.slots) if kv is not None else pack(k, v)
         nxt, prev = (self.rank + 1) % self.world, (self.rank - 1) % self.world
         if self.group is not None:
             nxt, prev = dist.get_global_rank(self.group, nxt), dist.get_global_rank(self.group, prev)

@@ -265,7 +265,7 @@ class StarAttention(AttentionStrategy):
         the bytes); the others receive it, packed (`attention.quant.unpack`)."""
         B, H, _, D = kv.k.shape
         if not self.receives_anchor:
-            dist.broadcast(kv.pack_slots(self.anchor_size), self._source(), self.group)
+            dist.broadcast(kv.packed(slice(0, self.anchor_size)), self._source(), self.group)
             return None
         width, wire = packed_width(D, kv.k.dtype)
         anchor = torch.empty(B, H, self.anchor_size, width, dtype=wire, device=kv.k.device)

@@ -49,7 +49,7 @@ class Step:
     """What one forward pass does on this rank; shared by all layers."""
 
     phase: str
-    masks: dict  # window -> PositionMask (ring context: one per ring step; star context: over the cache, over the anchor)
+    masks: dict  # window -> PositionMask (ring context: one per ring step; star: over the cache, the anchor's)
     slots: Tensor | None = None  # cache slots of the tokens this rank keeps
     skip: int = 0  # leading new tokens this rank computes but does not keep (a recomputed anchor)
 

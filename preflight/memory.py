@@ -27,7 +27,7 @@ from longctx.attention.dense import MASK_CHUNK_ELEMENTS
 from longctx.attention.fused import MAX_CAUSAL_SQUARE
 from longctx.attention.kernels import CPU_FLASH_MIN_QUERIES, DEQUANT_SLOTS, FLEX_MIN_QUERIES, flex_bucket
 from longctx.attention.merge import MERGE_CHUNK_ELEMENTS
-from longctx.attention.quant import is_fp8
+from longctx.attention.quant import FP8_CAPABILITY, is_fp8
 from longctx.models.config import ModelArgs
 from longctx.models.transformer import FeedForward, Transformer
 from longctx.parallel.tensor import TensorParallel, local_args, valid_degrees
@@ -167,7 +167,7 @@ def _rank_plan(
     b = dtype.itemsize
     D, Hkv, Hq = args.head_dim, args.n_kv_heads, args.n_heads
     slots = s.cache_slots(shape.n_ctx, shape.n_after)
-    fp8 = is_fp8(s.kv_dtype) if s.kv_dtype is not None else False
+    fp8 = is_fp8(s.kv_dtype)
     # keys and values as stored (FP8: a byte each and a scale's exponent per token and KV head), the slots'
     # positions (and their index), what the decode method keeps beside them
     per_slot = 2 * Hkv * (D + 1) if fp8 else 2 * Hkv * D * (s.kv_dtype or dtype).itemsize
@@ -389,7 +389,9 @@ def check_fits(cfg, device: torch.device) -> Plan:
     shared = avail * plan.world if device.type == "cpu" and cfg.memory.get("limit_gib") is None else None
     # (a GPU run planned where there is none may name FP8)
     fp8_ok = (
-        device.type != "cuda" or not torch.cuda.is_available() or torch.cuda.get_device_capability(device) >= (8, 9)
+        device.type != "cuda"
+        or not torch.cuda.is_available()
+        or torch.cuda.get_device_capability(device) >= FP8_CAPABILITY
     )
     fixes = fits_with(cfg, avail, shared, fp8_ok)
     advice = (
@@ -433,16 +435,14 @@ def fits_with(cfg, avail: int, shared: int | None = None, fp8_ok: bool = True) -
 
     fixes = []
     base = plan_config(cfg)
-    fp8 = fp8_ok and cfg.get("kv", {}).get("dtype", "auto") != "fp8"
-    if fp8 and plan_config(OmegaConf.merge(cfg, {"kv": {"dtype": "fp8"}})).need <= avail:
+    fp8 = OmegaConf.merge(cfg, {"kv": {"dtype": "fp8"}}) if fp8_ok and cfg.get("kv", {}).get("dtype") != "fp8" else None
+    if fp8 is not None and plan_config(fp8).need <= avail:
         fixes.append("kv.dtype=fp8")
-    for over in ({}, {"kv": {"dtype": "fp8"}}) if fp8 else ({},):
-        if not over and fixes:
-            continue
-        chunk = _largest_chunk(OmegaConf.merge(cfg, over), avail, base.shape.n_ctx)
-        if chunk is not None:
-            fixes.append(" ".join(["kv.dtype=fp8"] * bool(over) + [f"ctx.chunk={chunk}"]))
-            break
+    chunk = _largest_chunk(cfg, avail, base.shape.n_ctx)
+    if chunk is not None:
+        fixes.append(f"ctx.chunk={chunk}")
+    elif fp8 is not None and not fixes and (chunk := _largest_chunk(fp8, avail, base.shape.n_ctx)) is not None:
+        fixes.append(f"kv.dtype=fp8 ctx.chunk={chunk}")
     if shared is not None:  # the most ranks below the requested that fit the shared memory
         for n in range(base.world - base.tp, 0, -base.tp):
             try:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from longctx import attention
-from longctx.attention.quant import FP8
+from longctx.attention.quant import FP8, FP8_CAPABILITY
 from longctx.attention.strategy import AUTO_CHUNK
 from longctx.conf.schema import OptionError, check_node, option, schema_of
 from longctx.models.builtin import BUILTINS
@@ -346,9 +346,6 @@ def take_launcher_world(cfg, world: int) -> None:
             "parallel.nproc out under torchrun (it follows the launcher) or make them equal"
         )
     cfg.parallel.nproc = world
-
-
-FP8_CAPABILITY = (8, 9)  # Ada and Hopper: the first GPUs that convert e4m3 in hardware
 
 
 def _check_device(cfg, spec: TaskSpec) -> None:

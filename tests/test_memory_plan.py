@@ -113,6 +113,7 @@ def test_fp8_and_chunks_are_the_fixes_named_first():
         and memory.plan_config(OmegaConf.merge(cfg, {"kv": {"dtype": "fp8"}})).need <= 80 * memory.GiB
     )
     assert not memory.fits_with(cfg, 80 * memory.GiB, fp8_ok=False)[0].startswith("kv.dtype")
+    assert not any(f.startswith("kv.dtype=fp8 ") for f in fixes)  # both together only where neither alone fits
     # where only a smaller chunk fits: the largest such, named before more ranks
     cfg = _cfg(kv={"dtype": "fp8"}, ctx={"chunk": 65536})
     avail = (
