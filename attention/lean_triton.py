@@ -41,9 +41,11 @@ def masked_scores(q, k, kp, qp, row_ok, window, scale, HAS_WINDOW: tl.constexpr,
 def _fold_tile(q, K, V, KVPOS, kv, n, n_ok, sks, svs, qp, row_ok, window, scale, m_i, l_i, acc, KS, VS, sc, sss,
                D: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr, SCALED: tl.constexpr):  # fmt: skip
     """The online softmax (running max m_i, sum l_i, weighted values acc) after the keys at slots n (where n_ok).
-    SCALED: K and V hold FP8 with a scale per slot (its int8 exponent at KS, VS + sc + n * sss), converted to q's
-    dtype in registers (exact) and the scales applied to the scores and to the weights of the values, with products
-    summed in fp32."""
+    SCALED: K and V hold FP8 with a scale per slot (its int8 exponent at KS, VS + sc + n * sss), converted in
+    registers (exact) to q's dtype, which the caller made fp16 on GPUs: e4m3 to fp16 is one instruction per pair,
+    to bf16 three. The key scales multiply the scores; the value scales the weights, relative to the tile's largest
+    (so the weights stay in [0, 1], where fp16 is as good as bf16), the largest then multiplying the tile's sum.
+    Products are summed in fp32."""
     d = tl.arange(0, D)
     n64 = n.to(tl.int64)
     k = tl.load(K + kv[0] + n64[:, None] * sks + d[None, :], mask=n_ok[:, None], other=0.0)
@@ -59,13 +61,18 @@ def _fold_tile(q, K, V, KVPOS, kv, n, n_ok, sks, svs, qp, row_ok, window, scale,
     alpha = tl.exp(m_i - m_safe)
     p = tl.exp(s - m_safe[:, None])
     pv = p
+    top = 0.0
     if SCALED:
-        pv = p * tl.exp2(tl.load(VS + sc + n64 * sss, mask=n_ok, other=0).to(tl.float32))[None, :]
+        ev = tl.load(VS + sc + n64 * sss, mask=n_ok, other=-128).to(tl.float32)
+        top = tl.max(ev, 0)
+        pv = p * tl.exp2(ev - top)[None, :]
     if IEEE:
-        acc = acc * alpha[:, None] + tl.dot(pv, v, input_precision="ieee")
+        pv = tl.dot(pv, v, input_precision="ieee")
     else:
-        acc = acc * alpha[:, None] + tl.dot(pv.to(v.dtype), v)
-    return m_new, l_i * alpha + tl.sum(p, 1), acc
+        pv = tl.dot(pv.to(v.dtype), v)
+    if SCALED:
+        pv = pv * tl.exp2(top)
+    return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + pv
 
 
 @triton.jit
@@ -110,6 +117,8 @@ def _lean_decode(
         q = tl.load(
             Q + b * sqb + (h * G + j)[:, None] * sqh + t[:, None] * sqt + d[None, :], mask=row_ok[:, None], other=0.0
         )
+        if SCALED and not IEEE:
+            q = q.to(tl.float16)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D], tl.float32)

@@ -133,6 +133,22 @@ for i, (B, hq, hkv, q_pos, kv_pos, window, programs) in enumerate(cases):
     torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=0)
 print("kernel ok", len(cases))
 
+# bf16 queries over FP8, as on a GPU: keys, values and queries go through fp16 in the kernel, the values' scales
+# relative to each tile's largest; values spanning six decades keep fp16's relative precision
+g = torch.Generator().manual_seed(7)
+q = torch.randn(1, 8, 1, 16, generator=g).bfloat16()
+k = torch.randn(1, 2, 700, 16, generator=g) * 2
+v = torch.randn(1, 2, 700, 16, generator=g) * torch.logspace(-3, 3, 700)[None, None, :, None]
+mask = PositionMask(ar(699, 700), ar(700))
+(k8, ke), (v8, ve) = quantize(k), quantize(v)
+out, lse = lean.lean_attend(q, k8, v8, mask, programs=3, scales=(ke, ve))
+kd, vd = (dequantize(x, e, torch.float64) for x, e in ((k8, ke), (v8, ve)))
+ref, ref_lse = dense_attend(q.double(), kd, vd, mask, return_lse=True)
+assert out.dtype == torch.bfloat16
+torch.testing.assert_close(out.double(), ref, atol=1e-2 * ref.abs().max().item(), rtol=0)
+torch.testing.assert_close(lse.double(), ref_lse, atol=1e-4, rtol=0)
+print("bf16 ok")
+
 # A GPU whose shared memory holds programs of 16 query rows at most: the launch of a larger one fails (as Triton
 # fails it, before anything runs) and the query tokens go in smaller chunks; where even one token's rows overflow,
 # LeanDoesNotFit sends the caller to the dense path.
@@ -160,14 +176,14 @@ print("shrink ok")
 
 def test_triton_kernel_equals_dense_attention_in_the_interpreter():
     """The CUDA kernels themselves, run by Triton's CPU interpreter (fp32): stream-K walk, direct writes, combine, at
-    full width and over FP8 keys and values."""
+    full width and over FP8 keys and values (fp32, and bf16 queries as on a GPU)."""
     pytest.importorskip("triton")  # a dev dependency on Linux x86-64, where CI runs
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(KERNEL_CHECK)], env=env, capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "kernel ok 7" in done.stdout and "shrink ok" in done.stdout
+    assert "kernel ok 7" in done.stdout and "bf16 ok" in done.stdout and "shrink ok" in done.stdout
 
 
 def test_pipeline_stages_shrink_to_fit_shared_memory():
