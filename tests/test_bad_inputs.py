@@ -249,13 +249,11 @@ CASES = {
     "empty prompt": (["task.prompt=' '"], None, "task.prompt is empty"),
     "empty prompt file": (["task.prompt_file={f}"], lambda t: write(t / "p.txt", "\n  \n"), "is empty"),
     # ruler
-    "depth past 1": (["task=ruler", "task.depths=[1.5]"], None, "task.depths"),
-    "no depths": (["task=ruler", "task.depths=[]"], None, "task.depths"),
     "length zero": (["task=ruler", "task.lengths=[0]"], None, "task.lengths"),
-    "ruler task": (["task=ruler", "task.tasks=[bogus]"], None, "unknown RULER task 'bogus'"),
-    "haystack": (["task=ruler", "task.haystack=sand"], None, "task.haystack"),
-    "haystack file": (["task=ruler", "task.haystack_file={f}"], lambda t: t / "missing", "task.haystack_file"),
+    "ruler task": (["task=ruler", "task.tasks=[bogus]"], None, "unknown RULER task 'bogus'; the 13 are: niah_single_1"),
+    "ruler no task": (["task=ruler", "task.tasks=[]"], None, "task.tasks names no task"),
     "samples zero": (["task=ruler", "task.samples=0"], None, "task.samples"),
+    "ruler answer tokens": (["task=ruler", "task.max_new_tokens=0"], None, "task.max_new_tokens"),
     "ruler past positions": (["task=ruler", "task.lengths=[20000]"], None, "past the 8192 positions"),
     "ruler output holds rows": (
         ["task=ruler", "task.output_jsonl={f}"],
@@ -317,7 +315,7 @@ def _runner(tmp_path, *overrides):
     "overrides,expected",
     [
         (["task.stop=rainbows"], "task.stop"),
-        (["task=ruler", "task.depths=[1.5]"], "task.depths"),
+        (["task=ruler", "task.tasks=[niah]"], "unknown RULER task 'niah'"),
         (["ctx=16k"], "8192 positions"),
         (["parallel.timeout_s=0"], "parallel.timeout_s"),
         (["task.promt=hi"], "task.promt is not in the config; did you mean task.prompt?"),  # (Hydra's own errors too)

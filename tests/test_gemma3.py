@@ -4,6 +4,7 @@ and the configs it refuses."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -115,10 +116,11 @@ def test_loading_refuses_a_config_that_is_not_an_object(tmp_path):
 # --- the real Gemma 3 270M, against transformers' own reading of the same GGUF
 
 
-def _licence_texts() -> dict[str, str]:
-    from longctx.evaluation.ruler import DEFAULT_PROSE
+LICENCES = Path("/usr/share/common-licenses")  # prose every Debian-family machine holds
 
-    return {f.name: f.read_text(encoding="utf-8") for f in sorted(DEFAULT_PROSE.iterdir()) if f.is_file()}
+
+def _licence_texts() -> dict[str, str]:
+    return {f.name: f.read_text(encoding="utf-8") for f in sorted(LICENCES.iterdir()) if f.is_file()}
 
 
 def test_gemma3_270m_logits_and_tokens_match_transformers(gemma3_dir, gemma3_gguf):
@@ -149,11 +151,13 @@ def test_gemma3_270m_logits_and_tokens_match_transformers(gemma3_dir, gemma3_ggu
 
 def _needle_prompt(tok) -> tuple[list[int], int, str]:
     """A number hidden at 60% of about 2,500 tokens of prose: (token ids, context tokens, the number)."""
-    from longctx.evaluation import ruler
-
-    count = lambda text: len(tok.encode(text, add_special_tokens=False))  # noqa: E731
-    sample = ruler.make_sample("niah_single", count, 2500, 0.6, 0, ruler.Haystack.from_file(ruler.DEFAULT_PROSE))
-    return tok.encode(sample.context + sample.query), len(tok.encode(sample.context)), sample.answers[0]
+    prose = " ".join(_licence_texts()["Apache-2.0"].split())
+    prose = tok.decode(tok.encode(prose, add_special_tokens=False)[:2450])
+    at = prose.index(". ", int(0.6 * len(prose))) + 2
+    needle = "One of the special magic numbers for quiet-harbor is: 4718293. "
+    context = "Some special magic numbers are hidden within the following text.\n\n" + prose[:at] + needle + prose[at:]
+    query = "\n\nWhat is the special magic number for quiet-harbor mentioned in the text? The number is"
+    return tok.encode(context + query), len(tok.encode(context)), "4718293"
 
 
 def _ranks_worker(rank, world, path):

@@ -1,87 +1,103 @@
-"""RULER-style sample generation: prose and noise haystacks, balanced tasks, prompts within their budget."""
+"""RULER's 13 tasks from NVIDIA's package: samples equal to what its own prepare.py makes, cut where the context
+ends, scored by its metrics; a missing extra or a length that cannot hold a task stops before loading."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 
+from longctx import runner
 from longctx.evaluation import ruler
+from longctx.models.tokenizer import Tokenizer
+from longctx.tasks.ruler import template_room
+from tests.helpers import compose_cfg
+
+LENGTH = 2048  # tests/test_runner.py runs task=ruler at this length: the samples made here are reused there
 
 
-def count(text: str) -> int:
-    """A stand-in tokenizer: one token per word or punctuation mark."""
-    import re
-
-    return len(re.findall(r"\w+|[^\w\s]", text))
-
-
-@pytest.fixture(scope="module")
-def prose():
-    return ruler.Haystack.from_file(ruler.DEFAULT_PROSE)
-
-
-def test_prose_haystack_reads_a_folder_once_per_file(prose, tmp_path):
-    assert len(prose.sentences) > 500 and prose.name.endswith("common-licenses")
-    (tmp_path / "a.txt").write_text("The first sentence is here. " * 30)
-    (tmp_path / "b.txt").symlink_to(tmp_path / "a.txt")  # a link to a file already read adds nothing
-    assert len(ruler.Haystack.from_file(tmp_path).sentences) == 30
+def _prepare(task: str, tokenizer_dir, length: int, samples: int, out) -> list[dict]:
+    """The package's own preparation (data/prepare.py, base template), as its README runs it."""
+    env = {
+        **os.environ,
+        "NLTK_DATA": str(ruler.sentence_model()),
+        "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],  # (it runs `python SCRIPT`)
+    }
+    cmd = [sys.executable, str(ruler.package_dir() / "data" / "prepare.py"), "--save_dir", str(out)]
+    cmd += ["--task", task, "--tokenizer_path", str(tokenizer_dir), "--tokenizer_type", "hf"]
+    cmd += ["--max_seq_length", str(length), "--num_samples", str(samples), "--model_template_type", "base"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return [json.loads(line) for line in (out / task / "validation.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize(
-    "content,message",
-    [
-        (b"\xff\xfe latin-1 \xe9", "not a readable UTF-8 text file"),
-        (b"Too short. Really.", "a haystack needs some prose"),
-    ],
-)
-def test_bad_haystack_files_are_clear_errors(content, message, tmp_path):
-    (tmp_path / "hay.txt").write_bytes(content)
-    with pytest.raises(ValueError, match=message):
-        ruler.Haystack.from_file(tmp_path / "hay.txt")
-    with pytest.raises(FileNotFoundError, match="task.haystack_file"):
-        ruler.Haystack.from_file(tmp_path / "missing.txt")
+@pytest.mark.parametrize("task", ["niah_single_2", "vt", "qa_1"])
+def test_samples_are_what_the_packages_own_preparation_makes(task, smollm2_dir, tmp_path):
+    """Essay haystack and sentence splitter (niah), variable chains, SQuAD documents: same text, same answers."""
+    length = LENGTH - template_room(Tokenizer.from_dir(smollm2_dir), True)
+    theirs = _prepare(task, smollm2_dir, length, 2, tmp_path)
+    ours = ruler.generate(task, smollm2_dir, length, 2)
+    assert [(r["input"], r["outputs"]) for r in ours] == [(r["input"], r["outputs"]) for r in theirs]
+    for r in ours:
+        s = ruler.cut(ruler.tasks()[task], LENGTH, r)
+        assert s.text == r["input"] and s.context and s.answers == r["outputs"]
+        assert s.answer_prefix.startswith(" The special magic number for " if task == "niah_single_2" else " Answer:")
+        assert "\n" not in s.question.strip() or task == "qa_1"  # the question alone, after the context
+        if task != "qa_1":
+            assert all(a in s.context for a in s.answers)  # the needles are in the context, not the question
 
 
-@pytest.mark.parametrize("hay", ["noise", "prose"])
-def test_samples_fit_their_budget_and_every_task_weighs_the_same(hay, prose):
-    haystack = prose if hay == "prose" else ruler.Haystack()
-    samples = ruler.make_samples(list(ruler.TASKS), count, [600, 2000], [0.1, 0.5, 0.9], 2, haystack)
-    per_task = {t: sum(s.task == t for s in samples) for t in ruler.TASKS}
-    assert set(per_task.values()) == {2 * 3 * 2}  # lengths x depths x seeds, common words included
-    assert len({s.key for s in samples}) == len(samples)
-    longest = max(count(x) for x in haystack.sentences) if haystack.sentences else count(ruler.NOISE)
-    for s in samples:
-        n = count(s.context + s.query)
-        assert s.length - longest - 20 < n <= s.length, (s.task, n)  # whole sentences, up to the one that would pass
-        assert all(a in s.context for a in s.answers) or s.task == "cwe"
-        if s.task != "cwe":
-            assert (ruler.NOISE in s.context) == (hay == "noise")
+def test_sentences_are_split_by_the_untrained_punkt_model():
+    """NLTK_DATA's English model has no parameters: sent_tokenize is PunktSentenceTokenizer() untrained, which
+    also splits after an abbreviation (a trained model knows 'Dr.')."""
+    code = (
+        "from nltk.tokenize import sent_tokenize; from nltk.tokenize.punkt import PunktSentenceTokenizer\n"
+        "t = 'I met Dr. Smith at 5 p.m. today. He said hi! Did you? Yes.'\n"
+        "print(sent_tokenize(t) == PunktSentenceTokenizer().tokenize(t)); print('|'.join(sent_tokenize(t)))"
+    )
+    env = {**os.environ, "NLTK_DATA": str(ruler.sentence_model())}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    same, split = done.stdout.splitlines()
+    assert same == "True", done.stderr[-2000:]
+    assert split == "I met Dr.|Smith at 5 p.m.|today.|He said hi!|Did you?|Yes."
 
 
-def test_needles_sit_at_their_depth_in_prose(prose):
-    for depth in (0.1, 0.5, 0.9):
-        s = ruler.make_sample("niah_single", count, 3000, depth, 0, prose)
-        at = s.context.index(s.answers[0]) / len(s.context)
-        assert abs(at - depth) < 0.1
-    a, b = (ruler.make_sample("niah_single", count, 1000, 0.5, seed, prose).context for seed in (0, 1))
-    assert a != b  # each sample's prose starts somewhere else
+def test_every_task_is_cut_where_its_context_ends():
+    """Each of the 13 templates, filled as the generator fills it (one-needle niah in the singular), with a context
+    that repeats the template's own words: the cut finds the question after the context."""
+    assert list(ruler.tasks()) == list(ruler.TASKS) and len(ruler.TASKS) == 13
+    for name, task in ruler.tasks().items():
+        context = "What are all the special magic numbers? Answer: none. Question: Find all\n" * 3  # decoys
+        filled = task._package_words(task.template).format(
+            context=context, query="Q", type_needle_v="number" if task.reworded else "numbers", num_v=4
+        )
+        s = ruler.cut(task, 4096, {"index": 0, "input": filled, "outputs": ["x"]})
+        assert s.text == filled and s.context.endswith(context), name
+        assert s.question.startswith("\n") and "{" not in s.question + s.answer_prefix, name
+        assert filled.endswith(s.answer_prefix) and s.answer_prefix.strip(), name
 
 
-def test_common_words_answers_are_the_most_common(prose):
-    import collections
+def test_scores_are_rulers_metrics():
+    """string_match_all: the share of the answers in the prediction (case, control characters aside); QA's
+    string_match_part: any one of them."""
+    assert ruler.score("niah_multivalue", "They are 11, 22 and\x0733.", ["11", "22", "33", "44"]) == 0.75
+    assert ruler.score("cwe", "APPLE pear", ["apple", "plum"]) == 0.5
+    assert ruler.score("qa_2", "  Paris, France\n", ["Lyon", "france"]) == 1.0
+    assert ruler.score("qa_1", "Rome", ["Lyon", "Paris"]) == 0.0
+    assert ruler.postprocess(" a\tb\x00c ") == "a\nb\nc"
+    rows = [{"task": t, "length": 1024, "score": s} for t, s in (("vt", 1.0), ("vt", 0.0), ("cwe", 1.0))]
+    assert ruler.means(rows) == {1024: {"vt": 0.5, "cwe": 1.0, "mean": 0.75}}  # a task's mean, then their mean
 
-    s = ruler.make_sample("cwe", count, 1500, None, 3, prose)
-    words = collections.Counter(w for w in s.context.split() if w.isalpha() and w.islower())
-    assert set(s.answers) == {w for w, _ in words.most_common(10)}
+
+def test_a_missing_extra_names_the_install(monkeypatch):
+    monkeypatch.setattr(ruler, "NEEDS", (*ruler.NEEDS, "no_such_module_for_ruler"))
+    with pytest.raises(ValueError, match=r"no_such_module_for_ruler missing\): pip install -e '\.\[ruler\]'"):
+        runner.validate(compose_cfg("task=ruler"))
 
 
-def test_accuracy_cells_run_every_task_once_with_one_budget_per_task():
-    from longctx.tools import accuracy
-
-    for cell in accuracy.plan():
-        runs = cell.runs()
-        assert sorted(t for tasks, _, _ in runs for t in tasks) == sorted(accuracy.TASKS)
-        budget = {t: n for tasks, n, _ in runs for t in tasks}
-        assert all(n == accuracy.NEW_TOKENS for t, n in budget.items() if t != "cwe")
-        assert len({path for _, _, path in runs}) == len(runs)  # a results file answers one budget
-        if (cell.model, cell.length) == ("smollm2", 8192):  # cwe's longest prompt there: 8,160 of 8,192 positions
-            assert 8160 + budget["cwe"] <= 8192
+def test_a_length_that_cannot_hold_a_task_is_refused_before_loading(smollm2_dir):
+    with pytest.raises(ValueError, match="task.lengths: 150 tokens cannot hold RULER's niah_single_1"):
+        runner.validate(compose_cfg("task=ruler", "task.lengths=[150]"))

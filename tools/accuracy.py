@@ -1,35 +1,37 @@
-"""Accuracy against context length, strategy and star block size, on the real small models (CPU): ACCURACY.md.
+"""RULER-13 accuracy against context length, strategy and star block size, on the real small models (CPU):
+ACCURACY.md.
 
     python tools/accuracy.py run [--model gemma3_270m] [--length 4096] [--strategy global]   # resumable
     python tools/accuracy.py status                                                           # what is done
     python tools/accuracy.py report                                                           # tables + plot
 
 `run` measures every cell of the plan below that is not complete, in the plan's order, through
-`runner.py task=ruler` (all six task kinds, prose haystack). Each sample's row is appended to
-accuracy/results/MODEL/LENGTH-STRATEGY.jsonl as it finishes, so a killed run loses at most the sample in flight and
-the next `run` goes on from there. `report` rewrites ACCURACY.md's tables and accuracy/accuracy.png from those files.
+`runner.py task=ruler` (RULER's 13 tasks from NVIDIA's generator, `pip install -e ".[ruler]"`). Each sample's row
+is appended to accuracy/results/MODEL/LENGTH-STRATEGY.jsonl as it finishes, so a killed run loses at most the sample
+in flight and the next `run` goes on from there. `report` rewrites ACCURACY.md's tables and accuracy/accuracy.png
+from those files.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from longctx.evaluation.ruler import TASKS
 from longctx.tasks.rows import read_rows
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "accuracy" / "results"
 PLOT = REPO / "accuracy" / "accuracy.png"
 DOC = REPO / "ACCURACY.md"
-TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe")
-NEW_TOKENS = 48
-# A cell's prompt is at most its length less this (room for the answer inside the model's positions).
-ROOM = 64
+SAMPLES = 4  # per task and cell: 52 a cell, one sample is 1.9 points of a cell's mean
+# what each model can show: its layers that attend through a sliding window (star changes only the others)
+WINDOWED = {"gemma3_270m": (15, 18, 512), "smollm2": (0, 30, None)}
 
 
 @dataclass(frozen=True)
@@ -75,83 +77,55 @@ ALL = ("global", "ring", "star4", "star4-recompute", "star8", "star8-recompute")
 @dataclass(frozen=True)
 class Cell:
     model: str
-    length: int  # nominal: 4096 is "4K"
+    length: int  # RULER's: prompt and answer tokens
     strategy: str
-    depths: tuple[float, ...]  # needle depths; every task gets len(depths) samples
+    samples_per_task: int = SAMPLES
 
     @property
     def path(self) -> Path:
         return RESULTS / self.model / f"{self.length}-{self.strategy}.jsonl"
 
-    def runs(self) -> list[tuple[tuple[str, ...], int, Path]]:
-        """(tasks, new tokens, results file) of each runner call: NEW_TOKENS for all, except SmolLM2 at 8K, whose
-        8,192 positions hold cwe's longest prompts (up to 8,160 tokens with the chat template) and only 32 more; there
-        the other tasks keep NEW_TOKENS, so that every strategy answers each sample with the same budget, and cwe's
-        rows go to a file of their own (a results file answers one set of options)."""
-        if (self.model, self.length) != ("smollm2", 8192):
-            return [(TASKS, NEW_TOKENS, self.path)]
-        return [(TASKS[:-1], NEW_TOKENS, self.path), (("cwe",), 32, self.path.with_suffix(".cwe.jsonl"))]
-
     @property
     def samples(self) -> int:
-        return len(TASKS) * len(self.depths)
+        return len(TASKS) * self.samples_per_task
 
     def done(self) -> int:
         return len(_rows(self))
 
 
-D4 = (0.125, 0.375, 0.625, 0.875)  # 24 samples a cell: one sample is 4.2 points
-D2 = (0.25, 0.75)  # 12 samples a cell (32K: minutes a sample)
-
-
 def plan() -> list[Cell]:
-    """Every cell, in the order `run` measures them: what decides star's defaults first."""
+    """Every cell, in the order `run` measures them: SmolLM2 (full attention in every layer) first, star's block
+    sizes before its defaults (which are global's one block below 8K there), then Gemma 3, FP8 last."""
     g, s = "gemma3_270m", "smollm2"
-    cells = [Cell(g, 4096, st, D4) for st in ("global", "star4", "star8")]
-    cells += [Cell(g, 8192, st, D4) for st in ("global", "star4", "star8", "star-default")]
-    cells += [Cell(g, 16384, st, D4) for st in ("global", "star-default")]
-    cells += [Cell(g, 32768, st, D2) for st in ("global", "star-default")] + [Cell(g, 4096, "ring", D4)]
-    cells += [Cell(g, 16384, st, D4) for st in ("star4", "star8")] + [Cell(g, 4096, "star-default", D4)]
-    cells += [Cell(s, n, st, D4) for n in (1024, 2048, 4096, 8192) for st in ("global", "star4", "star8")]
-    cells += [Cell(s, 8192, "star-default", D4), Cell(s, 2048, "hsr", D4), Cell(g, 4096, "hsr", D4)]
-    cells += [Cell(g, n, st, D4) for st in ("ring", "star4-recompute", "star8-recompute") for n in (4096, 8192, 16384)]
-    cells += [
-        Cell(s, n, st, D4) for st in ("ring", "star4-recompute", "star8-recompute") for n in (1024, 2048, 4096, 8192)
-    ]
-    # FP8 KV: global everywhere; star at its defaults where they split the prompt (below 8K it is global's one block)
-    cells += [Cell(s, n, "global-fp8", D4) for n in (1024, 2048, 4096, 8192)] + [Cell(s, 8192, "star-default-fp8", D4)]
-    cells += [Cell(g, n, "global-fp8", D4) for n in (4096, 8192, 16384)]
-    cells += [Cell(g, n, "star-default-fp8", D4) for n in (8192, 16384)]
-    cells += [Cell(g, 32768, st, D2) for st in ("global-fp8", "star-default-fp8")]
+    cells = [Cell(s, n, st) for n in (2048, 4096, 8192) for st in ("global", "star4", "star8")]
+    cells += [Cell(s, 8192, "star-default"), Cell(s, 2048, "ring")]
+    cells += [Cell(g, n, st) for n in (4096, 8192, 16384) for st in ("global", "star-default", "star4", "star8")]
+    cells += [Cell(g, 4096, "ring")]
+    cells += [Cell(g, 32768, st, 2) for st in ("global", "star-default", "star4", "star8")]
+    cells += [Cell(s, n, st) for n in (2048, 4096, 8192) for st in ("star4-recompute", "star8-recompute")]
+    cells += [Cell(s, n, "global-fp8") for n in (2048, 4096, 8192)] + [Cell(s, 8192, "star-default-fp8")]
+    cells += [Cell(g, n, st) for n in (4096, 8192, 16384) for st in ("global-fp8", "star-default-fp8")]
+    cells += [Cell(g, 32768, st, 2) for st in ("global-fp8", "star-default-fp8")]
     return cells
 
 
 def run_cell(cell: Cell) -> int:
     cell.path.parent.mkdir(parents=True, exist_ok=True)
-    code = 0
-    for tasks, new_tokens, path in cell.runs():
-        cmd = [
-            sys.executable,
-            "runner.py",
-            "task=ruler",
-            f"model={cell.model}",
-            f"task.lengths=[{cell.length - ROOM}]",
-            f"task.tasks=[{','.join(tasks)}]",
-            f"task.depths=[{','.join(map(str, cell.depths))}]",
-            "task.samples=1",
-            f"task.max_new_tokens={new_tokens}",
-            f"task.output_jsonl={path}",
-            "task.resume=true",
-            "task.haystack=prose",
-            "wandb.mode=disabled",
-            f"hydra.run.dir={REPO / 'outputs' / 'accuracy' / cell.model / f'{cell.length}-{cell.strategy}'}",
-            *STRATEGIES[cell.strategy].args(cell.length),
-        ]
-        print(
-            f"[{time.strftime('%H:%M:%S')}] {cell.model} {cell.length} {cell.strategy}: {' '.join(cmd[2:])}", flush=True
-        )
-        code = code or subprocess.run(cmd, cwd=REPO).returncode
-    return code
+    cmd = [
+        sys.executable,
+        "runner.py",
+        "task=ruler",
+        f"model={cell.model}",
+        f"task.lengths=[{cell.length}]",
+        f"task.samples={cell.samples_per_task}",
+        f"task.output_jsonl={cell.path}",
+        "task.resume=true",
+        "wandb.mode=disabled",
+        f"hydra.run.dir={REPO / 'outputs' / 'accuracy' / cell.model / f'{cell.length}-{cell.strategy}'}",
+        *STRATEGIES[cell.strategy].args(cell.length),
+    ]
+    print(f"[{time.strftime('%H:%M:%S')}] {cell.model} {cell.length} {cell.strategy}: {' '.join(cmd[2:])}", flush=True)
+    return subprocess.run(cmd, cwd=REPO).returncode
 
 
 def status(cells: list[Cell]) -> str:
@@ -168,7 +142,7 @@ def status(cells: list[Cell]) -> str:
 def _rows(cell: Cell) -> list[dict]:
     """A cell's samples, each once (the first row of a key: two runs of one cell append the same samples)."""
     rows = {}
-    for row in (row for _, _, path in cell.runs() for row in read_rows(path)):
+    for row in read_rows(cell.path):
         rows.setdefault(row["key"], row)
     return list(rows.values())
 
@@ -181,19 +155,32 @@ def _label(n: int) -> str:
 
 
 def _score(rows: list[dict]) -> float:
-    return 100 * sum(r["score"] for r in rows) / len(rows)
+    """RULER's headline: the mean over tasks of each task's mean score (%)."""
+    per = [[r["score"] for r in rows if r["task"] == t] for t in TASKS]
+    per = [sum(p) / len(p) for p in per if p]
+    return 100 * sum(per) / len(per)
 
 
 def _of_global(rows: list[dict], base: list[dict]) -> float | None:
     """Score as a percentage of global's on the same samples (matched by key, so a partial cell compares fairly)."""
-    ref = {r["key"]: r["score"] for r in base}
-    shared = [r for r in rows if r["key"] in ref]
-    total = sum(ref[r["key"]] for r in shared)
-    return 100 * sum(r["score"] for r in shared) / total if shared and total > 0 else None
+    keys = {r["key"] for r in base} & {r["key"] for r in rows}
+    if not keys:
+        return None
+    ref = _score([r for r in base if r["key"] in keys])
+    return 100 * _score([r for r in rows if r["key"] in keys]) / ref if ref > 0 else None
+
+
+def _blocks(rows: list[dict]) -> tuple[int, int, int] | None:
+    """Star's block size and the fewest and most blocks a sample's context was cut into (None: not star)."""
+    sizes = [r["strategy"].get("block_size") for r in rows if r["strategy"].get("name") == "star"]
+    if not sizes or sizes[0] is None:
+        return None
+    counts = [math.ceil(r["context_tokens"] / r["strategy"]["block_size"]) for r in rows]
+    return sizes[0], min(counts), max(counts)
 
 
 def model_table(model: str, cells: list[Cell]) -> list[str]:
-    """Mean score per (length, strategy), star as a percentage of global, then per task."""
+    """RULER-13 mean per (length, strategy), star as a percentage of global, then per task."""
     mine = [c for c in cells if c.model == model and c.done()]
     lengths = sorted({c.length for c in mine})
     strategies = [s for s in STRATEGIES if any(c.strategy == s for c in mine)]
@@ -215,7 +202,7 @@ def model_table(model: str, cells: list[Cell]) -> list[str]:
                 text += f" [{len(rows)}/{total}]"
             cells_txt.append(text)
         out.append(f"| {STRATEGIES[s].name} | " + " | ".join(cells_txt) + " |")
-    out += ["", "Per task (score %, one column per length, strategies in the order above):", ""]
+    out += ["", "Per task (score %):", ""]
     out.append("| strategy | length | " + " | ".join(TASKS) + " | prompt tokens (mean) | s to first token (mean) |")
     out.append("|" + "---|" * (len(TASKS) + 4))
     for s in strategies:
@@ -226,10 +213,39 @@ def model_table(model: str, cells: list[Cell]) -> list[str]:
             per = [[r for r in rows if r["task"] == t] for t in TASKS]
             out.append(
                 f"| {STRATEGIES[s].name} | {_label(n)} | "
-                + " | ".join(f"{_score(p):.0f}" if p else "–" for p in per)
+                + " | ".join(f"{100 * sum(r['score'] for r in p) / len(p):.0f}" if p else "–" for p in per)
                 + f" | {sum(r['prompt_tokens'] for r in rows) / len(rows):.0f} | {sum(r['ttft_s'] for r in rows) / len(rows):.1f} |"
             )
     return out
+
+
+def shows_table(cells: list[Cell]) -> list[str]:
+    """What each star cell can show: its blocks, whether it is exact by construction (one block is global's; with
+    two, the second sees the anchor, which is the first, and itself), and whether it is evidence for models with
+    full attention in every layer."""
+    lines = [
+        "| model | layers through a sliding window | length | strategy | block | blocks per prompt | what it shows |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for c in cells:
+        rows = _rows(c) if c.done() else []
+        b = _blocks(rows)
+        if b is None:
+            continue
+        size, few, many = b
+        win, layers, span = WINDOWED[c.model]
+        windowed = f"{win} of {layers} ({span} tokens)" if win else f"none of {layers}"
+        if many <= 2:
+            shows = "nothing: exact by construction"
+        elif win:
+            shows = f"star in {layers - win} full-attention layers only"
+        else:
+            shows = "star in every layer: evidence for full-attention models"
+        count = f"{few}" if few == many else f"{few}–{many}"
+        lines.append(
+            f"| {c.model} | {windowed} | {_label(c.length)} | {STRATEGIES[c.strategy].name} | {size} | {count} | {shows} |"
+        )
+    return lines + [""] if len(lines) > 2 else []
 
 
 def plot(cells: list[Cell], path: Path) -> Path:
@@ -262,7 +278,7 @@ def plot(cells: list[Cell], path: Path) -> Path:
         ax.set_xticklabels([_label(n) for n in sorted({c.length for c in cells if c.model == model})])
         ax.set_ylim(0, 100)
         ax.set_xlabel("context length (tokens)")
-        ax.set_ylabel("RULER score, 6 tasks (%)")
+        ax.set_ylabel("RULER-13 mean score (%)")
         ax.set_title(model)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -303,11 +319,17 @@ def report(cells: list[Cell]) -> str:
                 f"{'–' if ratio is None else f'{ratio:.0f}%'} | {share:.1%} | {worst:.1e} |"
             )
         lines.append("")
+    lines += ["What each star cell can show:", ""] + shows_table(cells)
     lines += fp8_table(cells)
+    pending = [c for c in cells if c.done() < c.samples]
+    if pending:
+        lines += ["Not measured yet (`python tools/accuracy.py run` goes on with them, in this order): "
+                  + ", ".join(f"{c.model} {_label(c.length)} {c.strategy} ({c.done()}/{c.samples})" for c in pending), ""]  # fmt: skip
     lines += [
         f"Made by `python tools/accuracy.py run` then `python tools/accuracy.py report` on {time.strftime('%Y-%m-%d')}, "
-        f"CPU, fp32, torch {torch.__version__}. A cell shows the mean score over its samples, star's as a percentage of "
-        "global's on the same samples in brackets; `[n/N]` marks a cell still being measured (its mean covers the tasks done so far).",
+        f"CPU, fp32, torch {torch.__version__}. A cell shows RULER's mean over the tasks of each task's mean score, star's "
+        "as a percentage of global's on the same samples in brackets; `[n/N]` marks a cell still being measured (its "
+        "mean covers the samples done so far).",
         "",
         f"![score against length]({PLOT.relative_to(REPO)})",
         "",
