@@ -38,6 +38,7 @@ DOC = REPO / "ACCURACY.md"
 BEGIN, END = "<!-- hsr structure: tools/hsr_structure.py -->", "<!-- end of hsr structure -->"
 BUILTIN = {"smollm2": "smollm2", "gemma3_270m": "gemma3-270m"}  # preset -> built-in model (models/builtin.py)
 QUESTION = "\n\nThe pass key is 48213. Remember it. What is the pass key?"
+PROSE = Path("/usr/share/common-licenses")  # the licence texts every Debian-family machine holds
 
 
 class _Capture(GlobalAttention):
@@ -57,11 +58,10 @@ class _Capture(GlobalAttention):
 def capture(model_name: str, length: int) -> tuple[list[tuple], torch.Tensor]:
     """Every layer's (q, k, v, mask) at the decode query of a `length`-token prose prompt, and the cache positions."""
     from longctx import models
-    from longctx.evaluation.ruler import DEFAULT_PROSE
     from longctx.models.builtin import BUILTINS
 
     model, tok = models.load(BUILTINS[BUILTIN[model_name]](), dtype=torch.float32)
-    text = "\n\n".join(p.read_text(errors="replace") for p in sorted(DEFAULT_PROSE.iterdir()) if p.is_file())
+    text = "\n\n".join(p.read_text(errors="replace") for p in sorted(PROSE.iterdir()) if p.is_file())
     question = tok.encode(QUESTION, add_special_tokens=False)
     ids = tok.encode(text)[: length - len(question)] + question
     strategy = _Capture()

@@ -228,7 +228,7 @@ def bench_fp8_scales(rec: Recorder, quick: bool = False) -> list[Table]:
 
     path = BUILTINS["smollm2"]()
     model = models.load_model(path, dtype=torch.float32)
-    licences = sorted(Path("/usr/share/common-licenses").iterdir())  # the prose haystack of ACCURACY.md
+    licences = sorted(Path("/usr/share/common-licenses").iterdir())  # prose every Debian-family machine holds
     text = " ".join(f.read_text() for f in licences if f.is_file())
     ids = models.Tokenizer.from_dir(path).encode(text)[: 2 * K]
     model.setup_cache(1, len(ids))
