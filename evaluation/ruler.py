@@ -219,7 +219,9 @@ def generate(name: str, tokenizer_dir: Path, length: int, samples: int, seed: in
         with tempfile.TemporaryDirectory() as tmp:
             _run(task, _command(task, Path(tmp), tokenizer_dir, length, samples, seed), length)
             kept.parent.mkdir(parents=True, exist_ok=True)
-            part = kept.with_suffix(".part")
+            fd, part = tempfile.mkstemp(dir=kept.parent, suffix=".part")  # (ranks may make the same one at once)
+            os.close(fd)
+            part = Path(part)
             shutil.copyfile(Path(tmp) / name / "validation.jsonl", part)
             part.replace(kept)
     return [json.loads(line) for line in kept.read_text().splitlines() if line.strip()]

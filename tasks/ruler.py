@@ -3,8 +3,8 @@ and length, with the mean over the tasks as the headline."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from omegaconf import DictConfig
 
@@ -120,6 +120,7 @@ def _answer(c: Context, s: ruler.Sample) -> dict:
     """One sample answered and scored: its row."""
     ids, n_ctx = c.prompt_ids(s.context, s.question, c.cfg.task.chat, s.answer_prefix)
     new = min(c.cfg.task.max_new_tokens, ruler.tasks()[s.task].tokens_to_generate)
+    start = time.perf_counter()
     out, ttft, _ = c.answer(ids, n_ctx, new, models.Sampling())
     return {
         "key": s.key,
@@ -132,6 +133,7 @@ def _answer(c: Context, s: ruler.Sample) -> dict:
         "prompt_tokens": len(ids),
         "context_tokens": n_ctx,
         "ttft_s": ttft,
+        "seconds": time.perf_counter() - start,
         "strategy": c.strategy_params(),
         **(c.model.attention.decode_report() or {}),
     }

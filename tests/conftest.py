@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from longctx.models import builtin
-from tests.helpers import CACHE, gemma3_wheels, make_hf_model, smollm2_gguf, smollm2_wheel
+from tests.helpers import CACHE, gemma3_wheels, make_hf_model, smollm2_gguf, smollm2_wheel, transformers_reading
 
 
 @pytest.fixture(scope="session")
@@ -32,12 +32,7 @@ def hf_checkpoint(tmp_path_factory):
 @pytest.fixture(scope="session")
 def smollm2_reference():
     """transformers' own SmolLM2 (fp32) and tokenizer, read from the GGUF: the independent reference."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    gguf = smollm2_gguf()
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
-    return model, tok
+    return transformers_reading(smollm2_gguf())
 
 
 @pytest.fixture(scope="session")

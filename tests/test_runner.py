@@ -107,63 +107,56 @@ def test_generate_from_jsonl(smollm2_dir, tmp_path):
     assert "Rome" in rows[0]["pred"]
 
 
-def test_ruler_writes_table_results_and_heatmap(smollm2_dir, tmp_path):
+def test_ruler_writes_table_results_and_heatmap_and_resumes(smollm2_dir, tmp_path):
     """RULER's own samples (made once: tests/test_ruler.py makes the same ones), in the chat template with the
-    answer prefix after it, scored per task, the mean over the tasks as the headline."""
-    res = run_runner(
-        tmp_path,
+    answer prefix after it, scored per task, the mean over the tasks as the headline. Rows are written as samples
+    finish; with task.resume=true the samples already written are not run again."""
+    out = tmp_path / "samples.jsonl"
+    common = (
         "task=ruler",
         "task.lengths=[2048]",
         "task.tasks=[niah_single_2,qa_1]",
         "task.max_new_tokens=16",
         "wandb.mode=disabled",
+        f"task.output_jsonl={out}",
     )
+    res = run_runner(tmp_path, *common)
     assert res.returncode == 0, res.stderr[-3000:]
     run = tmp_path / "run"
     table = (run / "ruler_table.txt").read_text()
     assert "niah_single_2" in table and "qa_1" in table and "mean" in table and "2048" in table
     result = json.loads((run / "results.json").read_text())
-    rows = read_rows(run / "ruler_samples.jsonl")
-    assert len(rows) == 4 and {r["key"] for r in rows} == {
-        f"{t}/2048/{i}" for t in ("niah_single_2", "qa_1") for i in (0, 1)
-    }
+    rows = read_rows(out)
+    assert [r["key"] for r in rows] == [f"{t}/2048/{i}" for t in ("niah_single_2", "qa_1") for i in (0, 1)]
     means = {t: sum(r["score"] for r in rows if r["task"] == t) / 2 for t in ("niah_single_2", "qa_1")}
     assert result["ruler/mean"] == pytest.approx(sum(means.values()) / 2)
     assert result["ruler/niah_single_2"] == pytest.approx(means["niah_single_2"])
     assert (run / "ruler_heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (tmp_path / "wandb-root" / "wandb").exists()  # disabled: no W&B directory
-    for r in rows:  # within the length, the answer prefix last, the context before the question
+    for r in rows:  # within the length, the context before the question
         assert r["prompt_tokens"] + 16 <= 2048 and 0 < r["context_tokens"] < r["prompt_tokens"]
     assert rows[0]["strategy"]["name"] == "star" and rows[0]["strategy"]["block_size"] > 0
     assert re.search(r"star: context of \d+ tokens in 1 block of \d+ over 1 rank, anchor", res.stderr)  # the floor
 
-
-def test_ruler_resumes_where_a_run_stopped(smollm2_dir, tmp_path):
-    """Rows are written as samples finish; with task.resume=true the samples already written are not run again."""
-    out = tmp_path / "samples.jsonl"
-    common = (
-        "task=ruler",
-        "task.lengths=[2048]",
-        "task.tasks=[vt]",
-        "task.max_new_tokens=8",
-        "wandb.mode=disabled",
-        f"task.output_jsonl={out}",
-        "attention=global",
-    )
-    res = run_runner(tmp_path, *common)
-    assert res.returncode == 0, res.stderr[-3000:]
     lines = out.read_text().splitlines()
-    assert len(lines) == 3 and len(read_rows(out)) == 2  # the header, then a row a sample
-    out.write_text("\n".join(lines[:2]) + "\n" + lines[2][:20])  # killed while writing the last row: a torn line
+    assert len(lines) == 5  # the header, then a row a sample
+    out.write_text("\n".join(lines[:4]) + "\n" + lines[4][:20])  # killed while writing the last row: a torn line
     res = run_runner(tmp_path, *common, "task.resume=true")
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "resuming: 1 of 2 samples" in res.stderr and "cut off a torn last line (20 bytes)" in res.stderr
+    assert "resuming: 3 of 4 samples" in res.stderr and "cut off a torn last line (20 bytes)" in res.stderr
     again = out.read_text().splitlines()
-    assert again[:2] == lines[:2] and len(again) == 3 and json.loads(again[2])["key"] == json.loads(lines[2])["key"]
-    result = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert result["ruler/mean"] == sum(r["score"] for r in read_rows(out)) / 2
+    assert again[:4] == lines[:4] and len(again) == 5 and json.loads(again[4])["key"] == json.loads(lines[4])["key"]
+    result = json.loads((run / "results.json").read_text())
+    assert result["ruler/mean"] == pytest.approx(ruler_mean(read_rows(out)))
     res = run_runner(tmp_path, *common)  # without resume, rows already there are not mixed with new ones
     assert res.returncode != 0 and "already holds results" in res.stderr and out.read_text().splitlines() == again
+
+
+def ruler_mean(rows: list[dict]) -> float:
+    tasks = {r["task"] for r in rows}
+    return sum(
+        sum(r["score"] for r in rows if r["task"] == t) / sum(r["task"] == t for r in rows) for t in tasks
+    ) / len(tasks)
 
 
 def test_bench_appends_a_record_and_multirun_compares(tmp_path):

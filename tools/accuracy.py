@@ -129,14 +129,18 @@ def run_cell(cell: Cell) -> int:
 
 
 def status(cells: list[Cell]) -> str:
-    lines = []
+    """Each cell's progress, its seconds a sample, and the time its remaining samples will take at that pace."""
+    lines, left = [], 0.0
     for c in cells:
         rows = _rows(c)
-        secs = sum(r["ttft_s"] for r in rows) / len(rows) if rows else float("nan")
+        secs = sum(r.get("seconds", r["ttft_s"]) for r in rows) / len(rows) if rows else float("nan")
+        rest = (c.samples - len(rows)) * secs
+        left += 0 if math.isnan(rest) else rest
         lines.append(
-            f"{c.model:12} {c.length:>6} {c.strategy:16} {len(rows):>3}/{c.samples}  {secs:7.1f} s/sample to first token"
+            f"{c.model:12} {c.length:>6} {c.strategy:16} {len(rows):>3}/{c.samples}  {secs:7.1f} s/sample  "
+            f"{rest / 3600:5.1f} h to go"
         )
-    return "\n".join(lines)
+    return "\n".join(lines + [f"{left / 3600:.1f} h to go in the cells begun (the others: not timed yet)"])
 
 
 def _rows(cell: Cell) -> list[dict]:
