@@ -1,0 +1,35 @@
+"""tools/accuracy.py's report: RULER's headline (the mean over tasks), star as a share of global on the same
+samples, and what each star cell can show (its blocks; one or two are exact by construction)."""
+
+from __future__ import annotations
+
+import json
+
+from longctx.tasks.rows import HEADER
+from longctx.tools import accuracy
+
+
+def _row(task: str, i: int, score: float, block: int | None = None, context: int = 1000) -> dict:
+    strategy = {"name": "star", "block_size": block} if block else {"name": "global"}
+    return {"key": f"{task}/4096/{i}", "task": task, "score": score, "context_tokens": context, "strategy": strategy}
+
+
+def test_the_headline_is_the_mean_over_tasks_and_star_is_compared_on_the_same_samples():
+    rows = [_row("vt", 0, 1.0), _row("vt", 1, 0.0), _row("cwe", 0, 1.0)]
+    assert accuracy._score(rows) == 75.0  # vt 50, cwe 100: not 2 of 3 samples
+    base = [_row("vt", 0, 1.0), _row("vt", 1, 1.0), _row("cwe", 0, 1.0), _row("cwe", 1, 0.0)]
+    star = [_row("vt", 0, 1.0, 1024), _row("vt", 1, 0.0, 1024)]  # a partial cell: vt only
+    assert accuracy._of_global(star, base) == 50.0  # against global's vt, not global's mean of both tasks
+
+
+def test_star_cells_say_how_many_blocks_they_cut_and_which_are_exact(tmp_path, monkeypatch):
+    monkeypatch.setattr(accuracy, "RESULTS", tmp_path)
+    cells = [accuracy.Cell("smollm2", 4096, "star4", 1), accuracy.Cell("smollm2", 8192, "star-default", 1)]
+    for cell, block, context in ((cells[0], 1024, 3900), (cells[1], 4096, 7900)):
+        cell.path.parent.mkdir(parents=True, exist_ok=True)
+        rows = [_row(t, 0, 1.0, block, context) for t in accuracy.TASKS]
+        cell.path.write_text("\n".join(json.dumps(r) for r in [{HEADER: {}}, *rows]) + "\n")
+    assert accuracy._blocks(accuracy._rows(cells[0])) == (1024, 4, 4)
+    table = "\n".join(accuracy.shows_table(cells))
+    assert "| smollm2 | none of 30 | 4K | star, block L/4 | 1024 | 4 | star in every layer" in table
+    assert "| smollm2 | none of 30 | 8K | star, default blocks | 4096 | 2 | nothing: exact by construction |" in table
