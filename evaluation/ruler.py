@@ -26,9 +26,11 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -54,7 +56,7 @@ EXTRA = "pip install -e '.[ruler]'"
 # what the generator's scripts import beyond the project's own dependencies
 NEEDS = ("long_context_eval", "nltk", "wonderwords", "scipy", "tenacity", "yaml", "transformers")
 # the generator's sizing lines: how many units of filler it settled on (0: the length cannot hold the task)
-SIZED = re.compile(r"^(?:Num haystack|Number of documents|Num noises|num_words|num_example_words):\s*(-?\d+)\s*$")
+SIZED = re.compile(r"^(?:Num haystack|Number of documents|Num noises|num_words):\s*(-?\d+)\s*$")
 CACHE_HOME = Path(os.environ.get("LONGCTX_HOME", Path.home() / ".cache" / "longctx"))
 
 
@@ -228,24 +230,43 @@ def generate(name: str, tokenizer_dir: Path, length: int, samples: int, seed: in
 
 
 def _run(task: Task, cmd: list[str], length: int) -> None:
-    """Runs a generator script, stopping it where its sizing finds no room for filler (it would loop forever)."""
+    """Runs a generator script. Where the length cannot hold the task, its scripts loop forever, so it is stopped
+    when its sizing settles on no filler or never measures a sample (the loop's condition failed at once), and in
+    any case after `time_limit(length)` seconds."""
     env = {**os.environ, "NLTK_DATA": str(sentence_model()), "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    limit = time_limit(length)
+    timer = threading.Timer(limit, proc.kill)
+    timer.start()
+    tail: list[str] = []  # (one pipe for both: a full stderr pipe cannot stall it)
+    measured = False  # a "Max length ... | Current length ..." line since the last sizing result
     try:
         for line in proc.stdout:
+            tail = (tail + [line])[-30:]
+            measured = measured or line.startswith("Max length")
             m = SIZED.match(line.strip())
-            if m and int(m.group(1)) <= 0:
+            if m and (int(m.group(1)) <= 0 or not measured):
                 proc.kill()
                 raise ValueError(
                     f"task.lengths: {length} tokens cannot hold RULER's {task.name} (its template, filler and "
                     f"{task.tokens_to_generate} answer tokens); use a longer length or leave the task out"
                 )
-        err = proc.stderr.read()
+            measured = measured and not m
     finally:
+        timer.cancel()
         proc.stdout.close()
         proc.wait()
     if proc.returncode != 0:
-        raise RuntimeError(f"RULER's generator failed on {task.name} at {length} tokens:\n{err[-2000:]}")
+        why = f"did not finish in {limit:.0f} s" if proc.returncode == -signal.SIGKILL else "failed"
+        raise RuntimeError(
+            f"RULER's generator {why} on {task.name} at {length} tokens (a length too short for the task makes it "
+            f"loop):\n{''.join(tail)[-2000:]}"
+        )
+
+
+def time_limit(length: int) -> float:
+    """Seconds a generator may take: its sizing tokenizes ever longer texts, seconds at 32K, minutes at 128K."""
+    return 600 * max(1.0, (length / 32768) ** 2)
 
 
 def postprocess(prediction: str) -> str:

@@ -101,3 +101,14 @@ def test_a_missing_extra_names_the_install(monkeypatch):
 def test_a_length_that_cannot_hold_a_task_is_refused_before_loading(smollm2_dir):
     with pytest.raises(ValueError, match="task.lengths: 150 tokens cannot hold RULER's niah_single_1"):
         runner.validate(compose_cfg("task=ruler", "task.lengths=[150]"))
+
+
+def test_the_generator_is_stopped_where_it_would_loop_forever(smollm2_dir, monkeypatch):
+    """RULER's scripts loop forever where a length cannot hold the task: the sizing that finds no room stops them
+    at once, and a time limit stops whatever else runs too long."""
+    with pytest.raises(ValueError, match="task.lengths: 200 tokens cannot hold RULER's vt"):
+        ruler.generate("vt", smollm2_dir, 200, 1)
+    monkeypatch.setattr(ruler, "time_limit", lambda length: 0.5)
+    with pytest.raises(RuntimeError, match=r"did not finish in 0 s on fwe at 1234 tokens"):
+        ruler.generate("fwe", smollm2_dir, 1234, 1)
+    assert not list(ruler.CACHE_HOME.glob("ruler/samples/*fwe-1234-*"))  # nothing kept of it
