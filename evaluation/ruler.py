@@ -88,7 +88,7 @@ def package_version() -> str:
 
 @dataclass(frozen=True)
 class Task:
-    """One of the 13 as the package defines it: its generator script, arguments, template and metric."""
+    """One of the 13 as the package defines it: its generator script, arguments, template and answer length."""
 
     name: str
     kind: str  # niah, variable_tracking, common_words_extraction, freq_words_extraction, qa

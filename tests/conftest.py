@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from longctx.models import builtin
 from tests.helpers import CACHE, gemma3_wheels, make_hf_model, smollm2_gguf, smollm2_wheel, transformers_reading
