@@ -11,7 +11,8 @@ from longctx.tools import accuracy
 
 def _row(task: str, i: int, score: float, block: int | None = None, context: int = 1000) -> dict:
     strategy = {"name": "star", "block_size": block} if block else {"name": "global"}
-    return {"key": f"{task}/4096/{i}", "task": task, "score": score, "context_tokens": context, "strategy": strategy}
+    return {"key": f"{task}/4096/{i}", "task": task, "length": 4096, "score": score, "context_tokens": context,
+            "strategy": strategy}  # fmt: skip
 
 
 def test_the_headline_is_the_mean_over_tasks_and_star_is_compared_on_the_same_samples():

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from longctx.evaluation.ruler import TASKS
+from longctx.evaluation.ruler import TASKS, means
 from longctx.tasks.rows import read_rows
 
 REPO = Path(__file__).resolve().parent.parent
@@ -159,10 +159,9 @@ def _label(n: int) -> str:
 
 
 def _score(rows: list[dict]) -> float:
-    """RULER's headline: the mean over tasks of each task's mean score (%)."""
-    per = [[r["score"] for r in rows if r["task"] == t] for t in TASKS]
-    per = [sum(p) / len(p) for p in per if p]
-    return 100 * sum(per) / len(per)
+    """RULER's headline (%) over a cell's rows, all of one length: the mean over tasks of each task's mean."""
+    (per_length,) = means(rows).values()
+    return 100 * per_length["mean"]
 
 
 def _of_global(rows: list[dict], base: list[dict]) -> float | None:
