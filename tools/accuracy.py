@@ -94,18 +94,19 @@ class Cell:
 
 
 def plan() -> list[Cell]:
-    """Every cell, in the order `run` measures them: SmolLM2 (full attention in every layer) first, star's block
-    sizes before its defaults (which are global's one block below 8K there), then Gemma 3, FP8 last."""
+    """Every cell, in the order `run` measures them: SmolLM2 (full attention in every layer) before Gemma 3, each by
+    length, so that every strategy has a cheap cell early; at a length, star's block sizes before its defaults
+    (which are global's one block below 8K on SmolLM2), FP8 beside its full-width strategies."""
     g, s = "gemma3_270m", "smollm2"
-    cells = [Cell(s, n, st) for n in (2048, 4096, 8192) for st in ("global", "star4", "star8")]
-    cells += [Cell(s, 8192, "star-default"), Cell(s, 2048, "ring")]
-    cells += [Cell(g, n, st) for n in (4096, 8192, 16384) for st in ("global", "star-default", "star4", "star8")]
-    cells += [Cell(g, 4096, "ring")]
-    cells += [Cell(g, 32768, st, 2) for st in ("global", "star-default", "star4", "star8")]
-    cells += [Cell(s, n, st) for n in (2048, 4096, 8192) for st in ("star4-recompute", "star8-recompute")]
-    cells += [Cell(s, n, "global-fp8") for n in (2048, 4096, 8192)] + [Cell(s, 8192, "star-default-fp8")]
-    cells += [Cell(g, n, st) for n in (4096, 8192, 16384) for st in ("global-fp8", "star-default-fp8")]
-    cells += [Cell(g, 32768, st, 2) for st in ("global-fp8", "star-default-fp8")]
+    recompute = ["star4-recompute", "star8-recompute"]
+    cells = [Cell(s, 2048, st) for st in ("global", "star4", "star8", "ring", "global-fp8", *recompute)]
+    cells += [Cell(s, 4096, st) for st in ("global", "star4", "star8", "global-fp8", *recompute)]
+    cells += [Cell(s, 8192, st) for st in ("global", "star4", "star8", "star-default", "global-fp8", "star-default-fp8")]
+    cells += [Cell(s, 8192, st) for st in recompute]
+    each = ("global", "star-default", "star4", "star8", "global-fp8", "star-default-fp8")
+    cells += [Cell(g, 4096, st) for st in (*each, "ring")]
+    cells += [Cell(g, n, st) for n in (8192, 16384) for st in each]
+    cells += [Cell(g, 32768, st, 2) for st in each]
     return cells
 
 
