@@ -120,6 +120,9 @@ def _answer(c: Context, s: ruler.Sample) -> dict:
     """One sample answered and scored: its row."""
     ids, n_ctx = c.prompt_ids(s.context, s.question, c.cfg.task.chat, s.answer_prefix)
     new = min(c.cfg.task.max_new_tokens, ruler.tasks()[s.task].tokens_to_generate)
+    # The generator sizes a sample with its own tokenization; the prompt as made here can come out a few tokens
+    # longer. Such a sample keeps its prompt and answers in the positions left (an answer is a few words).
+    new = max(1, min(new, c.max_seq_len - len(ids)))
     start = time.perf_counter()
     out, ttft, _ = c.answer(ids, n_ctx, new, models.Sampling())
     return {
@@ -132,6 +135,7 @@ def _answer(c: Context, s: ruler.Sample) -> dict:
         "answers": s.answers,
         "prompt_tokens": len(ids),
         "context_tokens": n_ctx,
+        "max_new_tokens": new,
         "ttft_s": ttft,
         "seconds": time.perf_counter() - start,
         "strategy": c.strategy_params(),

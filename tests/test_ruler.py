@@ -112,3 +112,32 @@ def test_the_generator_is_stopped_where_it_would_loop_forever(smollm2_dir, monke
     with pytest.raises(RuntimeError, match=r"did not finish in 0 s on fwe at 1234 tokens"):
         ruler.generate("fwe", smollm2_dir, 1234, 1)
     assert not list(ruler.CACHE_HOME.glob("ruler/samples/*fwe-1234-*"))  # nothing kept of it
+
+
+def test_a_sample_a_few_tokens_too_long_answers_in_the_positions_left():
+    """The generator sizes samples with its own tokenization, so a prompt made here can leave fewer positions than
+    the task's answer budget: it is answered in the positions left, not refused."""
+    from types import SimpleNamespace
+
+    from longctx.models.generate import Generation
+    from longctx.tasks.ruler import _answer
+
+    asked = []
+
+    def answer(ids, n_ctx, new, sampling):
+        asked.append(new)
+        return Generation("the words are apple banana cherry"), 0.1, 10.0
+
+    sample = ruler.Sample("fwe", 8192, 0, "context", "question", "Answer:", ["apple", "banana", "cherry"])
+    for room in (20, 500):
+        c = SimpleNamespace(
+            prompt_ids=lambda *a: (list(range(1000)), 990),
+            max_seq_len=1000 + room,
+            cfg=SimpleNamespace(task=SimpleNamespace(max_new_tokens=128, chat=True)),
+            answer=answer,
+            strategy_params=lambda: {"name": "global"},
+            model=SimpleNamespace(attention=SimpleNamespace(decode_report=lambda: None)),
+        )
+        row = _answer(c, sample)
+        assert row["score"] == 1.0 and row["max_new_tokens"] == asked[-1]
+    assert asked == [20, ruler.tasks()["fwe"].tokens_to_generate]
