@@ -40,7 +40,8 @@ from longctx.conf.schema import schema_of
 
 PHASES = ("context", "query")
 STRATEGIES: dict[str, type[AttentionStrategy]] = {}
-# Context tokens a rank feeds per phase-1 pass where `chunk` is left unset (BENCHMARKS.md, figure `chunked`).
+# Context tokens a rank feeds per phase-1 pass where `chunk` is left unset (BENCHMARKS.md, figure
+# `chunked-h100-80gb-hbm3`).
 AUTO_CHUNK = 65536
 
 

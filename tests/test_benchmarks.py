@@ -56,6 +56,35 @@ def test_a_new_table_replaces_its_figure_and_nothing_else():
     )
 
 
+def test_the_kv_runs_alone_at_the_longest_context_publish_one_table_per_gpu_model(monkeypatch):
+    """`kv --lengths "" --longest-kv N`: the one long star FP8 run, its table named for the GPU model (an H100's and an
+    H200's kept side by side), no empty chunked table; neither contexts nor a longest run is refused."""
+    import json
+
+    from longctx.tools.bench import common, kv
+
+    args = benchmarks.argparse.Namespace(lengths="", attention=None, longest_kv=1 << 20, warmup=1, quick=False)
+    options = benchmarks.PARTS["kv"][1](args)
+    assert options["contexts"] == [] and options["longest"] == 1 << 20
+    ran = []
+
+    def fake_bench(results, *opts):
+        ran.append(opts)
+        record = dict(attention="star", ctx=1 << 20, kv_dtype="fp8", ttft_s=300.0, decode_tok_s=30.0,
+                      planned_peak_bytes_per_rank=[100 << 30], peak_mem_bytes_per_rank=[98 << 30])  # fmt: skip
+        with open(results, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        return "python runner.py " + " ".join(opts)
+
+    monkeypatch.setattr(kv, "_bench", fake_bench)
+    monkeypatch.setattr(common, "device_name", lambda: "NVIDIA H200")
+    tables = kv.bench_kv(common.Recorder(None), **options)
+    assert ran == [("attention=star", "kv.dtype=fp8", "ctx.length=1048576", "task.warmup=0")]
+    assert [t.figure for t in tables] == ["fp8-runs-h200"] and len(tables[0].rows) == 1
+    with pytest.raises(ValueError, match="--longest-kv"):
+        kv.bench_kv(common.Recorder(None), [], ["star"], longest=None)
+
+
 @pytest.mark.parametrize(
     "name,params,world,windows",
     [

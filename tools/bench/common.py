@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -41,6 +42,12 @@ class Table:
 
 def device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+
+
+def per_gpu(figure: str) -> str:
+    """`figure` named for this GPU model, for a figure whose table each GPU model keeps one of (an H100's and an
+    H200's side by side)."""
+    return figure + "-" + re.sub(r"[^a-z0-9]+", "-", device_name().lower().removeprefix("nvidia ")).strip("-")
 
 
 def fmt(x) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from longctx.tools.bench.common import ROOT, K, Recorder, Table, graph_timed
+from longctx.tools.bench.common import ROOT, K, Recorder, Table, graph_timed, per_gpu
 
 GiB = 2**30
 CALIBRATION = 256  # tokens a fixed per-tensor scale is taken from (`bench_fp8_scales`)
@@ -39,14 +39,19 @@ def bench_kv(
 ) -> list[Table]:
     """The strategies, bf16 against FP8 KV, at each context (star alone at `longest`); chunked phase 1 against one
     pass at the longest context (and chunks of 8K at the shortest, where there are two). Each sweep runs in one
-    process; every timed run follows `warmup` untimed ones (0: a 4K run first, so that compiles are not timed)."""
+    process; every timed run follows `warmup` untimed ones (0: a 4K run first, so that compiles are not timed).
+    No contexts: the run at `longest` alone. Each GPU model keeps its own tables."""
+    if not contexts and not longest:
+        raise ValueError("kv: give contexts (--lengths) or a longest run (--longest-kv)")
     results = Path(tempfile.mkdtemp()) / "kv.jsonl"
     lengths = ",".join(map(str, [4 * K] * (warmup == 0) + contexts))
     each = (f"attention={','.join(strategies)}", f"task.warmup={warmup}")
-    commands = [
-        _bench(results, *each, "kv.dtype=auto,fp8", f"ctx.length={lengths}"),
-        _bench(results, *each, f"ctx.length={contexts[-1]}", f"ctx.chunk={contexts[-1]}"),
-    ]
+    commands = []
+    if contexts:
+        commands += [
+            _bench(results, *each, "kv.dtype=auto,fp8", f"ctx.length={lengths}"),
+            _bench(results, *each, f"ctx.length={contexts[-1]}", f"ctx.chunk={contexts[-1]}"),
+        ]
     if len(contexts) > 1:
         commands.append(_bench(results, *each, f"ctx.length={contexts[0]}", "ctx.chunk=8192"))
     if longest:
@@ -72,7 +77,7 @@ def bench_kv(
             "planned / measured",
         ],  # fmt: skip
     )
-    runs.figure = "fp8-runs"
+    runs.figure = per_gpu("fp8-runs")
     default = [r for r in records if r.get("chunk") is None]
     base = {(r["attention"], r["ctx"]): r for r in default if r["kv_dtype"] == "auto"}
     for r in default:
@@ -94,7 +99,7 @@ def bench_kv(
         "\n".join(commands),
         ["attention", "context", "chunk", "TTFT (s)", "chunked / one pass", "measured peak (GiB)"],
     )
-    chunked.figure = "chunked"
+    chunked.figure = per_gpu("chunked")
     bf16 = [r for r in records if r["kv_dtype"] == "auto"]
     for r in bf16:
         one = next(
@@ -105,7 +110,7 @@ def bench_kv(
             r["attention"], r["ctx"], f"{chunk} ({_passes(r)} passes)", r["ttft_s"],
             r["ttft_s"] / one["ttft_s"] if one else float("nan"), r["peak_mem_bytes_per_rank"][0] / GiB,
         ])  # fmt: skip
-    return [runs, chunked]
+    return [table for table in (runs, chunked) if table.rows]
 
 
 def _passes(r: dict) -> int:
@@ -139,7 +144,7 @@ def bench_kv_fits(rec: Recorder, quick: bool = False) -> list[Table]:
             "free (GiB)",
         ],  # fmt: skip
     )
-    table.figure = "kv-fits"
+    table.figure = per_gpu("kv-fits")
     cfg.memory.limit_gib = free / GiB
     for attention in ("global", "star"):
         cfg.attention = OmegaConf.load(ROOT / "conf" / "attention" / f"{attention}.yaml")
@@ -163,7 +168,7 @@ def bench_kv_fits(rec: Recorder, quick: bool = False) -> list[Table]:
     table.notes.append(
         "Need: the fullest rank's tensors, 5% slack and the CUDA runtime, as `memory.check` compares it with free "
         "memory before loading, where an unset `ctx.chunk` shrinks to the largest chunk that fits. Figure `fp8-runs` "
-        "runs the longest of them."
+        "(per GPU) runs the longest of them."
     )
     return [table]
 

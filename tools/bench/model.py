@@ -4,7 +4,6 @@ HSR's decode end to end, and a run over prompts of many lengths (what compiles).
 from __future__ import annotations
 
 import os
-import re
 import tempfile
 import time
 from dataclasses import replace
@@ -13,7 +12,15 @@ import torch
 import torch.nn.functional as F
 
 from longctx.attention.hsr import HSRDecode
-from longctx.tools.bench.common import K, Recorder, Table, copy_bandwidth, device_name, llama3_args, timed_generation
+from longctx.tools.bench.common import (
+    K,
+    Recorder,
+    Table,
+    copy_bandwidth,
+    llama3_args,
+    per_gpu,
+    timed_generation,
+)
 
 
 def bench_model(rec: Recorder, contexts: list[int], quick: bool = False, profile: bool = False) -> list[Table]:
@@ -221,9 +228,7 @@ def bench_hsr_model(rec: Recorder, contexts: list[int], quick: bool = False) -> 
             "HSR / dense",
         ],
     )
-    table.figure = "hsr-model-" + re.sub(
-        r"[^a-z0-9]+", "-", device_name().lower().removeprefix("nvidia ")
-    )  # one per GPU model
+    table.figure = per_gpu("hsr-model")
     table.notes.append(
         f"bf16, {new} new tokens, CUDA-graph decode (tok/s over the replayed steps: `timed_generation`), decode=hsr with eps 1e-3, block 64, sink 64, "
         "recent 256. 'as computed': random weights attend almost uniformly, so a certified selection must read nearly "
