@@ -56,8 +56,8 @@ class LeanConfig:
 
 # The settings every launch uses; a sweep of them (`decode --tune`) runs each with `CONFIG.scoped(config)`.
 CONFIG: Setting[LeanConfig] = Setting("lean_config", LeanConfig())
-# Over FP8 keys and values, whose tiles are converted in registers: two programs per SM, so that one converts while the
-# other's loads are in flight (BENCHMARKS.md, figure `fp8-lean`; `fp8-lean --tune` sweeps the settings).
+# Over FP8 keys and values, whose tiles are converted in registers: two programs per SM, the fastest setting of those
+# timed on an H100 (BENCHMARKS.md, figure `fp8-lean`; `fp8-lean --tune` sweeps the settings).
 FP8_CONFIG: Setting[LeanConfig] = Setting("lean_fp8_config", LeanConfig(programs_per_sm=2))
 
 
