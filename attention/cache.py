@@ -10,10 +10,11 @@ object made per layer, told of every write (`update(slots, k, positions)`) and o
 does not know what it summarizes.
 
 How the layer's tokens are stored is the cache's alone: they are written through `LayerKV.write`, and a reader takes
-the layer's tensors with their `scales`. In FP8 (attention/quant.py) each token's keys and values keep one scale per
-KV head beside them (its exponent, a byte); the kernels read them as they are stored (`attention.kernels.attend(..., scales=)`), never
-from a full-width copy of the cache, and phase 1 attends to its new tokens as the cache will give them back
-(`LayerKV.stored`), so that every strategy, chunk and rank count reads the same numbers.
+the layer's tensors with their `scales`. In one byte (FP8 or int8, attention/quant.py) each token's keys and values keep
+one scale per KV head beside them (its exponent, a byte); the kernels read them as they are stored
+(`attention.kernels.attend(..., scales=)`), never from a full-width copy of the cache, and phase 1 attends to its new
+tokens as the cache will give them back (`LayerKV.stored`), so that every strategy, chunk and rank count reads the same
+numbers.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 from torch import Tensor
 
 from longctx.attention.fusion import fused_on_cuda
-from longctx.attention.quant import dequantize, is_fp8, pack, quantize
+from longctx.attention.quant import dequantize, is_quantized, pack, quantize
 
 
 class BlockSummary(Protocol):
@@ -53,18 +54,18 @@ def write_kv(k_cache: Tensor, v_cache: Tensor, slots: Tensor, k: Tensor, v: Tens
 
 
 @fused_on_cuda
-def write_kv_fp8(
+def write_kv_quantized(
     k_cache: Tensor, v_cache: Tensor, k_scale: Tensor, v_scale: Tensor, slots: Tensor, k: Tensor, v: Tensor
 ) -> None:
     for cache, scale, x in ((k_cache, k_scale, k), (v_cache, v_scale, v)):
-        cache[:, :, slots], scale[:, :, slots] = quantize(x)
+        cache[:, :, slots], scale[:, :, slots] = quantize(x, cache.dtype)
 
 
 @dataclass
 class LayerKV:
     """One layer's keys and values [batch, kv_heads, slots, head_dim], the positions of the slots (shared by every
-    layer), the summary a decode method asked for, and in FP8 the scales [batch, kv_heads, slots] of each slot (int8
-    exponents: `attention.quant`)."""
+    layer), the summary a decode method asked for, and in one byte the scales [batch, kv_heads, slots] of each slot
+    (int8 exponents: `attention.quant`)."""
 
     k: Tensor
     v: Tensor
@@ -75,7 +76,7 @@ class LayerKV:
 
     @property
     def scales(self) -> tuple[Tensor, Tensor] | None:
-        """(key scales, value scales) as exponents where the slots are stored in FP8; None at full width."""
+        """(key scales, value scales) as exponents where the slots are stored in one byte; None at full width."""
         return None if self.k_scale is None else (self.k_scale, self.v_scale)
 
     def write(self, slots: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -84,7 +85,7 @@ class LayerKV:
         if self.k_scale is None:
             write_kv(self.k, self.v, slots, k, v)
         else:
-            write_kv_fp8(self.k, self.v, self.k_scale, self.v_scale, slots, k, v)
+            write_kv_quantized(self.k, self.v, self.k_scale, self.v_scale, slots, k, v)
         if self.summary is not None:  # of the keys as they will be read
             stored = k if self.k_scale is None else dequantize(self.k[:, :, slots], self.k_scale[:, :, slots], k.dtype)
             self.summary.update(slots, stored, self.positions[slots])
@@ -99,7 +100,7 @@ class LayerKV:
         """k, v as this cache gives them back once written, in their own dtype."""
         if self.k_scale is None:
             return k.to(self.k.dtype).to(k.dtype), v.to(self.v.dtype).to(v.dtype)
-        return dequantize(*quantize(k), k.dtype), dequantize(*quantize(v), v.dtype)
+        return dequantize(*quantize(k, self.k.dtype), k.dtype), dequantize(*quantize(v, self.v.dtype), v.dtype)
 
 
 @dataclass
@@ -122,15 +123,15 @@ class KVCache:
         summarize: Summarize | None = None,
         compute_dtype: torch.dtype | None = None,
     ):
-        """`dtype`: how keys and values are stored (FP8 with per-token scales, attention/quant.py); `compute_dtype`:
-        the model's, in which summaries are kept (default: `dtype`)."""
+        """`dtype`: how keys and values are stored (FP8 or int8: with per-token scales, attention/quant.py);
+        `compute_dtype`: the model's, in which summaries are kept (default: `dtype`)."""
         device = torch.device(device) if device is not None else torch.device("cpu")
         compute_dtype = compute_dtype or dtype
         self.positions = torch.full((slots,), -1, dtype=torch.long, device=device)  # -1: empty
         self.fill = torch.zeros((), dtype=torch.long, device=device)
         self.used = 0
         shape = (batch, kv_heads, slots, head_dim)
-        scaled = lambda: torch.zeros(shape[:3], dtype=torch.int8, device=device) if is_fp8(dtype) else None  # noqa: E731
+        scaled = lambda: torch.zeros(shape[:3], dtype=torch.int8, device=device) if is_quantized(dtype) else None  # noqa: E731
         self.layers = [
             LayerKV(
                 torch.zeros(shape, dtype=dtype, device=device),

@@ -240,7 +240,7 @@ def hsr_attend(
     needed for the certificate to be at most `eps` for every query (module docstring). One KV head's selection
     serves all its query heads, as the kernel reads it. `stats` (float64 [3]) accumulates the blocks read, the
     blocks visible (per KV head, summed) and the largest certificate, in place. `scales`: those of k, v stored in
-    FP8 (the PyTorch path reads them; the summaries are of the keys as stored)."""
+    one byte (the PyTorch path reads them; the summaries are of the keys as stored)."""
     check_eps(eps)
     B, Hq, T, D = q.shape
     Hkv, nb = k.shape[1], summary.count.numel()
@@ -313,7 +313,7 @@ def attend_blocks(
     scales: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Exact attention over the visible keys of the chosen blocks [B, Hkv, nb] of each KV head: (output in q's
-    dtype, lse fp32; float64 for float64 inputs). `scales`: those of k, v stored in FP8."""
+    dtype, lse fp32; float64 for float64 inputs). `scales`: those of k, v stored in one byte."""
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
     g = Hq // Hkv
@@ -334,7 +334,7 @@ def _triton_path(
 ) -> bool:
     """Shapes the kernels take: those of the Lean kernel, tiles of at least 16 keys (its matrix products' smallest
     side), at most 64 query rows per KV head and 1024 (batch x KV head) pairs (registers), bins in fp32's range,
-    summaries in the queries' dtype and keys in it too, or in FP8 with their `scales`."""
+    summaries in the queries' dtype and keys in it too, or in one byte with their `scales`."""
     rows = q.shape[1] // k.shape[1] * q.shape[2]
     return (
         q.dtype != torch.float64

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from longctx.attention.lean_triton import masked_scores
+from longctx.attention.lean_triton import masked_scores, widen
 from longctx.attention.settings import Setting
 
 BLOCK_B = 64  # blocks per step of every kernel's loop over blocks
@@ -54,12 +54,13 @@ def _row_lse(q, K, KVPOS, base, blk, skn, S, qp, row_ok, window, scale, KS, sbas
              BLOCK: tl.constexpr, D: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr,
              SCALED: tl.constexpr):  # fmt: skip
     """Exact log-sum-exp per query row of the visible keys of block `blk` (-inf where none). SCALED: the keys are
-    FP8 with a scale per slot (its int8 exponent at KS + sbase + n * sss), as the Lean kernel reads them."""
+    FP8 or int8 codes with a scale per slot (its int8 exponent at KS + sbase + n * sss), as the Lean kernel reads
+    them."""
     n = blk * BLOCK + tl.arange(0, BLOCK)
     kp = tl.load(KVPOS + n, mask=n < S, other=-1)
     k = tl.load(K + base + n.to(tl.int64)[:, None] * skn + tl.arange(0, D)[None, :], mask=(n < S)[:, None], other=0.0)
     if SCALED:
-        k = k.to(q.dtype)
+        k = widen(k, q.dtype)
     s = masked_scores(q, k, kp, qp, row_ok, window, scale, HAS_WINDOW, IEEE)
     if SCALED:
         s = s * tl.exp2(tl.load(KS + sbase + n.to(tl.int64) * sss, mask=n < S, other=0).to(tl.float32))[None, :]
@@ -601,7 +602,8 @@ def select(q: Tensor, k: Tensor, mask, summary, eps: float, sink: int, recent: i
     (batch, KV head) the tiles to read and their count, whether it reads every block, the first read's lse per row and
     the unread weight; then the blocks read [B * Hkv] and the blocks visible [B * Hkv]. `rule` is the dense-run rule
     (DENSE_SHARE's two parts, PROBE_EVERY), `programs` the SMs' programs a wave holds; `stats` as there, counted by
-    the kernels (their atomics: no launch of its own); `scales`: the exponents of k's scales where it is FP8."""
+    the kernels (their atomics: no launch of its own); `scales`: the exponents of k's scales where it is stored in
+    one byte."""
     B, Hq, T, D = q.shape
     Hkv, S, nb, block = k.shape[1], k.shape[2], summary.count.numel(), summary.block
     G, heads = Hq // Hkv, B * Hkv

@@ -8,9 +8,9 @@ hundred lengths compile a handful of shapes. On CPU it is PyTorch's fused CPU at
 evaluated densely, a chunk of queries at a time (compiled CPU FlexAttention does not return the
 log-sum-exp; attention.dense); the plain reference `dense_attend` takes float64 and decode steps.
 
-Keys and values stored in FP8 (attention/quant.py) come with their scales: the Lean kernel applies them inside its
-loop; every other path dequantizes DEQUANT_SLOTS slots at a time into the queries' dtype and merges the partials, so
-no full-width copy of a cache is ever made.
+Keys and values stored in one byte, FP8 or int8 (attention/quant.py), come with their scales: the Lean kernel applies
+them inside its loop; every other path dequantizes DEQUANT_SLOTS slots at a time into the queries' dtype and merges the
+partials, so no full-width copy of a cache is ever made.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ CPU_FLASH_MIN_QUERIES = 16
 # (BENCHMARKS.md, figure `shapes`).
 FLEX_BUCKETS: Setting[int | None] = Setting("flex_buckets", 4)
 FLEX_MAX_STEP = 2048
-# Slots of an FP8 cache dequantized at once where the Lean kernel does not read it: the transient is this many
+# Slots of a one-byte cache dequantized at once where the Lean kernel does not read it: the transient is this many
 # slots' keys and values at full width.
 DEQUANT_SLOTS = 1 << 16
 
@@ -98,7 +98,7 @@ def attend(
     scales: tuple[Tensor, Tensor] | None = None,
 ):
     """Softmax attention of q [B, Hq, T, D] over k, v [B, Hkv, S, D] (Hq a multiple of Hkv); `scales`: the
-    [B, Hkv, S] scales of k and v stored in FP8.
+    [B, Hkv, S] scales of k and v stored in one byte.
 
     Returns the output [B, Hq, T, D] in q's dtype and, if asked, the natural-log log-sum-exp [B, Hq, T] in fp32
     (-inf on rows that see no key; their output is 0).
@@ -144,7 +144,7 @@ def attend(
 
 
 def _attend_stored(q: Tensor, k: Tensor, v: Tensor, scales: tuple[Tensor, Tensor], mask: PositionMask):
-    """`attend` over FP8 keys and values: on the Lean kernel, which scales in its loop, or DEQUANT_SLOTS slots at a
+    """`attend` over one-byte keys and values: on the Lean kernel, which scales in its loop, or DEQUANT_SLOTS slots at a
     time dequantized and merged."""
     if q.is_cuda and not use_flex(q) and lean.supports(q, k, mask):  # decode and short queries
         try:

@@ -56,8 +56,8 @@ class LeanConfig:
 
 # The settings every launch uses; a sweep of them (`decode --tune`) runs each with `CONFIG.scoped(config)`.
 CONFIG: Setting[LeanConfig] = Setting("lean_config", LeanConfig())
-# Over FP8 keys and values, whose tiles are converted in registers: two programs per SM, the fastest setting of those
-# timed on an H100 (BENCHMARKS.md, figure `fp8-lean`; `fp8-lean --tune` sweeps the settings).
+# Over one-byte keys and values (FP8 or int8), whose tiles are converted in registers: two programs per SM, the fastest
+# setting of those timed on an H100 over FP8 (BENCHMARKS.md, figure `fp8-lean`; `fp8-lean --tune` sweeps the settings).
 FP8_CONFIG: Setting[LeanConfig] = Setting("lean_fp8_config", LeanConfig(programs_per_sm=2))
 
 
@@ -219,7 +219,7 @@ def lean_attend(
     scales: tuple[Tensor, Tensor] | None = None,
 ):
     """Decode attention with the Lean schedule; returns (output in q's dtype, lse fp32). `scales`: those of k, v
-    stored in FP8 ([B, Hkv, S] each), applied inside the kernel.
+    stored in one byte ([B, Hkv, S] each), applied inside the kernel.
 
     A program holds at most MAX_ROWS query rows (GQA group x query tokens; fewer where they overflow shared memory):
     more query tokens run in chunks. Raises LeanDoesNotFit where not even one query token's rows fit.
@@ -287,7 +287,7 @@ def lean_sparse_attend(
     (L [B * Hkv, rows], unread [B * Hkv]) also HSR's certificate exp(L - lse) * unread per query row (0 where
     unread is 0; rows are a KV head's query heads x tokens, padded), written by the combine, which also raises
     `worst` (a float64 [1] seen as int64, non-negative: its bits order as its values) to the largest. A head with no tiles
-    gets output 0 and lse -inf. `scales`: those of k, v stored in FP8. Runs on CUDA, or under TRITON_INTERPRET=1
+    gets output 0 and lse -inf. `scales`: those of k, v stored in one byte. Runs on CUDA, or under TRITON_INTERPRET=1
     (tests)."""
     group = q.shape[1] // k.shape[1]
     per_chunk = _ROWS.get((q.shape[-1], q.dtype), MAX_ROWS) // group

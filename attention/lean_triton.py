@@ -25,6 +25,17 @@ COMBINE_CHUNK = 32  # partials the combine merges per step, at most
 
 
 @triton.jit
+def widen(x, dtype: tl.constexpr):
+    """One-byte codes x (FP8 or int8) as `dtype`, exactly. An int8 code is read by its bits: x + 128 written into the
+    mantissa of the fp16 1024 (bits 0x6400) is 1152 + x, so one xor and one subtraction stand for the int-to-float
+    conversion, which GPUs run at a fraction of their arithmetic rate."""
+    if x.dtype == tl.int8:
+        bits = (x.to(tl.uint8, bitcast=True).to(tl.uint16) ^ 0x6480).to(tl.uint16)
+        return (bits.to(tl.float16, bitcast=True) - 1152.0).to(dtype)
+    return x.to(dtype)
+
+
+@triton.jit
 def masked_scores(q, k, kp, qp, row_ok, window, scale, HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr):
     """Scaled scores of query rows q against keys k (positions kp), -inf where a row must not see a key."""
     if IEEE:
@@ -41,10 +52,10 @@ def masked_scores(q, k, kp, qp, row_ok, window, scale, HAS_WINDOW: tl.constexpr,
 def _fold_tile(q, K, V, KVPOS, kv, n, n_ok, sks, svs, qp, row_ok, window, scale, m_i, l_i, acc, KS, VS, sc, sss,
                D: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr, SCALED: tl.constexpr):  # fmt: skip
     """The online softmax (running max m_i, sum l_i, weighted values acc) after the keys at slots n (where n_ok).
-    SCALED: K and V hold FP8 with a scale per slot (its int8 exponent at KS, VS + sc + n * sss), converted in
-    registers (exact) to q's dtype, which the caller made fp16 on GPUs: e4m3 to fp16 is one instruction per pair,
-    to bf16 three. The key scales multiply the scores; the value scales the weights, relative to the tile's largest
-    (so the weights stay in [0, 1], where fp16 is as good as bf16), the largest then multiplying the tile's sum.
+    SCALED: K and V hold FP8 or int8 codes with a scale per slot (its int8 exponent at KS, VS + sc + n * sss), converted
+    in registers (exact) to q's dtype, which the caller made fp16 on GPUs: e4m3 to fp16 is one instruction per pair, to
+    bf16 three. The key scales multiply the scores; the value scales the weights, relative to the tile's largest (so the
+    weights stay in [0, 1], where fp16 is as good as bf16), the largest then multiplying the tile's sum.
     Products are summed in fp32."""
     d = tl.arange(0, D)
     n64 = n.to(tl.int64)
@@ -52,7 +63,7 @@ def _fold_tile(q, K, V, KVPOS, kv, n, n_ok, sks, svs, qp, row_ok, window, scale,
     v = tl.load(V + kv[1] + n64[:, None] * svs + d[None, :], mask=n_ok[:, None], other=0.0)
     kp = tl.load(KVPOS + n, mask=n_ok, other=-1)
     if SCALED:
-        k, v = k.to(q.dtype), v.to(q.dtype)
+        k, v = widen(k, q.dtype), widen(v, q.dtype)
     s = masked_scores(q, k, kp, qp, row_ok, window, scale, HAS_WINDOW, IEEE)
     if SCALED:
         s = s * tl.exp2(tl.load(KS + sc + n64 * sss, mask=n_ok, other=0).to(tl.float32))[None, :]
@@ -289,7 +300,7 @@ def run(q, k, v, mask, out, lse, parts_out, parts_lse, programs: int, max_parts:
     DENSE head walks all its tiles in order, with COUNTS = tiles, no list), with config.block_n keys per tile
     (partials by head: parts_out [heads, programs, rows, D]); `certify` = (L [heads, L_ROWS], UNREAD [heads], CERT
     like lse) for the combine to write HSR's certificate, and raise `worst` to the largest
-    (`lean.lean_sparse_attend`). `scales`: the exponents (int8 [B, Hkv, S]) of the scales of k, v stored in FP8."""
+    (`lean.lean_sparse_attend`). `scales`: the exponents (int8 [B, Hkv, S]) of the scales of k, v stored in one byte."""
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     G = Hq // Hkv

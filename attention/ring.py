@@ -64,7 +64,7 @@ class RingAttention(AttentionStrategy):
     def phase1_memory(
         self, n_ctx: int, tokens: int, heads: int, kv_heads: int, head_dim: int, itemsize: int
     ) -> Phase1Memory:
-        """The shard held and the one arriving (the last step receives nothing), as stored (FP8: its bytes and
+        """The shard held and the one arriving (the last step receives nothing), as stored (in one byte: its bytes and
         scales, read back at full width per step) and the fp32 (output, lse) merged so far; merging a step's partial
         stacks both in fp32 and weighs them, a chunk of `merge_into`'s rows at a time."""
         if self.world == 1:
@@ -116,9 +116,10 @@ class RingAttention(AttentionStrategy):
         if self.world == 1:
             mask = step.masks[window][0]
             return attend(q, kv.k, kv.v, mask, scales=kv.scales) if kv is not None else attend(q, k, v, mask)
-        # the shard as the cache stores it (FP8 with its scales: half the bytes on the wire), read back at q's dtype
+        # the shard as the cache stores it (one byte with its scales: half the bytes on the wire), read in q's dtype
         D = k.shape[-1]
         held = kv.packed(step.slots) if kv is not None else pack(k, v)
+        stored = kv.k.dtype if kv is not None else k.dtype
         nxt, prev = (self.rank + 1) % self.world, (self.rank - 1) % self.world
         if self.group is not None:
             nxt, prev = dist.get_global_rank(self.group, nxt), dist.get_global_rank(self.group, prev)
@@ -131,7 +132,7 @@ class RingAttention(AttentionStrategy):
                 reqs = dist.batch_isend_irecv(
                     [dist.P2POp(dist.isend, held, nxt, self.group), dist.P2POp(dist.irecv, incoming, prev, self.group)]
                 )
-            o, l = attend(q, *unpack(held, D, q.dtype), mask, return_lse=True)
+            o, l = attend(q, *unpack(held, D, q.dtype, stored), mask, return_lse=True)
             if out is None:
                 out, lse = o.float(), l.float()
             else:

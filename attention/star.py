@@ -249,7 +249,7 @@ class StarAttention(AttentionStrategy):
         if outside is None:
             return attend(q, kv.k, kv.v, held, scales=kv.scales)
         if received is not None:
-            anchor = unpack(received, k.shape[-1], q.dtype)
+            anchor = unpack(received, k.shape[-1], q.dtype, kv.k.dtype)
         else:  # recomputed here: as the cache would give it back
             anchor = kv.stored(k[:, :, : step.skip], v[:, :, : step.skip])
         out, lse = attend(q, kv.k, kv.v, held, return_lse=True, scales=kv.scales)
@@ -261,8 +261,8 @@ class StarAttention(AttentionStrategy):
         return dist.get_global_rank(self.group, 0) if self.group is not None else 0
 
     def _share_anchor(self, kv: LayerKV) -> Tensor | None:
-        """The first rank sends the anchor's K/V of this layer as its cache stores them (FP8 with its scales: half
-        the bytes); the others receive it, packed (`attention.quant.unpack`)."""
+        """The first rank sends the anchor's K/V of this layer as its cache stores them (one byte with its scales:
+        half the bytes); the others receive it, packed (`attention.quant.unpack`)."""
         B, H, _, D = kv.k.shape
         if not self.receives_anchor:
             dist.broadcast(kv.packed(slice(0, self.anchor_size)), self._source(), self.group)

@@ -214,8 +214,8 @@ class Transformer(nn.Module):
         self, batch: int, slots: int, dtype: torch.dtype | None = None, summarize: Summarize | None = None
     ) -> KVCache:
         """Allocate a KV cache of `slots` tokens per layer, stored in the weights' dtype unless `dtype` says otherwise
-        (FP8 keeps per-token scales beside it: attention/cache.py), with the per-block summaries a strategy's decode
-        method asks for (`summarize`)."""
+        (one byte, FP8 or int8, keeps per-token scales beside it: attention/cache.py), with the per-block summaries a
+        strategy's decode method asks for (`summarize`)."""
         ref = self.tok_embeddings.weight
         self.cache = None  # the old cache goes before the new one is made: never two at once
         self.cache = KVCache(

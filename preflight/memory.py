@@ -27,7 +27,7 @@ from longctx.attention.dense import MASK_CHUNK_ELEMENTS
 from longctx.attention.fused import MAX_CAUSAL_SQUARE
 from longctx.attention.kernels import CPU_FLASH_MIN_QUERIES, DEQUANT_SLOTS, FLEX_MIN_QUERIES, flex_bucket
 from longctx.attention.merge import MERGE_CHUNK_ELEMENTS
-from longctx.attention.quant import FP8_CAPABILITY, is_fp8
+from longctx.attention.quant import FP8_CAPABILITY, is_quantized
 from longctx.models.config import ModelArgs
 from longctx.models.transformer import FeedForward, Transformer
 from longctx.parallel.tensor import TensorParallel, local_args, valid_degrees
@@ -167,10 +167,10 @@ def _rank_plan(
     b = dtype.itemsize
     D, Hkv, Hq = args.head_dim, args.n_kv_heads, args.n_heads
     slots = s.cache_slots(shape.n_ctx, shape.n_after)
-    fp8 = is_fp8(s.kv_dtype)
-    # keys and values as stored (FP8: a byte each and a scale's exponent per token and KV head), the slots'
+    one_byte = is_quantized(s.kv_dtype)
+    # keys and values as stored (FP8 or int8: a byte each and a scale's exponent per token and KV head), the slots'
     # positions (and their index), what the decode method keeps beside them
-    per_slot = 2 * Hkv * (D + 1) if fp8 else 2 * Hkv * D * (s.kv_dtype or dtype).itemsize
+    per_slot = 2 * Hkv * (D + 1) if one_byte else 2 * Hkv * D * (s.kv_dtype or dtype).itemsize
     kv = args.n_layers * (per_slot * slots + s.decode.cache_bytes(slots, Hkv, D, b)) + 2 * slots * 8
     # phase 1: a pass of T tokens, attending to the cache (or what the strategy says)
     T = s.pass_tokens(shape.n_ctx) if shape.n_ctx else 0
@@ -187,7 +187,7 @@ def _rank_plan(
             m.buffers,
             m.merging,
             one_piece=m.one_piece,
-            fp8=fp8 and m.keys is None,
+            one_byte=one_byte and m.keys is None,
         )
         if T
         else 0
@@ -196,7 +196,7 @@ def _rank_plan(
     # phase 2: the query tokens (at most n_after), then one token at a time, attending to the whole local cache
     Q = max(1, shape.n_after if shape.n_query is None else min(shape.n_query, shape.n_after))
     workspace = s.decode.workspace_bytes(Hq, Hkv, D, Q, slots, b)
-    phase2 = _layer_peak(args, Q, slots, b, device, workspace=workspace, fp8=fp8) + _rotary_bytes(args, Q, b)
+    phase2 = _layer_peak(args, Q, slots, b, device, workspace=workspace, one_byte=one_byte) + _rotary_bytes(args, Q, b)
     logits = args.vocab_size * (b + 4) * 2  # the last position's logits, and their fp32 copy for sampling
     terms = {"weights": weights, "KV cache": kv}
     transient = {"phase 1: one layer's activations": phase1 + rotary, "phase 2: one layer's activations": phase2}
@@ -205,7 +205,7 @@ def _rank_plan(
     terms["logits"] = logits
     if device == "cuda":
         # a decode step's own tensors live on in the CUDA graph's private pool
-        terms["CUDA graph pool"] = _layer_peak(args, DECODE_QUERY_TOKENS, slots, b, device, fp8=fp8) + logits
+        terms["CUDA graph pool"] = _layer_peak(args, DECODE_QUERY_TOKENS, slots, b, device, one_byte=one_byte) + logits
     return RankPlan(s.rank, terms)
 
 
@@ -225,15 +225,16 @@ def _layer_peak(
     merging: int = 0,
     workspace: int | None = None,
     one_piece: bool = False,
-    fp8: bool = False,
+    one_byte: bool = False,
 ) -> int:
     """The most bytes one layer holds at once over T tokens attending to S keys (star: `seen`, the block and anchor
     sizes, bounds the keys beyond its own a query sees): the largest of the moments below, as `models.transformer`
     allocates them; `extra`: the strategy's own buffers during attention, `merging`: its merge's temporaries,
-    `workspace`: the attention's own (default: the dense kernel's, `_kernel_workspace`, with `one_piece`); `fp8`:
-    the S keys are stored in FP8, which the kernels read DEQUANT_SLOTS at a time (but the Lean kernel in place)."""
+    `workspace`: the attention's own (default: the dense kernel's, `_kernel_workspace`, with `one_piece`);
+    `one_byte`: the S keys are stored in FP8 or int8, which the kernels read DEQUANT_SLOTS at a time (but the Lean
+    kernel in place)."""
     D, Hq, Hkv, dim, inter = args.head_dim, args.n_heads, args.n_kv_heads, args.dim, args.intermediate_size
-    if fp8 and not (device == "cuda" and T < FLEX_MIN_QUERIES):
+    if one_byte and not (device == "cuda" and T < FLEX_MIN_QUERIES):
         piece = min(S, DEQUANT_SLOTS)
         extra += 2 * piece * Hkv * D * b  # a piece's keys and values at full width
         if S > piece:  # the pieces' partials merged into fp32
@@ -387,7 +388,7 @@ def check_fits(cfg, device: torch.device) -> Plan:
     terms = max(plan.ranks, key=lambda r: r.total).terms
     parts = ", ".join(f"{name.split(':')[0]} {n / GiB:.1f}" for name, n in terms.items() if n >= 0.05 * GiB)
     shared = avail * plan.world if device.type == "cpu" and cfg.memory.get("limit_gib") is None else None
-    # (a GPU run planned where there is none may name FP8)
+    # (a GPU run planned where there is none may name FP8; a GPU that cannot compute with it, int8)
     fp8_ok = (
         device.type != "cuda"
         or not torch.cuda.is_available()
@@ -427,22 +428,23 @@ CHUNKS = (32768, 16384, 8192, 4096)  # phase-1 chunks a fix may name
 
 
 def fits_with(cfg, avail: int, shared: int | None = None, fp8_ok: bool = True) -> list[str]:
-    """The smallest change of each kind that fits in `avail` bytes per rank: the KV cache in FP8 (where `fp8_ok`,
-    the device can compute with it) or a smaller phase-1 chunk (both, where neither alone fits), before more ranks,
-    a shorter context, bf16. `shared`: the bytes all ranks share (CPU ranks on one host), where fewer ranks leave
-    each more."""
+    """The smallest change of each kind that fits in `avail` bytes per rank: the KV cache in one byte (FP8 where
+    `fp8_ok`, the device can compute with it; int8 where not) or a smaller phase-1 chunk (both, where neither alone
+    fits), before more ranks, a shorter context, bf16. `shared`: the bytes all ranks share (CPU ranks on one host),
+    where fewer ranks leave each more."""
     from omegaconf import OmegaConf
 
     fixes = []
     base = plan_config(cfg)
-    fp8 = OmegaConf.merge(cfg, {"kv": {"dtype": "fp8"}}) if fp8_ok and cfg.get("kv", {}).get("dtype") != "fp8" else None
-    if fp8 is not None and plan_config(fp8).need <= avail:
-        fixes.append("kv.dtype=fp8")
+    one_byte = None if cfg.get("kv", {}).get("dtype") in ("fp8", "int8") else "fp8" if fp8_ok else "int8"
+    smaller = OmegaConf.merge(cfg, {"kv": {"dtype": one_byte}}) if one_byte else None
+    if smaller is not None and plan_config(smaller).need <= avail:
+        fixes.append(f"kv.dtype={one_byte}")
     chunk = _largest_chunk(cfg, avail, base.shape.n_ctx)
     if chunk is not None:
         fixes.append(f"ctx.chunk={chunk}")
-    elif fp8 is not None and not fixes and (chunk := _largest_chunk(fp8, avail, base.shape.n_ctx)) is not None:
-        fixes.append(f"kv.dtype=fp8 ctx.chunk={chunk}")
+    elif smaller is not None and not fixes and (chunk := _largest_chunk(smaller, avail, base.shape.n_ctx)) is not None:
+        fixes.append(f"kv.dtype={one_byte} ctx.chunk={chunk}")
     if shared is not None:  # the most ranks below the requested that fit the shared memory
         for n in range(base.world - base.tp, 0, -base.tp):
             try:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from longctx import attention
-from longctx.attention.quant import FP8, FP8_CAPABILITY
+from longctx.attention.quant import FP8, FP8_CAPABILITY, INT8
 from longctx.attention.strategy import AUTO_CHUNK
 from longctx.conf.schema import OptionError, check_node, option, schema_of
 from longctx.models.builtin import BUILTINS
@@ -88,7 +88,8 @@ class CtxOptions:
     )
 
 
-KV_DTYPES = ("auto", *DTYPES, "fp8")
+KV_DTYPES = ("auto", *DTYPES, "fp8", "int8")
+ONE_BYTE = {"fp8": FP8, "int8": INT8}
 
 
 @dataclass
@@ -96,14 +97,15 @@ class KVOptions:
     dtype: str = option(
         "auto",
         "how the KV cache stores keys and values: auto (the model's dtype), fp8 (e4m3 with a scale per token and KV "
-        "head: half of bf16's bytes; GPUs of compute capability 8.9 or newer, or the CPU), or the model's dtype by name",
+        "head: half of bf16's bytes; GPUs of compute capability 8.9 or newer, or the CPU), int8 (the same bytes and "
+        "scales, any device; closer to full width on RULER: ACCURACY.md), or the model's dtype by name",
         choices=KV_DTYPES,
     )
 
 
 def resolve_kv_dtype(name: str) -> torch.dtype | None:
     """`kv.dtype` as a torch dtype; None for auto (the model's)."""
-    return None if name == "auto" else FP8 if name == "fp8" else DTYPES[name]
+    return None if name == "auto" else ONE_BYTE[name] if name in ONE_BYTE else DTYPES[name]
 
 
 @dataclass
@@ -368,12 +370,12 @@ def _check_kv_device(cfg, spec: TaskSpec) -> None:
     """A full-width KV dtype other than the model's, or FP8 KV on a GPU that cannot compute with it, stops here,
     naming the GPU and the choices."""
     device = resolve_device(cfg.device)
-    if cfg.kv.dtype not in ("auto", "fp8") and DTYPES[cfg.kv.dtype] != resolve_dtype(cfg.dtype, device):
+    if cfg.kv.dtype not in ("auto", *ONE_BYTE) and DTYPES[cfg.kv.dtype] != resolve_dtype(cfg.dtype, device):
         model = str(resolve_dtype(cfg.dtype, device)).removeprefix("torch.")
         raise OptionError(
             f"kv.dtype={cfg.kv.dtype} differs from the model's {model} (dtype={cfg.dtype} on {device.type}): a "
-            "full-width cache holds keys and values as the model computes them; use kv.dtype=auto, or fp8 to store "
-            "them in half the bytes"
+            "full-width cache holds keys and values as the model computes them; use kv.dtype=auto, or fp8 or int8 to "
+            "store them in half the bytes"
         )
     if cfg.kv.dtype != "fp8" or not spec.needs_model:
         return
@@ -383,8 +385,8 @@ def _check_kv_device(cfg, spec: TaskSpec) -> None:
     if capability < FP8_CAPABILITY:
         raise OptionError(
             f"kv.dtype=fp8 needs a GPU of compute capability {'.'.join(map(str, FP8_CAPABILITY))} or newer, but "
-            f"{torch.cuda.get_device_name(device)} is {'.'.join(map(str, capability))}; use kv.dtype=auto or bf16 "
-            f"(kv.dtype: {', '.join(KV_DTYPES)})"
+            f"{torch.cuda.get_device_name(device)} is {'.'.join(map(str, capability))}; use kv.dtype=int8 (the same "
+            f"bytes), auto or bf16 (kv.dtype: {', '.join(KV_DTYPES)})"
         )
 
 

@@ -326,7 +326,7 @@ SPARSE_KERNEL_CHECK = """
 import torch
 from longctx.attention import hsr, hsr_triton, lean, lean_triton
 from longctx.attention.mask import PositionMask
-from longctx.attention.quant import dequantize, quantize
+from longctx.attention.quant import FP8, INT8, dequantize, quantize
 
 torch.manual_seed(0)
 cases = 0
@@ -398,15 +398,16 @@ for B, Hkv, g, T, S, block, window, filled, kind in [(1, 2, 4, 1, 1000, 16, None
         assert torch.allclose(worst, whole[2].max().double(), rtol=1e-5)
         assert (whole[2][0] == 0).all() and (whole[2][1:] > 0).all()
         cases += 1
-    # the step over FP8 keys and values: the kernels read them with their scales, as the PyTorch path does
-    (k8, ke), (v8, ve) = quantize(k), quantize(v)
-    stored = hsr.KeySummary.of(dequantize(k8, ke, torch.float32), kv_pos, block)
-    want = hsr.hsr_attend(q, k8, v8, mask, stored, 1e-3, sink=16, recent=32, scales=(ke, ve))
-    stored.dense_until.zero_()
-    got = hsr._triton_attend(q, k8, v8, mask, stored, 1e-3, 16, 32, hsr._low(1e-3, nb), None, (ke, ve))
-    assert torch.equal(got.blocks_read.long(), want.blocks_read)
-    assert torch.allclose(got.out, want.out, atol=1e-4) and torch.allclose(got.lse, want.lse, atol=1e-4)
-    cases += 1
+    # the step over one-byte keys and values: the kernels read them with their scales, as the PyTorch path does
+    for one_byte in (FP8, INT8):
+        (k8, ke), (v8, ve) = quantize(k, one_byte), quantize(v, one_byte)
+        stored = hsr.KeySummary.of(dequantize(k8, ke, torch.float32), kv_pos, block)
+        want = hsr.hsr_attend(q, k8, v8, mask, stored, 1e-3, sink=16, recent=32, scales=(ke, ve))
+        stored.dense_until.zero_()
+        got = hsr._triton_attend(q, k8, v8, mask, stored, 1e-3, 16, 32, hsr._low(1e-3, nb), None, (ke, ve))
+        assert torch.equal(got.blocks_read.long(), want.blocks_read)
+        assert torch.allclose(got.out, want.out, atol=1e-4) and torch.allclose(got.lse, want.lse, atol=1e-4)
+        cases += 1
 # a decode step's summary update in one kernel equals the scatters: keys in a block already filled, several in one
 # block, in a new one (fp32: the interpreter's bf16 is not the GPU's; tools/check_cuda.py compares bf16 there)
 keys = torch.randn(2, 3, 80, 32)
@@ -442,4 +443,4 @@ def test_sparse_kernels_equal_the_reference_in_the_interpreter():
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "sparse kernels ok 53" in done.stdout
+    assert "sparse kernels ok 56" in done.stdout

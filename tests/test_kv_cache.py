@@ -1,5 +1,5 @@
-"""The KV cache in FP8 and phase 1 in chunks: every reader against float64 attention over the keys as stored, chunked
-against unchunked, and several gloo ranks against one."""
+"""The KV cache in one byte (FP8 or int8) and phase 1 in chunks: every reader against float64 attention over the
+keys as stored, chunked against unchunked, and several gloo ranks against one."""
 
 from __future__ import annotations
 
@@ -12,12 +12,13 @@ from longctx.attention.cache import KVCache
 from longctx.attention.decode import DenseDecode
 from longctx.attention.hsr import HSRDecode
 from longctx.attention.mask import PositionMask
-from longctx.attention.quant import FP8, FP8_MAX, dequantize, pack, quantize, round_trip, unpack
+from longctx.attention.quant import FP8, FP8_MAX, INT8, dequantize, pack, quantize, round_trip, unpack
 from longctx.models.generate import generate_tokens, prefill
 from tests.distributed import run_ranks
 from tests.helpers import compose_cfg, reference, run_runner
 
 N_CTX, N_QUERY, N_NEW = 45, 4, 5
+ONE_BYTE = [FP8, INT8]
 
 
 def _tokens(n: int, seed: int = 0) -> list[int]:
@@ -48,14 +49,37 @@ def test_fp8_round_trip_is_within_e4m3s_rounding_with_power_of_two_scales():
     assert torch.equal(dequantize(q, exponent, torch.bfloat16).float(), back)
 
 
-def test_packed_shards_read_back_as_stored():
+def test_int8_round_trip_is_within_half_a_step_with_power_of_two_scales():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 40, 64, generator=g) * torch.logspace(-6, 6, 40)[:, None]
+    x *= torch.rand(2, 3, 40, 64, generator=g) ** 4
+    x[0, 0, 5] = 0
+    q, exponent = quantize(x, INT8)
+    assert q.dtype == INT8 and exponent.dtype == torch.int8
+    scale = torch.exp2(exponent.float())
+    amax = x.abs().amax(-1)
+    top = q.abs().amax(-1).float()
+    assert bool(((top >= 64) & (top <= 127))[amax > 0].all())  # the top code's binade is used, never overflowed
+    back = dequantize(q, exponent, torch.float32)
+    # every value rounds to the nearest multiple of its token's scale
+    assert bool(((back - x).abs() <= scale[..., None] / 2).all())
+    assert torch.equal(back[0, 0, 5], torch.zeros(64))
+    # a 7-bit code times its scale is exact in bf16
+    assert torch.equal(dequantize(q, exponent, torch.bfloat16).float(), back)
+    # 7 bits against e4m3's 4 for the largest values, which decide a key's scores
+    big = x.abs() > amax[..., None] / 2
+    assert (back - x).abs()[big].mean() < (round_trip(x) - x).abs()[big].mean() / 4
+
+
+@pytest.mark.parametrize("dtype", ONE_BYTE)
+def test_packed_shards_read_back_as_stored(dtype):
     k, v = torch.randn(1, 2, 7, 8), torch.randn(1, 2, 7, 8)
-    (k8, ks), (v8, vs) = quantize(k), quantize(v)
+    (k8, ks), (v8, vs) = quantize(k, dtype), quantize(v, dtype)
     packed = pack(k8, v8, (ks, vs))
     assert packed.dtype == torch.uint8 and packed.nbytes == 2 * 7 * (2 * 8 + 2)  # half of bf16's, and the exponents
-    got_k, got_v = unpack(packed, 8, torch.float32)
-    assert torch.equal(got_k, round_trip(k)) and torch.equal(got_v, round_trip(v))
-    assert all(torch.equal(a, b) for a, b in zip(unpack(pack(k, v), 8, torch.float32), (k, v)))
+    got_k, got_v = unpack(packed, 8, torch.float32, dtype)
+    assert torch.equal(got_k, round_trip(k, dtype)) and torch.equal(got_v, round_trip(v, dtype))
+    assert all(torch.equal(a, b) for a, b in zip(unpack(pack(k, v), 8, torch.float32, k.dtype), (k, v)))
 
 
 def _filled_cache(slots: int, n: int, dtype, summarize=None, seed: int = 0):
@@ -71,36 +95,39 @@ def _filled_cache(slots: int, n: int, dtype, summarize=None, seed: int = 0):
 
 @pytest.mark.parametrize("queries", [1, 3, 24])  # decode, a short query (dense path), a long one (fused CPU kernel)
 @pytest.mark.parametrize("pieces", [None, 16])  # the whole cache at once, or 16 slots at a time merged
-def test_fp8_cache_reads_equal_float64_attention_over_the_stored_keys(queries, pieces, monkeypatch):
+@pytest.mark.parametrize("dtype", ONE_BYTE)
+def test_one_byte_cache_reads_equal_float64_attention_over_the_stored_keys(queries, pieces, dtype, monkeypatch):
     if pieces:
         monkeypatch.setattr(kernels, "DEQUANT_SLOTS", pieces)
-    cache, pos, k, v = _filled_cache(120, 90, FP8)
+    cache, pos, k, v = _filled_cache(120, 90, dtype)
     layer = cache.layers[0]
     q = torch.randn(1, 4, queries, 16, generator=torch.Generator().manual_seed(1))
     q_pos = torch.arange(300, 300 + queries) - (queries > 1) * 200  # (a long query sees part of the cache)
     mask = PositionMask(q_pos, cache.positions)
     out = DenseDecode().attend(q, layer, mask, None, 1)
-    ref, _ = reference(q, round_trip(k), round_trip(v), q_pos.tolist(), pos.tolist(), None)
+    ref, _ = reference(q, round_trip(k, dtype), round_trip(v, dtype), q_pos.tolist(), pos.tolist(), None)
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=0)
-    # the stored bytes are FP8: no full-width copy of the cache is kept
-    assert layer.k.dtype == layer.v.dtype == FP8 and cache.kv_bytes() == 2 * 120 * 2 * (16 + 1)
+    # the stored bytes are one byte each: no full-width copy of the cache is kept
+    assert layer.k.dtype == layer.v.dtype == dtype and cache.kv_bytes() == 2 * 120 * 2 * (16 + 1)
 
 
-def test_hsr_reads_fp8_and_summarizes_the_keys_as_stored():
+@pytest.mark.parametrize("dtype", ONE_BYTE)
+def test_hsr_reads_one_byte_keys_and_summarizes_them_as_stored(dtype):
     method = HSRDecode(eps=1e-3, block=8, sink=0, recent=8)
-    cache, pos, k, v = _filled_cache(128, 128, FP8, summarize=method.summarize, seed=2)
+    cache, pos, k, v = _filled_cache(128, 128, dtype, summarize=method.summarize, seed=2)
     layer = cache.layers[0]
-    stored = round_trip(k)
+    stored = round_trip(k, dtype)
     assert torch.equal(layer.summary.kmax[:, :, 0].float(), stored[:, :, :8].amax(2))
     q = torch.randn(1, 4, 1, 16, generator=torch.Generator().manual_seed(3))
     out = method.attend(q, layer, PositionMask(torch.tensor([500]), cache.positions), None, 1)
-    ref, _ = reference(q, stored, round_trip(v), [500], pos.tolist(), None)
+    values = round_trip(v, dtype)
+    ref, _ = reference(q, stored, values, [500], pos.tolist(), None)
     # within the certificate's bound of the exact output over the stored keys
-    bound = method.stats[2] / (1 + method.stats[2]) * (round_trip(v).amax(2) - round_trip(v).amin(2)).max()
+    bound = method.stats[2] / (1 + method.stats[2]) * (values.amax(2) - values.amin(2)).max()
     assert (out.double() - ref).abs().max() <= bound + 1e-5
 
 
-# --- phase 1 in chunks, FP8 through the model
+# --- phase 1 in chunks, one-byte caches through the model
 
 
 STRATEGIES = {
@@ -136,35 +163,53 @@ def _by_position(runs: list[dict]) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name", list(STRATEGIES))
-@pytest.mark.parametrize("kv_dtype", [None, FP8])
+@pytest.mark.parametrize("kv_dtype", [None, *ONE_BYTE])
 @pytest.mark.parametrize("family", ["llama3", "gemma3"])
 def test_chunked_phase1_equals_unchunked(name, kv_dtype, family, hf_checkpoint):
     _, path = hf_checkpoint(family)
     whole = _run(str(path), name, kv_dtype, None)
     for chunk in (1, 5, 16):  # token by token; chunks that cut star's blocks and the anchor
         cut = _run(str(path), name, kv_dtype, chunk)
-        torch.testing.assert_close(cut["keys"], whole["keys"], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(cut["logits"], whole["logits"], atol=1e-5, rtol=0)
+        if kv_dtype is None:
+            torch.testing.assert_close(cut["keys"], whole["keys"], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(cut["logits"], whole["logits"], atol=1e-5, rtol=0)
+        else:
+            _equal_but_for_rounding_across_a_code(cut["keys"], whole["keys"])
+            torch.testing.assert_close(cut["logits"], whole["logits"], atol=5e-3, rtol=0)
         assert cut["generated"] == whole["generated"]
 
 
-def test_the_fp8_cache_holds_fp8_values(hf_checkpoint):
-    # (how close FP8 answers stay to full width is measured on real checkpoints: ACCURACY.md)
+def _equal_but_for_rounding_across_a_code(got: torch.Tensor, want: torch.Tensor) -> None:
+    """One-byte keys computed in another order: float rounding may carry a value across the boundary between two codes
+    (a step, at most an eighth of the token's largest key), rarely; every other stored key is the same."""
+    off = (got - want).abs() > 1e-5
+    assert off.float().mean() <= 1e-3, f"{int(off.sum())} of {off.numel()} keys differ"
+    step = want.abs().amax(-1, keepdim=True).expand_as(want) / 8
+    assert bool(((got - want).abs() <= step + 1e-6)[off].all())
+
+
+@pytest.mark.parametrize("dtype", ONE_BYTE)
+def test_a_one_byte_cache_holds_values_of_its_format(dtype, hf_checkpoint):
+    # (how close their answers stay to full width is measured on real checkpoints: ACCURACY.md)
     _, path = hf_checkpoint("llama3")
-    full, fp8 = (_run(str(path), "global", d, None) for d in (None, FP8))
-    assert (fp8["logits"] - full["logits"]).abs().max() > 0
-    assert torch.equal(fp8["keys"], round_trip(fp8["keys"])) and not torch.equal(full["keys"], round_trip(full["keys"]))
+    full, short = (_run(str(path), "global", d, None) for d in (None, dtype))
+    assert (short["logits"] - full["logits"]).abs().max() > 0
+    assert torch.equal(short["keys"], round_trip(short["keys"], dtype))
+    assert not torch.equal(full["keys"], round_trip(full["keys"], dtype))
 
 
 def _ranks_worker(rank, world, path, name, kv_dtype, chunk):
     return _run(path, name, kv_dtype, chunk, world, rank)
 
 
-@pytest.mark.parametrize("name,world,chunk", [("ring", 2, None), ("star", 2, 5), ("star", 4, 3)])
-def test_fp8_over_gloo_ranks_equals_fp8_on_one_rank(name, world, chunk, hf_checkpoint):
+@pytest.mark.parametrize(
+    "name,world,chunk,dtype",
+    [("ring", 2, None, FP8), ("star", 2, 5, FP8), ("star", 4, 3, FP8), ("ring", 2, None, INT8), ("star", 2, 5, INT8)],
+)
+def test_one_byte_kv_over_gloo_ranks_equals_it_on_one_rank(name, world, chunk, dtype, hf_checkpoint):
     _, path = hf_checkpoint("llama3")
-    runs = run_ranks(world, _ranks_worker, str(path), name, FP8, chunk)
-    one = _run(str(path), "global" if name == "ring" else name, FP8, None)
+    runs = run_ranks(world, _ranks_worker, str(path), name, dtype, chunk)
+    one = _run(str(path), "global" if name == "ring" else name, dtype, None)
     torch.testing.assert_close(_by_position(runs), one["keys"], atol=1e-5, rtol=1e-5)
     for r in runs:
         torch.testing.assert_close(r["logits"], one["logits"], atol=1e-5, rtol=0)
@@ -177,7 +222,7 @@ def test_fp8_over_gloo_ranks_equals_fp8_on_one_rank(name, world, chunk, hf_check
 @pytest.mark.parametrize(
     "overrides,words",
     [
-        (("kv.dtype=fp4",), ["kv.dtype", "fp4", "fp8"]),
+        (("kv.dtype=fp4",), ["kv.dtype", "fp4", "fp8", "int8"]),
         (("kv.dtype=fp16", "device=cpu"), ["kv.dtype=fp16", "float32", "kv.dtype=auto"]),
         (("ctx.chunk=0",), ["ctx.chunk", "0"]),
         (("ctx.chunk=99999",), ["ctx.chunk=99999", "larger than the context", "ctx.length=2048"]),
@@ -215,7 +260,10 @@ def test_fp8_on_a_gpu_that_cannot_compute_with_it_is_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
     cfg = compose_cfg("kv.dtype=fp8", "device=cuda", "task=bench", "model=llama3")
-    with pytest.raises(options.OptionError, match=r"kv\.dtype=fp8 .*A100.* is 8\.0; use kv\.dtype=auto or bf16"):
+    with pytest.raises(
+        options.OptionError, match=r"kv\.dtype=fp8 .*A100.* is 8\.0; use kv\.dtype=int8 .*, auto or bf16"
+    ):
         options._check_kv_device(cfg, TASKS["bench"])
+    options._check_kv_device(compose_cfg("kv.dtype=int8", "device=cuda", "task=bench", "model=llama3"), TASKS["bench"])
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     options._check_kv_device(cfg, TASKS["bench"])  # Hopper computes with it

@@ -102,7 +102,7 @@ import torch
 from longctx.attention import lean
 from longctx.attention.dense import dense_attend
 from longctx.attention.mask import PositionMask
-from longctx.attention.quant import dequantize, quantize
+from longctx.attention.quant import FP8, INT8, dequantize, quantize
 
 ar = torch.arange
 cases = [  # B, Hq, Hkv, q_pos, kv_pos, window, programs
@@ -124,29 +124,31 @@ for i, (B, hq, hkv, q_pos, kv_pos, window, programs) in enumerate(cases):
     out, lse = lean.lean_attend(q, k, v, mask, programs=programs)
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=0)
     torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=0)
-    # the same cache stored in FP8: the kernel scales in its loop, as float64 over the keys as stored
-    (k8, ke), (v8, ve) = quantize(k), quantize(v)
-    out, lse = lean.lean_attend(q, k8, v8, mask, programs=programs, scales=(ke, ve))
-    kd, vd = (dequantize(x, e, torch.float64) for x, e in ((k8, ke), (v8, ve)))
-    ref, ref_lse = dense_attend(q.double(), kd, vd, mask, return_lse=True)
-    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=0)
-    torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=0)
+    # the same cache stored in one byte: the kernel scales in its loop, as float64 over the keys as stored
+    for one_byte in (FP8, INT8):
+        (k8, ke), (v8, ve) = quantize(k, one_byte), quantize(v, one_byte)
+        out, lse = lean.lean_attend(q, k8, v8, mask, programs=programs, scales=(ke, ve))
+        kd, vd = (dequantize(x, e, torch.float64) for x, e in ((k8, ke), (v8, ve)))
+        ref, ref_lse = dense_attend(q.double(), kd, vd, mask, return_lse=True)
+        torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=0)
+        torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=0)
 print("kernel ok", len(cases))
 
-# bf16 queries over FP8, as on a GPU: keys, values and queries go through fp16 in the kernel, the values' scales
-# relative to each tile's largest; values spanning six decades keep fp16's relative precision
+# bf16 queries over one-byte keys and values, as on a GPU: keys, values and queries go through fp16 in the kernel,
+# the values' scales relative to each tile's largest; values spanning six decades keep fp16's relative precision
 g = torch.Generator().manual_seed(7)
 q = torch.randn(1, 8, 1, 16, generator=g).bfloat16()
 k = torch.randn(1, 2, 700, 16, generator=g) * 2
 v = torch.randn(1, 2, 700, 16, generator=g) * torch.logspace(-3, 3, 700)[None, None, :, None]
 mask = PositionMask(ar(699, 700), ar(700))
-(k8, ke), (v8, ve) = quantize(k), quantize(v)
-out, lse = lean.lean_attend(q, k8, v8, mask, programs=3, scales=(ke, ve))
-kd, vd = (dequantize(x, e, torch.float64) for x, e in ((k8, ke), (v8, ve)))
-ref, ref_lse = dense_attend(q.double(), kd, vd, mask, return_lse=True)
-assert out.dtype == torch.bfloat16
-torch.testing.assert_close(out.double(), ref, atol=1e-2 * ref.abs().max().item(), rtol=0)
-torch.testing.assert_close(lse.double(), ref_lse, atol=1e-4, rtol=0)
+for one_byte in (FP8, INT8):
+    (k8, ke), (v8, ve) = quantize(k, one_byte), quantize(v, one_byte)
+    out, lse = lean.lean_attend(q, k8, v8, mask, programs=3, scales=(ke, ve))
+    kd, vd = (dequantize(x, e, torch.float64) for x, e in ((k8, ke), (v8, ve)))
+    ref, ref_lse = dense_attend(q.double(), kd, vd, mask, return_lse=True)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), ref, atol=1e-2 * ref.abs().max().item(), rtol=0)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-4, rtol=0)
 print("bf16 ok")
 
 # A GPU whose shared memory holds programs of 16 query rows at most: the launch of a larger one fails (as Triton
@@ -176,7 +178,7 @@ print("shrink ok")
 
 def test_triton_kernel_equals_dense_attention_in_the_interpreter():
     """The CUDA kernels themselves, run by Triton's CPU interpreter (fp32): stream-K walk, direct writes, combine, at
-    full width and over FP8 keys and values (fp32, and bf16 queries as on a GPU)."""
+    full width and over FP8 and int8 keys and values (fp32, and bf16 queries as on a GPU)."""
     pytest.importorskip("triton")  # a dev dependency on Linux x86-64, where CI runs
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run(

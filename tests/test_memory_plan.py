@@ -112,7 +112,9 @@ def test_fp8_and_chunks_are_the_fixes_named_first():
         fixes[0] == "kv.dtype=fp8"
         and memory.plan_config(OmegaConf.merge(cfg, {"kv": {"dtype": "fp8"}})).need <= 80 * memory.GiB
     )
-    assert not memory.fits_with(cfg, 80 * memory.GiB, fp8_ok=False)[0].startswith("kv.dtype")
+    # a GPU that cannot compute with FP8 is offered int8, the other one-byte cache; one of them set, neither
+    assert memory.fits_with(cfg, 80 * memory.GiB, fp8_ok=False)[0] == "kv.dtype=int8"
+    assert not memory.fits_with(OmegaConf.merge(cfg, {"kv": {"dtype": "int8"}}), 80 * memory.GiB)[0].startswith("kv.")
     assert not any(f.startswith("kv.dtype=fp8 ") for f in fixes)  # both together only where neither alone fits
     # where only a smaller chunk fits: the largest such, named before more ranks
     cfg = _cfg(kv={"dtype": "fp8"}, ctx={"chunk": 65536})

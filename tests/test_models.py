@@ -224,8 +224,8 @@ def test_long_inputs_run_the_mlp_in_chunks_with_the_same_result(monkeypatch):
 
 def test_fused_elementwise_chains_compile_without_graph_breaks():
     """On CUDA these run compiled: a graph break would split a chain into several kernels, so check for none here."""
-    from longctx.attention.cache import write_kv, write_kv_fp8
-    from longctx.attention.quant import FP8, dequantize
+    from longctx.attention.cache import write_kv, write_kv_quantized
+    from longctx.attention.quant import FP8, INT8, dequantize
     from longctx.models.transformer import add_rms_norm, apply_rotary, gelu_mul, gelu_tanh_mul, rms_norm, silu_mul
 
     torch._dynamo.reset()
@@ -252,15 +252,18 @@ def test_fused_elementwise_chains_compile_without_graph_breaks():
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     torch.testing.assert_close(caches[0][:, :, slots], k.to(torch.bfloat16), rtol=0, atol=0)
     assert caches[0][:, :, [1, 4, 5, 7]].eq(0).all()
-    # the FP8 write (quantize into keys, values and their exponents) is one chain too
-    fp8 = [[torch.zeros(2, 2, 9, 8, dtype=FP8) for _ in range(2)] + [torch.zeros(2, 2, 9, dtype=torch.int8) for _ in range(2)]
-           for _ in range(2)]  # fmt: skip
-    write_kv_fp8(*fp8[0], slots, k, k.flip(0))
-    torch.compile(write_kv_fp8.__wrapped__, fullgraph=True, backend="aot_eager")(*fp8[1], slots, k, k.flip(0))
-    for got, want in zip(fp8[1], fp8[0]):
-        assert torch.equal(got.view(torch.int8), want.view(torch.int8))
-    stored = dequantize(fp8[0][0][:, :, slots], fp8[0][2][:, :, slots], torch.float32)
-    torch.testing.assert_close(stored, k, rtol=2**-4, atol=1e-5 * k.abs().max().item())  # 3 mantissa bits
+    # the one-byte writes (quantize into keys, values and their exponents) are one chain too
+    for dtype, precision in ((FP8, 2**-4), (INT8, 2**-7)):  # e4m3: 3 mantissa bits; int8: half a step of 2^-6
+        stores = [[torch.zeros(2, 2, 9, 8, dtype=dtype) for _ in range(2)] + [torch.zeros(2, 2, 9, dtype=torch.int8)
+                  for _ in range(2)] for _ in range(2)]  # fmt: skip
+        write_kv_quantized(*stores[0], slots, k, k.flip(0))
+        traced = torch.compile(write_kv_quantized.__wrapped__, fullgraph=True, backend="aot_eager")
+        traced(*stores[1], slots, k, k.flip(0))
+        for got, want in zip(stores[1], stores[0]):
+            assert torch.equal(got.view(torch.int8), want.view(torch.int8))
+        stored = dequantize(stores[0][0][:, :, slots], stores[0][2][:, :, slots], torch.float32)
+        amax = k.abs().amax(-1, keepdim=True)
+        assert bool(((stored - k).abs() <= torch.maximum(k.abs(), amax) * precision + 1e-6).all())
 
 
 @pytest.mark.parametrize("family", ["llama3", "gemma3"])

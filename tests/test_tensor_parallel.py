@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from longctx import attention, models
-from longctx.attention.quant import FP8
+from longctx.attention.quant import FP8, INT8
 from longctx.models.generate import generate_tokens
 from longctx.parallel.tensor import TensorParallel, check_degree, local_args, valid_degrees
 from tests.distributed import run_ranks
@@ -42,15 +42,17 @@ def _prompt() -> list[int]:
 
 
 def _strategy(kind: str, group=None) -> attention.AttentionStrategy:
-    """`kind`: global, ring, star-broadcast or star-recompute, with `-fp8` for a KV cache in FP8."""
-    name, fp8 = kind.removesuffix("-fp8"), kind.endswith("-fp8")
+    """`kind`: global, ring, star-broadcast or star-recompute, with `-fp8` or `-int8` for a KV cache in one byte."""
+    *head, last = kind.split("-")
+    kv_dtype = {"fp8": FP8, "int8": INT8}.get(last)
+    name = "-".join(head) if kv_dtype else kind
     if name.startswith("star"):
         strategy = attention.build(
             "star", block_size=BLOCK, anchor_size=ANCHOR, anchor_mode=name.split("-")[1], group=group
         )
     else:
         strategy = attention.build(name, group=group)
-    strategy.kv_dtype = FP8 if fp8 else None
+    strategy.kv_dtype = kv_dtype
     return strategy
 
 
@@ -121,10 +123,10 @@ def test_tp4_on_one_host_and_two_hosts_of_tp2_equal_one_rank(hf_checkpoint):
     _check(run_ranks(4, _tp_worker, paths, layouts), paths, layouts)
 
 
-def test_fp8_kv_over_two_hosts_of_tp2_equals_fp8_on_one_rank(hf_checkpoint):
-    # each rank's cache holds its KV heads in FP8; ring's shards and star's anchor travel in it
+def test_one_byte_kv_over_two_hosts_of_tp2_equals_it_on_one_rank(hf_checkpoint):
+    # each rank's cache holds its KV heads in one byte; ring's shards and star's anchor travel in it
     paths = {"llama3": _path(hf_checkpoint, "llama3")}
-    layouts = [(2, ["ring-fp8", "star-broadcast-fp8"])]
+    layouts = [(2, ["ring-fp8", "star-broadcast-fp8", "ring-int8", "star-broadcast-int8"])]
     _check(run_ranks(4, _tp_worker, paths, layouts), paths, layouts)
 
 

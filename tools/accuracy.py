@@ -65,12 +65,14 @@ STRATEGIES = {
     ),
     # HSR sparse decode (attention/hsr.py) at its defaults: phase 1 dense, every decode step certified to eps 1e-3
     "hsr": Strategy("global, decode=hsr", ("attention=global", "decode=hsr")),
-    # the KV cache in FP8 (attention/quant.py), set beside the same strategy at full width
+    # the KV cache in one byte, FP8 or int8 (attention/quant.py), set beside the same strategy at full width
     "global-fp8": Strategy("global, kv.dtype=fp8", ("attention=global", "kv.dtype=fp8")),
     "star-default-fp8": Strategy("star, default blocks, kv.dtype=fp8", ("attention=star", "kv.dtype=fp8")),
+    "global-int8": Strategy("global, kv.dtype=int8", ("attention=global", "kv.dtype=int8")),
+    "star-default-int8": Strategy("star, default blocks, kv.dtype=int8", ("attention=star", "kv.dtype=int8")),
 }
-# each FP8 strategy's full-width counterpart: the share of answers that are token for token the same
-FULL_WIDTH = {"global-fp8": "global", "star-default-fp8": "star-default"}
+# each one-byte strategy's full-width counterpart and KV dtype: the share of answers that are token for token the same
+FULL_WIDTH = {f"{full}-{kv}": (full, kv) for full in ("global", "star-default") for kv in ("fp8", "int8")}
 ALL = ("global", "ring", "star4", "star4-recompute", "star8", "star8-recompute")
 
 
@@ -96,14 +98,16 @@ class Cell:
 def plan() -> list[Cell]:
     """Every cell, in the order `run` measures them: SmolLM2 (full attention in every layer) before Gemma 3, each by
     length, so that every strategy has a cheap cell early; at a length, star's block sizes before its defaults
-    (which are global's one block below 8K on SmolLM2), FP8 beside its full-width strategies."""
+    (which are global's one block below 8K on SmolLM2), one-byte KV caches beside their full-width strategies."""
     g, s = "gemma3_270m", "smollm2"
     recompute = ["star4-recompute", "star8-recompute"]
     cells = [Cell(s, 2048, st) for st in ("global", "star4", "star8", "ring", "global-fp8", *recompute)]
     cells += [Cell(s, 4096, st) for st in ("global", "star4", "star8", "global-fp8", *recompute)]
-    cells += [Cell(s, 8192, st) for st in ("global", "star4", "star8", "star-default", "global-fp8", "star-default-fp8")]
+    cells += [Cell(s, n, "global-int8") for n in (2048, 4096)]
+    one_byte = ("global-fp8", "star-default-fp8", "global-int8", "star-default-int8")
+    cells += [Cell(s, 8192, st) for st in ("global", "star4", "star8", "star-default", *one_byte)]
     cells += [Cell(s, 8192, st) for st in recompute]
-    each = ("global", "star-default", "star4", "star8", "global-fp8", "star-default-fp8")
+    each = ("global", "star-default", "star4", "star8", *one_byte)
     cells += [Cell(g, 4096, st) for st in (*each, "ring")]
     cells += [Cell(g, n, st) for n in (8192, 16384) for st in each]
     cells += [Cell(g, 32768, st, 2) for st in each]
@@ -324,7 +328,7 @@ def report(cells: list[Cell]) -> str:
             )
         lines.append("")
     lines += ["What each star cell can show:", ""] + shows_table(cells)
-    lines += fp8_table(cells)
+    lines += one_byte_table(cells)
     pending = [c for c in cells if c.done() < c.samples]
     if pending:
         lines += ["Not measured yet (`python tools/accuracy.py run` goes on with them, in this order): "
@@ -342,32 +346,33 @@ def report(cells: list[Cell]) -> str:
     return "\n".join(lines)
 
 
-def fp8_table(cells: list[Cell]) -> list[str]:
-    """Each FP8 KV cell next to the same strategy at full width: both scores on the samples both answered, and the
-    share of those whose greedy answer is token for token the same."""
-    fp8 = [c for c in cells if c.strategy in FULL_WIDTH and c.done()]
-    if not fp8:
+def one_byte_table(cells: list[Cell]) -> list[str]:
+    """Each one-byte KV cell next to the same strategy at full width: both scores on the samples both answered, the
+    gap in samples (a sample of one task moves the score by 100 / samples), and the share of answers that are token
+    for token the same."""
+    one_byte = [c for c in cells if c.strategy in FULL_WIDTH and c.done()]
+    if not one_byte:
         return []
     lines = [
-        "The KV cache in FP8 (`kv.dtype=fp8`) against the same strategy at full width (fp32), on the same samples:",
+        "The KV cache in one byte (`kv.dtype=fp8`: e4m3; `kv.dtype=int8`) against the same strategy at full width "
+        "(fp32), on the same samples:",
         "",
-        "| model | length | strategy | samples | full width | FP8 | same answer, token for token |",
-        "|---|---|---|---|---|---|---|",
+        "| model | length | strategy | KV | samples | full width | one byte | gap (samples) | same answer, token for token |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for c in fp8:
+    for c in one_byte:
+        full, kv = FULL_WIDTH[c.strategy]
         base = {
-            r["key"]: r
-            for g in cells
-            if (g.model, g.length, g.strategy) == (c.model, c.length, FULL_WIDTH[c.strategy])
-            for r in _rows(g)
+            r["key"]: r for g in cells if (g.model, g.length, g.strategy) == (c.model, c.length, full) for r in _rows(g)
         }
         rows = [r for r in _rows(c) if r["key"] in base]
         if not rows:
             continue
         same = sum(r["pred"] == base[r["key"]]["pred"] for r in rows)
+        wide = _score([base[r["key"]] for r in rows])
         lines.append(
-            f"| {c.model} | {_label(c.length)} | {STRATEGIES[FULL_WIDTH[c.strategy]].name} | {len(rows)}/{c.samples} | "
-            f"{_score([base[r['key']] for r in rows]):.1f} | {_score(rows):.1f} | {same / len(rows):.0%} |"
+            f"| {c.model} | {_label(c.length)} | {STRATEGIES[full].name} | {kv} | {len(rows)}/{c.samples} | "
+            f"{wide:.1f} | {_score(rows):.1f} | {(wide - _score(rows)) * len(rows) / 100:.1f} | {same / len(rows):.0%} |"
         )
     return lines + [""]
 

@@ -12,7 +12,7 @@
     python tools/benchmarks.py hosts --nproc 8 --ctx-names 128k,512k,1m   # star vs ring as hosts grow
     python tools/benchmarks.py memory --longest 294912   # the memory plan against the measured peak (runner.py)
     python tools/benchmarks.py memory --models smollm2,gemma3_270m --lengths 8192 --nproc 1   # the same on CPU
-    python tools/benchmarks.py kv --lengths 32768,131072 --longest-kv 1048576   # bf16 vs FP8 KV, chunked vs one pass
+    python tools/benchmarks.py kv --lengths 32768,131072 --longest-kv 1048576   # bf16 vs FP8 and int8 KV, chunked vs one pass
     python tools/benchmarks.py kv --lengths "" --longest-kv 1048576   # the 1M star FP8 run alone (an H200)
     python tools/benchmarks.py kv-fits fp8-lean       # the longest context that fits; Lean decode bf16 vs FP8
     python tools/benchmarks.py fp8-scales             # FP8 round-trip error by scale granularity (CPU, SmolLM2)

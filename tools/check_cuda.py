@@ -2,6 +2,8 @@
 
     python tools/check_cuda.py                          # one GPU; exits non-zero on any failure
     torchrun --nproc-per-node 2 tools/check_cuda.py     # also ring, star and tensor parallel over NCCL against one GPU
+    python tools/check_cuda.py --fp8 --int8             # the KV cache in these one-byte formats only (also --quick,
+                                                        # --flex, --hsr: those paths only)
 
 Prints one line per case with the largest error relative to the reference's largest magnitude.
 """
@@ -562,15 +564,16 @@ def _single_rank(name: str, params: dict) -> attention.AttentionStrategy:
     return strategy
 
 
-def check_fp8() -> bool:
-    """The FP8 KV cache on CUDA: the Lean kernel (in-kernel scales, 1M keys included) and the dequantizing paths of
-    long queries against float64 attention over the keys as stored; prefill logits against the CPU's; chunked phase
-    1 and CUDA-graph decode against eager, unchunked runs."""
+def check_one_byte(stored: torch.dtype) -> bool:
+    """The KV cache in one byte (`stored`: FP8 or int8) on CUDA: the Lean kernel (in-kernel scales, 1M keys
+    included) and the dequantizing paths of long queries against float64 attention over the keys as stored; prefill
+    logits against the CPU's; chunked phase 1 and CUDA-graph decode against eager, unchunked runs."""
     from longctx.attention import lean
-    from longctx.attention.quant import FP8, quantize
+    from longctx.attention.quant import quantize
     from longctx.models.generate import generate_tokens, prefill
 
     ok = True
+    tag = "int8" if stored == torch.int8 else "fp8"
     g = torch.Generator(device="cuda").manual_seed(5)
     ar = torch.arange
     cases = [
@@ -589,7 +592,7 @@ def check_fp8() -> bool:
         q = torch.randn(B, hq, len(q_pos), D, device="cuda", generator=g).bfloat16()
         k = (torch.randn(B, hkv, len(kv_pos), D, device="cuda", generator=g) * 4).bfloat16()
         v = torch.randn(B, hkv, len(kv_pos), D, device="cuda", generator=g).bfloat16()
-        (k8, ks), (v8, vs) = quantize(k), quantize(v)
+        (k8, ks), (v8, vs) = quantize(k, stored), quantize(v, stored)
         del k, v
         kernel = "lean" if lean.supports(q, k8, mask) else "pieces"
         out, lse = attend(q, k8, v8, mask, return_lse=True, scales=(ks, vs))
@@ -599,7 +602,7 @@ def check_fp8() -> bool:
         lse_err = (lse.double() - ref_lse).abs().max().item()
         good = err <= TOLERANCE[torch.bfloat16] and lse_err <= 1e-2
         ok &= good
-        print(f"{'ok  ' if good else 'FAIL'} fp8 {kernel:6} {name:32} rel err {err:.2e}  lse err {lse_err:.2e}")
+        print(f"{'ok  ' if good else 'FAIL'} {tag} {kernel:6} {name:32} rel err {err:.2e}  lse err {lse_err:.2e}")
         del kd, vd, ref, k8, v8
     args = _llama_like(head_dim=64, max_seq_len=8192, layer_windows=(None, 300))
     prompt = torch.randint(0, 1000, (900,), generator=torch.Generator().manual_seed(6))
@@ -607,16 +610,16 @@ def check_fp8() -> bool:
         logits = []
         for device in ("cpu", "cuda"):
             strategy = attention.build(name, **params)
-            strategy.kv_dtype = FP8
+            strategy.kv_dtype = stored
             model = _random_on(args, torch.float32, strategy, device)
-            model.setup_cache(1, 900, dtype=FP8)
+            model.setup_cache(1, 900, dtype=stored)
             with torch.inference_mode():
                 logits.append(prefill(model, prompt.to(device), 850).cpu())
         err = (logits[0] - logits[1]).abs().max().item()
         good = err < 1e-3
         ok &= good
         print(
-            f"{'ok  ' if good else 'FAIL'} fp8 model {name:6} CUDA vs CPU fp32 prefill logits: max abs diff {err:.2e}"
+            f"{'ok  ' if good else 'FAIL'} {tag} model {name:6} CUDA vs CPU fp32 prefill logits: max abs diff {err:.2e}"
         )
         hsr = {"name": "hsr", "eps": 1e-3, "block": 32, "sink": 32, "recent": 64}
         for decode in (None, hsr):
@@ -624,9 +627,9 @@ def check_fp8() -> bool:
             last = {}
             for chunk in (None, 128):  # bf16: chunks round differently, so their logits are compared, not tokens
                 strategy = attention.build(name, decode=attention.build_decode(decode), **params)
-                strategy.kv_dtype, strategy.chunk = FP8, chunk
+                strategy.kv_dtype, strategy.chunk = stored, chunk
                 model = _random_on(args, torch.bfloat16, strategy, "cuda")
-                model.setup_cache(1, 900, dtype=FP8, summarize=strategy.summarize)
+                model.setup_cache(1, 900, dtype=stored, summarize=strategy.summarize)
                 with torch.inference_mode():
                     last[chunk] = prefill(model, prompt.cuda(), 850).float()
             err = ((last[None] - last[128]).abs().max() / last[None].abs().max()).item()
@@ -634,7 +637,7 @@ def check_fp8() -> bool:
             good = err < 3e-2 and runs[0] == runs[1]
             ok &= good
             print(
-                f"{'ok  ' if good else 'FAIL'} fp8 model {name:6} {method:5} bf16 chunked vs one-pass prefill logits: "
+                f"{'ok  ' if good else 'FAIL'} {tag} model {name:6} {method:5} bf16 chunked vs one-pass prefill logits: "
                 f"rel diff {err:.2e}; CUDA-graph decode generates the eager tokens: {runs[0] == runs[1]}"
             )
     return ok
@@ -655,10 +658,14 @@ def main() -> int:
         return 0 if check_kernels() & check_fused_model() & check_recompiles() else 1
     if "--hsr" in sys.argv:
         return 0 if check_hsr() & check_graphs() else 1
-    if "--fp8" in sys.argv:
-        return 0 if check_fp8() else 1
+    from longctx.attention.quant import FP8, INT8
+
+    one_byte = [d for flag, d in (("--fp8", FP8), ("--int8", INT8)) if flag in sys.argv]
+    if one_byte:  # the KV cache in these one-byte formats only
+        return 0 if all([check_one_byte(d) for d in one_byte]) else 1
     ok = check_kernels() & check_lean() & check_hsr() & check_graphs()
-    ok &= check_model() & check_scaled() & check_fused_model() & check_recompiles() & check_fp8()
+    ok &= check_model() & check_scaled() & check_fused_model() & check_recompiles()
+    ok &= check_one_byte(FP8) & check_one_byte(INT8)
     return 0 if ok else 1
 
 

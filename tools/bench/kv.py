@@ -37,7 +37,7 @@ def bench_kv(
     warmup: int = 1,
     quick: bool = False,
 ) -> list[Table]:
-    """The strategies, bf16 against FP8 KV, at each context (star alone at `longest`); chunked phase 1 against one
+    """The strategies, bf16 against FP8 and int8 KV, at each context (star alone at `longest`); chunked phase 1 against one
     pass at the longest context (and chunks of 8K at the shortest, where there are two). Each sweep runs in one
     process; every timed run follows `warmup` untimed ones (0: a 4K run first, so that compiles are not timed).
     No contexts: the run at `longest` alone. Each GPU model keeps its own tables."""
@@ -49,7 +49,7 @@ def bench_kv(
     commands = []
     if contexts:
         commands += [
-            _bench(results, *each, "kv.dtype=auto,fp8", f"ctx.length={lengths}"),
+            _bench(results, *each, "kv.dtype=auto,fp8,int8", f"ctx.length={lengths}"),
             _bench(results, *each, f"ctx.length={contexts[-1]}", f"ctx.chunk={contexts[-1]}"),
         ]
     if len(contexts) > 1:
@@ -61,7 +61,7 @@ def bench_kv(
         rec.emit(r, part="kv")
     records = [r for r in records if r["ctx"] > 4 * K]
     runs = Table(
-        "Llama-3.1-8B shapes on 1 GPU: the KV cache in bf16 against FP8, global and star",
+        "Llama-3.1-8B shapes on 1 GPU: the KV cache in bf16 against FP8 and int8, global and star",
         "\n".join(commands),
         [
             "attention",
@@ -70,8 +70,8 @@ def bench_kv(
             "chunk",
             "TTFT (s)",
             "decode (tok/s)",
-            "FP8 / bf16 decode",
-            "FP8 / bf16 TTFT",
+            "vs bf16 decode",
+            "vs bf16 TTFT",
             "planned peak (GiB)",
             "measured peak (GiB)",
             "planned / measured",
@@ -82,12 +82,12 @@ def bench_kv(
     base = {(r["attention"], r["ctx"]): r for r in default if r["kv_dtype"] == "auto"}
     for r in default:
         b = base.get((r["attention"], r["ctx"]))
-        fp8 = r["kv_dtype"] == "fp8"
+        one_byte = r["kv_dtype"] != "auto"
         planned, peak = r["planned_peak_bytes_per_rank"][0], r["peak_mem_bytes_per_rank"][0]
         runs.rows.append([
-            r["attention"], r["ctx"], "fp8" if fp8 else "bf16", "default", r["ttft_s"], r["decode_tok_s"],
-            r["decode_tok_s"] / b["decode_tok_s"] if fp8 and b else float("nan"),
-            r["ttft_s"] / b["ttft_s"] if fp8 and b else float("nan"), planned / GiB, peak / GiB, planned / peak,
+            r["attention"], r["ctx"], r["kv_dtype"] if one_byte else "bf16", "default", r["ttft_s"], r["decode_tok_s"],
+            r["decode_tok_s"] / b["decode_tok_s"] if one_byte and b else float("nan"),
+            r["ttft_s"] / b["ttft_s"] if one_byte and b else float("nan"), planned / GiB, peak / GiB, planned / peak,
         ])  # fmt: skip
     runs.notes.append(
         "Random weights, bf16 activations, batch 1, after a warm-up run; TTFT covers phase 1 and phase 2 (the last 64 "
