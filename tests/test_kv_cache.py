@@ -162,8 +162,12 @@ def _by_position(runs: list[dict]) -> torch.Tensor:
     return keys[:, :, pos.argsort()]
 
 
-@pytest.mark.parametrize("name", list(STRATEGIES))
-@pytest.mark.parametrize("kv_dtype", [None, *ONE_BYTE])
+# int8 where chunking moves its codes (star, whose anchor a chunk recomputes); FP8 runs every reader through the same
+# one-byte paths
+CHUNKED = [(n, d) for n in STRATEGIES for d in (None, FP8)] + [("star", INT8)]
+
+
+@pytest.mark.parametrize("name,kv_dtype", CHUNKED)
 @pytest.mark.parametrize("family", ["llama3", "gemma3"])
 def test_chunked_phase1_equals_unchunked(name, kv_dtype, family, hf_checkpoint):
     _, path = hf_checkpoint(family)
@@ -204,7 +208,7 @@ def _ranks_worker(rank, world, path, name, kv_dtype, chunk):
 
 @pytest.mark.parametrize(
     "name,world,chunk,dtype",
-    [("ring", 2, None, FP8), ("star", 2, 5, FP8), ("star", 4, 3, FP8), ("ring", 2, None, INT8), ("star", 2, 5, INT8)],
+    [("ring", 2, None, FP8), ("star", 2, 5, FP8), ("star", 4, 3, FP8), ("ring", 2, None, INT8)],
 )
 def test_one_byte_kv_over_gloo_ranks_equals_it_on_one_rank(name, world, chunk, dtype, hf_checkpoint):
     _, path = hf_checkpoint("llama3")
