@@ -107,7 +107,7 @@ def bench_kv(
         )
         chunk = r.get("chunk") or 64 * K
         chunked.rows.append([
-            r["attention"], r["ctx"], f"{chunk} ({_passes(r)} passes)", r["ttft_s"],
+            r["attention"], r["ctx"], f"{chunk} ({_passes(r)} pass{'es' * (_passes(r) != 1)})", r["ttft_s"],
             r["ttft_s"] / one["ttft_s"] if one else float("nan"), r["peak_mem_bytes_per_rank"][0] / GiB,
         ])  # fmt: skip
     return [table for table in (runs, chunked) if table.rows]
