@@ -14,7 +14,7 @@
     python tools/benchmarks.py memory --models smollm2,gemma3_270m --lengths 8192 --nproc 1   # the same on CPU
     python tools/benchmarks.py kv --lengths 32768,131072 --longest-kv 1048576   # bf16 vs FP8 and int8 KV, chunked vs one pass
     python tools/benchmarks.py kv --lengths "" --longest-kv 1048576   # the 1M star FP8 run alone (an H200)
-    python tools/benchmarks.py kv-fits fp8-lean       # the longest context that fits; Lean decode bf16 vs FP8
+    python tools/benchmarks.py kv-fits fp8-lean       # the longest context that fits; Lean decode bf16 vs FP8, int8
     python tools/benchmarks.py fp8-scales             # FP8 round-trip error by scale granularity (CPU, SmolLM2)
 
 Parts combine (`decode prefill model`). Each table replaces its figure's table in `--append FILE` (default

@@ -37,9 +37,9 @@ def bench_kv(
     warmup: int = 1,
     quick: bool = False,
 ) -> list[Table]:
-    """The strategies, bf16 against FP8 and int8 KV, at each context (star alone at `longest`); chunked phase 1 against one
-    pass at the longest context (and chunks of 8K at the shortest, where there are two). Each sweep runs in one
-    process; every timed run follows `warmup` untimed ones (0: a 4K run first, so that compiles are not timed).
+    """The strategies, bf16 against FP8 and int8 KV, at each context (star alone at `longest`); chunked phase 1
+    against one pass at the longest context (and chunks of 8K at the shortest, where there are two). Each sweep runs
+    in one process; every timed run follows `warmup` untimed ones (0: a 4K run first, so that compiles are not timed).
     No contexts: the run at `longest` alone. Each GPU model keeps its own tables."""
     if not contexts and not longest:
         raise ValueError("kv: give contexts (--lengths) or a longest run (--longest-kv)")
@@ -174,18 +174,28 @@ def bench_kv_fits(rec: Recorder, quick: bool = False) -> list[Table]:
 
 
 def bench_lean_fp8(rec: Recorder, contexts: list[int], quick: bool = False, tune: bool = False) -> list[Table]:
-    """Decode attention alone on the Lean kernel (one query, GQA 4, head dim 128, 8 KV heads): bf16 against FP8;
-    `tune`: first FP8 under other launch settings (their table is printed, not published)."""
+    """Decode attention alone on the Lean kernel (one query, GQA 4, head dim 128, 8 KV heads): bf16 against FP8 and
+    int8; `tune`: first FP8 under other launch settings (their table is printed, not published)."""
     from dataclasses import replace
 
     from longctx.attention import lean
     from longctx.attention.mask import PositionMask
-    from longctx.attention.quant import quantize
+    from longctx.attention.quant import FP8, INT8, quantize
 
     table = Table(
-        "decode attention over a long KV cache on the Lean kernel: bf16 against FP8 (in-kernel scales)",
+        "decode attention over a long KV cache on the Lean kernel: bf16 against FP8 and int8 (in-kernel scales)",
         "python tools/benchmarks.py fp8-lean",
-        ["keys", "bf16 (µs)", "FP8 (µs)", "speedup", "bf16 GB/s", "FP8 GB/s"],
+        [
+            "keys",
+            "bf16 (µs)",
+            "FP8 (µs)",
+            "int8 (µs)",
+            "FP8 speedup",
+            "int8 speedup",
+            "bf16 GB/s",
+            "FP8 GB/s",
+            "int8 GB/s",
+        ],  # fmt: skip
     )
     table.figure = "fp8-lean"
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -211,15 +221,17 @@ def bench_lean_fp8(rec: Recorder, contexts: list[int], quick: bool = False, tune
         k, v = (torch.randn(1, 8, S, 128, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(2))
         mask = PositionMask(torch.tensor([S - 1], device="cuda"), torch.arange(S, device="cuda"))
         t16 = graph_timed(lambda: lean.lean_attend(q, k, v, mask))
-        (k8, ks), (v8, vs) = quantize(k), quantize(v)
+        times = []
+        for stored in (FP8, INT8):
+            (k8, ks), (v8, vs) = quantize(k, stored), quantize(v, stored)
+            times.append(graph_timed(lambda: lean.lean_attend(q, k8, v8, mask, scales=(ks, vs))))
+            del k8, v8, ks, vs
         del k, v
-        t8 = graph_timed(lambda: lean.lean_attend(q, k8, v8, mask, scales=(ks, vs)))
-        b16, b8 = 2 * 8 * S * 128 * 2, 2 * 8 * S * (128 + 1)
-        row = [S, t16 * 1e6, t8 * 1e6, t16 / t8, b16 / t16 / 1e9, b8 / t8 / 1e9]
+        (t8, ti8), b16, b8 = times, 2 * 8 * S * 128 * 2, 2 * 8 * S * (128 + 1)
+        row = [S, t16 * 1e6, t8 * 1e6, ti8 * 1e6, t16 / t8, t16 / ti8, b16 / t16 / 1e9, b8 / t8 / 1e9, b8 / ti8 / 1e9]
         rec.emit(dict(zip(table.columns, row)), part="fp8-lean")
         table.rows.append(row)
-        del k8, v8, ks, vs
-    table.notes.append("CUDA-graph replay times; bytes: keys and values read (FP8: with their scales' exponents).")
+    table.notes.append("CUDA-graph replay times; bytes: keys and values read (one byte: with their scales' exponents).")
     return [table]
 
 
