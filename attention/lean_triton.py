@@ -28,7 +28,7 @@ COMBINE_CHUNK = 32  # partials the combine merges per step, at most
 def widen(x, dtype: tl.constexpr):
     """One-byte codes x (FP8 or int8) as `dtype`, exactly. An int8 code is read by its bits: x + 128 written into the
     mantissa of the fp16 1024 (bits 0x6400) is 1152 + x, so one xor and one subtraction stand for the int-to-float
-    conversion, which GPUs run at a fraction of their arithmetic rate."""
+    conversion, which left int8 decode well behind FP8's on an H100 (BENCHMARKS.md, figure `fp8-lean`, times both)."""
     if x.dtype == tl.int8:
         bits = (x.to(tl.uint8, bitcast=True).to(tl.uint16) ^ 0x6480).to(tl.uint16)
         return (bits.to(tl.float16, bitcast=True) - 1152.0).to(dtype)
