@@ -34,3 +34,25 @@ def test_star_cells_say_how_many_blocks_they_cut_and_which_are_exact(tmp_path, m
     table = "\n".join(accuracy.shows_table(cells))
     assert "| smollm2 | none of 30 | 4K | star, block L/4 | 1024 | 4 | star in every layer" in table
     assert "| smollm2 | none of 30 | 8K | star, default blocks | 4096 | 2 | nothing: exact by construction |" in table
+
+
+def test_the_report_plots_every_strategy_and_sets_one_byte_caches_beside_full_width(tmp_path, monkeypatch):
+    monkeypatch.setattr(accuracy, "RESULTS", tmp_path)
+    cells = [accuracy.Cell("smollm2", 4096, s, 1) for s in accuracy.STRATEGIES]
+    for cell in cells:  # full width answers every task; int8 misses one, FP8 two
+        misses = {"global-int8": 1, "global-fp8": 2}.get(cell.strategy, 0)
+        rows = [{**_row(t, 0, float(i >= misses)), "pred": ["x" if i >= misses else "y"]}
+                for i, t in enumerate(accuracy.TASKS)]  # fmt: skip
+        cell.path.parent.mkdir(parents=True, exist_ok=True)
+        cell.path.write_text("\n".join(json.dumps(r) for r in [{HEADER: {}}, *rows]) + "\n")
+    assert accuracy.plot(cells, tmp_path / "plot.png").stat().st_size > 0
+    table = "\n".join(accuracy.one_byte_table(cells))
+    n = len(accuracy.TASKS)
+    assert (
+        f"| smollm2 | 4K | global | int8 | {n}/{n} | 100.0 | {100 * (n - 1) / n:.1f} | 1.0 | {(n - 1) / n:.0%} |"
+        in table
+    )
+    assert (
+        f"| smollm2 | 4K | global | fp8 | {n}/{n} | 100.0 | {100 * (n - 2) / n:.1f} | 2.0 | {(n - 2) / n:.0%} |"
+        in table
+    )

@@ -264,7 +264,7 @@ def plot(cells: list[Cell], path: Path) -> Path:
 
     models = sorted({c.model for c in cells if c.done()})
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.2), squeeze=False)
-    colors = dict(zip(STRATEGIES, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    colors = dict(zip(STRATEGIES, plt.get_cmap("tab20").colors))  # (a color for each of up to 20 strategies)
     for ax, model in zip(axes[0], models):
         for s in STRATEGIES:  # complete cells only: a partial one's mean covers some tasks only
             pts = sorted(
@@ -279,7 +279,7 @@ def plot(cells: list[Cell], path: Path) -> Path:
                     marker="o",
                     label=STRATEGIES[s].name,
                     color=colors[s],
-                    linestyle="-" if "recompute" not in s else "--",
+                    linestyle="--" if "recompute" in s else ":" if s in FULL_WIDTH else "-",
                 )
         ax.set_xscale("log", base=2)
         ax.set_xticks(sorted({c.length for c in cells if c.model == model}))
