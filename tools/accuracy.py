@@ -357,7 +357,8 @@ def one_byte_table(cells: list[Cell]) -> list[str]:
         "The KV cache in one byte (`kv.dtype=fp8`: e4m3; `kv.dtype=int8`) against the same strategy at full width "
         "(fp32), on the same samples:",
         "",
-        "| model | length | strategy | KV | samples | full width | one byte | gap (samples) | same answer, token for token |",
+        "| model | length | strategy | KV | samples | full width | one byte | gap (samples) "
+        "| same answer, token for token |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for c in one_byte:
@@ -370,9 +371,10 @@ def one_byte_table(cells: list[Cell]) -> list[str]:
             continue
         same = sum(r["pred"] == base[r["key"]]["pred"] for r in rows)
         wide = _score([base[r["key"]] for r in rows])
+        score = _score(rows)
         lines.append(
             f"| {c.model} | {_label(c.length)} | {STRATEGIES[full].name} | {kv} | {len(rows)}/{c.samples} | "
-            f"{wide:.1f} | {_score(rows):.1f} | {(wide - _score(rows)) * len(rows) / 100:.1f} | {same / len(rows):.0%} |"
+            f"{wide:.1f} | {score:.1f} | {(wide - score) * len(rows) / 100:.1f} | {same / len(rows):.0%} |"
         )
     return lines + [""]
 
