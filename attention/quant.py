@@ -23,6 +23,7 @@ from torch import Tensor
 FP8 = torch.float8_e4m3fn
 INT8 = torch.int8
 CODE_MAX = {FP8: 448.0, INT8: 127.0}  # the largest code each one-byte format stores
+ONE_BYTE = {"fp8": FP8, "int8": INT8}  # the formats by the names `kv.dtype` takes
 FP8_MAX = CODE_MAX[FP8]
 FP8_CAPABILITY = (8, 9)  # Ada and Hopper: the first GPUs that convert e4m3 in hardware
 

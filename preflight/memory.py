@@ -27,7 +27,7 @@ from longctx.attention.dense import MASK_CHUNK_ELEMENTS
 from longctx.attention.fused import MAX_CAUSAL_SQUARE
 from longctx.attention.kernels import CPU_FLASH_MIN_QUERIES, DEQUANT_SLOTS, FLEX_MIN_QUERIES, flex_bucket
 from longctx.attention.merge import MERGE_CHUNK_ELEMENTS
-from longctx.attention.quant import FP8_CAPABILITY, is_quantized
+from longctx.attention.quant import FP8_CAPABILITY, ONE_BYTE, is_quantized
 from longctx.models.config import ModelArgs
 from longctx.models.transformer import FeedForward, Transformer
 from longctx.parallel.tensor import TensorParallel, local_args, valid_degrees
@@ -436,7 +436,7 @@ def fits_with(cfg, avail: int, shared: int | None = None, fp8_ok: bool = True) -
 
     fixes = []
     base = plan_config(cfg)
-    one_byte = None if cfg.get("kv", {}).get("dtype") in ("fp8", "int8") else "fp8" if fp8_ok else "int8"
+    one_byte = None if cfg.get("kv", {}).get("dtype") in ONE_BYTE else "fp8" if fp8_ok else "int8"
     smaller = OmegaConf.merge(cfg, {"kv": {"dtype": one_byte}}) if one_byte else None
     if smaller is not None and plan_config(smaller).need <= avail:
         fixes.append(f"kv.dtype={one_byte}")

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from longctx import attention
-from longctx.attention.quant import FP8, FP8_CAPABILITY, INT8
+from longctx.attention.quant import FP8_CAPABILITY, ONE_BYTE
 from longctx.attention.strategy import AUTO_CHUNK
 from longctx.conf.schema import OptionError, check_node, option, schema_of
 from longctx.models.builtin import BUILTINS
@@ -88,8 +88,7 @@ class CtxOptions:
     )
 
 
-KV_DTYPES = ("auto", *DTYPES, "fp8", "int8")
-ONE_BYTE = {"fp8": FP8, "int8": INT8}
+KV_DTYPES = ("auto", *DTYPES, *ONE_BYTE)
 
 
 @dataclass

@@ -12,13 +12,13 @@ from longctx.attention.cache import KVCache
 from longctx.attention.decode import DenseDecode
 from longctx.attention.hsr import HSRDecode
 from longctx.attention.mask import PositionMask
-from longctx.attention.quant import FP8, FP8_MAX, INT8, dequantize, pack, quantize, round_trip, unpack
+from longctx.attention.quant import FP8, FP8_MAX, INT8, ONE_BYTE, dequantize, pack, quantize, round_trip, unpack
 from longctx.models.generate import generate_tokens, prefill
 from tests.distributed import run_ranks
 from tests.helpers import compose_cfg, reference, run_runner
 
 N_CTX, N_QUERY, N_NEW = 45, 4, 5
-ONE_BYTE = [FP8, INT8]
+FORMATS = list(ONE_BYTE.values())  # every one-byte format `kv.dtype` offers
 
 
 def _tokens(n: int, seed: int = 0) -> list[int]:
@@ -71,7 +71,7 @@ def test_int8_round_trip_is_within_half_a_step_with_power_of_two_scales():
     assert (back - x).abs()[big].mean() < (round_trip(x) - x).abs()[big].mean() / 4
 
 
-@pytest.mark.parametrize("dtype", ONE_BYTE)
+@pytest.mark.parametrize("dtype", FORMATS)
 def test_packed_shards_read_back_as_stored(dtype):
     k, v = torch.randn(1, 2, 7, 8), torch.randn(1, 2, 7, 8)
     (k8, ks), (v8, vs) = quantize(k, dtype), quantize(v, dtype)
@@ -95,7 +95,7 @@ def _filled_cache(slots: int, n: int, dtype, summarize=None, seed: int = 0):
 
 @pytest.mark.parametrize("queries", [1, 3, 24])  # decode, a short query (dense path), a long one (fused CPU kernel)
 @pytest.mark.parametrize("pieces", [None, 16])  # the whole cache at once, or 16 slots at a time merged
-@pytest.mark.parametrize("dtype", ONE_BYTE)
+@pytest.mark.parametrize("dtype", FORMATS)
 def test_one_byte_cache_reads_equal_float64_attention_over_the_stored_keys(queries, pieces, dtype, monkeypatch):
     if pieces:
         monkeypatch.setattr(kernels, "DEQUANT_SLOTS", pieces)
@@ -111,7 +111,7 @@ def test_one_byte_cache_reads_equal_float64_attention_over_the_stored_keys(queri
     assert layer.k.dtype == layer.v.dtype == dtype and cache.kv_bytes() == 2 * 120 * 2 * (16 + 1)
 
 
-@pytest.mark.parametrize("dtype", ONE_BYTE)
+@pytest.mark.parametrize("dtype", FORMATS)
 def test_hsr_reads_one_byte_keys_and_summarizes_them_as_stored(dtype):
     method = HSRDecode(eps=1e-3, block=8, sink=0, recent=8)
     cache, pos, k, v = _filled_cache(128, 128, dtype, summarize=method.summarize, seed=2)
@@ -192,7 +192,7 @@ def _equal_but_for_rounding_across_a_code(got: torch.Tensor, want: torch.Tensor)
     assert bool(((got - want).abs() <= step + 1e-6)[off].all())
 
 
-@pytest.mark.parametrize("dtype", ONE_BYTE)
+@pytest.mark.parametrize("dtype", FORMATS)
 def test_a_one_byte_cache_holds_values_of_its_format(dtype, hf_checkpoint):
     # (how close their answers stay to full width is measured on real checkpoints: ACCURACY.md)
     _, path = hf_checkpoint("llama3")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from longctx import attention, models
-from longctx.attention.quant import FP8, INT8
+from longctx.attention.quant import ONE_BYTE
 from longctx.models.generate import generate_tokens
 from longctx.parallel.tensor import TensorParallel, check_degree, local_args, valid_degrees
 from tests.distributed import run_ranks
@@ -44,7 +44,7 @@ def _prompt() -> list[int]:
 def _strategy(kind: str, group=None) -> attention.AttentionStrategy:
     """`kind`: global, ring, star-broadcast or star-recompute, with `-fp8` or `-int8` for a KV cache in one byte."""
     *head, last = kind.split("-")
-    kv_dtype = {"fp8": FP8, "int8": INT8}.get(last)
+    kv_dtype = ONE_BYTE.get(last)
     name = "-".join(head) if kv_dtype else kind
     if name.startswith("star"):
         strategy = attention.build(

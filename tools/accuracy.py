@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from longctx.attention.quant import ONE_BYTE
 from longctx.evaluation.ruler import TASKS, means
 from longctx.tasks.rows import read_rows
 
@@ -72,7 +73,7 @@ STRATEGIES = {
     "star-default-int8": Strategy("star, default blocks, kv.dtype=int8", ("attention=star", "kv.dtype=int8")),
 }
 # each one-byte strategy's full-width counterpart and KV dtype: the share of answers that are token for token the same
-FULL_WIDTH = {f"{full}-{kv}": (full, kv) for full in ("global", "star-default") for kv in ("fp8", "int8")}
+FULL_WIDTH = {f"{full}-{kv}": (full, kv) for full in ("global", "star-default") for kv in ONE_BYTE}
 ALL = ("global", "ring", "star4", "star4-recompute", "star8", "star8-recompute")
 
 

@@ -564,16 +564,16 @@ def _single_rank(name: str, params: dict) -> attention.AttentionStrategy:
     return strategy
 
 
-def check_one_byte(stored: torch.dtype) -> bool:
-    """The KV cache in one byte (`stored`: FP8 or int8) on CUDA: the Lean kernel (in-kernel scales, 1M keys
-    included) and the dequantizing paths of long queries against float64 attention over the keys as stored; prefill
-    logits against the CPU's; chunked phase 1 and CUDA-graph decode against eager, unchunked runs."""
+def check_one_byte(tag: str) -> bool:
+    """The KV cache in one byte (`tag`: fp8 or int8, as `kv.dtype` names it) on CUDA: the Lean kernel (in-kernel
+    scales, 1M keys included) and the dequantizing paths of long queries against float64 attention over the keys as
+    stored; prefill logits against the CPU's; chunked phase 1 and CUDA-graph decode against eager, unchunked runs."""
     from longctx.attention import lean
-    from longctx.attention.quant import quantize
+    from longctx.attention.quant import ONE_BYTE, quantize
     from longctx.models.generate import generate_tokens, prefill
 
     ok = True
-    tag = "int8" if stored == torch.int8 else "fp8"
+    stored = ONE_BYTE[tag]
     g = torch.Generator(device="cuda").manual_seed(5)
     ar = torch.arange
     cases = [
@@ -637,8 +637,8 @@ def check_one_byte(stored: torch.dtype) -> bool:
             good = err < 3e-2 and runs[0] == runs[1]
             ok &= good
             print(
-                f"{'ok  ' if good else 'FAIL'} {tag} model {name:6} {method:5} bf16 chunked vs one-pass prefill logits: "
-                f"rel diff {err:.2e}; CUDA-graph decode generates the eager tokens: {runs[0] == runs[1]}"
+                f"{'ok  ' if good else 'FAIL'} {tag} model {name:6} {method:5} bf16 chunked vs one-pass prefill "
+                f"logits: rel diff {err:.2e}; CUDA-graph decode generates the eager tokens: {runs[0] == runs[1]}"
             )
     return ok
 
@@ -658,14 +658,14 @@ def main() -> int:
         return 0 if check_kernels() & check_fused_model() & check_recompiles() else 1
     if "--hsr" in sys.argv:
         return 0 if check_hsr() & check_graphs() else 1
-    from longctx.attention.quant import FP8, INT8
+    from longctx.attention.quant import ONE_BYTE
 
-    one_byte = [d for flag, d in (("--fp8", FP8), ("--int8", INT8)) if flag in sys.argv]
-    if one_byte:  # the KV cache in these one-byte formats only
-        return 0 if all([check_one_byte(d) for d in one_byte]) else 1
+    asked = [name for name in ONE_BYTE if f"--{name}" in sys.argv]
+    if asked:  # the KV cache in these one-byte formats only
+        return 0 if all([check_one_byte(name) for name in asked]) else 1
     ok = check_kernels() & check_lean() & check_hsr() & check_graphs()
     ok &= check_model() & check_scaled() & check_fused_model() & check_recompiles()
-    ok &= check_one_byte(FP8) & check_one_byte(INT8)
+    ok &= all([check_one_byte(name) for name in ONE_BYTE])
     return 0 if ok else 1
 
 
