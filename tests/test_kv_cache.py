@@ -174,7 +174,7 @@ def test_chunked_phase1_equals_unchunked(name, kv_dtype, family, hf_checkpoint):
     whole = _run(str(path), name, kv_dtype, None)
     for chunk in (1, 5, 16):  # token by token; chunks that cut star's blocks and the anchor
         cut = _run(str(path), name, kv_dtype, chunk)
-        if kv_dtype is None:
+        if kv_dtype != INT8:  # full width and e4m3: equal up to float rounding
             torch.testing.assert_close(cut["keys"], whole["keys"], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(cut["logits"], whole["logits"], atol=1e-5, rtol=0)
         else:
