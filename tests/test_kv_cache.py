@@ -184,11 +184,11 @@ def test_chunked_phase1_equals_unchunked(name, kv_dtype, family, hf_checkpoint):
 
 
 def _equal_but_for_rounding_across_a_code(got: torch.Tensor, want: torch.Tensor) -> None:
-    """One-byte keys computed in another order: float rounding may carry a value across the boundary between two codes
-    (a step, at most an eighth of the token's largest key), rarely; every other stored key is the same."""
+    """int8 keys computed in another order: float rounding may carry a value across the boundary between two codes
+    (one step, at most a 64th of the token's largest key), rarely; every other stored key is the same."""
     off = (got - want).abs() > 1e-5
     assert off.float().mean() <= 1e-3, f"{int(off.sum())} of {off.numel()} keys differ"
-    step = want.abs().amax(-1, keepdim=True).expand_as(want) / 8
+    step = want.abs().amax(-1, keepdim=True).expand_as(want) / 64
     assert bool(((got - want).abs() <= step + 1e-6)[off].all())
 
 
