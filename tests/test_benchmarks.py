@@ -85,6 +85,36 @@ def test_the_kv_runs_alone_at_the_longest_context_publish_one_table_per_gpu_mode
         kv.bench_kv(common.Recorder(None), [], ["star"], longest=None)
 
 
+def test_the_kv_sweep_sets_each_one_byte_cache_beside_bf16(monkeypatch):
+    """`kv --lengths N`: bf16, FP8 and int8 in one sweep; each one-byte row's decode and TTFT as a ratio of bf16's at
+    the same strategy and context."""
+    import json
+
+    from longctx.tools.bench import common, kv
+
+    decode = {"auto": 80.0, "fp8": 90.0, "int8": 100.0}
+    ran = []
+
+    def fake_bench(results, *opts):
+        ran.append(opts)
+        dtypes = next((o.split("=")[1].split(",") for o in opts if o.startswith("kv.dtype=")), ["auto"])
+        with open(results, "a") as f:
+            for d in dtypes:
+                record = dict(attention="star", ctx=1 << 17, kv_dtype=d, ttft_s=8.0, decode_tok_s=decode[d],
+                              planned_peak_bytes_per_rank=[30 << 30], peak_mem_bytes_per_rank=[30 << 30])  # fmt: skip
+                f.write(json.dumps(record) + "\n")
+        return "python runner.py " + " ".join(opts)
+
+    monkeypatch.setattr(kv, "_bench", fake_bench)
+    monkeypatch.setattr(common, "device_name", lambda: "NVIDIA H100 80GB HBM3")
+    runs = kv.bench_kv(common.Recorder(None), [1 << 17], ["star"])[0]
+    assert "kv.dtype=auto,fp8,int8" in ran[0]
+    by_kv = {row[2]: row for row in runs.rows if row[3] == "default"}
+    ratio = runs.columns.index("vs bf16 decode")
+    assert by_kv["fp8"][ratio] == 90.0 / 80.0 and by_kv["int8"][ratio] == 100.0 / 80.0
+    assert by_kv["bf16"][ratio] != by_kv["bf16"][ratio]  # (no ratio for bf16 itself: nan)
+
+
 @pytest.mark.parametrize(
     "name,params,world,windows",
     [
