@@ -22,6 +22,7 @@ from torch import Tensor
 
 from longctx.attention import fused, lean
 from longctx.attention.dense import cpu_flash_attend, cpu_flash_available, dense_attend
+from longctx.attention.fusion import fused_on_cuda
 from longctx.attention.mask import PositionMask
 from longctx.attention.merge import merge_into
 from longctx.attention.quant import dequantize
@@ -38,6 +39,9 @@ FLEX_MAX_STEP = 2048
 # Slots of a one-byte cache dequantized at once where the Lean kernel does not read it: the transient is this many
 # slots' keys and values at full width.
 DEQUANT_SLOTS = 1 << 16
+# A piece dequantized in one kernel on CUDA: eagerly it is an fp32 copy of the piece, scaled into a second one, then
+# narrowed, five times the bytes of one pass over a long phase 1's every piece
+_dequantize = fused_on_cuda(dequantize)
 
 
 def flex_bucket(n: int) -> int:
@@ -157,7 +161,7 @@ def _attend_stored(q: Tensor, k: Tensor, v: Tensor, scales: tuple[Tensor, Tensor
     out = lse = None
     for start, end in ranges:
         keys = slice(start, end)
-        k_part, v_part = (dequantize(x[:, :, keys], s[:, :, keys], q.dtype) for x, s in zip((k, v), scales))
+        k_part, v_part = (_dequantize(x[:, :, keys], s[:, :, keys], q.dtype) for x, s in zip((k, v), scales))
         o, l = attend(q, k_part, v_part, mask.keys(start, end), return_lse=True)
         del k_part, v_part
         if out is None:  # (one piece: its own result; more: merged in fp32)

@@ -262,6 +262,10 @@ def test_fused_elementwise_chains_compile_without_graph_breaks():
         for got, want in zip(stores[1], stores[0]):
             assert torch.equal(got.view(torch.int8), want.view(torch.int8))
         stored = dequantize(stores[0][0][:, :, slots], stores[0][2][:, :, slots], torch.float32)
+        # and so is reading a piece back (`attention.kernels` runs it compiled on CUDA), strided as the cache's slices
+        piece = (stores[0][0][:, :, 2:7], stores[0][2][:, :, 2:7], torch.bfloat16)
+        read = torch.compile(dequantize, fullgraph=True, backend="aot_eager")(*piece)
+        assert torch.equal(read.view(torch.int16), dequantize(*piece).view(torch.int16))
         if dtype == FP8:
             torch.testing.assert_close(stored, k, rtol=2**-4, atol=1e-5 * k.abs().max().item())  # 3 mantissa bits
         else:  # half a step, a step at most a 64th of the token's largest value
