@@ -63,15 +63,19 @@ def test_the_kv_runs_alone_at_the_longest_context_publish_one_table_per_gpu_mode
 
     from longctx.tools.bench import common, kv
 
-    args = benchmarks.argparse.Namespace(lengths="", attention=None, longest_kv=1 << 20, warmup=1, quick=False)
+    args = benchmarks.argparse.Namespace(
+        lengths="", attention=None, longest_kv=1 << 20, longest_block=None, warmup=1, quick=False
+    )
     options = benchmarks.PARTS["kv"][1](args)
-    assert options["contexts"] == [] and options["longest"] == 1 << 20
+    assert options["contexts"] == [] and options["longest"] == 1 << 20 and options["longest_block"] == 64 * 1024
     ran = []
 
     def fake_bench(results, *opts):
         ran.append(opts)
-        record = dict(attention="star", ctx=1 << 20, kv_dtype="fp8", ttft_s=300.0, decode_tok_s=30.0,
-                      planned_peak_bytes_per_rank=[100 << 30], peak_mem_bytes_per_rank=[98 << 30])  # fmt: skip
+        block = int(next(o for o in opts if o.startswith("attention.params.block_size=")).split("=")[1])
+        record = dict(attention="star", ctx=1 << 20, kv_dtype="fp8", ttft_s=300.0, decode_tok_s=30.0, block_size=block,
+                      chunk=8192, kv_bytes_per_rank=[64 << 30], planned_peak_bytes_per_rank=[100 << 30],
+                      peak_mem_bytes_per_rank=[98 << 30])  # fmt: skip
         with open(results, "a") as f:
             f.write(json.dumps(record) + "\n")
         return "python runner.py " + " ".join(opts)
@@ -79,15 +83,19 @@ def test_the_kv_runs_alone_at_the_longest_context_publish_one_table_per_gpu_mode
     monkeypatch.setattr(kv, "_bench", fake_bench)
     monkeypatch.setattr(common, "device_name", lambda: "NVIDIA H200")
     tables = kv.bench_kv(common.Recorder(None), **options)
-    assert ran == [("attention=star", "kv.dtype=fp8", "ctx.length=1048576", "task.warmup=0")]
-    assert [t.figure for t in tables] == ["fp8-runs-h200"] and len(tables[0].rows) == 1
+    assert ran == [("attention=star", "kv.dtype=fp8", "ctx.length=1048576", "attention.params.block_size=65536",
+                    "task.warmup=0")]  # fmt: skip
+    assert [t.figure for t in tables] == ["longest-run-h200"] and len(tables[0].rows) == 1
+    row = dict(zip(tables[0].columns, tables[0].rows[0]))
+    assert (row["star block"], row["phase-1 chunk"], row["KV cache (GiB)"]) == (65536, 8192, 64)
+    assert row["planned / measured"] == pytest.approx(100 / 98)
     with pytest.raises(ValueError, match="--longest-kv"):
         kv.bench_kv(common.Recorder(None), [], ["star"], longest=None)
 
 
 def test_the_kv_sweep_sets_each_one_byte_cache_beside_bf16(monkeypatch):
-    """`kv --lengths N`: bf16, FP8 and int8 in one sweep; each one-byte row's decode and TTFT as a ratio of bf16's at
-    the same strategy and context."""
+    """`kv --lengths N --longest-kv L`: bf16, FP8 and int8 in one sweep; each one-byte row's decode and TTFT as a ratio
+    of bf16's at the same strategy and context; the long run in its own table, not among the sweep's rows."""
     import json
 
     from longctx.tools.bench import common, kv
@@ -97,18 +105,23 @@ def test_the_kv_sweep_sets_each_one_byte_cache_beside_bf16(monkeypatch):
 
     def fake_bench(results, *opts):
         ran.append(opts)
-        dtypes = next((o.split("=")[1].split(",") for o in opts if o.startswith("kv.dtype=")), ["auto"])
+        given = dict(o.split("=", 1) for o in opts)
+        dtypes = given.get("kv.dtype", "auto").split(",")
         with open(results, "a") as f:
             for d in dtypes:
-                record = dict(attention="star", ctx=1 << 17, kv_dtype=d, ttft_s=8.0, decode_tok_s=decode[d],
-                              planned_peak_bytes_per_rank=[30 << 30], peak_mem_bytes_per_rank=[30 << 30])  # fmt: skip
+                record = dict(attention="star", ctx=int(given["ctx.length"]), kv_dtype=d, ttft_s=8.0,
+                              decode_tok_s=decode[d], planned_peak_bytes_per_rank=[30 << 30],
+                              peak_mem_bytes_per_rank=[30 << 30], chunk=None, kv_bytes_per_rank=[8 << 30])  # fmt: skip
+                if "attention.params.block_size" in given:
+                    record["block_size"] = int(given["attention.params.block_size"])
                 f.write(json.dumps(record) + "\n")
         return "python runner.py " + " ".join(opts)
 
     monkeypatch.setattr(kv, "_bench", fake_bench)
     monkeypatch.setattr(common, "device_name", lambda: "NVIDIA H100 80GB HBM3")
-    runs = kv.bench_kv(common.Recorder(None), [1 << 17], ["star"])[0]
+    runs, _, longest = kv.bench_kv(common.Recorder(None), [1 << 17], ["star"], longest=1 << 18)
     assert "kv.dtype=auto,fp8,int8" in ran[0]
+    assert {row[1] for row in runs.rows} == {1 << 17} and [row[1] for row in longest.rows] == [1 << 18]
     by_kv = {row[2]: row for row in runs.rows if row[3] == "default"}
     ratio = runs.columns.index("vs bf16 decode")
     assert by_kv["fp8"][ratio] == 90.0 / 80.0 and by_kv["int8"][ratio] == 100.0 / 80.0

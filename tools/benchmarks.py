@@ -13,7 +13,7 @@
     python tools/benchmarks.py memory --longest 294912   # the memory plan against the measured peak (runner.py)
     python tools/benchmarks.py memory --models smollm2,gemma3_270m --lengths 8192 --nproc 1   # the same on CPU
     python tools/benchmarks.py kv --lengths 32768,131072 --longest-kv 1048576   # bf16 vs FP8 and int8 KV, chunked vs one pass
-    python tools/benchmarks.py kv --lengths "" --longest-kv 1048576   # the 1M star FP8 run alone (an H200)
+    python tools/benchmarks.py kv --lengths "" --longest-kv 1048576   # the 1M star FP8 run alone (an H200), 64K blocks
     python tools/benchmarks.py kv-fits fp8-lean       # the longest context that fits; Lean decode bf16 vs FP8, int8
     python tools/benchmarks.py fp8-scales             # FP8 round-trip error by scale granularity (CPU, SmolLM2)
 
@@ -78,6 +78,7 @@ PARTS = {
             contexts=_ints(a.lengths) if a.lengths is not None else [32 * K, 128 * K],
             strategies=_names(a.attention or "global,star"),
             longest=a.longest_kv,
+            longest_block=a.longest_block or kv.LONGEST_BLOCK,
             warmup=a.warmup,
             quick=a.quick,
         ),
@@ -125,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         "--lengths", help="memory, kv, fp8-lean: comma-separated contexts in tokens instead of their defaults"
     )
     parser.add_argument("--longest-kv", type=int, help="kv: star with FP8 KV at this context too (1M on an H200)")
+    parser.add_argument("--longest-block", type=int, help="kv: star's block at --longest-kv (default 65536)")
     parser.add_argument(
         "--models", default="llama3", help="memory: comma-separated model presets; tp, hosts: the first"
     )
