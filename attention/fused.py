@@ -16,13 +16,12 @@ Which kernel runs the pieces is data: FUSED_KERNELS, by GPU capability (BENCHMAR
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cache
 from typing import Callable
 
 import torch
 from torch import Tensor
 
-from longctx.attention.merge import merge_partials
+from longctx.attention.merge import merge_pair
 from longctx.attention.settings import Setting
 
 # Most kernel calls a mask may take before FlexAttention (one call, any mask) is the better choice.
@@ -217,7 +216,7 @@ def fused_attend(q: Tensor, k: Tensor, v: Tensor, pieces: list[Piece], kernel: K
             for a, b, seen in _segments(written, *piece.rows):
                 rows, part = slice(a, b), slice(a - first, b - first)
                 if seen:
-                    out[:, :, rows], lse[:, :, rows] = _merge_pair(
+                    out[:, :, rows], lse[:, :, rows] = merge_pair(
                         out[:, :, rows], lse[:, :, rows], o[:, :, part], l[:, :, part]
                     )
                 else:
@@ -236,21 +235,6 @@ def _segments(written: list[tuple[int, int]], a: int, b: int) -> list[tuple[int,
     """[a, b) cut at the bounds of the `written` ranges: (start, end, whether a written range holds it)."""
     cuts = sorted({a, b} | {x for r in written for x in r if a < x < b})
     return [(s, e, any(ws <= s and e <= we for ws, we in written)) for s, e in zip(cuts[:-1], cuts[1:])]
-
-
-def _merge_two(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
-    out, lse = merge_partials(torch.stack([out_a, out_b]), torch.stack([lse_a, lse_b]))
-    return out.to(out_a.dtype), lse
-
-
-@cache
-def _compiled_merge_two() -> Callable:
-    return torch.compile(_merge_two, dynamic=True)  # one fused kernel, the stacks never materialized
-
-
-def _merge_pair(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
-    """Two partials merged (`merge_partials`), in out_a's dtype; compiled on CUDA."""
-    return (_compiled_merge_two() if out_a.is_cuda else _merge_two)(out_a, lse_a, out_b, lse_b)
 
 
 def _run(q: Tensor, k: Tensor, v: Tensor, piece: Piece, kernel: Kernel) -> tuple[Tensor, Tensor]:

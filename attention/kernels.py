@@ -24,7 +24,7 @@ from longctx.attention import fused, lean
 from longctx.attention.dense import cpu_flash_attend, cpu_flash_available, dense_attend
 from longctx.attention.fusion import fused_on_cuda
 from longctx.attention.mask import PositionMask
-from longctx.attention.merge import merge_into
+from longctx.attention.merge import merge_into, merge_pair
 from longctx.attention.quant import dequantize
 from longctx.attention.settings import Setting
 
@@ -164,8 +164,12 @@ def _attend_stored(q: Tensor, k: Tensor, v: Tensor, scales: tuple[Tensor, Tensor
         k_part, v_part = (_dequantize(x[:, :, keys], s[:, :, keys], q.dtype) for x, s in zip((k, v), scales))
         o, l = attend(q, k_part, v_part, mask.keys(start, end), return_lse=True)
         del k_part, v_part
-        if out is None:  # (one piece: its own result; more: merged in fp32)
-            out, lse = (o, l.float()) if len(ranges) == 1 else (o.float(), l.float())
+        # one piece is its own result; more merge: on CUDA in q's dtype, one fused pass each (as `fused` merges its
+        # pieces); elsewhere into fp32, a chunk of rows at a time
+        if out is None:
+            out, lse = (o.float() if len(ranges) > 1 and not q.is_cuda else o), l.float()
+        elif q.is_cuda:
+            out, lse = merge_pair(out, lse, o, l)
         else:
             merge_into(out, lse, o, l)
     return out.to(q.dtype), lse

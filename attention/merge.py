@@ -10,6 +10,9 @@ Ring steps, star phase 2, split-KV decode and multi-rank decode all call `merge_
 
 from __future__ import annotations
 
+from functools import cache
+from typing import Callable
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -26,6 +29,21 @@ def merge_partials(outs: Tensor, lses: Tensor) -> tuple[Tensor, Tensor]:
         -1
     )
     return out, top + torch.log(total)
+
+
+def merge_pair(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
+    """Two partials merged (`merge_partials`), in out_a's dtype: on CUDA one compiled pass, the stacks never made."""
+    return (_compiled_merge_two() if out_a.is_cuda else _merge_two)(out_a, lse_a, out_b, lse_b)
+
+
+def _merge_two(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
+    out, lse = merge_partials(torch.stack([out_a, out_b]), torch.stack([lse_a, lse_b]))
+    return out.to(out_a.dtype), lse
+
+
+@cache
+def _compiled_merge_two() -> Callable:
+    return torch.compile(_merge_two, dynamic=True)
 
 
 MERGE_CHUNK_ELEMENTS = 1 << 25
