@@ -413,13 +413,13 @@ RANK_COUNTS = (2, 4, 8, 16, 32, 64, 128)
 
 
 def _largest_chunk(cfg, avail: int, n_ctx: int) -> int | None:
-    """The largest of CHUNKS below the configured chunk that fits in `avail`, if any."""
+    """The largest of CHUNKS below the configured chunk that fits in `avail` at a context of `n_ctx` tokens, if any."""
     from omegaconf import OmegaConf
 
     current = min(cfg.get("ctx", {}).get("chunk") or attention.strategy.AUTO_CHUNK, n_ctx)
     for chunk in (c for c in CHUNKS if c < current):
         try:
-            if plan_config(OmegaConf.merge(cfg, {"ctx": {"chunk": chunk}})).need <= avail:
+            if plan_config(OmegaConf.merge(cfg, {"ctx": {"chunk": chunk}}), n_ctx=n_ctx).need <= avail:
                 return chunk
         except ValueError:  # a layout that cannot be chunked (ring across ranks)
             return None
@@ -472,7 +472,10 @@ def fits_with(cfg, avail: int, shared: int | None = None, fp8_ok: bool = True) -
         if plan_config(wider, world=hosts * tp).need <= avail:
             fixes.append(f"parallel.nproc={hosts * tp} parallel.tp={tp}")
             break
-    lo, hi = 0, base.shape.n_ctx  # the longest context that fits: lo fits (or is 0), hi does not
+    # the longest context that fits (with an unset chunk, in the chunk `check_fits` would shrink it to): lo fits (or
+    # is 0), hi does not
+    unset = cfg.get("ctx", {}).get("chunk") is None
+    lo, hi = 0, base.shape.n_ctx
     while hi - lo > max(1, hi // 256):
         mid = (lo + hi) // 2
         try:
@@ -480,6 +483,7 @@ def fits_with(cfg, avail: int, shared: int | None = None, fp8_ok: bool = True) -
         except ValueError:  # too short to cut over the ranks: shorter ones cannot run either
             lo = hi = 0
             break
+        fits = fits or (unset and _largest_chunk(cfg, avail, mid) is not None)
         lo, hi = (mid, hi) if fits else (lo, mid)
     if lo >= 1024:
         fixes.append(f"ctx.length={lo // 1024 * 1024}")

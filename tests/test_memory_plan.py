@@ -209,8 +209,12 @@ def test_what_fits_is_what_the_plan_says_fits():
     ranks = next(f for f in fixes if f.startswith("parallel.nproc="))
     n = int(ranks.split("=")[1])
     assert memory.plan_config(cfg, world=n).need <= avail < memory.plan_config(cfg, world=n // 2).need
+    # the longest context, in the chunk an unset one shrinks to (`check_fits`); a little longer fits in none
     length = int(next(f for f in fixes if f.startswith("ctx.length=")).split("=")[1])
-    assert memory.plan_config(cfg, n_ctx=length).need <= avail < memory.plan_config(cfg, n_ctx=length + 16384).need
+    memory.check_fits(OmegaConf.merge(cfg, {"ctx": {"length": length}}), torch.device("cuda"))
+    smallest = OmegaConf.merge(cfg, {"ctx": {"chunk": memory.CHUNKS[-1]}})
+    assert memory.plan_config(smallest, n_ctx=length + 16384).need > avail
+    assert memory.plan_config(cfg, n_ctx=length).need > avail  # (the default chunk alone would name less)
     assert "dtype=bf16" not in fixes  # already bf16
     with pytest.raises(memory.DoesNotFit, match=r"needs \d+\.\d GiB per rank .* fits with .*parallel\.nproc=\d+ "):
         memory.check_fits(cfg, torch.device("cuda"))
