@@ -39,8 +39,8 @@ FLEX_MAX_STEP = 2048
 # Slots of a one-byte cache dequantized at once where the Lean kernel does not read it: the transient is this many
 # slots' keys and values at full width.
 DEQUANT_SLOTS = 1 << 16
-# A piece dequantized in one kernel on CUDA: eagerly it is an fp32 copy of the piece, scaled into a second one, then
-# narrowed, five times the bytes of one pass over a long phase 1's every piece
+# On CUDA a piece is dequantized by one compiled kernel: eagerly it became an fp32 copy, a scaled fp32 copy and only
+# then the queries' dtype, several times the bytes of one pass (BENCHMARKS.md, figure `fp8-runs`: FP8 TTFT)
 _dequantize = fused_on_cuda(dequantize)
 
 
