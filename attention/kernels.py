@@ -159,17 +159,22 @@ def _attend_stored(q: Tensor, k: Tensor, v: Tensor, scales: tuple[Tensor, Tensor
     if not ranges:  # no slot holds a token
         return q.new_zeros(q.shape), torch.full(q.shape[:3], float("-inf"), device=q.device)
     out = lse = None
+    in_fp32 = _merges_in_fp32(q)
     for start, end in ranges:
         keys = slice(start, end)
         k_part, v_part = (_dequantize(x[:, :, keys], s[:, :, keys], q.dtype) for x, s in zip((k, v), scales))
         o, l = attend(q, k_part, v_part, mask.keys(start, end), return_lse=True)
         del k_part, v_part
-        # one piece is its own result; more merge: on CUDA in q's dtype, one fused pass each (as `fused` merges its
-        # pieces); elsewhere into fp32, a chunk of rows at a time
-        if out is None:
-            out, lse = (o.float() if len(ranges) > 1 and not q.is_cuda else o), l.float()
-        elif q.is_cuda:
-            out, lse = merge_pair(out, lse, o, l)
-        else:
+        if out is None:  # one piece is its own result; more merge
+            out, lse = (o.float() if len(ranges) > 1 and in_fp32 else o), l.float()
+        elif in_fp32:
             merge_into(out, lse, o, l)
+        else:
+            out, lse = merge_pair(out, lse, o, l)
     return out.to(q.dtype), lse
+
+
+def _merges_in_fp32(q: Tensor) -> bool:
+    """Whether `_attend_stored` merges its pieces into fp32, a chunk of rows at a time (off CUDA), or in q's dtype,
+    one fused pass each, as `fused` merges its own pieces (on CUDA)."""
+    return not q.is_cuda

@@ -94,11 +94,13 @@ def _filled_cache(slots: int, n: int, dtype, summarize=None, seed: int = 0):
 
 
 @pytest.mark.parametrize("queries", [1, 3, 24])  # decode, a short query (dense path), a long one (fused CPU kernel)
-@pytest.mark.parametrize("pieces", [None, 16])  # the whole cache at once, or 16 slots at a time merged
+# the whole cache at once, or 16 slots at a time merged: into fp32 (off CUDA) or in q's dtype (CUDA's way)
+@pytest.mark.parametrize("pieces,fp32", [(None, True), (16, True), (16, False)])
 @pytest.mark.parametrize("dtype", FORMATS)
-def test_one_byte_cache_reads_equal_float64_attention_over_the_stored_keys(queries, pieces, dtype, monkeypatch):
+def test_one_byte_cache_reads_equal_float64_attention_over_the_stored_keys(queries, pieces, fp32, dtype, monkeypatch):
     if pieces:
         monkeypatch.setattr(kernels, "DEQUANT_SLOTS", pieces)
+    monkeypatch.setattr(kernels, "_merges_in_fp32", lambda q: fp32)
     cache, pos, k, v = _filled_cache(120, 90, dtype)
     layer = cache.layers[0]
     q = torch.randn(1, 4, queries, 16, generator=torch.Generator().manual_seed(1))
