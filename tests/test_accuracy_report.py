@@ -56,3 +56,17 @@ def test_the_report_plots_every_strategy_and_sets_one_byte_caches_beside_full_wi
         f"| smollm2 | 4K | global | fp8 | {n}/{n} | 100.0 | {100 * (n - 2) / n:.1f} | 2.0 | {(n - 2) / n:.0%} |"
         in table
     )
+
+
+def test_status_paces_a_cell_by_its_median_sample(tmp_path, monkeypatch):
+    """One sample slowed by other work on the machine does not set the estimate of what is left."""
+    monkeypatch.setattr(accuracy, "RESULTS", tmp_path)
+    cell = accuracy.Cell("smollm2", 4096, "global", 1)
+    cell.path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [
+        {**_row(t, 0, 1.0), "ttft_s": 30.0, "seconds": 40.0 if i else 900.0} for i, t in enumerate(accuracy.TASKS[:5])
+    ]
+    cell.path.write_text("\n".join(json.dumps(r) for r in [{HEADER: {}}, *rows]) + "\n")
+    line = accuracy.status([cell]).splitlines()[0]
+    left = (len(accuracy.TASKS) - 5) * 40.0 / 3600
+    assert "5/13" in line and "40.0 s/sample" in line and f"{left:5.1f} h to go" in line

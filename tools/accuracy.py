@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import subprocess
 import sys
 import time
@@ -135,11 +136,12 @@ def run_cell(cell: Cell) -> int:
 
 
 def status(cells: list[Cell]) -> str:
-    """Each cell's progress, its seconds a sample, and the time its remaining samples will take at that pace."""
+    """Each cell's progress, its seconds a sample (the median: samples timed while other work shared the CPU do not
+    set the pace), and the time its remaining samples will take at that pace."""
     lines, left = [], 0.0
     for c in cells:
         rows = _rows(c)
-        secs = sum(r.get("seconds", r["ttft_s"]) for r in rows) / len(rows) if rows else float("nan")
+        secs = statistics.median(r.get("seconds", r["ttft_s"]) for r in rows) if rows else float("nan")
         rest = (c.samples - len(rows)) * secs
         left += 0 if math.isnan(rest) else rest
         lines.append(
