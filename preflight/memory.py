@@ -237,11 +237,12 @@ def _layer_peak(
     if one_byte and not (device == "cuda" and T < FLEX_MIN_QUERIES):
         piece = min(S, DEQUANT_SLOTS)
         extra += 2 * piece * Hkv * D * b  # a piece's keys and values at full width
-        if S > piece and device == "cuda":  # the pieces' partials merged in q's dtype: the output so far and the
-            extra += 2 * T * Hq * (D * b + 4)  # merged one, with their lse
-        elif S > piece:  # the pieces' partials merged into fp32, a chunk of rows at a time
-            extra += T * Hq * (D + 1) * 4
-            merging = max(merging, 6 * min(T * Hq * D, MERGE_CHUNK_ELEMENTS) * 4)
+        if S > piece:  # the pieces' partials merged: on CUDA in q's dtype (the output so far and the merged one,
+            if device == "cuda":  # with their lse), elsewhere into fp32, a chunk of rows at a time
+                extra += 2 * T * Hq * (D * b + 4)
+            else:
+                extra += T * Hq * (D + 1) * 4
+                merging = max(merging, 6 * min(T * Hq * D, MERGE_CHUNK_ELEMENTS) * 4)
         S = piece
     row = T * b
     eager = device != "cuda"  # on CUDA the elementwise chains are fused kernels without temporaries
