@@ -8,8 +8,8 @@ fused kernel that returns the log-sum-exp and combines the partials with the one
 one size side by side (star's blocks, ring's two zig-zag chunks) run as one batched call; full pieces over the
 same keys for adjacent query runs run as one.
 
-Sliding windows that cut, layouts of more than MAX_CALLS pieces and masks of several pieces over fewer than
-FUSED_MIN_MERGED_QUERIES queries stay on FlexAttention (`split` gives None).
+Sliding windows that cut, layouts of more than MAX_CALLS pieces and masks of several pieces whose queries see fewer
+than FUSED_MIN_KEYS_PER_QUERY keys on average stay on FlexAttention (`split` gives None).
 Which kernel runs the pieces is data: FUSED_KERNELS, by GPU capability (BENCHMARKS.md, figure `prefill`).
 """
 
@@ -32,9 +32,11 @@ MAX_CALLS = 16
 # needs K/V repeated to every query head and was slowest). Unmeasured GPUs keep Flex. A measurement that compares
 # kernels changes it for a scope: `with FUSED_KERNELS.scoped({}): ...` runs everything on Flex.
 FUSED_KERNELS: Setting[dict[tuple[int, int], str]] = Setting("fused_kernels", {(9, 0): "cudnn"})
-# Masks of several pieces run fused from this many queries; below, merging costs more than the kernels gain (figure
-# `prefill`: star's 4 blocks at 8K tokens ran slower than on Flex, at 32K faster).
-FUSED_MIN_MERGED_QUERIES: Setting[int] = Setting("fused_min_merged_queries", 16384)
+# Masks of several pieces run fused where a query sees this many keys on average: merging costs per query, the kernels
+# per (query, key) pair, so a mask of few keys per query merges more than the kernels gain (figure `prefill`: star's 4
+# blocks, about 5/16 of the context per query, ran slower than on Flex at 8K tokens and faster at 32K; a phase-1
+# chunk of a long context sees far more keys than it has queries).
+FUSED_MIN_KEYS_PER_QUERY: Setting[int] = Setting("fused_min_keys_per_query", 5120)
 # Longer causal runs are cut into equal squares (batched) and the full pieces between them: cuDNN's causal kernel
 # slows past 64K tokens, where full attention does not (figure `prefill`).
 MAX_CAUSAL_SQUARE = 65536
@@ -112,9 +114,18 @@ def split(q_pos: Tensor, kv_pos: Tensor, window: int | None, block: int | None, 
             elif kp == qp:  # identical positions (the cuts make overlapping runs identical)
                 causal.append((qa, qb, ka, kb))
     pieces = _merge_full(full) + _batch_causal(causal)
-    if len(pieces) > MAX_CALLS or (len(pieces) > 1 and q_pos.numel() < FUSED_MIN_MERGED_QUERIES.get()):
+    if len(pieces) > MAX_CALLS or (len(pieces) > 1 and _pairs(pieces) < FUSED_MIN_KEYS_PER_QUERY.get() * len(q_pos)):
         return None
     return pieces
+
+
+def _pairs(pieces: list[Piece]) -> int:
+    """The (query, key) pairs the pieces attend."""
+    total = 0
+    for p in pieces:
+        rows = p.rows[1] - p.rows[0]
+        total += rows * (rows // p.count + 1) // 2 if p.causal else rows * (p.keys[1] - p.keys[0])
+    return total
 
 
 def _merge_full(full: list[tuple[tuple[int, int], tuple[int, int]]]) -> list[Piece]:

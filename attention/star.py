@@ -184,24 +184,44 @@ class StarAttention(AttentionStrategy):
         return {"block_size": self.block_size, "anchor_size": self.anchor_size, "anchor_mode": self.anchor_mode}
 
     def context_passes(self, n_ctx: int) -> list[Tensor | None]:
-        """Chunks of this rank's tokens, as many passes on every rank: in broadcast mode the first rank sends the
-        anchor in every pass, so its first pass holds the whole anchor. Recomputing ranks feed the anchor in front of
-        their tokens and keep none of it, so they take one pass."""
-        if self.world == 1 or self.anchor_mode == "recompute":
-            if self.recomputes_anchor and self.pass_tokens(n_ctx) < self.fed_tokens(n_ctx):
-                raise ValueError(
-                    "star with attention.params.anchor_mode=recompute feeds each rank's blocks in one pass; use "
-                    "anchor_mode=broadcast to feed them in chunks (ctx.chunk)"
-                )
-            return super().context_passes(n_ctx)
+        """Chunks of this rank's tokens that never cut across a block (`_chunks`), as many passes on every rank: in
+        broadcast mode the first rank sends the anchor in every pass, so its first pass holds the whole anchor.
+        Recomputing ranks feed the anchor in front of their tokens and keep none of it, so they take one pass."""
+        if self.recomputes_anchor and self.pass_tokens(n_ctx) < self.fed_tokens(n_ctx):
+            raise ValueError(
+                "star with attention.params.anchor_mode=recompute feeds each rank's blocks in one pass; use "
+                "anchor_mode=broadcast to feed them in chunks (ctx.chunk)"
+            )
         mine = self._chunks(n_ctx)
+        if self.world == 1 or self.anchor_mode == "recompute":
+            return mine
         passes = max(len(self.at(r, self.world)._chunks(n_ctx)) for r in range(self.world))
         return mine + [None] * (passes - len(mine))
 
     def _chunks(self, n_ctx: int) -> list[Tensor]:
+        """Each block in equal parts of at most the pass's tokens, and whole blocks that fit together in one pass: a
+        pass's queries then see the anchor and their own block as a few long pieces of one shape, where a chunk across
+        a block's end would add short pieces and merges (attention.fused.split)."""
         idx, size = self.context_indices(n_ctx), self.pass_tokens(n_ctx)
-        first = max(size, min(self.anchor_size, len(idx))) if self.rank == 0 else size
-        return [idx[:first]] + [idx[i : i + size] for i in range(first, len(idx), size)]
+        blocks = torch.unique_consecutive(idx // self.block_size, return_counts=True)[1].tolist()
+        sends_anchor = self.rank == 0 and self.world > 1 and self.anchor_mode == "broadcast"
+        parts: list[int] = []
+        for i, block in enumerate(blocks):
+            head = min(self.anchor_size, block) if sends_anchor and i == 0 else 0
+            n = -(-block // size)
+            if head > block // n:  # the anchor whole in the first part, the rest after it
+                n = -(-(block - head) // size)
+                parts += [head] + [(block - head) // n + (j < (block - head) % n) for j in range(n)]
+            else:
+                parts += [block // n + (j < block % n) for j in range(n)]
+        passes: list[int] = []
+        for part in parts:
+            if passes and passes[-1] + part <= size:
+                passes[-1] += part
+            else:
+                passes.append(part)
+        ends = torch.tensor(passes).cumsum(0).tolist()
+        return [idx[end - n : end] for n, end in zip(passes, ends)]
 
     def pass_tokens(self, n_ctx: int) -> int:
         """The chunk; on the first rank in broadcast mode at least the anchor (its first pass sends it whole)."""

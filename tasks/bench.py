@@ -134,6 +134,7 @@ def task_bench(c: Context) -> dict:
         "decode": c.model.attention.decode.options(),
         "kv_dtype": c.cfg.kv.dtype,
         "chunk": c.cfg.ctx.get("chunk"),
+        "phase1_passes": len(c.model.attention.context_passes(n_ctx)),
         "kv_bytes_per_rank": gather(c.model.cache.kv_bytes(), c.world),
     }
     if c.lead:

@@ -136,6 +136,39 @@ def test_bad_parameters_are_clear_errors():
         star.context_indices(40)
 
 
+
+@pytest.mark.parametrize(
+    "n_ctx,world,block,anchor,chunk,mode",
+    [
+        (32704, 1, 8176, 8176, 8192, "broadcast"),  # a chunk a little longer than a block: one block per pass
+        (32704, 1, 8176, 8176, 4096, "broadcast"),  # shorter: each block in equal halves
+        (1000, 1, 256, 256, 600, "broadcast"),  # two whole blocks per pass
+        (1000, 3, 256, 256, 100, "broadcast"),  # the first rank sends the anchor whole in its first pass
+        (1000, 3, 256, 200, 150, "broadcast"),
+        (1000, 2, 256, 100, 600, "recompute"),  # the anchor in front of a rank's own blocks, in one pass
+        (999, 1, 250, 100, 7, "recompute"),
+    ],
+)
+def test_star_passes_never_cut_across_a_block(n_ctx, world, block, anchor, chunk, mode):
+    counts = set()
+    for rank in range(world):
+        star = attention.build("star", block_size=block, anchor_size=anchor, anchor_mode=mode).at(rank, world)
+        star.chunk = chunk
+        passes = star.context_passes(n_ctx)
+        fed = [p for p in passes if p is not None]
+        assert torch.equal(torch.cat(fed), star.context_indices(n_ctx))  # every token once, in order
+        assert all(len(p) <= star.pass_tokens(n_ctx) for p in fed)
+        for p in fed:  # within one block, or whole blocks of the rank's tokens
+            blocks = (p // block).unique()
+            whole = [int((star.context_indices(n_ctx) // block == b).sum()) for b in blocks]
+            assert len(blocks) == 1 or int((p // block == blocks[0]).sum()) + sum(whole[1:]) == len(p) == sum(whole)
+        if rank == 0 and world > 1 and mode == "broadcast":
+            assert len(passes[0]) >= anchor
+        if mode == "broadcast":
+            counts.add(len(passes))
+    assert len(counts) <= 1  # as many passes on every rank, in broadcast mode
+
+
 # --- several ranks (gloo)
 
 

@@ -17,7 +17,7 @@ ar = torch.arange
 @pytest.fixture(autouse=True)
 def merge_small_masks():
     """The layouts here are small: let masks of several pieces take the fused path at any length."""
-    with fused.FUSED_MIN_MERGED_QUERIES.scoped(0):
+    with fused.FUSED_MIN_KEYS_PER_QUERY.scoped(0):
         yield
 
 
@@ -109,7 +109,7 @@ def test_masks_that_are_not_a_few_pieces_stay_on_flex():
     assert split(ar(20000), ar(20000), None, 64, 64) is None  # too many blocks
     assert fused_kernel(torch.zeros(1, 1, 128, 64, dtype=torch.bfloat16), torch.zeros(1, 1, 128, 64)) is None  # CPU
     (mask,) = _star_masks(999, 1, 256, "broadcast")
-    with fused.FUSED_MIN_MERGED_QUERIES.scoped(1000):
+    with fused.FUSED_MIN_KEYS_PER_QUERY.scoped(1000):
         assert split(mask.q_pos, mask.kv_pos, None, 256, 256) is None  # short: merging would cost more than it gains
     assert split(ar(999), ar(999), None, None, 0) == [Piece((0, 999), (0, 999), True)]  # one piece: no merge
 

@@ -65,7 +65,7 @@ def kernel_cases() -> list[tuple[str, PositionMask, int, int]]:
 def check_kernels() -> bool:
     from longctx.attention import fused
 
-    with fused.FUSED_MIN_MERGED_QUERIES.scoped(0):  # these masks are short: merged pieces at any length
+    with fused.FUSED_MIN_KEYS_PER_QUERY.scoped(0):  # these masks are short: merged pieces at any length
         ok = True
         g = torch.Generator(device="cuda").manual_seed(0)
         for dtype in (torch.bfloat16, torch.float32):
@@ -106,7 +106,7 @@ def check_fused_model() -> bool:
     against the same models on FlexAttention alone, relative to the logits' scale."""
     from longctx.attention import fused
 
-    with fused.FUSED_MIN_MERGED_QUERIES.scoped(0):  # merged pieces at any length
+    with fused.FUSED_MIN_KEYS_PER_QUERY.scoped(0):  # merged pieces at any length
         tokens = torch.randint(0, 1000, (1, 1500))
         args = _llama_like(head_dim=64, max_seq_len=4096)
         ok = True

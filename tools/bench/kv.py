@@ -42,7 +42,7 @@ def bench_kv(
     longest_block: int = LONGEST_BLOCK,
 ) -> list[Table]:
     """The strategies, bf16 against FP8 and int8 KV, at each context; chunked phase 1 against one pass at the longest
-    context (and chunks of 8K at the shortest, where there are two); star with FP8 KV at `longest` (blocks of
+    context (and chunks of 8K and 4K at the shortest, where there are two); star with FP8 KV at `longest` (blocks of
     `longest_block` tokens), in a table of its own. Each sweep runs in one process; every timed run follows `warmup`
     untimed ones (0: a 4K run first, so that compiles are not timed; the longest run has none: its compiles are
     seconds of minutes). No contexts: the run at `longest` alone. Each GPU model keeps its own tables."""
@@ -58,7 +58,7 @@ def bench_kv(
             _bench(results, *each, f"ctx.length={contexts[-1]}", f"ctx.chunk={contexts[-1]}"),
         ]
     if len(contexts) > 1:
-        commands.append(_bench(results, *each, f"ctx.length={contexts[0]}", "ctx.chunk=8192"))
+        commands.append(_bench(results, *each, f"ctx.length={contexts[0]}", "ctx.chunk=8192,4096"))
     long_options = ("attention=star", "kv.dtype=fp8", f"ctx.length={longest}",
                     f"attention.params.block_size={longest_block}", "task.warmup=0")  # fmt: skip
     long_command = _bench(results, *long_options) if longest else None
@@ -111,11 +111,12 @@ def bench_kv(
     bf16 = [r for r in records if r["kv_dtype"] == "auto"]
     for r in bf16:
         one = next(
-            (o for o in bf16 if (o["attention"], o["ctx"]) == (r["attention"], r["ctx"]) and _passes(o) == 1), None
+            (o for o in bf16 if (o["attention"], o["ctx"]) == (r["attention"], r["ctx"]) and o["phase1_passes"] == 1),
+            None,
         )
-        chunk = r.get("chunk") or 64 * K
+        chunk, passes = r.get("chunk") or 64 * K, r["phase1_passes"]
         chunked.rows.append([
-            r["attention"], r["ctx"], f"{chunk} ({_passes(r)} pass{'es' * (_passes(r) != 1)})", r["ttft_s"],
+            r["attention"], r["ctx"], f"{chunk} ({passes} pass{'es' * (passes != 1)})", r["ttft_s"],
             r["ttft_s"] / one["ttft_s"] if one else float("nan"), r["peak_mem_bytes_per_rank"][0] / GiB,
         ])  # fmt: skip
     return [table for table in (runs, chunked, _longest_table(longest_runs, long_command)) if table.rows]
@@ -141,11 +142,6 @@ def _longest_table(records: list[dict], command: str | None) -> Table:
         "chunk the memory plan chose to fit, anchor of one block. Decode: 37 tokens after the first, at this context."
     )
     return table
-
-
-def _passes(r: dict) -> int:
-    """Phase-1 passes of a one-rank bench record (its context less the 64 query tokens)."""
-    return -(-(r["ctx"] - 64) // (r.get("chunk") or 64 * K))
 
 
 def bench_kv_fits(rec: Recorder, quick: bool = False) -> list[Table]:
