@@ -15,6 +15,7 @@ class Setting(Generic[T]):
     """A default, read with `get()`, that `scoped(value)` replaces until its `with` block ends."""
 
     def __init__(self, name: str, default: T):
+        self.default = default
         self._var: ContextVar[T] = ContextVar(name, default=default)
 
     def get(self) -> T:

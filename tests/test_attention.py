@@ -136,7 +136,6 @@ def test_bad_parameters_are_clear_errors():
         star.context_indices(40)
 
 
-
 @pytest.mark.parametrize(
     "n_ctx,world,block,anchor,chunk,mode",
     [

@@ -75,6 +75,7 @@ def test_pieces_cover_each_visible_pair_once(case):
         covered = _covered(pieces, mask.q_pos.numel(), mask.kv_pos.numel())
         assert covered.max() <= 1, "a pair in two pieces would count twice in the merge"
         assert torch.equal(covered.bool(), mask.dense())
+        assert fused._pairs(pieces) == int(mask.dense().sum())  # (what the keys-per-query rule counts)
 
 
 def test_squares_of_one_size_batch_into_one_call():
@@ -112,6 +113,21 @@ def test_masks_that_are_not_a_few_pieces_stay_on_flex():
     with fused.FUSED_MIN_KEYS_PER_QUERY.scoped(1000):
         assert split(mask.q_pos, mask.kv_pos, None, 256, 256) is None  # short: merging would cost more than it gains
     assert split(ar(999), ar(999), None, None, 0) == [Piece((0, 999), (0, 999), True)]  # one piece: no merge
+
+
+@pytest.mark.parametrize("block", [None, 65536])
+def test_a_phase1_chunk_of_a_long_context_stays_fused_where_a_short_context_does_not(block):
+    """The default rule: a chunk of a long context sees many keys per query (star: its anchor and the earlier part of
+    its block; global: everything before it), enough to pay for the merges; star's four blocks of 2K tokens do not
+    (figure `prefill`), while four of 4K do, as before the rule counted keys."""
+    with fused.FUSED_MIN_KEYS_PER_QUERY.scoped(fused.FUSED_MIN_KEYS_PER_QUERY.default):
+        q_pos = ar(3 * 65536 + 8192, 3 * 65536 + 12288)
+        kv_pos = torch.cat([ar(q_pos[-1] + 1), torch.full((4096,), -1)])  # the cache so far, empty slots after it
+        pieces = split(q_pos, kv_pos, None, block, 65536)
+        assert pieces is not None and len(pieces) == (2 if block is None else 3)
+        for side, merged in ((2048, False), (4096, True)):
+            star = _star_masks(4 * side, 1, side, "broadcast")[0]
+            assert (split(star.q_pos, star.kv_pos, None, side, side) is not None) == merged
 
 
 def _reference_kernel(q, k, v, causal):
