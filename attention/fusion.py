@@ -23,12 +23,13 @@ def fused_on_cuda(fn: Callable) -> Callable:
     """`fn` compiled by Inductor when its first argument is a CUDA tensor, eager otherwise.
 
     Not `fullgraph=True`: past dynamo's recompile limit (many shapes in one process) that fails hard, where this
-    falls back to eager; tests/test_models.py checks that each chain traces as one graph.
+    falls back to eager; tests/test_models.py checks that each chain traces as one graph. Compiled on first CUDA use:
+    `torch.compile` imports the compiler stack, seconds that a CPU run, or a run refused before it starts, never needs.
     """
-    compiled = torch.compile(fn)
+    compiled = functools.cache(lambda: torch.compile(fn))
 
     @functools.wraps(fn)
     def run(x: Tensor, *args):
-        return compiled(x, *args) if x.is_cuda and COMPILE_ELEMENTWISE.get() else fn(x, *args)
+        return compiled()(x, *args) if x.is_cuda and COMPILE_ELEMENTWISE.get() else fn(x, *args)
 
     return run
