@@ -208,12 +208,8 @@ class StarAttention(AttentionStrategy):
         parts: list[int] = []
         for i, block in enumerate(blocks):
             head = min(self.anchor_size, block) if sends_anchor and i == 0 else 0
-            n = -(-block // size)
-            if head > block // n:  # the anchor whole in the first part, the rest after it
-                n = -(-(block - head) // size)
-                parts += [head] + [(block - head) // n + (j < (block - head) % n) for j in range(n)]
-            else:
-                parts += [block // n + (j < block % n) for j in range(n)]
+            even = _equal_parts(block, size)
+            parts += [head, *_equal_parts(block - head, size)] if head > even[0] else even  # the anchor whole first
         passes: list[int] = []
         for part in parts:
             if passes and passes[-1] + part <= size:
@@ -301,3 +297,9 @@ class StarAttention(AttentionStrategy):
         anchor = torch.empty(B, H, self.anchor_size, 2 * D, dtype=k.dtype, device=k.device)
         dist.broadcast(anchor, self._source(), self.group)
         return torch.cat([anchor[..., :D], k], 2), torch.cat([anchor[..., D:], v], 2)
+
+
+def _equal_parts(length: int, size: int) -> list[int]:
+    """`length` tokens in as few parts of at most `size` as can hold them, their lengths differing by one at most."""
+    n = -(-length // size)
+    return [length // n + (j < length % n) for j in range(n)]

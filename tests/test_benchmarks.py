@@ -111,7 +111,8 @@ def test_the_kv_sweep_sets_each_one_byte_cache_beside_bf16(monkeypatch):
             for d in dtypes:
                 record = dict(attention="star", ctx=int(given["ctx.length"]), kv_dtype=d, ttft_s=8.0,
                               decode_tok_s=decode[d], planned_peak_bytes_per_rank=[30 << 30],
-                              peak_mem_bytes_per_rank=[30 << 30], chunk=None, kv_bytes_per_rank=[8 << 30], phase1_passes=2)  # fmt: skip
+                              peak_mem_bytes_per_rank=[30 << 30], chunk=None, kv_bytes_per_rank=[8 << 30],
+                              phase1_passes=2)  # fmt: skip
                 if "attention.params.block_size" in given:
                     record["block_size"] = int(given["attention.params.block_size"])
                 f.write(json.dumps(record) + "\n")

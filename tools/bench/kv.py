@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from longctx.attention.strategy import AUTO_CHUNK
 from longctx.tools.bench.common import ROOT, K, Recorder, Table, graph_timed, per_gpu
 
 GiB = 2**30
@@ -114,7 +115,7 @@ def bench_kv(
             (o for o in bf16 if (o["attention"], o["ctx"]) == (r["attention"], r["ctx"]) and o["phase1_passes"] == 1),
             None,
         )
-        chunk, passes = r.get("chunk") or 64 * K, r["phase1_passes"]
+        chunk, passes = r.get("chunk") or AUTO_CHUNK, r["phase1_passes"]
         chunked.rows.append([
             r["attention"], r["ctx"], f"{chunk} ({passes} pass{'es' * (passes != 1)})", r["ttft_s"],
             r["ttft_s"] / one["ttft_s"] if one else float("nan"), r["peak_mem_bytes_per_rank"][0] / GiB,
