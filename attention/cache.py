@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from longctx.attention.fusion import fused_on_cuda
-from longctx.attention.quant import dequantize, is_quantized, pack, quantize
+from longctx.attention.quant import dequantize, is_quantized, pack, quantize, round_trip
 
 
 class BlockSummary(Protocol):
@@ -86,7 +86,7 @@ class LayerKV:
             write_kv(self.k, self.v, slots, k, v)
         else:
             write_kv_quantized(self.k, self.v, self.k_scale, self.v_scale, slots, k, v)
-        if self.summary is not None:  # of the keys as they will be read
+        if self.summary is not None:  # of the keys as they will be read (one byte: in the stored frame)
             stored = k if self.k_scale is None else dequantize(self.k[:, :, slots], self.k_scale[:, :, slots], k.dtype)
             self.summary.update(slots, stored, self.positions[slots])
         return self.k, self.v
@@ -100,7 +100,7 @@ class LayerKV:
         """k, v as this cache gives them back once written, in their own dtype."""
         if self.k_scale is None:
             return k.to(self.k.dtype).to(k.dtype), v.to(self.v.dtype).to(v.dtype)
-        return dequantize(*quantize(k, self.k.dtype), k.dtype), dequantize(*quantize(v, self.v.dtype), v.dtype)
+        return round_trip(k, self.k.dtype), round_trip(v, self.v.dtype)
 
 
 @dataclass

@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import importlib
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from functools import cache
 from typing import ClassVar
 
@@ -61,7 +61,7 @@ from longctx.attention.cache import LayerKV, Summarize
 from longctx.attention.decode import DecodeMethod
 from longctx.attention.mask import PositionMask
 from longctx.attention.merge import all_gather_merge
-from longctx.attention.quant import dequantize
+from longctx.attention.quant import dequantize, from_stored_frame, to_stored_frame
 from longctx.conf.schema import check_value, option
 
 
@@ -240,8 +240,27 @@ def hsr_attend(
     needed for the certificate to be at most `eps` for every query (module docstring). One KV head's selection
     serves all its query heads, as the kernel reads it. `stats` (float64 [3]) accumulates the blocks read, the
     blocks visible (per KV head, summed) and the largest certificate, in place. `scales`: those of k, v stored in
-    one byte (the PyTorch path reads them; the summaries are of the keys as stored)."""
+    one byte, read in their stored frame as the summaries are (attention/quant.py): the queries rotated to it, the
+    output back; scores, and so the selection and the certificate, are the same in either frame."""
     check_eps(eps)
+    if scales is None:
+        return _hsr_attend(q, k, v, mask, summary, eps, sink, recent, stats)
+    r = _hsr_attend(to_stored_frame(q), k, v, mask, summary, eps, sink, recent, stats, scales)
+    return replace(r, out=from_stored_frame(r.out))
+
+
+def _hsr_attend(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: PositionMask,
+    summary: KeySummary,
+    eps: float,
+    sink: int,
+    recent: int,
+    stats: Tensor | None,
+    scales: tuple[Tensor, Tensor] | None = None,
+) -> HSRResult:
     B, Hq, T, D = q.shape
     Hkv, nb = k.shape[1], summary.count.numel()
     low = _low(eps, nb)

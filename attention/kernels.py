@@ -25,7 +25,7 @@ from longctx.attention.dense import cpu_flash_attend, cpu_flash_available, dense
 from longctx.attention.fusion import fused_on_cuda
 from longctx.attention.mask import PositionMask
 from longctx.attention.merge import merge_into, merge_pair
-from longctx.attention.quant import dequantize
+from longctx.attention.quant import dequantize, from_stored_frame, to_stored_frame
 from longctx.attention.settings import Setting
 
 FLEX_MIN_QUERIES = 128
@@ -148,8 +148,15 @@ def attend(
 
 
 def _attend_stored(q: Tensor, k: Tensor, v: Tensor, scales: tuple[Tensor, Tensor], mask: PositionMask):
-    """`attend` over one-byte keys and values: on the Lean kernel, which scales in its loop, or DEQUANT_SLOTS slots at a
-    time dequantized and merged."""
+    """`attend` over one-byte keys and values, in the frame they are stored in (attention/quant.py): the queries
+    rotated to it, the output back."""
+    out, lse = _attend_codes(to_stored_frame(q), k, v, scales, mask)
+    return from_stored_frame(out), lse
+
+
+def _attend_codes(q: Tensor, k: Tensor, v: Tensor, scales: tuple[Tensor, Tensor], mask: PositionMask):
+    """Attention of rotated queries over the stored codes: on the Lean kernel, which scales in its loop, or
+    DEQUANT_SLOTS slots at a time dequantized and merged."""
     if q.is_cuda and not use_flex(q) and lean.supports(q, k, mask):  # decode and short queries
         try:
             return lean.lean_attend(q, k, v, mask, scales=scales)

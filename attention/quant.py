@@ -11,11 +11,21 @@ bits, an e4m3 one 4. Every reader therefore computes the same numbers whether it
 paths) or applies the scale to the scores and weights after its matrix products (the Lean kernel), and a shard sent
 in one byte reads back as it is stored.
 
-Why int8 beside e4m3: a key's largest channels decide its scores, and int8 keeps 7 bits for them where e4m3 keeps 4
-for every value; on real checkpoints int8 answers RULER as the full-width cache does far more often (ACCURACY.md).
+Why a rotation first: a key's few large channels decide its scores, and e4m3 keeps 4 bits of every value, so their
+rounding moved SmolLM2's answers (ACCURACY.md). Each token's key and value are stored rotated by one fixed orthogonal
+matrix per head size, a Walsh-Hadamard matrix with fixed signs on its rows (`rotation`): that spreads a large channel
+over all of them, so a score's error is the rounding of many values of like size, not of the few that dominate.
+Scores and weights are the same in either frame (q . k = qR . kR), so a reader that takes the stored codes as they are
+rotates the queries and rotates its output back (`to_stored_frame`, `from_stored_frame`), and the softmax between
+them, with its log-sum-exp, is untouched. The stored rows are x @ S for a matrix S of +-1 entries (S S^T = n I); the
+readers' matrices are S / n and S^T / n, exact in every float dtype (n a power of two), so no rounding of the matrix
+skews the frames apart. int8 keeps 7 bits for the largest values where e4m3 keeps 4; the rotation narrows that gap
+and lowers int8's error as well (BENCHMARKS.md, figure `fp8-scales`).
 """
 
 from __future__ import annotations
+
+from functools import cache
 
 import torch
 from torch import Tensor
@@ -34,12 +44,18 @@ def is_quantized(dtype: torch.dtype | None) -> bool:
 
 
 def quantize(x: Tensor, dtype: torch.dtype = FP8) -> tuple[Tensor, Tensor]:
+    """x [..., D] as stored: the codes of `dtype` of x rotated (module docstring) and the exponents [...] (int8) of
+    their scales, x @ S ≈ q * 2^e[..., None]."""
+    return encode(_hadamard(x.float()), dtype)
+
+
+def encode(x: Tensor, dtype: torch.dtype = FP8) -> tuple[Tensor, Tensor]:
     """x [..., D] as codes of `dtype` and the exponents [...] (int8) of their scales: x ≈ q * 2^e[..., None]."""
     top = CODE_MAX[dtype]
     xf = x.float()
     amax = xf.abs().amax(-1)
     # the least e with amax / 2^e <= top: amax / top = m * 2^f with m in [0.5, 1) gives f, or f - 1 where m is 0.5
-    # (so that values read back from the cache quantize to the same codes)
+    # (so that values read back from the cache encode to the same codes)
     m, f = torch.frexp(amax / top)
     exponent = torch.where(amax > 0, f - (m == 0.5).to(f.dtype), 0).clamp(-127, 127)
     scaled = (xf / torch.exp2(exponent.float()).unsqueeze(-1)).clamp(-top, top)
@@ -47,13 +63,81 @@ def quantize(x: Tensor, dtype: torch.dtype = FP8) -> tuple[Tensor, Tensor]:
 
 
 def dequantize(q: Tensor, exponent: Tensor, dtype: torch.dtype) -> Tensor:
-    """The values q [..., D] stand for, in `dtype`."""
+    """The values q [..., D] stand for, in `dtype`, in the stored (rotated) frame: what the kernels read."""
     return (q.float() * torch.exp2(exponent.float()).unsqueeze(-1)).to(dtype)
 
 
 def round_trip(x: Tensor, dtype: torch.dtype = FP8) -> Tensor:
-    """x as a cache of `dtype` gives it back, in x's dtype."""
-    return dequantize(*quantize(x, dtype), x.dtype)
+    """x as a cache of `dtype` gives it back, in x's dtype and frame."""
+    return from_stored_frame(dequantize(*quantize(x, dtype), torch.float32)).to(x.dtype)
+
+
+def to_stored_frame(q: Tensor) -> Tensor:
+    """Queries [..., D] rotated as the stored keys are, in q's dtype: their scores against the stored keys are those
+    of q against the keys."""
+    return q @ _signs(q.shape[-1], q.device, q.dtype, 1)
+
+
+def from_stored_frame(out: Tensor) -> Tensor:
+    """An output [..., D] of weights over stored values, rotated back: the output over the values."""
+    return out @ _signs(out.shape[-1], out.device, out.dtype, -1)
+
+
+def rotation(head_dim: int, device: torch.device | str | None = None) -> Tensor:
+    """The orthogonal matrix R [D, D] (fp32) that keys and values are rotated by before they are stored (x @ R):
+    block diagonal, one Walsh-Hadamard block for the largest power of two n dividing D (all of D for every head
+    size of the families here), its rows' signs fixed, over sqrt(n)."""
+    n = head_dim & -head_dim
+    return _build_signs(head_dim, torch.device(device or "cpu"), torch.float32, 0) / n**0.5
+
+
+def _signs(head_dim: int, device: torch.device, dtype: torch.dtype, side: int = 0) -> Tensor:
+    """S [D, D] of +-1 entries (block diagonal, blocks of n, S S^T = n I); `side` 1: S / n, -1: S^T / n (the
+    readers', one matrix product each). Made once per (D, device, dtype, side), as a few device operations, so that a
+    captured CUDA graph finds it made; a compiled caller builds it in its graph instead."""
+    if torch.compiler.is_compiling():
+        return _build_signs(head_dim, device, dtype, side)
+    return _cached_signs(head_dim, device, dtype, side)
+
+
+@cache
+def _cached_signs(head_dim: int, device: torch.device, dtype: torch.dtype, side: int) -> Tensor:
+    return _build_signs(head_dim, device, dtype, side)
+
+
+def _row_signs(head_dim: int, device: torch.device) -> Tensor:
+    """+-1 per row of S (int64): fixed and irregular, so that no channel lines up with a column of the Hadamard."""
+    i = torch.arange(head_dim, device=device)
+    return 1 - 2 * (((i * 0x9E3779B1) >> 13) & 1)
+
+
+def _hadamard(x: Tensor) -> Tensor:
+    """x @ S by butterflies (log2 n steps of sums and differences): each row's values are added in the same order
+    whatever the shape around them, so every rank, chunk and device stores the same codes of the same keys."""
+    D = x.shape[-1]
+    n = D & -D
+    x = x * _row_signs(D, x.device).to(x.dtype)
+    h = 1
+    while h < n:
+        pairs = x.unflatten(-1, (D // (2 * h), 2, h))
+        a, b = pairs[..., 0, :], pairs[..., 1, :]
+        x = torch.stack((a + b, a - b), -2).flatten(-3)
+        h *= 2
+    return x
+
+
+def _build_signs(head_dim: int, device: torch.device, dtype: torch.dtype, side: int) -> Tensor:
+    n = head_dim & -head_dim
+    i = torch.arange(head_dim, device=device)
+    common = (i[:, None] % n) & (i[None, :] % n)
+    parity = torch.zeros_like(common)
+    for bit in range(n.bit_length()):
+        parity ^= (common >> bit) & 1  # H[i, j] = (-1)^popcount(i & j), as the butterflies make it
+    S = torch.where((i[:, None] // n) == (i[None, :] // n), 1 - 2 * parity, 0) * _row_signs(head_dim, device)[:, None]
+    S = S.to(dtype)
+    if side == 0:
+        return S
+    return (S if side > 0 else S.T) / n
 
 
 def pack(k: Tensor, v: Tensor, scales: tuple[Tensor, Tensor] | None = None) -> Tensor:
@@ -66,13 +150,13 @@ def pack(k: Tensor, v: Tensor, scales: tuple[Tensor, Tensor] | None = None) -> T
 
 
 def unpack(packed: Tensor, head_dim: int, dtype: torch.dtype, stored: torch.dtype) -> tuple[Tensor, Tensor]:
-    """`pack`'s keys and values, stored in `stored`, in `dtype`."""
+    """`pack`'s keys and values, stored in `stored`, in `dtype` (and the frame they were given in)."""
     D = head_dim
     if not is_quantized(stored):
         return packed[..., :D].to(dtype), packed[..., D:].to(dtype)
     k, v = packed[..., :D].view(stored), packed[..., D : 2 * D].view(stored)
     ke, ve = packed[..., 2 * D].view(torch.int8), packed[..., 2 * D + 1].view(torch.int8)
-    return dequantize(k, ke, dtype), dequantize(v, ve, dtype)
+    return tuple(from_stored_frame(dequantize(x, e, torch.float32)).to(dtype) for x, e in ((k, ke), (v, ve)))
 
 
 def packed_width(head_dim: int, dtype: torch.dtype) -> tuple[int, torch.dtype]:

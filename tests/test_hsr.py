@@ -402,7 +402,7 @@ for B, Hkv, g, T, S, block, window, filled, kind in [(1, 2, 4, 1, 1000, 16, None
     for one_byte in (FP8, INT8):
         (k8, ke), (v8, ve) = quantize(k, one_byte), quantize(v, one_byte)
         stored = hsr.KeySummary.of(dequantize(k8, ke, torch.float32), kv_pos, block)
-        want = hsr.hsr_attend(q, k8, v8, mask, stored, 1e-3, sink=16, recent=32, scales=(ke, ve))
+        want = hsr._hsr_attend(q, k8, v8, mask, stored, 1e-3, 16, 32, None, (ke, ve))  # (in the stored frame)
         stored.dense_until.zero_()
         got = hsr._triton_attend(q, k8, v8, mask, stored, 1e-3, 16, 32, hsr._low(1e-3, nb), None, (ke, ve))
         assert torch.equal(got.blocks_read.long(), want.blocks_read)

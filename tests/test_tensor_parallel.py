@@ -99,15 +99,18 @@ def _check(results: list[dict], paths: dict, layouts) -> None:
         for name, path in paths.items():
             for kind in kinds:
                 ref = _reference(path, kind)
+                # one byte: hidden states summed across tp ranks in another order may carry a key across the boundary
+                # between two codes (tests/test_kv_cache.py), moving logits by up to a step's worth
+                atol = 1e-2 if kind.endswith(tuple(ONE_BYTE)) else 1e-4
                 got = torch.empty_like(ref["context"])
                 for r in results:
                     mine = r[tp, name, kind]
                     got[mine["idx"]] = mine["context"]  # (every tp rank of a host holds the host's tokens' logits)
                     torch.testing.assert_close(
-                        mine["query"], ref["query"], atol=1e-4, rtol=0, msg=f"{name} {kind} tp={tp}"
+                        mine["query"], ref["query"], atol=atol, rtol=0, msg=f"{name} {kind} tp={tp}"
                     )
                     assert mine["generated"].tolist() == ref["generated"].tolist(), f"{name} {kind} tp={tp}"
-                torch.testing.assert_close(got, ref["context"], atol=1e-4, rtol=0, msg=f"{name} {kind} tp={tp}")
+                torch.testing.assert_close(got, ref["context"], atol=atol, rtol=0, msg=f"{name} {kind} tp={tp}")
 
 
 def test_tp2_on_one_host_equals_one_rank(hf_checkpoint):
