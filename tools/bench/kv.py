@@ -271,11 +271,13 @@ def bench_lean_fp8(rec: Recorder, contexts: list[int], quick: bool = False, tune
 
 
 def bench_fp8_scales(rec: Recorder, quick: bool = False) -> list[Table]:
-    """Round-trip error of the keys and values of SmolLM2 (real weights, a 2,048-token prose prompt) stored in FP8,
-    by scale granularity: one per token and KV head (what the cache keeps), one per KV head and block of 64 tokens,
-    one per tensor."""
+    """The error of SmolLM2's keys and values (real weights, a 2,048-token prose prompt) stored in one byte, by
+    format, scale granularity and rotation (attention/quant.py): of the keys and values themselves and of attention's
+    output over them, for the prompt's last queries in every layer."""
+    import math
+
     from longctx import models
-    from longctx.attention.quant import FP8_MAX, round_trip
+    from longctx.attention.quant import FP8, FP8_MAX, INT8, dequantize, encode, round_trip
     from longctx.models.builtin import BUILTINS
 
     path = BUILTINS["smollm2"]()
@@ -283,59 +285,85 @@ def bench_fp8_scales(rec: Recorder, quick: bool = False) -> list[Table]:
     licences = sorted(Path("/usr/share/common-licenses").iterdir())  # prose every Debian-family machine holds
     text = " ".join(f.read_text() for f in licences if f.is_file())
     ids = models.Tokenizer.from_dir(path).encode(text)[: 2 * K]
-    model.setup_cache(1, len(ids))
-    with torch.inference_mode():
-        model(torch.tensor([ids]), torch.arange(len(ids)))
-    kept = [(layer.k[0], layer.v[0]) for layer in model.cache.layers]
+    S = len(ids) // 64 * 64
+    queries = 32 if quick else 128
+    kept = []  # each layer's (last queries, keys, values), as its attention gets them
+    attend = model.attention.attend
 
-    def blockwise(x: torch.Tensor, n: int) -> torch.Tensor:
+    def keep(q, k, v, *rest):
+        kept.append((q[0, :, S - queries : S].double(), k[0, :, :S], v[0, :, :S]))
+        return attend(q, k, v, *rest)
+
+    model.attention.attend = keep
+    with torch.inference_mode():
+        model(torch.tensor([ids[:S]]), torch.arange(S))
+
+    def plain(fmt: torch.dtype):
+        return lambda x: dequantize(*encode(x, fmt), torch.float32)
+
+    def blockwise(x: torch.Tensor, n: int = 64) -> torch.Tensor:
         H, S, D = x.shape
-        return round_trip(x.reshape(H, S // n, n * D)).reshape(H, S, D)
+        return plain(FP8)(x.reshape(H, S // n, n * D)).reshape(H, S, D)
 
     def per_tensor(x: torch.Tensor) -> torch.Tensor:
-        return round_trip(x.reshape(1, -1)).reshape(x.shape)
+        return plain(FP8)(x.reshape(1, -1)).reshape(x.shape)
 
     def static(x: torch.Tensor) -> torch.Tensor:
         """One scale from the first CALIBRATION tokens, as a cache must fix it before later tokens arrive."""
         amax = x[:, :CALIBRATION].abs().amax()
         scale = 2.0 ** torch.ceil(torch.log2(amax / FP8_MAX))
-        return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() * scale
+        return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8).float() * scale
+
+    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Causal attention of the last queries (float64), query heads grouped over the KV heads."""
+        g = q.shape[0] // k.shape[0]
+        k, v = (x.double().repeat_interleave(g, 0) for x in (k, v))
+        scores = q @ k.mT / math.sqrt(q.shape[-1])
+        seen = torch.arange(S) <= torch.arange(S - queries, S)[:, None]
+        return scores.masked_fill(~seen, -math.inf).softmax(-1) @ v
 
     table = Table(
-        "FP8 (e4m3) keys and values of SmolLM2-135M (real weights): round-trip error by scale granularity",
+        "One-byte keys and values of SmolLM2-135M (real weights): error by format, scale granularity and rotation",
         "python tools/benchmarks.py fp8-scales",
-        [
-            "scale per",
-            "keys: median (%)",
-            "keys: 99th pct (%)",
-            "keys: largest (%)",
-            "values: median (%)",
-            "values: 99th pct (%)",
-            "values: largest (%)",
-            "scale bytes per token and KV head",
-        ],  # fmt: skip
-    )
+        ["format", "scale per", "rotated", "keys: median (%)", "keys: 99th pct (%)", "values: median (%)",
+         "values: 99th pct (%)", "attention output: median (%)", "attention output: 99th pct (%)",
+         "scale bytes per token and KV head"],
+    )  # fmt: skip
     table.figure = "fp8-scales"
-    S = len(ids) // 64 * 64
-    for name, fn, cost in (
-        ("token and KV head (the cache's)", round_trip, 1),
-        ("64 tokens and KV head", lambda x: blockwise(x, 64), 1 / 64),
-        ("tensor, from all tokens", per_tensor, 0),
-        (f"tensor, fixed from the first {CALIBRATION} tokens", static, 0),
+
+    def rel(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+        return ((got - want).norm(dim=-1) / want.norm(dim=-1).clamp_min(1e-30)).flatten()
+
+    for fmt, name, rotated, fn, cost in (
+        ("e4m3", "token and KV head", "no", plain(FP8), 1),
+        ("e4m3", "64 tokens and KV head", "no", blockwise, 1 / 64),
+        ("e4m3", "tensor, from all tokens", "no", per_tensor, 0),
+        ("e4m3", f"tensor, fixed from the first {CALIBRATION} tokens", "no", static, 0),
+        ("e4m3", "token and KV head", "yes (the cache's)", lambda x: round_trip(x, FP8), 1),
+        ("int8", "token and KV head", "no", plain(INT8), 1),
+        ("int8", "token and KV head", "yes (the cache's)", lambda x: round_trip(x, INT8), 1),
     ):
-        errs = []
-        for which in (0, 1):
-            x = [kv[which][:, :S] for kv in kept]
-            rel = torch.cat([((fn(t) - t).norm(dim=-1) / t.norm(dim=-1).clamp_min(1e-30)).flatten() for t in x])
-            errs += [100 * rel.median().item(), 100 * rel.quantile(0.99).item(), 100 * rel.max().item()]
-        row = [name, *errs, cost]
+        errs, outs = [[], []], []
+        for q, k, v in kept:
+            kq, vq = fn(k), fn(v)
+            errs[0].append(rel(kq, k))
+            errs[1].append(rel(vq, v))
+            outs.append(rel(attention(q, kq, vq), attention(q, k, v)))
+        row = [fmt, name, rotated]
+        for e in (*errs, outs):
+            e = torch.cat(e).double()
+            row += [100 * e.median().item(), 100 * e.quantile(0.99).item()]
+        row.append(cost)
         rec.emit(dict(zip(table.columns, row)), part="fp8-scales")
         table.rows.append(row)
     table.notes.append(
-        "Error: |x − FP8(x)| / |x| per token and KV head, over every layer of a 2,048-token prompt of prose. e4m3 is a "
+        "Error: |x − stored(x)| / |x| per token and KV head, and the same for attention's output per query and head "
+        f"(float64, causal, the last {queries} queries of every layer), over a {S:,}-token prompt of prose. e4m3 is a "
         "float format (3 mantissa bits over 17 binades), so any scale that leaves the largest value in range gives "
-        "the same error; a scale per token is the one fixed when the token is written (a block's would change as "
-        "decode fills it, and a tensor's is known only once every token is), and a fixed scale clips what grows "
-        f"past its calibration to {FP8_MAX:.0f}."
+        "the same error of the values; a scale per token is the one fixed when the token is written (a block's would "
+        "change as decode fills it, and a tensor's is known only once every token is), and a fixed scale clips what "
+        f"grows past its calibration to {FP8_MAX:.0f}. Rotated: stored as x @ S, S a Walsh-Hadamard matrix with fixed "
+        "signs, read back by its transpose; it leaves a vector's rounding error as large but spreads it over every "
+        "channel, so that scores and outputs, which the few large channels dominate, see less of it."
     )
     return [table]
