@@ -243,29 +243,13 @@ def hsr_attend(
     one byte, read in their stored frame as the summaries are (attention/quant.py): the queries rotated to it, the
     output back; scores, and so the selection and the certificate, are the same in either frame."""
     check_eps(eps)
-    if scales is None:
-        return _hsr_attend(q, k, v, mask, summary, eps, sink, recent, stats)
-    r = _hsr_attend(to_stored_frame(q), k, v, mask, summary, eps, sink, recent, stats, scales)
-    return replace(r, out=from_stored_frame(r.out))
-
-
-def _hsr_attend(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    mask: PositionMask,
-    summary: KeySummary,
-    eps: float,
-    sink: int,
-    recent: int,
-    stats: Tensor | None,
-    scales: tuple[Tensor, Tensor] | None = None,
-) -> HSRResult:
+    if scales is not None:
+        q = to_stored_frame(q)
     B, Hq, T, D = q.shape
     Hkv, nb = k.shape[1], summary.count.numel()
     low = _low(eps, nb)
     if _triton_path(q, k, mask, summary, low, scales):
-        return _triton_attend(q, k, v, mask, summary, eps, sink, recent, low, stats, scales)
+        return _back(_triton_attend(q, k, v, mask, summary, eps, sink, recent, low, stats, scales), scales)
     visible, always = block_roles(summary, mask, sink, recent)
     u = score_bounds(q, summary).masked_fill(~visible, -math.inf)  # [B, Hq, T, nb]
     top = u.view(B, Hkv, -1, nb).amax(2).masked_fill(always, -math.inf)  # a block's best bound over its rows
@@ -293,7 +277,12 @@ def _hsr_attend(
     if stats is not None:
         stats[:2] += torch.stack([read.sum(), visible.sum() * B * Hkv]).to(stats.dtype)
         torch.maximum(stats[2], certificate.max(), out=stats[2])
-    return HSRResult(out, lse, certificate, read.sum(-1), visible.sum())
+    return _back(HSRResult(out, lse, certificate, read.sum(-1), visible.sum()), scales)
+
+
+def _back(r: HSRResult, scales: tuple[Tensor, Tensor] | None) -> HSRResult:
+    """The result with its output rotated back from the frame one-byte keys are stored in (`hsr_attend`)."""
+    return r if scales is None else replace(r, out=from_stored_frame(r.out))
 
 
 def _triton_attend(

@@ -326,7 +326,7 @@ SPARSE_KERNEL_CHECK = """
 import torch
 from longctx.attention import hsr, hsr_triton, lean, lean_triton
 from longctx.attention.mask import PositionMask
-from longctx.attention.quant import FP8, INT8, dequantize, quantize
+from longctx.attention.quant import FP8, INT8, dequantize, from_stored_frame, quantize, to_stored_frame
 
 torch.manual_seed(0)
 cases = 0
@@ -402,11 +402,12 @@ for B, Hkv, g, T, S, block, window, filled, kind in [(1, 2, 4, 1, 1000, 16, None
     for one_byte in (FP8, INT8):
         (k8, ke), (v8, ve) = quantize(k, one_byte), quantize(v, one_byte)
         stored = hsr.KeySummary.of(dequantize(k8, ke, torch.float32), kv_pos, block)
-        want = hsr._hsr_attend(q, k8, v8, mask, stored, 1e-3, 16, 32, None, (ke, ve))  # (in the stored frame)
+        want = hsr.hsr_attend(q, k8, v8, mask, stored, 1e-3, sink=16, recent=32, scales=(ke, ve))
         stored.dense_until.zero_()
-        got = hsr._triton_attend(q, k8, v8, mask, stored, 1e-3, 16, 32, hsr._low(1e-3, nb), None, (ke, ve))
+        # (the kernels read the stored frame: the queries rotated to it, the output back)
+        got = hsr._triton_attend(to_stored_frame(q), k8, v8, mask, stored, 1e-3, 16, 32, hsr._low(1e-3, nb), None, (ke, ve))
         assert torch.equal(got.blocks_read.long(), want.blocks_read)
-        assert torch.allclose(got.out, want.out, atol=1e-4) and torch.allclose(got.lse, want.lse, atol=1e-4)
+        assert torch.allclose(from_stored_frame(got.out), want.out, atol=1e-4) and torch.allclose(got.lse, want.lse, atol=1e-4)
         cases += 1
 # a decode step's summary update in one kernel equals the scatters: keys in a block already filled, several in one
 # block, in a new one (fp32: the interpreter's bf16 is not the GPU's; tools/check_cuda.py compares bf16 there)
