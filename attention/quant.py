@@ -108,7 +108,9 @@ def _cached_signs(head_dim: int, device: torch.device, dtype: torch.dtype, side:
 def _row_signs(head_dim: int, device: torch.device) -> Tensor:
     """+-1 per row of S (int64): fixed and irregular, so that no channel lines up with a column of the Hadamard."""
     i = torch.arange(head_dim, device=device)
-    return 1 - 2 * (((i * 0x9E3779B1) >> 13) & 1)
+    # bit 13 of i times Knuth's multiplicative-hash constant, whose low 14 bits (14769) are all that bit depends on:
+    # small enough for int32 index arithmetic in a compiled kernel
+    return 1 - 2 * (((i * 14769) >> 13) & 1)
 
 
 def _hadamard(x: Tensor) -> Tensor:
