@@ -569,7 +569,7 @@ def check_one_byte(tag: str) -> bool:
     scales, 1M keys included) and the dequantizing paths of long queries against float64 attention over the keys as
     stored; prefill logits against the CPU's; chunked phase 1 and CUDA-graph decode against eager, unchunked runs."""
     from longctx.attention import lean
-    from longctx.attention.quant import ONE_BYTE, from_stored_frame, quantize
+    from longctx.attention.quant import ONE_BYTE, from_stored_frame, quantize, to_stored_frame
     from longctx.models.generate import generate_tokens, prefill
 
     ok = True
@@ -596,9 +596,11 @@ def check_one_byte(tag: str) -> bool:
         del k, v
         kernel = "lean" if lean.supports(q, k8, mask) else "pieces"
         out, lse = attend(q, k8, v8, mask, return_lse=True, scales=(ks, vs))
-        # the keys and values as stored, back in the queries' frame (attention/quant.py)
-        kd, vd = (from_stored_frame(x.double() * torch.exp2(e.double())[..., None]) for x, e in ((k8, ks), (v8, vs)))
-        ref, ref_lse = dense_attend(q.double(), kd, vd, mask, return_lse=True)
+        # float64 attention over the keys and values as stored, of the queries as `attend` rotates them to that frame
+        # (attention/quant.py: rounded to bf16 once), its output rotated back
+        kd, vd = (x.double() * torch.exp2(e.double())[..., None] for x, e in ((k8, ks), (v8, vs)))
+        ref, ref_lse = dense_attend(to_stored_frame(q).double(), kd, vd, mask, return_lse=True)
+        ref = from_stored_frame(ref)
         err = ((out.double() - ref).abs().max() / ref.abs().max()).item()
         lse_err = (lse.double() - ref_lse).abs().max().item()
         good = err <= TOLERANCE[torch.bfloat16] and lse_err <= 1e-2
