@@ -19,7 +19,10 @@ Scores and weights are the same in either frame (q . k = qR . kR), so a reader t
 rotates the queries and rotates its output back (`to_stored_frame`, `from_stored_frame`), and the softmax between
 them, with its log-sum-exp, is untouched. The stored rows are x @ S for a matrix S of +-1 entries (S S^T = n I); the
 readers' matrices are S / n and S^T / n, exact in every float dtype (n a power of two), so no rounding of the matrix
-skews the frames apart. int8 keeps 7 bits for the largest values where e4m3 keeps 4; the rotation narrows that gap
+skews the frames apart; a reader rounds the rotated queries to their dtype once (bf16 on GPUs: far below e4m3's
+rounding; tools/check_cuda.py compares against float64 of the queries so rounded). Writers rotate by butterflies
+(`_hadamard`), which add each row's values in one order whatever the shape, so every rank, chunk and device stores
+the same codes of the same keys. int8 keeps 7 bits for the largest values where e4m3 keeps 4; the rotation narrows that gap
 and lowers int8's error as well (BENCHMARKS.md, figure `fp8-scales`).
 """
 
