@@ -70,9 +70,14 @@ def dequantize(q: Tensor, exponent: Tensor, dtype: torch.dtype) -> Tensor:
     return (q.float() * torch.exp2(exponent.float()).unsqueeze(-1)).to(dtype)
 
 
+def read_back(q: Tensor, exponent: Tensor, dtype: torch.dtype) -> Tensor:
+    """The values q [..., D] stand for, in `dtype`, rotated back to the frame they were given in."""
+    return from_stored_frame(dequantize(q, exponent, torch.float32)).to(dtype)
+
+
 def round_trip(x: Tensor, dtype: torch.dtype = FP8) -> Tensor:
     """x as a cache of `dtype` gives it back, in x's dtype and frame."""
-    return from_stored_frame(dequantize(*quantize(x, dtype), torch.float32)).to(x.dtype)
+    return read_back(*quantize(x, dtype), x.dtype)
 
 
 def to_stored_frame(q: Tensor) -> Tensor:
@@ -94,7 +99,7 @@ def rotation(head_dim: int, device: torch.device | str | None = None) -> Tensor:
     return _build_signs(head_dim, torch.device(device or "cpu"), torch.float32, 0) / n**0.5
 
 
-def _signs(head_dim: int, device: torch.device, dtype: torch.dtype, side: int = 0) -> Tensor:
+def _signs(head_dim: int, device: torch.device, dtype: torch.dtype, side: int) -> Tensor:
     """S [D, D] of +-1 entries (block diagonal, blocks of n, S S^T = n I); `side` 1: S / n, -1: S^T / n (the
     readers', one matrix product each). Made once per (D, device, dtype, side), as a few device operations, so that a
     captured CUDA graph finds it made; a compiled caller builds it in its graph instead."""
@@ -161,7 +166,7 @@ def unpack(packed: Tensor, head_dim: int, dtype: torch.dtype, stored: torch.dtyp
         return packed[..., :D].to(dtype), packed[..., D:].to(dtype)
     k, v = packed[..., :D].view(stored), packed[..., D : 2 * D].view(stored)
     ke, ve = packed[..., 2 * D].view(torch.int8), packed[..., 2 * D + 1].view(torch.int8)
-    return tuple(from_stored_frame(dequantize(x, e, torch.float32)).to(dtype) for x, e in ((k, ke), (v, ve)))
+    return read_back(k, ke, dtype), read_back(v, ve, dtype)
 
 
 def packed_width(head_dim: int, dtype: torch.dtype) -> tuple[int, torch.dtype]:
