@@ -19,14 +19,17 @@ numbers.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cache
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
+from longctx.attention import lean
 from longctx.attention.fusion import fused_on_cuda
 from longctx.attention.quant import dequantize, is_quantized, pack, quantize, round_trip
 
@@ -61,6 +64,19 @@ def write_kv_quantized(
         cache[:, :, slots], scale[:, :, slots] = quantize(x, cache.dtype)
 
 
+def kernel_writes(x: Tensor) -> bool:
+    """Whether new keys and values like x go to a one-byte cache in one Triton kernel (attention/quant_triton.py, the
+    codes of `write_kv_quantized` bit for bit, in one launch where a compiled one is several): on CUDA, for a
+    power-of-two head dim."""
+    D = x.shape[-1]
+    return x.is_cuda and 16 <= D <= 256 and D & (D - 1) == 0 and lean.triton_available()
+
+
+@cache
+def _write_kernel():
+    return importlib.import_module("longctx.attention.quant_triton")
+
+
 @dataclass
 class LayerKV:
     """One layer's keys and values [batch, kv_heads, slots, head_dim], the positions of the slots (shared by every
@@ -84,6 +100,8 @@ class LayerKV:
         layer's keys and values (as stored: read them with `scales`)."""
         if self.k_scale is None:
             write_kv(self.k, self.v, slots, k, v)
+        elif kernel_writes(k):
+            _write_kernel().write(self.k, self.v, self.k_scale, self.v_scale, slots, k, v)
         else:
             write_kv_quantized(self.k, self.v, self.k_scale, self.v_scale, slots, k, v)
         if self.summary is not None:  # of the keys as they will be read (one byte: in the stored frame)

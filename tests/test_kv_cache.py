@@ -3,6 +3,10 @@ keys as stored, chunked against unchunked, and several gloo ranks against one.""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -119,6 +123,56 @@ def test_the_rotation_cuts_the_score_error_of_keys_with_outlier_channels(dtype):
     plain = (q @ dequantize(*encode(k, dtype), torch.float32).T - exact).abs().mean()
     rotated = (q @ round_trip(k, dtype).T - exact).abs().mean()
     assert rotated < plain / 2
+
+
+WRITE_KERNEL_CHECK = """
+import torch
+from longctx.attention import quant_triton
+from longctx.attention.quant import CODE_MAX, FP8, INT8, quantize
+
+g = torch.Generator().manual_seed(0)
+for D in (16, 64, 128, 256):
+    for dtype in (FP8, INT8):
+        for given in (torch.float32, torch.bfloat16):
+            B, H, n, S = 2, 3, 6, 11
+            k = torch.randn(B, H, n, D, generator=g) * torch.logspace(-3, 3, D)  # channels of very unlike size
+            top = CODE_MAX[dtype]
+            k[0, 0, 0] = 0  # a zero token: exponent 0
+            k[0, 0, 1] = 0
+            k[0, 0, 1, 0] = top * 2.0**-5  # one channel: every rotated value is +-top / 32, a power-of-two scale
+            # two channels: rotated values a+b (the largest, top) and a-b, halfway between two codes (ties to even)
+            tie = 17.0 if dtype == FP8 else 2.5
+            k[0, 1, 2] = 0
+            k[0, 1, 2, :2] = torch.tensor([(top + tie) / 2, (top - tie) / 2])
+            # a scale of subnormal size (the inputs normal: the interpreter reads subnormal bf16 inputs wrongly)
+            k[1, 2, 3] = (torch.rand(D, generator=g) + 1) * torch.randn(D, generator=g).sign() * 1e-37
+            k[1, 2, 4] *= -1e30
+            v = torch.randn(B, n, H, D, generator=g).transpose(1, 2)  # strided as a model's are
+            k, v = k.to(given), v.to(given)
+            slots = torch.tensor([7, 2, 3, 0, 10, 5])
+            caches = [torch.zeros(B, H, S, D, dtype=dtype) for _ in range(2)]
+            scales = [torch.full((B, H, S), 99, dtype=torch.int8) for _ in range(2)]
+            quant_triton.write(*caches, *scales, slots, k, v)
+            for x, cache, scale in zip((k, v), caches, scales):
+                codes, exponents = quantize(x, dtype)
+                assert torch.equal(cache[:, :, slots].view(torch.int8), codes.view(torch.int8)), (D, dtype, given)
+                assert torch.equal(scale[:, :, slots], exponents), (D, dtype, given)
+                others = [i for i in range(S) if i not in slots.tolist()]
+                assert cache[:, :, others].view(torch.int8).eq(0).all() and scale[:, :, others].eq(99).all()
+print("write ok")
+"""
+
+
+def test_the_write_kernel_stores_quantizes_codes_bit_for_bit_in_the_interpreter():
+    """The one-byte cache's Triton write (a GPU's decode and prefill path), run by Triton's CPU interpreter, against
+    `quantize`: zeros, power-of-two scales, ties, subnormal and huge scales, strided input."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", WRITE_KERNEL_CHECK], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "write ok" in done.stdout
 
 
 @pytest.mark.parametrize("dtype", FORMATS)

@@ -10,6 +10,7 @@ Prints one line per case with the largest error relative to the reference's larg
 
 from __future__ import annotations
 
+import itertools
 import sys
 
 import torch
@@ -569,6 +570,7 @@ def check_one_byte(tag: str) -> bool:
     scales, 1M keys included) and the dequantizing paths of long queries against float64 attention over the keys as
     stored; prefill logits against the CPU's; chunked phase 1 and CUDA-graph decode against eager, unchunked runs."""
     from longctx.attention import lean
+    from longctx.attention.cache import KVCache, kernel_writes
     from longctx.attention.quant import ONE_BYTE, from_stored_frame, quantize, to_stored_frame
     from longctx.models.generate import generate_tokens, prefill
 
@@ -607,6 +609,20 @@ def check_one_byte(tag: str) -> bool:
         ok &= good
         print(f"{'ok  ' if good else 'FAIL'} {tag} {kernel:6} {name:32} rel err {err:.2e}  lse err {lse_err:.2e}")
         del kd, vd, ref, k8, v8
+    for D, given, n in itertools.product((64, 128, 256), (torch.bfloat16, torch.float32), (1, 3000)):
+        # the cache's write (one Triton kernel on CUDA) stores the CPU's codes and exponents, bit for bit
+        layer = KVCache(1, 2, 8, 4096, D, stored, "cuda").layers[0]
+        k, v = ((torch.randn(2, n, 8, D, device="cuda", generator=g) * 4).to(given).transpose(1, 2) for _ in range(2))
+        slots = torch.randperm(4096, device="cuda", generator=g)[:n]
+        layer.write(slots, k, v)
+        same = True
+        for x, codes, exponents in ((k, layer.k, layer.k_scale), (v, layer.v, layer.v_scale)):
+            want, want_exponents = quantize(x.cpu(), stored)
+            same &= torch.equal(codes[:, :, slots].cpu().view(torch.int8), want.view(torch.int8))
+            same &= torch.equal(exponents[:, :, slots].cpu(), want_exponents)
+        ok &= same
+        kind = "kernel" if kernel_writes(k) else "torch"
+        print(f"{'ok  ' if same else 'FAIL'} {tag} {kind:6} cache write, head dim {D}, {n} tokens {given}: CPU codes")
     args = _llama_like(head_dim=64, max_seq_len=8192, layer_windows=(None, 300))
     prompt = torch.randint(0, 1000, (900,), generator=torch.Generator().manual_seed(6))
     for name, params in (("global", {}), ("star", {"block_size": 200})):
