@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import time
 
 import pytest
@@ -64,7 +65,7 @@ def test_the_kv_runs_alone_at_the_longest_context_publish_one_table_per_gpu_mode
     from longctx.tools.bench import common, kv
 
     args = benchmarks.argparse.Namespace(
-        lengths="", attention=None, longest_kv=1 << 20, longest_block=None, warmup=1, quick=False
+        lengths="", attention=None, longest_kv=1 << 20, longest_block=None, warmup=1, quick=False, results=None
     )
     options = benchmarks.PARTS["kv"][1](args)
     assert options["contexts"] == [] and options["longest"] == 1 << 20 and options["longest_block"] == 64 * 1024
@@ -127,6 +128,45 @@ def test_the_kv_sweep_sets_each_one_byte_cache_beside_bf16(monkeypatch):
     ratio = runs.columns.index("vs bf16 decode")
     assert by_kv["fp8"][ratio] == 90.0 / 80.0 and by_kv["int8"][ratio] == 100.0 / 80.0
     assert by_kv["bf16"][ratio] != by_kv["bf16"][ratio]  # (no ratio for bf16 itself: nan)
+
+
+def test_a_kv_sweep_cut_short_goes_on_where_it_stopped(monkeypatch, tmp_path):
+    """`kv --results FILE`: a process whose runs the file holds is not started again, the tables take the runs of
+    both calls (the latest of a run measured twice), and runs of other options in the file stay out of them."""
+    import json
+
+    from longctx.tools.bench import common, kv
+
+    ran = []
+
+    def fake_bench(results, *opts):
+        ran.append(opts)
+        given = dict(o.split("=", 1) for o in opts)
+        if given["ctx.length"] == "262144" and "ctx.chunk" not in given and len(ran) == 2:
+            raise subprocess.CalledProcessError(124, "runner.py")  # the time limit, before this process wrote a run
+        with open(results, "a") as f:
+            for d in given.get("kv.dtype", "auto").split(","):
+                for c in given.get("ctx.chunk", "").split(","):
+                    record = dict(attention="star", ctx=int(given["ctx.length"]), kv_dtype=d, ttft_s=float(len(ran)),
+                                  decode_tok_s=80.0, planned_peak_bytes_per_rank=[1 << 30],
+                                  peak_mem_bytes_per_rank=[1 << 30], chunk=int(c) if c else None, phase1_passes=1)  # fmt: skip
+                    f.write(json.dumps(record) + "\n")
+        return "python runner.py " + " ".join(opts)
+
+    monkeypatch.setattr(kv, "_bench", fake_bench)
+    results = tmp_path / "kv.jsonl"
+    results.write_text(json.dumps(dict(attention="global", ctx=1 << 17, kv_dtype="auto", chunk=None)) + "\n")
+    sweep = dict(contexts=[1 << 17, 1 << 18], strategies=["star"], results=results)
+    with pytest.raises(subprocess.CalledProcessError):
+        kv.bench_kv(common.Recorder(None), **sweep)
+    runs, chunked = kv.bench_kv(common.Recorder(None), **sweep)
+    lengths = [dict(o.split("=", 1) for o in opts)["ctx.length"] for opts in ran]
+    assert lengths == ["131072", "262144", "262144", "262144", "131072"]  # the 128K sweep ran once
+    assert sorted((row[1], row[2]) for row in runs.rows) == sorted((n, d) for n in (1 << 17, 1 << 18)
+                                                                   for d in ("bf16", "fp8", "int8"))  # fmt: skip
+    assert {row[0] for row in runs.rows} == {"star"}
+    assert len(chunked.rows) == 2 + 1 + 2  # one pass and the chunks: 8K and 4K at 128K, one pass at 256K
+    assert "ctx.length=131072" in runs.command and "ctx.length=262144" in runs.command
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@
     python tools/benchmarks.py memory --models smollm2,gemma3_270m --lengths 8192 --nproc 1   # the same on CPU
     python tools/benchmarks.py kv --lengths 32768,131072 --longest-kv 1048576   # bf16 vs FP8 and int8 KV, chunked vs one pass
     python tools/benchmarks.py kv --lengths "" --longest-kv 1048576   # the 1M star FP8 run alone (an H200), 64K blocks
+    python tools/benchmarks.py kv --attention star --results runs.jsonl   # resumable: runs.jsonl's runs are not run again
     python tools/benchmarks.py kv-fits fp8-lean       # the longest context that fits; Lean decode bf16 vs FP8, int8
     python tools/benchmarks.py fp8-scales             # FP8 round-trip error by scale granularity (CPU, SmolLM2)
 
@@ -81,6 +82,7 @@ PARTS = {
             longest_block=a.longest_block or kv.LONGEST_BLOCK,
             warmup=a.warmup,
             quick=a.quick,
+            results=a.results,
         ),
     ),
     "kv-fits": (kv.bench_kv_fits, lambda a: dict(quick=a.quick)),
@@ -127,6 +129,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--longest-kv", type=int, help="kv: star with FP8 KV at this context too (1M on an H200)")
     parser.add_argument("--longest-block", type=int, help="kv: star's block at --longest-kv (default 65536)")
+    parser.add_argument(
+        "--results",
+        type=Path,
+        help="kv: the runs' records go to this file, and the runs it holds are not run again (a sweep cut short "
+        "by a time limit goes on where it stopped)",
+    )
     parser.add_argument(
         "--models", default="llama3", help="memory: comma-separated model presets; tp, hosts: the first"
     )

@@ -25,12 +25,36 @@ LONGEST_BLOCK = 64 * K
 CALIBRATION = 256  # tokens a fixed per-tensor scale is taken from (`bench_fp8_scales`)
 
 
-def _bench(results: Path, *options: str) -> str:
-    """runner.py -m task=bench with `options`; returns the command as a table shows it."""
-    argv = [sys.executable, "runner.py", "-m", "task=bench", "model=llama3", "task.new_tokens=40", "task.repeats=1",
+def _argv(results: Path, *options: str) -> list[str]:
+    return [sys.executable, "runner.py", "-m", "task=bench", "model=llama3", "task.new_tokens=40", "task.repeats=1",
             "wandb.mode=disabled", *options, f"task.results_file={results}"]  # fmt: skip
-    subprocess.run(argv, cwd=ROOT, check=True)
-    return " ".join(["python"] + argv[1:-1])
+
+
+def _shown(results: Path, *options: str) -> str:
+    """The command as a table shows it."""
+    return " ".join(["python"] + _argv(results, *options)[1:-1])
+
+
+def _bench(results: Path, *options: str) -> str:
+    """runner.py -m task=bench with `options`, each run's record appended to `results`; returns the command as a table
+    shows it."""
+    subprocess.run(_argv(results, *options), cwd=ROOT, check=True)
+    return _shown(results, *options)
+
+
+def _key(record: dict) -> tuple:
+    return tuple(record.get(f) for f in ("attention", "ctx", "kv_dtype", "chunk", "block_size"))
+
+
+def _records(results: Path) -> list[dict]:
+    """The runs `results` holds, the latest of each (strategy, context, KV dtype, chunk, block)."""
+    lines = results.read_text().splitlines() if results.is_file() else []
+    return list({_key(r): r for r in map(json.loads, lines)}.values())
+
+
+def _holds(records: list[dict], wanted: dict) -> bool:
+    """Whether one of `records` is the run `wanted` describes (the fields it names)."""
+    return any(all(r.get(f) == v for f, v in wanted.items()) for r in records)
 
 
 def bench_kv(
@@ -41,32 +65,49 @@ def bench_kv(
     warmup: int = 1,
     quick: bool = False,
     longest_block: int = LONGEST_BLOCK,
+    results: Path | None = None,
 ) -> list[Table]:
     """The strategies, bf16 against FP8 and int8 KV, at each context; chunked phase 1 against one pass at the longest
     context (and chunks of 8K and 4K at the shortest, where there are two); star with FP8 KV at `longest` (blocks of
-    `longest_block` tokens), in a table of its own. Each sweep runs in one process; every timed run follows `warmup`
-    untimed ones (0: a 4K run first, so that compiles are not timed; the longest run has none: its compiles are
-    seconds of minutes). No contexts: the run at `longest` alone. Each GPU model keeps its own tables."""
+    `longest_block` tokens), in a table of its own. One process per context and per chunked sweep; every timed run
+    follows `warmup` untimed ones (0: a 4K run first, so that compiles are not timed; the longest run has none: its
+    compiles are seconds of minutes). No contexts: the run at `longest` alone. Each GPU model keeps its own tables.
+
+    `results`: the file the runs' records go to (default: a new temporary one). A process whose runs it already holds
+    is not started again, so a sweep cut short (a time limit) goes on where it stopped when given the same file."""
     if not contexts and not longest:
         raise ValueError("kv: give contexts (--lengths) or a longest run (--longest-kv)")
-    results = Path(tempfile.mkdtemp()) / "kv.jsonl"
-    lengths = ",".join(map(str, [4 * K] * (warmup == 0) + contexts))
+    results = results or Path(tempfile.mkdtemp()) / "kv.jsonl"
     each = (f"attention={','.join(strategies)}", f"task.warmup={warmup}")
+    kinds = ("auto", "fp8", "int8")
+    wanted_all: list[dict] = []
+
+    def sweep(wanted: list[dict], *options: str) -> str:
+        wanted_all.extend(wanted)
+        if all(_holds(_records(results), w) for w in wanted):
+            return _shown(results, *options)
+        return _bench(results, *options)
+
+    def runs_of(n: int, kv_dtypes=kinds, chunks=(None,)) -> list[dict]:
+        return [dict(attention=a, ctx=n, kv_dtype=d, chunk=c) for a in strategies for d in kv_dtypes for c in chunks]
+
     commands = []
+    for n in contexts:
+        lengths = f"{4 * K},{n}" if warmup == 0 else str(n)
+        commands.append(sweep(runs_of(n), *each, "kv.dtype=auto,fp8,int8", f"ctx.length={lengths}"))
     if contexts:
-        commands += [
-            _bench(results, *each, "kv.dtype=auto,fp8,int8", f"ctx.length={lengths}"),
-            _bench(results, *each, f"ctx.length={contexts[-1]}", f"ctx.chunk={contexts[-1]}"),
-        ]
+        n = contexts[-1]
+        commands.append(sweep(runs_of(n, ("auto",), (n,)), *each, f"ctx.length={n}", f"ctx.chunk={n}"))
     if len(contexts) > 1:
-        commands.append(_bench(results, *each, f"ctx.length={contexts[0]}", "ctx.chunk=8192,4096"))
+        n = contexts[0]
+        commands.append(sweep(runs_of(n, ("auto",), (8192, 4096)), *each, f"ctx.length={n}", "ctx.chunk=8192,4096"))
     long_options = ("attention=star", "kv.dtype=fp8", f"ctx.length={longest}",
                     f"attention.params.block_size={longest_block}", "task.warmup=0")  # fmt: skip
-    long_command = _bench(results, *long_options) if longest else None
-    records = [json.loads(line) for line in results.read_text().splitlines()]
+    long_run = dict(attention="star", ctx=longest, kv_dtype="fp8", block_size=longest_block)
+    long_command = sweep([long_run], *long_options) if longest else None
+    records = [r for r in _records(results) if any(_holds([r], w) for w in wanted_all)]  # (not the 4K warm-ups)
     for r in records:
         rec.emit(r, part="kv")
-    records = [r for r in records if r["ctx"] > 4 * K]
     longest_runs = [r for r in records if longest and r["ctx"] == longest and r.get("block_size") == longest_block]
     records = [r for r in records if r not in longest_runs]
     runs = Table(
