@@ -65,7 +65,7 @@ def _write(
     sxkb, sxkh, sxkt, sxvb, sxvh, sxvt, sckb, sckh, scks, scvb, scvh, scvs, sekb, sekh, seks, sevb, sevh, sevs,
     TOP: tl.constexpr, INT: tl.constexpr, R: tl.constexpr, D: tl.constexpr, LOG: tl.constexpr,
 ):  # fmt: skip
-    r = tl.program_id(0) * R + tl.arange(0, R)
+    r = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)  # (int64 offsets: a long pass's rows times strides)
     ok = r < rows
     t = r % n
     h = (r // n) % H
@@ -98,6 +98,8 @@ def write(
     B, H, n, D = k.shape
     k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (k, v))
     rows = B * H * n
+    if rows == 0:
+        return
     strides = [x.stride(i) for x in (k, v, k_cache, v_cache, k_scale, v_scale) for i in range(3)]
     _write[(triton.cdiv(rows, ROWS), 2)](
         k, v, slots, k_cache, v_cache, k_scale, v_scale, rows, n, H, *strides,
