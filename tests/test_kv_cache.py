@@ -159,6 +159,10 @@ for D in (16, 64, 128, 256):
                 assert torch.equal(scale[:, :, slots], exponents), (D, dtype, given)
                 others = [i for i in range(S) if i not in slots.tolist()]
                 assert cache[:, :, others].view(torch.int8).eq(0).all() and scale[:, :, others].eq(99).all()
+nothing = torch.zeros(1, 2, 0, 16)  # a pass with no new tokens: no launch, nothing written
+caches = [torch.zeros(1, 2, 4, 16, dtype=FP8) for _ in range(2)]
+quant_triton.write(*caches, *[torch.zeros(1, 2, 4, dtype=torch.int8)] * 2, torch.zeros(0, dtype=torch.long), nothing, nothing)
+assert all(c.view(torch.int8).eq(0).all() for c in caches)
 print("write ok")
 """
 
