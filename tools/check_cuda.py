@@ -571,7 +571,7 @@ def check_one_byte(tag: str) -> bool:
     stored; prefill logits against the CPU's; chunked phase 1 and CUDA-graph decode against eager, unchunked runs."""
     from longctx.attention import lean
     from longctx.attention.cache import KVCache, kernel_writes
-    from longctx.attention.quant import ONE_BYTE, from_stored_frame, quantize, to_stored_frame
+    from longctx.attention.quant import ONE_BYTE, dequantize, from_stored_frame, quantize, to_stored_frame
     from longctx.models.generate import generate_tokens, prefill
 
     ok = True
@@ -600,7 +600,7 @@ def check_one_byte(tag: str) -> bool:
         out, lse = attend(q, k8, v8, mask, return_lse=True, scales=(ks, vs))
         # float64 attention over the keys and values as stored, of the queries as `attend` rotates them to that frame
         # (attention/quant.py: rounded to bf16 once), its output rotated back
-        kd, vd = (x.double() * torch.exp2(e.double())[..., None] for x, e in ((k8, ks), (v8, vs)))
+        kd, vd = (dequantize(x, e, torch.float64) for x, e in ((k8, ks), (v8, vs)))  # (exact: a code times 2^e)
         ref, ref_lse = dense_attend(to_stored_frame(q).double(), kd, vd, mask, return_lse=True)
         ref = from_stored_frame(ref)
         err = ((out.double() - ref).abs().max() / ref.abs().max()).item()
