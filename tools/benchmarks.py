@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -149,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("the benchmarks need a CUDA GPU (all but `memory` and `fp8-scales`, which run on CPU)")
     for switch, off in MULTICAST_OFF.items():
         os.environ.setdefault(switch, off)
+    # a time limit's SIGTERM unwinds (subprocess.run then kills its runner and waits for it to go), so that the GPU
+    # memory of a run cut short is free before the next command measures what is free
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     rec = Recorder(args.jsonl)
     for part in args.parts:
         bench, options = PARTS[part]
