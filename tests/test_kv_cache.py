@@ -167,6 +167,45 @@ print("write ok")
 """
 
 
+WRITE_IN_A_MODEL = """
+import torch
+from longctx import attention, models
+from longctx.attention import cache as kv_cache
+from longctx.attention.quant import FP8
+from longctx.models.generate import generate_tokens
+
+args = models.ModelArgs(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, intermediate_size=48,
+                        max_seq_len=128)
+prompt = torch.randint(0, 64, (40,), generator=torch.Generator().manual_seed(0)).tolist()
+runs = []
+for kernel in (False, True):
+    kv_cache.kernel_writes = lambda x, kernel=kernel: kernel  # the GPU's choice, here under the interpreter
+    strategy = attention.build("star", block_size=12, anchor_size=7)
+    strategy.kv_dtype, strategy.chunk = FP8, 16
+    model = models.random_model(args, torch.float32, "cpu", attention=strategy)
+    model.setup_cache(1, strategy.cache_slots(36, 4 + 6), dtype=FP8)
+    tokens = list(generate_tokens(model, prompt, 6, context_len=36))
+    runs.append((tokens, [(layer.k.view(torch.int8), layer.v.view(torch.int8), layer.k_scale, layer.v_scale)
+                          for layer in model.cache.layers]))
+(tokens, stored), (kernel_tokens, kernel_stored) = runs
+assert tokens == kernel_tokens, (tokens, kernel_tokens)
+assert all(torch.equal(a, b) for x, y in zip(stored, kernel_stored) for a, b in zip(x, y))
+print("model ok")
+"""
+
+
+def test_a_model_writes_its_one_byte_cache_through_the_kernel_as_through_torch_in_the_interpreter():
+    """`LayerKV.write` on the kernel's path (taken on CUDA), in chunked star phase 1 and decode: the same cache and the
+    same tokens as the PyTorch path."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", WRITE_IN_A_MODEL], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "model ok" in done.stdout
+
+
 def test_the_write_kernel_stores_quantizes_codes_bit_for_bit_in_the_interpreter():
     """The one-byte cache's Triton write (a GPU's decode and prefill path), run by Triton's CPU interpreter, against
     `quantize`: zeros, power-of-two scales, ties, subnormal and huge scales, strided input."""
