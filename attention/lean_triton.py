@@ -49,14 +49,14 @@ def masked_scores(q, k, kp, qp, row_ok, window, scale, HAS_WINDOW: tl.constexpr,
 
 
 @triton.jit
-def _fold_tile(q, K, V, KVPOS, kv, n, n_ok, sks, svs, qp, row_ok, window, scale, m_i, l_i, acc, KS, VS, sc, sss,
+def _fold_tile(q, K, V, KVPOS, kv, n, n_ok, sks, svs, qp, row_ok, window, scale, m_i, l_i, acc, ek, ev,
                D: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr, SCALED: tl.constexpr):  # fmt: skip
     """The online softmax (running max m_i, sum l_i, weighted values acc) after the keys at slots n (where n_ok).
-    SCALED: K and V hold FP8 or int8 codes with a scale per slot (its int8 exponent at KS, VS + sc + n * sss), converted
-    in registers (exact) to q's dtype, which the caller made fp16 on GPUs: e4m3 to fp16 is one instruction per pair, to
-    bf16 three. The key scales multiply the scores; the value scales the weights, relative to the tile's largest (so the
-    weights stay in [0, 1], where fp16 is as good as bf16), the largest then multiplying the tile's sum.
-    Products are summed in fp32."""
+    SCALED: K and V hold FP8 or int8 codes with a scale per slot (ek, ev: the int8 exponents of the tile's key and value
+    scales, `_exponents`), converted in registers (exact) to q's dtype, which the caller made fp16 on GPUs: e4m3 to
+    fp16 is one instruction per pair, to bf16 three. The key scales multiply the scores; the value scales the weights,
+    relative to the tile's largest (so the weights stay in [0, 1], where fp16 is as good as bf16), the largest then
+    multiplying the tile's sum. Products are summed in fp32."""
     d = tl.arange(0, D)
     n64 = n.to(tl.int64)
     k = tl.load(K + kv[0] + n64[:, None] * sks + d[None, :], mask=n_ok[:, None], other=0.0)
@@ -66,7 +66,7 @@ def _fold_tile(q, K, V, KVPOS, kv, n, n_ok, sks, svs, qp, row_ok, window, scale,
         k, v = widen(k, q.dtype), widen(v, q.dtype)
     s = masked_scores(q, k, kp, qp, row_ok, window, scale, HAS_WINDOW, IEEE)
     if SCALED:
-        s = s * tl.exp2(tl.load(KS + sc + n64 * sss, mask=n_ok, other=0).to(tl.float32))[None, :]
+        s = s * tl.exp2(ek.to(tl.float32))[None, :]
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp(m_i - m_safe)
@@ -74,9 +74,9 @@ def _fold_tile(q, K, V, KVPOS, kv, n, n_ok, sks, svs, qp, row_ok, window, scale,
     pv = p
     top = 0.0
     if SCALED:
-        ev = tl.load(VS + sc + n64 * sss, mask=n_ok, other=-128).to(tl.float32)
-        top = tl.max(ev, 0)
-        pv = p * tl.exp2(ev - top)[None, :]
+        evf = ev.to(tl.float32)
+        top = tl.max(evf, 0)
+        pv = p * tl.exp2(evf - top)[None, :]
     if IEEE:
         pv = tl.dot(pv, v, input_precision="ieee")
     else:
@@ -84,6 +84,13 @@ def _fold_tile(q, K, V, KVPOS, kv, n, n_ok, sks, svs, qp, row_ok, window, scale,
     if SCALED:
         pv = pv * tl.exp2(top)
     return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + pv
+
+
+@triton.jit
+def _exponents(KS, VS, sc, n, n_ok, sss):
+    """The int8 exponents of the key and value scales of slots n (where n_ok: elsewhere 0, and -128 for the values)."""
+    n64 = n.to(tl.int64)
+    return (tl.load(KS + sc + n64 * sss, mask=n_ok, other=0), tl.load(VS + sc + n64 * sss, mask=n_ok, other=-128))
 
 
 @triton.jit
@@ -135,11 +142,19 @@ def _lean_decode(
         acc = tl.zeros([BLOCK_M, D], tl.float32)
         kv = (b * skb + h * skh, b * svb + h * svh)
         r = tl.arange(0, BLOCK_N)
+        sc = b * ssb + h * ssh
         if SPARSE:  # the next tile's index is loaded a step ahead: the K/V loads never wait on it
             listed = LIST + head * tiles - head_start  # (unit u's tile is listed[u])
             walk = tl.sum(tl.where(hh == head, dense, 0), 0) > 0  # every tile in order: unit u is tile u - head_start
             listed_end = tl.where(walk, unit, stop)  # (no list to load for such a head)
             upcoming = tl.where(walk, unit - head_start, tl.load(listed + unit, mask=unit < listed_end, other=0))
+        # SCALED, dense walk: the scales' exponents are loaded a tile ahead, as the SPARSE walk loads its tile indices.
+        # A tile's are BLOCK_N bytes, a byte per thread, too narrow for the asynchronous copies that pipeline K and V,
+        # so loaded in the loop they would stall every tile on a memory round trip.
+        ek, ev = tl.zeros([BLOCK_N], tl.int8), tl.zeros([BLOCK_N], tl.int8)
+        if SCALED and not SPARSE:
+            n_first = (unit - head_start) * BLOCK_N + r
+            ek, ev = _exponents(KS, VS, sc, n_first, n_first < S, sss)
         for u in range(unit, stop):
             if SPARSE:
                 tile = upcoming
@@ -148,9 +163,16 @@ def _lean_decode(
             else:
                 tile = u - head_start
             n = tile * BLOCK_N + r
+            ek_u, ev_u = ek, ev
+            if SCALED:
+                if SPARSE:  # (the tile's index arrived this step: its scales are loaded now)
+                    ek_u, ev_u = _exponents(KS, VS, sc, n, n < S, sss)
+                else:
+                    n_next = (tl.minimum(u + 1, stop - 1) - head_start) * BLOCK_N + r
+                    ek, ev = _exponents(KS, VS, sc, n_next, n_next < S, sss)
             m_i, l_i, acc = _fold_tile(
                 q, K, V, KVPOS, kv, n, n < S, sks, svs, qp, row_ok, window, scale, m_i, l_i, acc,
-                KS, VS, b * ssb + h * ssh, sss, D, HAS_WINDOW, IEEE, SCALED,
+                ek_u, ev_u, D, HAS_WINDOW, IEEE, SCALED,
             )  # fmt: skip
         seen = l_i > 0
         denom = tl.where(seen, l_i, 1.0)
