@@ -277,12 +277,14 @@ def _kernel_workspace(
         Tb, Sb = flex_bucket(T), flex_bucket(S)  # over lengths padded to their buckets, copies of q, k, v and out
         padded = (2 * Tb * Hq + 2 * Sb * Hkv) * D * b if (Tb, Sb) != (T, S) else 0
         flex = out + padded + windows * 4 * 4 * math.ceil(Tb / FLEX_BLOCK) * math.ceil(Sb / FLEX_BLOCK)
-        # fused pieces (attention.fused): one piece is the output; several write or merge theirs into it, one
-        # piece's result (and its rows' copy out of the batched squares) at a time, next to copies of q, k, v cut
-        # into squares
+        # fused pieces (attention.fused): one piece is the output. Of several, the causal ones run first: squares of
+        # one size batched, their kernel's result beside copies of q, k, v cut into squares (freed when it returns),
+        # then that result and its rows' copy, which becomes the output; each later piece's result then merges
+        # into the output, the merged rows a third tensor of at most T rows
         if one_piece and T <= MAX_CAUSAL_SQUARE:
             return max(flex, out)
-        return max(flex, out + T * Hq * (2 * D * b + 4) + T * Hq * D * b + 2 * S * Hkv * D * b)
+        squares = T * Hq * D * b + 2 * min(S, T) * Hkv * D * b  # (a causal piece's keys are its rows')
+        return max(flex, out + squares, 3 * out)
     if device == "cuda":  # Lean decode: partial (output, lse) per program and row, a few per SM
         return out + 4 * 132 * 2 * Hq * T * (D + 1) * 4
     rows = min(T, max(64, MASK_CHUNK_ELEMENTS // max(S, 1)))

@@ -105,6 +105,47 @@ def test_plan_of_fp8_kv_and_chunks_matches_allocation(name, params, world):
     assert_plan_matches(family_args("llama3"), name, params, world)
 
 
+FUSED_MASKS = {  # (query positions, key positions, star block): masks of several pieces on the fused kernels
+    "star, 4 equal blocks": (torch.arange(1024), torch.arange(1024), 256),  # (star in one pass: the plan's largest)
+    "star, a short last block": (torch.arange(1000), torch.arange(1000), 256),
+    "a chunk over the cache": (torch.arange(512, 1024), torch.arange(1024), None),
+    "ring's zig-zag chunks": (torch.cat([torch.arange(128), torch.arange(896, 1024)]), torch.arange(1024), None),
+}
+TIGHT = {"star, 4 equal blocks"}  # where the plan's fused term should be near what is held (elsewhere: at least it)
+
+
+@pytest.mark.parametrize("mask", list(FUSED_MASKS))
+def test_the_fused_pieces_hold_what_the_plan_counts(mask, monkeypatch):
+    """attention.fused on CPU with the GPU's allocations (a kernel and the compiled merge that make only their results):
+    what it holds beyond its inputs stays within the plan's term for it, and near it for star's blocks in one pass
+    (the run whose plan that term decides)."""
+    from longctx.attention import fused
+
+    args = family_args("llama3")
+    q_pos, kv_pos, block = FUSED_MASKS[mask]
+    T, S, Hq, Hkv, D = len(q_pos), len(kv_pos), args.n_heads, args.n_kv_heads, args.head_dim
+    with fused.FUSED_MIN_KEYS_PER_QUERY.scoped(0):
+        pieces = fused.split(q_pos, kv_pos, None, block, block or 0)
+    assert pieces is not None and len(pieces) > 1
+    kernel = lambda q, k, v, causal: (torch.empty(q.shape, dtype=q.dtype), torch.empty(q.shape[:3]))  # noqa: E731
+    monkeypatch.setattr(fused, "merge_pair", lambda o, l, *_: (torch.empty_like(o), torch.empty_like(l)))
+    q = torch.zeros(2, Hq, T, D, dtype=torch.bfloat16)  # (a batch of 2: squares of one size are copies)
+    k, v = (torch.zeros(2, Hkv, S, D, dtype=torch.bfloat16) for _ in range(2))
+    inputs = {x.untyped_storage().data_ptr() for x in (q, k, v)}
+
+    class Made(LiveBytes):  # views of the inputs are not memory made here
+        def ignores(self, data_ptr: int) -> bool:
+            return data_ptr in inputs
+
+    with Made() as live:
+        out = fused.fused_attend(q, k, v, pieces, kernel)
+    del out
+    planned = memory._kernel_workspace(args, T, S, 2, "cuda", None) * 2  # (a batch of 2)
+    assert live.peak <= planned, (live.peak, planned)
+    if mask in TIGHT:
+        assert live.peak >= 0.8 * planned, (live.peak, planned)
+
+
 def test_fp8_and_chunks_are_the_fixes_named_first():
     cfg = _cfg({"ctx": "512k"}, memory={"limit_gib": 80})
     fixes = memory.fits_with(cfg, 80 * memory.GiB)
