@@ -394,3 +394,19 @@ def train_sentencepiece(d: Path, vocab_size: int, **extra) -> Path:
         **extra,
     )
     return d / "tokenizer.model"
+
+
+def run_in_interpreter(script: str) -> str:
+    """`script` run in a fresh Python under Triton's CPU interpreter (TRITON_INTERPRET must be set before Triton is
+    imported); returns its stdout, having checked that it succeeded. Skips where Triton is not installed."""
+    import textwrap
+
+    import pytest
+
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout

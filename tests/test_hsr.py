@@ -429,19 +429,6 @@ def test_sparse_kernels_equal_the_reference_in_the_interpreter():
     """The CUDA kernels run by Triton's CPU interpreter against the PyTorch path: the Lean walk over random tile lists
     (all blocks, none), and the whole step (bounds, selection, reads, certificate) on clustered, random and equal
     keys, with a window, partly filled blocks, batch 2."""
-    import os
-    import subprocess
-    import sys
-    import textwrap
+    from tests.helpers import run_in_interpreter
 
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(SPARSE_KERNEL_CHECK)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "sparse kernels ok 56" in done.stdout
+    assert "sparse kernels ok 56" in run_in_interpreter(SPARSE_KERNEL_CHECK)

@@ -3,10 +3,6 @@ keys as stored, chunked against unchunked, and several gloo ranks against one.""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -33,7 +29,7 @@ from longctx.attention.quant import (
 )
 from longctx.models.generate import generate_tokens, prefill
 from tests.distributed import run_ranks
-from tests.helpers import compose_cfg, reference, run_runner
+from tests.helpers import compose_cfg, reference, run_in_interpreter, run_runner
 
 N_CTX, N_QUERY, N_NEW = 45, 4, 5
 FORMATS = list(ONE_BYTE.values())  # every one-byte format `kv.dtype` offers
@@ -197,25 +193,13 @@ print("model ok")
 def test_a_model_writes_its_one_byte_cache_through_the_kernel_as_through_torch_in_the_interpreter():
     """`LayerKV.write` on the kernel's path (taken on CUDA), in chunked star phase 1 and decode: the same cache and the
     same tokens as the PyTorch path."""
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run(
-        [sys.executable, "-c", WRITE_IN_A_MODEL], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "model ok" in done.stdout
+    assert "model ok" in run_in_interpreter(WRITE_IN_A_MODEL)
 
 
 def test_the_write_kernel_stores_quantizes_codes_bit_for_bit_in_the_interpreter():
     """The one-byte cache's Triton write (a GPU's decode and prefill path), run by Triton's CPU interpreter, against
     `quantize`: zeros, power-of-two scales, ties, subnormal and huge scales, strided input."""
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run(
-        [sys.executable, "-c", WRITE_KERNEL_CHECK], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "write ok" in done.stdout
+    assert "write ok" in run_in_interpreter(WRITE_KERNEL_CHECK)
 
 
 @pytest.mark.parametrize("dtype", FORMATS)

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import collections
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -21,7 +17,7 @@ from longctx.attention.lean import (
     stages_that_fit,
 )
 from longctx.attention.mask import PositionMask
-from tests.helpers import reference
+from tests.helpers import reference, run_in_interpreter
 
 
 @pytest.mark.parametrize("heads,tiles,programs", [(1, 1, 1), (8, 100, 132), (16, 7, 5), (3, 2, 50), (64, 2048, 132)])
@@ -179,13 +175,8 @@ print("shrink ok")
 def test_triton_kernel_equals_dense_attention_in_the_interpreter():
     """The CUDA kernels themselves, run by Triton's CPU interpreter (fp32): stream-K walk, direct writes, combine, at
     full width and over FP8 and int8 keys and values (fp32, and bf16 queries as on a GPU)."""
-    pytest.importorskip("triton")  # a dev dependency on Linux x86-64, where CI runs
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(KERNEL_CHECK)], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "kernel ok 7" in done.stdout and "bf16 ok" in done.stdout and "shrink ok" in done.stdout
+    out = run_in_interpreter(KERNEL_CHECK)  # (Triton: a dev dependency on Linux x86-64, where CI runs)
+    assert "kernel ok 7" in out and "bf16 ok" in out and "shrink ok" in out
 
 
 def test_pipeline_stages_shrink_to_fit_shared_memory():
