@@ -39,6 +39,10 @@ CODE_MAX = {FP8: 448.0, INT8: 127.0}  # the largest code each one-byte format st
 ONE_BYTE = {"fp8": FP8, "int8": INT8}  # the formats by the names `kv.dtype` takes
 FP8_MAX = CODE_MAX[FP8]
 FP8_CAPABILITY = (8, 9)  # Ada and Hopper: the first GPUs that convert e4m3 in hardware
+# Row i of S has sign -1 where bit SIGN_BIT of i * SIGN_HASH is set: bit 13 of i times Knuth's multiplicative-hash
+# constant, whose low 14 bits are all that bit depends on, small enough for int32 index arithmetic in a compiled
+# kernel (attention/quant_triton.py computes the same signs)
+SIGN_HASH, SIGN_BIT = 14769, 13
 
 
 def is_quantized(dtype: torch.dtype | None) -> bool:
@@ -116,9 +120,7 @@ def _cached_signs(head_dim: int, device: torch.device, dtype: torch.dtype, side:
 def _row_signs(head_dim: int, device: torch.device) -> Tensor:
     """+-1 per row of S (int64): fixed and irregular, so that no channel lines up with a column of the Hadamard."""
     i = torch.arange(head_dim, device=device)
-    # bit 13 of i times Knuth's multiplicative-hash constant, whose low 14 bits (14769) are all that bit depends on:
-    # small enough for int32 index arithmetic in a compiled kernel
-    return 1 - 2 * (((i * 14769) >> 13) & 1)
+    return 1 - 2 * (((i * SIGN_HASH) >> SIGN_BIT) & 1)
 
 
 def _hadamard(x: Tensor) -> Tensor:

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from longctx.attention.quant import CODE_MAX, INT8
+from longctx.attention.quant import CODE_MAX, INT8, SIGN_BIT, SIGN_HASH
 
 ROWS = 16  # rows (tokens x KV heads) per program
 
@@ -64,6 +64,7 @@ def _write(
     XK, XV, SLOTS, CK, CV, EK, EV, rows, n, H,
     sxkb, sxkh, sxkt, sxvb, sxvh, sxvt, sckb, sckh, scks, scvb, scvh, scvs, sekb, sekh, seks, sevb, sevh, sevs,
     TOP: tl.constexpr, INT: tl.constexpr, R: tl.constexpr, D: tl.constexpr, LOG: tl.constexpr,
+    HASH: tl.constexpr, BIT: tl.constexpr,
 ):  # fmt: skip
     r = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)  # (int64 offsets: a long pass's rows times strides)
     ok = r < rows
@@ -81,7 +82,7 @@ def _write(
         c_at = CV + b * scvb + h * scvh + slot * scvs
         e_at = EV + b * sevb + h * sevh + slot * sevs
     x = tl.load(x_at[:, None] + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-    sign = (1 - 2 * (((d * 14769) >> 13) & 1)).to(tl.float32)  # quant._row_signs
+    sign = (1 - 2 * (((d * HASH) >> BIT) & 1)).to(tl.float32)  # quant._row_signs
     x = _hadamard(x * sign[None, :], R, D, LOG)
     e = _exponent(tl.max(tl.abs(x), 1), TOP)
     inverse = ((127 - e) << 23).to(tl.float32, bitcast=True)  # 2^-e, exact (e <= 120 for a finite fp32 amax)
@@ -104,4 +105,5 @@ def write(
     _write[(triton.cdiv(rows, ROWS), 2)](
         k, v, slots, k_cache, v_cache, k_scale, v_scale, rows, n, H, *strides,
         TOP=CODE_MAX[k_cache.dtype], INT=k_cache.dtype == INT8, R=ROWS, D=D, LOG=D.bit_length() - 1,
+        HASH=SIGN_HASH, BIT=SIGN_BIT,
     )  # fmt: skip
