@@ -84,7 +84,8 @@ def bench_kv(
 
     def sweep(wanted: list[dict], *options: str) -> str:
         wanted_all.extend(wanted)
-        if all(_holds(_records(results), w) for w in wanted):
+        done = _records(results)
+        if all(_holds(done, w) for w in wanted):
             return _shown(results, *options)
         return _bench(results, *options)
 
