@@ -248,3 +248,20 @@ def test_a_planted_cache_makes_hsr_read_the_planted_share_and_answer_as_dense():
     floor = (planted + 1) / blocks  # the planted blocks and the sink
     # besides them, only the blocks of the recent tokens (64 and the new ones): the unplanted tail scores too low
     assert floor <= report["hsr_blocks_read_share"] <= floor + 7 / blocks
+
+
+def test_a_benchmark_told_to_stop_unwinds_so_its_runner_is_killed_and_awaited():
+    """SIGTERM (a time limit) becomes SystemExit, which makes subprocess.run kill its child and wait for it."""
+    import os
+    import signal
+    import sys
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        benchmarks.exit_on_sigterm()
+        with pytest.raises(SystemExit) as stopped:
+            os.kill(os.getpid(), signal.SIGTERM)
+            subprocess.run([sys.executable, "-c", "import time; time.sleep(30)"])  # (the signal lands here at latest)
+        assert stopped.value.code == 128 + signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, before)

@@ -108,6 +108,12 @@ PARTS = {
 }
 
 
+def exit_on_sigterm() -> None:
+    """A time limit's SIGTERM unwinds (subprocess.run then kills its runner and waits for it to go), so that the GPU
+    memory of a run cut short is free before the next command measures what is free."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("parts", nargs="+", choices=sorted(PARTS))
@@ -150,9 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("the benchmarks need a CUDA GPU (all but `memory` and `fp8-scales`, which run on CPU)")
     for switch, off in MULTICAST_OFF.items():
         os.environ.setdefault(switch, off)
-    # a time limit's SIGTERM unwinds (subprocess.run then kills its runner and waits for it to go), so that the GPU
-    # memory of a run cut short is free before the next command measures what is free
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    exit_on_sigterm()
     rec = Recorder(args.jsonl)
     for part in args.parts:
         bench, options = PARTS[part]
