@@ -49,22 +49,18 @@ def masked_scores(q, k, kp, qp, row_ok, window, scale, HAS_WINDOW: tl.constexpr,
 
 
 @triton.jit
-def _fold_tile(q, K, V, KVPOS, kv, n, n_ok, sks, svs, qp, row_ok, window, scale, m_i, l_i, acc, ek, ev, v_ahead,
-               D: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr, SCALED: tl.constexpr,
-               AHEAD: tl.constexpr):  # fmt: skip
+def _fold_tile(q, K, V, KVPOS, kv, n, n_ok, sks, svs, qp, row_ok, window, scale, m_i, l_i, acc, ek, ev,
+               D: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr, SCALED: tl.constexpr):  # fmt: skip
     """The online softmax (running max m_i, sum l_i, weighted values acc) after the keys at slots n (where n_ok).
     SCALED: K and V hold FP8 or int8 codes with a scale per slot (ek, ev: the int8 exponents of the tile's key and value
     scales, `_exponents`), converted in registers (exact) to q's dtype, which the caller made fp16 on GPUs: e4m3 to
     fp16 is one instruction per pair, to bf16 three. The key scales multiply the scores; the value scales the weights,
     relative to the tile's largest (so the weights stay in [0, 1], where fp16 is as good as bf16), the largest then
-    multiplying the tile's sum. Products are summed in fp32. AHEAD: the values came loaded (v_ahead, `_values`)."""
+    multiplying the tile's sum. Products are summed in fp32."""
     d = tl.arange(0, D)
     n64 = n.to(tl.int64)
     k = tl.load(K + kv[0] + n64[:, None] * sks + d[None, :], mask=n_ok[:, None], other=0.0)
-    if AHEAD:
-        v = v_ahead
-    else:
-        v = _values(V, kv, n, n_ok, svs, D)
+    v = tl.load(V + kv[1] + n64[:, None] * svs + d[None, :], mask=n_ok[:, None], other=0.0)
     kp = tl.load(KVPOS + n, mask=n_ok, other=-1)
     if SCALED:
         k, v = widen(k, q.dtype), widen(v, q.dtype)
@@ -91,12 +87,6 @@ def _fold_tile(q, K, V, KVPOS, kv, n, n_ok, sks, svs, qp, row_ok, window, scale,
 
 
 @triton.jit
-def _values(V, kv, n, n_ok, svs, D: tl.constexpr):
-    """The value rows of slots n (where n_ok; zeros elsewhere)."""
-    return tl.load(V + kv[1] + n.to(tl.int64)[:, None] * svs + tl.arange(0, D)[None, :], mask=n_ok[:, None], other=0.0)
-
-
-@triton.jit
 def _exponents(KS, VS, sc, n, n_ok, sss):
     """The int8 exponents of the key and value scales of slots n (where n_ok: elsewhere 0, and -128 for the values)."""
     n64 = n.to(tl.int64)
@@ -110,7 +100,7 @@ def _lean_decode(
     ssb, ssh, sss, Hkv, S, T, total, programs, tiles, window, scale,
     G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
     HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr, SPARSE: tl.constexpr, HEADS: tl.constexpr, WALK: tl.constexpr,
-    SCALED: tl.constexpr, AHEAD: tl.constexpr,
+    SCALED: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     if SPARSE:
@@ -158,18 +148,13 @@ def _lean_decode(
             walk = tl.sum(tl.where(hh == head, dense, 0), 0) > 0  # every tile in order: unit u is tile u - head_start
             listed_end = tl.where(walk, unit, stop)  # (no list to load for such a head)
             upcoming = tl.where(walk, unit - head_start, tl.load(listed + unit, mask=unit < listed_end, other=0))
-        # AHEAD (SCALED, dense walk): the scales' exponents and the value codes are loaded into registers a tile ahead, as the
-        # SPARSE walk loads its tile indices. A tile's exponents are BLOCK_N bytes, a byte per thread, too narrow for
-        # the asynchronous copies that pipeline K and V, so loaded in the loop they would stall every tile on a memory
-        # round trip. The values, copied to shared memory as they are, would reach the product a byte per load: they
-        # are its B operand, paired along the keys, across rows, with no transposing shared-memory load for one-byte
-        # elements. Widened in registers first, they go through shared memory as fp16, which has one.
+        # SCALED, dense walk: the scales' exponents are loaded a tile ahead, as the SPARSE walk loads its tile indices.
+        # A tile's are BLOCK_N bytes, a byte per thread, too narrow for the asynchronous copies that pipeline K and V,
+        # so loaded in the loop they would stall every tile on a memory round trip.
         ek, ev = tl.zeros([BLOCK_N], tl.int8), tl.zeros([BLOCK_N], tl.int8)
-        v_ahead = tl.zeros([BLOCK_N, D], V.dtype.element_ty)
-        if AHEAD:
+        if SCALED and not SPARSE:
             n_first = (unit - head_start) * BLOCK_N + r
             ek, ev = _exponents(KS, VS, sc, n_first, n_first < S, sss)
-            v_ahead = _values(V, kv, n_first, n_first < S, svs, D)
         for u in range(unit, stop):
             if SPARSE:
                 tile = upcoming
@@ -178,16 +163,16 @@ def _lean_decode(
             else:
                 tile = u - head_start
             n = tile * BLOCK_N + r
-            ek_u, ev_u, v_u = ek, ev, v_ahead
-            if AHEAD:
-                n_next = (tl.minimum(u + 1, stop - 1) - head_start) * BLOCK_N + r
-                ek, ev = _exponents(KS, VS, sc, n_next, n_next < S, sss)
-                v_ahead = _values(V, kv, n_next, n_next < S, svs, D)
-            elif SCALED:  # (SPARSE: the tile's index arrived this step, so its scales are loaded now)
-                ek_u, ev_u = _exponents(KS, VS, sc, n, n < S, sss)
+            ek_u, ev_u = ek, ev
+            if SCALED:
+                if SPARSE:  # (the tile's index arrived this step: its scales are loaded now)
+                    ek_u, ev_u = _exponents(KS, VS, sc, n, n < S, sss)
+                else:
+                    n_next = (tl.minimum(u + 1, stop - 1) - head_start) * BLOCK_N + r
+                    ek, ev = _exponents(KS, VS, sc, n_next, n_next < S, sss)
             m_i, l_i, acc = _fold_tile(
                 q, K, V, KVPOS, kv, n, n < S, sks, svs, qp, row_ok, window, scale, m_i, l_i, acc,
-                ek_u, ev_u, v_u, D, HAS_WINDOW, IEEE, SCALED, AHEAD,
+                ek_u, ev_u, D, HAS_WINDOW, IEEE, SCALED,
             )  # fmt: skip
         seen = l_i > 0
         denom = tl.where(seen, l_i, 1.0)
@@ -369,7 +354,7 @@ def run(q, k, v, mask, out, lse, parts_out, parts_lse, programs: int, max_parts:
         Hkv, S, T, total, programs, tiles, mask.window or 0, D**-0.5,
         G=G, BLOCK_M=max(16, triton.next_power_of_2(G * T)), BLOCK_N=config.block_n, D=D,
         HAS_WINDOW=mask.window is not None, IEEE=q.dtype.itemsize == 4, SPARSE=sparse, HEADS=heads, WALK=walk,
-        SCALED=scales is not None, AHEAD=scales is not None and not sparse, num_warps=config.warps, num_stages=config.stages,
+        SCALED=scales is not None, num_warps=config.warps, num_stages=config.stages,
     )  # fmt: skip
     if max_parts > 1 or sparse:
         _lean_combine[(B * Hkv, G * T)](
