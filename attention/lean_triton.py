@@ -150,7 +150,9 @@ def _lean_decode(
             upcoming = tl.where(walk, unit - head_start, tl.load(listed + unit, mask=unit < listed_end, other=0))
         # SCALED, dense walk: the scales' exponents are loaded a tile ahead, as the SPARSE walk loads its tile indices.
         # A tile's are BLOCK_N bytes, a byte per thread, too narrow for the asynchronous copies that pipeline K and V,
-        # so loaded in the loop they would stall every tile on a memory round trip.
+        # so loaded in the loop they would stall every tile on a memory round trip. (The value codes reach the PV
+        # product a byte per shared-memory load, as no transposing load takes one-byte elements; loading them a tile
+        # ahead into registers instead, widened to fp16 there for the transposing load, was slower on an H100.)
         ek, ev = tl.zeros([BLOCK_N], tl.int8), tl.zeros([BLOCK_N], tl.int8)
         if SCALED and not SPARSE:
             n_first = (unit - head_start) * BLOCK_N + r
