@@ -148,15 +148,18 @@ def _lean_decode(
             walk = tl.sum(tl.where(hh == head, dense, 0), 0) > 0  # every tile in order: unit u is tile u - head_start
             listed_end = tl.where(walk, unit, stop)  # (no list to load for such a head)
             upcoming = tl.where(walk, unit - head_start, tl.load(listed + unit, mask=unit < listed_end, other=0))
-        # SCALED, dense walk: the scales' exponents are loaded a tile ahead, as the SPARSE walk loads its tile indices.
-        # A tile's are BLOCK_N bytes, a byte per thread, too narrow for the asynchronous copies that pipeline K and V,
-        # so loaded in the loop they would stall every tile on a memory round trip. (The value codes reach the PV
-        # product a byte per shared-memory load, as no transposing load takes one-byte elements; loading them a tile
-        # ahead into registers instead, widened to fp16 there for the transposing load, was slower on an H100.)
+        # SCALED: the scales' exponents are loaded a tile ahead, as the SPARSE walk loads its tile indices (there, once
+        # the tile is folded, when the next tile's index has arrived). A tile's are BLOCK_N bytes, a byte per thread,
+        # too narrow for the asynchronous copies that pipeline K and V, so loaded in the loop they would stall every
+        # tile on a memory round trip. (The value codes reach the PV product a byte per shared-memory load, as no
+        # transposing load takes one-byte elements; loading them a tile ahead into registers instead, widened to fp16
+        # there for the transposing load, was slower on an H100.)
         ek, ev = tl.zeros([BLOCK_N], tl.int8), tl.zeros([BLOCK_N], tl.int8)
-        if SCALED and not SPARSE:
-            n_first = (unit - head_start) * BLOCK_N + r
-            ek, ev = _exponents(KS, VS, sc, n_first, n_first < S, sss)
+        if SCALED:
+            first = unit - head_start
+            if SPARSE:
+                first = upcoming
+            ek, ev = _exponents(KS, VS, sc, first * BLOCK_N + r, first * BLOCK_N + r < S, sss)
         for u in range(unit, stop):
             if SPARSE:
                 tile = upcoming
@@ -166,16 +169,15 @@ def _lean_decode(
                 tile = u - head_start
             n = tile * BLOCK_N + r
             ek_u, ev_u = ek, ev
-            if SCALED:
-                if SPARSE:  # (the tile's index arrived this step: its scales are loaded now)
-                    ek_u, ev_u = _exponents(KS, VS, sc, n, n < S, sss)
-                else:
-                    n_next = (tl.minimum(u + 1, stop - 1) - head_start) * BLOCK_N + r
-                    ek, ev = _exponents(KS, VS, sc, n_next, n_next < S, sss)
+            if SCALED and not SPARSE:
+                n_next = (tl.minimum(u + 1, stop - 1) - head_start) * BLOCK_N + r
+                ek, ev = _exponents(KS, VS, sc, n_next, n_next < S, sss)
             m_i, l_i, acc = _fold_tile(
                 q, K, V, KVPOS, kv, n, n < S, sks, svs, qp, row_ok, window, scale, m_i, l_i, acc,
                 ek_u, ev_u, D, HAS_WINDOW, IEEE, SCALED,
             )  # fmt: skip
+            if SCALED and SPARSE:  # (the last step loads its own tile's again: the walk's end is clamped)
+                ek, ev = _exponents(KS, VS, sc, upcoming * BLOCK_N + r, upcoming * BLOCK_N + r < S, sss)
         seen = l_i > 0
         denom = tl.where(seen, l_i, 1.0)
         out = acc / denom[:, None]
