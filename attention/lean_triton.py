@@ -87,8 +87,10 @@ def _fold_tile(q, K, V, KVPOS, kv, n, n_ok, sks, svs, qp, row_ok, window, scale,
 
 
 @triton.jit
-def _exponents(KS, VS, sc, n, n_ok, sss):
-    """The int8 exponents of the key and value scales of slots n (where n_ok: elsewhere 0, and -128 for the values)."""
+def _exponents(KS, VS, sc, n, S, sss):
+    """The int8 exponents of the key and value scales of slots n (those below S: elsewhere 0, and -128 for the
+    values)."""
+    n_ok = n < S
     n64 = n.to(tl.int64)
     return (tl.load(KS + sc + n64 * sss, mask=n_ok, other=0), tl.load(VS + sc + n64 * sss, mask=n_ok, other=-128))
 
@@ -159,7 +161,7 @@ def _lean_decode(
             first = unit - head_start
             if SPARSE:
                 first = upcoming
-            ek, ev = _exponents(KS, VS, sc, first * BLOCK_N + r, first * BLOCK_N + r < S, sss)
+            ek, ev = _exponents(KS, VS, sc, first * BLOCK_N + r, S, sss)
         for u in range(unit, stop):
             if SPARSE:
                 tile = upcoming
@@ -171,13 +173,13 @@ def _lean_decode(
             ek_u, ev_u = ek, ev
             if SCALED and not SPARSE:
                 n_next = (tl.minimum(u + 1, stop - 1) - head_start) * BLOCK_N + r
-                ek, ev = _exponents(KS, VS, sc, n_next, n_next < S, sss)
+                ek, ev = _exponents(KS, VS, sc, n_next, S, sss)
             m_i, l_i, acc = _fold_tile(
                 q, K, V, KVPOS, kv, n, n < S, sks, svs, qp, row_ok, window, scale, m_i, l_i, acc,
                 ek_u, ev_u, D, HAS_WINDOW, IEEE, SCALED,
             )  # fmt: skip
             if SCALED and SPARSE:  # (the last step loads its own tile's again: the walk's end is clamped)
-                ek, ev = _exponents(KS, VS, sc, upcoming * BLOCK_N + r, upcoming * BLOCK_N + r < S, sss)
+                ek, ev = _exponents(KS, VS, sc, upcoming * BLOCK_N + r, S, sss)
         seen = l_i > 0
         denom = tl.where(seen, l_i, 1.0)
         out = acc / denom[:, None]
