@@ -11,7 +11,8 @@ does not know what it summarizes.
 
 How the layer's tokens are stored is the cache's alone: they are written through `LayerKV.write`, and a reader takes
 the layer's tensors with their `scales`. In one byte (FP8 or int8, attention/quant.py) each token's keys and values keep
-one scale per KV head beside them (its exponent, a byte); the kernels read them as they are stored
+one scale per KV head beside them (its exponent, a byte), and the values are kept in tiles of keys, transposed
+(`attention.quant.tile_values`: for the decode kernel's products); the kernels read them as they are stored
 (`attention.kernels.attend(..., scales=)`), never from a full-width copy of the cache, and phase 1 attends to its new
 tokens as the cache will give them back (`LayerKV.stored`), so that every strategy, chunk and rank count reads the same
 numbers.
@@ -31,7 +32,16 @@ from torch import Tensor
 
 from longctx.attention import lean
 from longctx.attention.fusion import fused_on_cuda
-from longctx.attention.quant import dequantize, is_quantized, pack, quantize, round_trip
+from longctx.attention.quant import (
+    VALUE_TILE,
+    dequantize,
+    is_quantized,
+    pack,
+    quantize,
+    round_trip,
+    store_value_rows,
+    value_rows,
+)
 
 
 class BlockSummary(Protocol):
@@ -60,8 +70,9 @@ def write_kv(k_cache: Tensor, v_cache: Tensor, slots: Tensor, k: Tensor, v: Tens
 def write_kv_quantized(
     k_cache: Tensor, v_cache: Tensor, k_scale: Tensor, v_scale: Tensor, slots: Tensor, k: Tensor, v: Tensor
 ) -> None:
-    for cache, scale, x in ((k_cache, k_scale, k), (v_cache, v_scale, v)):
-        cache[:, :, slots], scale[:, :, slots] = quantize(x, cache.dtype)
+    k_cache[:, :, slots], k_scale[:, :, slots] = quantize(k, k_cache.dtype)
+    codes, v_scale[:, :, slots] = quantize(v, v_cache.dtype)
+    store_value_rows(v_cache, slots, codes)
 
 
 def kernel_writes(x: Tensor) -> bool:
@@ -81,7 +92,7 @@ def _write_kernel():
 class LayerKV:
     """One layer's keys and values [batch, kv_heads, slots, head_dim], the positions of the slots (shared by every
     layer), the summary a decode method asked for, and in one byte the scales [batch, kv_heads, slots] of each slot
-    (int8 exponents: `attention.quant`)."""
+    (int8 exponents: `attention.quant`), with the values in tiles of keys (`attention.quant.tile_values`)."""
 
     k: Tensor
     v: Tensor
@@ -112,7 +123,7 @@ class LayerKV:
     def packed(self, slots: Tensor | slice) -> Tensor:
         """The keys and values of `slots` as stored, in one tensor to send (`attention.quant.pack`)."""
         scales = None if self.k_scale is None else (self.k_scale[:, :, slots], self.v_scale[:, :, slots])
-        return pack(self.k[:, :, slots], self.v[:, :, slots], scales)
+        return pack(self.k[:, :, slots], value_rows(self.v, slots), scales)
 
     def stored(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """k, v as this cache gives them back once written, in their own dtype."""
@@ -149,11 +160,14 @@ class KVCache:
         self.fill = torch.zeros((), dtype=torch.long, device=device)
         self.used = 0
         shape = (batch, kv_heads, slots, head_dim)
-        scaled = lambda: torch.zeros(shape[:3], dtype=torch.int8, device=device) if is_quantized(dtype) else None  # noqa: E731
+        one_byte = is_quantized(dtype)
+        tiles = -(-slots // VALUE_TILE)
+        v_shape = (batch, kv_heads, tiles, head_dim, VALUE_TILE) if one_byte else shape
+        scaled = lambda: torch.zeros(shape[:3], dtype=torch.int8, device=device) if one_byte else None  # noqa: E731
         self.layers = [
             LayerKV(
                 torch.zeros(shape, dtype=dtype, device=device),
-                torch.zeros(shape, dtype=dtype, device=device),
+                torch.zeros(v_shape, dtype=dtype, device=device),
                 self.positions,
                 summarize(batch, kv_heads, slots, head_dim, device, compute_dtype) if summarize else None,
                 scaled(),

@@ -61,7 +61,7 @@ from longctx.attention.cache import LayerKV, Summarize
 from longctx.attention.decode import DecodeMethod
 from longctx.attention.mask import PositionMask
 from longctx.attention.merge import all_gather_merge
-from longctx.attention.quant import dequantize, from_stored_frame, to_stored_frame
+from longctx.attention.quant import dequantize, from_stored_frame, to_stored_frame, value_rows
 from longctx.conf.schema import check_value, option
 
 
@@ -329,7 +329,10 @@ def attend_blocks(
     allowed = mask.dense()[None, None, None] & keep[:, :, None, None, :]  # [B, Hkv, 1, T, S]
     acc = torch.promote_types(q.dtype, torch.float32)
     qf = q.to(acc).reshape(B, Hkv, g, T, D) * D**-0.5
-    kf, vf = (k.to(acc), v.to(acc)) if scales is None else (dequantize(x, s, acc) for x, s in zip((k, v), scales))
+    if scales is None:
+        kf, vf = k.to(acc), v.to(acc)
+    else:
+        kf, vf = dequantize(k, scales[0], acc), dequantize(value_rows(v, slice(0, k.shape[2])), scales[1], acc)
     scores = torch.einsum("bhgtd,bhsd->bhgts", qf, kf).masked_fill(~allowed, -math.inf)
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - lse.unsqueeze(-1).masked_fill(lse.isinf().unsqueeze(-1), 0.0))

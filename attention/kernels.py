@@ -25,7 +25,7 @@ from longctx.attention.dense import cpu_flash_attend, cpu_flash_available, dense
 from longctx.attention.fusion import fused_on_cuda
 from longctx.attention.mask import PositionMask
 from longctx.attention.merge import merge_into, merge_pair
-from longctx.attention.quant import dequantize, from_stored_frame, to_stored_frame
+from longctx.attention.quant import dequantize, from_stored_frame, to_stored_frame, value_rows
 from longctx.attention.settings import Setting
 
 FLEX_MIN_QUERIES = 128
@@ -102,7 +102,8 @@ def attend(
     scales: tuple[Tensor, Tensor] | None = None,
 ):
     """Softmax attention of q [B, Hq, T, D] over k, v [B, Hkv, S, D] (Hq a multiple of Hkv); `scales`: the
-    [B, Hkv, S] scales of k and v stored in one byte.
+    [B, Hkv, S] scales of k and v stored in one byte (v as rows or, as a cache keeps them, tiles:
+    `attention.quant.tile_values`).
 
     Returns the output [B, Hq, T, D] in q's dtype and, if asked, the natural-log log-sum-exp [B, Hq, T] in fp32
     (-inf on rows that see no key; their output is 0).
@@ -169,7 +170,8 @@ def _attend_codes(q: Tensor, k: Tensor, v: Tensor, scales: tuple[Tensor, Tensor]
     in_fp32 = _merges_in_fp32(q)
     for start, end in ranges:
         keys = slice(start, end)
-        k_part, v_part = (_dequantize(x[:, :, keys], s[:, :, keys], q.dtype) for x, s in zip((k, v), scales))
+        k_part = _dequantize(k[:, :, keys], scales[0][:, :, keys], q.dtype)
+        v_part = _dequantize(value_rows(v, keys), scales[1][:, :, keys], q.dtype)
         o, l = attend(q, k_part, v_part, mask.keys(start, end), return_lse=True)
         del k_part, v_part
         if out is None:  # one piece is its own result; more merge

@@ -49,18 +49,21 @@ def masked_scores(q, k, kp, qp, row_ok, window, scale, HAS_WINDOW: tl.constexpr,
 
 
 @triton.jit
-def _fold_tile(q, K, V, KVPOS, kv, n, n_ok, sks, svs, qp, row_ok, window, scale, m_i, l_i, acc, ek, ev,
-               D: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr, SCALED: tl.constexpr):  # fmt: skip
+def _fold_tile(q, K, V, KVPOS, kv, n, n_ok, sks, svt, qp, row_ok, window, scale, m_i, l_i, acc, ek, ev,
+               D: tl.constexpr, VT: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr,
+               SCALED: tl.constexpr):  # fmt: skip
     """The online softmax (running max m_i, sum l_i, weighted values acc) after the keys at slots n (where n_ok).
     SCALED: K and V hold FP8 or int8 codes with a scale per slot (ek, ev: the int8 exponents of the tile's key and value
     scales, `_exponents`), converted in registers (exact) to q's dtype, which the caller made fp16 on GPUs: e4m3 to
     fp16 is one instruction per pair, to bf16 three. The key scales multiply the scores; the value scales the weights,
     relative to the tile's largest (so the weights stay in [0, 1], where fp16 is as good as bf16), the largest then
-    multiplying the tile's sum. Products are summed in fp32."""
+    multiplying the tile's sum. Products are summed in fp32. V holds tiles of VT keys, [D, VT] each, svt apart (rows:
+    VT = 1)."""
     d = tl.arange(0, D)
     n64 = n.to(tl.int64)
     k = tl.load(K + kv[0] + n64[:, None] * sks + d[None, :], mask=n_ok[:, None], other=0.0)
-    v = tl.load(V + kv[1] + n64[:, None] * svs + d[None, :], mask=n_ok[:, None], other=0.0)
+    v_at = (n64 // VT) * svt + n64 % VT
+    v = tl.load(V + kv[1] + v_at[:, None] + d[None, :] * VT, mask=n_ok[:, None], other=0.0)
     kp = tl.load(KVPOS + n, mask=n_ok, other=-1)
     if SCALED:
         k, v = widen(k, q.dtype), widen(v, q.dtype)
@@ -98,9 +101,9 @@ def _exponents(KS, VS, sc, n, S, sss):
 @triton.jit
 def _lean_decode(
     Q, K, V, QPOS, KVPOS, OUT, LSE, PO, PL, LIST, COUNTS, NPARTS, DENSE, KS, VS,
-    sqb, sqh, sqt, skb, skh, sks, svb, svh, svs, sob, soh, sot, slb, slh, spo_p, spo_s, spo_r, spl_p, spl_s,
+    sqb, sqh, sqt, skb, skh, sks, svb, svh, svt, sob, soh, sot, slb, slh, spo_p, spo_s, spo_r, spl_p, spl_s,
     ssb, ssh, sss, Hkv, S, T, total, programs, tiles, window, scale,
-    G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+    G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, VT: tl.constexpr,
     HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr, SPARSE: tl.constexpr, HEADS: tl.constexpr, WALK: tl.constexpr,
     SCALED: tl.constexpr,
 ):  # fmt: skip
@@ -153,9 +156,9 @@ def _lean_decode(
         # SCALED: the scales' exponents are loaded a tile ahead, as the SPARSE walk loads its tile indices (there, once
         # the tile is folded, when the next tile's index has arrived). A tile's are BLOCK_N bytes, a byte per thread,
         # too narrow for the asynchronous copies that pipeline K and V, so loaded in the loop they would stall every
-        # tile on a memory round trip. (The value codes reach the PV product a byte per shared-memory load, as no
-        # transposing load takes one-byte elements; loading them a tile ahead into registers instead, widened to fp16
-        # there for the transposing load, was slower on an H100.)
+        # tile on a memory round trip. (Value codes stored as rows reach the PV product a byte per shared-memory load,
+        # as no transposing load takes one-byte elements, hence the cache's tiles, attention.quant.VALUE_TILE; loading
+        # rows a tile ahead into registers instead, widened to fp16 there for the transposing load, was slower.)
         ek, ev = tl.zeros([BLOCK_N], tl.int8), tl.zeros([BLOCK_N], tl.int8)
         if SCALED:
             first = unit - head_start
@@ -175,8 +178,8 @@ def _lean_decode(
                 n_next = (tl.minimum(u + 1, stop - 1) - head_start) * BLOCK_N + r
                 ek, ev = _exponents(KS, VS, sc, n_next, S, sss)
             m_i, l_i, acc = _fold_tile(
-                q, K, V, KVPOS, kv, n, n < S, sks, svs, qp, row_ok, window, scale, m_i, l_i, acc,
-                ek_u, ev_u, D, HAS_WINDOW, IEEE, SCALED,
+                q, K, V, KVPOS, kv, n, n < S, sks, svt, qp, row_ok, window, scale, m_i, l_i, acc,
+                ek_u, ev_u, D, VT, HAS_WINDOW, IEEE, SCALED,
             )  # fmt: skip
             if SCALED and SPARSE:  # (the last step loads its own tile's again: the walk's end is clamped)
                 ek, ev = _exponents(KS, VS, sc, upcoming * BLOCK_N + r, S, sss)
@@ -328,12 +331,16 @@ def run(q, k, v, mask, out, lse, parts_out, parts_lse, programs: int, max_parts:
     DENSE head walks all its tiles in order, with COUNTS = tiles, no list), with config.block_n keys per tile
     (partials by head: parts_out [heads, programs, rows, D]); `certify` = (L [heads, L_ROWS], UNREAD [heads], CERT
     like lse) for the combine to write HSR's certificate, and raise `worst` to the largest
-    (`lean.lean_sparse_attend`). `scales`: the exponents (int8 [B, Hkv, S]) of the scales of k, v stored in one byte."""
+    (`lean.lean_sparse_attend`). `scales`: the exponents (int8 [B, Hkv, S]) of the scales of k, v stored in one byte
+    (v as rows or tiles)."""
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     G = Hq // Hkv
     tiles = triton.cdiv(S, config.block_n)
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    tile = v.shape[-1] if v.dim() == 5 else 1  # values in tiles of keys (attention.quant.tile_values), or rows
+    if v.dim() == 5 and v.stride(-2) != tile:
+        v = v.contiguous()
     strides_out = (out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1))
     strides_parts = (
         parts_out.stride(0),
@@ -358,7 +365,7 @@ def run(q, k, v, mask, out, lse, parts_out, parts_lse, programs: int, max_parts:
         v.stride(0), v.stride(1), v.stride(2), *strides_out, *strides_parts,
         *((ks.stride(0), ks.stride(1), ks.stride(2)) if scales is not None else (0, 0, 0)),
         Hkv, S, T, total, programs, tiles, mask.window or 0, D**-0.5,
-        G=G, BLOCK_M=max(16, triton.next_power_of_2(G * T)), BLOCK_N=config.block_n, D=D,
+        G=G, BLOCK_M=max(16, triton.next_power_of_2(G * T)), BLOCK_N=config.block_n, D=D, VT=tile,
         HAS_WINDOW=mask.window is not None, IEEE=q.dtype.itemsize == 4, SPARSE=sparse, HEADS=heads, WALK=walk,
         SCALED=scales is not None, num_warps=config.warps, num_stages=config.stages,
     )  # fmt: skip

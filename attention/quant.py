@@ -152,6 +152,49 @@ def _build_signs(head_dim: int, device: torch.device, dtype: torch.dtype, side: 
     return (S if side > 0 else S.T) / n
 
 
+# Keys per tile of a cache's one-byte values, which it stores tile by tile transposed, [B, H, tiles, D, VALUE_TILE]
+# (`tile_values`): the weighted sum of values contracts over keys, and a tensor-core product wants its operand's
+# elements along the contracted dim side by side in memory. Keys are contracted over D, so rows of them load as they
+# are stored; values stored as rows would reach the product a byte per shared-memory load, as no transposing load
+# on these GPUs takes one-byte elements (BENCHMARKS.md, figure `fp8-lean`).
+VALUE_TILE = 64
+
+
+def tile_values(v: Tensor) -> Tensor:
+    """One-byte values [B, H, S, D] as a cache stores them: [B, H, tiles, D, VALUE_TILE], zeros past S."""
+    B, H, S, D = v.shape
+    tiles = -(-S // VALUE_TILE)
+    rows = torch.nn.functional.pad(v.view(torch.uint8), (0, 0, 0, tiles * VALUE_TILE - S))
+    return rows.view(B, H, tiles, VALUE_TILE, D).transpose(-1, -2).contiguous().view(v.dtype)
+
+
+def _as_rows(v: Tensor) -> Tensor:
+    """Tiled values (`tile_values`) viewed as [B, H, tiles, VALUE_TILE, D] (strided, no copy); rows as they are."""
+    return v.transpose(-1, -2) if v.dim() == 5 else v
+
+
+def value_rows(v: Tensor, keys: Tensor | slice) -> Tensor:
+    """The values of slots `keys` [B, H, n, D], from rows [B, H, S, D] or tiles (`tile_values`; a copy)."""
+    if v.dim() == 4:
+        return v[:, :, keys]
+    T = v.shape[-1]
+    if isinstance(keys, slice):
+        start, stop, _ = keys.indices(v.shape[2] * T)
+        first, last = start // T, -(-stop // T)
+        rows = _as_rows(v[:, :, first:last]).reshape(*v.shape[:2], -1, v.shape[-2])
+        return rows[:, :, start - first * T : stop - first * T]
+    return _as_rows(v)[:, :, keys // T, keys % T]
+
+
+def store_value_rows(v: Tensor, slots: Tensor, rows: Tensor) -> None:
+    """Write rows [B, H, n, D] to slots `slots` of values stored as rows or tiles (`tile_values`)."""
+    if v.dim() == 4:
+        v[:, :, slots] = rows
+    else:
+        T = v.shape[-1]
+        _as_rows(v)[:, :, slots // T, slots % T] = rows
+
+
 def pack(k: Tensor, v: Tensor, scales: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """Keys and values [B, H, n, D] as stored, in one tensor to send: k | v on the last dim at full width; in one
     byte (`scales`: their exponents) their bytes and a byte each for the exponents, about half the bytes of bf16."""

@@ -62,8 +62,8 @@ def _to_grid(y, INT: tl.constexpr):
 @triton.jit
 def _write(
     XK, XV, SLOTS, CK, CV, EK, EV, rows, n, H,
-    sxkb, sxkh, sxkt, sxvb, sxvh, sxvt, sckb, sckh, scks, scvb, scvh, scvs, sekb, sekh, seks, sevb, sevh, sevs,
-    TOP: tl.constexpr, INT: tl.constexpr, R: tl.constexpr, D: tl.constexpr, LOG: tl.constexpr,
+    sxkb, sxkh, sxkt, sxvb, sxvh, sxvt, sckb, sckh, scks, scvb, scvh, scvt, sekb, sekh, seks, sevb, sevh, sevs,
+    TOP: tl.constexpr, INT: tl.constexpr, R: tl.constexpr, D: tl.constexpr, LOG: tl.constexpr, VT: tl.constexpr,
     HASH: tl.constexpr, BIT: tl.constexpr,
 ):  # fmt: skip
     r = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)  # (int64 offsets: a long pass's rows times strides)
@@ -73,13 +73,12 @@ def _write(
     b = r // (n * H)
     d = tl.arange(0, D)
     slot = tl.load(SLOTS + t, mask=ok, other=0)
-    if tl.program_id(1) == 0:
+    keys = tl.program_id(1) == 0
+    if keys:
         x_at = XK + b * sxkb + h * sxkh + t * sxkt
-        c_at = CK + b * sckb + h * sckh + slot * scks
         e_at = EK + b * sekb + h * sekh + slot * seks
     else:
         x_at = XV + b * sxvb + h * sxvh + t * sxvt
-        c_at = CV + b * scvb + h * scvh + slot * scvs
         e_at = EV + b * sevb + h * sevh + slot * sevs
     x = tl.load(x_at[:, None] + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
     sign = (1 - 2 * (((d * HASH) >> BIT) & 1)).to(tl.float32)  # quant._row_signs
@@ -87,23 +86,30 @@ def _write(
     e = _exponent(tl.max(tl.abs(x), 1), TOP)
     inverse = ((127 - e) << 23).to(tl.float32, bitcast=True)  # 2^-e, exact (e <= 120 for a finite fp32 amax)
     scaled = _to_grid(tl.minimum(tl.maximum(x * inverse[:, None], -TOP), TOP), INT)
-    tl.store(c_at[:, None] + d[None, :], scaled.to(CK.dtype.element_ty), mask=ok[:, None])
+    codes = scaled.to(CK.dtype.element_ty)
+    if keys:  # rows
+        tl.store(CK + (b * sckb + h * sckh + slot * scks)[:, None] + d[None, :], codes, mask=ok[:, None])
+    else:  # tiles of VT keys, [D, VT] each (attention.quant.tile_values)
+        at = b * scvb + h * scvh + (slot // VT) * scvt + slot % VT
+        tl.store(CV + at[:, None] + d[None, :] * VT, codes, mask=ok[:, None])
     tl.store(e_at, e.to(tl.int8), mask=ok)
 
 
 def write(
     k_cache: Tensor, v_cache: Tensor, k_scale: Tensor, v_scale: Tensor, slots: Tensor, k: Tensor, v: Tensor
 ) -> None:
-    """Store k, v [B, H, n, D] (D a power of two) at `slots` of the one-byte caches [B, H, slots, D] and their scales'
-    exponents [B, H, slots], as `cache.write_kv_quantized` does."""
+    """Store k, v [B, H, n, D] (D a power of two) at `slots` of the one-byte caches, keys [B, H, slots, D] and values
+    in tiles (`attention.quant.tile_values`), and their scales' exponents [B, H, slots], as
+    `cache.write_kv_quantized` does."""
     B, H, n, D = k.shape
     k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (k, v))
     rows = B * H * n
     if rows == 0:
         return
     strides = [x.stride(i) for x in (k, v, k_cache, v_cache, k_scale, v_scale) for i in range(3)]
+    tile = v_cache.shape[-1] if v_cache.dim() == 5 else 1  # (rows: tiles of one key)
     _write[(triton.cdiv(rows, ROWS), 2)](
         k, v, slots, k_cache, v_cache, k_scale, v_scale, rows, n, H, *strides,
-        TOP=CODE_MAX[k_cache.dtype], INT=k_cache.dtype == INT8, R=ROWS, D=D, LOG=D.bit_length() - 1,
+        TOP=CODE_MAX[k_cache.dtype], INT=k_cache.dtype == INT8, R=ROWS, D=D, LOG=D.bit_length() - 1, VT=tile,
         HASH=SIGN_HASH, BIT=SIGN_BIT,
     )  # fmt: skip

@@ -27,7 +27,7 @@ from longctx.attention.dense import MASK_CHUNK_ELEMENTS
 from longctx.attention.fused import MAX_CAUSAL_SQUARE
 from longctx.attention.kernels import CPU_FLASH_MIN_QUERIES, DEQUANT_SLOTS, FLEX_MIN_QUERIES, flex_bucket
 from longctx.attention.merge import MERGE_CHUNK_ELEMENTS
-from longctx.attention.quant import FP8_CAPABILITY, ONE_BYTE, is_quantized
+from longctx.attention.quant import FP8_CAPABILITY, ONE_BYTE, VALUE_TILE, is_quantized
 from longctx.models.config import ModelArgs
 from longctx.models.transformer import FeedForward, Transformer
 from longctx.parallel.tensor import TensorParallel, local_args, valid_degrees
@@ -170,8 +170,12 @@ def _rank_plan(
     one_byte = is_quantized(s.kv_dtype)
     # keys and values as stored (FP8 or int8: a byte each and a scale's exponent per token and KV head), the slots'
     # positions (and their index), what the decode method keeps beside them
-    per_slot = 2 * Hkv * (D + 1) if one_byte else 2 * Hkv * D * (s.kv_dtype or dtype).itemsize
-    kv = args.n_layers * (per_slot * slots + s.decode.cache_bytes(slots, Hkv, D, b)) + 2 * slots * 8
+    # (one-byte values fill whole tiles of keys: attention.quant.tile_values)
+    if one_byte:
+        stored = Hkv * (D + 2) * slots + Hkv * D * (-(-slots // VALUE_TILE) * VALUE_TILE)
+    else:
+        stored = 2 * Hkv * D * (s.kv_dtype or dtype).itemsize * slots
+    kv = args.n_layers * (stored + s.decode.cache_bytes(slots, Hkv, D, b)) + 2 * slots * 8
     # phase 1: a pass of T tokens, attending to the cache (or what the strategy says)
     T = s.pass_tokens(shape.n_ctx) if shape.n_ctx else 0
     m = s.phase1_memory(shape.n_ctx, T, Hq, Hkv, D, b)
@@ -238,7 +242,8 @@ def _layer_peak(
         extra += T * Hq * D * b
     if one_byte and not (device == "cuda" and T < FLEX_MIN_QUERIES):
         piece = min(S, DEQUANT_SLOTS)
-        extra += 2 * piece * Hkv * D * b  # a piece's keys and values at full width
+        extra += 2 * piece * Hkv * D * b + piece * Hkv * D  # a piece's keys and values at full width (the values'
+        # codes copied out of their tiles first)
         if S > piece:  # the pieces' partials merged: on CUDA in q's dtype (the output so far and the merged one,
             if device == "cuda":  # with their lse), elsewhere into fp32, a chunk of rows at a time
                 extra += 2 * T * Hq * (D * b + 4)

@@ -326,7 +326,7 @@ SPARSE_KERNEL_CHECK = """
 import torch
 from longctx.attention import hsr, hsr_triton, lean, lean_triton
 from longctx.attention.mask import PositionMask
-from longctx.attention.quant import FP8, INT8, dequantize, from_stored_frame, quantize, to_stored_frame
+from longctx.attention.quant import FP8, INT8, dequantize, from_stored_frame, quantize, tile_values, to_stored_frame
 
 torch.manual_seed(0)
 cases = 0
@@ -358,10 +358,11 @@ for B, Hkv, g, T, S, block, window, filled, kind in [(1, 2, 4, 1, 1000, 16, None
         seen = want_l.isfinite()
         assert torch.equal(got_l.isfinite(), seen)
         assert torch.allclose(got_l[seen], want_l[seen], atol=1e-4) and torch.allclose(got_o, want_o.masked_fill(~seen[..., None], 0), atol=1e-4)
-        # over one-byte codes: each tile's scales, loaded a tile ahead of it, are its own, in any order of tiles
+        # over one-byte codes (values in tiles, as a cache keeps them): each tile's scales, loaded a tile ahead of it,
+        # are its own, in any order of tiles
         (k8, ke), (v8, ve) = quantize(k, FP8), quantize(v, FP8)
         want_o, want_l = hsr.attend_blocks(q, k8, v8, mask, chosen.view(B, Hkv, nb), block, scales=(ke, ve))
-        got_o, got_l = lean.lean_sparse_attend(q, k8, v8, mask, order.int(), n.int(), block, scales=(ke, ve))
+        got_o, got_l = lean.lean_sparse_attend(q, k8, tile_values(v8), mask, order.int(), n.int(), block, scales=(ke, ve))
         assert torch.equal(got_l.isfinite(), seen)
         assert torch.allclose(got_l[seen], want_l[seen], atol=1e-4) and torch.allclose(got_o, want_o.masked_fill(~seen[..., None], 0), atol=1e-4)
         cases += 2
@@ -411,7 +412,7 @@ for B, Hkv, g, T, S, block, window, filled, kind in [(1, 2, 4, 1, 1000, 16, None
         want = hsr.hsr_attend(q, k8, v8, mask, stored, 1e-3, sink=16, recent=32, scales=(ke, ve))
         stored.dense_until.zero_()
         # (the kernels read the stored frame: the queries rotated to it, the output back)
-        got = hsr._triton_attend(to_stored_frame(q), k8, v8, mask, stored, 1e-3, 16, 32, hsr._low(1e-3, nb), None, (ke, ve))
+        got = hsr._triton_attend(to_stored_frame(q), k8, tile_values(v8), mask, stored, 1e-3, 16, 32, hsr._low(1e-3, nb), None, (ke, ve))
         assert torch.equal(got.blocks_read.long(), want.blocks_read)
         assert torch.allclose(from_stored_frame(got.out), want.out, atol=1e-4) and torch.allclose(got.lse, want.lse, atol=1e-4)
         cases += 1

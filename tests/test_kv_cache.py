@@ -17,6 +17,7 @@ from longctx.attention.quant import (
     FP8_MAX,
     INT8,
     ONE_BYTE,
+    VALUE_TILE,
     dequantize,
     encode,
     from_stored_frame,
@@ -124,13 +125,13 @@ def test_the_rotation_cuts_the_score_error_of_keys_with_outlier_channels(dtype):
 WRITE_KERNEL_CHECK = """
 import torch
 from longctx.attention import quant_triton
-from longctx.attention.quant import CODE_MAX, FP8, INT8, quantize
+from longctx.attention.quant import CODE_MAX, FP8, INT8, quantize, tile_values, value_rows
 
 g = torch.Generator().manual_seed(0)
 for D in (16, 64, 128, 256):
     for dtype in (FP8, INT8):
         for given in (torch.float32, torch.bfloat16):
-            B, H, n, S = 2, 3, 6, 11
+            B, H, n, S = 2, 3, 6, 150
             k = torch.randn(B, H, n, D, generator=g) * torch.logspace(-3, 3, D)  # channels of very unlike size
             top = CODE_MAX[dtype]
             k[0, 0, 0] = 0  # a zero token: exponent 0
@@ -145,16 +146,18 @@ for D in (16, 64, 128, 256):
             k[1, 2, 4] *= -1e30
             v = torch.randn(B, n, H, D, generator=g).transpose(1, 2)  # strided as a model's are
             k, v = k.to(given), v.to(given)
-            slots = torch.tensor([7, 2, 3, 0, 10, 5])
-            caches = [torch.zeros(B, H, S, D, dtype=dtype) for _ in range(2)]
-            scales = [torch.full((B, H, S), 99, dtype=torch.int8) for _ in range(2)]
-            quant_triton.write(*caches, *scales, slots, k, v)
-            for x, cache, scale in zip((k, v), caches, scales):
-                codes, exponents = quantize(x, dtype)
-                assert torch.equal(cache[:, :, slots].view(torch.int8), codes.view(torch.int8)), (D, dtype, given)
-                assert torch.equal(scale[:, :, slots], exponents), (D, dtype, given)
-                others = [i for i in range(S) if i not in slots.tolist()]
-                assert cache[:, :, others].view(torch.int8).eq(0).all() and scale[:, :, others].eq(99).all()
+            slots = torch.tensor([70, 2, 3, 0, S - 1, 64])  # (over three tiles of values)
+            values = tile_values(torch.zeros(B, H, S, D, dtype=dtype))
+            for caches in ([torch.zeros(B, H, S, D, dtype=dtype), values], [torch.zeros(B, H, S, D, dtype=dtype)] * 2):
+                caches = [c.clone() for c in caches]  # values as a cache keeps them (tiles), or as rows
+                scales = [torch.full((B, H, S), 99, dtype=torch.int8) for _ in range(2)]
+                quant_triton.write(*caches, *scales, slots, k, v)
+                for x, cache, scale in zip((k, v), caches, scales):
+                    codes, exponents = quantize(x, dtype)
+                    assert torch.equal(value_rows(cache, slots).view(torch.int8), codes.view(torch.int8)), (D, dtype)
+                    assert torch.equal(scale[:, :, slots], exponents), (D, dtype, given)
+                    others = torch.tensor([i for i in range(S) if i not in slots.tolist()])
+                    assert value_rows(cache, others).view(torch.int8).eq(0).all() and scale[:, :, others].eq(99).all()
 nothing = torch.zeros(1, 2, 0, 16)  # a pass with no new tokens: no launch, nothing written
 caches = [torch.zeros(1, 2, 4, 16, dtype=FP8) for _ in range(2)]
 quant_triton.write(*caches, *[torch.zeros(1, 2, 4, dtype=torch.int8)] * 2, torch.zeros(0, dtype=torch.long), nothing, nothing)
@@ -240,8 +243,9 @@ def test_one_byte_cache_reads_equal_float64_attention_over_the_stored_keys(queri
     out = DenseDecode().attend(q, layer, mask, None, 1)
     ref, _ = reference(q, round_trip(k, dtype), round_trip(v, dtype), q_pos.tolist(), pos.tolist(), None)
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=0)
-    # the stored bytes are one byte each: no full-width copy of the cache is kept
-    assert layer.k.dtype == layer.v.dtype == dtype and cache.kv_bytes() == 2 * 120 * 2 * (16 + 1)
+    # the stored bytes are one byte each: no full-width copy of the cache is kept (values in whole tiles of keys)
+    value_slots = -(-120 // VALUE_TILE) * VALUE_TILE
+    assert layer.k.dtype == layer.v.dtype == dtype and cache.kv_bytes() == 2 * (120 * (16 + 2) + value_slots * 16)
 
 
 @pytest.mark.parametrize("dtype", FORMATS)

@@ -98,7 +98,7 @@ import torch
 from longctx.attention import lean
 from longctx.attention.dense import dense_attend
 from longctx.attention.mask import PositionMask
-from longctx.attention.quant import FP8, INT8, dequantize, quantize
+from longctx.attention.quant import FP8, INT8, dequantize, quantize, tile_values
 
 ar = torch.arange
 cases = [  # B, Hq, Hkv, q_pos, kv_pos, window, programs
@@ -128,6 +128,9 @@ for i, (B, hq, hkv, q_pos, kv_pos, window, programs) in enumerate(cases):
         ref, ref_lse = dense_attend(q.double(), kd, vd, mask, return_lse=True)
         torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=0)
         torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=0)
+        # the values in tiles of keys, as a cache keeps them: the same numbers
+        tiled = lean.lean_attend(q, k8, tile_values(v8), mask, programs=programs, scales=(ke, ve))
+        assert torch.equal(tiled[0], out) and torch.equal(tiled[1], lse), i
 print("kernel ok", len(cases))
 
 # bf16 queries over one-byte keys and values, as on a GPU: keys, values and queries go through fp16 in the kernel,
@@ -139,7 +142,7 @@ v = torch.randn(1, 2, 700, 16, generator=g) * torch.logspace(-3, 3, 700)[None, N
 mask = PositionMask(ar(699, 700), ar(700))
 for one_byte in (FP8, INT8):
     (k8, ke), (v8, ve) = quantize(k, one_byte), quantize(v, one_byte)
-    out, lse = lean.lean_attend(q, k8, v8, mask, programs=3, scales=(ke, ve))
+    out, lse = lean.lean_attend(q, k8, tile_values(v8), mask, programs=3, scales=(ke, ve))
     kd, vd = (dequantize(x, e, torch.float64) for x, e in ((k8, ke), (v8, ve)))
     ref, ref_lse = dense_attend(q.double(), kd, vd, mask, return_lse=True)
     assert out.dtype == torch.bfloat16

@@ -571,7 +571,15 @@ def check_one_byte(tag: str) -> bool:
     stored; prefill logits against the CPU's; chunked phase 1 and CUDA-graph decode against eager, unchunked runs."""
     from longctx.attention import lean
     from longctx.attention.cache import KVCache, kernel_writes
-    from longctx.attention.quant import ONE_BYTE, dequantize, from_stored_frame, quantize, to_stored_frame
+    from longctx.attention.quant import (
+        ONE_BYTE,
+        dequantize,
+        from_stored_frame,
+        quantize,
+        tile_values,
+        to_stored_frame,
+        value_rows,
+    )
     from longctx.models.generate import generate_tokens, prefill
 
     ok = True
@@ -597,7 +605,9 @@ def check_one_byte(tag: str) -> bool:
         (k8, ks), (v8, vs) = quantize(k, stored), quantize(v, stored)
         del k, v
         kernel = "lean" if lean.supports(q, k8, mask) else "pieces"
-        out, lse = attend(q, k8, v8, mask, return_lse=True, scales=(ks, vs))
+        out, lse = attend(
+            q, k8, tile_values(v8), mask, return_lse=True, scales=(ks, vs)
+        )  # (values as a cache keeps them)
         # float64 attention over the keys and values as stored, of the queries as `attend` rotates them to that frame
         # (attention/quant.py: rounded to bf16 once), its output rotated back
         kd, vd = (dequantize(x, e, torch.float64) for x, e in ((k8, ks), (v8, vs)))  # (exact: a code times 2^e)
@@ -618,7 +628,7 @@ def check_one_byte(tag: str) -> bool:
         same = True
         for x, codes, exponents in ((k, layer.k, layer.k_scale), (v, layer.v, layer.v_scale)):
             want, want_exponents = quantize(x.cpu(), stored)
-            same &= torch.equal(codes[:, :, slots].cpu().view(torch.int8), want.view(torch.int8))
+            same &= torch.equal(value_rows(codes, slots).cpu().view(torch.int8), want.view(torch.int8))
             same &= torch.equal(exponents[:, :, slots].cpu(), want_exponents)
         ok &= same
         kind = "kernel" if kernel_writes(k) else "torch"

@@ -249,7 +249,7 @@ def bench_lean_fp8(rec: Recorder, contexts: list[int], quick: bool = False, tune
 
     from longctx.attention import kernels, lean
     from longctx.attention.mask import PositionMask
-    from longctx.attention.quant import FP8, INT8, quantize
+    from longctx.attention.quant import FP8, INT8, quantize, tile_values
 
     table = Table(
         "decode attention over a long KV cache on the Lean kernel: bf16 against FP8 and int8 (in-kernel scales)",
@@ -273,6 +273,7 @@ def bench_lean_fp8(rec: Recorder, contexts: list[int], quick: bool = False, tune
         S = contexts[-1]
         q = torch.randn(1, 32, 1, 128, device="cuda", generator=g, dtype=torch.bfloat16)
         (k8, ks), (v8, vs) = (quantize(torch.randn(1, 8, S, 128, device="cuda", generator=g)) for _ in range(2))
+        v8 = tile_values(v8)  # (as a cache keeps them)
         mask = PositionMask(torch.tensor([S - 1], device="cuda"), torch.arange(S, device="cuda"))
         base = lean.FP8_CONFIG.get()
         for block_n, warps, stages, per_sm in itertools.product((128, 256), (4, 8), (2, 3), (1, 2)):
@@ -294,6 +295,7 @@ def bench_lean_fp8(rec: Recorder, contexts: list[int], quick: bool = False, tune
         times = []
         for stored in (FP8, INT8):
             (k8, ks), (v8, vs) = quantize(k, stored), quantize(v, stored)
+            v8 = tile_values(v8)  # (as a cache keeps them)
             times.append(graph_timed(lambda: lean.lean_attend(q, k8, v8, mask, scales=(ks, vs))))
             if stored == FP8:  # as a layer reads it: the query rotated to the stored frame, the output back
                 whole = graph_timed(lambda: kernels.attend(q, k8, v8, mask, scales=(ks, vs)))
