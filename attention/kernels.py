@@ -150,19 +150,19 @@ def attend(
 
 def _attend_stored(q: Tensor, k: Tensor, v: Tensor, scales: tuple[Tensor, Tensor], mask: PositionMask):
     """`attend` over one-byte keys and values, in the frame they are stored in (attention/quant.py): the queries
-    rotated to it, the output back."""
+    rotated to it, the output back. Decode and short queries take the Lean kernel, which scales and rotates in its
+    loop; others the pieces (`_attend_codes`)."""
+    if q.is_cuda and not use_flex(q) and lean.supports(q, k, mask):
+        try:
+            return lean.lean_attend(q, k, v, mask, scales=scales, stored_frame=True)
+        except lean.LeanDoesNotFit:
+            pass
     out, lse = _attend_codes(to_stored_frame(q), k, v, scales, mask)
     return from_stored_frame(out), lse
 
 
 def _attend_codes(q: Tensor, k: Tensor, v: Tensor, scales: tuple[Tensor, Tensor], mask: PositionMask):
-    """Attention of rotated queries over the stored codes: on the Lean kernel, which scales in its loop, or
-    DEQUANT_SLOTS slots at a time dequantized and merged."""
-    if q.is_cuda and not use_flex(q) and lean.supports(q, k, mask):  # decode and short queries
-        try:
-            return lean.lean_attend(q, k, v, mask, scales=scales)
-        except lean.LeanDoesNotFit:
-            pass
+    """Attention of rotated queries over the stored codes, DEQUANT_SLOTS slots at a time dequantized and merged."""
     ranges = mask.key_ranges(DEQUANT_SLOTS)
     if not ranges:  # no slot holds a token
         return q.new_zeros(q.shape), torch.full(q.shape[:3], float("-inf"), device=q.device)

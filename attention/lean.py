@@ -217,9 +217,12 @@ def lean_attend(
     mask: PositionMask,
     programs: int | None = None,
     scales: tuple[Tensor, Tensor] | None = None,
+    stored_frame: bool = False,
 ):
     """Decode attention with the Lean schedule; returns (output in q's dtype, lse fp32). `scales`: those of k, v
-    stored in one byte ([B, Hkv, S] each), applied inside the kernel.
+    stored in one byte ([B, Hkv, S] each), applied inside the kernel. `stored_frame`: k, v are stored rotated
+    (attention/quant.py) and q and the output are not: the kernel rotates the queries as it loads them and its outputs
+    as it stores them, which in a decode step saves two small launches per layer.
 
     A program holds at most MAX_ROWS query rows (GQA group x query tokens; fewer where they overflow shared memory):
     more query tokens run in chunks. Raises LeanDoesNotFit where not even one query token's rows fit.
@@ -239,6 +242,7 @@ def lean_attend(
                 PositionMask(mask.q_pos[i : i + per_chunk], mask.kv_pos, mask.window),
                 programs,
                 scales,
+                stored_frame,
             )
             for i in range(0, q.shape[2], per_chunk)
         ]
@@ -258,11 +262,12 @@ def lean_attend(
     parts_lse = torch.empty(parts_out.shape[:3], dtype=torch.float32, device=q.device)
     try:
         parts = (parts_out, parts_lse, programs, max_parts(heads, tiles, programs))
-        _triton().run(q, k, v, mask, out, lse, *parts, _fitted(q, config, k.element_size()), scales=scales)
+        config = _fitted(q, config, k.element_size())
+        _triton().run(q, k, v, mask, out, lse, *parts, config, scales=scales, rotate=stored_frame)
     except _triton().OutOfResources:
         # Nothing was launched: retry with half the rows per program (chunks of fewer query tokens).
         _ROWS[key] = (_ROWS.get(key, MAX_ROWS) // 2) if q.shape[2] > 1 else 0
-        return lean_attend(q, k, v, mask, programs, scales)
+        return lean_attend(q, k, v, mask, programs, scales, stored_frame)
     return out, lse
 
 

@@ -21,6 +21,8 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources  # noqa: F401  (lean.lean_attend catches it)
 
+from longctx.attention.quant_triton import hadamard, row_signs
+
 COMBINE_CHUNK = 32  # partials the combine merges per step, at most
 
 
@@ -105,7 +107,7 @@ def _lean_decode(
     ssb, ssh, sss, Hkv, S, T, total, programs, tiles, window, scale,
     G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, VT: tl.constexpr,
     HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr, SPARSE: tl.constexpr, HEADS: tl.constexpr, WALK: tl.constexpr,
-    SCALED: tl.constexpr,
+    SCALED: tl.constexpr, ROTATE: tl.constexpr, LOG: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     if SPARSE:
@@ -140,6 +142,8 @@ def _lean_decode(
         q = tl.load(
             Q + b * sqb + (h * G + j)[:, None] * sqh + t[:, None] * sqt + d[None, :], mask=row_ok[:, None], other=0.0
         )
+        if ROTATE:  # to the frame the keys are stored in (attention.quant.to_stored_frame), in fp32
+            q = hadamard(q.to(tl.float32) * row_signs(d)[None, :], BLOCK_M, D, LOG) * (1.0 / D)
         if SCALED and not IEEE:
             q = q.to(tl.float16)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -186,6 +190,8 @@ def _lean_decode(
         seen = l_i > 0
         denom = tl.where(seen, l_i, 1.0)
         out = acc / denom[:, None]
+        if ROTATE:  # back from the stored frame (quant.from_stored_frame); partials too, as the merge is linear in them
+            out = hadamard(out, BLOCK_M, D, LOG) * row_signs(d)[None, :] * (1.0 / D)
         lse = tl.where(seen, m_i + tl.log(denom), float("-inf"))
         if (unit == head_start) & (stop == head_end):  # the whole head in this program
             tl.store(
@@ -324,7 +330,7 @@ def _lean_combine(
 
 
 def run(q, k, v, mask, out, lse, parts_out, parts_lse, programs: int, max_parts: int, config, tile_list=None, certify=None,
-        worst=None, scales=None) -> None:  # fmt: skip
+        worst=None, scales=None, rotate: bool = False) -> None:  # fmt: skip
     """Both launches, with `config`'s settings (its stages already fitted to shared memory: `lean._fitted`).
 
     `tile_list` = (LIST [heads, tiles], COUNTS [heads], NPARTS [heads], DENSE [heads] or None) for the SPARSE walk (a
@@ -332,7 +338,7 @@ def run(q, k, v, mask, out, lse, parts_out, parts_lse, programs: int, max_parts:
     (partials by head: parts_out [heads, programs, rows, D]); `certify` = (L [heads, L_ROWS], UNREAD [heads], CERT
     like lse) for the combine to write HSR's certificate, and raise `worst` to the largest
     (`lean.lean_sparse_attend`). `scales`: the exponents (int8 [B, Hkv, S]) of the scales of k, v stored in one byte
-    (v as rows or tiles)."""
+    (v as rows or tiles); `rotate`: q to their stored frame, the output back (a power-of-two head dim)."""
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     G = Hq // Hkv
@@ -367,7 +373,8 @@ def run(q, k, v, mask, out, lse, parts_out, parts_lse, programs: int, max_parts:
         Hkv, S, T, total, programs, tiles, mask.window or 0, D**-0.5,
         G=G, BLOCK_M=max(16, triton.next_power_of_2(G * T)), BLOCK_N=config.block_n, D=D, VT=tile,
         HAS_WINDOW=mask.window is not None, IEEE=q.dtype.itemsize == 4, SPARSE=sparse, HEADS=heads, WALK=walk,
-        SCALED=scales is not None, num_warps=config.warps, num_stages=config.stages,
+        SCALED=scales is not None, ROTATE=rotate, LOG=D.bit_length() - 1, num_warps=config.warps,
+        num_stages=config.stages,
     )  # fmt: skip
     if max_parts > 1 or sparse:
         _lean_combine[(B * Hkv, G * T)](

@@ -18,15 +18,23 @@ from torch import Tensor
 from longctx.attention.quant import CODE_MAX, INT8, SIGN_BIT, SIGN_HASH
 
 ROWS = 16  # rows (tokens x KV heads) per program
+_HASH, _BIT = tl.constexpr(SIGN_HASH), tl.constexpr(SIGN_BIT)  # (a kernel reads globals only as constexprs)
 
 
 @triton.jit
-def _hadamard(x, R: tl.constexpr, D: tl.constexpr, LOG: tl.constexpr):
-    """Rows x [R, D] times S (quant._hadamard): stage k sums and subtracts the pairs that differ in bit k."""
+def hadamard(x, R: tl.constexpr, D: tl.constexpr, LOG: tl.constexpr):
+    """Rows x [R, D] times the Walsh-Hadamard matrix H (S is H with its rows' signs, quant._hadamard): stage k sums
+    and subtracts the pairs that differ in bit k."""
     for _ in tl.static_range(LOG):
         a, b = tl.split(tl.reshape(x, [R, D // 2, 2]))
         x = tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 2, 1)), [R, D])
     return x
+
+
+@triton.jit
+def row_signs(d):
+    """quant._row_signs of channels d, as fp32."""
+    return (1 - 2 * (((d * _HASH) >> _BIT) & 1)).to(tl.float32)
 
 
 @triton.jit
@@ -64,7 +72,6 @@ def _write(
     XK, XV, SLOTS, CK, CV, EK, EV, rows, n, H,
     sxkb, sxkh, sxkt, sxvb, sxvh, sxvt, sckb, sckh, scks, scvb, scvh, scvt, sekb, sekh, seks, sevb, sevh, sevs,
     TOP: tl.constexpr, INT: tl.constexpr, R: tl.constexpr, D: tl.constexpr, LOG: tl.constexpr, VT: tl.constexpr,
-    HASH: tl.constexpr, BIT: tl.constexpr,
 ):  # fmt: skip
     r = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)  # (int64 offsets: a long pass's rows times strides)
     ok = r < rows
@@ -81,8 +88,7 @@ def _write(
         x_at = XV + b * sxvb + h * sxvh + t * sxvt
         e_at = EV + b * sevb + h * sevh + slot * sevs
     x = tl.load(x_at[:, None] + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-    sign = (1 - 2 * (((d * HASH) >> BIT) & 1)).to(tl.float32)  # quant._row_signs
-    x = _hadamard(x * sign[None, :], R, D, LOG)
+    x = hadamard(x * row_signs(d)[None, :], R, D, LOG)
     e = _exponent(tl.max(tl.abs(x), 1), TOP)
     inverse = ((127 - e) << 23).to(tl.float32, bitcast=True)  # 2^-e, exact (e <= 120 for a finite fp32 amax)
     scaled = _to_grid(tl.minimum(tl.maximum(x * inverse[:, None], -TOP), TOP), INT)
@@ -111,5 +117,4 @@ def write(
     _write[(triton.cdiv(rows, ROWS), 2)](
         k, v, slots, k_cache, v_cache, k_scale, v_scale, rows, n, H, *strides,
         TOP=CODE_MAX[k_cache.dtype], INT=k_cache.dtype == INT8, R=ROWS, D=D, LOG=D.bit_length() - 1, VT=tile,
-        HASH=SIGN_HASH, BIT=SIGN_BIT,
     )  # fmt: skip

@@ -98,7 +98,7 @@ import torch
 from longctx.attention import lean
 from longctx.attention.dense import dense_attend
 from longctx.attention.mask import PositionMask
-from longctx.attention.quant import FP8, INT8, dequantize, quantize, tile_values
+from longctx.attention.quant import FP8, INT8, dequantize, from_stored_frame, quantize, tile_values, to_stored_frame
 
 ar = torch.arange
 cases = [  # B, Hq, Hkv, q_pos, kv_pos, window, programs
@@ -131,10 +131,17 @@ for i, (B, hq, hkv, q_pos, kv_pos, window, programs) in enumerate(cases):
         # the values in tiles of keys, as a cache keeps them: the same numbers
         tiled = lean.lean_attend(q, k8, tile_values(v8), mask, programs=programs, scales=(ke, ve))
         assert torch.equal(tiled[0], out) and torch.equal(tiled[1], lse), i
+        # queries and output in the frame the model gives and takes them, rotated in the kernel: as rotated outside
+        # (q' = q S / n; out = out' S^T / n, attention/quant.py)
+        given = from_stored_frame(q) * 16
+        framed, framed_lse = lean.lean_attend(given, k8, v8, mask, programs, (ke, ve), stored_frame=True)
+        torch.testing.assert_close(to_stored_frame(framed).double() * 16, ref, atol=2e-5, rtol=0)
+        torch.testing.assert_close(framed_lse.double(), ref_lse, atol=2e-5, rtol=0)
 print("kernel ok", len(cases))
 
-# bf16 queries over one-byte keys and values, as on a GPU: keys, values and queries go through fp16 in the kernel,
-# the values' scales relative to each tile's largest; values spanning six decades keep fp16's relative precision
+# bf16 queries over one-byte keys and values, as on a GPU (rotated in the kernel): keys, values and queries go through
+# fp16 in the kernel, the values' scales relative to each tile's largest; values spanning six decades keep fp16's
+# relative precision
 g = torch.Generator().manual_seed(7)
 q = torch.randn(1, 8, 1, 16, generator=g).bfloat16()
 k = torch.randn(1, 2, 700, 16, generator=g) * 2
@@ -142,9 +149,11 @@ v = torch.randn(1, 2, 700, 16, generator=g) * torch.logspace(-3, 3, 700)[None, N
 mask = PositionMask(ar(699, 700), ar(700))
 for one_byte in (FP8, INT8):
     (k8, ke), (v8, ve) = quantize(k, one_byte), quantize(v, one_byte)
-    out, lse = lean.lean_attend(q, k8, tile_values(v8), mask, programs=3, scales=(ke, ve))
+    out, lse = lean.lean_attend(q, k8, tile_values(v8), mask, programs=3, scales=(ke, ve), stored_frame=True)
     kd, vd = (dequantize(x, e, torch.float64) for x, e in ((k8, ke), (v8, ve)))
-    ref, ref_lse = dense_attend(q.double(), kd, vd, mask, return_lse=True)
+    # (the kernel rounds the rotated queries to fp16 once, as it rounds the given ones where it does not rotate)
+    ref, ref_lse = dense_attend(to_stored_frame(q.double()).half().double(), kd, vd, mask, return_lse=True)
+    ref = from_stored_frame(ref)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.double(), ref, atol=1e-2 * ref.abs().max().item(), rtol=0)
     torch.testing.assert_close(lse.double(), ref_lse, atol=1e-4, rtol=0)
