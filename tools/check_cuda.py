@@ -571,6 +571,7 @@ def check_one_byte(tag: str) -> bool:
     stored; prefill logits against the CPU's; chunked phase 1 and CUDA-graph decode against eager, unchunked runs."""
     from longctx.attention import lean
     from longctx.attention.cache import KVCache, kernel_writes
+    from longctx.attention.kernels import use_flex
     from longctx.attention.quant import (
         ONE_BYTE,
         dequantize,
@@ -604,14 +605,15 @@ def check_one_byte(tag: str) -> bool:
         v = torch.randn(B, hkv, len(kv_pos), D, device="cuda", generator=g).bfloat16()
         (k8, ks), (v8, vs) = quantize(k, stored), quantize(v, stored)
         del k, v
-        kernel = "lean" if lean.supports(q, k8, mask) else "pieces"
-        out, lse = attend(
-            q, k8, tile_values(v8), mask, return_lse=True, scales=(ks, vs)
-        )  # (values as a cache keeps them)
+        kernel = "lean" if lean.supports(q, k8, mask) and not use_flex(q) else "pieces"
+        # (the values as a cache keeps them)
+        out, lse = attend(q, k8, tile_values(v8), mask, return_lse=True, scales=(ks, vs))
         # float64 attention over the keys and values as stored, of the queries as `attend` rotates them to that frame
-        # (attention/quant.py: rounded to bf16 once), its output rotated back
+        # and rounds them once (attention/quant.py; the Lean kernel rotates them in fp32 and rounds them to fp16, the
+        # other paths to q's dtype), its output rotated back
         kd, vd = (dequantize(x, e, torch.float64) for x, e in ((k8, ks), (v8, vs)))  # (exact: a code times 2^e)
-        ref, ref_lse = dense_attend(to_stored_frame(q).double(), kd, vd, mask, return_lse=True)
+        rotated = to_stored_frame(q.double()).half() if kernel == "lean" else to_stored_frame(q)
+        ref, ref_lse = dense_attend(rotated.double(), kd, vd, mask, return_lse=True)
         ref = from_stored_frame(ref)
         err = ((out.double() - ref).abs().max() / ref.abs().max()).item()
         lse_err = (lse.double() - ref_lse).abs().max().item()
