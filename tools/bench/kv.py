@@ -308,8 +308,9 @@ def bench_lean_fp8(rec: Recorder, contexts: list[int], quick: bool = False, tune
         table.rows.append(row)
     table.notes.append(
         "CUDA-graph replay times of the kernel alone (speedups and GB/s are of it) and, for FP8, of the read as a layer "
-        "makes it (`attention.kernels.attend`: with the query's rotation to the stored frame and the output's back, "
-        "attention/quant.py); bytes: keys and values read (one byte: with their scales' exponents)."
+        "makes it (`attention.kernels.attend`: the kernel rotating the queries to the stored frame and its output "
+        "back, attention/quant.py); values in tiles of keys, as a cache keeps them (`attention.quant.tile_values`); "
+        "bytes: keys and values read (one byte: with their scales' exponents)."
     )
     return [table]
 
