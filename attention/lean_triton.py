@@ -51,7 +51,7 @@ def masked_scores(q, k, kp, qp, row_ok, window, scale, HAS_WINDOW: tl.constexpr,
 
 
 @triton.jit
-def _fold_tile(q, K, V, KVPOS, kv, n, n_ok, sks, svt, qp, row_ok, window, scale, m_i, l_i, acc, ek, ev,
+def _fold_tile(q, K, V, KVPOS, kv, n, n_ok, v_slots, sks, svt, qp, row_ok, window, scale, m_i, l_i, acc, ek, ev,
                D: tl.constexpr, VT: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr,
                SCALED: tl.constexpr):  # fmt: skip
     """The online softmax (running max m_i, sum l_i, weighted values acc) after the keys at slots n (where n_ok).
@@ -60,12 +60,14 @@ def _fold_tile(q, K, V, KVPOS, kv, n, n_ok, sks, svt, qp, row_ok, window, scale,
     fp16 is one instruction per pair, to bf16 three. The key scales multiply the scores; the value scales the weights,
     relative to the tile's largest (so the weights stay in [0, 1], where fp16 is as good as bf16), the largest then
     multiplying the tile's sum. Products are summed in fp32. V holds tiles of VT keys, [D, VT] each, svt apart (rows:
-    VT = 1)."""
+    VT = 1), v_slots keys in all: its loads are masked by that, a multiple of VT, not by n_ok, so that a mask along the
+    keys, which tiles keep side by side, still lets them load 16 bytes at a time (the slots past n_ok hold zeros, and
+    their weights are 0)."""
     d = tl.arange(0, D)
     n64 = n.to(tl.int64)
     k = tl.load(K + kv[0] + n64[:, None] * sks + d[None, :], mask=n_ok[:, None], other=0.0)
     v_at = (n64 // VT) * svt + n64 % VT
-    v = tl.load(V + kv[1] + v_at[:, None] + d[None, :] * VT, mask=n_ok[:, None], other=0.0)
+    v = tl.load(V + kv[1] + v_at[:, None] + d[None, :] * VT, mask=(n < v_slots)[:, None], other=0.0)
     kp = tl.load(KVPOS + n, mask=n_ok, other=-1)
     if SCALED:
         k, v = widen(k, q.dtype), widen(v, q.dtype)
@@ -104,7 +106,7 @@ def _exponents(KS, VS, sc, n, S, sss):
 def _lean_decode(
     Q, K, V, QPOS, KVPOS, OUT, LSE, PO, PL, LIST, COUNTS, NPARTS, DENSE, KS, VS,
     sqb, sqh, sqt, skb, skh, sks, svb, svh, svt, sob, soh, sot, slb, slh, spo_p, spo_s, spo_r, spl_p, spl_s,
-    ssb, ssh, sss, Hkv, S, T, total, programs, tiles, window, scale,
+    ssb, ssh, sss, Hkv, S, v_slots, T, total, programs, tiles, window, scale,
     G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, VT: tl.constexpr,
     HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr, SPARSE: tl.constexpr, HEADS: tl.constexpr, WALK: tl.constexpr,
     SCALED: tl.constexpr, ROTATE: tl.constexpr, LOG: tl.constexpr,
@@ -182,7 +184,7 @@ def _lean_decode(
                 n_next = (tl.minimum(u + 1, stop - 1) - head_start) * BLOCK_N + r
                 ek, ev = _exponents(KS, VS, sc, n_next, S, sss)
             m_i, l_i, acc = _fold_tile(
-                q, K, V, KVPOS, kv, n, n < S, sks, svt, qp, row_ok, window, scale, m_i, l_i, acc,
+                q, K, V, KVPOS, kv, n, n < S, v_slots, sks, svt, qp, row_ok, window, scale, m_i, l_i, acc,
                 ek_u, ev_u, D, VT, HAS_WINDOW, IEEE, SCALED,
             )  # fmt: skip
             if SCALED and SPARSE:  # (the last step loads its own tile's again: the walk's end is clamped)
@@ -370,7 +372,7 @@ def run(q, k, v, mask, out, lse, parts_out, parts_lse, programs: int, max_parts:
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), *strides_out, *strides_parts,
         *((ks.stride(0), ks.stride(1), ks.stride(2)) if scales is not None else (0, 0, 0)),
-        Hkv, S, T, total, programs, tiles, mask.window or 0, D**-0.5,
+        Hkv, S, v.shape[2] * tile, T, total, programs, tiles, mask.window or 0, D**-0.5,
         G=G, BLOCK_M=max(16, triton.next_power_of_2(G * T)), BLOCK_N=config.block_n, D=D, VT=tile,
         HAS_WINDOW=mask.window is not None, IEEE=q.dtype.itemsize == 4, SPARSE=sparse, HEADS=heads, WALK=walk,
         SCALED=scales is not None, ROTATE=rotate, LOG=D.bit_length() - 1, num_warps=config.warps,
