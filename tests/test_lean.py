@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import re
 
 import pytest
 import torch
@@ -198,3 +199,46 @@ def test_pipeline_stages_shrink_to_fit_shared_memory():
     assert stages_that_fit(256, 2, h100) == 2
     assert stages_that_fit(256, 4, h100) == 0  # one stage of fp32 K/V at head dim 256 is already 256 KB
     assert stages_that_fit(64, 4, 99 * 1024) == 2
+
+
+def _hopper_ptx(divisible_by_16: tuple[str, ...]) -> str:
+    """The decode kernel over FP8 codes (values in tiles, Llama-3.1-8B's group and head dim) compiled for sm_90 without
+    a GPU, as a launch specializes it: the integer arguments named in `divisible_by_16`, and every pointer, known to be
+    multiples of 16."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from longctx.attention import lean_triton
+
+    fn = lean_triton._lean_decode
+    names = fn.arg_names
+    consts = dict(G=4, BLOCK_M=16, BLOCK_N=128, D=128, VT=64, HAS_WINDOW=False, IEEE=False, SPARSE=False, HEADS=8,
+                  WALK=False, SCALED=True, ROTATE=True, LOG=7, sss=1, sot=1, sqt=1)  # fmt: skip
+    pointers = {"Q": "*bf16", "K": "*fp8e4nv", "V": "*fp8e4nv", "OUT": "*bf16", "KS": "*i8", "VS": "*i8",
+                "QPOS": "*i64", "KVPOS": "*i64", "LSE": "*fp32", "PO": "*fp32", "PL": "*fp32"}  # fmt: skip
+    signature = {n: "constexpr" if n in consts else pointers.get(n, "fp32" if n == "scale" else "i32") for n in names}
+    aligned = [n for n in names if signature[n].startswith("*") or n in divisible_by_16]
+    source = ASTSource(
+        fn=fn,
+        signature=signature,
+        constexprs={(names.index(n),): v for n, v in consts.items()},
+        attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned},
+    )
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=3)).asm["ptx"]
+
+
+def test_hopper_code_loads_tiled_values_16_bytes_at_a_time_whatever_the_cache_length():
+    """Compiled for an H100 (offline): one-byte values reach the PV product by matrix loads, not a byte per shared-memory
+    load (why a cache keeps them in tiles, attention.quant.VALUE_TILE), and their 16-byte asynchronous copies do not
+    depend on the cache's slot count being a multiple of 16, which a decode step's cache (context + new tokens) is
+    not: masked by that count along the keys, the values' copies became plain loads and FP8 decode fell behind bf16."""
+    strides = ("sqb", "sqh", "skb", "skh", "sks", "svb", "svh", "svt", "sob", "soh", "slb", "slh", "spo_p", "spo_s",
+               "spo_r", "spl_p", "spl_s", "ssb", "total", "tiles", "v_slots")  # fmt: skip
+    try:
+        loose, aligned = _hopper_ptx(strides), _hopper_ptx(strides + ("S", "ssh"))
+    except ImportError as e:  # a Triton without its CUDA backend
+        pytest.skip(f"no offline sm_90 compile: {e}")
+    copies = lambda ptx: len(re.findall(r"cp\.async\.c[ag]\.shared\.global \[[^]]*\], \[[^]]*\], 0x10", ptx))  # noqa: E731
+    assert "ld.shared.b8" not in loose and "ldmatrix" in loose
+    assert copies(aligned) >= 32 and copies(loose) == copies(aligned)
