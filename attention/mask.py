@@ -64,15 +64,23 @@ class PositionMask:
         return self._padded[queries, keys]
 
     def key_ranges(self, size: int) -> list[tuple[int, int]]:
-        """[start, end) of the runs of `size` slots that hold a real token (every run while a CUDA graph is being
+        """[start, end) within each run of `size` slots, from its first to its last slot whose token some query may
+        see (causally, and within the window), runs with none left out (every run, whole, while a CUDA graph is being
         captured, which cannot ask); found once and shared by every layer."""
         S = self.kv_pos.numel()
         runs = [(s, min(s + size, S)) for s in range(0, S, size)]
         if self.kv_pos.is_cuda and torch.cuda.is_current_stream_capturing():
             return runs
         if ("ranges", size) not in self._keys:
-            held = torch.nn.functional.pad(self.kv_pos >= 0, (0, len(runs) * size - S)).view(-1, size).any(1)
-            self._keys["ranges", size] = [r for r, h in zip(runs, held.tolist()) if h]
+            kp, qp = self.kv_pos, self.q_pos
+            seen = (kp >= 0) & (kp <= qp.max()) if qp.numel() else torch.zeros_like(kp, dtype=torch.bool)
+            if self.window is not None and qp.numel():
+                seen &= kp > qp.min() - self.window
+            seen = torch.nn.functional.pad(seen, (0, len(runs) * size - S)).view(-1, size)
+            at = torch.arange(size, device=kp.device)
+            first = torch.where(seen, at, size).amin(1).tolist()
+            last = torch.where(seen, at, -1).amax(1).tolist()
+            self._keys["ranges", size] = [(s + f, s + e + 1) for (s, _), f, e in zip(runs, first, last) if e >= 0]
         return self._keys["ranges", size]
 
     def keys(self, start: int, end: int) -> "PositionMask":

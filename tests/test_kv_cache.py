@@ -248,6 +248,28 @@ def test_one_byte_cache_reads_equal_float64_attention_over_the_stored_keys(queri
     assert layer.k.dtype == layer.v.dtype == dtype and cache.kv_bytes() == 2 * (120 * (16 + 2) + value_slots * 16)
 
 
+@pytest.mark.parametrize("queries", [1, 3])
+@pytest.mark.parametrize("dtype", FORMATS)
+def test_one_byte_reads_dequantize_only_the_slots_a_query_may_see(queries, dtype, monkeypatch):
+    """Through a sliding window (or causally) most slots are out of sight: the pieces dequantized start and end at
+    visible slots, and the output is still float64 attention over the stored keys."""
+    monkeypatch.setattr(kernels, "DEQUANT_SLOTS", 16)
+    cache, pos, k, v = _filled_cache(120, 90, dtype)
+    layer = cache.layers[0]
+    q = torch.randn(1, 4, queries, 16, generator=torch.Generator().manual_seed(4))
+    q_pos = torch.arange(150, 150 + queries)
+    for window in (None, 40):
+        mask = PositionMask(q_pos, cache.positions, window)
+        visible = [s for s, p in enumerate(cache.positions.tolist()) if 0 <= p <= q_pos[-1] and (
+            window is None or p > q_pos[0] - window)]  # fmt: skip
+        ranges = mask.key_ranges(kernels.DEQUANT_SLOTS)
+        assert all(any(a <= s < b for a, b in ranges) for s in visible)
+        assert all(a in visible and b - 1 in visible for a, b in ranges)  # (trimmed to visible slots)
+        out = DenseDecode().attend(q, layer, mask, None, 1)
+        ref, _ = reference(q, round_trip(k, dtype), round_trip(v, dtype), q_pos.tolist(), pos.tolist(), window)
+        torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=0)
+
+
 @pytest.mark.parametrize("dtype", FORMATS)
 def test_hsr_reads_one_byte_keys_and_summarizes_them_as_stored(dtype):
     method = HSRDecode(eps=1e-3, block=8, sink=0, recent=8)
