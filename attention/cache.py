@@ -41,6 +41,7 @@ from longctx.attention.quant import (
     round_trip,
     store_value_rows,
     value_rows,
+    value_tiles,
 )
 
 
@@ -161,8 +162,7 @@ class KVCache:
         self.used = 0
         shape = (batch, kv_heads, slots, head_dim)
         one_byte = is_quantized(dtype)
-        tiles = -(-slots // VALUE_TILE)
-        v_shape = (batch, kv_heads, tiles, head_dim, VALUE_TILE) if one_byte else shape
+        v_shape = (batch, kv_heads, value_tiles(slots), head_dim, VALUE_TILE) if one_byte else shape
         scaled = lambda: torch.zeros(shape[:3], dtype=torch.int8, device=device) if one_byte else None  # noqa: E731
         self.layers = [
             LayerKV(

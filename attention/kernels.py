@@ -164,7 +164,7 @@ def _attend_stored(q: Tensor, k: Tensor, v: Tensor, scales: tuple[Tensor, Tensor
 def _attend_codes(q: Tensor, k: Tensor, v: Tensor, scales: tuple[Tensor, Tensor], mask: PositionMask):
     """Attention of rotated queries over the stored codes, DEQUANT_SLOTS slots at a time dequantized and merged."""
     ranges = mask.key_ranges(DEQUANT_SLOTS)
-    if not ranges:  # no slot holds a token
+    if not ranges:  # no slot holds a token a query may see
         return q.new_zeros(q.shape), torch.full(q.shape[:3], float("-inf"), device=q.device)
     out = lse = None
     in_fp32 = _merges_in_fp32(q)

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources  # noqa: F401  (lean.lean_attend catches it)
 
+from longctx.attention.quant import value_tile
 from longctx.attention.quant_triton import hadamard, row_signs
 
 COMBINE_CHUNK = 32  # partials the combine merges per step, at most
@@ -346,8 +347,8 @@ def run(q, k, v, mask, out, lse, parts_out, parts_lse, programs: int, max_parts:
     G = Hq // Hkv
     tiles = triton.cdiv(S, config.block_n)
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    tile = v.shape[-1] if v.dim() == 5 else 1  # values in tiles of keys (attention.quant.tile_values), or rows
-    if v.dim() == 5 and v.stride(-2) != tile:
+    tile = value_tile(v)  # values in tiles of keys (attention.quant.tile_values), or rows
+    if tile > 1 and v.stride(-2) != tile:
         v = v.contiguous()
     strides_out = (out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1))
     strides_parts = (

@@ -73,9 +73,13 @@ class PositionMask:
             return runs
         if ("ranges", size) not in self._keys:
             kp, qp = self.kv_pos, self.q_pos
-            seen = (kp >= 0) & (kp <= qp.max()) if qp.numel() else torch.zeros_like(kp, dtype=torch.bool)
-            if self.window is not None and qp.numel():
-                seen &= kp > qp.min() - self.window
+            seen = kp >= 0
+            if qp.numel() == 0:  # (no query sees anything)
+                seen = torch.zeros_like(seen)
+            else:
+                seen &= kp <= qp.max()
+                if self.window is not None:
+                    seen &= kp > qp.min() - self.window
             seen = torch.nn.functional.pad(seen, (0, len(runs) * size - S)).view(-1, size)
             at = torch.arange(size, device=kp.device)
             first = torch.where(seen, at, size).amin(1).tolist()

@@ -160,10 +160,20 @@ def _build_signs(head_dim: int, device: torch.device, dtype: torch.dtype, side: 
 VALUE_TILE = 64
 
 
+def value_tiles(slots: int) -> int:
+    """Tiles of VALUE_TILE keys that hold `slots` values."""
+    return -(-slots // VALUE_TILE)
+
+
+def value_tile(v: Tensor) -> int:
+    """Keys per tile of values stored in tiles (`tile_values`); 1 for rows [B, H, S, D]."""
+    return v.shape[-1] if v.dim() == 5 else 1
+
+
 def tile_values(v: Tensor) -> Tensor:
     """One-byte values [B, H, S, D] as a cache stores them: [B, H, tiles, D, VALUE_TILE], zeros past S."""
     B, H, S, D = v.shape
-    tiles = -(-S // VALUE_TILE)
+    tiles = value_tiles(S)
     rows = torch.nn.functional.pad(v.view(torch.uint8), (0, 0, 0, tiles * VALUE_TILE - S))
     return rows.view(B, H, tiles, VALUE_TILE, D).transpose(-1, -2).contiguous().view(v.dtype)
 

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from longctx.attention.quant import CODE_MAX, INT8, SIGN_BIT, SIGN_HASH
+from longctx.attention.quant import CODE_MAX, INT8, SIGN_BIT, SIGN_HASH, value_tile
 
 ROWS = 16  # rows (tokens x KV heads) per program
 _HASH, _BIT = tl.constexpr(SIGN_HASH), tl.constexpr(SIGN_BIT)  # (a kernel reads globals only as constexprs)
@@ -113,7 +113,7 @@ def write(
     if rows == 0:
         return
     strides = [x.stride(i) for x in (k, v, k_cache, v_cache, k_scale, v_scale) for i in range(3)]
-    tile = v_cache.shape[-1] if v_cache.dim() == 5 else 1  # (rows: tiles of one key)
+    tile = value_tile(v_cache)
     _write[(triton.cdiv(rows, ROWS), 2)](
         k, v, slots, k_cache, v_cache, k_scale, v_scale, rows, n, H, *strides,
         TOP=CODE_MAX[k_cache.dtype], INT=k_cache.dtype == INT8, R=ROWS, D=D, LOG=D.bit_length() - 1, VT=tile,

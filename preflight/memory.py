@@ -27,7 +27,7 @@ from longctx.attention.dense import MASK_CHUNK_ELEMENTS
 from longctx.attention.fused import MAX_CAUSAL_SQUARE
 from longctx.attention.kernels import CPU_FLASH_MIN_QUERIES, DEQUANT_SLOTS, FLEX_MIN_QUERIES, flex_bucket
 from longctx.attention.merge import MERGE_CHUNK_ELEMENTS
-from longctx.attention.quant import FP8_CAPABILITY, ONE_BYTE, VALUE_TILE, is_quantized
+from longctx.attention.quant import FP8_CAPABILITY, ONE_BYTE, VALUE_TILE, is_quantized, value_tiles
 from longctx.models.config import ModelArgs
 from longctx.models.transformer import FeedForward, Transformer
 from longctx.parallel.tensor import TensorParallel, local_args, valid_degrees
@@ -172,7 +172,7 @@ def _rank_plan(
     # positions (and their index), what the decode method keeps beside them
     # (one-byte values fill whole tiles of keys: attention.quant.tile_values)
     if one_byte:
-        stored = Hkv * (D + 2) * slots + Hkv * D * (-(-slots // VALUE_TILE) * VALUE_TILE)
+        stored = Hkv * (D + 2) * slots + Hkv * D * value_tiles(slots) * VALUE_TILE
     else:
         stored = 2 * Hkv * D * (s.kv_dtype or dtype).itemsize * slots
     kv = args.n_layers * (stored + s.decode.cache_bytes(slots, Hkv, D, b)) + 2 * slots * 8
