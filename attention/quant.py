@@ -71,7 +71,20 @@ def encode(x: Tensor, dtype: torch.dtype = FP8) -> tuple[Tensor, Tensor]:
 
 def dequantize(q: Tensor, exponent: Tensor, dtype: torch.dtype) -> Tensor:
     """The values q [..., D] stand for, in `dtype`, in the stored (rotated) frame: what the kernels read."""
-    return (q.float() * torch.exp2(exponent.float()).unsqueeze(-1)).to(dtype)
+    exponent = exponent.float()
+    if q.dtype == FP8 and not q.is_cuda:
+        codes, exponent = _fp8_in_fp16(q).float(), exponent + 8
+    else:
+        codes = q.float()
+    return (codes * torch.exp2(exponent).unsqueeze(-1)).to(dtype)
+
+
+def _fp8_in_fp16(q: Tensor) -> Tensor:
+    """e4m3 codes as fp16 of 2^-8 times their value, exactly (NaN aside, which no code stored here holds): fp16 has
+    their mantissa bits and one more exponent bit, with a bias 8 higher. Moving the bits is several times faster on
+    CPU than torch's element-by-element conversion of FP8."""
+    b = q.view(torch.int8).to(torch.int16)
+    return ((b & 0x7F) << 7 | (b & -0x8000)).view(torch.float16)
 
 
 def read_back(q: Tensor, exponent: Tensor, dtype: torch.dtype) -> Tensor:

@@ -64,6 +64,15 @@ def test_fp8_codes_are_within_e4m3s_rounding_with_power_of_two_scales():
     assert torch.equal(dequantize(q, exponent, torch.bfloat16).float(), back)
 
 
+def test_every_fp8_code_dequantizes_to_torchs_own_conversion_of_it():
+    codes = torch.arange(256, dtype=torch.uint8).view(FP8)[None]  # subnormals, zeros of both signs, the largest
+    stored = ~codes.float().isnan()  # (the two NaN codes: the quantizer saturates, never stores them)
+    for exponent in (-20, 0, 9):
+        back = dequantize(codes, torch.full((1,), exponent, dtype=torch.int8), torch.float32)
+        assert torch.equal(back[stored], codes.float()[stored] * 2.0**exponent)
+        assert torch.equal(back[stored].signbit(), codes.float()[stored].signbit())
+
+
 def test_int8_codes_are_within_half_a_step_with_power_of_two_scales():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 40, 64, generator=g) * torch.logspace(-6, 6, 40)[:, None]
