@@ -169,6 +169,43 @@ def test_a_kv_sweep_cut_short_goes_on_where_it_stopped(monkeypatch, tmp_path):
     assert "ctx.length=131072" in runs.command and "ctx.length=262144" in runs.command
 
 
+def test_a_sweep_resumed_runs_only_the_kv_dtypes_and_chunks_it_lacks(monkeypatch, tmp_path):
+    """A context's sweep cut after some of its KV dtypes (or chunks) runs again only the missing ones, while the
+    tables' command names the whole sweep."""
+    import json
+
+    from longctx.tools.bench import common, kv
+
+    def record(n, d="auto", c=None):
+        return dict(attention="star", ctx=n, kv_dtype=d, chunk=c, ttft_s=1.0, decode_tok_s=80.0, phase1_passes=1,
+                    planned_peak_bytes_per_rank=[1 << 30], peak_mem_bytes_per_rank=[1 << 30])  # fmt: skip
+
+    ran = []
+
+    def fake_bench(results, *opts):
+        ran.append(opts)
+        given = dict(o.split("=", 1) for o in opts)
+        with open(results, "a") as f:
+            for d in given.get("kv.dtype", "auto").split(","):
+                for c in given.get("ctx.chunk", "").split(","):
+                    f.write(json.dumps(record(int(given["ctx.length"]), d, int(c) if c else None)) + "\n")
+        return ""
+
+    monkeypatch.setattr(kv, "_bench", fake_bench)
+    short, long = 1 << 15, 1 << 17
+    held = [record(short), record(short, "fp8"), record(short, c=8192), record(long, c=long)]
+    held += [record(long, d) for d in ("auto", "fp8", "int8")]
+    results = tmp_path / "kv.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in held))
+    runs, chunked = kv.bench_kv(common.Recorder(None), [short, long], ["star"], results=results)
+    assert [dict(o.split("=", 1) for o in opts) for opts in ran] == [
+        {"attention": "star", "task.warmup": "1", "ctx.length": str(short), "kv.dtype": "int8"},
+        {"attention": "star", "task.warmup": "1", "ctx.length": str(short), "ctx.chunk": "4096"},
+    ]
+    assert len(runs.rows) == 6 and len(chunked.rows) == 2 + 1 + 2
+    assert "kv.dtype=auto,fp8,int8" in runs.command and "ctx.chunk=8192,4096" in chunked.command
+
+
 @pytest.mark.parametrize(
     "name,params,world,windows",
     [

@@ -83,12 +83,22 @@ def bench_kv(
     kinds = ("auto", "fp8", "int8")
     wanted_all: list[dict] = []
 
-    def sweep(wanted: list[dict], *options: str) -> str:
+    def sweep(wanted: list[dict], *options: str, vary: tuple[str, str, tuple] | None = None) -> str:
+        """Run what `results` lacks of `wanted`; `vary` = (option, record field, values): the option swept, of
+        whose values only those with runs missing are run again (the command shown names them all)."""
         wanted_all.extend(wanted)
         done = _records(results)
-        if all(_holds(done, w) for w in wanted):
-            return _shown(results, *options)
-        return _bench(results, *options)
+        missing = [w for w in wanted if not _holds(done, w)]
+        key, field, values = vary or ("", "", ())
+        shown = (*options, f"{key}={','.join(map(str, values))}") if vary else options
+        if not missing:
+            return _shown(results, *shown)
+        if vary:
+            again = [x for x in values if any(w[field] == x for w in missing)]
+            _bench(results, *options, f"{key}={','.join(map(str, again))}")
+        else:
+            _bench(results, *options)
+        return _shown(results, *shown)
 
     def runs_of(n: int, kv_dtypes=kinds, chunks=(None,)) -> list[dict]:
         return [dict(attention=a, ctx=n, kv_dtype=d, chunk=c) for a in strategies for d in kv_dtypes for c in chunks]
@@ -96,13 +106,15 @@ def bench_kv(
     commands = []
     for n in contexts:
         lengths = f"{4 * K},{n}" if warmup == 0 else str(n)
-        commands.append(sweep(runs_of(n), *each, "kv.dtype=auto,fp8,int8", f"ctx.length={lengths}"))
+        commands.append(sweep(runs_of(n), *each, f"ctx.length={lengths}", vary=("kv.dtype", "kv_dtype", kinds)))
     if contexts:
         n = contexts[-1]
         commands.append(sweep(runs_of(n, ("auto",), (n,)), *each, f"ctx.length={n}", f"ctx.chunk={n}"))
     if len(contexts) > 1:
-        n = contexts[0]
-        commands.append(sweep(runs_of(n, ("auto",), (8192, 4096)), *each, f"ctx.length={n}", "ctx.chunk=8192,4096"))
+        n, chunks = contexts[0], (8192, 4096)
+        commands.append(
+            sweep(runs_of(n, ("auto",), chunks), *each, f"ctx.length={n}", vary=("ctx.chunk", "chunk", chunks))
+        )
     long_options = ("attention=star", "kv.dtype=fp8", f"ctx.length={longest}",
                     f"attention.params.block_size={longest_block}", "task.warmup=0")  # fmt: skip
     long_run = dict(attention="star", ctx=longest, kv_dtype="fp8", block_size=longest_block)
