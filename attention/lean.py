@@ -33,10 +33,15 @@ from longctx.attention.merge import merge_partials
 from longctx.attention.settings import Setting
 
 MAX_ROWS = 64  # query rows (query heads per KV head x query tokens) one program holds, where they fit (`_ROWS`)
-# Query rows a program holds, per (head dim, dtype), where MAX_ROWS overflowed shared memory: Triton says what a
-# kernel needs only when it is compiled for its launch, so the first launch that overflows lowers it (e.g. 64 rows
-# of head dim 256 in bf16 need 289 KB with two stages, over an H100's 227 KB).
-_ROWS: dict[tuple[int, torch.dtype], int] = {}
+# Query rows a program holds, per (head dim, query dtype, stored keys' dtype), where MAX_ROWS overflowed shared memory:
+# Triton says what a kernel needs only when it is compiled for its launch, so the first launch that overflows lowers it
+# (e.g. 64 rows of head dim 256 in bf16 need 289 KB with two stages, over an H100's 227 KB). One-byte keys have tiles
+# and launch settings of their own, so an overflow there says nothing of full-width keys, and the reverse.
+_ROWS: dict[tuple[int, torch.dtype, torch.dtype], int] = {}
+
+
+def _rows_key(q: Tensor, k: Tensor) -> tuple[int, torch.dtype, torch.dtype]:
+    return q.shape[-1], q.dtype, k.dtype
 
 
 class LeanDoesNotFit(RuntimeError):
@@ -163,7 +168,7 @@ def supports(q: Tensor, k: Tensor, mask: PositionMask) -> bool:
     return (
         q.is_cuda
         and mask.block_size is None
-        and group <= _ROWS.get((q.shape[-1], q.dtype), MAX_ROWS)
+        and group <= _ROWS.get(_rows_key(q, k), MAX_ROWS)
         and q.shape[-1] in (16, 32, 64, 128, 256)
         and stages_that_fit(q.shape[-1], q.element_size(), shared_memory(q.device)) > 0
         and _triton() is not None
@@ -229,7 +234,7 @@ def lean_attend(
     Runs on CUDA, or anywhere under TRITON_INTERPRET=1 (tests).
     """
     group = q.shape[1] // k.shape[1]
-    key = (q.shape[-1], q.dtype)
+    key = _rows_key(q, k)
     per_chunk = _ROWS.get(key, MAX_ROWS) // group
     if per_chunk < 1:
         raise LeanDoesNotFit(f"{group} query rows of head dim {q.shape[-1]} in {q.dtype} overflow shared memory")
@@ -295,7 +300,8 @@ def lean_sparse_attend(
     gets output 0 and lse -inf. `scales`: those of k, v stored in one byte. Runs on CUDA, or under TRITON_INTERPRET=1
     (tests)."""
     group = q.shape[1] // k.shape[1]
-    per_chunk = _ROWS.get((q.shape[-1], q.dtype), MAX_ROWS) // group
+    key = _rows_key(q, k)
+    per_chunk = _ROWS.get(key, MAX_ROWS) // group
     if per_chunk < 1:
         raise LeanDoesNotFit(f"{group} query rows of head dim {q.shape[-1]} in {q.dtype} overflow shared memory")
     B, Hq, T, D = q.shape
@@ -341,6 +347,6 @@ def lean_sparse_attend(
         config = _fitted(q, config, k.element_size())
         _triton().run(q, k, v, mask, out, lse, *parts, config, tile_list, certified, worst, scales=scales)
     except _triton().OutOfResources:
-        _ROWS[(q.shape[-1], q.dtype)] = (_ROWS.get((q.shape[-1], q.dtype), MAX_ROWS) // 2) if T > 1 else 0
+        _ROWS[key] = (_ROWS.get(key, MAX_ROWS) // 2) if T > 1 else 0
         return lean_sparse_attend(q, k, v, mask, tiles, counts, block, dense, certify, worst, scales)
     return (out, lse) if certify is None else (out, lse, cert)

@@ -398,9 +398,9 @@ for B, Hkv, g, T, S, block, window, filled, kind in [(1, 2, 4, 1, 1000, 16, None
         L, unread = torch.randn(B * Hkv, 16), torch.rand(B * Hkv) * (torch.arange(B * Hkv) > 0)
         worst = torch.zeros(2, dtype=torch.float64)  # (the largest certificate, raised by each path)
         whole = lean.lean_sparse_attend(q, k, v, mask, tiles, n, block, certify=(L, unread), worst=worst[:1].view(torch.int64))
-        lean._ROWS[(D, q.dtype)] = g
+        lean._ROWS[lean._rows_key(q, k)] = g
         split = lean.lean_sparse_attend(q, k, v, mask, tiles, n, block, certify=(L, unread), worst=worst[1:].view(torch.int64))
-        del lean._ROWS[(D, q.dtype)]
+        del lean._ROWS[lean._rows_key(q, k)]
         assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(split, whole))
         assert torch.allclose(worst, whole[2].max().double(), rtol=1e-5)
         assert (whole[2][0] == 0).all() and (whole[2][1:] > 0).all()

@@ -175,7 +175,12 @@ ref, ref_lse = dense_attend(q.double(), k.double(), v.double(), PositionMask(ar(
 out, lse = lean.lean_attend(q, k, v, mask, programs=5)
 torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=0)
 torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=0)
-assert lean._ROWS[(16, torch.float32)] == 16
+assert lean._ROWS[(16, torch.float32, torch.float32)] == 16
+# one-byte keys keep their own count: the overflow above says nothing of their tiles, and theirs nothing of fp32's
+assert (16, torch.float32, FP8) not in lean._ROWS
+(k8, ke), (v8, ve) = quantize(k, FP8), quantize(v, FP8)
+lean.lean_attend(q, k8, tile_values(v8), mask, programs=5, scales=(ke, ve))
+assert lean._ROWS[(16, torch.float32, FP8)] == 16 and lean._ROWS[(16, torch.float32, torch.float32)] == 16
 try:
     lean.lean_attend(torch.randn(1, 32, 1, 16), k[:, :1], v[:, :1], PositionMask(ar(300, 301), ar(300)))
     raise AssertionError("32 rows of one token should not fit")
