@@ -202,7 +202,14 @@ def test_a_sweep_resumed_runs_only_the_kv_dtypes_and_chunks_it_lacks(monkeypatch
         {"attention": "star", "task.warmup": "1", "ctx.length": str(short), "kv.dtype": "int8"},
         {"attention": "star", "task.warmup": "1", "ctx.length": str(short), "ctx.chunk": "4096"},
     ]
-    assert len(runs.rows) == 6 and len(chunked.rows) == 2 + 1 + 2
+    assert [(row[1], row[2]) for row in runs.rows] == [(n, d) for n in (short, long) for d in ("bf16", "fp8", "int8")]
+    assert [(row[1], row[2].split()[0]) for row in chunked.rows] == [
+        (short, "65536"),
+        (short, "8192"),
+        (short, "4096"),
+        (long, "131072"),
+        (long, "65536"),
+    ]  # (measured in another order: one pass first, then smaller chunks)
     assert "kv.dtype=auto,fp8,int8" in runs.command and "ctx.chunk=8192,4096" in chunked.command
 
 

@@ -120,6 +120,8 @@ def bench_kv(
     long_run = dict(attention="star", ctx=longest, kv_dtype="fp8", block_size=longest_block)
     long_command = sweep([long_run], *long_options) if longest else None
     records = [r for r in _records(results) if any(_holds([r], w) for w in wanted_all)]  # (not the 4K warm-ups)
+    # by strategy, context, KV dtype and passes (one pass first), whatever order the runs were measured in
+    records.sort(key=lambda r: (r["attention"], r["ctx"], kinds.index(r["kv_dtype"]), -(r.get("chunk") or AUTO_CHUNK)))
     for r in records:
         rec.emit(r, part="kv")
     longest_runs = [r for r in records if longest and r["ctx"] == longest and r.get("block_size") == longest_block]
