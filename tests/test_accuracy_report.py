@@ -70,3 +70,20 @@ def test_status_paces_a_cell_by_its_median_sample(tmp_path, monkeypatch):
     line = accuracy.status([cell]).splitlines()[0]
     left = (len(accuracy.TASKS) - 5) * 40.0 / 3600
     assert "5/13" in line and "40.0 s/sample" in line and f"{left:5.1f} h to go" in line
+
+
+def test_status_paces_a_cell_not_begun_by_the_others_at_its_length(tmp_path, monkeypatch):
+    """A cell not begun takes the pace of the samples measured at its model and length (an estimate, so marked);
+    at a length where nothing is measured it has none, and the total says how many such cells there are."""
+    monkeypatch.setattr(accuracy, "RESULTS", tmp_path)
+    begun, waiting = accuracy.Cell("smollm2", 4096, "global", 1), accuracy.Cell("smollm2", 4096, "star4", 1)
+    untimed = accuracy.Cell("smollm2", 8192, "global", 1)
+    begun.path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [{**_row(t, 0, 1.0), "ttft_s": 30.0, "seconds": 60.0} for t in accuracy.TASKS[:4]]
+    begun.path.write_text("\n".join(json.dumps(r) for r in [{HEADER: {}}, *rows]) + "\n")
+    lines = accuracy.status([begun, waiting, untimed]).splitlines()
+    n = len(accuracy.TASKS)
+    assert "60.0 s/sample" in lines[1] and f"{n * 60 / 3600:5.1f} h to go (est.)" in lines[1]
+    assert "nan s/sample" in lines[2] and "est." not in lines[2]
+    assert f"{(2 * n - 4) * 60 / 3600:.1f} h to go ({n * 60 / 3600:.1f} h of it in cells not begun" in lines[3]
+    assert lines[3].endswith("; not timed yet at their length: 1 cells")

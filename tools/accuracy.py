@@ -137,18 +137,34 @@ def run_cell(cell: Cell) -> int:
 
 def status(cells: list[Cell]) -> str:
     """Each cell's progress, its seconds a sample (the median: samples timed while other work shared the CPU do not
-    set the pace), and the time its remaining samples will take at that pace."""
-    lines, left = [], 0.0
-    for c in cells:
-        rows = _rows(c)
-        secs = statistics.median(r.get("seconds", r["ttft_s"]) for r in rows) if rows else float("nan")
+    set the pace), and the time its remaining samples will take at that pace; a cell not begun is paced by the
+    samples of the cells begun at its model and length (marked `est.`), or not at all where none is."""
+    rows_of = {c: _rows(c) for c in cells}
+    by_length: dict[tuple[str, int], list[float]] = {}
+    for c, rows in rows_of.items():
+        by_length.setdefault((c.model, c.length), []).extend(_seconds(r) for r in rows)
+    lines, left, guessed, untimed = [], 0.0, 0.0, 0
+    for c, rows in rows_of.items():
+        near = by_length[(c.model, c.length)]
+        secs = statistics.median(map(_seconds, rows)) if rows else (statistics.median(near) if near else math.nan)
         rest = (c.samples - len(rows)) * secs
-        left += 0 if math.isnan(rest) else rest
+        if math.isnan(rest):
+            untimed += 1
+        else:
+            left += rest
+            guessed += 0 if rows else rest
         lines.append(
             f"{c.model:12} {c.length:>6} {c.strategy:16} {len(rows):>3}/{c.samples}  {secs:7.1f} s/sample  "
-            f"{rest / 3600:5.1f} h to go"
+            f"{rest / 3600:5.1f} h to go{'' if rows or not near else ' (est.)'}"
         )
-    return "\n".join(lines + [f"{left / 3600:.1f} h to go in the cells begun (the others: not timed yet)"])
+    total = (
+        f"{left / 3600:.1f} h to go ({guessed / 3600:.1f} h of it in cells not begun, paced by their length's others)"
+    )
+    return "\n".join(lines + [total + (f"; not timed yet at their length: {untimed} cells" if untimed else "")])
+
+
+def _seconds(row: dict) -> float:
+    return row.get("seconds", row["ttft_s"])
 
 
 def _rows(cell: Cell) -> list[dict]:
