@@ -79,7 +79,7 @@ def test_status_paces_a_cell_not_begun_by_the_others_at_its_length(tmp_path, mon
     begun, waiting = accuracy.Cell("smollm2", 4096, "global", 1), accuracy.Cell("smollm2", 4096, "star4", 1)
     untimed = accuracy.Cell("smollm2", 8192, "global", 1)
     begun.path.parent.mkdir(parents=True, exist_ok=True)
-    rows = [{**_row(t, 0, 1.0), "ttft_s": 30.0, "seconds": 60.0} for t in accuracy.TASKS[:4]]
+    rows = [{**_row(t, 0, 1.0), "ttft_s": 30.0, "seconds": 60.0, "prompt_tokens": 1000} for t in accuracy.TASKS[:4]]
     begun.path.write_text("\n".join(json.dumps(r) for r in [{HEADER: {}}, *rows]) + "\n")
     lines = accuracy.status([begun, waiting, untimed]).splitlines()
     n = len(accuracy.TASKS)
@@ -87,3 +87,4 @@ def test_status_paces_a_cell_not_begun_by_the_others_at_its_length(tmp_path, mon
     assert "nan s/sample" in lines[2] and "est." not in lines[2]
     assert f"{(2 * n - 4) * 60 / 3600:.1f} h to go ({n * 60 / 3600:.1f} h of it in cells not begun" in lines[3]
     assert lines[3].endswith("; not timed yet at their length: 1 cells")
+    assert f"CPU cores (`python tools/accuracy.py status`): {lines[3]}." in accuracy.report([begun, waiting, untimed])

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -350,8 +351,11 @@ def report(cells: list[Cell]) -> str:
     lines += one_byte_table(cells)
     pending = [c for c in cells if c.done() < c.samples]
     if pending:
+        left = status(cells).splitlines()[-1]  # (done cells pace the others at their length)
         lines += ["Not measured yet (`python tools/accuracy.py run` goes on with them, in this order): "
-                  + ", ".join(f"{c.model} {_label(c.length)} {c.strategy} ({c.done()}/{c.samples})" for c in pending), ""]  # fmt: skip
+                  + ", ".join(f"{c.model} {_label(c.length)} {c.strategy} ({c.done()}/{c.samples})" for c in pending)
+                  + f". At the pace measured so far on {os.cpu_count()} CPU cores (`python tools/accuracy.py status`): "
+                  + f"{left}.", ""]  # fmt: skip
     lines += [
         f"Made by `python tools/accuracy.py run` then `python tools/accuracy.py report` on {time.strftime('%Y-%m-%d')}, "
         f"CPU, fp32, torch {torch.__version__}. A cell shows RULER's mean over the tasks of each task's mean score, star's "
