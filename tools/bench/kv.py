@@ -90,15 +90,13 @@ def bench_kv(
         done = _records(results)
         missing = [w for w in wanted if not _holds(done, w)]
         key, field, values = vary or ("", "", ())
-        shown = (*options, f"{key}={','.join(map(str, values))}") if vary else options
-        if not missing:
-            return _shown(results, *shown)
-        if vary:
-            again = [x for x in values if any(w[field] == x for w in missing)]
-            _bench(results, *options, f"{key}={','.join(map(str, again))}")
-        else:
-            _bench(results, *options)
-        return _shown(results, *shown)
+
+        def swept(xs) -> tuple[str, ...]:
+            return (f"{key}={','.join(map(str, xs))}",) if vary else ()
+
+        if missing:
+            _bench(results, *options, *swept(x for x in values if any(w[field] == x for w in missing)))
+        return _shown(results, *options, *swept(values))
 
     def runs_of(n: int, kv_dtypes=kinds, chunks=(None,)) -> list[dict]:
         return [dict(attention=a, ctx=n, kv_dtype=d, chunk=c) for a in strategies for d in kv_dtypes for c in chunks]
