@@ -61,9 +61,11 @@ class LeanConfig:
 
 # The settings every launch uses; a sweep of them (`decode --tune`) runs each with `CONFIG.scoped(config)`.
 CONFIG: Setting[LeanConfig] = Setting("lean_config", LeanConfig())
-# Over one-byte keys and values (FP8 or int8), whose tiles are converted in registers: two programs per SM, the fastest
-# setting of those timed on an H100 over FP8 (BENCHMARKS.md, figure `fp8-lean`; `fp8-lean --tune` sweeps the settings).
-FP8_CONFIG: Setting[LeanConfig] = Setting("lean_fp8_config", LeanConfig(programs_per_sm=2))
+# Over one-byte keys and values, whose tiles are converted in registers. FP8: 256 keys a tile, 8 warps, one program per
+# SM, the fastest of the settings `fp8-lean --tune` timed at 128K on an H100 (BENCHMARKS.md, figure `fp8-lean`).
+FP8_CONFIG: Setting[LeanConfig] = Setting("lean_fp8_config", LeanConfig(block_n=256, warps=8, programs_per_sm=1))
+# int8: two programs per SM, under which it ran faster than under FP8's settings (same figure).
+INT8_CONFIG: Setting[LeanConfig] = Setting("lean_int8_config", LeanConfig(programs_per_sm=2))
 
 
 @dataclass(frozen=True)
@@ -254,7 +256,7 @@ def lean_attend(
         return torch.cat([o for o, _ in parts], dim=2), torch.cat([l for _, l in parts], dim=2)
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
-    config = (CONFIG if scales is None else FP8_CONFIG).get()
+    config = (CONFIG if scales is None else INT8_CONFIG if k.dtype == torch.int8 else FP8_CONFIG).get()
     heads, tiles = B * Hkv, -(-S // config.block_n)
     if programs is None:
         programs = min(default_programs(q.device, config), -(-heads * tiles // config.min_tiles))

@@ -9,6 +9,8 @@ strategy; what the cache keeps beyond keys and values, and how phase 2 reads it,
 
 from __future__ import annotations
 
+import gc
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -217,7 +219,11 @@ class Transformer(nn.Module):
         (one byte, FP8 or int8, keeps per-token scales beside it: attention/cache.py), with the per-block summaries a
         strategy's decode method asks for (`summarize`)."""
         ref = self.tok_embeddings.weight
-        self.cache = None  # the old cache goes before the new one is made: never two at once
+        if self.cache is not None:  # the old cache goes before the new one is made: never two at once
+            on_device = self.cache.positions.device.type != "cpu"
+            self.cache = None
+            if on_device:  # also where a reference cycle still holds it (a GPU run peaked a whole cache over its plan)
+                gc.collect()
         self.cache = KVCache(
             self.args.n_layers,
             batch,

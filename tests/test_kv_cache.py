@@ -448,3 +448,38 @@ def test_fp8_on_a_gpu_that_cannot_compute_with_it_is_refused(monkeypatch):
     options._check_kv_device(compose_cfg("kv.dtype=int8", "device=cuda", "task=bench", "model=llama3"), TASKS["bench"])
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     options._check_kv_device(cfg, TASKS["bench"])  # Hopper computes with it
+
+
+def test_a_new_cache_on_a_device_is_made_after_the_old_one_is_freed_even_from_a_reference_cycle(monkeypatch):
+    """setup_cache frees the old cache first, where a reference cycle (compiled code's, a graph's) still holds it
+    too: otherwise both sit in device memory until the collector's next pass, a whole cache over the memory plan.
+    (On the meta device, which stands for a GPU here.)"""
+    import gc
+    import weakref
+
+    from longctx.models.transformer import Transformer
+
+    args = models.ModelArgs(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
+                            intermediate_size=48, max_seq_len=128)  # fmt: skip
+    with torch.device("meta"):
+        model = Transformer(args)
+    cycle = [model.setup_cache(1, 16)]
+    cycle.append(cycle)
+    old = weakref.ref(cycle[0].layers[0].k)
+    seen = []
+    real = KVCache.__init__
+
+    def alive_when_made(self, *a, **k):
+        seen.append(old() is not None)
+        real(self, *a, **k)
+
+    del cycle
+    monkeypatch.setattr(KVCache, "__init__", alive_when_made)
+    enabled = gc.isenabled()
+    gc.disable()  # (no pass of the collector's own in between)
+    try:
+        model.setup_cache(1, 16)
+    finally:
+        if enabled:
+            gc.enable()
+    assert seen == [False] and model.cache.layers[0].k.device.type == "meta"

@@ -10,6 +10,7 @@ import torch
 
 from longctx.attention.lean import (
     CONFIG,
+    FP8_CONFIG,
     head_parts,
     lean_reference,
     lean_schedule,
@@ -208,7 +209,7 @@ def test_pipeline_stages_shrink_to_fit_shared_memory():
 
 def _hopper_ptx(divisible_by_16: tuple[str, ...]) -> str:
     """The decode kernel over FP8 codes (values in tiles, Llama-3.1-8B's group and head dim) compiled for sm_90 without
-    a GPU, as a launch specializes it: the integer arguments named in `divisible_by_16`, and every pointer, known to be
+    a GPU, under FP8's launch settings, as a launch specializes it: the integer arguments named in `divisible_by_16`, and every pointer, known to be
     multiples of 16."""
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
@@ -218,8 +219,9 @@ def _hopper_ptx(divisible_by_16: tuple[str, ...]) -> str:
 
     fn = lean_triton._lean_decode
     names = fn.arg_names
-    consts = dict(G=4, BLOCK_M=16, BLOCK_N=128, D=128, VT=64, HAS_WINDOW=False, IEEE=False, SPARSE=False, HEADS=8,
-                  WALK=False, SCALED=True, ROTATE=True, LOG=7, sss=1, sot=1, sqt=1)  # fmt: skip
+    config = FP8_CONFIG.get()
+    consts = dict(G=4, BLOCK_M=16, BLOCK_N=config.block_n, D=128, VT=64, HAS_WINDOW=False, IEEE=False, SPARSE=False,
+                  HEADS=8, WALK=False, SCALED=True, ROTATE=True, LOG=7, sss=1, sot=1, sqt=1)  # fmt: skip
     pointers = {"Q": "*bf16", "K": "*fp8e4nv", "V": "*fp8e4nv", "OUT": "*bf16", "KS": "*i8", "VS": "*i8",
                 "QPOS": "*i64", "KVPOS": "*i64", "LSE": "*fp32", "PO": "*fp32", "PL": "*fp32"}  # fmt: skip
     signature = {n: "constexpr" if n in consts else pointers.get(n, "fp32" if n == "scale" else "i32") for n in names}
@@ -230,7 +232,10 @@ def _hopper_ptx(divisible_by_16: tuple[str, ...]) -> str:
         constexprs={(names.index(n),): v for n, v in consts.items()},
         attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned},
     )
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=3)).asm["ptx"]
+    compiled = triton.compile(
+        source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=config.warps, num_stages=config.stages)
+    )
+    return compiled.asm["ptx"]
 
 
 def test_hopper_code_loads_tiled_values_16_bytes_at_a_time_whatever_the_cache_length():
@@ -247,3 +252,37 @@ def test_hopper_code_loads_tiled_values_16_bytes_at_a_time_whatever_the_cache_le
     copies = lambda ptx: len(re.findall(r"cp\.async\.c[ag]\.shared\.global \[[^]]*\], \[[^]]*\], 0x10", ptx))  # noqa: E731
     assert "ld.shared.b8" not in loose and "ldmatrix" in loose
     assert copies(aligned) >= 32 and copies(loose) == copies(aligned)
+
+
+def test_each_stored_dtype_launches_with_its_own_settings(monkeypatch):
+    """Full-width keys launch under CONFIG, FP8 codes under FP8_CONFIG, int8 codes under INT8_CONFIG: a setting tuned
+    for one format does not reach the others' launches (tiles of other sizes, other program counts)."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from longctx.attention import lean
+    from longctx.attention.quant import FP8, INT8, quantize, tile_values
+
+    launched = []
+
+    def run(q, k, v, mask, out, lse, parts_out, parts_lse, programs, max_parts, config, **kwargs):
+        launched.append((k.dtype, config.block_n, config.warps, programs))
+
+    monkeypatch.setattr(lean, "_triton", lambda: SimpleNamespace(run=run, OutOfResources=RuntimeError))
+    S, ar = 4096, torch.arange
+    q, k, v = torch.randn(1, 8, 1, 16), torch.randn(1, 2, S, 16), torch.randn(1, 2, S, 16)
+    mask = PositionMask(ar(S - 1, S), ar(S))
+    settings = {torch.float32: (CONFIG, 16, 1), FP8: (FP8_CONFIG, 32, 2), INT8: (lean.INT8_CONFIG, 64, 4)}
+    for stored, (setting, block_n, warps) in settings.items():
+        with setting.scoped(replace(setting.get(), block_n=block_n, warps=warps, min_tiles=1)):
+            if stored == torch.float32:
+                lean.lean_attend(q, k, v, mask)
+            else:
+                (k8, ks), (v8, vs) = quantize(k, stored), quantize(v, stored)
+                lean.lean_attend(q, k8, tile_values(v8), mask, scales=(ks, vs))
+    # each launch took its own format's tile size, warps and programs per SM (a fixed share count off CUDA)
+    expected = [
+        (stored, b, w, min(lean.default_programs(q.device, setting.get()), 2 * S // b))
+        for stored, (setting, b, w) in settings.items()
+    ]
+    assert launched == expected and len({p for *_, p in launched}) > 1
