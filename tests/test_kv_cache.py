@@ -451,9 +451,9 @@ def test_fp8_on_a_gpu_that_cannot_compute_with_it_is_refused(monkeypatch):
 
 
 def test_a_new_cache_on_a_device_is_made_after_the_old_one_is_freed_even_from_a_reference_cycle(monkeypatch):
-    """setup_cache frees the old cache first, where a reference cycle (compiled code's, a graph's) still holds it
-    too: otherwise both sit in device memory until the collector's next pass, a whole cache over the memory plan.
-    (On the meta device, which stands for a GPU here.)"""
+    """setup_cache frees the old cache first, also where a reference cycle still holds it (a GPU run showed one):
+    otherwise both sit in device memory until the collector's next pass, a whole cache over the memory plan. (On the
+    meta device, which stands for a GPU here.)"""
     import gc
     import weakref
 

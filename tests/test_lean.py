@@ -209,8 +209,8 @@ def test_pipeline_stages_shrink_to_fit_shared_memory():
 
 def _hopper_ptx(divisible_by_16: tuple[str, ...]) -> str:
     """The decode kernel over FP8 codes (values in tiles, Llama-3.1-8B's group and head dim) compiled for sm_90 without
-    a GPU, under FP8's launch settings, as a launch specializes it: the integer arguments named in `divisible_by_16`, and every pointer, known to be
-    multiples of 16."""
+    a GPU under FP8's launch settings, as a launch specializes it: the integer arguments named in `divisible_by_16`,
+    and every pointer, known to be multiples of 16."""
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
