@@ -61,11 +61,22 @@ class LeanConfig:
 
 # The settings every launch uses; a sweep of them (`decode --tune`) runs each with `CONFIG.scoped(config)`.
 CONFIG: Setting[LeanConfig] = Setting("lean_config", LeanConfig())
-# Over one-byte keys and values, whose tiles are converted in registers. FP8: 256 keys a tile, 8 warps, one program per
-# SM, the fastest of the settings `fp8-lean --tune` timed at 128K on an H100 (BENCHMARKS.md, figure `fp8-lean`).
+# Over one-byte keys and values, whose tiles are converted in registers. FP8 in programs of up to FP8_ROWS query rows
+# (decode): 256 keys a tile, 8 warps, one program per SM, the fastest of the settings `fp8-lean --tune` timed at 128K on
+# an H100 (BENCHMARKS.md, figure `fp8-lean`).
 FP8_CONFIG: Setting[LeanConfig] = Setting("lean_fp8_config", LeanConfig(block_n=256, warps=8, programs_per_sm=1))
-# int8: two programs per SM, under which it ran faster than under FP8's settings (same figure).
-INT8_CONFIG: Setting[LeanConfig] = Setting("lean_int8_config", LeanConfig(programs_per_sm=2))
+FP8_ROWS = 16
+# int8, and FP8 in programs of more rows (phase 2's short queries): two programs per SM of 128-key tiles. int8 ran
+# faster under these than under FP8's; a program of 64 rows over FP8's 256-key tiles needs more shared memory than an
+# H100 has, so it would hold half the rows and read the cache twice as often.
+ONE_BYTE_CONFIG: Setting[LeanConfig] = Setting("lean_one_byte_config", LeanConfig(programs_per_sm=2))
+
+
+def launch_setting(rows: int, stored: torch.dtype | None) -> Setting[LeanConfig]:
+    """The settings a program of `rows` query rows launches with over keys `stored` in one byte (None: full width)."""
+    if stored is None:
+        return CONFIG
+    return FP8_CONFIG if stored != torch.int8 and rows <= FP8_ROWS else ONE_BYTE_CONFIG
 
 
 @dataclass(frozen=True)
@@ -256,7 +267,7 @@ def lean_attend(
         return torch.cat([o for o, _ in parts], dim=2), torch.cat([l for _, l in parts], dim=2)
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
-    config = (CONFIG if scales is None else INT8_CONFIG if k.dtype == torch.int8 else FP8_CONFIG).get()
+    config = launch_setting(Hq // Hkv * T, None if scales is None else k.dtype).get()
     heads, tiles = B * Hkv, -(-S // config.block_n)
     if programs is None:
         programs = min(default_programs(q.device, config), -(-heads * tiles // config.min_tiles))

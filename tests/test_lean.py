@@ -207,10 +207,15 @@ def test_pipeline_stages_shrink_to_fit_shared_memory():
     assert stages_that_fit(64, 4, 99 * 1024) == 2
 
 
-def _hopper_ptx(divisible_by_16: tuple[str, ...]) -> str:
-    """The decode kernel over FP8 codes (values in tiles, Llama-3.1-8B's group and head dim) compiled for sm_90 without
-    a GPU under FP8's launch settings, as a launch specializes it: the integer arguments named in `divisible_by_16`,
-    and every pointer, known to be multiples of 16."""
+STRIDES = ("sqb", "sqh", "skb", "skh", "sks", "svb", "svh", "svt", "sob", "soh", "slb", "slh", "spo_p", "spo_s",
+           "spo_r", "spl_p", "spl_s", "ssb", "total", "tiles", "v_slots")  # fmt: skip
+
+
+def _hopper_compile(divisible_by_16: tuple[str, ...] = STRIDES, setting=FP8_CONFIG, rows: int = 16, codes="fp8e4nv"):
+    """The decode kernel over one-byte codes (values in tiles, Llama-3.1-8B's group and head dim) compiled for sm_90
+    without a GPU under `setting`'s launch settings (the pipeline stages `_fitted` gives an H100) for programs of
+    `rows` query rows, as a launch specializes it: the integer arguments named in `divisible_by_16`, and every
+    pointer, known to be multiples of 16."""
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -219,10 +224,11 @@ def _hopper_ptx(divisible_by_16: tuple[str, ...]) -> str:
 
     fn = lean_triton._lean_decode
     names = fn.arg_names
-    config = FP8_CONFIG.get()
-    consts = dict(G=4, BLOCK_M=16, BLOCK_N=config.block_n, D=128, VT=64, HAS_WINDOW=False, IEEE=False, SPARSE=False,
+    config = setting.get()
+    stages = stages_that_fit(128, 1, H100_SHARED, config)
+    consts = dict(G=4, BLOCK_M=rows, BLOCK_N=config.block_n, D=128, VT=64, HAS_WINDOW=False, IEEE=False, SPARSE=False,
                   HEADS=8, WALK=False, SCALED=True, ROTATE=True, LOG=7, sss=1, sot=1, sqt=1)  # fmt: skip
-    pointers = {"Q": "*bf16", "K": "*fp8e4nv", "V": "*fp8e4nv", "OUT": "*bf16", "KS": "*i8", "VS": "*i8",
+    pointers = {"Q": "*bf16", "K": f"*{codes}", "V": f"*{codes}", "OUT": "*bf16", "KS": "*i8", "VS": "*i8",
                 "QPOS": "*i64", "KVPOS": "*i64", "LSE": "*fp32", "PO": "*fp32", "PL": "*fp32"}  # fmt: skip
     signature = {n: "constexpr" if n in consts else pointers.get(n, "fp32" if n == "scale" else "i32") for n in names}
     aligned = [n for n in names if signature[n].startswith("*") or n in divisible_by_16]
@@ -232,10 +238,29 @@ def _hopper_ptx(divisible_by_16: tuple[str, ...]) -> str:
         constexprs={(names.index(n),): v for n, v in consts.items()},
         attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned},
     )
-    compiled = triton.compile(
-        source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=config.warps, num_stages=config.stages)
-    )
-    return compiled.asm["ptx"]
+    try:
+        return triton.compile(
+            source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=config.warps, num_stages=stages)
+        )
+    except ImportError as e:  # a Triton without its CUDA backend
+        pytest.skip(f"no offline sm_90 compile: {e}")
+
+
+H100_SHARED = 227 * 1024  # shared memory one program may use on an H100
+
+
+def test_each_one_byte_setting_fits_its_programs_in_an_h100s_shared_memory():
+    """Compiled for an H100 (offline): FP8's decode programs under FP8_CONFIG, and programs of MAX_ROWS query rows
+    under ONE_BYTE_CONFIG over FP8 and int8 codes, fit its shared memory; MAX_ROWS rows over FP8_CONFIG's 256-key
+    tiles would not (they would hold half the rows, reading the cache twice as often), which is why more rows than
+    FP8_ROWS take ONE_BYTE_CONFIG (`lean.launch_setting`)."""
+    from longctx.attention.lean import FP8_ROWS, MAX_ROWS, ONE_BYTE_CONFIG
+
+    shared = lambda *args, **kw: _hopper_compile(STRIDES, *args, **kw).metadata.shared  # noqa: E731
+    assert shared(FP8_CONFIG, FP8_ROWS) <= H100_SHARED
+    assert shared(ONE_BYTE_CONFIG, MAX_ROWS) <= H100_SHARED
+    assert shared(ONE_BYTE_CONFIG, MAX_ROWS, codes="i8") <= H100_SHARED
+    assert shared(FP8_CONFIG, MAX_ROWS) > H100_SHARED
 
 
 def test_hopper_code_loads_tiled_values_16_bytes_at_a_time_whatever_the_cache_length():
@@ -243,20 +268,17 @@ def test_hopper_code_loads_tiled_values_16_bytes_at_a_time_whatever_the_cache_le
     load (why a cache keeps them in tiles, attention.quant.VALUE_TILE), and their 16-byte asynchronous copies do not
     depend on the cache's slot count being a multiple of 16, which a decode step's cache (context + new tokens) is
     not: masked by that count along the keys, the values' copies became plain loads and FP8 decode fell behind bf16."""
-    strides = ("sqb", "sqh", "skb", "skh", "sks", "svb", "svh", "svt", "sob", "soh", "slb", "slh", "spo_p", "spo_s",
-               "spo_r", "spl_p", "spl_s", "ssb", "total", "tiles", "v_slots")  # fmt: skip
-    try:
-        loose, aligned = _hopper_ptx(strides), _hopper_ptx(strides + ("S", "ssh"))
-    except ImportError as e:  # a Triton without its CUDA backend
-        pytest.skip(f"no offline sm_90 compile: {e}")
+    loose, aligned = (_hopper_compile(x).asm["ptx"] for x in (STRIDES, STRIDES + ("S", "ssh")))
     copies = lambda ptx: len(re.findall(r"cp\.async\.c[ag]\.shared\.global \[[^]]*\], \[[^]]*\], 0x10", ptx))  # noqa: E731
     assert "ld.shared.b8" not in loose and "ldmatrix" in loose
     assert copies(aligned) >= 32 and copies(loose) == copies(aligned)
 
 
-def test_each_stored_dtype_launches_with_its_own_settings(monkeypatch):
-    """Full-width keys launch under CONFIG, FP8 codes under FP8_CONFIG, int8 codes under INT8_CONFIG: a setting tuned
-    for one format does not reach the others' launches (tiles of other sizes, other program counts)."""
+def test_each_read_launches_with_the_settings_of_its_format_and_rows(monkeypatch):
+    """Full-width keys launch under CONFIG; FP8 codes under FP8_CONFIG in decode (one query token: 8 rows here) and
+    under ONE_BYTE_CONFIG in programs of more rows, as int8 codes always do: a setting tuned for one read does not
+    reach the others' launches (tiles of other sizes, other program counts)."""
+    from contextlib import ExitStack
     from dataclasses import replace
     from types import SimpleNamespace
 
@@ -266,23 +288,30 @@ def test_each_stored_dtype_launches_with_its_own_settings(monkeypatch):
     launched = []
 
     def run(q, k, v, mask, out, lse, parts_out, parts_lse, programs, max_parts, config, **kwargs):
-        launched.append((k.dtype, config.block_n, config.warps, programs))
+        launched.append((k.dtype, q.shape[2], config.block_n, config.warps, programs))
 
     monkeypatch.setattr(lean, "_triton", lambda: SimpleNamespace(run=run, OutOfResources=RuntimeError))
     S, ar = 4096, torch.arange
-    q, k, v = torch.randn(1, 8, 1, 16), torch.randn(1, 2, S, 16), torch.randn(1, 2, S, 16)
-    mask = PositionMask(ar(S - 1, S), ar(S))
-    settings = {torch.float32: (CONFIG, 16, 1), FP8: (FP8_CONFIG, 32, 2), INT8: (lean.INT8_CONFIG, 64, 4)}
-    for stored, (setting, block_n, warps) in settings.items():
-        with setting.scoped(replace(setting.get(), block_n=block_n, warps=warps, min_tiles=1)):
+    k, v = torch.randn(1, 2, S, 16), torch.randn(1, 2, S, 16)
+    distinct = {CONFIG: (16, 1), lean.FP8_CONFIG: (32, 2), lean.ONE_BYTE_CONFIG: (64, 4)}
+    reads = [  # stored, query tokens (x 4 query heads per KV head = rows), the settings expected
+        (torch.float32, 1, CONFIG),
+        (FP8, 1, lean.FP8_CONFIG),
+        (FP8, lean.FP8_ROWS // 4 + 1, lean.ONE_BYTE_CONFIG),
+        (INT8, 1, lean.ONE_BYTE_CONFIG),
+        (INT8, 8, lean.ONE_BYTE_CONFIG),
+    ]
+    expected = []
+    for stored, T, setting in reads:
+        q, mask = torch.randn(1, 8, T, 16), PositionMask(ar(S - T, S), ar(S))
+        with ExitStack() as stack:
+            for each, (b, w) in distinct.items():
+                stack.enter_context(each.scoped(replace(each.get(), block_n=b, warps=w, min_tiles=1)))
             if stored == torch.float32:
                 lean.lean_attend(q, k, v, mask)
             else:
                 (k8, ks), (v8, vs) = quantize(k, stored), quantize(v, stored)
                 lean.lean_attend(q, k8, tile_values(v8), mask, scales=(ks, vs))
-    # each launch took its own format's tile size, warps and programs per SM (a fixed share count off CUDA)
-    expected = [
-        (stored, b, w, min(lean.default_programs(q.device, setting.get()), 2 * S // b))
-        for stored, (setting, b, w) in settings.items()
-    ]
+            b, w = distinct[setting]
+            expected.append((stored, T, b, w, min(lean.default_programs(q.device, setting.get()), 2 * S // b)))
     assert launched == expected and len({p for *_, p in launched}) > 1

@@ -331,7 +331,7 @@ def bench_lean_fp8(rec: Recorder, contexts: list[int], quick: bool = False, tune
         f"back, attention/quant.py, over {NEW_SLOTS} empty slots past the keys, as a decode step's cache has them); "
         "values in tiles of keys, as a cache keeps them (`attention.quant.tile_values`); bytes: keys and values read "
         "(one byte: with their scales' exponents). Launch settings (attention/lean.py): bf16 "
-        f"{lean.CONFIG.get()}, FP8 {lean.FP8_CONFIG.get()}, int8 {lean.INT8_CONFIG.get()}."
+        f"{lean.CONFIG.get()}, FP8 {lean.FP8_CONFIG.get()}, int8 {lean.ONE_BYTE_CONFIG.get()}."
     )
     return [table]
 
