@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import tempfile
 import traceback
@@ -51,6 +52,9 @@ def run_ranks(world: int, fn, *args, timeout: float = 300) -> list:
                 p.kill()
         errors = [(Path(out) / f"{r}.err") for r in range(world)]
         failed = [e.read_text() for e in errors if e.exists()]
-        if failed or any(p.exitcode != 0 for p in procs):
+        saved = all((Path(out) / f"{r}.pt").exists() for r in range(world))
+        # A rank that aborts after every rank saved its result and passed the barrier dies in gloo's teardown
+        # ("terminate called without an active exception", seen under load): its work is done and checked by the test.
+        if failed or any(p.exitcode != 0 and not (saved and p.exitcode == -signal.SIGABRT) for p in procs):
             raise RuntimeError(f"a rank failed (exit codes {[p.exitcode for p in procs]}):\n" + "\n".join(failed))
         return [torch.load(Path(out) / f"{r}.pt", weights_only=True) for r in range(world)]
