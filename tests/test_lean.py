@@ -198,12 +198,14 @@ def test_triton_kernel_equals_dense_attention_in_the_interpreter():
     assert "kernel ok 7" in out and "bf16 ok" in out and "shrink ok" in out
 
 
+H100_SHARED = 227 * 1024  # shared memory one program may use on an H100
+
+
 def test_pipeline_stages_shrink_to_fit_shared_memory():
-    h100 = 227 * 1024
-    assert stages_that_fit(128, 2, h100) == CONFIG.get().stages  # bf16: 64 KB of K/V per stage
-    assert stages_that_fit(128, 4, h100) == 2  # fp32: three stages would need 280 KB
-    assert stages_that_fit(256, 2, h100) == 2
-    assert stages_that_fit(256, 4, h100) == 0  # one stage of fp32 K/V at head dim 256 is already 256 KB
+    assert stages_that_fit(128, 2, H100_SHARED) == CONFIG.get().stages  # bf16: 64 KB of K/V per stage
+    assert stages_that_fit(128, 4, H100_SHARED) == 2  # fp32: three stages would need 280 KB
+    assert stages_that_fit(256, 2, H100_SHARED) == 2
+    assert stages_that_fit(256, 4, H100_SHARED) == 0  # one stage of fp32 K/V at head dim 256 is already 256 KB
     assert stages_that_fit(64, 4, 99 * 1024) == 2
 
 
@@ -244,9 +246,6 @@ def _hopper_compile(divisible_by_16: tuple[str, ...] = STRIDES, setting=FP8_CONF
         )
     except ImportError as e:  # a Triton without its CUDA backend
         pytest.skip(f"no offline sm_90 compile: {e}")
-
-
-H100_SHARED = 227 * 1024  # shared memory one program may use on an H100
 
 
 def test_each_one_byte_setting_fits_its_programs_in_an_h100s_shared_memory():
