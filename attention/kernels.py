@@ -44,6 +44,13 @@ DEQUANT_SLOTS = 1 << 16
 _dequantize = fused_on_cuda(dequantize)
 
 
+@fused_on_cuda
+def _dequantize_back(q: Tensor, exponent: Tensor, dtype: torch.dtype) -> Tensor:
+    """`dequantize`, rotated back to the frame the keys and values were given in, by a product in `dtype`: a code
+    times its scale is exact there, so the product rounds once, as the queries rotated the other way would."""
+    return from_stored_frame(dequantize(q, exponent, dtype))
+
+
 def flex_bucket(n: int) -> int:
     """The next multiple of 2^k >= n, 2^k the smaller of FLEX_MAX_STEP and a FLEX_BUCKETS-th of n's octave (n itself
     when FLEX_BUCKETS is None, or n is small): powers of two stay as they are, and no length grows by more than
@@ -149,29 +156,50 @@ def attend(
 
 
 def _attend_stored(q: Tensor, k: Tensor, v: Tensor, scales: tuple[Tensor, Tensor], mask: PositionMask):
-    """`attend` over one-byte keys and values, in the frame they are stored in (attention/quant.py): the queries
-    rotated to it, the output back. Decode and short queries take the Lean kernel, which scales and rotates in its
-    loop; others the pieces (`_attend_codes`)."""
+    """`attend` over one-byte keys and values, in the frame they are stored in (attention/quant.py). Decode and short
+    queries take the Lean kernel, which scales and rotates in its loop; others the pieces (`_attend_codes`), with
+    the queries rotated to the stored frame and the output back, or the dequantized keys and values rotated back to
+    the queries' frame, whichever rotates fewer rows (`rotates_keys`)."""
     if q.is_cuda and not use_flex(q) and lean.supports(q, k, mask):
         try:
             return lean.lean_attend(q, k, v, mask, scales=scales, stored_frame=True)
         except lean.LeanDoesNotFit:
             pass
-    out, lse = _attend_codes(to_stored_frame(q), k, v, scales, mask)
+    ranges = mask.key_ranges(DEQUANT_SLOTS)
+    if rotates_keys(q, k, ranges):
+        return _attend_codes(q, k, v, scales, mask, ranges, back=True)
+    out, lse = _attend_codes(to_stored_frame(q), k, v, scales, mask, ranges)
     return from_stored_frame(out), lse
 
 
-def _attend_codes(q: Tensor, k: Tensor, v: Tensor, scales: tuple[Tensor, Tensor], mask: PositionMask):
-    """Attention of rotated queries over the stored codes, DEQUANT_SLOTS slots at a time dequantized and merged."""
-    ranges = mask.key_ranges(DEQUANT_SLOTS)
+def rotates_keys(q: Tensor, k: Tensor, ranges: list[tuple[int, int]]) -> bool:
+    """Whether rotating the keys and values a read dequantizes back to the queries' frame moves fewer rows than
+    rotating the queries to the stored frame and the output back: a KV head's key serves all its query heads, so a
+    phase-1 pass, whose queries are about as many as the keys they see, rotates a GQA group's share of the rows; a
+    decode step, or a chunk over a long cache, rotates its queries."""
+    return k.shape[1] * sum(end - start for start, end in ranges) < q.shape[1] * q.shape[2]
+
+
+def _attend_codes(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    scales: tuple[Tensor, Tensor],
+    mask: PositionMask,
+    ranges: list[tuple[int, int]],
+    back: bool = False,
+):
+    """Attention of q over the stored codes of `ranges`' slots, a range at a time dequantized and merged: q rotated
+    to the stored frame, or (`back`) q as it is and each range's keys and values rotated back to its frame."""
     if not ranges:  # no slot holds a token a query may see
         return q.new_zeros(q.shape), torch.full(q.shape[:3], float("-inf"), device=q.device)
+    read = _dequantize_back if back else _dequantize
     out = lse = None
     in_fp32 = _merges_in_fp32(q)
     for start, end in ranges:
         keys = slice(start, end)
-        k_part = _dequantize(k[:, :, keys], scales[0][:, :, keys], q.dtype)
-        v_part = _dequantize(value_rows(v, keys), scales[1][:, :, keys], q.dtype)
+        k_part = read(k[:, :, keys], scales[0][:, :, keys], q.dtype)
+        v_part = read(value_rows(v, keys), scales[1][:, :, keys], q.dtype)
         o, l = attend(q, k_part, v_part, mask.keys(start, end), return_lse=True)
         del k_part, v_part
         if out is None:  # one piece is its own result; more merge

@@ -236,10 +236,11 @@ def _layer_peak(
     allocates them; `extra`: the strategy's own buffers during attention, `merging`: its merge's temporaries,
     `workspace`: the attention's own (default: the dense kernel's, `_kernel_workspace`, with `one_piece`);
     `one_byte`: the S keys are stored in FP8 or int8, which the kernels read DEQUANT_SLOTS at a time (but the Lean
-    kernel in place), with the queries rotated to the frame they are stored in (a copy of q)."""
+    kernel in place), with the queries rotated to the frame they are stored in or the keys back to theirs, whichever
+    are fewer rows (a copy of q, or of a piece's keys as dequantized: `attention.kernels.rotates_keys`)."""
     D, Hq, Hkv, dim, inter = args.head_dim, args.n_heads, args.n_kv_heads, args.dim, args.intermediate_size
     if one_byte:
-        extra += T * Hq * D * b
+        extra += min(T * Hq, S * Hkv) * D * b
     if one_byte and not (device == "cuda" and T < FLEX_MIN_QUERIES):
         piece = min(S, DEQUANT_SLOTS)
         extra += 2 * piece * Hkv * D * b + piece * Hkv * D  # a piece's keys and values at full width (the values'
