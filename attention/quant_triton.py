@@ -17,7 +17,11 @@ from torch import Tensor
 
 from longctx.attention.quant import CODE_MAX, INT8, SIGN_BIT, SIGN_HASH, value_tile
 
-ROWS = 16  # rows (tokens x KV heads) per program
+# Rows (tokens x KV heads) a program rotates and encodes, and its warps: many rows (a phase-1 pass) in large programs;
+# a decode step's few rows (its KV heads) in programs of one row and one warp, whose butterflies need no barriers
+# between the warps of a program
+ROWS, WARPS = 16, 4
+FEW_ROWS = 64  # up to this many rows a launch takes programs of one row and one warp
 _HASH, _BIT = tl.constexpr(SIGN_HASH), tl.constexpr(SIGN_BIT)  # (a kernel reads globals only as constexprs)
 
 
@@ -114,7 +118,14 @@ def write(
         return
     strides = [x.stride(i) for x in (k, v, k_cache, v_cache, k_scale, v_scale) for i in range(3)]
     tile = value_tile(v_cache)
-    _write[(triton.cdiv(rows, ROWS), 2)](
+    per, warps = program_shape(rows)
+    _write[(triton.cdiv(rows, per), 2)](
         k, v, slots, k_cache, v_cache, k_scale, v_scale, rows, n, H, *strides,
-        TOP=CODE_MAX[k_cache.dtype], INT=k_cache.dtype == INT8, R=ROWS, D=D, LOG=D.bit_length() - 1, VT=tile,
+        TOP=CODE_MAX[k_cache.dtype], INT=k_cache.dtype == INT8, R=per, D=D, LOG=D.bit_length() - 1, VT=tile,
+        num_warps=warps,
     )  # fmt: skip
+
+
+def program_shape(rows: int) -> tuple[int, int]:
+    """(rows per program, warps) of a launch over `rows` rows."""
+    return (1, 1) if rows <= FEW_ROWS else (ROWS, WARPS)

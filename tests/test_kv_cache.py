@@ -132,6 +132,7 @@ def test_the_rotation_cuts_the_score_error_of_keys_with_outlier_channels(dtype):
 
 
 WRITE_KERNEL_CHECK = """
+import itertools
 import torch
 from longctx.attention import quant_triton
 from longctx.attention.quant import CODE_MAX, FP8, INT8, quantize, tile_values, value_rows
@@ -157,9 +158,14 @@ for D in (16, 64, 128, 256):
             k, v = k.to(given), v.to(given)
             slots = torch.tensor([70, 2, 3, 0, S - 1, 64])  # (over three tiles of values)
             values = tile_values(torch.zeros(B, H, S, D, dtype=dtype))
-            for caches in ([torch.zeros(B, H, S, D, dtype=dtype), values], [torch.zeros(B, H, S, D, dtype=dtype)] * 2):
-                caches = [c.clone() for c in caches]  # values as a cache keeps them (tiles), or as rows
+            # values as a cache keeps them (tiles), or as rows; programs of many rows (a pass) or of one (decode)
+            for caches, few in itertools.product(
+                ([torch.zeros(B, H, S, D, dtype=dtype), values], [torch.zeros(B, H, S, D, dtype=dtype)] * 2), (0, 10**6)
+            ):
+                caches = [c.clone() for c in caches]
                 scales = [torch.full((B, H, S), 99, dtype=torch.int8) for _ in range(2)]
+                quant_triton.FEW_ROWS = few
+                assert quant_triton.program_shape(B * H * n)[0] == (1 if few else quant_triton.ROWS)
                 quant_triton.write(*caches, *scales, slots, k, v)
                 for x, cache, scale in zip((k, v), caches, scales):
                     codes, exponents = quantize(x, dtype)
