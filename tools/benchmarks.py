@@ -17,6 +17,7 @@
     python tools/benchmarks.py kv --attention star --results runs.jsonl   # resumable: runs.jsonl's runs are not run again
     python tools/benchmarks.py kv-fits fp8-lean       # the longest context that fits; Lean decode bf16 vs FP8, int8
     python tools/benchmarks.py fp8-scales             # FP8 round-trip error by scale granularity (CPU, SmolLM2)
+    python tools/benchmarks.py fp8-write              # the FP8 cache's write kernel by program shape
 
 Parts combine (`decode prefill model`). Each table replaces its figure's table in `--append FILE` (default
 BENCHMARKS.md; `-` for none): one current table per figure, git keeps the ones before. `--jsonl FILE` also writes
@@ -94,6 +95,7 @@ PARTS = {
         ),
     ),
     "fp8-scales": (kv.bench_fp8_scales, lambda a: dict(quick=a.quick)),
+    "fp8-write": (kv.bench_fp8_write, lambda a: dict(quick=a.quick)),
     "memory": (
         memory.bench_memory,
         lambda a: dict(

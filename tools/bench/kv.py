@@ -255,6 +255,56 @@ def bench_kv_fits(rec: Recorder, quick: bool = False) -> list[Table]:
     return [table]
 
 
+WRITE_SHAPES = ((16, 4), (16, 8), (8, 4), (4, 2), (4, 1), (2, 1), (1, 1), (1, 2))  # (rows per program, warps)
+
+
+def _shape(rows: int, warps: int) -> str:
+    return f"{rows} row{'s' * (rows > 1)}, {warps} warp{'s' * (warps > 1)}"
+
+
+def bench_fp8_write(rec: Recorder, quick: bool = False) -> list[Table]:
+    """The one-byte cache's write kernel (attention/quant_triton.py) for 8 KV heads of head dim 128, by program shape:
+    a decode step's token, and passes of more; the shape `program_shape` takes for each is marked."""
+    from longctx.attention import quant_triton
+    from longctx.attention.cache import KVCache
+
+    tokens = (1, 8, 512, 32 * K) if not quick else (1, 512)
+    table = Table(
+        "the FP8 cache's write kernel (rotate, encode, store), 8 KV heads of head dim 128, by program shape",
+        "python tools/benchmarks.py fp8-write",
+        ["tokens", *(f"{_shape(r, w)} (µs)" for r, w in WRITE_SHAPES), "taken", "taken / fastest"],
+    )
+    table.figure = "fp8-write"
+    chosen = quant_triton.program_shape
+    try:
+        for n in tokens:
+            cache = KVCache(1, 1, 8, 64 * K, 128, torch.float8_e4m3fn, "cuda", compute_dtype=torch.bfloat16)
+            layer = cache.layers[0]
+            # (strided as a model's are: [B, T, H, D] seen as [B, H, T, D])
+            k, v = (torch.randn(1, n, 8, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for _ in range(2))
+            slots = torch.arange(n, device="cuda") + 1
+            times = []
+            for shape in WRITE_SHAPES:
+                quant_triton.program_shape = lambda rows, shape=shape: shape
+                times.append(graph_timed(lambda: layer.write(slots, k, v)))
+            quant_triton.program_shape = chosen
+            taken = chosen(8 * n)
+            t = graph_timed(lambda: layer.write(slots, k, v))
+            table.rows.append([n, *(x * 1e6 for x in times), _shape(*taken), t / min(times)])
+            rec.emit(
+                dict(tokens=n, us={f"{r}x{w}": x * 1e6 for (r, w), x in zip(WRITE_SHAPES, times)}), part="fp8-write"
+            )
+            del cache, k, v
+    finally:
+        quant_triton.program_shape = chosen
+    table.notes.append(
+        "CUDA-graph replay times of `LayerKV.write` over an FP8 cache (keys as rows, values in tiles, scales' "
+        "exponents), under each program shape; taken: the shape `quant_triton.program_shape` gives that many rows "
+        "(tokens x 8 KV heads)."
+    )
+    return [table]
+
+
 def bench_lean_fp8(rec: Recorder, contexts: list[int], quick: bool = False, tune: bool = False) -> list[Table]:
     """Decode attention alone on the Lean kernel (one query, GQA 4, head dim 128, 8 KV heads): bf16 against FP8 and
     int8; `tune`: first FP8 under other launch settings (their table is printed, not published)."""
