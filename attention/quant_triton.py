@@ -17,10 +17,10 @@ from torch import Tensor
 
 from longctx.attention.quant import CODE_MAX, INT8, SIGN_BIT, SIGN_HASH, value_tile
 
-# Rows (tokens x KV heads) a program rotates and encodes, and its warps: many rows (a phase-1 pass) in large programs;
-# a decode step's few rows (its KV heads) in programs of one row and one warp, whose butterflies need no barriers
-# between the warps of a program
-ROWS, WARPS = 16, 4
+# Rows (tokens x KV heads) a program rotates and encodes, and its warps: one row and one warp for a decode step's few
+# rows (its KV heads), four rows and one warp for a pass's many; a warp's butterflies need no barriers between warps
+# (BENCHMARKS.md, figure `fp8-write`: each the fastest of the shapes timed on an H100)
+ROWS, WARPS = 4, 1
 FEW_ROWS = 64  # up to this many rows a launch takes programs of one row and one warp
 _HASH, _BIT = tl.constexpr(SIGN_HASH), tl.constexpr(SIGN_BIT)  # (a kernel reads globals only as constexprs)
 

@@ -10,6 +10,7 @@ strategy; what the cache keeps beyond keys and values, and how phase 2 reads it,
 from __future__ import annotations
 
 import gc
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -220,9 +221,11 @@ class Transformer(nn.Module):
         strategy's decode method asks for (`summarize`)."""
         ref = self.tok_embeddings.weight
         if self.cache is not None:  # the old cache goes before the new one is made: never two at once
-            on_device = self.cache.positions.device.type != "cpu"
+            held = weakref.ref(self.cache.layers[0].k)
             self.cache = None
-            if on_device:  # also where a reference cycle still holds it (a GPU run peaked a whole cache over its plan)
+            # also where a reference cycle still holds it (a GPU run peaked a whole cache over its plan); only then,
+            # as a pass of the collector costs a quarter of a second in a process that has compiled kernels
+            if held() is not None and held().device.type != "cpu":
                 gc.collect()
         self.cache = KVCache(
             self.args.n_layers,
