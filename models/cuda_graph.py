@@ -1,9 +1,10 @@
 """Decode steps captured once as a CUDA graph and replayed: one launch per token instead of hundreds.
 
-The step's inputs (token, position) live in static buffers; the KV cache claims its next slot from a counter on the
-device (`KVCache.fill`), so every replay appends where the last one stopped. Across ranks (NCCL), every rank
-captures and replays its step together with the others, the phase-2 all-gather of (output, lse) included; a replay
-advances the cache's host count by what the captured step claimed (`KVCache.capture`, `replayed`).
+The step's inputs (token, position) live in static buffers, the token copied there on the device, where it was
+drawn; the KV cache claims its next slot from a counter on the device (`KVCache.fill`), so every replay appends
+where the last one stopped. Across ranks (NCCL), every rank captures and replays its step together with the others,
+the phase-2 all-gather of (output, lse) included; a replay advances the cache's host count by what the captured step
+claimed (`KVCache.capture`, `replayed`).
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ class GraphedDecoder:
         self.logits: Tensor | None = None
         self.steps = 0
 
-    def step(self, token: int, position: int) -> Tensor:
-        """Logits [1, 1, vocab] of `token` at `position`, attending to (and appended to) the KV cache."""
-        self.token.fill_(token)
+    def step(self, token: Tensor, position: int) -> Tensor:
+        """Logits [1, 1, vocab] of `token` (one id, on the device) at `position`, attending to (and appended to) the KV
+        cache."""
+        self.token.copy_(token.view(1, 1))
         self.position.fill_(position)
         self.steps += 1
         if self.steps == 1:  # the first step runs eagerly: it compiles kernels and fills the caches they keep

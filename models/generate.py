@@ -34,10 +34,14 @@ class Sampling(SamplingOptions):
     seed: int | None = None
 
 
-def sample(logits: Tensor, s: Sampling, generator: torch.Generator | None = None) -> int:
-    """One token id from the logits [vocab] of the last position."""
+def sample(logits: Tensor, s: Sampling, generator: torch.Generator | None = None) -> Tensor:
+    """One token id (a 0-d long tensor, on the logits' device) from the logits [vocab] of the last position.
+
+    Nothing here waits for the device: a draw is the argmax of the probabilities over exponential noise, which picks
+    each token with its probability as `torch.multinomial` does, without its device-side assertion on logits that are
+    not finite (`_Drawn` reports those), and top-p masks by a scatter rather than by boolean indexing."""
     if s.temperature == 0:
-        return int(logits.argmax())
+        return logits.argmax()
     logits = logits.float() / s.temperature
     if s.top_k is not None:
         kth = torch.topk(logits, min(s.top_k, logits.numel())).values[-1]
@@ -46,8 +50,37 @@ def sample(logits: Tensor, s: Sampling, generator: torch.Generator | None = None
         sorted_logits, order = torch.sort(logits, descending=True)
         probs = sorted_logits.softmax(-1)
         drop = probs.cumsum(-1) - probs >= s.top_p  # tokens after the nucleus is already full
-        logits = logits.index_fill(0, order[drop], float("-inf"))
-    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+        logits = logits.masked_fill(torch.empty_like(drop).scatter_(0, order, drop), float("-inf"))
+    noise = torch.empty_like(logits).exponential_(generator=generator)
+    return (logits.softmax(-1) / noise).argmax()
+
+
+class _Drawn:
+    """A token drawn on the device, on its way to the host with whether its logits were finite. Reading it waits for
+    the work queued before the draw only, not for a decode step queued after it (`generate_tokens` runs ahead)."""
+
+    def __init__(self, logits: Tensor, sampling: Sampling, generator: torch.Generator | None) -> None:
+        self.token = sample(logits, sampling, generator)
+        pair = torch.stack([self.token, torch.isfinite(logits).all().long()])
+        self.ready = None
+        if pair.is_cuda:
+            self.host = torch.empty(2, dtype=torch.long, pin_memory=True).copy_(pair, non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+        else:
+            self.host = pair
+
+    def read(self, position: int) -> int:
+        """The token id, drawn from the logits at `position`."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        token, finite = self.host.tolist()
+        if not finite:
+            raise ValueError(
+                f"the model produced NaN or infinite logits at position {position}: its weights or the dtype's range "
+                "are at fault (try dtype=fp32 or bf16, or check the checkpoint)"
+            )
+        return token
 
 
 def generate_tokens(
@@ -59,6 +92,7 @@ def generate_tokens(
     max_seq_len: int | None = None,
     context_len: int | None = None,
     cuda_graphs: bool = True,
+    ahead: bool | None = None,
 ) -> Iterator[int]:
     """Yield new token ids one by one (a stop id is yielded, then generation ends).
 
@@ -67,6 +101,10 @@ def generate_tokens(
     goes through phase 2. Every rank runs this same loop and yields the same tokens. The prompt's pieces are
     rotated as one forward pass over the whole prompt would rotate them, each new token as its own step; a model
     that re-encodes its sequence when it first runs past its rope's switch (`ModelArgs.reencode_position`) does so.
+
+    `ahead` (default: on CUDA) queues each decode step before the token it takes reaches the host, so the device
+    does not wait on the host's reading, yielding and launching between steps (figure `decode-ahead`, BENCHMARKS.md);
+    a generation ended by a stop id has then run one step past it, whose logits nobody reads.
     """
     sampling = sampling or Sampling()
     limit = max_seq_len or model.args.max_seq_len
@@ -80,6 +118,7 @@ def generate_tokens(
     n_ctx = len(prompt) - 1 if context_len is None else min(max(context_len, 0), len(prompt) - 1)
     strategy = model.attention
     device = model.tok_embeddings.weight.device
+    ahead = device.type == "cuda" if ahead is None else ahead
     generator = None
     if sampling.seed is not None:
         generator = torch.Generator(device=device).manual_seed(sampling.seed)
@@ -93,25 +132,35 @@ def generate_tokens(
         graphed = (
             GraphedDecoder(model) if cuda_graphs and device.type == "cuda" and _graph_capturable(strategy) else None
         )
+
+        def step(token: Tensor, pos: int) -> _Drawn:
+            if graphed is not None:
+                logits = graphed.step(token, pos)
+            else:
+                logits = model(token.view(1, 1), torch.tensor([pos], device=device))
+            return _Drawn(logits[0, -1], sampling, generator)
+
+        drawn = _Drawn(logits[0, -1], sampling, generator)
         for pos in range(len(prompt), last + 1):
-            if not bool(torch.isfinite(logits[0, -1]).all()):
-                raise ValueError(
-                    f"the model produced NaN or infinite logits at position {pos - 1}: its weights or the dtype's range "
-                    "are at fault (try dtype=fp32 or bf16, or check the checkpoint)"
-                )
-            tok = sample(logits[0, -1], sampling, generator)
+            # the step that takes this token, queued before the token reaches the host (not the first step, which
+            # may compile kernels, nor a re-encoding): the device works while the host reads, yields and launches
+            early = ahead and len(prompt) < pos < last and pos != reencode_at
+            if early:
+                upcoming = step(drawn.token, pos)
+            tok = drawn.read(pos - 1)
             yield tok
             if tok in stop_ids or pos == last:
                 return
             seq.append(tok)
-            if pos == reencode_at:  # the sequence runs past the rope's switch: every key again, as the model does
+            if early:
+                drawn = upcoming
+            elif pos == reencode_at:  # the sequence runs past the rope's switch: every key again, as the model does
                 model.cache.reset()
                 logits = prefill(model, torch.tensor(seq, device=device), n_ctx)
                 graphed = GraphedDecoder(model) if graphed is not None else None
-            elif graphed is not None:
-                logits = graphed.step(tok, pos)
+                drawn = _Drawn(logits[0, -1], sampling, generator)
             else:
-                logits = model(torch.tensor([[tok]], device=device), torch.tensor([pos], device=device))
+                drawn = step(drawn.token, pos)
 
 
 def prefill(model: Transformer, tokens: Tensor, n_ctx: int) -> Tensor:

@@ -405,12 +405,13 @@ def test_nonfinite_weights_are_named_on_load(hf_checkpoint, tmp_path):
         models.load_model(path, dtype=torch.float32)
 
 
-def test_nonfinite_logits_stop_generation(hf_checkpoint, tmp_path):
+@pytest.mark.parametrize("ahead", [False, True])
+def test_nonfinite_logits_stop_generation(ahead, hf_checkpoint, tmp_path):
     model = models.load_model(_tiny_checkpoint(hf_checkpoint, tmp_path), dtype=torch.float32)
     with torch.no_grad():
         model.norm.weight[0] = float("inf")
     with pytest.raises(ValueError, match="NaN or infinite logits"):
-        list(models.generate_tokens(model, [1, 2, 3, 4], 4))
+        list(models.generate_tokens(model, [1, 2, 3, 4], 4, ahead=ahead))
 
 
 def test_load_refuses_a_dtype_that_is_not_one(hf_checkpoint, tmp_path):

@@ -108,10 +108,38 @@ def test_sampling_respects_top_k_and_is_seeded(hf_checkpoint):
         assert tok in full[len(prompt) - 1 + i].topk(3).indices.tolist()
 
 
+def test_draws_follow_the_probabilities():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    g, n = torch.Generator().manual_seed(0), 4000
+    counts = torch.bincount(
+        torch.stack([sample(probs.log(), Sampling(temperature=1.0), g) for _ in range(n)]), minlength=4
+    )
+    assert ((counts / n - probs).abs() <= 4 * (probs * (1 - probs) / n).sqrt()).all()  # within 4 standard errors
+
+
+@pytest.mark.parametrize("sampling", [None, Sampling(temperature=1.5, top_k=5, seed=3)])
+def test_running_ahead_yields_the_same_tokens(sampling, hf_checkpoint, monkeypatch):
+    """The step taking a token is queued before the token is read (the cache holds one more token at each read but
+    the first and last), and the tokens, a stop id's end included, are those of reading first."""
+    from longctx.models.generate import _Drawn
+
+    _, path = hf_checkpoint("llama3")
+    model = models.load_model(path, dtype=torch.float32)
+    prompt, n = list(range(1, 9)), 10
+    held, read = [], _Drawn.read
+    monkeypatch.setattr(_Drawn, "read", lambda self, p: held.append(model.cache.used) or read(self, p))
+    want = list(generate_tokens(model, prompt, n, sampling, ahead=False))
+    plain, held[:] = held[:], []
+    assert list(generate_tokens(model, prompt, n, sampling, ahead=True)) == want
+    assert held == plain[:1] + [u + 1 for u in plain[1:-1]] + plain[-1:]
+    stop = want[4]
+    assert list(generate_tokens(model, prompt, n, sampling, {stop}, ahead=True)) == want[: want.index(stop) + 1]
+
+
 def test_top_p_keeps_only_the_nucleus():
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
     g = torch.Generator().manual_seed(0)
-    seen = {sample(logits, Sampling(temperature=1.0, top_p=0.7), g) for _ in range(300)}
+    seen = {int(sample(logits, Sampling(temperature=1.0, top_p=0.7), g)) for _ in range(300)}
     assert seen == {0, 1}
 
 

@@ -85,14 +85,15 @@ def test_cached_decode_follows_transformers_call_sequence(family, prompt, hf_che
     torch.testing.assert_close(torch.cat(steps, dim=1), ref, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("ahead", [False, True])
 @pytest.mark.parametrize("family", ["llama_dynamic", "phi3_longrope"])
-def test_greedy_generation_matches_transformers_across_the_original_context(family, hf_checkpoint):
+def test_greedy_generation_matches_transformers_across_the_original_context(family, ahead, hf_checkpoint):
     hf, path = hf_checkpoint(family)
     model = models.load_model(path, dtype=torch.float32)
     prompt = _tokens((1, 26), seed=4)
     with torch.no_grad():
         ref = hf.generate(prompt, max_new_tokens=14, do_sample=False, eos_token_id=None, pad_token_id=0)
-    assert list(generate_tokens(model, prompt[0].tolist(), 14, max_seq_len=128)) == ref[0, 26:].tolist()
+    assert list(generate_tokens(model, prompt[0].tolist(), 14, max_seq_len=128, ahead=ahead)) == ref[0, 26:].tolist()
 
 
 @pytest.mark.parametrize("family", ["llama_yarn", "phi3_longrope"])

@@ -54,7 +54,11 @@ PARTS = {
     "prefill": (kernels.bench_prefill, lambda a: dict(quick=a.quick, tune=a.tune)),
     "hsr": (kernels.bench_hsr, lambda a: dict(quick=a.quick, profile=a.profile)),
     "gemv": (kernels.bench_gemv, lambda a: dict(quick=a.quick)),
-    "model": (model.bench_model, lambda a: dict(contexts=_ints(a.ctx), quick=a.quick, profile=a.profile)),
+    "model": (
+        model.bench_model,
+        lambda a: dict(contexts=_ints(a.ctx or "4096,65536"), quick=a.quick, profile=a.profile),
+    ),
+    "decode-ahead": (model.bench_ahead, lambda a: dict(contexts=_ints(a.ctx or "32768,131072"), quick=a.quick)),
     "hsr-model": (model.bench_hsr_model, lambda a: dict(contexts=_ints(a.contexts), quick=a.quick)),
     "shapes": (model.bench_shapes, lambda a: dict(quick=a.quick)),
     "ttft": (
@@ -124,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="fewer points")
     parser.add_argument("--profile", action="store_true", help="model, hsr: GPU time per kernel of a decode step")
-    parser.add_argument("--ctx", default="4096,65536", help="model: prompt tokens, comma-separated")
+    parser.add_argument(
+        "--ctx", help="model (default 4096,65536), decode-ahead (default 32768,131072): prompt tokens, comma-separated"
+    )
     parser.add_argument("--ctx-names", default="64k,128k", help="ttft, tp, hosts: ctx presets")
     parser.add_argument("--contexts", default="131072,262144", help="hsr-model: comma-separated prompt lengths")
     parser.add_argument("--attention", help="ttft, memory (default ring,star), kv (default global,star): strategies")

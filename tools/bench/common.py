@@ -99,13 +99,13 @@ def copy_bandwidth() -> float:
 
 
 def timed_generation(
-    model, prompt: list[int], new: int, context_len: int, after_first: Callable | None = None
+    model, prompt: list[int], new: int, context_len: int, after_first: Callable | None = None, ahead: bool = True
 ) -> tuple[float, float]:
     """(seconds to the first token, steady-state decode tok/s) of one generation of `new` tokens (at least 4).
 
     Decode is timed from the fourth token on: the second runs eagerly (it may compile for the cache's size) and the
     third captures the step's CUDA graph; every later one replays it. `after_first(model)` runs after the first
-    token, untimed, before the first decode step.
+    token, untimed, before the first decode step. `ahead`: `generate_tokens`'s.
     """
     from longctx.models.generate import generate_tokens
 
@@ -113,7 +113,7 @@ def timed_generation(
         raise ValueError(f"timed_generation needs at least 4 new tokens to time a replayed decode step; got {new}")
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    it = generate_tokens(model, prompt, new, context_len=context_len)
+    it = generate_tokens(model, prompt, new, context_len=context_len, ahead=ahead)
     next(it)
     torch.cuda.synchronize()
     ttft = time.perf_counter() - t0

@@ -98,6 +98,57 @@ def bench_model(rec: Recorder, contexts: list[int], quick: bool = False, profile
     return [table]
 
 
+def bench_ahead(rec: Recorder, contexts: list[int], quick: bool = False) -> list[Table]:
+    """Batch-1 decode of Llama-3.1-8B shapes (random weights, global attention) with each token read back before the
+    step that takes it is queued, against running ahead (`generate_tokens`'s `ahead`), bf16 and FP8 KV."""
+    from longctx import attention
+    from longctx.models.loading import random_model
+
+    new = 32 if quick else 128
+    contexts = contexts[:1] if quick else contexts
+    args, _ = llama3_args(max(contexts) + new)
+    model = random_model(args, torch.bfloat16, "cuda")
+    bw = copy_bandwidth()
+    weight_bytes = sum(
+        p.numel() * p.element_size() for n, p in model.named_parameters() if not n.startswith("tok_embeddings")
+    )
+    table = Table(
+        "Llama-3.1-8B shapes, batch-1 decode: each token read back before the next step is queued, against running "
+        "one step ahead",
+        f"python tools/benchmarks.py decode-ahead --ctx {','.join(map(str, contexts))}" + (" --quick" if quick else ""),
+        ["context", "KV", "reading first (tok/s)", "ahead (tok/s)", "ahead / reading first", "% of bound, ahead",
+         "vs bf16, reading first", "vs bf16, ahead"],
+    )  # fmt: skip
+    table.figure = "decode-ahead"
+    table.notes.append(
+        f"Random weights, global attention, {new} new tokens; tok/s over the replayed CUDA-graph steps "
+        "(`timed_generation`). Reading first: the host waits for each token (the logits' finiteness with it) before "
+        "it queues the step that takes it, so the device idles while the host reads, yields and launches; ahead: "
+        "that step is queued first. Bound: copy bandwidth "
+        f"{bw / 1e12:.2f} TB/s / ({weight_bytes / 1e9:.1f} GB of weights, the embedding table excluded, + the KV "
+        "cache read per token, its scales included)."
+    )
+    for S in contexts:
+        prompt = torch.randint(0, args.vocab_size, (S,), generator=torch.Generator().manual_seed(0)).tolist()
+        rates = {}
+        for kv in ("bf16", "fp8"):
+            strategy = attention.build("global")
+            strategy.kv_dtype = torch.float8_e4m3fn if kv == "fp8" else None
+            model.attention = strategy
+            for ahead in (True, False, True):  # the first run compiles
+                rates[kv, ahead] = timed_generation(model, prompt, new, S - 64, ahead=ahead)[1]
+            per_token = model.cache.kv_bytes() / model.cache.capacity
+            bound = bw / (weight_bytes + per_token * (S + new // 2))
+            first, ahead_rate = rates[kv, False], rates[kv, True]
+            row = [S, kv, first, ahead_rate, ahead_rate / first, 100 * ahead_rate / bound]
+            row += [first / rates["bf16", False], ahead_rate / rates["bf16", True]]
+            table.rows.append(row)
+            rec.emit(dict(ctx=S, kv=kv, reading_first_tok_s=first, ahead_tok_s=ahead_rate, bound_tok_s=bound),
+                     part="decode-ahead")  # fmt: skip
+        model.setup_cache(1, 1)
+    return [table]
+
+
 def _hf_copy(model, preset: dict):
     """A transformers LlamaForCausalLM with the same weights, on the GPU."""
     from transformers import LlamaConfig, LlamaForCausalLM
