@@ -181,7 +181,8 @@ def _ring_worker(rank, world, paths):
         results[name] = {
             "idx": idx,
             "logits": _logits(model, tokens[idx], idx),
-            "generated": torch.tensor(list(generate_tokens(model, prompt, N_NEW, context_len=N_CTX))),
+            # every rank queues each step before reading its token (as on CUDA), against one rank reading first
+            "generated": torch.tensor(list(generate_tokens(model, prompt, N_NEW, context_len=N_CTX, ahead=True))),
         }
     return results
 
