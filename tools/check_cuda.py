@@ -340,7 +340,8 @@ GEMMA_LIKE = dict(
 
 
 def check_graphs() -> bool:
-    """Decode replayed from a CUDA graph generates the tokens of eager decode, for global and star."""
+    """Decode replayed from a CUDA graph generates the tokens of eager decode, for global and star; running a step
+    ahead (the default) those of reading each token first."""
     from longctx.models.generate import generate_tokens
 
     llama = _llama_like(head_dim=64, max_seq_len=8192, layer_windows=(None, 300))
@@ -356,11 +357,15 @@ def check_graphs() -> bool:
         ):
             strategy = attention.build(name, decode=attention.build_decode(decode), **params)
             model = _random_on(args, torch.bfloat16, strategy, "cuda")
-            runs = [list(generate_tokens(model, prompt, 40, context_len=650, cuda_graphs=g)) for g in (False, True)]
-            good = runs[0] == runs[1] and len(runs[0]) == 40
+            runs = [
+                list(generate_tokens(model, prompt, 40, context_len=650, cuda_graphs=g, ahead=a))
+                for g, a in ((False, False), (True, True), (True, False))
+            ]
+            good = runs[0] == runs[1] == runs[2] and len(runs[0]) == 40
             ok &= good
             print(
-                f"{'ok  ' if good else 'FAIL'} CUDA-graph decode ({family}, {name}, {strategy.decode.name}) generates the eager tokens: {good}"
+                f"{'ok  ' if good else 'FAIL'} CUDA-graph decode ({family}, {name}, {strategy.decode.name}), ahead or "
+                f"not, generates the eager tokens: {good}"
             )
     return ok
 
