@@ -51,7 +51,8 @@ def sample(logits: Tensor, s: Sampling, generator: torch.Generator | None = None
         probs = sorted_logits.softmax(-1)
         drop = probs.cumsum(-1) - probs >= s.top_p  # tokens after the nucleus is already full
         logits = logits.masked_fill(torch.empty_like(drop).scatter_(0, order, drop), float("-inf"))
-    noise = torch.empty_like(logits).exponential_(generator=generator)
+    # (noise of 0, which a uniform draw of exactly 0 or 1 can give, would make a masked token's 0 / 0 a NaN, the max)
+    noise = torch.empty_like(logits).exponential_(generator=generator).clamp_min_(torch.finfo(logits.dtype).tiny)
     return (logits.softmax(-1) / noise).argmax()
 
 

@@ -117,6 +117,13 @@ def test_draws_follow_the_probabilities():
     assert ((counts / n - probs).abs() <= 4 * (probs * (1 - probs) / n).sqrt()).all()  # within 4 standard errors
 
 
+def test_a_masked_token_is_never_drawn_even_over_zero_noise(monkeypatch):
+    monkeypatch.setattr(torch.Tensor, "exponential_", lambda self, **kw: self.zero_())
+    logits = torch.tensor([0.0, 3.0, 1.0, 2.0])
+    assert int(sample(logits, Sampling(temperature=1.0, top_k=2))) in (1, 3)
+    assert int(sample(logits, Sampling(temperature=1.0, top_p=0.5))) == 1
+
+
 @pytest.mark.parametrize("sampling", [None, Sampling(temperature=1.5, top_k=5, seed=3)])
 def test_running_ahead_yields_the_same_tokens(sampling, hf_checkpoint, monkeypatch):
     """The step taking a token is queued before the token is read (the cache holds one more token at each read but
