@@ -165,7 +165,7 @@ def test_a_kv_sweep_cut_short_goes_on_where_it_stopped(monkeypatch, tmp_path):
     assert sorted((row[1], row[2]) for row in runs.rows) == sorted((n, d) for n in (1 << 17, 1 << 18)
                                                                    for d in ("bf16", "fp8", "int8"))  # fmt: skip
     assert {row[0] for row in runs.rows} == {"star"}
-    assert len(chunked.rows) == 2 + 1 + 2  # one pass and the chunks: 8K and 4K at 128K, one pass at 256K
+    assert len(chunked.rows) == 4 + 2  # 128K: the default, one pass, 8K and 4K; 256K: the default, one pass
     assert "ctx.length=131072" in runs.command and "ctx.length=262144" in runs.command
 
 
@@ -200,17 +200,18 @@ def test_a_sweep_resumed_runs_only_the_kv_dtypes_and_chunks_it_lacks(monkeypatch
     runs, chunked = kv.bench_kv(common.Recorder(None), [short, long], ["star"], results=results)
     assert [dict(o.split("=", 1) for o in opts) for opts in ran] == [
         {"attention": "star", "task.warmup": "1", "ctx.length": str(short), "kv.dtype": "int8"},
-        {"attention": "star", "task.warmup": "1", "ctx.length": str(short), "ctx.chunk": "4096"},
+        {"attention": "star", "task.warmup": "1", "ctx.length": str(short), "ctx.chunk": f"{short},4096"},
     ]
     assert [(row[1], row[2]) for row in runs.rows] == [(n, d) for n in (short, long) for d in ("bf16", "fp8", "int8")]
     assert [(row[1], row[2].split()[0]) for row in chunked.rows] == [
         (short, "65536"),
+        (short, str(short)),
         (short, "8192"),
         (short, "4096"),
         (long, "131072"),
         (long, "65536"),
     ]  # (measured in another order: one pass first, then smaller chunks)
-    assert "kv.dtype=auto,fp8,int8" in runs.command and "ctx.chunk=8192,4096" in chunked.command
+    assert "kv.dtype=auto,fp8,int8" in runs.command and f"ctx.chunk={short},8192,4096" in chunked.command
 
 
 @pytest.mark.parametrize(
@@ -309,3 +310,31 @@ def test_a_benchmark_told_to_stop_unwinds_so_its_runner_is_killed_and_awaited():
         assert stopped.value.code == 128 + signal.SIGTERM
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+def test_chunks_compare_with_the_one_pass_of_their_own_process(monkeypatch, tmp_path):
+    """The chunked table's ratio is against the one pass run beside the chunks (ctx.chunk = the context), not the
+    default's one pass from another process."""
+    import json
+
+    from longctx.tools.bench import common, kv
+
+    ttft = {None: 1.0, 1 << 15: 1.1, 8192: 1.21, 4096: 1.32}
+
+    def fake_bench(results, *opts):
+        given = dict(o.split("=", 1) for o in opts)
+        with open(results, "a") as f:
+            for d in given.get("kv.dtype", "auto").split(","):
+                for c in given.get("ctx.chunk", "").split(","):
+                    chunk, n = int(c) if c else None, int(given["ctx.length"])
+                    f.write(json.dumps(dict(
+                        attention="star", ctx=n, kv_dtype=d, chunk=chunk, ttft_s=ttft.get(chunk, 1.0), decode_tok_s=80.0,
+                        phase1_passes=-(-n // (chunk or 65536)), planned_peak_bytes_per_rank=[1 << 30],
+                        peak_mem_bytes_per_rank=[1 << 30],
+                    )) + "\n")  # fmt: skip
+        return ""
+
+    monkeypatch.setattr(kv, "_bench", fake_bench)
+    _, chunked = kv.bench_kv(common.Recorder(None), [1 << 15, 1 << 17], ["star"], results=tmp_path / "kv.jsonl")
+    ratio = {row[2].split()[0]: row[4] for row in chunked.rows if row[1] == 1 << 15}
+    assert ratio["8192"] == pytest.approx(1.1) and ratio["4096"] == pytest.approx(1.2)
