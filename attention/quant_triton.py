@@ -16,12 +16,13 @@ import triton.language as tl
 from torch import Tensor
 
 from longctx.attention.quant import CODE_MAX, INT8, SIGN_BIT, SIGN_HASH, value_tile
+from longctx.attention.settings import Setting
 
-# Rows (tokens x KV heads) a program rotates and encodes, and its warps: one row and one warp for a decode step's few
-# rows (its KV heads), four rows and one warp for a pass's many; a warp's butterflies need no barriers between warps
-# (BENCHMARKS.md, figure `fp8-write`: each the fastest of the shapes timed on an H100)
-ROWS, WARPS = 4, 1
-FEW_ROWS = 64  # up to this many rows a launch takes programs of one row and one warp
+# Rows (tokens x KV heads) a program rotates and encodes, and its warps, for a launch over few rows (a decode step's KV
+# heads) and over many (a pass's): one row and one warp, then four rows and one warp; a warp's butterflies need no
+# barriers between warps (BENCHMARKS.md, figure `fp8-write`: each the fastest of the shapes timed on an H100)
+SHAPES: Setting[tuple[tuple[int, int], tuple[int, int]]] = Setting("write_shapes", ((1, 1), (4, 1)))
+FEW_ROWS = 64  # up to this many rows a launch takes the first shape
 _HASH, _BIT = tl.constexpr(SIGN_HASH), tl.constexpr(SIGN_BIT)  # (a kernel reads globals only as constexprs)
 
 
@@ -128,4 +129,5 @@ def write(
 
 def program_shape(rows: int) -> tuple[int, int]:
     """(rows per program, warps) of a launch over `rows` rows."""
-    return (1, 1) if rows <= FEW_ROWS else (ROWS, WARPS)
+    few, many = SHAPES.get()
+    return few if rows <= FEW_ROWS else many

@@ -278,28 +278,21 @@ def bench_fp8_write(rec: Recorder, quick: bool = False) -> list[Table]:
         ["tokens", *(f"{_shape(r, w)} (µs)" for r, w in WRITE_SHAPES), "taken", "taken / fastest"],
     )
     table.figure = "fp8-write"
-    chosen = quant_triton.program_shape
-    try:
-        for n in tokens:
-            cache = KVCache(1, 1, 8, 64 * K, 128, torch.float8_e4m3fn, "cuda", compute_dtype=torch.bfloat16)
-            layer = cache.layers[0]
-            # (strided as a model's are: [B, T, H, D] seen as [B, H, T, D])
-            k, v = (torch.randn(1, n, 8, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for _ in range(2))
-            slots = torch.arange(n, device="cuda") + 1
-            times = []
-            for shape in WRITE_SHAPES:
-                quant_triton.program_shape = lambda rows, shape=shape: shape
+    for n in tokens:
+        cache = KVCache(1, 1, 8, 64 * K, 128, torch.float8_e4m3fn, "cuda", compute_dtype=torch.bfloat16)
+        layer = cache.layers[0]
+        # (strided as a model's are: [B, T, H, D] seen as [B, H, T, D])
+        k, v = (torch.randn(1, n, 8, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for _ in range(2))
+        slots = torch.arange(n, device="cuda") + 1
+        times = []
+        for shape in WRITE_SHAPES:
+            with quant_triton.SHAPES.scoped((shape, shape)):
                 times.append(graph_timed(lambda: layer.write(slots, k, v)))
-            quant_triton.program_shape = chosen
-            taken = chosen(8 * n)
-            t = graph_timed(lambda: layer.write(slots, k, v))
-            table.rows.append([n, *(x * 1e6 for x in times), _shape(*taken), t / min(times)])
-            rec.emit(
-                dict(tokens=n, us={f"{r}x{w}": x * 1e6 for (r, w), x in zip(WRITE_SHAPES, times)}), part="fp8-write"
-            )
-            del cache, k, v
-    finally:
-        quant_triton.program_shape = chosen
+        taken = quant_triton.program_shape(8 * n)
+        t = graph_timed(lambda: layer.write(slots, k, v))
+        table.rows.append([n, *(x * 1e6 for x in times), _shape(*taken), t / min(times)])
+        rec.emit(dict(tokens=n, us={f"{r}x{w}": x * 1e6 for (r, w), x in zip(WRITE_SHAPES, times)}), part="fp8-write")
+        del cache, k, v
     table.notes.append(
         "CUDA-graph replay times of `LayerKV.write` over an FP8 cache (keys as rows, values in tiles, scales' "
         "exponents), under each program shape; taken: the shape `quant_triton.program_shape` gives that many rows "
