@@ -23,6 +23,11 @@ from longctx.tools.bench.common import (
 )
 
 
+def _streamed_weight_bytes(model) -> int:
+    """Bytes of the weights a decode step reads: all but the embedding table, of which it reads one row."""
+    return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if not n.startswith("tok_embeddings"))
+
+
 def bench_model(rec: Recorder, contexts: list[int], quick: bool = False, profile: bool = False) -> list[Table]:
     """Batch-1 decode of Llama-3.1-8B shapes (random weights) after prompts of each `--ctx` length; transformers in
     the same run."""
@@ -34,9 +39,7 @@ def bench_model(rec: Recorder, contexts: list[int], quick: bool = False, profile
     args, preset = llama3_args(max(contexts) + 4096)
     model = random_model(args, torch.bfloat16, "cuda")
     bw = copy_bandwidth()
-    weight_bytes = sum(
-        p.numel() * p.element_size() for n, p in model.named_parameters() if not n.startswith("tok_embeddings")
-    )
+    weight_bytes = _streamed_weight_bytes(model)
     table = Table(
         f"Llama-3.1-8B shapes, batch-1 decode after a prompt of {' or '.join(f'{S:,}' for S in contexts)} tokens, vs transformers generate",
         f"python tools/benchmarks.py model --ctx {','.join(map(str, contexts))}" + (" --profile" if profile else ""),
@@ -109,9 +112,7 @@ def bench_ahead(rec: Recorder, contexts: list[int], quick: bool = False) -> list
     args, _ = llama3_args(max(contexts) + new)
     model = random_model(args, torch.bfloat16, "cuda")
     bw = copy_bandwidth()
-    weight_bytes = sum(
-        p.numel() * p.element_size() for n, p in model.named_parameters() if not n.startswith("tok_embeddings")
-    )
+    weight_bytes = _streamed_weight_bytes(model)
     table = Table(
         "Llama-3.1-8B shapes, batch-1 decode: each token read back before the next step is queued, against running "
         "one step ahead",
