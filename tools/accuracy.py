@@ -369,10 +369,20 @@ def report(cells: list[Cell]) -> str:
     return "\n".join(lines)
 
 
+def _paired_error(diffs: list[float]) -> float:
+    """The standard error of the sum of paired differences: sqrt(n) times their sample standard deviation."""
+    n = len(diffs)
+    if n < 2:
+        return float("nan")
+    mean = sum(diffs) / n
+    return (n * sum((d - mean) ** 2 for d in diffs) / (n - 1)) ** 0.5
+
+
 def one_byte_table(cells: list[Cell]) -> list[str]:
     """Each one-byte KV cell next to the same strategy at full width: both scores on the samples both answered, the
-    gap in samples (a sample of one task moves the score by 100 / samples), and the share of answers that are token
-    for token the same."""
+    gap in samples (a sample of one task moves the score by 100 / samples), how many samples scored differently, the
+    gap's standard error (paired: that of the sum of the samples' score differences, so a gap within about two of them
+    is what chance alone moves), and the share of answers that are token for token the same."""
     one_byte = [c for c in cells if c.strategy in FULL_WIDTH and c.done()]
     if not one_byte:
         return []
@@ -380,9 +390,9 @@ def one_byte_table(cells: list[Cell]) -> list[str]:
         "The KV cache in one byte (`kv.dtype=fp8`: e4m3; `kv.dtype=int8`) against the same strategy at full width "
         "(fp32), on the same samples:",
         "",
-        "| model | length | strategy | KV | samples | full width | one byte | gap (samples) "
-        "| same answer, token for token |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | length | strategy | KV | samples | full width | one byte | gap (samples) | scored differently "
+        "| gap's standard error (samples) | same answer, token for token |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in one_byte:
         full, kv = FULL_WIDTH[c.strategy]
@@ -395,9 +405,11 @@ def one_byte_table(cells: list[Cell]) -> list[str]:
         same = sum(r["pred"] == base[r["key"]]["pred"] for r in rows)
         wide = _score([base[r["key"]] for r in rows])
         score = _score(rows)
+        diffs = [base[r["key"]]["score"] - r["score"] for r in rows]
         lines.append(
             f"| {c.model} | {_label(c.length)} | {STRATEGIES[full].name} | {kv} | {len(rows)}/{c.samples} | "
-            f"{wide:.1f} | {score:.1f} | {(wide - score) * len(rows) / 100:.1f} | {same / len(rows):.0%} |"
+            f"{wide:.1f} | {score:.1f} | {(wide - score) * len(rows) / 100:.1f} | {sum(d != 0 for d in diffs)} | "
+            f"{_paired_error(diffs):.1f} | {same / len(rows):.0%} |"
         )
     return lines + [""]
 
