@@ -29,28 +29,18 @@ def _query_chunks(T: int, S: int) -> list[slice]:
     return [slice(i, min(i + rows, T)) for i in range(0, T, rows)]
 
 
-def _visible_keys(visible: Tensor) -> slice | Tensor | None:
-    """The key columns a chunk of queries sees at all: a slice where they are contiguous (a causal or sliding-window
-    chunk), their indices otherwise (a star block and its anchor), None where every key is visible."""
-    cols = visible.any(0)
-    if bool(cols.all()):
-        return None
-    idx = cols.nonzero().squeeze(1)
-    if not idx.numel():  # no query of the chunk sees a key: keep them all, every row stays masked
-        return None
-    if int(idx[-1] - idx[0]) + 1 == idx.numel():
-        return slice(int(idx[0]), int(idx[-1]) + 1)
-    return idx
-
-
-def _keys_seen(visible: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """The mask columns, keys and values of the keys a chunk of queries sees (`_visible_keys`)."""
-    keys = _visible_keys(visible)
-    if isinstance(keys, slice):
-        return visible[:, keys], k[:, :, keys], v[:, :, keys]
-    if keys is not None:
-        return visible[:, keys], k.index_select(2, keys), v.index_select(2, keys)
-    return visible, k, v
+def _keys_seen(mask: PositionMask, rows: slice, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The mask, keys and values of the key slots a chunk of queries sees (`PositionMask.seen_keys`)."""
+    keys = mask.seen_keys(rows)
+    visible = mask.dense(rows, keys)
+    if keys is None:
+        return visible, k, v
+    if isinstance(keys, Tensor):
+        return visible, k.index_select(2, keys), v.index_select(2, keys)
+    if len(keys) == 1:
+        ((start, end),) = keys
+        return visible, k[:, :, start:end], v[:, :, start:end]
+    return visible, *(torch.cat([x[:, :, start:end] for start, end in keys], dim=2) for x in (k, v))
 
 
 def cpu_flash_attend(q: Tensor, k: Tensor, v: Tensor, mask: PositionMask, return_lse: bool = False):
@@ -64,7 +54,7 @@ def cpu_flash_attend(q: Tensor, k: Tensor, v: Tensor, mask: PositionMask, return
         k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
     outs, lses = [], []
     for rows in _query_chunks(q.shape[2], k.shape[2]):
-        visible, kc, vc = _keys_seen(mask.dense(rows), k, v)
+        visible, kc, vc = _keys_seen(mask, rows, k, v)
         bias = torch.zeros(visible.shape, dtype=q.dtype).masked_fill_(~visible, float("-inf"))
         out, lse = _cpu_flash()(q[:, :, rows], kc, vc, 0.0, False, attn_mask=bias)
         seen = visible.any(-1)  # the kernel reports lse 0 for rows that see no key
@@ -87,7 +77,7 @@ def dense_attend(q: Tensor, k: Tensor, v: Tensor, mask: PositionMask, return_lse
     for rows in _query_chunks(T, k.shape[2]):
         t = rows.stop - rows.start
         # (Selecting keys syncs with the host: not on CUDA, where this path may run inside a captured graph.)
-        visible, kc, vc = (mask.dense(rows), kf, vf) if kf.is_cuda else _keys_seen(mask.dense(rows), kf, vf)
+        visible, kc, vc = (mask.dense(rows), kf, vf) if kf.is_cuda else _keys_seen(mask, rows, kf, vf)
         scores = (qf[:, :, :, rows].reshape(B, Hkv, g * t, D) @ kc.transpose(-1, -2)).view(B, Hkv, g, t, -1)
         scores = scores.masked_fill(~visible, float("-inf"))
         lse = torch.logsumexp(scores, dim=-1)

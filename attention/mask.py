@@ -18,6 +18,10 @@ from torch import Tensor
 
 from longctx.attention import fused
 
+# Key slots as `PositionMask.seen_keys` gives them: runs [start, end), indices, or None for all
+KeySlots = tuple[tuple[int, int], ...] | Tensor | None
+MAX_RUNS = 16  # runs of seen key slots kept as runs; more are kept as indices
+
 
 @dataclass
 class PositionMask:
@@ -48,11 +52,36 @@ class PositionMask:
 
         return visible
 
-    def dense(self, q_slice: slice = slice(None)) -> Tensor:
-        """Boolean [T, S] (or the rows of `q_slice`)."""
+    def dense(self, q_slice: slice = slice(None), keys: KeySlots = None) -> Tensor:
+        """Boolean [T, S] (or the rows of `q_slice`, and the key slots `keys` as `seen_keys` gives them)."""
         q_idx = torch.arange(self.q_pos.numel(), device=self.q_pos.device)[q_slice, None]
-        kv_idx = torch.arange(self.kv_pos.numel(), device=self.kv_pos.device)[None, :]
-        return self.mask_mod()(None, None, q_idx, kv_idx)
+        kv_idx = torch.arange(self.kv_pos.numel(), device=self.kv_pos.device)
+        if isinstance(keys, tuple):
+            kv_idx = torch.cat([kv_idx[start:end] for start, end in keys])
+        elif keys is not None:
+            kv_idx = keys
+        return self.mask_mod()(None, None, q_idx, kv_idx[None, :])
+
+    def seen_keys(self, rows: slice) -> KeySlots:
+        """The key slots some query of `rows` sees: runs [start, end) of slots (a causal or windowed chunk has one; a
+        star block two, the anchor's and its own), their indices where they form more than MAX_RUNS runs, or None
+        where every slot is seen, or none (every row stays masked). Found once and shared by every layer: the CPU
+        kernels read only these keys, and evaluating the whole [rows, slots] mask again in every layer would cost a
+        long context's window layers as much as their attention."""
+        if ("seen", rows.start, rows.stop) not in self._keys:
+            cols = self.dense(rows).any(0)
+            idx = cols.nonzero().squeeze(1)
+            keys: KeySlots = None
+            if 0 < idx.numel() < cols.numel():
+                breaks = (idx[1:] - idx[:-1] != 1).nonzero().squeeze(1) + 1
+                if breaks.numel() < MAX_RUNS:
+                    starts = idx[torch.cat([breaks.new_zeros(1), breaks])].tolist()
+                    ends = (idx[torch.cat([breaks - 1, breaks.new_full((1,), -1)])] + 1).tolist()
+                    keys = tuple(zip(starts, ends))
+                else:
+                    keys = idx
+            self._keys["seen", rows.start, rows.stop] = keys
+        return self._keys["seen", rows.start, rows.stop]
 
     def padded(self, queries: int, keys: int) -> "PositionMask":
         """This mask over `queries` and `keys` slots, the added ones at position -1 (nothing sees them and they see

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from longctx.attention import dense
 from longctx.attention.dense import cpu_flash_attend, dense_attend
 from longctx.attention.kernels import attend
 from longctx.attention.mask import PositionMask
@@ -68,16 +69,50 @@ def test_query_chunking_is_seamless(monkeypatch, window, block, anchor):
 
 
 def test_cpu_kernel_reads_only_the_keys_a_chunk_sees():
-    from longctx.attention.dense import _visible_keys
+    from longctx.attention import mask as masks
 
-    rows = torch.arange(64, 128)
-    causal = PositionMask(rows, torch.arange(150)).dense()
-    assert _visible_keys(causal) == slice(0, 128)
-    windowed = PositionMask(rows, torch.arange(150), 20).dense()
-    assert _visible_keys(windowed) == slice(64 - 19, 128)
-    star = PositionMask(rows, torch.arange(150), None, 30, 10).dense()  # anchor 0..9, blocks 60.., 90.., 120..
-    assert _visible_keys(star).tolist() == list(range(10)) + list(range(60, 128))
-    assert _visible_keys(PositionMask(torch.arange(5), torch.arange(5)).dense()) is None  # the last row sees all
+    rows, at = torch.arange(64, 128), slice(0, 64)
+    assert PositionMask(rows, torch.arange(150)).seen_keys(at) == ((0, 128),)
+    assert PositionMask(rows, torch.arange(150), 20).seen_keys(at) == ((64 - 19, 128),)
+    star = PositionMask(rows, torch.arange(150), None, 30, 10)  # anchor 0..9, blocks 60.., 90.., 120..
+    assert star.seen_keys(at) == ((0, 10), (60, 128))
+    assert torch.equal(star.dense(at, star.seen_keys(at)), star.dense(at)[:, list(range(10)) + list(range(60, 128))])
+    assert PositionMask(torch.arange(5), torch.arange(5)).seen_keys(slice(0, 5)) is None  # the last row sees all
+    assert PositionMask(torch.arange(5), torch.full((5,), -1)).seen_keys(slice(0, 5)) is None  # none: all, masked
+    # slots holding scattered positions: more runs than MAX_RUNS are kept as indices
+    scattered = torch.arange(4 * masks.MAX_RUNS) * torch.tensor([1, -1]).repeat(2 * masks.MAX_RUNS)
+    odd = PositionMask(torch.tensor([10**6]), scattered)
+    keys = odd.seen_keys(slice(0, 1))
+    assert torch.equal(keys, torch.arange(0, 4 * masks.MAX_RUNS, 2))
+    assert torch.equal(odd.dense(slice(0, 1), keys), torch.ones(1, 2 * masks.MAX_RUNS, dtype=torch.bool))
+
+
+def test_cpu_kernels_find_a_masks_keys_once_for_every_layer(monkeypatch):
+    """The seen keys of a chunk are found once per mask: a second layer over the same mask evaluates only the seen
+    slots, not the whole [rows, slots] mask again."""
+    S = 300
+    mask = PositionMask(torch.arange(S), torch.arange(S), 16)
+    q, k, v = torch.randn(1, 2, S, 8), torch.randn(1, 1, S, 8), torch.randn(1, 1, S, 8)
+    evaluated = []
+    mask_mod = PositionMask.mask_mod
+
+    def counting(self):
+        rule = mask_mod(self)
+
+        def visible(b, h, q_idx, kv_idx):
+            evaluated.append(q_idx.numel() * kv_idx.numel())
+            return rule(b, h, q_idx, kv_idx)
+
+        return visible
+
+    monkeypatch.setattr(PositionMask, "mask_mod", counting)
+    monkeypatch.setattr(dense, "MASK_CHUNK_ELEMENTS", 64 * S)  # chunks of 64 queries
+    first = cpu_flash_attend(q, k, v, mask)
+    once = sum(evaluated)
+    evaluated.clear()
+    torch.testing.assert_close(cpu_flash_attend(q, k, v, mask), first)
+    assert sum(evaluated) < once / 3  # (a chunk's 64 rows see 79 of the 300 slots)
+    torch.testing.assert_close(dense_attend(q, k, v, mask), first, atol=1e-6, rtol=0)
 
 
 def test_flex_buckets_are_few_and_waste_little():
