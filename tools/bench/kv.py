@@ -335,7 +335,7 @@ def bench_lean_fp8(rec: Recorder, contexts: list[int], quick: bool = False, tune
         v8 = tile_values(v8)  # (as a cache keeps them)
         mask = PositionMask(torch.tensor([S - 1], device="cuda"), torch.arange(S, device="cuda"))
         base = lean.FP8_CONFIG.get()
-        for block_n, warps, stages, per_sm in itertools.product((64, 128, 256), (4, 8), (2, 3, 4), (1, 2, 3)):
+        for block_n, warps, stages, per_sm in itertools.product((64, 128, 256, 512), (4, 8, 16), (2, 3, 4), (1, 2, 3)):
             config = replace(base, block_n=block_n, warps=warps, stages=stages, programs_per_sm=per_sm)
             try:
                 with lean.FP8_CONFIG.scoped(config):
